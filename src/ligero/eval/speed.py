@@ -1,0 +1,109 @@
+"""Speed and memory: prefill and batch-1 decode throughput (median over repeats, after warm-up).
+
+Prefill: one forward over `prefill_tokens` tokens into an empty cache (logits for the last position only,
+as generation does). Decode: after a short prompt, `decode_tokens` single-token greedy steps with the cache.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ligero.models.transformer import KVCache, Transformer
+
+
+@dataclass
+class SpeedResult:
+    prefill_tokens: int
+    decode_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    prefill_runs_s: list[float] = field(default_factory=list)
+    decode_runs_s: list[float] = field(default_factory=list)
+    weight_bytes: int = 0
+    kv_cache_bytes: int = 0
+    peak_rss_mb: float = 0.0
+    threads: int = 0
+    device: str = "cpu"
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers as stored (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def time_prefill(model: Transformer, tokens: torch.Tensor) -> float:
+    device = tokens.device
+    cache = KVCache(model.cfg, 1, tokens.shape[1] + 1, device=device, dtype=model.embed.weight.dtype)
+    _sync(device)
+    t0 = time.perf_counter()
+    model(tokens, kv_cache=cache, last_only=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def time_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> float:
+    device = prompt.device
+    cache = KVCache(model.cfg, 1, prompt.shape[1] + steps + 1, device=device, dtype=model.embed.weight.dtype)
+    logits = model(prompt, kv_cache=cache, last_only=True)
+    pos = torch.tensor([[prompt.shape[1]]], device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        logits = model(nxt, pos, kv_cache=cache)
+        pos = pos + 1
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure_speed(model: Transformer, prefill_tokens: int = 512, decode_tokens: int = 128, repeats: int = 5,
+                  warmup: int = 1, seed: int = 0) -> SpeedResult:
+    device = model.embed.weight.device
+    g = torch.Generator().manual_seed(seed)
+    n = min(prefill_tokens, model.cfg.max_seq_len - 1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, n), generator=g).to(device)
+    prompt = tokens[:, :16]
+    for _ in range(warmup):
+        time_prefill(model, tokens)
+        time_decode(model, prompt, min(decode_tokens, 16))
+    prefill = [time_prefill(model, tokens) for _ in range(repeats)]
+    decode = [time_decode(model, prompt, decode_tokens) for _ in range(repeats)]
+    cache = KVCache(model.cfg, 1, n + decode_tokens, device=device, dtype=model.embed.weight.dtype)
+    return SpeedResult(
+        prefill_tokens=n,
+        decode_tokens=decode_tokens,
+        prefill_tok_s=n / statistics.median(prefill),
+        decode_tok_s=decode_tokens / statistics.median(decode),
+        prefill_runs_s=[round(x, 4) for x in prefill],
+        decode_runs_s=[round(x, 4) for x in decode],
+        weight_bytes=weight_bytes(model),
+        kv_cache_bytes=cache.nbytes(),
+        peak_rss_mb=peak_rss_mb(),
+        threads=torch.get_num_threads(),
+        device=str(device),
+    )

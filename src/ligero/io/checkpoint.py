@@ -1,0 +1,178 @@
+"""Load any model spec (registry id, GGUF file, Hugging Face folder, Ligero folder) into the runtime.
+
+GGUF files are converted once to a Ligero folder (ligero.json + model.safetensors + tokenizer files) under
+LIGERO_CACHE/models/<sha256 of the source>, so the next load is a memory-map away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ligero.errors import LigeroError
+from ligero.io.tokenizer import TOKENIZER_META, Tokenizer, tokenizer_from_hf_folder
+from ligero.models.config import ModelConfig
+from ligero.models.registry import REGISTRY, cache_root
+from ligero.models.transformer import Transformer
+
+CHECKPOINT_FILE, WEIGHTS_FILE = "ligero.json", "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    info: dict = field(default_factory=dict)  # id, source, source_sha256, format, load_seconds
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise LigeroError(f"unknown device '{device}'; use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LigeroError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device, dtype) -> Transformer:
+    """Build on the meta device (no allocation), then adopt the loaded tensors with assign=True."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise LigeroError(
+            f"weights do not match the architecture: missing {sorted(missing)[:4]}, unexpected "
+            f"{sorted(unexpected)[:4]}; the checkpoint and config.json disagree"
+        )
+    for name, t in state.items():
+        want = tuple(model.get_parameter(name).shape)
+        if tuple(t.shape) != want:
+            raise LigeroError(f"tensor {name} has shape {tuple(t.shape)} but the config implies {want}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+# --- Ligero folders -----------------------------------------------------------------------------------
+def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, folder: Path, source: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / WEIGHTS_FILE))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    meta = {"format": "ligero-checkpoint", "version": FORMAT_VERSION, "config": model.cfg.to_dict(), "source": source}
+    (folder / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(folder: Path, device, dtype) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / CHECKPOINT_FILE).read_text())
+    if meta.get("format") != "ligero-checkpoint" or meta.get("version", 0) > FORMAT_VERSION:
+        raise LigeroError(f"{folder} holds an unknown checkpoint format/version; upgrade Ligero or re-create it")
+    cfg = ModelConfig.from_dict(meta["config"])
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as exc:
+        raise LigeroError(f"{folder / WEIGHTS_FILE} is unreadable ({str(exc)[:80]}); delete the folder and reload") from None
+    model = build_model(cfg, tensors.items(), device, dtype)
+    tok = Tokenizer.load(folder) if (folder / TOKENIZER_META).exists() else None
+    return LoadedModel(model, tok, {"source": meta.get("source", {}), "format": "ligero"})
+
+
+# --- GGUF ---------------------------------------------------------------------------------------------
+def convert_gguf(path: Path, target: Path) -> None:
+    """Dequantize a GGUF into a Ligero folder (written to a temp dir, then renamed: never half-written)."""
+    from ligero.io.gguf_file import GGUFFile
+    from ligero.io.tokenizer import tokenizer_from_gguf
+
+    gf = GGUFFile(path)
+    cfg = gf.config()
+    model = build_model(cfg, gf.state_dict(cfg), "cpu", torch.float32)
+    tokenizer = tokenizer_from_gguf(path, gf.meta)
+    types = sorted({t.tensor_type.name for t in gf.tensors.values()})
+    source = {"path": str(path), "sha256": target.name, "format": "gguf", "tensor_types": types,
+              "name": gf.meta.get("general.name"), "license": gf.meta.get("general.license")}
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tokenizer, tmp, source)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def cached_gguf(path: Path) -> Path:
+    from ligero.io.gguf_file import check_magic
+
+    check_magic(path)
+    folder = cache_root() / "models" / file_sha256(path)
+    if not (folder / CHECKPOINT_FILE).exists():
+        print(f"ligero: converting {path.name} once (cached in {folder.parent})", flush=True)
+        convert_gguf(path, folder)
+    return folder
+
+
+# --- entry point --------------------------------------------------------------------------------------
+def resolve_spec(spec: str) -> Path:
+    if spec in REGISTRY:
+        return REGISTRY[spec].locate()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise LigeroError(
+            f"model '{spec}' not found: it is neither a registry id ({', '.join(REGISTRY)}) nor an existing "
+            "file or folder; check the path or run `ligero models`"
+        )
+    return path
+
+
+def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    path = resolve_spec(spec)
+    if path.is_file():
+        loaded = load_checkpoint(cached_gguf(path), dev, dtype)
+        loaded.info["format"] = "gguf"
+    elif (path / CHECKPOINT_FILE).exists():
+        loaded = load_checkpoint(path, dev, dtype)
+    elif (path / "config.json").exists():
+        from ligero.io.hf_folder import hf_config, hf_state_dict, read_hf_config
+
+        cfg = hf_config(path)
+        model = build_model(cfg, hf_state_dict(path, cfg), dev, dtype)
+        loaded = LoadedModel(model, tokenizer_from_hf_folder(path, read_hf_config(path)), {"format": "hf"})
+        loaded.info["source"] = {"path": str(path), "format": "hf"}
+    else:
+        raise LigeroError(f"{path} is a folder without config.json or {CHECKPOINT_FILE}; "
+                          "pass a Hugging Face model folder, a Ligero folder or a .gguf file")
+    loaded.info.update(id=spec, device=str(dev), load_seconds=round(time.perf_counter() - t0, 2))
+    return loaded

@@ -1,0 +1,287 @@
+"""Ligero's decoder: one model for Llama, Mistral and Gemma 3, driven by ModelConfig.
+
+Shapes: B batch, T new tokens, S keys visible, H query heads, K key/value heads, D head dim, C model dim.
+Positions are absolute token positions per sequence ([B, T]); -1 marks padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ligero.kernels import cpu_kernels
+from ligero.models.config import GLOBAL, LOCAL, ModelConfig
+
+# Without this, denormal floats in SmolLM2's activations make CPU matmuls ~20x slower.
+torch.set_flush_denormal(True)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-row fp32 CPU calls (batch decode) go to Ligero's GEMV kernel.
+
+    Prefill and training use torch's matmul; the kernel only serves inference with <= 8 rows.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= 8 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            ext = cpu_kernels()
+            if ext is not None and self.weight.dtype == torch.float32 and self.bias is None:
+                return ext.linear_f32(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (Gemma and Llama both do), then scale by (offset + w).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_table(head_dim: int, max_len: int, theta: float, scaling: float = 1.0) -> torch.Tensor:
+    """[max_len, D] cos and sin halves packed as complex-free real table: returns cos ++ sin on dim 0."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_len, dtype=torch.float64) / scaling
+    freqs = torch.outer(t, inv_freq)  # [L, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [L, D], HF "rotate_half" layout
+    return torch.stack([emb.cos(), emb.sin()]).float()  # [2, L, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, n, T, D]; cos/sin: [B, 1, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.layer_type, self.scale = layer_type, cfg.scale
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx: int = 0, step=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v, step)  # [B, K, S, D]
+        # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv
+        )  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU (silu) or GeGLU (tanh GELU): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gelu = cfg.activation == "gelu_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(g * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)  # noqa: E731
+        self.attn_norm, self.attn = norm(), Attention(cfg, layer_type)
+        self.mlp_norm, self.mlp = norm(), GatedMLP(cfg)
+        self.attn_post_norm = norm() if cfg.post_norms else None
+        self.mlp_post_norm = norm() if cfg.post_norms else None
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx=0, step=None):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, layer_idx, step)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + h
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, T, S] bool: key visible if not padding, not in the future, and (for SWA) within W keys."""
+    q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    ok = (k >= 0) & (k <= q)
+    if window is not None:
+        ok &= k > q - window
+    # Padding queries see nothing; let them see everything so softmax stays finite (their outputs are unused).
+    return ok | ~ok.any(-1, keepdim=True)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._rope: dict[str, torch.Tensor] = {}
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def rope(self, kind: str, device: torch.device) -> torch.Tensor:
+        """[2, L, D] cos/sin for the layer kind, built lazily (fp32) on the model's device."""
+        table = self._rope.get(kind)
+        if table is None or table.device != device:
+            cfg = self.cfg
+            if kind == LOCAL and cfg.rope_theta_local is not None:
+                table = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta_local)
+            else:
+                table = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_factor)
+            table = self._rope[kind] = table.to(device)
+        return table
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        positions: torch.Tensor | None = None,  # [B, T]; -1 = padding
+        kv_cache=None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ):
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if int(positions.max()) >= self.cfg.max_seq_len:
+            from ligero.errors import LigeroError
+
+            raise LigeroError(
+                f"sequence reaches position {int(positions.max())} but the model's context is "
+                f"{self.cfg.max_seq_len} tokens; shorten the input or lower --ctx"
+            )
+        x = self.embed(tokens)  # [B, T, C]
+        if self.cfg.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.cfg.dim), dtype=x.dtype)
+        step = kv_cache.begin(positions) if kv_cache is not None else None
+        rope_pos = positions.clamp(min=0)
+        per_kind = {}
+        for kind in set(self.cfg.layer_types):
+            cos, sin = self.rope(kind, x.device)[:, rope_pos].unsqueeze(2).to(x.dtype)  # [B, 1, T, D] each
+            k_pos = step.key_positions[kind] if step is not None else positions
+            window = self.cfg.sliding_window if kind == LOCAL else None
+            per_kind[kind] = (cos, sin, attention_mask(positions, k_pos, window))
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            cos, sin, mask = per_kind[self.cfg.layer_types[i]]
+            x = layer(x, cos, sin, mask, kv_cache, i, step)
+            if return_hidden:
+                hidden.append(x)
+        if kv_cache is not None:
+            kv_cache.commit(step)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        if self.cfg.final_logit_softcap:
+            cap = self.cfg.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return (logits, hidden) if return_hidden else logits
+
+
+class CacheStep:
+    """What one forward step writes: slots per layer kind and the key positions attention will see."""
+
+    def __init__(self, key_positions, global_slots, local_slots, local_src):
+        self.key_positions = key_positions  # kind -> [B, S]
+        self.global_slots = global_slots  # slice into the static cache
+        self.local_slots = local_slots  # LongTensor of rolling-buffer slots to write
+        self.local_src = local_src  # slice of the new tokens that go into the rolling buffer
+
+
+class KVCache:
+    """Preallocated K/V for every layer. Global layers: a static cache indexed by slot (slot = step order).
+    Sliding-window layers: a rolling buffer of W slots (O(window) memory); attention reads the buffer as it
+    was before this step plus the new keys, so multi-token steps past the window stay exact."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        self.cfg, self.max_len, self.length = cfg, max_len, 0
+        self.window = min(cfg.sliding_window, max_len) if LOCAL in cfg.layer_types else 0
+        shape = lambda n: (batch, cfg.n_kv_heads, n, cfg.head_dim)  # noqa: E731
+        self.k, self.v = [], []
+        for kind in cfg.layer_types:
+            n = max_len if kind == GLOBAL else self.window
+            self.k.append(torch.zeros(shape(n), device=device, dtype=dtype))
+            self.v.append(torch.zeros(shape(n), device=device, dtype=dtype))
+        self.pos = {
+            GLOBAL: torch.full((batch, max_len), -1, dtype=torch.long, device=device),
+            LOCAL: torch.full((batch, max(self.window, 1)), -1, dtype=torch.long, device=device),
+        }
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def begin(self, positions: torch.Tensor) -> CacheStep:
+        T = positions.shape[1]
+        start = self.length
+        if start + T > self.max_len:
+            from ligero.errors import LigeroError
+
+            raise LigeroError(
+                f"generation needs {start + T} cache slots but the cache holds {self.max_len}; "
+                "lower --max-new-tokens or shorten the prompt"
+            )
+        key_positions = {}
+        self.pos[GLOBAL][:, start : start + T] = positions
+        key_positions[GLOBAL] = self.pos[GLOBAL][:, : start + T]
+        local_slots = local_src = None
+        if self.window:
+            n = min(T, self.window)
+            local_src = slice(T - n, T)
+            local_slots = torch.arange(start + T - n, start + T, device=positions.device) % self.window
+            key_positions[LOCAL] = torch.cat([self.pos[LOCAL], positions], dim=1)
+        return CacheStep(key_positions, slice(start, start + T), local_slots, local_src)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep):
+        kc, vc = self.k[layer], self.v[layer]
+        if self.cfg.layer_types[layer] == GLOBAL:
+            kc[:, :, step.global_slots] = k
+            vc[:, :, step.global_slots] = v
+            end = step.global_slots.stop
+            return kc[:, :, :end], vc[:, :, :end]
+        keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+        kc.index_copy_(2, step.local_slots, k[:, :, step.local_src])
+        vc.index_copy_(2, step.local_slots, v[:, :, step.local_src])
+        return keys, values
+
+    def commit(self, step: CacheStep) -> None:
+        if self.window:
+            new = step.key_positions[LOCAL][:, self.window :]
+            self.pos[LOCAL].index_copy_(1, step.local_slots, new[:, step.local_src])
+        self.length = step.global_slots.stop

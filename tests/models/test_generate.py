@@ -1,0 +1,60 @@
+"""Sampling and stopping rules."""
+
+import pytest
+import torch
+
+from ligero.errors import LigeroError
+from ligero.models.generate import SamplingConfig, generate_tokens, sample_next
+
+
+def test_greedy_and_degenerate_sampling_agree():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    greedy = sample_next(logits, SamplingConfig(), None)
+    assert torch.equal(greedy, logits.argmax(-1))
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_next(logits, SamplingConfig(temperature=1.0, top_k=1), g), greedy)
+    assert torch.equal(sample_next(logits, SamplingConfig(temperature=1.0, top_p=1e-6), g), greedy)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    k2 = {int(sample_next(logits, SamplingConfig(temperature=2.0, top_k=2), g)) for _ in range(200)}
+    assert k2 == {0, 1}
+    probs = logits.softmax(-1)[0]
+    p = float(probs[0] + probs[1]) - 1e-4  # needs the two most likely tokens
+    p2 = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_p=p), g)) for _ in range(300)}
+    assert p2 == {0, 1}
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    draw = lambda seed: [int(sample_next(logits, SamplingConfig(1.0, seed=seed), g)) for g in  # noqa: E731
+                         [torch.Generator().manual_seed(seed)] for _ in range(2000)]
+    a, b = draw(7), draw(7)
+    assert a == b
+    freq = torch.bincount(torch.tensor(a), minlength=3).float() / len(a)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.04, rtol=0)
+
+
+def test_invalid_sampling_settings_are_rejected():
+    for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(LigeroError):
+            SamplingConfig(**bad)
+
+
+def test_generation_stops_on_eos_and_on_callback(tiny_pair):
+    _, model, _ = tiny_pair
+    prompt = [[1, 2, 3]]
+    free, _ = generate_tokens(model, prompt, 10)
+    first = free[0][0]
+    stopped, reasons = generate_tokens(model, prompt, 10, eos_ids=[first])
+    assert stopped == [[]] and reasons == ["eos"]
+    cut, reasons = generate_tokens(model, prompt, 10, on_token=lambda i, t: True)
+    assert cut == [[first]] and reasons == ["stop"]
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_pair):
+    _, model, _ = tiny_pair
+    with pytest.raises(LigeroError, match="context"):
+        generate_tokens(model, [[1] * (model.cfg.max_seq_len + 5)], 4)

@@ -1,0 +1,25 @@
+"""Parity with transformers: tiny random models of each family, loaded through Ligero's folder loader."""
+
+import torch
+
+from conftest import SEQ
+
+
+def test_tiny_logits_match_transformers(tiny_pair):
+    ref, ours, _ = tiny_pair
+    tokens = torch.randint(0, ref.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        got = ours(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_tiny_config_translation(tiny_pair):
+    ref, ours, _ = tiny_pair
+    cfg = ours.cfg
+    assert cfg.n_kv_heads == ref.config.num_key_value_heads
+    if cfg.arch == "gemma3":
+        assert cfg.layer_types == ["local"] * 5 + ["global"]
+        assert cfg.head_dim * cfg.n_heads != cfg.dim  # projections wider than the hidden size
+    if cfg.arch == "mistral":
+        assert cfg.sliding_window == 8 < SEQ

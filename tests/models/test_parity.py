@@ -23,3 +23,15 @@ def test_tiny_config_translation(tiny_pair):
         assert cfg.head_dim * cfg.n_heads != cfg.dim  # projections wider than the hidden size
     if cfg.arch == "mistral":
         assert cfg.sliding_window == 8 < SEQ
+
+
+def test_sharded_folder_loads_the_same(tiny_pair, tmp_path):
+    from ligero.io.checkpoint import load_model
+
+    ref, ours, _ = tiny_pair
+    ref.save_pretrained(tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    sharded = load_model(str(tmp_path), device="cpu").model
+    tokens = torch.arange(12)[None] % ref.config.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(tokens), ours(tokens), atol=0, rtol=0)

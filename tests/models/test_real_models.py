@@ -59,3 +59,18 @@ def test_tokenizers_match_transformers():
 def test_chat_template_renders_smollm2_format(smollm2):
     text = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_stop_strings_and_streaming(smollm2):
+    from ligero.models.generate import generate
+
+    tok = smollm2.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    free = generate(smollm2.model, tok, [prompt], 24, add_bos=False)
+    assert "Paris" in free.texts[0] and free.finish_reasons == ["eos"]
+    pieces = []
+    cut = generate(smollm2.model, tok, [prompt], 24, stop_strings=["Paris"], add_bos=False,
+                   on_text=lambda i, d: pieces.append(d))
+    assert cut.finish_reasons == ["stop"]
+    assert cut.texts[0] == free.texts[0][: free.texts[0].index("Paris")]
+    assert "".join(pieces) == cut.texts[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ligero.errors import LigeroError
 
@@ -225,3 +225,25 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> ModelConfig:
         attn_scale=head_dim**-0.5,
         **common,
     )
+
+
+def _llama(**kw) -> ModelConfig:
+    return ModelConfig(arch="llama", **kw)
+
+
+# Reference configurations of the families Ligero targets (shapes only; weights come from files).
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "smollm2-135m": lambda: _llama(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                                   ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True),
+    "tinyllama-1.1b": lambda: _llama(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                     head_dim=64, ffn_dim=5632, max_seq_len=2048),
+    "mistral-7b": lambda: ModelConfig(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32,
+                                      n_kv_heads=8, head_dim=128, ffn_dim=14336, max_seq_len=32768,
+                                      sliding_window=4096, layer_types=[LOCAL] * 32),
+    "gemma3-270m": lambda: ModelConfig(arch="gemma3", vocab_size=262144, dim=640, n_layers=18, n_heads=4,
+                                       n_kv_heads=1, head_dim=256, ffn_dim=2048, max_seq_len=32768, norm_eps=1e-6,
+                                       norm_offset=1.0, activation="gelu_tanh", qk_norm=True, post_norms=True,
+                                       embed_scale=True, tie_embeddings=True, rope_theta=1e6, rope_theta_local=1e4,
+                                       sliding_window=512, attn_scale=256**-0.5,
+                                       layer_types=[GLOBAL if (i + 1) % 6 == 0 else LOCAL for i in range(18)]),
+}

@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ligero.eval.speed import time_decode, time_prefill, weight_bytes  # noqa: E402
+from ligero.eval.speed import time_decode, time_prefill  # noqa: E402
 from ligero.io.checkpoint import load_model, resolve_spec  # noqa: E402
+from ligero.models.transformer import stored_bytes  # noqa: E402
 
 
 def cpu_busy() -> tuple[int, int]:
@@ -84,7 +85,7 @@ def bench_model(model_id: str, repeats: int, prefill_n: int, decode_n: int) -> d
     med = {k: statistics.median(v) for k, v in runs.items()}
     res = {
         "model": model_id,
-        "weight_mb_fp32": round(weight_bytes(ours) / 1e6, 1),
+        "weight_mb_fp32": round(stored_bytes(ours) / 1e6, 1),
         "ours_prefill_tok_s": prefill_n / med["ours_prefill"],
         "hf_prefill_tok_s": prefill_n / med["hf_prefill"],
         "ours_decode_tok_s": decode_n / med["ours_decode"],

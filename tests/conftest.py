@@ -17,7 +17,7 @@ def tiny_hf_model(arch: str):
     """A small random transformers model of the given family (eager attention: the reference)."""
     import transformers as tf
 
-    common = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_attention_heads=4,
+    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                   max_position_embeddings=128, attn_implementation="eager")
     if arch == "llama":
         cfg = tf.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, rope_theta=10000.0,

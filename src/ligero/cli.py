@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ligero.errors import LigeroError
 from ligero.models.registry import DEFAULT_MODEL
@@ -54,12 +55,28 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _load(args):
+    """Load --model; with --scheme, quantize it on the fly (the scheme is validated before loading)."""
     from ligero.io.checkpoint import load_model
+
+    recipe = None
+    if getattr(args, "scheme", None):
+        from ligero.quant.config import recipe_for
+
+        recipe = recipe_for(args.scheme, args.group_size)
+    loaded = load_model(args.model, args.device)
+    if recipe is not None:
+        from ligero.quant.api import quantize
+
+        quantize(loaded.model, recipe)
+    return loaded
+
+
+def cmd_generate(args) -> int:
     from ligero.models.generate import SamplingConfig, generate
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    loaded = load_model(args.model, args.device)
+    loaded = _load(args)
     if loaded.tokenizer is None:
         raise LigeroError(f"{args.model} has no tokenizer (tokenizer.json); add one to generate text")
     prompt = args.prompt
@@ -77,10 +94,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ligero.io.checkpoint import load_model
-
-    loaded = load_model(args.model, args.device)
-    out: dict = {"model": args.model, "device": loaded.info["device"], "source": loaded.info.get("source", {})}
+    if args.what != "quality":
+        loaded = _load(args)
+    out: dict = {"model": args.model, "scheme": args.scheme}
     if args.what == "ppl":
         from ligero.eval.data import load_text
         from ligero.eval.perplexity import perplexity
@@ -94,6 +110,19 @@ def cmd_eval(args) -> int:
         human = (f"{args.model}: PPL {res.ppl:.3f}  mean NLL {res.mean_nll:.4f}  bits/byte {res.bits_per_byte:.4f}  "
                  f"({res.tokens} tokens in {res.windows} windows of {res.ctx}; text {text.name} "
                  f"sha256 {text.sha256[:12]})")
+    elif args.what == "quality":
+        from ligero.eval.data import load_text
+        from ligero.eval.quality import compare_models
+
+        base, quant, base_spec = _load_quantized(args)
+        text = load_text(args.text)
+        ids = base.tokenizer.encode(text.text)
+        res = compare_models(base.model, quant.model, ids, ctx=args.ctx, max_tokens=args.max_tokens)
+        out.update(base=base_spec, recipe=quant.model.quant_recipe.to_dict(), text=text.describe(), **res.summary())
+        human = (f"{args.model} [{quant.model.quant_recipe.name or 'saved'}] vs {base_spec}: PPL {res.ppl:.3f} vs "
+                 f"{res.ppl_base:.3f} ({res.delta_ppl_pct:+.2f} %), KLD {res.kld:.5f}, same top token "
+                 f"{100 * res.top1_agreement:.1f} %, {res.bits_per_weight:.2f} bits/weight, {res.size_mb:.1f} MB "
+                 f"(base {res.base_size_mb:.1f} MB); {res.tokens} tokens, text sha256 {text.sha256[:12]}")
     else:
         from ligero.eval.speed import measure_speed
 
@@ -108,6 +137,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _load_quantized(args):
+    """(base, quantized, base spec): --model DIR of a saved quantized model, or --model M --scheme S."""
+    from ligero.io.checkpoint import load_model
+
+    quant = _load(args)
+    if args.scheme:
+        return load_model(args.model, args.device), quant, args.model
+    if getattr(quant.model, "quant_recipe", None) is None:
+        raise LigeroError(f"{args.model} is not a quantized model; pass --scheme to quantize it on the fly")
+    base_spec = quant.info.get("source", {}).get("base")
+    if not base_spec:
+        raise LigeroError(f"{args.model} does not record its base model; re-create it with `ligero quantize`")
+    return load_model(base_spec, args.device), quant, base_spec
+
+
+def cmd_quantize(args) -> int:
+    import time
+
+    from ligero.io.checkpoint import load_model, save_checkpoint
+    from ligero.quant.api import quantize
+    from ligero.quant.config import recipe_for
+
+    recipe = recipe_for(args.scheme, args.group_size)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise LigeroError(f"{out} exists and is not empty; choose another --out or pass --force")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LigeroError(f"cannot create {out} ({exc.strerror}); choose a writable --out") from None
+    loaded = load_model(args.model, args.device)
+    t0 = time.perf_counter()
+    quantize(loaded.model, recipe)
+    seconds = time.perf_counter() - t0
+    source = {"base": args.model, "base_source": loaded.info.get("source", {}), "quantize_seconds": round(seconds, 2)}
+    save_checkpoint(loaded.model, loaded.tokenizer, out, source)
+    from ligero.eval.quality import bits_per_weight
+    from ligero.models.transformer import stored_bytes
+
+    print(f"{args.model} -> {out}: scheme {recipe.name}, {bits_per_weight(loaded.model):.2f} bits/weight, "
+          f"{stored_bytes(loaded.model) / 1e6:.1f} MB ({seconds:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ligero", description="Run, quantize and audit small language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text (streams tokens)")
     _add_model_args(p)
     p.add_argument("prompt")
+    p.add_argument("--scheme", help="quantize on the fly with this scheme first")
+    p.add_argument("--group-size", type=int, help="group size for group-wise schemes")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -129,9 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="evaluate perplexity or speed")
-    p.add_argument("what", choices=["ppl", "speed"])
+    p = sub.add_parser("quantize", help="quantize a model and save it (packed) to a folder")
     _add_model_args(p)
+    p.add_argument("--scheme", required=True, help="quantization scheme (e.g. int8, int4)")
+    p.add_argument("--group-size", type=int, help="group size for group-wise schemes (32, 64, 128, 256)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="evaluate perplexity, speed, or quantization quality")
+    p.add_argument("what", choices=["ppl", "speed", "quality"])
+    _add_model_args(p)
+    p.add_argument("--scheme", help="quantize on the fly with this scheme first (quality: compare to --model)")
+    p.add_argument("--group-size", type=int, help="group size for group-wise schemes")
     p.add_argument("--text", help="UTF-8 text file (default: the Wikipedia evaluation split)")
     p.add_argument("--ctx", type=_positive_int, default=512, help="window / prefill length in tokens")
     p.add_argument("--max-tokens", type=_positive_int, default=4096, help="tokens of text to score (ppl)")

@@ -50,7 +50,7 @@ def make_windows(ids: list[int], ctx: int, max_tokens: int | None = None) -> lis
 
 def window_logprobs(model, windows: list[list[int]], batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (log_softmax [N, ctx-1, V] float32, targets [N, ctx-1]) per batch of windows."""
-    device = model.embed.weight.device
+    device = model.device
     for i in range(0, len(windows), batch_size):
         batch = torch.tensor(windows[i:i + batch_size], device=device)
         with torch.inference_mode():

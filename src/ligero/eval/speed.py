@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ligero.models.transformer import KVCache, Transformer
+from ligero.models.transformer import KVCache, Transformer, stored_bytes
 
 
 @dataclass
@@ -34,17 +34,6 @@ class SpeedResult:
         return asdict(self)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers as stored (tied tensors counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -57,7 +46,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def time_prefill(model: Transformer, tokens: torch.Tensor) -> float:
     device = tokens.device
-    cache = KVCache(model.cfg, 1, tokens.shape[1] + 1, device=device, dtype=model.embed.weight.dtype)
+    cache = KVCache(model.cfg, 1, tokens.shape[1] + 1, device=device, dtype=model.dtype)
     _sync(device)
     t0 = time.perf_counter()
     model(tokens, kv_cache=cache, last_only=True)
@@ -68,7 +57,7 @@ def time_prefill(model: Transformer, tokens: torch.Tensor) -> float:
 @torch.inference_mode()
 def time_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> float:
     device = prompt.device
-    cache = KVCache(model.cfg, 1, prompt.shape[1] + steps + 1, device=device, dtype=model.embed.weight.dtype)
+    cache = KVCache(model.cfg, 1, prompt.shape[1] + steps + 1, device=device, dtype=model.dtype)
     logits = model(prompt, kv_cache=cache, last_only=True)
     pos = torch.tensor([[prompt.shape[1]]], device=device)
     _sync(device)
@@ -83,7 +72,7 @@ def time_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> float:
 
 def measure_speed(model: Transformer, prefill_tokens: int = 512, decode_tokens: int = 128, repeats: int = 5,
                   warmup: int = 1, seed: int = 0) -> SpeedResult:
-    device = model.embed.weight.device
+    device = model.device
     g = torch.Generator().manual_seed(seed)
     n = min(prefill_tokens, model.cfg.max_seq_len - 1)
     tokens = torch.randint(0, model.cfg.vocab_size, (1, n), generator=g).to(device)
@@ -93,7 +82,7 @@ def measure_speed(model: Transformer, prefill_tokens: int = 512, decode_tokens: 
         time_decode(model, prompt, min(decode_tokens, 16))
     prefill = [time_prefill(model, tokens) for _ in range(repeats)]
     decode = [time_decode(model, prompt, decode_tokens) for _ in range(repeats)]
-    cache = KVCache(model.cfg, 1, n + decode_tokens, device=device, dtype=model.embed.weight.dtype)
+    cache = KVCache(model.cfg, 1, n + decode_tokens, device=device, dtype=model.dtype)
     return SpeedResult(
         prefill_tokens=n,
         decode_tokens=decode_tokens,
@@ -101,7 +90,7 @@ def measure_speed(model: Transformer, prefill_tokens: int = 512, decode_tokens: 
         decode_tok_s=decode_tokens / statistics.median(decode),
         prefill_runs_s=[round(x, 4) for x in prefill],
         decode_runs_s=[round(x, 4) for x in decode],
-        weight_bytes=weight_bytes(model),
+        weight_bytes=stored_bytes(model),
         kv_cache_bytes=cache.nbytes(),
         peak_rss_mb=peak_rss_mb(),
         threads=torch.get_num_threads(),

@@ -22,8 +22,8 @@ from ligero.models.config import ModelConfig
 from ligero.models.registry import REGISTRY, cache_root
 from ligero.models.transformer import Transformer
 
-CHECKPOINT_FILE, WEIGHTS_FILE = "ligero.json", "model.safetensors"
-FORMAT_VERSION = 1
+CHECKPOINT_FILE, WEIGHTS_FILE, MANIFEST_FILE = "ligero.json", "model.safetensors", "manifest.json"
+FORMAT_VERSION = 2  # 2: manifest.json with sha256 hashes; optional quantization recipe
 
 
 @dataclass
@@ -55,49 +55,93 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device, dtype) -> Transformer:
-    """Build on the meta device (no allocation), then adopt the loaded tensors with assign=True."""
+def tied_names(model: Transformer) -> set[str]:
+    """State-dict keys that alias another tensor when embeddings are tied (saved once, re-tied on load)."""
+    if not model.cfg.tie_embeddings:
+        return set()
+    from ligero.quant.modules import QuantizedEmbedding
+
+    if isinstance(model.embed, QuantizedEmbedding):
+        return {k for k in model.state_dict() if k.startswith("embed.")}
+    return {"lm_head.weight"}
+
+
+def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device, dtype,
+                recipe: dict | None = None) -> Transformer:
+    """Build on the meta device (no allocation), then adopt the loaded tensors with assign=True.
+
+    With a quantization recipe, the quantized layers are built empty first; their packed buffers keep their
+    stored dtypes, while full-precision parameters are cast to `dtype`.
+    """
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    missing, unexpected = expected - set(state), set(state) - expected
+        if recipe is not None:
+            from ligero.quant.api import build_quantized_structure
+            from ligero.quant.config import Recipe
+
+            build_quantized_structure(model, Recipe.from_dict(recipe))
+    skip = tied_names(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in skip}
+    params = {k for k, _ in model.named_parameters()}
+    state = {}
+    for name, t in tensors:
+        if name in skip:
+            continue
+        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+            raise LigeroError(f"tensor {name} has shape {tuple(t.shape)} but the config implies "
+                              f"{tuple(expected[name].shape)}; the weights and the config disagree")
+        state[name] = t.to(device=device, dtype=dtype if name in params else expected.get(name, t).dtype)
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise LigeroError(
             f"weights do not match the architecture: missing {sorted(missing)[:4]}, unexpected "
-            f"{sorted(unexpected)[:4]}; the checkpoint and config.json disagree"
+            f"{sorted(unexpected)[:4]}; the checkpoint and its config disagree"
         )
-    for name, t in state.items():
-        want = tuple(model.get_parameter(name).shape)
-        if tuple(t.shape) != want:
-            raise LigeroError(f"tensor {name} has shape {tuple(t.shape)} but the config implies {want}")
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if recipe is None:
+        model.tie_weights()
     return model.eval().requires_grad_(False)
 
 
 # --- Ligero folders -----------------------------------------------------------------------------------
 def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, folder: Path, source: dict) -> None:
+    """Write ligero.json (config, source, quantization recipe), model.safetensors, tokenizer files and a
+    manifest of sha256 hashes that loading verifies."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    skip = tied_names(model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in skip}
     save_file(state, str(folder / WEIGHTS_FILE))
     if tokenizer is not None:
         tokenizer.save(folder)
-    meta = {"format": "ligero-checkpoint", "version": FORMAT_VERSION, "config": model.cfg.to_dict(), "source": source}
+    recipe = getattr(model, "quant_recipe", None)
+    meta = {"format": "ligero-checkpoint", "version": FORMAT_VERSION, "config": model.cfg.to_dict(),
+            "source": source, "quantization": recipe.to_dict() if recipe is not None else None}
     (folder / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {"files": {name: file_sha256(folder / name) for name in files}}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_manifest(folder: Path) -> None:
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        raise LigeroError(f"{folder} has no {MANIFEST_FILE}; re-create the folder with `ligero quantize`")
+    for name, digest in json.loads(path.read_text())["files"].items():
+        f = Path(folder) / name
+        if not f.exists():
+            raise LigeroError(f"{f} is missing; the saved model is incomplete, re-create it")
+        if file_sha256(f) != digest:
+            raise LigeroError(f"{f} does not match the sha256 in {MANIFEST_FILE} (changed or corrupt); re-create it")
 
 
 def load_checkpoint(folder: Path, device, dtype) -> LoadedModel:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    verify_manifest(folder)
     meta = json.loads((folder / CHECKPOINT_FILE).read_text())
     if meta.get("format") != "ligero-checkpoint" or meta.get("version", 0) > FORMAT_VERSION:
         raise LigeroError(f"{folder} holds an unknown checkpoint format/version; upgrade Ligero or re-create it")
@@ -106,7 +150,7 @@ def load_checkpoint(folder: Path, device, dtype) -> LoadedModel:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:
         raise LigeroError(f"{folder / WEIGHTS_FILE} is unreadable ({str(exc)[:80]}); delete the folder and reload") from None
-    model = build_model(cfg, tensors.items(), device, dtype)
+    model = build_model(cfg, tensors.items(), device, dtype, meta.get("quantization"))
     tok = Tokenizer.load(folder) if (folder / TOKENIZER_META).exists() else None
     return LoadedModel(model, tok, {"source": meta.get("source", {}), "format": "ligero"})
 
@@ -136,7 +180,7 @@ def cached_gguf(path: Path) -> Path:
 
     check_magic(path)
     folder = cache_root() / "models" / file_sha256(path)
-    if not (folder / CHECKPOINT_FILE).exists():
+    if not (folder / MANIFEST_FILE).exists():  # absent: never converted, or converted by an older Ligero
         print(f"ligero: converting {path.name} once (cached in {folder.parent})", flush=True)
         convert_gguf(path, folder)
     return folder

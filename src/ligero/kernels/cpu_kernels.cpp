@@ -69,6 +69,199 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+namespace {
+
+// int8 weights, one fp32 scale per output row: y = scale[o] * sum_i q[o, i] x[i].
+// Values are widened in registers (int8 -> int32 -> fp32); memory traffic is 1 byte per weight.
+void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t in,
+                    int64_t out, int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* row = q + o * in;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+      int64_t i = 0;
+      for (; i + 32 <= in; i += 32) {
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i + 16))));
+        acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm + i), acc0);
+        acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + i + 16), acc1);
+      }
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+      for (; i < in; ++i) s += float(row[i]) * xm[i];
+      y[m * out + o] = s * scale[o];
+    }
+  }
+}
+
+// int4 weights packed per 32-value block (byte j = q[j] | q[j + 16] << 4), with an fp16 scale and minimum
+// per group: w = scale * q + minimum. sum_i w_i x_i = scale * sum q_i x_i + minimum * sum x_i, so the
+// minimum term uses per-group sums of x computed once per call.
+void gemv_int4_rows(const float* x, const float* xsum, const uint8_t* packed, const at::Half* scale,
+                    const at::Half* minimum, float* y, int64_t M, int64_t in, int64_t out, int64_t group,
+                    int64_t begin, int64_t end) {
+  const int64_t n_groups = (in + group - 1) / group;
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    const at::Half* srow = scale + o * n_groups;
+    const at::Half* mrow = minimum + o * n_groups;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m512 acc = _mm512_setzero_ps();
+      float bias = 0.f;
+      for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t lo = g * group, hi = std::min(in, lo + group);
+        __m512 part = _mm512_setzero_ps();
+        for (int64_t i = lo; i < hi; i += 32) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i / 2)));
+          part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), _mm512_loadu_ps(xm + i), part);
+          part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(xm + i + 16), part);
+        }
+        acc = _mm512_fmadd_ps(part, _mm512_set1_ps(static_cast<float>(srow[g])), acc);
+        bias += static_cast<float>(mrow[g]) * xsum[m * n_groups + g];
+      }
+      y[m * out + o] = _mm512_reduce_add_ps(acc) + bias;
+    }
+  }
+}
+
+}  // namespace
+
+// x: [M, in] fp32, q: [out, in] int8, scale: [out] fp32 -> [M, out]
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && q.dtype() == torch::kInt8 && scale.dtype() == torch::kFloat32);
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1) && scale.size(0) == q.size(0));
+  x = x.contiguous();
+  const int64_t M = x.size(0), in = x.size(1), out = q.size(0);
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) { gemv_int8_rows(xp, qp, sp, yp, M, in, out, b, e); });
+  return y;
+}
+
+// x: [M, in] fp32 (in % 32 == 0), packed: [out, in/2] uint8, scale/minimum: [out, G] fp16 -> [M, out]
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum,
+                          int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && packed.dtype() == torch::kUInt8);
+  TORCH_CHECK(scale.dtype() == torch::kFloat16 && minimum.dtype() == torch::kFloat16);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0 && packed.size(1) * 2 == x.size(1) && group % 32 == 0);
+  x = x.contiguous();
+  const int64_t M = x.size(0), in = x.size(1), out = packed.size(0), n_groups = (in + group - 1) / group;
+  TORCH_CHECK(scale.size(1) == n_groups && minimum.size(1) == n_groups);
+  auto xsum = torch::zeros({M, n_groups}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* xs = xsum.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < in; ++i) xs[m * n_groups + i / group] += xp[m * in + i];
+  auto y = torch::empty({M, out}, x.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* mp = minimum.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+    gemv_int4_rows(xp, xs, pp, sp, mp, yp, M, in, out, group, b, e);
+  });
+  return y;
+}
+
+namespace {
+
+// 4-bit codes through a 16-entry value table (E2M1 for MXFP4/NVFP4), packed like int4, with one scale code per
+// block of 16 or 32 inputs decoded through a 256-entry table (E8M0 or E4M3) and a per-tensor fp32 scale.
+void gemv_lut4_rows(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
+                    const float* value_lut, float tensor_scale, float* y, int64_t M, int64_t in, int64_t out,
+                    int64_t block, int64_t begin, int64_t end) {
+  const int64_t n_blocks = in / block;
+  const __m512 lut = _mm512_loadu_ps(value_lut);
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    const uint8_t* srow = scale_codes + o * n_blocks;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < in; i += 32) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i / 2)));
+        const float s_lo = scale_lut[srow[i / block]];
+        const float s_hi = scale_lut[srow[(i + 16) / block]];
+        const __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), _mm512_set1_ps(s_lo));
+        const __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), _mm512_set1_ps(s_hi));
+        acc = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xm + i), acc);
+        acc = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xm + i + 16), acc);
+      }
+      y[m * out + o] = _mm512_reduce_add_ps(acc) * tensor_scale;
+    }
+  }
+}
+
+// 8-bit codes through a 256-entry value table (FP8 E4M3 / E5M2) with one fp32 scale per output row.
+void gemv_lut8_rows(const float* x, const uint8_t* q, const float* row_scale, const float* lut, float* y,
+                    int64_t M, int64_t in, int64_t out, int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = q + o * in;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m512 acc = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= in; i += 16) {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i)));
+        acc = _mm512_fmadd_ps(_mm512_i32gather_ps(idx, lut, 4), _mm512_loadu_ps(xm + i), acc);
+      }
+      float s = _mm512_reduce_add_ps(acc);
+      for (; i < in; ++i) s += lut[row[i]] * xm[i];
+      y[m * out + o] = s * row_scale[o];
+    }
+  }
+}
+
+}  // namespace
+
+// x: [M, in] fp32 (in % 32 == 0); packed [out, in/2] u8; scale_codes [out, in/block] u8; luts fp32 [256], [16]
+torch::Tensor linear_lut4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_codes, torch::Tensor scale_lut,
+                          torch::Tensor value_lut, double tensor_scale, int64_t block) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && packed.dtype() == torch::kUInt8 && scale_codes.dtype() == torch::kUInt8);
+  TORCH_CHECK(scale_lut.numel() == 256 && value_lut.numel() == 16 && (block == 16 || block == 32));
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0 && packed.size(1) * 2 == x.size(1));
+  x = x.contiguous();
+  auto slut = scale_lut.to(torch::kFloat32).contiguous();
+  auto vlut = value_lut.to(torch::kFloat32).contiguous();
+  const int64_t M = x.size(0), in = x.size(1), out = packed.size(0);
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint8_t* sp = scale_codes.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+    gemv_lut4_rows(xp, pp, sp, slut.data_ptr<float>(), vlut.data_ptr<float>(), (float)tensor_scale, yp, M, in, out,
+                   block, b, e);
+  });
+  return y;
+}
+
+// x: [M, in] fp32; q: [out, in] u8 (FP8 bytes); row_scale [out] fp32; lut [256] fp32
+torch::Tensor linear_lut8(torch::Tensor x, torch::Tensor q, torch::Tensor row_scale, torch::Tensor lut) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && q.dtype() == torch::kUInt8 && row_scale.dtype() == torch::kFloat32);
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1) && lut.numel() == 256);
+  x = x.contiguous();
+  auto l = lut.to(torch::kFloat32).contiguous();
+  const int64_t M = x.size(0), in = x.size(1), out = q.size(0);
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = row_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) { gemv_lut8_rows(xp, qp, sp, l.data_ptr<float>(), yp, M, in, out, b, e); });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_f32", &linear_f32, "small-batch fp32 linear (decode GEMV)");
+  m.def("linear_int8", &linear_int8, "small-batch linear with int8 per-channel weights");
+  m.def("linear_int4", &linear_int4, "small-batch linear with packed int4 group weights");
+  m.def("linear_lut4", &linear_lut4, "small-batch linear with 4-bit table codes and block scales (MXFP4/NVFP4)");
+  m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
 }

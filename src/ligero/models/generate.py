@@ -87,10 +87,10 @@ def generate_tokens(
     if longest >= ctx:
         raise LigeroError(f"the prompt is {longest} tokens but the model's context is {ctx}; shorten the prompt")
     max_new_tokens = min(max_new_tokens, ctx - longest)
-    device = model.embed.weight.device
+    device = model.device
     tokens, positions = left_pad(prompts, pad_id)
     tokens, positions = tokens.to(device), positions.to(device)
-    cache = KVCache(model.cfg, len(prompts), longest + max_new_tokens, device=device, dtype=model.embed.weight.dtype)
+    cache = KVCache(model.cfg, len(prompts), longest + max_new_tokens, device=device, dtype=model.dtype)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
     eos = set(eos_ids or [])
     done = [False] * len(prompts)

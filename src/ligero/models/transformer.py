@@ -34,6 +34,17 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored (shared tensors, e.g. a tied head, counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
@@ -152,6 +163,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of activations (quantized layers store other dtypes internally)."""
+        return self.norm.weight.dtype
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings:

@@ -6,6 +6,8 @@ per-channel = block of `in`, group-wise = block of 32/64/128, per-tensor = every
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 # --- integers -----------------------------------------------------------------------------------------
@@ -72,3 +74,103 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     out, half = packed.shape
     b = packed.view(out, half // 16, 16)
     return torch.stack([b & 0xF, b >> 4], dim=2).reshape(out, half * 2)
+
+
+# --- floating point: FP8 (E4M3, E5M2) and FP4 (E2M1) with block scales --------------------------------
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+
+
+@lru_cache(maxsize=None)
+def fp8_lut(fmt: str) -> torch.Tensor:
+    """fp32 value of every FP8 byte (NaN codes included as NaN), on the CPU."""
+    return torch.arange(256, dtype=torch.uint8, device="cpu").view(FP8_DTYPES[fmt]).float()
+
+
+def quantize_fp8_rows(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 with one fp32 scale per row (per output channel for weights, per token for activations):
+    the row's max |w| maps to the format's max. Returns (fp8 tensor, scale [rows])."""
+    amax = w.abs().amax(dim=-1).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX[fmt], torch.ones_like(amax))
+    scaled = (w.float() / scale[..., None]).clamp(-FP8_MAX[fmt], FP8_MAX[fmt])  # the cast does not saturate
+    return scaled.to(FP8_DTYPES[fmt]), scale
+
+
+def fake_quantize_fp8_rows(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    q, scale = quantize_fp8_rows(x, fmt)
+    return (q.float() * scale[..., None]).to(x.dtype)
+
+
+def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 code (0..15, sign in bit 3) of values already divided by their scale; saturates at ±6."""
+    mag = v.abs().clamp(max=6.0)
+    code = torch.bucketize(mag, _E2M1_MIDPOINTS.to(v.device))
+    return (code | ((v < 0).to(code.dtype) << 3)).to(torch.uint8)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    return E2M1_VALUES.to(codes.device)[codes.long()]
+
+
+@lru_cache(maxsize=None)
+def e8m0_lut() -> torch.Tensor:
+    """fp32 value of every E8M0 (power-of-two) scale byte: 2^(code - 127); 255 is NaN in the spec."""
+    lut = torch.pow(2.0, torch.arange(256, dtype=torch.float64, device="cpu") - 127).float()
+    lut[255] = float("nan")
+    return lut
+
+
+def quantize_fp4_blocks(w: torch.Tensor, fmt: str, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 (block 32, E8M0 scale) or NVFP4 (block 16, E4M3 scale x one fp32 scale per tensor).
+
+    w: [..., n] with n divisible by the block. Returns (codes uint8 [..., n], scale codes uint8 [..., n/block],
+    tensor scale fp32: a scalar, or [...] per row with per_row=True (activations: one per token); 1 for MXFP4).
+    """
+    block = FP4_BLOCK[fmt]
+    *lead, n = w.shape
+    b = w.float().reshape(*lead, n // block, block)
+    amax = b.abs().amax(-1)
+    if fmt == "mxfp4":
+        # OCP MX: shared exponent floor(log2(amax)) - emax(E2M1) = ... - 2; values above 6 x scale saturate.
+        exp = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - 2
+        exp = exp.clamp(-127, 127)
+        scale_codes = (exp + 127).to(torch.uint8)
+        scale = torch.pow(2.0, exp)
+        tensor_scale = torch.tensor(1.0)
+    else:
+        # NVFP4: block scale in E4M3 relative to a per-tensor fp32 scale that keeps block scales in range.
+        t_amax = amax.amax(-1, keepdim=True) if per_row else amax.amax()
+        tensor_scale = torch.where(t_amax > 0, t_amax / (6.0 * 448.0), torch.ones_like(t_amax))
+        block_scale = (amax / 6.0 / tensor_scale).clamp(max=448.0).to(torch.float8_e4m3fn)
+        scale_codes = block_scale.view(torch.uint8)
+        scale = block_scale.float() * tensor_scale
+        if per_row:
+            tensor_scale = tensor_scale.squeeze(-1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = e2m1_encode(b / safe[..., None]).reshape(*lead, n)
+    return codes, scale_codes, tensor_scale.float()
+
+
+FP4_BLOCK = {"mxfp4": 32, "nvfp4": 16}
+
+
+def fp4_scale_lut(fmt: str) -> torch.Tensor:
+    return e8m0_lut() if fmt == "mxfp4" else fp8_lut("e4m3")
+
+
+def dequantize_fp4_blocks(codes: torch.Tensor, scale_codes: torch.Tensor, tensor_scale: torch.Tensor,
+                          fmt: str) -> torch.Tensor:
+    block = FP4_BLOCK[fmt]
+    *lead, n = codes.shape
+    values = e2m1_decode(codes).reshape(*lead, n // block, block)
+    tensor_scale = tensor_scale.to(codes.device)
+    scale = fp4_scale_lut(fmt).to(codes.device)[scale_codes.long()] * (tensor_scale[..., None] if tensor_scale.dim() else tensor_scale)
+    return (values * scale[..., None]).reshape(*lead, n)
+
+
+def fake_quantize_fp4(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize-dequantize activations per token in the FP4 block format (W4A4)."""
+    codes, scale_codes, tensor_scale = quantize_fp4_blocks(x, fmt, per_row=True)
+    return dequantize_fp4_blocks(codes, scale_codes, tensor_scale, fmt).to(x.dtype)

@@ -1,0 +1,66 @@
+"""Quality of a quantized model against its unquantized base on the same tokens (llama.cpp's conventions):
+PPL of both, ΔPPL %, mean KL divergence KL(base || quantized) of the next-token distributions, same top token %.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ligero.eval.perplexity import make_windows
+from ligero.models.transformer import stored_bytes
+
+
+@dataclass
+class QualityResult:
+    tokens: int
+    windows: int
+    ctx: int
+    ppl_base: float
+    ppl: float
+    delta_ppl_pct: float
+    kld: float  # mean over predicted tokens, nats
+    kld_p99: float
+    top1_agreement: float  # fraction of positions where both models rank the same token first
+    bits_per_weight: float
+    size_mb: float
+    base_size_mb: float
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def bits_per_weight(model) -> float:
+    """Bytes actually stored (values, scales, minimums, full-precision norms) x 8 / number of weights."""
+    return stored_bytes(model) * 8 / model.cfg.n_params()
+
+
+@torch.inference_mode()
+def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int | None = None,
+                   progress=None) -> QualityResult:
+    windows = make_windows(ids, ctx, max_tokens)
+    nll_b = nll_q = 0.0
+    kls, agree, count = [], 0, 0
+    for window in windows:
+        x = torch.tensor([window], device=base.device)
+        lp_b = F.log_softmax(base(x[:, :-1]).float(), -1)[0]  # [T, V]
+        lp_q = F.log_softmax(quant(x[:, :-1].to(quant.device)).float(), -1)[0].to(lp_b.device)
+        target = x[0, 1:, None]
+        nll_b -= float(lp_b.gather(-1, target).double().sum())
+        nll_q -= float(lp_q.gather(-1, target).double().sum())
+        kls.append((lp_b.exp() * (lp_b - lp_q)).sum(-1))
+        agree += int((lp_b.argmax(-1) == lp_q.argmax(-1)).sum())
+        count += target.shape[0]
+        if progress:
+            progress()
+    kl = torch.cat(kls).double()
+    ppl_b, ppl_q = math.exp(nll_b / count), math.exp(nll_q / count)
+    return QualityResult(
+        tokens=count, windows=len(windows), ctx=ctx, ppl_base=ppl_b, ppl=ppl_q,
+        delta_ppl_pct=100 * (ppl_q / ppl_b - 1), kld=float(kl.mean()), kld_p99=float(torch.quantile(kl.float(), 0.99)),
+        top1_agreement=agree / count, bits_per_weight=bits_per_weight(quant), size_mb=stored_bytes(quant) / 1e6,
+        base_size_mb=stored_bytes(base) / 1e6,
+    )

@@ -1,0 +1,162 @@
+"""Quantization configs: validated, versioned dataclasses that serialize to JSON, and recipes built from them.
+
+A config describes one format for one kind of tensor. A Recipe says which config applies where: the
+transformer-block linears get the scheme's config; the output head and the embedding stay at 8-bit or better
+by default; name patterns can override single layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ligero.errors import LigeroError
+
+CONFIG_TYPES: dict[str, type["QuantConfig"]] = {}
+
+
+def register_config(cls):
+    CONFIG_TYPES[cls.kind] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    kind: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": self.version, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        kind, version = d.pop("kind", None), d.pop("version", 1)
+        if kind not in CONFIG_TYPES:
+            raise LigeroError(f"unknown quantization config kind '{kind}'; known: {', '.join(CONFIG_TYPES)}")
+        cls = CONFIG_TYPES[kind]
+        if version > cls.version:
+            raise LigeroError(f"config '{kind}' has version {version}, newer than this Ligero ({cls.version}); upgrade")
+        return cls(**d)
+
+
+@register_config
+@dataclass(frozen=True)
+class Int8WeightConfig(QuantConfig):
+    """int8 weights, symmetric, one scale per output channel (block = the whole input row)."""
+
+    kind: ClassVar[str] = "int8_weight"
+
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+@register_config
+@dataclass(frozen=True)
+class Int4WeightConfig(QuantConfig):
+    """int4 weights, asymmetric (scale and minimum in fp16 per group of `group_size` inputs), round-to-nearest."""
+
+    kind: ClassVar[str] = "int4_weight"
+    group_size: int = 32
+
+    def validate(self) -> None:
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+
+
+@register_config
+@dataclass(frozen=True)
+class FP8Config(QuantConfig):
+    """FP8 weights with one fp32 scale per output channel; optionally FP8 activations with a per-token scale."""
+
+    kind: ClassVar[str] = "fp8"
+    fmt: str = "e4m3"
+    activations: bool = True
+
+    def validate(self) -> None:
+        if self.fmt not in ("e4m3", "e5m2"):
+            raise LigeroError(f"unknown FP8 format '{self.fmt}'; use e4m3 or e5m2")
+
+
+@register_config
+@dataclass(frozen=True)
+class FP4Config(QuantConfig):
+    """E2M1 weights in MX (block 32, power-of-two E8M0 scale) or NVFP4 (block 16, E4M3 scale, fp32 tensor scale)
+    form; with activations=True the inputs are quantized per token in the same format (W4A4)."""
+
+    kind: ClassVar[str] = "fp4"
+    fmt: str = "nvfp4"
+    activations: bool = False
+
+    def validate(self) -> None:
+        if self.fmt not in ("mxfp4", "nvfp4"):
+            raise LigeroError(f"unknown FP4 format '{self.fmt}'; use mxfp4 or nvfp4")
+
+
+@dataclass
+class Recipe:
+    """Which config applies to which tensors of a model. None = keep that tensor in full precision."""
+
+    weights: QuantConfig | None
+    head: QuantConfig | None = field(default_factory=Int8WeightConfig)
+    embed: QuantConfig | None = field(default_factory=Int8WeightConfig)
+    overrides: list[tuple[str, QuantConfig | None]] = field(default_factory=list)  # (fnmatch pattern, config)
+    name: str = ""
+    version: ClassVar[int] = 1
+
+    def config_for(self, module_name: str) -> QuantConfig | None:
+        for pattern, cfg in self.overrides:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return cfg
+        if module_name == "lm_head":
+            return self.head
+        return self.weights
+
+    def to_dict(self) -> dict[str, Any]:
+        as_d = lambda c: c.to_dict() if c is not None else None  # noqa: E731
+        return {"version": self.version, "name": self.name, "weights": as_d(self.weights), "head": as_d(self.head),
+                "embed": as_d(self.embed), "overrides": [[p, as_d(c)] for p, c in self.overrides]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        if d.get("version", 1) > cls.version:
+            raise LigeroError("the recipe was written by a newer Ligero; upgrade to load it")
+        as_c = lambda x: QuantConfig.from_dict(x) if x is not None else None  # noqa: E731
+        return cls(weights=as_c(d["weights"]), head=as_c(d.get("head")), embed=as_c(d.get("embed")),
+                   overrides=[(p, as_c(c)) for p, c in d.get("overrides", [])], name=d.get("name", ""))
+
+
+def _int4(group_size: int) -> Recipe:
+    return Recipe(Int4WeightConfig(group_size))
+
+
+# CLI scheme names -> recipe builders. Each takes the options the scheme understands.
+SCHEMES: dict[str, Any] = {
+    "int8": lambda group_size=None: Recipe(Int8WeightConfig()),
+    "int4": lambda group_size=None: _int4(group_size or 32),
+    "fp8": lambda group_size=None: Recipe(FP8Config("e4m3")),
+    "fp8-e5m2": lambda group_size=None: Recipe(FP8Config("e5m2")),
+    "mxfp4": lambda group_size=None: Recipe(FP4Config("mxfp4")),
+    "nvfp4": lambda group_size=None: Recipe(FP4Config("nvfp4")),
+    "mxfp4-w4a4": lambda group_size=None: Recipe(FP4Config("mxfp4", activations=True)),
+    "nvfp4-w4a4": lambda group_size=None: Recipe(FP4Config("nvfp4", activations=True)),
+}
+GROUPED_SCHEMES = {"int4"}
+
+
+def recipe_for(scheme: str, group_size: int | None = None) -> Recipe:
+    if scheme not in SCHEMES:
+        raise LigeroError(f"unknown scheme '{scheme}'; valid schemes: {', '.join(SCHEMES)}")
+    if group_size is not None and scheme not in GROUPED_SCHEMES:
+        raise LigeroError(f"scheme '{scheme}' has a fixed block size; --group-size applies to: {', '.join(GROUPED_SCHEMES)}")
+    recipe = SCHEMES[scheme](group_size=group_size)
+    recipe.name = scheme if group_size is None else f"{scheme}-g{group_size}"
+    return recipe

@@ -1,0 +1,203 @@
+"""Quantized layers: packed storage in buffers (saved as-is), decode through packed kernels.
+
+Every layer keeps only its packed tensors. Batch-1 decode (<= 8 rows, CPU, inference) reads them packed
+through Ligero's kernels; larger batches (prefill) dequantize the layer's weight transiently and use a GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ligero.kernels import cpu_kernels
+from ligero.quant import formats
+from ligero.quant.config import FP4Config, FP8Config, Int4WeightConfig, Int8WeightConfig, QuantConfig
+
+KERNEL_MAX_ROWS = 8
+
+
+def _use_kernel(x: torch.Tensor) -> bool:
+    rows = x.numel() // x.shape[-1]
+    return rows <= KERNEL_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 \
+        and not torch.is_grad_enabled()
+
+
+class QuantizedLinear(nn.Module):
+    """Base class: subclasses define their buffers, `dequantize(rows)` and optionally `_kernel(x2d)`."""
+
+    config: QuantConfig
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig):
+        super().__init__()
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, config: QuantConfig) -> "QuantizedLinear":
+        raise NotImplementedError
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 weight [out, in], or only the given output rows (embedding lookups)."""
+        raise NotImplementedError
+
+    def _kernel(self, x2d: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernel(x):
+            y = self._kernel(x.reshape(-1, self.in_features))
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        bits = self.stored_bytes() * 8 / (self.in_features * self.out_features)
+        return f"{self.in_features} -> {self.out_features}, {self.config.kind}, {bits:.2f} bits/weight"
+
+
+class Int8Linear(QuantizedLinear):
+    def __init__(self, in_features: int, out_features: int, config: Int8WeightConfig):
+        super().__init__(in_features, out_features, config)
+        self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, weight, config):
+        layer = cls(weight.shape[1], weight.shape[0], config)
+        layer.q, layer.scale = formats.quantize_int8_per_channel(weight)
+        return layer
+
+    def dequantize(self, rows=None):
+        q, s = (self.q, self.scale) if rows is None else (self.q[rows], self.scale[rows])
+        return formats.dequantize_int8_per_channel(q, s)
+
+    def _kernel(self, x2d):
+        ext = cpu_kernels()
+        return ext.linear_int8(x2d, self.q, self.scale) if ext is not None else None
+
+
+class Int4Linear(QuantizedLinear):
+    def __init__(self, in_features: int, out_features: int, config: Int4WeightConfig):
+        super().__init__(in_features, out_features, config)
+        n_groups = -(-in_features // config.group_size)
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.empty(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("minimum", torch.empty(out_features, n_groups, dtype=torch.float16))
+
+    @classmethod
+    def from_float(cls, weight, config):
+        layer = cls(weight.shape[1], weight.shape[0], config)
+        q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, 4, config.group_size)
+        layer.packed = formats.pack_int4(q)
+        return layer
+
+    def dequantize(self, rows=None):
+        p, s, m = (self.packed, self.scale, self.minimum) if rows is None else \
+            (self.packed[rows], self.scale[rows], self.minimum[rows])
+        return formats.dequantize_int_groups(formats.unpack_int4(p), s, m, self.config.group_size)
+
+    def _kernel(self, x2d):
+        ext = cpu_kernels()
+        if ext is None:
+            return None
+        return ext.linear_int4(x2d, self.packed, self.scale, self.minimum, self.config.group_size)
+
+
+class FP8Linear(QuantizedLinear):
+    """FP8 bytes + fp32 scale per output channel; FP8 per-token activations when config.activations.
+
+    This CPU has no FP8 arithmetic: products are computed in fp32 from the exact FP8 values (what FP8 tensor
+    cores do with fp32 accumulation), so accuracy is the format's, speed is not FP8 hardware's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: FP8Config):
+        super().__init__(in_features, out_features, config)
+        self.register_buffer("q", torch.empty(out_features, in_features, dtype=formats.FP8_DTYPES[config.fmt]))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, weight, config):
+        layer = cls(weight.shape[1], weight.shape[0], config)
+        layer.q, layer.scale = formats.quantize_fp8_rows(weight, config.fmt)
+        return layer
+
+    def dequantize(self, rows=None):
+        if rows is None:
+            return self.q.float() * self.scale[:, None]
+        q = self.q.view(torch.uint8)[rows].view(self.q.dtype)  # indexing is defined on bytes, not on FP8
+        return q.float() * self.scale[rows][:, None]
+
+    def forward(self, x):
+        if self.config.activations:
+            x = formats.fake_quantize_fp8_rows(x, self.config.fmt)
+        return super().forward(x)
+
+    def _kernel(self, x2d):
+        ext = cpu_kernels()
+        return ext.linear_lut8(x2d, self.q.view(torch.uint8), self.scale, formats.fp8_lut(self.config.fmt)) if ext is not None else None
+
+
+class FP4Linear(QuantizedLinear):
+    """E2M1 codes packed two per byte (int4 layout) + one scale byte per block (+ fp32 tensor scale for NVFP4)."""
+
+    def __init__(self, in_features: int, out_features: int, config: FP4Config):
+        super().__init__(in_features, out_features, config)
+        block = formats.FP4_BLOCK[config.fmt]
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale_codes", torch.empty(out_features, in_features // block, dtype=torch.uint8))
+        self.register_buffer("tensor_scale", torch.ones((), dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, weight, config):
+        layer = cls(weight.shape[1], weight.shape[0], config)
+        codes, layer.scale_codes, layer.tensor_scale = formats.quantize_fp4_blocks(weight, config.fmt)
+        layer.packed = formats.pack_int4(codes)
+        return layer
+
+    def dequantize(self, rows=None):
+        p, s = (self.packed, self.scale_codes) if rows is None else (self.packed[rows], self.scale_codes[rows])
+        return formats.dequantize_fp4_blocks(formats.unpack_int4(p), s, self.tensor_scale, self.config.fmt)
+
+    def forward(self, x):
+        if self.config.activations:
+            x = formats.fake_quantize_fp4(x, self.config.fmt)
+        return super().forward(x)
+
+    def _kernel(self, x2d):
+        ext = cpu_kernels()
+        if ext is None:
+            return None
+        return ext.linear_lut4(x2d, self.packed, self.scale_codes, formats.fp4_scale_lut(self.config.fmt), formats.E2M1_VALUES,
+                               float(self.tensor_scale), formats.FP4_BLOCK[self.config.fmt])
+
+
+LINEAR_TYPES: dict[type[QuantConfig], type[QuantizedLinear]] = {
+    Int8WeightConfig: Int8Linear,
+    Int4WeightConfig: Int4Linear,
+    FP8Config: FP8Linear,
+    FP4Config: FP4Linear,
+}
+
+
+def check_shape(config: QuantConfig, in_features: int, name: str) -> None:
+    from ligero.errors import LigeroError
+
+    if isinstance(config, (Int4WeightConfig, FP4Config)) and in_features % 32:
+        raise LigeroError(f"{name}: {config.kind} needs in_features divisible by 32 (got {in_features}); "
+                          "exclude the layer with an override")
+
+
+class QuantizedEmbedding(nn.Module):
+    """Embedding lookups from a quantized [vocab, dim] table (shared with the output head when tied)."""
+
+    def __init__(self, table: QuantizedLinear):
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.table.dequantize(tokens.reshape(-1))
+        return rows.view(*tokens.shape, self.embedding_dim)

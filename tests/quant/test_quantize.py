@@ -22,7 +22,7 @@ def tiny(tiny_pair):
 def test_quantize_replaces_layers_and_keeps_head_int8(tiny_pair):
     loaded = tiny(tiny_pair)
     model = quantize(loaded.model, Int4WeightConfig(32))
-    assert isinstance(model.layers[0].attn.q_proj, Int4Linear)
+    assert isinstance(model.layers[0].attn.qkv_proj, Int4Linear)
     assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
     assert isinstance(model.lm_head, Int8Linear)
     assert isinstance(model.embed, QuantizedEmbedding)
@@ -33,14 +33,14 @@ def test_quantize_replaces_layers_and_keeps_head_int8(tiny_pair):
 
 
 def test_overrides_and_filters(tiny_pair):
-    recipe = Recipe(Int4WeightConfig(32), overrides=[("layers.0.*", Int8WeightConfig()), ("*.v_proj", None)])
+    recipe = Recipe(Int4WeightConfig(32), overrides=[("layers.0.*", Int8WeightConfig()), ("*.o_proj", None)])
     model = quantize(tiny(tiny_pair).model, recipe)
-    assert isinstance(model.layers[0].attn.q_proj, Int8Linear)
-    assert isinstance(model.layers[1].attn.q_proj, Int4Linear)
-    assert type(model.layers[1].attn.v_proj).__name__ == "Linear"
+    assert isinstance(model.layers[0].attn.qkv_proj, Int8Linear)
+    assert isinstance(model.layers[1].attn.qkv_proj, Int4Linear)
+    assert type(model.layers[1].attn.o_proj).__name__ == "Linear"
     only_mlp = quantize(tiny(tiny_pair).model, Int8WeightConfig(), filter=lambda name, _: ".mlp." in name)
-    assert isinstance(only_mlp.layers[0].mlp.up_proj, Int8Linear)
-    assert type(only_mlp.layers[0].attn.q_proj).__name__ == "Linear"
+    assert isinstance(only_mlp.layers[0].mlp.gate_up_proj, Int8Linear)
+    assert type(only_mlp.layers[0].attn.qkv_proj).__name__ == "Linear"
 
 
 def test_configs_serialize_and_validate():

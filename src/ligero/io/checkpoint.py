@@ -20,10 +20,10 @@ from ligero.errors import LigeroError
 from ligero.io.tokenizer import TOKENIZER_META, Tokenizer, tokenizer_from_hf_folder
 from ligero.models.config import ModelConfig
 from ligero.models.registry import REGISTRY, cache_root
-from ligero.models.transformer import Transformer
+from ligero.models.transformer import Transformer, fuse_projections
 
 CHECKPOINT_FILE, WEIGHTS_FILE, MANIFEST_FILE = "ligero.json", "model.safetensors", "manifest.json"
-FORMAT_VERSION = 2  # 2: manifest.json with sha256 hashes; optional quantization recipe
+FORMAT_VERSION = 3  # 2: manifest.json with sha256 hashes, quantization recipe; 3: fused qkv / gate_up
 
 
 @dataclass
@@ -84,7 +84,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
     expected = {k: v for k, v in model.state_dict().items() if k not in skip}
     params = {k for k, _ in model.named_parameters()}
     state = {}
-    for name, t in tensors:
+    for name, t in fuse_projections(dict(tensors)).items():
         if name in skip:
             continue
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):
@@ -180,7 +180,9 @@ def cached_gguf(path: Path) -> Path:
 
     check_magic(path)
     folder = cache_root() / "models" / file_sha256(path)
-    if not (folder / MANIFEST_FILE).exists():  # absent: never converted, or converted by an older Ligero
+    meta = folder / CHECKPOINT_FILE
+    current = (folder / MANIFEST_FILE).exists() and json.loads(meta.read_text()).get("version") == FORMAT_VERSION
+    if not current:  # never converted, or converted by another Ligero version
         print(f"ligero: converting {path.name} once (cached in {folder.parent})", flush=True)
         convert_gguf(path, folder)
     return folder

@@ -174,31 +174,26 @@ struct SplitX {
 
 inline void split_x(const float* x, int64_t in, SplitX& sx) {
   const int64_t n_blocks = in / 32, n_chunks = (n_blocks + 3) / 4;
-  sx.hi_first.assign(n_chunks * 64, 0);
-  sx.hi_second.assign(n_chunks * 64, 0);
-  sx.lo_first.assign(n_chunks * 64, 0);
-  sx.lo_second.assign(n_chunks * 64, 0);
+  for (auto* v : {&sx.hi_first, &sx.hi_second, &sx.lo_first, &sx.lo_second}) v->assign(n_chunks * 64, 0);
   sx.scale.assign(n_chunks * 16, 0.f);
   sx.block_sum.assign(n_blocks, 0.f);
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i c128 = _mm512_set1_epi32(128), cff = _mm512_set1_epi32(0xFF);
   for (int64_t b = 0; b < n_blocks; ++b) {
-    const float* xb = x + b * 32;
-    float amax = 0.f, sum = 0.f;
-    for (int j = 0; j < 32; ++j) {
-      amax = std::max(amax, std::fabs(xb[j]));
-      sum += xb[j];
-    }
-    sx.block_sum[b] = sum;
+    const __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(x0, sign_off), _mm512_and_ps(x1, sign_off)));
+    sx.block_sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
     // 32639 (not 32767) keeps the high byte of v - lo within int8: v - lo <= 32639 + 128 = 32767.
     const float s = amax / 32639.f;
-    const float inv = amax > 0.f ? 32639.f / amax : 0.f;
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32639.f / amax : 0.f);
     for (int k = 0; k < 4; ++k) sx.scale[b * 4 + k] = s;
-    for (int j = 0; j < 32; ++j) {
-      const int v = (int)std::lrint(xb[j] * inv);  // |v| <= 32639
-      const int lo = ((v + 128) & 0xFF) - 128;     // balanced low byte in [-128, 127]
-      const int hi = (v - lo) >> 8;                // exact: v = 256 * hi + lo, hi in [-128, 127]
-      const int64_t at = b * 16 + (j & 15);
-      (j < 16 ? sx.hi_first : sx.hi_second)[at] = (int8_t)hi;
-      (j < 16 ? sx.lo_first : sx.lo_second)[at] = (int8_t)lo;
+    const __m512 halves[2] = {x0, x1};
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(halves[h], inv));  // round to nearest even
+      const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), cff), c128);
+      const __m512i hi = _mm512_srai_epi32(_mm512_sub_epi32(v, lo), 8);  // exact: v = 256 * hi + lo
+      _mm_storeu_si128((__m128i*)((h == 0 ? sx.hi_first : sx.hi_second).data() + b * 16), _mm512_cvtepi32_epi8(hi));
+      _mm_storeu_si128((__m128i*)((h == 0 ? sx.lo_first : sx.lo_second).data() + b * 16), _mm512_cvtepi32_epi8(lo));
     }
   }
 }
@@ -280,10 +275,12 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const at::Half* mp = minimum.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
 #ifdef LIGERO_VNNI
-  std::vector<SplitX> sx(M);
+  thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
+  sx_buffers.resize(M);
+  const SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
   std::vector<std::vector<float>> gsum(M);
   for (int64_t m = 0; m < M; ++m) {
-    split_x(xp + m * in, in, sx[m]);
+    split_x(xp + m * in, in, sx_buffers[m]);
     gsum[m] = group_sums(sx[m], group);
   }
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {

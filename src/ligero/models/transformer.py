@@ -34,6 +34,19 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names with separate q/k/v and gate/up projections -> Ligero's fused ones (in place)."""
+    for key in [k for k in state if k.endswith(("attn.q_proj.weight", "mlp.gate_proj.weight"))]:
+        prefix = key.rsplit(".", 2)[0] + "."
+        if key.endswith("q_proj.weight"):
+            parts = [state.pop(prefix + f"{n}_proj.weight") for n in "qkv"]
+            state[prefix + "qkv_proj.weight"] = torch.cat(parts)
+        else:
+            parts = [state.pop(prefix + f"{n}_proj.weight") for n in ("gate", "up")]
+            state[prefix + "gate_up_proj.weight"] = torch.cat(parts)
+    return state
+
+
 def stored_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer as stored (shared tensors, e.g. a tied head, counted once)."""
     seen, total = set(), 0
@@ -53,11 +66,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (Gemma and Llama both do), then scale by (offset + w).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (xf * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+            return (F.rms_norm(x.float(), x.shape[-1:], None, self.eps) * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
 
 
 def rope_table(head_dim: int, max_len: int, theta: float, scaling: float = 1.0) -> torch.Tensor:
@@ -70,7 +81,7 @@ def rope_table(head_dim: int, max_len: int, theta: float, scaling: float = 1.0) 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, n, T, D]; cos/sin: [B, 1, T, D]
+    # x: [B, T, n, D]; cos/sin: [B, T, 1, D]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -81,9 +92,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.layer_type, self.scale = layer_type, cfg.scale
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        # q, k and v read the same input: one fused projection is one GEMV per token instead of three.
+        self.qkv_proj = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
@@ -93,35 +103,34 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx: int = 0, step=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, K = self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, self.head_dim)  # [B, T, H + 2K, D]
+        if self.q_norm is None:
+            q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split([H, K], dim=2)  # one rotation for q and k
+        else:
+            q = apply_rope(self.q_norm(qkv[:, :, :H]), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, :, H : H + K]), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + K :].transpose(1, 2)  # [B, heads, T, D]
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v, step)  # [B, K, S, D]
         # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv
-        )  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=H != K)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.head_dim))  # [B, T, C]
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU (silu) or GeGLU (tanh GELU): down(act(gate(x)) * up(x))."""
+    """SwiGLU (silu) or GeGLU (tanh GELU): down(act(gate(x)) * up(x)), gate and up fused in one projection."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.gate_up_proj = Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.gelu = cfg.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_proj(x)
-        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
-        return self.down_proj(g * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * up)
 
 
 class Block(nn.Module):
@@ -214,7 +223,7 @@ class Transformer(nn.Module):
         rope_pos = positions.clamp(min=0)
         per_kind = {}
         for kind in set(self.cfg.layer_types):
-            cos, sin = self.rope(kind, x.device)[:, rope_pos].unsqueeze(2).to(x.dtype)  # [B, 1, T, D] each
+            cos, sin = self.rope(kind, x.device)[:, rope_pos].unsqueeze(3).to(x.dtype)  # [B, T, 1, D] each
             k_pos = step.key_positions[kind] if step is not None else positions
             window = self.cfg.sliding_window if kind == LOCAL else None
             per_kind[kind] = (cos, sin, attention_mask(positions, k_pos, window))

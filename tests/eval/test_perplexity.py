@@ -18,6 +18,10 @@ class UniformModel(torch.nn.Module):
         self.embed = torch.nn.Embedding(vocab, 1)
         self.cfg = type("Cfg", (), {"max_seq_len": 4096, "vocab_size": vocab})()
 
+    @property
+    def device(self):
+        return self.embed.weight.device
+
     def forward(self, tokens):
         return torch.zeros(*tokens.shape, self.cfg.vocab_size)
 

@@ -391,10 +391,89 @@ torch::Tensor linear_lut8(torch::Tensor x, torch::Tensor q, torch::Tensor row_sc
   return y;
 }
 
+// --- ternary (BitNet b1.58) with int8 activations ---------------------------------------------------------
+// Weights in the compute layout (2 bits, t = w + 1 in {0, 1, 2}; per 64 inputs byte j holds inputs j, j+16,
+// j+32, j+48). Activations are int8 per token (BitNet's absmax), so sum t * x - sum x = sum w * x exactly in
+// int32. One 16-byte load + broadcast + variable shift + mask gives 64 weights for one vpdpbusd.
+// x: [M, in] fp32 (in % 64 == 0); packed: [out, in/4] u8; row_scale: [out] fp32 (weight scale of the row's
+// segment) -> [M, out] = (sum w q) * row_scale * x_scale
+torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tensor row_scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && packed.dtype() == torch::kUInt8 && row_scale.dtype() == torch::kFloat32);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 64 == 0 && packed.size(1) * 4 == x.size(1) && row_scale.size(0) == packed.size(0));
+  x = x.contiguous();
+  const int64_t M = x.size(0), in = x.size(1), out = packed.size(0);
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = row_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<int8_t> xq(M * in);
+  std::vector<float> xscale(M);
+  std::vector<int32_t> xsum(M);
+  for (int64_t m = 0; m < M; ++m) {  // per-token absmax int8, as BitNet b1.58 defines it
+    const float* xm = xp + m * in;
+    float amax = 0.f;
+    for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(xm[i]));
+    const float s = std::max(amax, 1e-8f) / 127.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      const int v = (int)std::max(-128.f, std::min(127.f, std::nearbyint(xm[i] / s)));
+      xq[m * in + i] = (int8_t)v;
+      sum += v;
+    }
+    xscale[m] = s;
+    xsum[m] = sum;
+  }
+  const int8_t* xqp = xq.data();
+#ifdef LIGERO_VNNI
+  const __m512i shifts = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
+  const __m512i mask2 = _mm512_set1_epi8(0x03);
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const uint8_t* row = pp + o * (in / 4);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xm = xqp + m * in;
+        __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+        int64_t c = 0;
+        for (; c + 2 <= in / 64; c += 2) {  // two chunks per iteration: two independent accumulators
+          const __m512i t0 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16))), shifts), mask2);
+          const __m512i t1 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16 + 16))), shifts), mask2);
+          acc0 = _mm512_dpbusd_epi32(acc0, t0, _mm512_loadu_si512(xm + c * 64));
+          acc1 = _mm512_dpbusd_epi32(acc1, t1, _mm512_loadu_si512(xm + c * 64 + 64));
+        }
+        for (; c < in / 64; ++c) {
+          const __m512i t0 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16))), shifts), mask2);
+          acc0 = _mm512_dpbusd_epi32(acc0, t0, _mm512_loadu_si512(xm + c * 64));
+        }
+        const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - xsum[m];
+        yp[m * out + o] = (float)dot * sp[o] * xscale[m];
+      }
+    }
+  });
+#else
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const uint8_t* row = pp + o * (in / 4);
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t dot = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          const int64_t c = i / 64, j = i % 64;
+          const int t = (row[c * 16 + (j & 15)] >> (2 * (j >> 4))) & 3;
+          dot += t * xqp[m * in + i];
+        }
+        yp[m * out + o] = (float)(dot - xsum[m]) * sp[o] * xscale[m];
+      }
+    }
+  });
+#endif
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_f32", &linear_f32, "small-batch fp32 linear (decode GEMV)");
   m.def("linear_int8", &linear_int8, "small-batch linear with int8 per-channel weights");
   m.def("linear_int4", &linear_int4, "small-batch linear with packed int4 group weights");
   m.def("linear_lut4", &linear_lut4, "small-batch linear with 4-bit table codes and block scales (MXFP4/NVFP4)");
+  m.def("linear_ternary", &linear_ternary, "small-batch BitNet b1.58 linear: 2-bit ternary x int8 activations");
   m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
 }

@@ -48,9 +48,9 @@ def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def stored_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer as stored (shared tensors, e.g. a tied head, counted once)."""
+    """Bytes of every saved tensor (parameters and persistent buffers; a tied head counted once)."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in module.state_dict().values():
         key = (t.untyped_storage().data_ptr(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
@@ -94,6 +94,7 @@ class Attention(nn.Module):
         self.layer_type, self.scale = layer_type, cfg.scale
         # q, k and v read the same input: one fused projection is one GEMV per token instead of three.
         self.qkv_proj = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.qkv_proj.segments = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
@@ -124,6 +125,7 @@ class GatedMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_up_proj = Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.gate_up_proj.segments = (cfg.ffn_dim, cfg.ffn_dim)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.gelu = cfg.activation == "gelu_tanh"
 

@@ -61,14 +61,16 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
     recipe = config if isinstance(config, Recipe) else Recipe(config)
     if getattr(model, "quant_recipe", None) is not None:
         raise LigeroError("this model is already quantized; start from the full-precision model")
-    _replace(model, recipe, filter, lambda lin, c: _linear_type(c).from_float(lin.weight.detach().float(), c))
+    _replace(model, recipe, filter,
+             lambda lin, c: _linear_type(c).from_float(lin.weight.detach().float(), c, getattr(lin, "segments", None)))
     model.quant_recipe = recipe
     return model
 
 
 def build_quantized_structure(model: Transformer, recipe: Recipe) -> Transformer:
     """Empty quantized layers with the right shapes (for loading a saved quantized model on meta)."""
-    _replace(model, recipe, None, lambda lin, c: _linear_type(c)(lin.in_features, lin.out_features, c))
+    _replace(model, recipe, None,
+             lambda lin, c: _linear_type(c)(lin.in_features, lin.out_features, c, getattr(lin, "segments", None)))
     model.quant_recipe = recipe
     return model
 

@@ -101,6 +101,15 @@ class FP4Config(QuantConfig):
             raise LigeroError(f"unknown FP4 format '{self.fmt}'; use mxfp4 or nvfp4")
 
 
+@register_config
+@dataclass(frozen=True)
+class TernaryConfig(QuantConfig):
+    """BitNet b1.58: weights in {-1, 0, 1} x one absmean scale per tensor (q, k, v, gate, up kept separate
+    inside fused projections), int8 per-token absmax activations. Stored 5 trits per byte (1.6 bits/weight)."""
+
+    kind: ClassVar[str] = "ternary"
+
+
 @dataclass
 class Recipe:
     """Which config applies to which tensors of a model. None = keep that tensor in full precision."""
@@ -148,6 +157,7 @@ SCHEMES: dict[str, Any] = {
     "nvfp4": lambda group_size=None: Recipe(FP4Config("nvfp4")),
     "mxfp4-w4a4": lambda group_size=None: Recipe(FP4Config("mxfp4", activations=True)),
     "nvfp4-w4a4": lambda group_size=None: Recipe(FP4Config("nvfp4", activations=True)),
+    "b158": lambda group_size=None: Recipe(TernaryConfig()),
 }
 GROUPED_SCHEMES = {"int4"}
 

@@ -174,3 +174,45 @@ def fake_quantize_fp4(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Quantize-dequantize activations per token in the FP4 block format (W4A4)."""
     codes, scale_codes, tensor_scale = quantize_fp4_blocks(x, fmt, per_row=True)
     return dequantize_fp4_blocks(codes, scale_codes, tensor_scale, fmt).to(x.dtype)
+
+
+# --- ternary (BitNet b1.58) ---------------------------------------------------------------------------
+def ternarize(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58 absmean: t = RoundClip(w / (mean|w| + eps), -1, 1). Returns (t in {-1, 0, 1} int8, scale)."""
+    scale = w.abs().mean().float() + eps
+    return torch.round(w.float() / scale).clamp_(-1, 1).to(torch.int8), scale
+
+
+def act_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8: q = Clip(Round(x * 127 / max|x|), -128, 127). Returns (q as float, scale [..., 1])."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / 127.0
+    return torch.round(x.float() / scale).clamp_(-128, 127), scale
+
+
+def fake_quantize_int8_tokens(x: torch.Tensor) -> torch.Tensor:
+    q, scale = act_quant_int8(x)
+    return (q * scale).to(x.dtype)
+
+
+_POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+
+
+def pack_trits(t: torch.Tensor) -> torch.Tensor:
+    """{-1, 0, 1} -> bytes, 5 trits per byte (3^5 = 243 <= 256): 1.6 bits per weight. Flattened, zero-padded."""
+    flat = (t.reshape(-1).to(torch.int32) + 1)
+    pad = (-flat.numel()) % 5
+    flat = torch.cat([flat, torch.ones(pad, dtype=torch.int32)]) if pad else flat
+    return (flat.view(-1, 5) * _POW3).sum(-1).to(torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    digits = (packed.to(torch.int32)[:, None] // _POW3) % 3
+    return (digits.reshape(-1)[:numel] - 1).to(torch.int8)
+
+
+def ternary_compute_layout(t: torch.Tensor) -> torch.Tensor:
+    """[out, in] trits -> [out, in/4] bytes for the VNNI kernel: per 64 inputs, byte j holds w+1 of inputs
+    j, j+16, j+32, j+48 in bits 0-1, 2-3, 4-5, 6-7 (one 16-byte load expands to 64 ordered bytes)."""
+    out, n = t.shape
+    u = (t.to(torch.int32) + 1).view(out, n // 64, 4, 16)
+    return (u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)).to(torch.uint8).reshape(out, n // 4)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ligero.kernels import cpu_kernels
 from ligero.quant import formats
-from ligero.quant.config import FP4Config, FP8Config, Int4WeightConfig, Int8WeightConfig, QuantConfig
+from ligero.quant.config import FP4Config, FP8Config, Int4WeightConfig, Int8WeightConfig, QuantConfig, TernaryConfig
 
 KERNEL_MAX_ROWS = 8
 
@@ -28,12 +28,15 @@ class QuantizedLinear(nn.Module):
 
     config: QuantConfig
 
-    def __init__(self, in_features: int, out_features: int, config: QuantConfig):
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig,
+                 segments: tuple[int, ...] | None = None):
         super().__init__()
         self.in_features, self.out_features, self.config = in_features, out_features, config
+        # Output segments of a fused projection (q, k, v / gate, up); per-tensor formats scale each separately.
+        self.segments = tuple(segments or (out_features,))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, config: QuantConfig) -> "QuantizedLinear":
+    def from_float(cls, weight: torch.Tensor, config: QuantConfig, segments=None) -> "QuantizedLinear":
         raise NotImplementedError
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,14 +62,14 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    def __init__(self, in_features: int, out_features: int, config: Int8WeightConfig):
-        super().__init__(in_features, out_features, config)
+    def __init__(self, in_features: int, out_features: int, config: Int8WeightConfig, segments=None):
+        super().__init__(in_features, out_features, config, segments)
         self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
 
     @classmethod
-    def from_float(cls, weight, config):
-        layer = cls(weight.shape[1], weight.shape[0], config)
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
         layer.q, layer.scale = formats.quantize_int8_per_channel(weight)
         return layer
 
@@ -80,16 +83,16 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    def __init__(self, in_features: int, out_features: int, config: Int4WeightConfig):
-        super().__init__(in_features, out_features, config)
+    def __init__(self, in_features: int, out_features: int, config: Int4WeightConfig, segments=None):
+        super().__init__(in_features, out_features, config, segments)
         n_groups = -(-in_features // config.group_size)
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("minimum", torch.empty(out_features, n_groups, dtype=torch.float16))
 
     @classmethod
-    def from_float(cls, weight, config):
-        layer = cls(weight.shape[1], weight.shape[0], config)
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
         q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, 4, config.group_size)
         layer.packed = formats.pack_int4(q)
         return layer
@@ -113,14 +116,14 @@ class FP8Linear(QuantizedLinear):
     cores do with fp32 accumulation), so accuracy is the format's, speed is not FP8 hardware's.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: FP8Config):
-        super().__init__(in_features, out_features, config)
+    def __init__(self, in_features: int, out_features: int, config: FP8Config, segments=None):
+        super().__init__(in_features, out_features, config, segments)
         self.register_buffer("q", torch.empty(out_features, in_features, dtype=formats.FP8_DTYPES[config.fmt]))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
 
     @classmethod
-    def from_float(cls, weight, config):
-        layer = cls(weight.shape[1], weight.shape[0], config)
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
         layer.q, layer.scale = formats.quantize_fp8_rows(weight, config.fmt)
         return layer
 
@@ -143,16 +146,16 @@ class FP8Linear(QuantizedLinear):
 class FP4Linear(QuantizedLinear):
     """E2M1 codes packed two per byte (int4 layout) + one scale byte per block (+ fp32 tensor scale for NVFP4)."""
 
-    def __init__(self, in_features: int, out_features: int, config: FP4Config):
-        super().__init__(in_features, out_features, config)
+    def __init__(self, in_features: int, out_features: int, config: FP4Config, segments=None):
+        super().__init__(in_features, out_features, config, segments)
         block = formats.FP4_BLOCK[config.fmt]
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale_codes", torch.empty(out_features, in_features // block, dtype=torch.uint8))
         self.register_buffer("tensor_scale", torch.ones((), dtype=torch.float32))
 
     @classmethod
-    def from_float(cls, weight, config):
-        layer = cls(weight.shape[1], weight.shape[0], config)
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
         codes, layer.scale_codes, layer.tensor_scale = formats.quantize_fp4_blocks(weight, config.fmt)
         layer.packed = formats.pack_int4(codes)
         return layer
@@ -174,18 +177,60 @@ class FP4Linear(QuantizedLinear):
                                float(self.tensor_scale), formats.FP4_BLOCK[self.config.fmt])
 
 
+class TernaryLinear(QuantizedLinear):
+    """BitNet b1.58 layer for inference: trits stored 5 per byte; a 2-bit copy in the kernel's layout is
+    rebuilt in memory (not saved). Each output segment (q, k, v of a fused projection) has its own scale."""
+
+    def __init__(self, in_features: int, out_features: int, config: TernaryConfig, segments=None):
+        super().__init__(in_features, out_features, config, segments)
+        self.register_buffer("packed", torch.empty(-(-in_features * out_features // 5), dtype=torch.uint8))
+        self.register_buffer("scale", torch.empty(len(self.segments), dtype=torch.float32))
+        self._compute: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (source ptr, 2-bit layout, row scale)
+
+    @classmethod
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
+        trits, scales = zip(*(formats.ternarize(w) for w in weight.split(layer.segments)))
+        layer.packed = formats.pack_trits(torch.cat(trits))
+        layer.scale = torch.stack(scales)
+        return layer
+
+    def trits(self) -> torch.Tensor:
+        return formats.unpack_trits(self.packed, self.in_features * self.out_features).view(self.out_features, -1)
+
+    def row_scale(self) -> torch.Tensor:
+        return torch.repeat_interleave(self.scale, torch.tensor(self.segments, device=self.scale.device))
+
+    def dequantize(self, rows=None):
+        w = self.trits().float() * self.row_scale()[:, None]
+        return w if rows is None else w[rows]
+
+    def forward(self, x):
+        if _use_kernel(x) and self.in_features % 64 == 0 and cpu_kernels() is not None:
+            if self._compute is None or self._compute[0] != self.packed.data_ptr():  # new or reloaded weights
+                layout = formats.ternary_compute_layout(self.trits())
+                self._compute = (self.packed.data_ptr(), layout, self.row_scale().contiguous())
+            _, layout, row_scale = self._compute
+            # The kernel quantizes x per token to int8 itself, exactly as fake_quantize_int8_tokens does.
+            y = cpu_kernels().linear_ternary(x.reshape(-1, self.in_features), layout, row_scale)
+            return y.view(*x.shape[:-1], self.out_features)
+        x = formats.fake_quantize_int8_tokens(x)  # BitNet quantizes activations per token to int8
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+
 LINEAR_TYPES: dict[type[QuantConfig], type[QuantizedLinear]] = {
     Int8WeightConfig: Int8Linear,
     Int4WeightConfig: Int4Linear,
     FP8Config: FP8Linear,
     FP4Config: FP4Linear,
+    TernaryConfig: TernaryLinear,
 }
 
 
 def check_shape(config: QuantConfig, in_features: int, name: str) -> None:
     from ligero.errors import LigeroError
 
-    if isinstance(config, (Int4WeightConfig, FP4Config)) and in_features % 32:
+    if isinstance(config, (Int4WeightConfig, FP4Config, TernaryConfig)) and in_features % 32:
         raise LigeroError(f"{name}: {config.kind} needs in_features divisible by 32 (got {in_features}); "
                           "exclude the layer with an override")
 

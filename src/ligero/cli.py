@@ -21,6 +21,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_scheme_args(p: argparse.ArgumentParser, required: bool = False, help: str = "quantize on the fly first") -> None:
+    p.add_argument("--scheme", required=required, help=f"quantization scheme, e.g. int8, int4, b158; {help}")
+    p.add_argument("--group-size", type=int, help="group size for group-wise schemes (32, 64, 128, 256)")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 256 tokens (SmoothQuant)")
+    p.add_argument("--calib-text", help="UTF-8 file to calibrate on (default: the calibration split)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="registry id (see `ligero models`), a .gguf file, or a Hugging Face / Ligero folder")
@@ -66,10 +73,22 @@ def _load(args):
         recipe = recipe_for(args.scheme, args.group_size)
     loaded = load_model(args.model, args.device)
     if recipe is not None:
-        from ligero.quant.api import quantize
-
-        quantize(loaded.model, recipe)
+        _quantize(loaded, recipe, args)
     return loaded
+
+
+def _quantize(loaded, recipe, args) -> None:
+    """quantize() with calibration windows from the calibration split (or --calib-text) when the scheme needs them."""
+    from ligero.quant.api import quantize
+
+    calibration = None
+    if recipe.needs_calibration and args.calib_windows > 0:
+        from ligero.eval.data import load_text
+        from ligero.quant.calibrate import calibration_windows
+
+        text = load_text(args.calib_text).text if args.calib_text else None
+        calibration = calibration_windows(loaded.tokenizer, args.calib_windows, text=text)
+    quantize(loaded.model, recipe, calibration=calibration)
 
 
 def cmd_generate(args) -> int:
@@ -156,7 +175,6 @@ def cmd_quantize(args) -> int:
     import time
 
     from ligero.io.checkpoint import load_model, save_checkpoint
-    from ligero.quant.api import quantize
     from ligero.quant.config import recipe_for
 
     recipe = recipe_for(args.scheme, args.group_size)
@@ -169,7 +187,7 @@ def cmd_quantize(args) -> int:
         raise LigeroError(f"cannot create {out} ({exc.strerror}); choose a writable --out") from None
     loaded = load_model(args.model, args.device)
     t0 = time.perf_counter()
-    quantize(loaded.model, recipe)
+    _quantize(loaded, recipe, args)
     seconds = time.perf_counter() - t0
     source = {"base": args.model, "base_source": loaded.info.get("source", {}), "quantize_seconds": round(seconds, 2)}
     save_checkpoint(loaded.model, loaded.tokenizer, out, source)
@@ -192,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text (streams tokens)")
     _add_model_args(p)
     p.add_argument("prompt")
-    p.add_argument("--scheme", help="quantize on the fly with this scheme first")
-    p.add_argument("--group-size", type=int, help="group size for group-wise schemes")
+    _add_scheme_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -206,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save it (packed) to a folder")
     _add_model_args(p)
-    p.add_argument("--scheme", required=True, help="quantization scheme (e.g. int8, int4)")
-    p.add_argument("--group-size", type=int, help="group size for group-wise schemes (32, 64, 128, 256)")
+    _add_scheme_args(p, required=True, help="saved packed")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_quantize)
@@ -215,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate perplexity, speed, or quantization quality")
     p.add_argument("what", choices=["ppl", "speed", "quality"])
     _add_model_args(p)
-    p.add_argument("--scheme", help="quantize on the fly with this scheme first (quality: compare to --model)")
-    p.add_argument("--group-size", type=int, help="group size for group-wise schemes")
+    _add_scheme_args(p, help="quantize on the fly first (quality: compared with --model)")
     p.add_argument("--text", help="UTF-8 text file (default: the Wikipedia evaluation split)")
     p.add_argument("--ctx", type=_positive_int, default=512, help="window / prefill length in tokens")
     p.add_argument("--max-tokens", type=_positive_int, default=4096, help="tokens of text to score (ppl)")

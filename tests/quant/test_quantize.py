@@ -50,7 +50,7 @@ def test_configs_serialize_and_validate():
     assert QuantConfig.from_dict(Int4WeightConfig(128).to_dict()) == Int4WeightConfig(128)
     with pytest.raises(LigeroError, match="invalid group size 33"):
         Int4WeightConfig(33)
-    with pytest.raises(LigeroError, match="valid schemes: int8, int4"):
+    with pytest.raises(LigeroError, match="valid schemes: int8, int4, fp8"):
         recipe_for("int3-magic")
     with pytest.raises(LigeroError, match="newer"):
         QuantConfig.from_dict({"kind": "int4_weight", "version": 99, "group_size": 32})
@@ -79,7 +79,7 @@ def cli(*args):
 
 def test_cli_rejects_bad_schemes_and_group_sizes(tmp_path):
     proc = cli("quantize", "--scheme", "int5", "--out", str(tmp_path / "q"))
-    assert proc.returncode == 2 and "valid schemes: int8, int4" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "valid schemes: int8, int4, fp8" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("eval", "quality", "--scheme", "int4", "--group-size", "48")
     assert proc.returncode == 2 and "invalid group size 48" in proc.stderr
 

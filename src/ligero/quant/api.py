@@ -41,7 +41,7 @@ def _replace(model: Transformer, recipe: Recipe, layer_filter: LayerFilter | Non
         if config is None:
             continue
         check_shape(config, module.in_features, name)
-        _set_module(model, name, build(module, config))
+        _set_module(model, name, build(name, module, config))
     head = model.lm_head
     if cfg.tie_embeddings:
         # One table serves both the head and the embedding lookups: the embedding follows the head's format
@@ -51,18 +51,34 @@ def _replace(model: Transformer, recipe: Recipe, layer_filter: LayerFilter | Non
     elif recipe.embed is not None and (layer_filter is None or layer_filter("embed", model.embed)):
         table = Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
         table.weight = model.embed.weight
-        model.embed = QuantizedEmbedding(build(table, recipe.embed))
+        model.embed = QuantizedEmbedding(build("embed", table, recipe.embed))
     return model
 
 
 @torch.no_grad()
-def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilter | None = None) -> Transformer:
-    """Quantize `model` in place. A bare config applies to the block linears; head and embedding stay int8."""
+def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilter | None = None,
+             calibration: list[list[int]] | None = None) -> Transformer:
+    """Quantize `model` in place. A bare config applies to the block linears; head and embedding stay int8.
+
+    Schemes that calibrate (SmoothQuant) need `calibration`: token windows from the calibration split.
+    """
     recipe = config if isinstance(config, Recipe) else Recipe(config)
     if getattr(model, "quant_recipe", None) is not None:
         raise LigeroError("this model is already quantized; start from the full-precision model")
-    _replace(model, recipe, filter,
-             lambda lin, c: _linear_type(c).from_float(lin.weight.detach().float(), c, getattr(lin, "segments", None)))
+    stats = {}
+    if recipe.needs_calibration:
+        if not calibration:
+            raise LigeroError(f"scheme '{recipe.name or recipe.weights.kind}' needs calibration data; pass token "
+                              "windows (CLI: --calib-windows N with N > 0, or --calib-text FILE)")
+        from ligero.quant.calibrate import input_absmax
+
+        stats = input_absmax(model, calibration)
+
+    def build(name, lin, c):
+        extra = {"act_max": stats.get(name)} if getattr(c, "needs_calibration", False) else {}
+        return _linear_type(c).from_float(lin.weight.detach().float(), c, getattr(lin, "segments", None), **extra)
+
+    _replace(model, recipe, filter, build)
     model.quant_recipe = recipe
     return model
 
@@ -70,7 +86,7 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
 def build_quantized_structure(model: Transformer, recipe: Recipe) -> Transformer:
     """Empty quantized layers with the right shapes (for loading a saved quantized model on meta)."""
     _replace(model, recipe, None,
-             lambda lin, c: _linear_type(c)(lin.in_features, lin.out_features, c, getattr(lin, "segments", None)))
+             lambda _name, lin, c: _linear_type(c)(lin.in_features, lin.out_features, c, getattr(lin, "segments", None)))
     model.quant_recipe = recipe
     return model
 

@@ -110,6 +110,24 @@ class TernaryConfig(QuantConfig):
     kind: ClassVar[str] = "ternary"
 
 
+@register_config
+@dataclass(frozen=True)
+class W8A8Config(QuantConfig):
+    """int8 weights per output channel x int8 activations per token (dynamic). With `smooth_alpha`, SmoothQuant
+    moves activation outliers into the weights: s_j = max|X_j|^a / max|W_j|^(1-a) per input channel, calibrated."""
+
+    kind: ClassVar[str] = "w8a8"
+    smooth_alpha: float | None = 0.5
+
+    def validate(self) -> None:
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise LigeroError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.smooth_alpha is not None
+
+
 @dataclass
 class Recipe:
     """Which config applies to which tensors of a model. None = keep that tensor in full precision."""
@@ -120,6 +138,11 @@ class Recipe:
     overrides: list[tuple[str, QuantConfig | None]] = field(default_factory=list)  # (fnmatch pattern, config)
     name: str = ""
     version: ClassVar[int] = 1
+
+    @property
+    def needs_calibration(self) -> bool:
+        configs = [self.weights, self.head, self.embed] + [c for _, c in self.overrides]
+        return any(getattr(c, "needs_calibration", False) for c in configs if c is not None)
 
     def config_for(self, module_name: str) -> QuantConfig | None:
         for pattern, cfg in self.overrides:
@@ -158,6 +181,8 @@ SCHEMES: dict[str, Any] = {
     "mxfp4-w4a4": lambda group_size=None: Recipe(FP4Config("mxfp4", activations=True)),
     "nvfp4-w4a4": lambda group_size=None: Recipe(FP4Config("nvfp4", activations=True)),
     "b158": lambda group_size=None: Recipe(TernaryConfig()),
+    "w8a8": lambda group_size=None: Recipe(W8A8Config(0.5)),
+    "w8a8-naive": lambda group_size=None: Recipe(W8A8Config(None)),
 }
 GROUPED_SCHEMES = {"int4"}
 

@@ -12,7 +12,15 @@ from torch import nn
 
 from ligero.kernels import cpu_kernels
 from ligero.quant import formats
-from ligero.quant.config import FP4Config, FP8Config, Int4WeightConfig, Int8WeightConfig, QuantConfig, TernaryConfig
+from ligero.quant.config import (
+    FP4Config,
+    FP8Config,
+    Int4WeightConfig,
+    Int8WeightConfig,
+    QuantConfig,
+    TernaryConfig,
+    W8A8Config,
+)
 
 KERNEL_MAX_ROWS = 8
 
@@ -218,12 +226,40 @@ class TernaryLinear(QuantizedLinear):
         return F.linear(x, self.dequantize().to(x.dtype))
 
 
+class W8A8Linear(Int8Linear):
+    """int8 weights per channel, int8 activations per token. `smooth` (per input channel) is SmoothQuant's
+    s: the layer computes (x / s) W'^T with W' = W * s, which equals x W^T before rounding."""
+
+    def __init__(self, in_features: int, out_features: int, config: W8A8Config, segments=None):
+        super().__init__(in_features, out_features, config, segments)
+        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, weight, config, segments=None, act_max: torch.Tensor | None = None):
+        smooth = torch.ones(weight.shape[1])
+        if config.smooth_alpha is not None:
+            if act_max is None:
+                from ligero.errors import LigeroError
+
+                raise LigeroError("SmoothQuant needs calibration statistics; quantize with calibration data")
+            a = config.smooth_alpha
+            w_max = weight.abs().amax(0).float().clamp(min=1e-5)
+            smooth = (act_max.float().clamp(min=1e-5).pow(a) / w_max.pow(1 - a)).clamp(min=1e-5)
+        layer = super().from_float(weight.float() * smooth[None, :], config, segments)
+        layer.smooth = smooth
+        return layer
+
+    def forward(self, x):
+        return super().forward(formats.fake_quantize_int8_tokens(x / self.smooth.to(x.dtype)))
+
+
 LINEAR_TYPES: dict[type[QuantConfig], type[QuantizedLinear]] = {
     Int8WeightConfig: Int8Linear,
     Int4WeightConfig: Int4Linear,
     FP8Config: FP8Linear,
     FP4Config: FP4Linear,
     TernaryConfig: TernaryLinear,
+    W8A8Config: W8A8Linear,
 }
 
 

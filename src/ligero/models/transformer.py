@@ -7,6 +7,7 @@ Positions are absolute token positions per sequence ([B, T]); -1 marks padding.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,16 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.qkv_proj.segments = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_quant = None  # a KVQuantConfig when the KV cache is quantized
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx: int = 0, step=None):
+    def forward(self, x, ctx: "AttentionInputs", kv_cache=None, layer_idx: int = 0, step=None):
         B, T, _ = x.shape
+        cos, sin = ctx.cos, ctx.sin
         H, K = self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(B, T, H + 2 * K, self.head_dim)  # [B, T, H + 2K, D]
         if self.q_norm is None:
@@ -114,8 +117,13 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + K :].transpose(1, 2)  # [B, heads, T, D]
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v, step)  # [B, K, S, D]
-        # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=H != K)
+        if self.kv_quant is not None:
+            from ligero.quant.kv import attention_with_quantized_kv
+
+            out = attention_with_quantized_kv(q, k, v, ctx.mask, ctx.q_pos, ctx.k_pos, self.scale, self.kv_quant)
+        else:
+            # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale, enable_gqa=H != K)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.head_dim))  # [B, T, C]
 
 
@@ -144,8 +152,8 @@ class Block(nn.Module):
         self.attn_post_norm = norm() if cfg.post_norms else None
         self.mlp_post_norm = norm() if cfg.post_norms else None
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx=0, step=None):
-        h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, layer_idx, step)
+    def forward(self, x, ctx: "AttentionInputs", kv_cache=None, layer_idx=0, step=None):
+        h = self.attn(self.attn_norm(x), ctx, kv_cache, layer_idx, step)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h
@@ -153,6 +161,16 @@ class Block(nn.Module):
         if self.mlp_post_norm is not None:
             h = self.mlp_post_norm(h)
         return x + h
+
+
+class AttentionInputs(NamedTuple):
+    """What every layer of one kind (global / local) shares in a forward step."""
+
+    cos: torch.Tensor  # [B, T, 1, D]
+    sin: torch.Tensor
+    mask: torch.Tensor  # [B, 1, T, S] bool
+    q_pos: torch.Tensor  # [B, T] query positions
+    k_pos: torch.Tensor  # [B, S] key positions (-1: empty or padding)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -228,11 +246,10 @@ class Transformer(nn.Module):
             cos, sin = self.rope(kind, x.device)[:, rope_pos].unsqueeze(3).to(x.dtype)  # [B, T, 1, D] each
             k_pos = step.key_positions[kind] if step is not None else positions
             window = self.cfg.sliding_window if kind == LOCAL else None
-            per_kind[kind] = (cos, sin, attention_mask(positions, k_pos, window))
+            per_kind[kind] = AttentionInputs(cos, sin, attention_mask(positions, k_pos, window), positions, k_pos)
         hidden = []
         for i, layer in enumerate(self.layers):
-            cos, sin, mask = per_kind[self.cfg.layer_types[i]]
-            x = layer(x, cos, sin, mask, kv_cache, i, step)
+            x = layer(x, per_kind[self.cfg.layer_types[i]], kv_cache, i, step)
             if return_hidden:
                 hidden.append(x)
         if kv_cache is not None:

@@ -79,14 +79,21 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
         return _linear_type(c).from_float(lin.weight.detach().float(), c, getattr(lin, "segments", None), **extra)
 
     _replace(model, recipe, filter, build)
+    set_kv_quant(model, recipe)
     model.quant_recipe = recipe
     return model
+
+
+def set_kv_quant(model: Transformer, recipe: Recipe) -> None:
+    for layer in model.layers:
+        layer.attn.kv_quant = recipe.kv
 
 
 def build_quantized_structure(model: Transformer, recipe: Recipe) -> Transformer:
     """Empty quantized layers with the right shapes (for loading a saved quantized model on meta)."""
     _replace(model, recipe, None,
              lambda _name, lin, c: _linear_type(c)(lin.in_features, lin.out_features, c, getattr(lin, "segments", None)))
+    set_kv_quant(model, recipe)
     model.quant_recipe = recipe
     return model
 

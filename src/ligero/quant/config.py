@@ -128,6 +128,24 @@ class W8A8Config(QuantConfig):
         return self.smooth_alpha is not None
 
 
+@register_config
+@dataclass(frozen=True)
+class KVQuantConfig(QuantConfig):
+    """KV cache at `bits` bits (KIVI): keys per channel, values per token, groups of `group_size`, the newest
+    `residual` tokens in full precision."""
+
+    kind: ClassVar[str] = "kv"
+    bits: int = 4
+    group_size: int = 32
+    residual: int = 128
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise LigeroError(f"KV-cache bits must be between 2 and 16, got {self.bits}")
+        if self.group_size < 1 or self.residual < 0:
+            raise LigeroError("KV-cache group size must be >= 1 and the residual >= 0")
+
+
 @dataclass
 class Recipe:
     """Which config applies to which tensors of a model. None = keep that tensor in full precision."""
@@ -137,6 +155,7 @@ class Recipe:
     embed: QuantConfig | None = field(default_factory=Int8WeightConfig)
     overrides: list[tuple[str, QuantConfig | None]] = field(default_factory=list)  # (fnmatch pattern, config)
     name: str = ""
+    kv: QuantConfig | None = None  # KVQuantConfig
     version: ClassVar[int] = 1
 
     @property
@@ -155,7 +174,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         as_d = lambda c: c.to_dict() if c is not None else None  # noqa: E731
         return {"version": self.version, "name": self.name, "weights": as_d(self.weights), "head": as_d(self.head),
-                "embed": as_d(self.embed), "overrides": [[p, as_d(c)] for p, c in self.overrides]}
+                "embed": as_d(self.embed), "overrides": [[p, as_d(c)] for p, c in self.overrides],
+                "kv": as_d(self.kv)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -163,7 +183,8 @@ class Recipe:
             raise LigeroError("the recipe was written by a newer Ligero; upgrade to load it")
         as_c = lambda x: QuantConfig.from_dict(x) if x is not None else None  # noqa: E731
         return cls(weights=as_c(d["weights"]), head=as_c(d.get("head")), embed=as_c(d.get("embed")),
-                   overrides=[(p, as_c(c)) for p, c in d.get("overrides", [])], name=d.get("name", ""))
+                   overrides=[(p, as_c(c)) for p, c in d.get("overrides", [])], name=d.get("name", ""),
+                   kv=as_c(d.get("kv")))
 
 
 def _int4(group_size: int) -> Recipe:
@@ -187,11 +208,24 @@ SCHEMES: dict[str, Any] = {
 GROUPED_SCHEMES = {"int4"}
 
 
+KV_SCHEMES = {"kv2": 2, "kv3": 3, "kv4": 4}
+
+
 def recipe_for(scheme: str, group_size: int | None = None) -> Recipe:
-    if scheme not in SCHEMES:
-        raise LigeroError(f"unknown scheme '{scheme}'; valid schemes: {', '.join(SCHEMES)}")
-    if group_size is not None and scheme not in GROUPED_SCHEMES:
-        raise LigeroError(f"scheme '{scheme}' has a fixed block size; --group-size applies to: {', '.join(GROUPED_SCHEMES)}")
-    recipe = SCHEMES[scheme](group_size=group_size)
+    """A CLI scheme name -> Recipe. Weight and KV schemes combine with '+', e.g. int4+kv3."""
+    parts = scheme.split("+")
+    weight_parts, kv_parts = [p for p in parts if p not in KV_SCHEMES], [p for p in parts if p in KV_SCHEMES]
+    valid = ", ".join(list(SCHEMES) + list(KV_SCHEMES))
+    if len(weight_parts) > 1 or len(kv_parts) > 1 or not parts or "" in parts:
+        raise LigeroError(f"cannot combine '{scheme}': use one weight scheme and/or one KV scheme, e.g. int4+kv3; "
+                          f"valid schemes: {valid}")
+    for p in weight_parts:
+        if p not in SCHEMES:
+            raise LigeroError(f"unknown scheme '{p}'; valid schemes: {valid}")
+        if group_size is not None and p not in GROUPED_SCHEMES:
+            raise LigeroError(f"scheme '{p}' has a fixed block size; --group-size applies to: {', '.join(GROUPED_SCHEMES)}")
+    recipe = SCHEMES[weight_parts[0]](group_size=group_size) if weight_parts else Recipe(None, head=None, embed=None)
+    if kv_parts:
+        recipe.kv = KVQuantConfig(bits=KV_SCHEMES[kv_parts[0]])
     recipe.name = scheme if group_size is None else f"{scheme}-g{group_size}"
     return recipe

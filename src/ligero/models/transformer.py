@@ -218,6 +218,23 @@ class Transformer(nn.Module):
             table = self._rope[kind] = table.to(device)
         return table
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)  # [B, T, C]
+        if self.cfg.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.cfg.dim), dtype=x.dtype)
+        return x
+
+    def attention_inputs(self, positions: torch.Tensor, dtype: torch.dtype, step=None) -> dict[str, AttentionInputs]:
+        """RoPE tables and masks per layer kind, computed once per forward step (shared by all its layers)."""
+        rope_pos = positions.clamp(min=0)
+        per_kind = {}
+        for kind in set(self.cfg.layer_types):
+            cos, sin = self.rope(kind, positions.device)[:, rope_pos].unsqueeze(3).to(dtype)  # [B, T, 1, D] each
+            k_pos = step.key_positions[kind] if step is not None else positions
+            window = self.cfg.sliding_window if kind == LOCAL else None
+            per_kind[kind] = AttentionInputs(cos, sin, attention_mask(positions, k_pos, window), positions, k_pos)
+        return per_kind
+
     def forward(
         self,
         tokens: torch.Tensor,  # [B, T]
@@ -236,17 +253,9 @@ class Transformer(nn.Module):
                 f"sequence reaches position {int(positions.max())} but the model's context is "
                 f"{self.cfg.max_seq_len} tokens; shorten the input or lower --ctx"
             )
-        x = self.embed(tokens)  # [B, T, C]
-        if self.cfg.embed_scale:
-            x = x * torch.tensor(math.sqrt(self.cfg.dim), dtype=x.dtype)
+        x = self.embed_tokens(tokens)  # [B, T, C]
         step = kv_cache.begin(positions) if kv_cache is not None else None
-        rope_pos = positions.clamp(min=0)
-        per_kind = {}
-        for kind in set(self.cfg.layer_types):
-            cos, sin = self.rope(kind, x.device)[:, rope_pos].unsqueeze(3).to(x.dtype)  # [B, T, 1, D] each
-            k_pos = step.key_positions[kind] if step is not None else positions
-            window = self.cfg.sliding_window if kind == LOCAL else None
-            per_kind[kind] = AttentionInputs(cos, sin, attention_mask(positions, k_pos, window), positions, k_pos)
+        per_kind = self.attention_inputs(positions, x.dtype, step)
         hidden = []
         for i, layer in enumerate(self.layers):
             x = layer(x, per_kind[self.cfg.layer_types[i]], kv_cache, i, step)

@@ -74,6 +74,13 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
 
         stats = input_absmax(model, calibration)
 
+    from ligero.quant.config import AdaRoundConfig
+
+    if isinstance(recipe.weights, AdaRoundConfig):  # learned rounding runs layer by layer, in model order
+        from ligero.quant.adaround import adaround_model
+
+        adaround_model(model, recipe.weights, calibration, filter)
+
     def build(name, lin, c):
         extra = {"act_max": stats.get(name)} if getattr(c, "needs_calibration", False) else {}
         return _linear_type(c).from_float(lin.weight.detach().float(), c, getattr(lin, "segments", None), **extra)

@@ -43,6 +43,7 @@ class QuantConfig:
         if kind not in CONFIG_TYPES:
             raise LigeroError(f"unknown quantization config kind '{kind}'; known: {', '.join(CONFIG_TYPES)}")
         cls = CONFIG_TYPES[kind]
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists back to tuples
         if version > cls.version:
             raise LigeroError(f"config '{kind}' has version {version}, newer than this Ligero ({cls.version}); upgrade")
         return cls(**d)
@@ -66,8 +67,11 @@ class Int4WeightConfig(QuantConfig):
 
     kind: ClassVar[str] = "int4_weight"
     group_size: int = 32
+    bits: int = 4  # 3: the int3 grid, stored in the same 4-bit container
 
     def validate(self) -> None:
+        if self.bits not in (3, 4):
+            raise LigeroError(f"group-wise integer weights support 3 or 4 bits, got {self.bits}")
         if self.group_size not in INT4_GROUP_SIZES:
             raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
 
@@ -126,6 +130,36 @@ class W8A8Config(QuantConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.smooth_alpha is not None
+
+
+@register_config
+@dataclass(frozen=True)
+class AdaRoundConfig(QuantConfig):
+    """Learned rounding (AdaRound) for group-wise int4/int3 weights, layer by layer on calibration data.
+    The result is stored like round-to-nearest int (same scales and minimums, other rounding choices)."""
+
+    kind: ClassVar[str] = "adaround"
+    bits: int = 4
+    group_size: int = 128
+    iters: int = 150
+    batch_tokens: int = 256
+    lr: float = 1e-2
+    reg_weight: float = 0.01  # lambda of the rounding regularizer
+    warmup: float = 0.2  # fraction of iterations without the regularizer
+    beta: tuple[float, float] = (20.0, 2.0)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.bits not in (3, 4):
+            raise LigeroError(f"AdaRound supports 3 or 4 bits, got {self.bits}")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        if self.iters < 1 or self.batch_tokens < 1:
+            raise LigeroError("AdaRound needs iters >= 1 and batch_tokens >= 1")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
 
 
 @register_config
@@ -204,8 +238,11 @@ SCHEMES: dict[str, Any] = {
     "b158": lambda group_size=None: Recipe(TernaryConfig()),
     "w8a8": lambda group_size=None: Recipe(W8A8Config(0.5)),
     "w8a8-naive": lambda group_size=None: Recipe(W8A8Config(None)),
+    "adaround": lambda group_size=None: Recipe(AdaRoundConfig(4, group_size or 128)),
+    "adaround-int3": lambda group_size=None: Recipe(AdaRoundConfig(3, group_size or 128)),
+    "int3": lambda group_size=None: Recipe(Int4WeightConfig(group_size or 128, bits=3)),
 }
-GROUPED_SCHEMES = {"int4"}
+GROUPED_SCHEMES = {"int4", "int3", "adaround", "adaround-int3"}
 
 
 KV_SCHEMES = {"kv2": 2, "kv3": 3, "kv4": 4}

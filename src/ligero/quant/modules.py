@@ -18,6 +18,7 @@ from ligero.quant.config import (
     Int4WeightConfig,
     Int8WeightConfig,
     QuantConfig,
+    AdaRoundConfig,
     TernaryConfig,
     W8A8Config,
 )
@@ -101,7 +102,7 @@ class Int4Linear(QuantizedLinear):
     @classmethod
     def from_float(cls, weight, config, segments=None):
         layer = cls(weight.shape[1], weight.shape[0], config, segments)
-        q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, 4, config.group_size)
+        q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, config.bits, config.group_size)
         layer.packed = formats.pack_int4(q)
         return layer
 
@@ -260,6 +261,7 @@ LINEAR_TYPES: dict[type[QuantConfig], type[QuantizedLinear]] = {
     FP4Config: FP4Linear,
     TernaryConfig: TernaryLinear,
     W8A8Config: W8A8Linear,
+    AdaRoundConfig: Int4Linear,  # same storage as round-to-nearest; only the rounding choices differ
 }
 
 

@@ -1,0 +1,105 @@
+"""AdaRound (Nagel et al., 2020): learn, per weight, whether to round down or up.
+
+Layer by layer in model order: inputs come from the model quantized so far, targets from the full-precision
+model. Per layer, minimise ||W x_fp - W~(h) x_q||^2 + lambda * sum(1 - |2h - 1|^beta) over h = clip(sigmoid(V)
+* 1.2 - 0.1, 0, 1), initialised at the fractional part, beta annealed 20 -> 2 after a warm-up; then round hard.
+The grid (fp16 scale and minimum per group) is round-to-nearest's, so the layer is stored as an Int4Linear.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ligero.models.transformer import Transformer
+from ligero.quant import formats
+from ligero.quant.config import AdaRoundConfig
+from ligero.quant.modules import Int4Linear
+
+ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch: h = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def adaround_layer(weight: torch.Tensor, x_q: torch.Tensor, x_fp: torch.Tensor, cfg: AdaRoundConfig,
+                   segments=None) -> Int4Linear:
+    """Learn the rounding of one [out, in] weight given its calibration inputs [N, in] (quantized / fp paths)."""
+    layer = Int4Linear.from_float(weight, cfg, segments)  # the grid: scales and minimums as round-to-nearest
+    n = weight.shape[1]
+    scale = formats.expand_groups(layer.scale.float(), cfg.group_size, n)
+    minimum = formats.expand_groups(layer.minimum.float(), cfg.group_size, n)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    qmax = (1 << cfg.bits) - 1
+    w_over_s = (weight.float() - minimum) / safe
+    w_floor = w_over_s.floor()
+    frac = (w_over_s - w_floor).clamp(0, 1)
+    p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+    v = torch.log(p / (1 - p)).requires_grad_()  # rectified_sigmoid(v) == frac at the start
+    target = x_fp @ weight.float().T  # [N, out]
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    warm = int(cfg.warmup * cfg.iters)
+    for it in range(cfg.iters):
+        idx = torch.randint(0, x_q.shape[0], (min(cfg.batch_tokens, x_q.shape[0]),), generator=g)
+        h = rectified_sigmoid(v)
+        w_hat = (w_floor + h).clamp(0, qmax) * scale + minimum
+        rec = (x_q[idx] @ w_hat.T - target[idx]).pow(2).sum(1).mean()
+        loss = rec
+        if it >= warm:
+            progress = (it - warm) / max(1, cfg.iters - warm)
+            beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * progress))
+            loss = rec + cfg.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        q = (w_floor + (v >= 0).float()).clamp(0, qmax).to(torch.uint8)
+        layer.packed = formats.pack_int4(q)
+    return layer
+
+
+def _capture_inputs(block, x, ctx, names) -> dict[str, torch.Tensor]:
+    """Run one block and return the input [N, in] of each named submodule."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1]))) for n in names]
+    try:
+        block(x, ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def adaround_model(model: Transformer, cfg: AdaRoundConfig, calibration: list[list[int]], layer_filter=None,
+                   progress=None) -> None:
+    """Replace every block linear of `model` (in place) by its AdaRound-quantized Int4Linear."""
+    fp_model = copy.deepcopy(model)
+    tokens = torch.tensor(calibration, device=model.device)
+    positions = torch.arange(tokens.shape[1], device=model.device).expand_as(tokens)
+    ctx = model.attention_inputs(positions, model.dtype)
+    h_q = model.embed_tokens(tokens)
+    h_fp = fp_model.embed_tokens(tokens)
+    order = ["attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    for i, (block, fp_block) in enumerate(zip(model.layers, fp_model.layers)):
+        kind_ctx = ctx[model.cfg.layer_types[i]]
+        for name in order:
+            full_name = f"layers.{i}.{name}"
+            if layer_filter is not None and not layer_filter(full_name, block.get_submodule(name)):
+                continue
+            x_q = _capture_inputs(block, h_q, kind_ctx, [name])[name]
+            x_fp = _capture_inputs(fp_block, h_fp, kind_ctx, [name])[name]
+            lin = block.get_submodule(name)
+            with torch.enable_grad():
+                new = adaround_layer(lin.weight.detach().float(), x_q, x_fp, cfg, getattr(lin, "segments", None))
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child, new)
+            if progress:
+                progress(full_name)
+        h_q = block(h_q, kind_ctx)
+        h_fp = fp_block(h_fp, kind_ctx)

@@ -74,12 +74,16 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
 
         stats = input_absmax(model, calibration)
 
-    from ligero.quant.config import AdaRoundConfig
+    from ligero.quant.config import AdaRoundConfig, LSQConfig
 
     if isinstance(recipe.weights, AdaRoundConfig):  # learned rounding runs layer by layer, in model order
         from ligero.quant.adaround import adaround_model
 
         adaround_model(model, recipe.weights, calibration, filter)
+    elif isinstance(recipe.weights, LSQConfig):  # learned steps: a short distillation of the whole model
+        from ligero.quant.lsq import lsq_model
+
+        lsq_model(model, recipe.weights, calibration, filter)
 
     def build(name, lin, c):
         extra = {"act_max": stats.get(name)} if getattr(c, "needs_calibration", False) else {}

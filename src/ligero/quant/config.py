@@ -164,6 +164,33 @@ class AdaRoundConfig(QuantConfig):
 
 @register_config
 @dataclass(frozen=True)
+class LSQConfig(QuantConfig):
+    """Learned Step size Quantization: symmetric int weights with a learned step per group, trained together
+    with the weights by distillation from the full-precision model on the calibration split."""
+
+    kind: ClassVar[str] = "lsq"
+    bits: int = 4
+    group_size: int = 128
+    steps: int = 60
+    lr_step: float = 1e-3
+    lr_weight: float = 1e-5
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.bits not in (2, 3, 4):
+            raise LigeroError(f"LSQ supports 2, 3 or 4 bits, got {self.bits}")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        if self.steps < 1:
+            raise LigeroError("LSQ needs at least one training step")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+@register_config
+@dataclass(frozen=True)
 class KVQuantConfig(QuantConfig):
     """KV cache at `bits` bits (KIVI): keys per channel, values per token, groups of `group_size`, the newest
     `residual` tokens in full precision."""
@@ -241,8 +268,11 @@ SCHEMES: dict[str, Any] = {
     "adaround": lambda group_size=None: Recipe(AdaRoundConfig(4, group_size or 128)),
     "adaround-int3": lambda group_size=None: Recipe(AdaRoundConfig(3, group_size or 128)),
     "int3": lambda group_size=None: Recipe(Int4WeightConfig(group_size or 128, bits=3)),
+    "lsq": lambda group_size=None: Recipe(LSQConfig(4, group_size or 128)),
+    "lsq-int3": lambda group_size=None: Recipe(LSQConfig(3, group_size or 128)),
+    "lsq-int2": lambda group_size=None: Recipe(LSQConfig(2, group_size or 128)),
 }
-GROUPED_SCHEMES = {"int4", "int3", "adaround", "adaround-int3"}
+GROUPED_SCHEMES = {"int4", "int3", "adaround", "adaround-int3", "lsq", "lsq-int3", "lsq-int2"}
 
 
 KV_SCHEMES = {"kv2": 2, "kv3": 3, "kv4": 4}

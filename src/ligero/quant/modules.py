@@ -19,6 +19,7 @@ from ligero.quant.config import (
     Int8WeightConfig,
     QuantConfig,
     AdaRoundConfig,
+    LSQConfig,
     TernaryConfig,
     W8A8Config,
 )
@@ -262,6 +263,7 @@ LINEAR_TYPES: dict[type[QuantConfig], type[QuantizedLinear]] = {
     TernaryConfig: TernaryLinear,
     W8A8Config: W8A8Linear,
     AdaRoundConfig: Int4Linear,  # same storage as round-to-nearest; only the rounding choices differ
+    LSQConfig: Int4Linear,  # learned steps, stored as scale = step, minimum = -Q_N * step
 }
 
 

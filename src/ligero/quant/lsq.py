@@ -1,0 +1,114 @@
+"""LSQ (Esser et al., 2020): learn the quantizer's step size by gradient descent, with the weights.
+
+v_q = round(clamp(v / s, -Q_N, Q_P)) * s with a straight-through round; the step's gradient is scaled by
+1 / sqrt(N * Q_P) (N = weights per step); s starts at 2 * mean|v| / sqrt(Q_P). Training is a short
+distillation from the full-precision model (KL of next-token distributions) on the calibration split.
+The trained layer is stored as an Int4Linear (symmetric grid: minimum = -Q_N * step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ligero.models.transformer import Linear, Transformer
+from ligero.quant import formats
+from ligero.quant.config import LSQConfig
+from ligero.quant.modules import Int4Linear
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Forward: x; backward: gradient multiplied by `scale`."""
+    return (x - x * scale).detach() + x * scale
+
+
+class LSQLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, cfg: LSQConfig, segments=None):
+        super().__init__()
+        self.cfg, self.segments = cfg, segments
+        self.q_n, self.q_p = 1 << (cfg.bits - 1), (1 << (cfg.bits - 1)) - 1
+        out, n = weight.shape
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        n_groups = -(-n // cfg.group_size)
+        pad = n_groups * cfg.group_size - n
+        w = F.pad(weight.abs().float(), (0, pad)).view(out, n_groups, cfg.group_size)
+        counts = torch.full((n_groups,), float(cfg.group_size))
+        counts[-1] = cfg.group_size - pad
+        init = 2 * (w.sum(-1) / counts) / math.sqrt(self.q_p)
+        self.step = nn.Parameter(init.clamp(min=1e-8))
+
+    def expanded_step(self) -> torch.Tensor:
+        g = 1.0 / math.sqrt(self.cfg.group_size * self.q_p)
+        return formats.expand_groups(grad_scale(self.step, g), self.cfg.group_size, self.weight.shape[1])
+
+    def quantized_weight(self) -> torch.Tensor:
+        s = self.expanded_step()
+        return round_ste((self.weight / s).clamp(-self.q_n, self.q_p)) * s
+
+    def forward(self, x):
+        return F.linear(x, self.quantized_weight())
+
+    @torch.no_grad()
+    def to_inference(self) -> Int4Linear:
+        from ligero.quant.config import Int4WeightConfig
+
+        cfg = Int4WeightConfig(self.cfg.group_size, bits=4 if self.cfg.bits == 4 else 3)
+        layer = Int4Linear(self.weight.shape[1], self.weight.shape[0], cfg, self.segments)
+        step16 = self.step.detach().half()
+        s = formats.expand_groups(step16.float(), self.cfg.group_size, self.weight.shape[1])
+        q = torch.round((self.weight / s).clamp(-self.q_n, self.q_p)) + self.q_n
+        layer.packed = formats.pack_int4(q.to(torch.uint8))
+        layer.scale, layer.minimum = step16, (-self.q_n * step16.float()).half()
+        return layer
+
+
+def lsq_model(model: Transformer, cfg: LSQConfig, calibration: list[list[int]], layer_filter=None,
+              progress=None) -> list[float]:
+    """Quantize every block linear with LSQ (in place); returns the distillation loss per step."""
+    teacher = copy.deepcopy(model).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith("layers.")
+             and (layer_filter is None or layer_filter(n, m))]
+    for name in names:
+        lin = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LSQLinear(lin.weight, cfg, getattr(lin, "segments", None)))
+    params_w = [m.weight for m in model.modules() if isinstance(m, LSQLinear)]
+    params_s = [m.step for m in model.modules() if isinstance(m, LSQLinear)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params_w + params_s:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": params_s, "lr": cfg.lr_step}, {"params": params_w, "lr": cfg.lr_weight}])
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    model.train()
+    for step in range(cfg.steps):
+        window = calibration[int(torch.randint(0, len(calibration), (1,), generator=g))]
+        x = torch.tensor([window], device=model.device)
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x).float(), -1)
+        with torch.enable_grad():
+            logp = F.log_softmax(model(x).float(), -1)
+            loss = F.kl_div(logp, target, log_target=True, reduction="batchmean") / x.shape[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+        if progress:
+            progress(step, loss.item())
+    model.eval()
+    with torch.no_grad():
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, model.get_submodule(name).to_inference())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses

@@ -28,6 +28,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/runtime.py
+	$(PY) benchmarks/quantization.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache ligero-out

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,23 +22,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import ForeignLoad, machine  # noqa: E402
 
 from ligero.eval.speed import time_decode, time_prefill  # noqa: E402
 from ligero.io.checkpoint import load_model, resolve_spec  # noqa: E402
 from ligero.models.transformer import stored_bytes  # noqa: E402
-
-
-def cpu_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def own_cpu_jiffies() -> int:
-    t = os.times()
-    return int((t.user + t.system) * os.sysconf("SC_CLK_TCK"))
 
 
 @torch.inference_mode()
@@ -98,17 +87,6 @@ def bench_model(model_id: str, repeats: int, prefill_n: int, decode_n: int) -> d
     return res
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "commit": commit.stdout.strip() or "uncommitted"}
-
-
 def write_markdown(report: dict, path: Path) -> None:
     m = report["machine"]
     lines = [
@@ -154,10 +132,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
-    busy0, total0, own0 = *cpu_busy(), own_cpu_jiffies()
+    load = ForeignLoad().start()
     results = [bench_model(m, args.repeats, args.prefill_tokens, args.decode_tokens) for m in args.models.split(",")]
-    busy1, total1, own1 = *cpu_busy(), own_cpu_jiffies()
-    foreign = max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)
+    foreign = load.share()
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
               "foreign_cpu_share": foreign, "results": results}

@@ -36,7 +36,7 @@ NOTES = {
     "fp32": "dequantized GGUF weights (the published files are 4/5-bit): the baseline",
     "int4": "group 32, asymmetric, round-to-nearest",
     "int4-g128": "group 128, round-to-nearest",
-    "int3": "group 128; 3-bit grid stored in the 4-bit container",
+    "int3": "group 128, stored 3 bits per code",
     "adaround": "int4 group 128, learned rounding (calibration split)",
     "lsq": "int4 group 128, learned steps (60 distillation steps)",
     "w8a8": "SmoothQuant alpha 0.5, calibrated",
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--skip", default="", help="model:scheme pairs not to run now, e.g. gemma3-270m:adaround")
     ap.add_argument("--cache", default=str(ROOT / "ligero-out" / "bench-quant"))
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
@@ -154,6 +155,8 @@ def main() -> None:
             key = cache / f"{model_id}__{scheme.replace('+', '_')}__{args.max_tokens}.json"
             if key.exists():
                 results.append(json.loads(key.read_text()))
+                continue
+            if f"{model_id}:{scheme}" in args.skip.split(","):
                 continue
             t0 = time.time()
             res = run_one(model_id, scheme, base, ids, calibration, args)

@@ -58,7 +58,7 @@ def adaround_layer(weight: torch.Tensor, x_q: torch.Tensor, x_fp: torch.Tensor, 
         opt.step()
     with torch.no_grad():
         q = (w_floor + (v >= 0).float()).clamp(0, qmax).to(torch.uint8)
-        layer.packed = formats.pack_int4(q)
+        layer.set_codes(q)
     return layer
 
 

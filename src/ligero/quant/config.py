@@ -67,11 +67,11 @@ class Int4WeightConfig(QuantConfig):
 
     kind: ClassVar[str] = "int4_weight"
     group_size: int = 32
-    bits: int = 4  # 3: the int3 grid, stored in the same 4-bit container
+    bits: int = 4  # 3: the int3 grid, stored 8 codes in 3 bytes
 
     def validate(self) -> None:
-        if self.bits not in (3, 4):
-            raise LigeroError(f"group-wise integer weights support 3 or 4 bits, got {self.bits}")
+        if self.bits not in (2, 3, 4):
+            raise LigeroError(f"group-wise integer weights support 2, 3 or 4 bits, got {self.bits}")
         if self.group_size not in INT4_GROUP_SIZES:
             raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
 
@@ -175,6 +175,7 @@ class LSQConfig(QuantConfig):
     lr_step: float = 1e-3
     lr_weight: float = 1e-5
     seed: int = 0
+    act_int8: bool = False  # also quantize activations per token to int8 (trained with the STE)
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4):
@@ -271,8 +272,9 @@ SCHEMES: dict[str, Any] = {
     "lsq": lambda group_size=None: Recipe(LSQConfig(4, group_size or 128)),
     "lsq-int3": lambda group_size=None: Recipe(LSQConfig(3, group_size or 128)),
     "lsq-int2": lambda group_size=None: Recipe(LSQConfig(2, group_size or 128)),
+    "lsq-w4a8": lambda group_size=None: Recipe(LSQConfig(4, group_size or 128, act_int8=True)),
 }
-GROUPED_SCHEMES = {"int4", "int3", "adaround", "adaround-int3", "lsq", "lsq-int3", "lsq-int2"}
+GROUPED_SCHEMES = {"int4", "int3", "adaround", "adaround-int3", "lsq", "lsq-int3", "lsq-int2", "lsq-w4a8"}
 
 
 KV_SCHEMES = {"kv2": 2, "kv3": 3, "kv4": 4}

@@ -216,3 +216,19 @@ def ternary_compute_layout(t: torch.Tensor) -> torch.Tensor:
     out, n = t.shape
     u = (t.to(torch.int32) + 1).view(out, n // 64, 4, 16)
     return (u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)).to(torch.uint8).reshape(out, n // 4)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[out, in] values < 2^bits -> [out, in * bits / 8] bytes: every 8 values fill `bits` bytes, little-endian
+    (dense 2- and 3-bit storage; in must be a multiple of 8)."""
+    out, n = q.shape
+    v = q.to(torch.int64).view(out, n // 8, 8) << (bits * torch.arange(8, dtype=torch.int64))
+    word = v.sum(-1)  # [out, n/8], 8 * bits <= 24 bits
+    return torch.stack([(word >> (8 * b)) & 0xFF for b in range(bits)], dim=-1).to(torch.uint8).reshape(out, -1)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    out = packed.shape[0]
+    b = packed.to(torch.int64).view(out, -1, bits) << (8 * torch.arange(bits, dtype=torch.int64))
+    word = b.sum(-1)
+    return ((word[..., None] >> (bits * torch.arange(8, dtype=torch.int64))) & ((1 << bits) - 1)).to(torch.uint8).reshape(out, -1)

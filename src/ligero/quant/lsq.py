@@ -54,18 +54,17 @@ class LSQLinear(nn.Module):
         return round_ste((self.weight / s).clamp(-self.q_n, self.q_p)) * s
 
     def forward(self, x):
+        if self.cfg.act_int8:
+            x = x + (formats.fake_quantize_int8_tokens(x) - x).detach()  # straight-through
         return F.linear(x, self.quantized_weight())
 
     @torch.no_grad()
     def to_inference(self) -> Int4Linear:
-        from ligero.quant.config import Int4WeightConfig
-
-        cfg = Int4WeightConfig(self.cfg.group_size, bits=4 if self.cfg.bits == 4 else 3)
-        layer = Int4Linear(self.weight.shape[1], self.weight.shape[0], cfg, self.segments)
+        layer = Int4Linear(self.weight.shape[1], self.weight.shape[0], self.cfg, self.segments)
         step16 = self.step.detach().half()
         s = formats.expand_groups(step16.float(), self.cfg.group_size, self.weight.shape[1])
         q = torch.round((self.weight / s).clamp(-self.q_n, self.q_p)) + self.q_n
-        layer.packed = formats.pack_int4(q.to(torch.uint8))
+        layer.set_codes(q.to(torch.uint8))
         layer.scale, layer.minimum = step16, (-self.q_n * step16.float()).half()
         return layer
 

@@ -93,30 +93,55 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
+    """Group-wise integer weights: w = scale * q + minimum (fp16 per group). 4-bit codes are stored two per byte
+    in GGUF's Q4 order; 2- and 3-bit codes are stored densely (8 codes in `bits` bytes) and expanded to the
+    4-bit kernel layout in memory (not saved) for decode."""
+
     def __init__(self, in_features: int, out_features: int, config: Int4WeightConfig, segments=None):
         super().__init__(in_features, out_features, config, segments)
+        self.bits = getattr(config, "bits", 4)
         n_groups = -(-in_features // config.group_size)
-        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("packed", torch.empty(out_features, in_features * self.bits // 8, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("minimum", torch.empty(out_features, n_groups, dtype=torch.float16))
+        self._layout4: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
         layer = cls(weight.shape[1], weight.shape[0], config, segments)
-        q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, config.bits, config.group_size)
-        layer.packed = formats.pack_int4(q)
+        q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, layer.bits, config.group_size)
+        layer.set_codes(q)
         return layer
+
+    def set_codes(self, q: torch.Tensor) -> None:
+        self.packed = formats.pack_int4(q) if self.bits == 4 else formats.pack_bits(q, self.bits)
+
+    def codes(self, packed: torch.Tensor | None = None) -> torch.Tensor:
+        packed = self.packed if packed is None else packed
+        return formats.unpack_int4(packed) if self.bits == 4 else formats.unpack_bits(packed, self.bits)
 
     def dequantize(self, rows=None):
         p, s, m = (self.packed, self.scale, self.minimum) if rows is None else \
             (self.packed[rows], self.scale[rows], self.minimum[rows])
-        return formats.dequantize_int_groups(formats.unpack_int4(p), s, m, self.config.group_size)
+        return formats.dequantize_int_groups(self.codes(p), s, m, self.config.group_size)
+
+    def forward(self, x):
+        if getattr(self.config, "act_int8", False):  # LSQ W4A8: int8 activations per token
+            x = formats.fake_quantize_int8_tokens(x)
+        return super().forward(x)
+
+    def kernel_layout(self) -> torch.Tensor:
+        if self.bits == 4:
+            return self.packed
+        if self._layout4 is None or self._layout4[0] != self.packed.data_ptr():  # new or reloaded weights
+            self._layout4 = (self.packed.data_ptr(), formats.pack_int4(self.codes()))
+        return self._layout4[1]
 
     def _kernel(self, x2d):
         ext = cpu_kernels()
         if ext is None:
             return None
-        return ext.linear_int4(x2d, self.packed, self.scale, self.minimum, self.config.group_size)
+        return ext.linear_int4(x2d, self.kernel_layout(), self.scale, self.minimum, self.config.group_size)
 
 
 class FP8Linear(QuantizedLinear):

@@ -65,7 +65,8 @@ def run_one(model_id: str, scheme: str, base, ids, calibration, args) -> dict:
     seconds = time.perf_counter() - t0
     quality = compare_models(base.model, variant.model, ids, ctx=512, max_tokens=args.max_tokens)
     speed = measure_speed(variant.model, prefill_tokens=512, decode_tokens=args.decode_tokens, repeats=args.repeats)
-    return {"model": model_id, "scheme": scheme, "note": NOTES.get(scheme, ""), "quantize_seconds": round(seconds, 1),
+    return {"model": model_id, "scheme": scheme, "commit": machine()["commit"], "note": NOTES.get(scheme, ""),
+            "quantize_seconds": round(seconds, 1),
             **quality.summary(), "prefill_tok_s": speed.prefill_tok_s, "decode_tok_s": speed.decode_tok_s,
             "decode_runs_s": speed.decode_runs_s}
 
@@ -86,6 +87,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"{report['decode_tokens']} tokens, median of {report['repeats']}. Calibration: "
         f"{report['calib_windows']} windows of 256 tokens from the calibration split (disjoint from evaluation).",
         "",
+        *([report["provenance"], ""] if report.get("provenance") else []),
         "**Baseline caveat:** both published models are already 4/5-bit GGUF files (SmolLM2 Q4_1, Gemma 3 Q4_K_M); "
         "the fp32 baseline is their dequantized weights. Group-32 asymmetric int4 reproduces SmolLM2's Q4_1 grid "
         "almost exactly, which is why it is nearly lossless here.",
@@ -114,7 +116,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "Notes: FP8 and FP4 are computed in fp32 from the exact low-precision values (this CPU has no FP8/FP4 "
         "arithmetic), so their speed is not what FP8/FP4 hardware would give. The KV-cache schemes quantize on "
         "read from a full-precision cache (exactly what a KIVI cache returns), so they cost speed here instead "
-        "of saving memory. int3 and LSQ-int2 use the 4-bit container.",
+        "of saving memory.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

@@ -60,6 +60,11 @@ class Int8WeightConfig(QuantConfig):
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def check_group_size(group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise LigeroError(f"invalid group size {group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+
+
 @register_config
 @dataclass(frozen=True)
 class Int4WeightConfig(QuantConfig):
@@ -72,8 +77,7 @@ class Int4WeightConfig(QuantConfig):
     def validate(self) -> None:
         if self.bits not in (2, 3, 4):
             raise LigeroError(f"group-wise integer weights support 2, 3 or 4 bits, got {self.bits}")
-        if self.group_size not in INT4_GROUP_SIZES:
-            raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        check_group_size(self.group_size)
 
 
 @register_config
@@ -152,8 +156,7 @@ class AdaRoundConfig(QuantConfig):
     def validate(self) -> None:
         if self.bits not in (3, 4):
             raise LigeroError(f"AdaRound supports 3 or 4 bits, got {self.bits}")
-        if self.group_size not in INT4_GROUP_SIZES:
-            raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        check_group_size(self.group_size)
         if self.iters < 1 or self.batch_tokens < 1:
             raise LigeroError("AdaRound needs iters >= 1 and batch_tokens >= 1")
 
@@ -180,8 +183,7 @@ class LSQConfig(QuantConfig):
     def validate(self) -> None:
         if self.bits not in (2, 3, 4):
             raise LigeroError(f"LSQ supports 2, 3 or 4 bits, got {self.bits}")
-        if self.group_size not in INT4_GROUP_SIZES:
-            raise LigeroError(f"invalid group size {self.group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        check_group_size(self.group_size)
         if self.steps < 1:
             raise LigeroError("LSQ needs at least one training step")
 

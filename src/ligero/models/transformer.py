@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ligero.errors import LigeroError
 from ligero.kernels import cpu_kernels
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
 
@@ -247,8 +248,6 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         if int(positions.max()) >= self.cfg.max_seq_len:
-            from ligero.errors import LigeroError
-
             raise LigeroError(
                 f"sequence reaches position {int(positions.max())} but the model's context is "
                 f"{self.cfg.max_seq_len} tokens; shorten the input or lower --ctx"
@@ -308,8 +307,6 @@ class KVCache:
         T = positions.shape[1]
         start = self.length
         if start + T > self.max_len:
-            from ligero.errors import LigeroError
-
             raise LigeroError(
                 f"generation needs {start + T} cache slots but the cache holds {self.max_len}; "
                 "lower --max-new-tokens or shorten the prompt"

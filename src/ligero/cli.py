@@ -131,12 +131,14 @@ def cmd_eval(args) -> int:
                  f"sha256 {text.sha256[:12]})")
     elif args.what == "quality":
         from ligero.eval.data import load_text
+        from ligero.eval.perplexity import window_bos
         from ligero.eval.quality import compare_models
 
         base, quant, base_spec = _load_quantized(args)
         text = load_text(args.text)
         ids = base.tokenizer.encode(text.text)
-        res = compare_models(base.model, quant.model, ids, ctx=args.ctx, max_tokens=args.max_tokens)
+        res = compare_models(base.model, quant.model, ids, ctx=args.ctx, max_tokens=args.max_tokens,
+                             bos=window_bos(base.tokenizer))
         out.update(base=base_spec, recipe=quant.model.quant_recipe.to_dict(), text=text.describe(), **res.summary())
         human = (f"{args.model} [{quant.model.quant_recipe.name or 'saved'}] vs {base_spec}: PPL {res.ppl:.3f} vs "
                  f"{res.ppl_base:.3f} ({res.delta_ppl_pct:+.2f} %), KLD {res.kld:.5f}, same top token "

@@ -56,3 +56,10 @@ def test_smollm2_perplexity_within_1pct_of_transformers(smollm2, hf_smollm2):
     assert ours.tokens == n
     assert abs(ours.ppl / ref_ppl - 1) < 0.01
     assert 10 < ours.ppl < 40  # ~20.9 on Wikipedia paragraphs per the asset notes
+
+
+def test_bos_models_get_bos_at_the_start_of_every_window():
+    text = list(range(10, 40))
+    w = make_windows([1] + text, 8, bos=1)  # a leading BOS from the tokenizer is not counted twice
+    assert all(x[0] == 1 and len(x) == 8 for x in w)
+    assert [t for x in w for t in x[1:]] == text[:28]  # 4 windows of 7 text tokens, each text token once

@@ -117,3 +117,15 @@ def test_int3_layer_stores_3_bits_and_decodes_like_its_reference():
         got = layer(x)
     w_hat = layer.dequantize()
     assert ((got - F.linear(x, w_hat)).abs() <= 1e-4 * (x.abs() @ w_hat.abs().T) + 1e-6).all()
+
+
+def test_nvfp4_keeps_one_tensor_scale_per_fused_segment():
+    # A fused projection whose parts differ 1000x in magnitude (as q / k / v can): NVFP4's fp32 tensor scale
+    # is per original tensor, so the small part is quantized exactly as it would be on its own.
+    big, small = randn(64, 64, seed=1) * 10.0, randn(32, 64, seed=2) * 0.01
+    fused = FP4Linear.from_float(torch.cat([big, small]), FP4Config("nvfp4"), segments=(64, 32))
+    alone = FP4Linear.from_float(small, FP4Config("nvfp4"))
+    assert fused.tensor_scale.shape == (2,)
+    torch.testing.assert_close(fused.dequantize()[64:], alone.dequantize(), rtol=0, atol=0)
+    x = randn(3, 64, seed=3)
+    torch.testing.assert_close(fused(x), x @ fused.dequantize().T, rtol=1e-5, atol=1e-4)  # kernel path agrees

@@ -53,7 +53,8 @@ def test_incremental_decode_reads_the_same_quantized_cache(tiny_pair):
     with torch.no_grad():
         full = model(x)
         inc = incremental_logits(model, x, [12] + [1] * 28)
-    torch.testing.assert_close(inc, full, atol=1e-4, rtol=0)
+    # Keys differ in the last float bit between chunkings; rarely that flips a code at a rounding boundary.
+    torch.testing.assert_close(inc, full, atol=1e-3, rtol=0)
 
 
 def test_groupwise_fake_quant_shapes_and_levels():
@@ -73,3 +74,47 @@ def test_combined_scheme_names():
     assert r.weights is None and r.kv.bits == 2
     with pytest.raises(Exception, match="cannot combine"):
         recipe_for("int4+int8")
+
+
+def packed_logits(model, x, chunks):
+    """Decode x [B, T] through the model's own (packed) cache in chunks; return logits [B, T, V] and the cache."""
+    cache = model.new_cache(x.shape[0], x.shape[1])
+    out, start = [], 0
+    for size in chunks:
+        pos = torch.arange(start, start + size).expand(x.shape[0], size)
+        out.append(model(x[:, start:start + size], pos, kv_cache=cache))
+        start += size
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 16])
+def test_packed_cache_decode_equals_the_no_cache_forward(tiny_pair, bits):
+    # group 4, residual 6 and a sequence of 40: groups leave the residual many times, and with the tiny
+    # sliding window of 8 the ring of packed groups wraps around several times.
+    model = with_kv(tiny_pair, bits=bits, group_size=4, residual=6)
+    x = tokens(model, seed=3)
+    with torch.no_grad():
+        full = model(x)
+        inc, cache = packed_logits(model, x, [9] + [1] * 20 + [7, 4])
+    assert type(cache).__name__ == "QuantizedKVCache"
+    torch.testing.assert_close(inc, full, atol=1e-3, rtol=0)  # see the note above on rounding boundaries
+
+
+def test_packed_cache_stores_codes_not_floats(tiny_pair):
+    from ligero.models.transformer import KVCache
+
+    model = with_kv(tiny_pair, bits=2, group_size=16, residual=0)
+    x = tokens(model, n=128)
+    with torch.no_grad():
+        _, cache = packed_logits(model, x, [127, 1])
+    fp = KVCache(model.cfg, 1, 128)
+    assert cache.packed[0].k_codes.dtype == torch.uint8
+    assert cache.packed[0].k_codes.shape[-1] == model.cfg.head_dim * 2 // 8  # 4 codes per byte
+    if "local" in model.cfg.layer_types:
+        pytest.skip("byte accounting below is for global layers (sliding-window layers keep a ring of groups)")
+    # 2-bit codes + an fp16 minimum and scale per group of 16: 2 + 2 = 4 bits per element instead of 32 ...
+    packed = sum(t.numel() * t.element_size() for p in cache.packed for t in p.tensors())
+    assert packed == fp.nbytes() * 4 // 32
+    # ... plus the newest tokens (here 16 of 128) in full precision.
+    residual = cache.res_k[0].shape[2]
+    assert residual == 16 and cache.nbytes() == packed + fp.nbytes() * residual // 128

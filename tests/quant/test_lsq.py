@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from ligero.quant.api import quantize
@@ -12,7 +13,7 @@ from ligero.quant.modules import Int4Linear
 
 def test_step_init_and_gradient_scale():
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
-    layer = LSQLinear(w, LSQConfig(bits=4, group_size=128))
+    layer = LSQLinear(w, LSQConfig(bits=4, group_size=128, learn_offset=False))
     torch.testing.assert_close(layer.step[:, 0], 2 * w.abs().mean(1) / math.sqrt(7))
     x = torch.randn(4, 128)
     layer(x).sum().backward()
@@ -20,10 +21,24 @@ def test_step_init_and_gradient_scale():
     assert layer.weight.grad is not None  # straight-through to the weights
 
 
-def test_inference_layer_equals_trained_fake_quant():
+def test_lsq_plus_starts_at_round_to_nearest():
+    from ligero.quant.config import Int4WeightConfig
+
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
+    layer = LSQLinear(w, LSQConfig(bits=4, group_size=64))
+    rtn = Int4Linear.from_float(w, Int4WeightConfig(group_size=64))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.quantized_weight(), rtn.dequantize(), rtol=0, atol=1e-6)
+        assert torch.equal(layer.to_inference().packed, rtn.packed)
+    layer(torch.randn(4, 256)).sum().backward()
+    assert layer.offset.grad is not None and layer.offset.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("learn_offset", [True, False])
+def test_inference_layer_equals_trained_fake_quant(learn_offset):
     w = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
     for bits in (4, 3, 2):
-        layer = LSQLinear(w, LSQConfig(bits=bits, group_size=128))
+        layer = LSQLinear(w, LSQConfig(bits=bits, group_size=128, learn_offset=learn_offset))
         with torch.no_grad():
             layer.step.mul_(1.0 + 0.01 * torch.arange(layer.step.numel()).view_as(layer.step))
             inf = layer.to_inference()

@@ -34,15 +34,27 @@ class PerplexityResult:
         return d
 
 
-def make_windows(ids: list[int], ctx: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Non-overlapping windows of exactly `ctx` tokens (a shorter tail is dropped unless it is all there is)."""
+def window_bos(tokenizer) -> int | None:
+    """The BOS token each window starts with, for models trained with one (Gemma); None for SmolLM2."""
+    meta = getattr(tokenizer, "meta", None)
+    return meta.bos_id if meta is not None and meta.add_bos else None
+
+
+def make_windows(ids: list[int], ctx: int, max_tokens: int | None = None, bos: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of exactly `ctx` tokens (a shorter tail is dropped unless it is all there is).
+
+    With `bos`, every window is BOS + ctx - 1 text tokens (as llama.cpp's perplexity does for BOS models):
+    a model that always saw BOS first is not scored on a context it never had."""
     if ctx < 2:
         raise LigeroError(f"--ctx must be at least 2, got {ctx}")
+    if bos is not None and ids[:1] == [bos]:
+        ids = ids[1:]
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    windows = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
-    if not windows and len(ids) >= 2:
-        windows = [ids]
+    head, step = ([bos], ctx - 1) if bos is not None else ([], ctx)
+    windows = [head + ids[i:i + step] for i in range(0, len(ids) - step + 1, step)]
+    if not windows and len(head + ids) >= 2:
+        windows = [head + ids]
     if not windows:
         raise LigeroError("the text is too short to evaluate (fewer than 2 tokens); give more text")
     return windows
@@ -62,7 +74,7 @@ def perplexity(model, tokenizer, ids: list[int], ctx: int = 512, max_tokens: int
                return_logprobs: bool = False, progress=None) -> PerplexityResult:
     if ctx > model.cfg.max_seq_len:
         raise LigeroError(f"--ctx {ctx} exceeds the model's context of {model.cfg.max_seq_len}; lower --ctx")
-    windows = make_windows(ids, ctx, max_tokens)
+    windows = make_windows(ids, ctx, max_tokens, bos=window_bos(tokenizer))
     total_nll, count, n_bytes, logprobs = 0.0, 0, 0, []
     for logp, targets in window_logprobs(model, windows):
         tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)  # [N, ctx-1]

@@ -40,8 +40,9 @@ def bits_per_weight(model) -> float:
 
 @torch.inference_mode()
 def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int | None = None,
-                   progress=None) -> QualityResult:
-    windows = make_windows(ids, ctx, max_tokens)
+                   progress=None, bos: int | None = None) -> QualityResult:
+    """Both models on the same windows (each starting with `bos` when given: see make_windows)."""
+    windows = make_windows(ids, ctx, max_tokens, bos=bos)
     nll_b = nll_q = 0.0
     kls, agree, count = [], 0, 0
     for window in windows:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ligero.models.transformer import KVCache, Transformer, stored_bytes
+from ligero.models.transformer import Transformer, stored_bytes
 
 
 @dataclass
@@ -46,7 +46,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def time_prefill(model: Transformer, tokens: torch.Tensor) -> float:
     device = tokens.device
-    cache = KVCache(model.cfg, 1, tokens.shape[1] + 1, device=device, dtype=model.dtype)
+    cache = model.new_cache(1, tokens.shape[1] + 1)
     _sync(device)
     t0 = time.perf_counter()
     model(tokens, kv_cache=cache, last_only=True)
@@ -57,7 +57,7 @@ def time_prefill(model: Transformer, tokens: torch.Tensor) -> float:
 @torch.inference_mode()
 def time_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> float:
     device = prompt.device
-    cache = KVCache(model.cfg, 1, prompt.shape[1] + steps + 1, device=device, dtype=model.dtype)
+    cache = model.new_cache(1, prompt.shape[1] + steps + 1)
     logits = model(prompt, kv_cache=cache, last_only=True)
     pos = torch.tensor([[prompt.shape[1]]], device=device)
     _sync(device)
@@ -82,7 +82,7 @@ def measure_speed(model: Transformer, prefill_tokens: int = 512, decode_tokens: 
         time_decode(model, prompt, min(decode_tokens, 16))
     prefill = [time_prefill(model, tokens) for _ in range(repeats)]
     decode = [time_decode(model, prompt, decode_tokens) for _ in range(repeats)]
-    cache = KVCache(model.cfg, 1, n + decode_tokens, device=device, dtype=model.dtype)
+    cache = model.new_cache(1, n + decode_tokens)
     return SpeedResult(
         prefill_tokens=n,
         decode_tokens=decode_tokens,
@@ -96,3 +96,37 @@ def measure_speed(model: Transformer, prefill_tokens: int = 512, decode_tokens: 
         threads=torch.get_num_threads(),
         device=str(device),
     )
+
+
+@torch.inference_mode()
+def token_latencies_ms(model: Transformer, steps: int, prompt_tokens: int = 16, seed: int = 0) -> dict:
+    """Per-token decode latency (batch 1, after a short prompt): p50 / p95 / mean over `steps` steps, in ms."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_tokens), generator=g).to(model.device)
+    cache = model.new_cache(1, prompt_tokens + steps + 1)
+    logits = model(prompt, kv_cache=cache, last_only=True)
+    pos = torch.tensor([[prompt_tokens]], device=model.device)
+    times = []
+    for _ in range(steps):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        logits = model(logits[:, -1].argmax(-1, keepdim=True), pos, kv_cache=cache)
+        _sync(model.device)
+        times.append(1000 * (time.perf_counter() - t0))
+        pos = pos + 1
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]  # noqa: E731
+    return {"p50": pick(0.5), "p95": pick(0.95), "mean": sum(times) / len(times), "steps": steps}
+
+
+@torch.inference_mode()
+def kv_cache_mb(model: Transformer, context: int = 1024, seed: int = 0) -> float:
+    """MB the model's KV cache holds after `context` tokens and one decode step (which packs finished groups of a
+    quantized cache)."""
+    context = min(context, model.cfg.max_seq_len - 1)
+    cache = model.new_cache(1, context + 1)
+    x = torch.randint(0, model.cfg.vocab_size, (1, context + 1), generator=torch.Generator().manual_seed(seed))
+    x = x.to(model.device)
+    model(x[:, :context], kv_cache=cache, last_only=True)
+    model(x[:, context:], torch.tensor([[context]], device=model.device), kv_cache=cache)
+    return cache.nbytes() / 1e6

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ligero.errors import LigeroError
-from ligero.models.transformer import KVCache, Transformer
+from ligero.models.transformer import Transformer
 
 
 @dataclass
@@ -90,7 +90,7 @@ def generate_tokens(
     device = model.device
     tokens, positions = left_pad(prompts, pad_id)
     tokens, positions = tokens.to(device), positions.to(device)
-    cache = KVCache(model.cfg, len(prompts), longest + max_new_tokens, device=device, dtype=model.dtype)
+    cache = model.new_cache(len(prompts), longest + max_new_tokens)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
     eos = set(eos_ids or [])
     done = [False] * len(prompts)

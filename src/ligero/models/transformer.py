@@ -121,7 +121,9 @@ class Attention(nn.Module):
         if self.kv_quant is not None:
             from ligero.quant.kv import attention_with_quantized_kv
 
-            out = attention_with_quantized_kv(q, k, v, ctx.mask, ctx.q_pos, ctx.k_pos, self.scale, self.kv_quant)
+            n_stored = step.n_stored[self.layer_type] if hasattr(step, "n_stored") else 0  # packed cache prefix
+            out = attention_with_quantized_kv(q, k, v, ctx.mask, ctx.q_pos, ctx.k_pos, self.scale, self.kv_quant,
+                                              n_stored)
         else:
             # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale, enable_gqa=H != K)
@@ -218,6 +220,15 @@ class Transformer(nn.Module):
                 table = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_factor)
             table = self._rope[kind] = table.to(device)
         return table
+
+    def new_cache(self, batch: int, max_len: int):
+        """The KV cache this model decodes with: packed (KIVI) when its KV cache is quantized."""
+        kv = self.layers[0].attn.kv_quant if len(self.layers) else None
+        if kv is not None:
+            from ligero.quant.kv import QuantizedKVCache
+
+            return QuantizedKVCache(self.cfg, kv, batch, max_len, device=self.device, dtype=self.dtype)
+        return KVCache(self.cfg, batch, max_len, device=self.device, dtype=self.dtype)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)  # [B, T, C]

@@ -14,8 +14,13 @@ def calibration_windows(tokenizer, n_windows: int = 8, length: int = 256, text: 
 
     if n_windows < 1:
         raise LigeroError("calibration needs at least one window; raise --calib-windows")
-    ids = tokenizer.encode(text if text is not None else wikipedia_split("calib").text)
-    windows = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:n_windows]
+    from ligero.eval.perplexity import make_windows, window_bos
+
+    ids = tokenizer.encode(text if text is not None else wikipedia_split("calib").text, add_bos=False)
+    if len(ids) < length:
+        raise LigeroError(f"the calibration text has fewer than {length} tokens; give more text")
+    # The same windows as evaluation uses (BOS first for BOS models), so calibration sees the inputs it serves.
+    windows = make_windows(ids, length, bos=window_bos(tokenizer))[:n_windows]
     if not windows:
         raise LigeroError(f"the calibration text has fewer than {length} tokens; give more text")
     return windows

@@ -179,6 +179,7 @@ class LSQConfig(QuantConfig):
     lr_weight: float = 1e-5
     seed: int = 0
     act_int8: bool = False  # also quantize activations per token to int8 (trained with the STE)
+    learn_offset: bool = True  # LSQ+: asymmetric grid with a learned offset, initialised at round-to-nearest
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4):

@@ -224,11 +224,11 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     out, n = q.shape
     v = q.to(torch.int64).view(out, n // 8, 8) << (bits * torch.arange(8, dtype=torch.int64))
     word = v.sum(-1)  # [out, n/8], 8 * bits <= 24 bits
-    return torch.stack([(word >> (8 * b)) & 0xFF for b in range(bits)], dim=-1).to(torch.uint8).reshape(out, -1)
+    return torch.stack([(word >> (8 * b)) & 0xFF for b in range(bits)], dim=-1).to(torch.uint8).reshape(out, n // 8 * bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    out = packed.shape[0]
-    b = packed.to(torch.int64).view(out, -1, bits) << (8 * torch.arange(bits, dtype=torch.int64))
+    out, n = packed.shape
+    b = packed.to(torch.int64).view(out, n // bits, bits) << (8 * torch.arange(bits, dtype=torch.int64))
     word = b.sum(-1)
-    return ((word[..., None] >> (bits * torch.arange(8, dtype=torch.int64))) & ((1 << bits) - 1)).to(torch.uint8).reshape(out, -1)
+    return ((word[..., None] >> (bits * torch.arange(8, dtype=torch.int64))) & ((1 << bits) - 1)).to(torch.uint8).reshape(out, n // bits * 8)

@@ -1,9 +1,11 @@
 """LSQ (Esser et al., 2020): learn the quantizer's step size by gradient descent, with the weights.
 
-v_q = round(clamp(v / s, -Q_N, Q_P)) * s with a straight-through round; the step's gradient is scaled by
-1 / sqrt(N * Q_P) (N = weights per step); s starts at 2 * mean|v| / sqrt(Q_P). Training is a short
-distillation from the full-precision model (KL of next-token distributions) on the calibration split.
-The trained layer is stored as an Int4Linear (symmetric grid: minimum = -Q_N * step).
+Symmetric: v_q = round(clamp(v / s, -Q_N, Q_P)) * s with a straight-through round; the step's gradient is
+scaled by 1 / sqrt(N * Q_P) (N = weights per step); s starts at 2 * mean|v| / sqrt(Q_P) (the paper's init).
+With a learned offset (LSQ+, Bhalgat et al., 2020; the default): v_q = round(clamp((v - b) / s, 0, 2^bits - 1))
+* s + b, initialised at round-to-nearest's asymmetric min/max grid, so training starts where RTN ends.
+Training is a short distillation from the full-precision model (KL of next-token distributions) on the
+calibration split. The trained layer is stored as an Int4Linear (scale and minimum per group).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class LSQLinear(nn.Module):
         self.q_n, self.q_p = 1 << (cfg.bits - 1), (1 << (cfg.bits - 1)) - 1
         out, n = weight.shape
         self.weight = nn.Parameter(weight.detach().float().clone())
+        self.offset = None
+        if cfg.learn_offset:  # LSQ+: start from round-to-nearest's grid (the codes are recomputed each step)
+            _, scale, minimum = formats.quantize_int_groups(weight, cfg.bits, cfg.group_size)
+            self.step = nn.Parameter(scale.float().clamp(min=1e-5))
+            self.offset = nn.Parameter(minimum.float())
+            return
         n_groups = -(-n // cfg.group_size)
         pad = n_groups * cfg.group_size - n
         w = F.pad(weight.abs().float(), (0, pad)).view(out, n_groups, cfg.group_size)
@@ -45,12 +53,20 @@ class LSQLinear(nn.Module):
         init = 2 * (w.sum(-1) / counts) / math.sqrt(self.q_p)
         self.step = nn.Parameter(init.clamp(min=1e-8))
 
-    def expanded_step(self) -> torch.Tensor:
-        g = 1.0 / math.sqrt(self.cfg.group_size * self.q_p)
-        return formats.expand_groups(grad_scale(self.step, g), self.cfg.group_size, self.weight.shape[1])
+    @property
+    def levels(self) -> int:
+        return (1 << self.cfg.bits) - 1
+
+    def _expand(self, p: torch.Tensor) -> torch.Tensor:
+        g = 1.0 / math.sqrt(self.cfg.group_size * (self.levels if self.offset is not None else self.q_p))
+        p16 = p + (p.half().float() - p).detach()  # train against the fp16 values that will be stored
+        return formats.expand_groups(grad_scale(p16, g), self.cfg.group_size, self.weight.shape[1])
 
     def quantized_weight(self) -> torch.Tensor:
-        s = self.expanded_step()
+        s = self._expand(self.step.clamp(min=1e-5))  # a step that trains down to 0 would divide by 0
+        if self.offset is not None:
+            b = self._expand(self.offset)
+            return round_ste(((self.weight - b) / s).clamp(0, self.levels)) * s + b
         return round_ste((self.weight / s).clamp(-self.q_n, self.q_p)) * s
 
     def forward(self, x):
@@ -61,11 +77,17 @@ class LSQLinear(nn.Module):
     @torch.no_grad()
     def to_inference(self) -> Int4Linear:
         layer = Int4Linear(self.weight.shape[1], self.weight.shape[0], self.cfg, self.segments)
-        step16 = self.step.detach().half()
+        step16 = self.step.detach().clamp(min=1e-5).half()
         s = formats.expand_groups(step16.float(), self.cfg.group_size, self.weight.shape[1])
-        q = torch.round((self.weight / s).clamp(-self.q_n, self.q_p)) + self.q_n
+        if self.offset is not None:
+            offset16 = self.offset.detach().half()
+            b = formats.expand_groups(offset16.float(), self.cfg.group_size, self.weight.shape[1])
+            q = torch.round(((self.weight - b) / s).clamp(0, self.levels))
+        else:
+            offset16 = (-self.q_n * step16.float()).half()
+            q = torch.round((self.weight / s).clamp(-self.q_n, self.q_p)) + self.q_n
         layer.set_codes(q.to(torch.uint8))
-        layer.scale, layer.minimum = step16, (-self.q_n * step16.float()).half()
+        layer.scale, layer.minimum = step16, offset16
         return layer
 
 
@@ -80,7 +102,7 @@ def lsq_model(model: Transformer, cfg: LSQConfig, calibration: list[list[int]], 
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LSQLinear(lin.weight, cfg, getattr(lin, "segments", None)))
     params_w = [m.weight for m in model.modules() if isinstance(m, LSQLinear)]
-    params_s = [m.step for m in model.modules() if isinstance(m, LSQLinear)]
+    params_s = [p for m in model.modules() if isinstance(m, LSQLinear) for p in (m.step, m.offset) if p is not None]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params_w + params_s:

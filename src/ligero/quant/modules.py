@@ -179,25 +179,35 @@ class FP8Linear(QuantizedLinear):
 
 
 class FP4Linear(QuantizedLinear):
-    """E2M1 codes packed two per byte (int4 layout) + one scale byte per block (+ fp32 tensor scale for NVFP4)."""
+    """E2M1 codes packed two per byte (int4 layout) + one scale byte per block; NVFP4 adds one fp32 scale per
+    original tensor (a fused qkv / gate_up projection keeps one per segment, as if stored unfused)."""
 
     def __init__(self, in_features: int, out_features: int, config: FP4Config, segments=None):
         super().__init__(in_features, out_features, config, segments)
         block = formats.FP4_BLOCK[config.fmt]
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale_codes", torch.empty(out_features, in_features // block, dtype=torch.uint8))
-        self.register_buffer("tensor_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("tensor_scale", torch.ones(len(self.segments), dtype=torch.float32))
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
         layer = cls(weight.shape[1], weight.shape[0], config, segments)
-        codes, layer.scale_codes, layer.tensor_scale = formats.quantize_fp4_blocks(weight, config.fmt)
-        layer.packed = formats.pack_int4(codes)
+        codes, scale_codes, tensor_scales = zip(*(formats.quantize_fp4_blocks(w, config.fmt)
+                                                  for w in weight.split(layer.segments)))
+        layer.packed = formats.pack_int4(torch.cat(codes))
+        layer.scale_codes = torch.cat(scale_codes)
+        layer.tensor_scale = torch.stack(tensor_scales).reshape(len(layer.segments))
         return layer
 
+    def row_scale(self) -> torch.Tensor:
+        """The tensor scale of each output row [out]."""
+        return torch.repeat_interleave(self.tensor_scale, torch.tensor(self.segments, device=self.tensor_scale.device))
+
     def dequantize(self, rows=None):
-        p, s = (self.packed, self.scale_codes) if rows is None else (self.packed[rows], self.scale_codes[rows])
-        return formats.dequantize_fp4_blocks(formats.unpack_int4(p), s, self.tensor_scale, self.config.fmt)
+        p, s, t = self.packed, self.scale_codes, self.row_scale()
+        if rows is not None:
+            p, s, t = p[rows], s[rows], t[rows]
+        return formats.dequantize_fp4_blocks(formats.unpack_int4(p), s, t, self.config.fmt)
 
     def forward(self, x):
         if self.config.activations:
@@ -208,8 +218,10 @@ class FP4Linear(QuantizedLinear):
         ext = cpu_kernels()
         if ext is None:
             return None
-        return ext.linear_lut4(x2d, self.packed, self.scale_codes, formats.fp4_scale_lut(self.config.fmt), formats.E2M1_VALUES,
-                               float(self.tensor_scale), formats.FP4_BLOCK[self.config.fmt])
+        single = len(self.segments) == 1
+        y = ext.linear_lut4(x2d, self.packed, self.scale_codes, formats.fp4_scale_lut(self.config.fmt), formats.E2M1_VALUES,
+                            float(self.tensor_scale[0]) if single else 1.0, formats.FP4_BLOCK[self.config.fmt])
+        return y if single else y * self.row_scale()
 
 
 class TernaryLinear(QuantizedLinear):

@@ -1,0 +1,79 @@
+"""Log-likelihood of whole texts under a causal LM, the way lm-evaluation-harness scores an empty context.
+
+With no context, lm-eval conditions on one prefix token: the tokenizer's BOS, or EOS (end of text) when
+there is no BOS (`prefix_token_id` in lm_eval/models/huggingface.py). The text is encoded without special
+tokens and every one of its tokens is scored, the first one given only the prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ligero.errors import LigeroError
+
+
+def prefix_token(tokenizer) -> int:
+    """lm-eval's prefix for an empty context: BOS if the tokenizer has one, else its (first) EOS."""
+    if tokenizer.meta.bos_id is not None:
+        return int(tokenizer.meta.bos_id)
+    if tokenizer.eos_ids:
+        return int(tokenizer.eos_ids[0])
+    raise LigeroError("the tokenizer has neither a BOS nor an EOS token to condition on; pass prefix_ids")
+
+
+def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 8,
+                      prefix_ids: Sequence[int] | None = None, progress=None) -> list[float]:
+    """Total log-likelihood (natural log) of each text's tokens given the prefix, in the order of `texts`.
+
+    `progress(done, total)` is called after each batch with the number of texts scored so far.
+    """
+    prefix = list(prefix_ids) if prefix_ids is not None else [prefix_token(tokenizer)]
+    if not prefix:
+        raise LigeroError("prefix_ids is empty; give at least one token to condition the first token on")
+    token_lists = [tokenizer.encode(text, add_bos=False) for text in texts]
+    for i, ids in enumerate(token_lists):
+        if not ids:
+            raise LigeroError(f"text {i} ({texts[i]!r}) has no tokens to score; drop empty texts")
+    return token_logprob_sums(model, prefix, token_lists, batch_size, tokenizer.pad_id, progress)
+
+
+def token_logprob_sums(model, prefix: list[int], token_lists: list[list[int]], batch_size: int = 8,
+                       pad_id: int = 0, progress=None) -> list[float]:
+    """Sum of log p(token | prefix, earlier tokens) for each token list; batches texts of similar length."""
+    if batch_size < 1:
+        raise LigeroError(f"batch size must be at least 1, got {batch_size}")
+    # Sorting by length keeps padding (wasted compute) small; results go back to their original slots.
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    sums = [0.0] * len(token_lists)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        for i, value in zip(batch, _score_batch(model, [prefix + token_lists[i] for i in batch], len(prefix), pad_id)):
+            sums[i] = value
+        if progress:
+            progress(min(start + batch_size, len(order)), len(order))
+    return sums
+
+
+def _score_batch(model, rows: list[list[int]], n_prefix: int, pad_id: int) -> list[float]:
+    """Right-padded forward pass; only real tokens after the prefix count.
+
+    Right padding needs no attention mask or positions: with causal attention a real token never sees the
+    padding that follows it.
+    """
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for j, row in enumerate(rows):
+        tokens[j, :len(row)] = torch.tensor(row)
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = tokens.to(model.device)
+    with torch.inference_mode():
+        logits = model(tokens[:, :-1])
+    logp = F.log_softmax(logits.float(), dim=-1)
+    targets = tokens[:, 1:]
+    token_lp = logp.gather(-1, targets[..., None]).squeeze(-1).double().cpu()  # [B, T-1]: target t = token t+1
+    target_pos = torch.arange(1, width)[None, :]
+    counted = (target_pos >= n_prefix) & (target_pos < lengths[:, None])
+    return torch.where(counted, token_lp, 0.0).sum(dim=1).tolist()

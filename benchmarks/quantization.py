@@ -104,8 +104,12 @@ def write_markdown(report: dict, path: Path) -> None:
                   "| scheme | bits/weight | size MB | PPL | ΔPPL % | KLD | top-1 % | prefill tok/s | decode tok/s "
                   f"| KV MB @{KV_CONTEXT} | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        fp32_kv = next((r.get("kv_cache_mb") for r in rows if r["scheme"] == "fp32"), None)
         for r in rows:
-            kv_mb = f"{r['kv_cache_mb']:.1f}" if "kv_cache_mb" in r else "–"
+            # The KV cache does not depend on the weight format: rows measured before this column existed
+            # (without a KV scheme) hold the same full-precision cache as the fp32 row.
+            kv = r.get("kv_cache_mb", fp32_kv if "kv" not in r["scheme"] else None)
+            kv_mb = f"{kv:.1f}" if kv is not None else "–"
             lines.append(
                 f"| {r['scheme']} | {r['bits_per_weight']:.2f} | {r['size_mb']:.1f} | {r['ppl']:.3f} | "
                 f"{r['delta_ppl_pct']:+.2f} | {r['kld']:.4f} | {100 * r['top1_agreement']:.1f} | "

@@ -17,11 +17,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# The main job: audit SmolLM2's quantized variants (quality, speed, memory, bias, toxicity, internal shift),
+# write ligero-out/<run-id>/report.html, results.json and a deployment card per variant. Resumable.
 run: setup
-	$(VENV)/bin/ligero models
-	$(VENV)/bin/ligero generate --chat "Explain in two sentences why the sky is blue." --max-new-tokens 64
-	$(VENV)/bin/ligero eval ppl
-	$(VENV)/bin/ligero eval speed --repeats 3
+	$(VENV)/bin/ligero run
 
 test: setup
 	$(PY) -m pytest -q

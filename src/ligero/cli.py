@@ -201,6 +201,55 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _audit(args, model_id: str, variants: list[str] | None) -> int:
+    from ligero.eval.audit import Audit, Thresholds
+    from ligero.card.report import recommendation_lines
+
+    thresholds = Thresholds(args.max_ppl_increase, args.max_bias_shift, args.min_decode_tps)
+    audit = Audit(model_id, variants, quick=args.quick, thresholds=thresholds, out=args.out, run_id=args.run_id,
+                  fresh=args.fresh)
+    report = audit.run()
+    print("\n".join(recommendation_lines(report)))
+    print(f"report: {audit.folder / 'report.html'}  results: {audit.folder / 'results.json'}  cards: "
+          f"{audit.folder / 'cards'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _audit(args, DEFAULT_MODEL, None)
+
+
+def cmd_audit(args) -> int:
+    variants = args.variants.split(",") if args.variants else None
+    return _audit(args, args.model, variants)
+
+
+def cmd_card(args) -> int:
+    from ligero.card import validate_card_file
+
+    errors = validate_card_file(args.file)
+    if errors:
+        for e in errors:
+            print(f"{args.file}: {e}", file=sys.stderr)
+        print(f"ligero: error: {args.file} is not a valid deployment card ({len(errors)} problem(s) above)",
+              file=sys.stderr)
+        return 2
+    print(f"{args.file}: valid deployment card (schema 1.0, digest checked)")
+    return 0
+
+
+def _add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small samples (CI smoke run, about 3 minutes)")
+    p.add_argument("--out", default="ligero-out", help="output folder (a run goes to OUT/<run-id>/)")
+    p.add_argument("--run-id", help="name of the run folder (default: model, mode and settings hash)")
+    p.add_argument("--fresh", action="store_true", help="measure every variant again instead of reusing results")
+    p.add_argument("--max-ppl-increase", type=float, default=5.0, help="recommendation: max ΔPPL %% (default 5)")
+    p.add_argument("--max-bias-shift", type=float, default=5.0,
+                   help="recommendation: max |Δ pct_stereotype| and |Δ StereoSet ss|, points (default 5)")
+    p.add_argument("--min-decode-tps", type=float, default=None,
+                   help="recommendation: min decode tok/s (default: the baseline's measured speed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ligero", description="Run, quantize and audit small language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="the audit of the default model and variants: report, cards, recommendation")
+    _add_audit_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("audit", help="the same audit for another model or set of variants")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in model id (see `ligero models`)")
+    p.add_argument("--variants", help="comma-separated schemes (default: int8,int4,w8a8,fp8,nvfp4,b158,int4+kv3,"
+                                      "adaround)")
+    _add_audit_args(p)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("card", help="deployment cards")
+    card_sub = p.add_subparsers(dest="card_command", required=True)
+    v = card_sub.add_parser("validate", help="check a card against the schema and its digest")
+    v.add_argument("file")
+    v.set_defaults(func=cmd_card)
     return parser
 
 

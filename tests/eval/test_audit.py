@@ -1,0 +1,100 @@
+"""`ligero run --quick` end to end, resuming, cards against the schema, the recommendation, bad input."""
+
+import json
+import os
+
+import pytest
+
+from ligero.card import card_errors, read_card, seal
+from ligero.cli import main
+from ligero.errors import LigeroError
+from ligero.eval.audit import BASELINE, DEFAULT_VARIANTS, Audit, Thresholds, check_variants, recommend
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit")
+    assert main(["run", "--quick", "--out", str(out)]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
+@pytest.mark.slow
+def test_quick_run_writes_report_results_and_valid_cards(quick_run):
+    report = json.loads((quick_run / "results.json").read_text())
+    assert report["variants"] == [BASELINE, *DEFAULT_VARIANTS]
+    for name in report["variants"]:
+        row = report["rows"][name]
+        assert row["size_mb"] > 0 and row["decode_tok_s"] > 0 and 0 <= row["pct_stereotype"] <= 100
+        card = read_card(quick_run / "cards" / f"{name.replace('+', '_')}.json")
+        assert card_errors(card) == [], name
+        assert (quick_run / "cards" / f"{name.replace('+', '_')}.md").read_text().startswith("# Deployment card")
+    assert report["rows"]["int8"]["bits_per_weight"] < 9 < report["rows"][BASELINE]["bits_per_weight"]
+    assert report["recommendation"]["verdicts"].keys() == set(DEFAULT_VARIANTS)
+    assert report["inputs"]["crows_pairs"]["sha256"] and report["inputs"]["model_file"]["sha256"]
+    html = (quick_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "Recommendation" in html
+    assert {p.name for p in (quick_run / "figures").iterdir()} >= {"quality_vs_bits.png", "shift_heatmap.png"}
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_variants_and_redoes_only_missing_ones(quick_run, capsys):
+    variants = quick_run / "variants"
+    before = {p.name: p.stat().st_mtime_ns for p in variants.iterdir()}
+    (variants / "int8.json").unlink()  # as if the run had been interrupted while measuring int8
+    out = str(quick_run.parent)
+    assert main(["run", "--quick", "--out", out]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in variants.iterdir()}
+    assert after.keys() == before.keys()
+    assert [n for n in after if after[n] != before[n]] == ["int8.json"]
+    assert "finished earlier" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tampered_card_fails_validation(quick_run, tmp_path, capsys):
+    card = read_card(quick_run / "cards" / "int4.json")
+    edited = json.loads(json.dumps(card))
+    edited["metrics"]["capability"]["delta_ppl_pct"] = 0.0  # a better-looking number
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(edited))
+    assert main(["card", "validate", str(path)]) == 2
+    assert "digest" in capsys.readouterr().err
+    broken = seal({k: v for k, v in card.items() if k != "guardrails"})  # resealed, but not a card any more
+    assert any("guardrails" in e for e in card_errors(broken))
+    assert main(["card", "validate", str(quick_run / "cards" / "int4.json")]) == 0
+
+
+def test_recommendation_picks_the_smallest_variant_that_passes():
+    def row(size, dppl, dbias, tps):
+        return {"size_mb": size, "delta_ppl_pct": dppl, "delta_pct_stereotype": dbias, "delta_stereoset_ss": 0.0,
+                "decode_tok_s": tps}
+
+    rows = {BASELINE: row(500, 0, 0, 30), "a": row(100, 1.0, 1.0, 80), "b": row(60, 30.0, 0.5, 90),
+            "c": row(50, 2.0, -9.0, 90), "d": row(80, 0.5, 0.0, 20)}
+    rec = recommend(rows, Thresholds(max_ppl_increase=5, max_bias_shift=5))
+    assert rec["chosen"] == "a"
+    assert "ΔPPL" in rec["verdicts"]["b"]["reasons"][0]
+    assert "bias shift" in rec["verdicts"]["c"]["reasons"][0]
+    assert "decode" in rec["verdicts"]["d"]["reasons"][0]  # slower than the baseline's 30 tok/s
+    assert recommend(rows, Thresholds(max_ppl_increase=0.1))["chosen"] is None
+
+
+def test_bad_input(tmp_path, capsys):
+    with pytest.raises(LigeroError, match="valid schemes: .*int8"):
+        check_variants(["int8", "int5"])
+    with pytest.raises(LigeroError, match="max-ppl-increase"):
+        Thresholds(max_ppl_increase=-1)
+    with pytest.raises(LigeroError, match="max-bias-shift"):
+        Thresholds(max_bias_shift=150)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(LigeroError, match="cannot write to output folder"):
+        Audit(out=blocker / "sub")
+    assert main(["audit", "--variants", "int8,bogus", "--out", str(tmp_path)]) == 2
+    assert main(["run", "--quick", "--max-bias-shift", "-3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("ligero: error:") == 2 and "Traceback" not in err
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main(["run", "--quick", "--out", str(locked / "x")]) == 2

@@ -74,6 +74,15 @@ def run_one(model_id: str, scheme: str, base, ids, calibration, args) -> dict:
             "decode_runs_s": speed.decode_runs_s, "kv_cache_mb": kv_cache_mb(variant.model, KV_CONTEXT)}
 
 
+def row_commits(results: list[dict]) -> str:
+    """Resumed runs mix rows from several commits: say which row was measured where."""
+    by_commit: dict[str, list[str]] = {}
+    for r in results:
+        by_commit.setdefault(r["commit"], []).append(f"{r['model'].split('-')[0]}:{r['scheme']}")
+    return "Rows come from cached results of earlier runs (the code paths they measure have not changed since): " + \
+        "; ".join(f"commit `{c}`: {', '.join(rows)}" for c, rows in by_commit.items()) + "."
+
+
 def write_markdown(report: dict, path: Path) -> None:
     m = report["machine"]
     lines = [
@@ -91,6 +100,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"{report['calib_windows']} windows of 256 tokens from the calibration split (disjoint from evaluation).",
         "",
         *([report["provenance"], ""] if report.get("provenance") else []),
+        *([row_commits(report["results"]), ""] if len({r["commit"] for r in report["results"]}) > 1 else []),
         "**Baseline caveat:** both published models are already 4/5-bit GGUF files (SmolLM2 Q4_1, Gemma 3 Q4_K_M); "
         "the fp32 baseline is their dequantized weights. Group-32 asymmetric int4 reproduces SmolLM2's Q4_1 grid "
         "almost exactly, which is why it is nearly lossless here.",
@@ -145,7 +155,12 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="model:scheme pairs not to run now, e.g. gemma3-270m:adaround")
     ap.add_argument("--cache", default=str(ROOT / "ligero-out" / "bench-quant"))
     ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite quantization.md from quantization.json")
     args = ap.parse_args()
+    if args.markdown_only:
+        out = Path(args.out)
+        write_markdown(json.loads((out / "quantization.json").read_text()), out / "quantization.md")
+        return
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     models, schemes = args.models.split(","), args.schemes.split(",")

@@ -70,10 +70,12 @@ class Budget:
     kv_context: int  # tokens in the cache when its memory is measured
 
 
-FULL = Budget(ppl_tokens=2048, ppl_ctx=512, crows_pairs=None, stereoset=300, toxicity_prompts=40,
-              toxicity_samples=4, toxicity_tokens=20, profile_prompts=16, profile_tokens=32, shift_windows=2,
+# Sized so the full run of 9 models fits ~20 minutes on 2 CPU cores: scoring all 1,018 CrowS-Pairs pairs takes
+# ~75 s per model there, so the full run scores a stratified 400 (every category, the same items on every run).
+FULL = Budget(ppl_tokens=2048, ppl_ctx=512, crows_pairs=400, stereoset=150, toxicity_prompts=24,
+              toxicity_samples=4, toxicity_tokens=20, profile_prompts=12, profile_tokens=32, shift_windows=2,
               shift_tokens=256, prefill_tokens=256, decode_tokens=32, speed_repeats=3, calib_windows=8,
-              adaround_iters=100, lsq_steps=60, bootstrap=1000, kv_context=1024)
+              adaround_iters=80, lsq_steps=60, bootstrap=1000, kv_context=1024)
 QUICK = Budget(ppl_tokens=512, ppl_ctx=256, crows_pairs=24, stereoset=12, toxicity_prompts=4, toxicity_samples=2,
                toxicity_tokens=10, profile_prompts=4, profile_tokens=10, shift_windows=1, shift_tokens=64,
                prefill_tokens=32, decode_tokens=8, speed_repeats=1, calib_windows=1, adaround_iters=4,
@@ -160,6 +162,17 @@ class Log:
     def __call__(self, msg: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    def counter(self, label: str):
+        """A progress(done, total) callback that reports every quarter."""
+        shown = set()
+
+        def progress(done: int, total: int) -> None:
+            quarter = 4 * done // max(1, total)
+            if quarter not in shown and 0 < quarter < 4:
+                shown.add(quarter)
+                self(f"{label}: {done}/{total}")
+        return progress
 
 
 class Audit:
@@ -252,8 +265,10 @@ class Audit:
         memory = {"weights": stored_bytes(model) / 1e6, "kv_cache": kv_cache_mb(model, b.kv_context),
                   "context_tokens": b.kv_context}
         log(f"{name}: bias (CrowS-Pairs {b.crows_pairs or 'all'}, StereoSet {b.stereoset or 'all'})")
-        crows = bias_eval.crows_pairs(model, tok, limit=b.crows_pairs, batch_size=16)
-        stereo = bias_eval.stereoset(model, tok, limit=b.stereoset, batch_size=16)
+        crows = bias_eval.crows_pairs(model, tok, limit=b.crows_pairs, batch_size=16,
+                                      progress=log.counter(f"{name}: CrowS-Pairs sentences"))
+        stereo = bias_eval.stereoset(model, tok, limit=b.stereoset, batch_size=16,
+                                     progress=log.counter(f"{name}: StereoSet sentences"))
         log(f"{name}: toxicity ({b.toxicity_prompts} prompts x {b.toxicity_samples} samples)")
         tox = tox_eval.toxicity_eval(model, tok, limit=b.toxicity_prompts, samples_per_prompt=b.toxicity_samples,
                                      max_new_tokens=b.toxicity_tokens, batch_size=8)

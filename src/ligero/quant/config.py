@@ -175,7 +175,7 @@ class LSQConfig(QuantConfig):
     bits: int = 4
     group_size: int = 128
     steps: int = 60
-    lr_step: float = 1e-3
+    lr_step: float = 1e-2  # Adam, on log(step / initial step) and on offsets in initial steps
     lr_weight: float = 1e-5
     seed: int = 0
     act_int8: bool = False  # also quantize activations per token to int8 (trained with the STE)

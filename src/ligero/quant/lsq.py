@@ -39,33 +39,47 @@ class LSQLinear(nn.Module):
         self.q_n, self.q_p = 1 << (cfg.bits - 1), (1 << (cfg.bits - 1)) - 1
         out, n = weight.shape
         self.weight = nn.Parameter(weight.detach().float().clone())
-        self.offset = None
         if cfg.learn_offset:  # LSQ+: start from round-to-nearest's grid (the codes are recomputed each step)
             _, scale, minimum = formats.quantize_int_groups(weight, cfg.bits, cfg.group_size)
-            self.step = nn.Parameter(scale.float().clamp(min=1e-5))
-            self.offset = nn.Parameter(minimum.float())
-            return
-        n_groups = -(-n // cfg.group_size)
-        pad = n_groups * cfg.group_size - n
-        w = F.pad(weight.abs().float(), (0, pad)).view(out, n_groups, cfg.group_size)
-        counts = torch.full((n_groups,), float(cfg.group_size))
-        counts[-1] = cfg.group_size - pad
-        init = 2 * (w.sum(-1) / counts) / math.sqrt(self.q_p)
-        self.step = nn.Parameter(init.clamp(min=1e-8))
+            init, offset = scale.float().clamp(min=1e-5), minimum.float()
+        else:
+            n_groups = -(-n // cfg.group_size)
+            pad = n_groups * cfg.group_size - n
+            w = F.pad(weight.abs().float(), (0, pad)).view(out, n_groups, cfg.group_size)
+            counts = torch.full((n_groups,), float(cfg.group_size))
+            counts[-1] = cfg.group_size - pad
+            init, offset = (2 * (w.sum(-1) / counts) / math.sqrt(self.q_p)).clamp(min=1e-8), None
+        # Trained in units of the initial step (step = init * exp(log_step), offset = offset0 + init * delta):
+        # Adam moves a parameter by about lr per update whatever its scale, and steps range over decades
+        # between layers, so a shared lr on raw steps is too large for some layers (diverges) and too small
+        # for others.
+        self.register_buffer("step_init", init)
+        self.log_step = nn.Parameter(torch.zeros_like(init))
+        self.register_buffer("offset_init", offset)
+        self.offset_delta = nn.Parameter(torch.zeros_like(init)) if offset is not None else None
+
+    @property
+    def step(self) -> torch.Tensor:
+        return self.step_init * torch.exp(self.log_step)
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        return None if self.offset_delta is None else self.offset_init + self.step_init * self.offset_delta
 
     @property
     def levels(self) -> int:
         return (1 << self.cfg.bits) - 1
 
     def _expand(self, p: torch.Tensor) -> torch.Tensor:
-        g = 1.0 / math.sqrt(self.cfg.group_size * (self.levels if self.offset is not None else self.q_p))
+        g = 1.0 / math.sqrt(self.cfg.group_size * (self.levels if self.offset_delta is not None else self.q_p))
         p16 = p + (p.half().float() - p).detach()  # train against the fp16 values that will be stored
         return formats.expand_groups(grad_scale(p16, g), self.cfg.group_size, self.weight.shape[1])
 
     def quantized_weight(self) -> torch.Tensor:
-        s = self._expand(self.step.clamp(min=1e-5))  # a step that trains down to 0 would divide by 0
-        if self.offset is not None:
-            b = self._expand(self.offset)
+        s = self._expand(self.step.clamp(min=1e-5))  # fp16 storage cannot hold a smaller step
+        offset = self.offset
+        if offset is not None:
+            b = self._expand(offset)
             return round_ste(((self.weight - b) / s).clamp(0, self.levels)) * s + b
         return round_ste((self.weight / s).clamp(-self.q_n, self.q_p)) * s
 
@@ -79,7 +93,7 @@ class LSQLinear(nn.Module):
         layer = Int4Linear(self.weight.shape[1], self.weight.shape[0], self.cfg, self.segments)
         step16 = self.step.detach().clamp(min=1e-5).half()
         s = formats.expand_groups(step16.float(), self.cfg.group_size, self.weight.shape[1])
-        if self.offset is not None:
+        if self.offset_delta is not None:
             offset16 = self.offset.detach().half()
             b = formats.expand_groups(offset16.float(), self.cfg.group_size, self.weight.shape[1])
             q = torch.round(((self.weight - b) / s).clamp(0, self.levels))
@@ -102,7 +116,8 @@ def lsq_model(model: Transformer, cfg: LSQConfig, calibration: list[list[int]], 
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LSQLinear(lin.weight, cfg, getattr(lin, "segments", None)))
     params_w = [m.weight for m in model.modules() if isinstance(m, LSQLinear)]
-    params_s = [p for m in model.modules() if isinstance(m, LSQLinear) for p in (m.step, m.offset) if p is not None]
+    params_s = [p for m in model.modules() if isinstance(m, LSQLinear) for p in (m.log_step, m.offset_delta)
+                if p is not None]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params_w + params_s:

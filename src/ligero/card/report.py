@@ -35,34 +35,32 @@ def _label_points(ax, xs, ys, names):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
 
 
-def fig_quality_vs_bits(rows: dict, folder: Path):
+def _scatter(rows: dict, x: str, y, color: str, xlabel: str, ylabel: str, title: str, log_y: bool = False):
+    """One labelled point per variant (the baseline in black); y is a key or a function of the row."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(rows)
-    xs = [rows[n]["bits_per_weight"] for n in names]
-    ys = [max(rows[n]["delta_ppl_pct"], 1e-3) for n in names]
-    ax.scatter(xs, ys, color=["black" if n == BASELINE else "tab:blue" for n in names])
+    xs = [rows[n][x] for n in names]
+    ys = [y(rows[n]) if callable(y) else rows[n][y] for n in names]
+    ax.scatter(xs, ys, color=["black" if n == BASELINE else color for n in names])
     _label_points(ax, xs, ys, names)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (stored)")
-    ax.set_ylabel("ΔPPL % vs fp32 (log; fp32 drawn at 0.001)")
-    ax.set_title("Quality lost against bits per weight")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def fig_quality_vs_bits(rows: dict, folder: Path):
+    fig = _scatter(rows, "bits_per_weight", lambda r: max(r["delta_ppl_pct"], 1e-3), "tab:blue",
+                   "bits per weight (stored)", "ΔPPL % vs fp32 (log; fp32 drawn at 0.001)",
+                   "Quality lost against bits per weight", log_y=True)
     return _save(fig, folder, "quality_vs_bits")
 
 
 def fig_speed_vs_size(rows: dict, folder: Path):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(rows)
-    xs = [rows[n]["size_mb"] for n in names]
-    ys = [rows[n]["decode_tok_s"] for n in names]
-    ax.scatter(xs, ys, color=["black" if n == BASELINE else "tab:green" for n in names])
-    _label_points(ax, xs, ys, names)
-    ax.set_xlabel("size MB (stored)")
-    ax.set_ylabel("decode tok/s (batch 1)")
-    ax.set_title("Decode speed against size")
-    ax.grid(alpha=0.3)
+    fig = _scatter(rows, "size_mb", "decode_tok_s", "tab:green", "size MB (stored)", "decode tok/s (batch 1)",
+                   "Decode speed against size")
     return _save(fig, folder, "speed_vs_size")
 
 

@@ -29,9 +29,9 @@ from ligero.errors import LigeroError
 from ligero.eval import bias as bias_eval
 from ligero.eval import toxicity as tox_eval
 from ligero.eval.data import wikipedia_split
-from ligero.eval.perplexity import window_bos
+from ligero.eval.perplexity import make_windows, window_bos
 from ligero.eval.profile import reference_profile
-from ligero.eval.quality import compare_models
+from ligero.eval.quality import base_logprobs, compare_models
 from ligero.eval.shift import ShiftResult, internal_shift
 from ligero.eval.speed import kv_cache_mb, measure_speed, token_latencies_ms
 from ligero.models.registry import DEFAULT_MODEL, REGISTRY
@@ -217,6 +217,14 @@ class Audit:
             self._inputs = {"eval": text, "ids": ids[: b.ppl_tokens], "bos": bos, "shift_windows": shift_windows}
         return self._inputs
 
+    def base_lp(self) -> list:
+        """The baseline's log-probs on the evaluation windows, computed once and shared by every variant."""
+        inp = self.inputs()
+        if "base_lp" not in inp:
+            windows = make_windows(inp["ids"], self.budget.ppl_ctx, bos=inp["bos"])
+            inp["base_lp"] = base_logprobs(self.base().model, windows)
+        return inp["base_lp"]
+
     def calibration(self) -> list[list[int]]:
         from ligero.quant.calibrate import calibration_windows
 
@@ -256,7 +264,8 @@ class Audit:
             seconds = time.perf_counter() - t0
         inp = self.inputs()
         log(f"{name}: perplexity and KL against the baseline ({len(inp['ids'])} tokens)")
-        capability = compare_models(base.model, model, inp["ids"], ctx=b.ppl_ctx, bos=inp["bos"]).summary()
+        capability = compare_models(base.model, model, inp["ids"], ctx=b.ppl_ctx, bos=inp["bos"],
+                                    base_lp=self.base_lp()).summary()
         capability["eval_sha256"] = inp["eval"].sha256
         log(f"{name}: speed (prefill {b.prefill_tokens}, decode {b.decode_tokens} x {b.speed_repeats})")
         speed = measure_speed(model, prefill_tokens=b.prefill_tokens, decode_tokens=b.decode_tokens,

@@ -39,15 +39,22 @@ def bits_per_weight(model) -> float:
 
 
 @torch.inference_mode()
+def base_logprobs(base, windows: list[list[int]]) -> list[torch.Tensor]:
+    """The base model's next-token log-probs per window ([T, V] each), to reuse across many variants."""
+    return [F.log_softmax(base(torch.tensor([w[:-1]], device=base.device)).float(), -1)[0] for w in windows]
+
+
+@torch.inference_mode()
 def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int | None = None,
-                   progress=None, bos: int | None = None) -> QualityResult:
-    """Both models on the same windows (each starting with `bos` when given: see make_windows)."""
+                   progress=None, bos: int | None = None, base_lp: list[torch.Tensor] | None = None) -> QualityResult:
+    """Both models on the same windows (each starting with `bos` when given: see make_windows). `base_lp`
+    (from base_logprobs on the same windows) saves recomputing the base model for every variant."""
     windows = make_windows(ids, ctx, max_tokens, bos=bos)
     nll_b = nll_q = 0.0
     kls, agree, count = [], 0, 0
-    for window in windows:
+    for i, window in enumerate(windows):
         x = torch.tensor([window], device=base.device)
-        lp_b = F.log_softmax(base(x[:, :-1]).float(), -1)[0]  # [T, V]
+        lp_b = base_lp[i] if base_lp is not None else F.log_softmax(base(x[:, :-1]).float(), -1)[0]  # [T, V]
         lp_q = F.log_softmax(quant(x[:, :-1].to(quant.device)).float(), -1)[0].to(lp_b.device)
         target = x[0, 1:, None]
         nll_b -= float(lp_b.gather(-1, target).double().sum())

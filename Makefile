@@ -28,6 +28,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/runtime.py
 	$(PY) benchmarks/quantization.py
+	$(PY) benchmarks/audit.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache ligero-out
+	rm -rf $(VENV) .pytest_cache ligero-out ligero-serve.db*

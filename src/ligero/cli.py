@@ -238,6 +238,21 @@ def cmd_card(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from ligero.serve.abtest import parse_split
+    from ligero.serve.monitor import monitor, summary_line
+
+    planned = None
+    if args.split:
+        names, shares = args.variants.split(",") if args.variants else [], parse_split(args.split)
+        if len(names) != len(shares):
+            raise LigeroError("--split needs --variants with as many names, e.g. --variants fp32,int4 --split 50,50")
+        planned = dict(zip(names, shares))
+    result = monitor(args.store, args.card, since=args.since, out_dir=Path(args.out), planned_split=planned)
+    print(summary_line(result))
+    return result["exit_code"]  # 0 OK, 1 WARN, 2 ALERT (for cron)
+
+
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small samples (CI smoke run, about 3 minutes)")
     p.add_argument("--out", default="ligero-out", help="output folder (a run goes to OUT/<run-id>/)")
@@ -301,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "adaround)")
     _add_audit_args(p)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("monitor", help="production traffic against a deployment card: drift and A/B analysis")
+    p.add_argument("--store", default="sqlite:///ligero-serve.db", help="the serving store URL (SQLite or PostgreSQL)")
+    p.add_argument("--card", required=True, help="the deployed variant's cards/<variant>.json")
+    p.add_argument("--since", help="only traffic after this: a duration (30m, 24h, 7d) or an ISO time")
+    p.add_argument("--out", default="ligero-out/monitor", help="folder for monitor.json and monitor.html")
+    p.add_argument("--variants", help="with --split: the planned A/B split, e.g. --variants fp32,int4 --split 50,50")
+    p.add_argument("--split", help="planned shares for the sample-ratio-mismatch check")
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("card", help="deployment cards")
     card_sub = p.add_subparsers(dest="card_command", required=True)

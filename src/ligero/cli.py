@@ -202,8 +202,8 @@ def cmd_quantize(args) -> int:
 
 
 def _audit(args, model_id: str, variants: list[str] | None) -> int:
-    from ligero.eval.audit import Audit, Thresholds
     from ligero.card.report import recommendation_lines
+    from ligero.eval.audit import Audit, Thresholds
 
     thresholds = Thresholds(args.max_ppl_increase, args.max_bias_shift, args.min_decode_tps)
     audit = Audit(model_id, variants, quick=args.quick, thresholds=thresholds, out=args.out, run_id=args.run_id,

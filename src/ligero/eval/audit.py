@@ -75,7 +75,7 @@ class Budget:
 FULL = Budget(ppl_tokens=2048, ppl_ctx=512, crows_pairs=400, stereoset=150, toxicity_prompts=24,
               toxicity_samples=4, toxicity_tokens=20, profile_prompts=12, profile_tokens=32, shift_windows=2,
               shift_tokens=256, prefill_tokens=256, decode_tokens=32, speed_repeats=3, calib_windows=8,
-              adaround_iters=80, lsq_steps=60, bootstrap=1000, kv_context=1024)
+              adaround_iters=60, lsq_steps=60, bootstrap=1000, kv_context=1024)
 QUICK = Budget(ppl_tokens=512, ppl_ctx=256, crows_pairs=24, stereoset=12, toxicity_prompts=4, toxicity_samples=2,
                toxicity_tokens=10, profile_prompts=4, profile_tokens=10, shift_windows=1, shift_tokens=64,
                prefill_tokens=32, decode_tokens=8, speed_repeats=1, calib_windows=1, adaround_iters=4,

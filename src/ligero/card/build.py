@@ -37,7 +37,7 @@ def sample_size_per_arm(p: float, mde: float, alpha: float = 0.05, power: float 
     return math.ceil((z_a + z_b) ** 2 * (p * (1 - p) + q * (1 - q)) / mde ** 2)
 
 
-def card_for(report: dict, name: str, result: dict, base: dict) -> dict:
+def card_for(report: dict, name: str, result: dict) -> dict:
     row = report["rows"][name]
     cmp = report["comparisons"].get(name)
     machine, entry = report["machine"], REGISTRY[report["model"]]
@@ -150,8 +150,7 @@ def card_for(report: dict, name: str, result: dict, base: dict) -> dict:
 
 def build_cards(report: dict, results: dict, folder: Path) -> list[Path]:
     paths = []
-    base = results["fp32"]
     for name, result in results.items():
-        json_path, _ = write_card(card_for(report, name, result, base), folder, name.replace("+", "_"))
+        json_path, _ = write_card(card_for(report, name, result), folder, name.replace("+", "_"))
         paths.append(json_path)
     return paths

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import ligero
@@ -34,6 +33,7 @@ from ligero.eval.profile import reference_profile
 from ligero.eval.quality import base_logprobs, compare_models
 from ligero.eval.shift import ShiftResult, internal_shift
 from ligero.eval.speed import kv_cache_mb, measure_speed, token_latencies_ms
+from ligero.io.checkpoint import file_sha256
 from ligero.models.registry import DEFAULT_MODEL, REGISTRY
 from ligero.models.transformer import stored_bytes
 from ligero.quant.config import AdaRoundConfig, LSQConfig, recipe_for
@@ -143,14 +143,6 @@ def machine_info() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "device": "cpu",
             "torch": torch.__version__, "python": platform.python_version(), "ligero": ligero.__version__}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Log:
@@ -421,8 +413,3 @@ def recommend(rows: dict, t: Thresholds) -> dict:
         summary = "no variant meets all thresholds; keep the baseline or relax a threshold (reasons per variant below)."
     return {"chosen": chosen, "summary": summary, "min_decode_tps_used": min_tps,
             "thresholds": dataclasses.asdict(t), "verdicts": verdicts}
-
-
-def percentiles(values, qs=(50, 95)) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": float(np.percentile(v, q)) for q in qs}

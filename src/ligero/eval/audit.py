@@ -42,7 +42,7 @@ BASELINE = "fp32"
 # The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
 LEARNED = "adaround"
 DEFAULT_VARIANTS = ("int8", "int4", "w8a8", "fp8", "nvfp4", "b158", "int4+kv3", LEARNED)
-RESULT_VERSION = 1  # bump when what a cached variant file holds changes
+RESULT_VERSION = 2  # bump when what a cached variant file holds changes
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,13 @@ class Budget:
 
 
 # Sized so the full run of 9 models fits ~20 minutes on 2 CPU cores: scoring all 1,018 CrowS-Pairs pairs takes
-# ~75 s per model there, so the full run scores a stratified 400 (every category, the same items on every run).
-FULL = Budget(ppl_tokens=2048, ppl_ctx=512, crows_pairs=400, stereoset=150, toxicity_prompts=24,
-              toxicity_samples=4, toxicity_tokens=20, profile_prompts=12, profile_tokens=32, shift_windows=2,
+# ~75 s per model there, so the full run scores a stratified 320 (every category, the same items on every run).
+FULL = Budget(ppl_tokens=2048, ppl_ctx=512, crows_pairs=320, stereoset=150, toxicity_prompts=20,
+              toxicity_samples=4, toxicity_tokens=20, profile_prompts=48, profile_tokens=32, shift_windows=2,
               shift_tokens=256, prefill_tokens=256, decode_tokens=32, speed_repeats=3, calib_windows=8,
               adaround_iters=60, lsq_steps=60, bootstrap=1000, kv_context=1024)
 QUICK = Budget(ppl_tokens=512, ppl_ctx=256, crows_pairs=24, stereoset=12, toxicity_prompts=4, toxicity_samples=2,
-               toxicity_tokens=10, profile_prompts=4, profile_tokens=10, shift_windows=1, shift_tokens=64,
+               toxicity_tokens=10, profile_prompts=8, profile_tokens=10, shift_windows=1, shift_tokens=64,
                prefill_tokens=32, decode_tokens=8, speed_repeats=1, calib_windows=1, adaround_iters=4,
                lsq_steps=2, bootstrap=300, kv_context=256)
 
@@ -278,7 +278,8 @@ class Audit:
             log(f"{name}: internal shift ({len(inp['shift_windows'])} windows)")
             shift = internal_shift(base.model, model, inp["shift_windows"]).to_dict()
         log(f"{name}: reference profile ({b.profile_prompts} requests)")
-        profile = reference_profile(model, tok, n_prompts=b.profile_prompts, max_new_tokens=b.profile_tokens)
+        profile = reference_profile(model, tok, n_prompts=b.profile_prompts, max_new_tokens=b.profile_tokens,
+                                    progress=log.counter(f"{name}: profile requests"))
         result = {
             "variant": name, "settings": self.settings, "created": now(), "recipe": recipe.to_dict() if recipe else None,
             "quantize_seconds": seconds, "capability": capability, "speed": speed,

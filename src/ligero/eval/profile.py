@@ -1,9 +1,9 @@
 """The reference profile a deployment card promises: what normal traffic to a variant looks like.
 
-For a fixed set of ordinary prompts (the first sentence of evaluation-split paragraphs), one request at a time as a
-server would answer it: prompt length, output length, mean token log-prob of the output under the model's own
-(untempered) distribution, toxicity score of the output, and latency. `ligero monitor` compares production
-traffic with these distributions (PSI, Jensen-Shannon, KS).
+For a fixed set of ordinary prompts (the first sentence of evaluation-split paragraphs), answered in batches of 8 as
+`ligero serve` batches concurrent requests: prompt length, output length, mean token log-prob of the output under
+the model's own (untempered) distribution, toxicity score of the output, and latency. `ligero monitor` compares
+production traffic with these distributions (PSI, Jensen-Shannon, KS).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import re
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ligero.eval.data import PASSAGE_SEPARATOR, wikipedia_split
 from ligero.eval.toxicity import score_texts
-from ligero.models.generate import SamplingConfig, sample_next
+from ligero.models.generate import BatchGeneration, SamplingConfig
 
 
 def profile_prompts(n: int, seed: int = 0) -> tuple[list[str], dict]:
@@ -43,42 +41,45 @@ def distribution(values) -> dict:
             "p95": float(np.quantile(v, 0.95))}
 
 
-@torch.inference_mode()
-def respond(model, tokenizer, prompt: str, max_new_tokens: int, sampling: SamplingConfig) -> dict:
-    """One request as the server runs it: (prompt tokens, output text and tokens, token log-probs, seconds)."""
-    t0 = time.perf_counter()
-    ids = tokenizer.encode(prompt)
-    n = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
-    cache = model.new_cache(1, len(ids) + n)
-    generator = torch.Generator(device=model.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
-    logits = model(torch.tensor([ids], device=model.device), kv_cache=cache, last_only=True)[:, -1]
-    out, logprobs, eos = [], [], set(tokenizer.eos_ids)
-    for i in range(n):
-        token = sample_next(logits, sampling, generator)
-        t = int(token)
-        if t in eos:
-            break
-        out.append(t)
-        logprobs.append(float(F.log_softmax(logits.float(), -1)[0, t]))
-        pos = torch.tensor([[len(ids) + i]], device=model.device)
-        logits = model(token.view(1, 1), pos, kv_cache=cache)[:, -1]
-    return {"prompt_tokens": len(ids), "tokens": out, "text": tokenizer.decode(out), "logprobs": logprobs,
-            "seconds": time.perf_counter() - t0}
-
-
-def reference_profile(model, tokenizer, n_prompts: int = 16, max_new_tokens: int = 32, temperature: float = 0.7,
-                      top_p: float = 0.9, seed: int = 0, progress=None) -> dict:
-    prompts, info = profile_prompts(n_prompts, seed)
+def batched_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, samplings: list[SamplingConfig],
+                      batch_size: int = 8) -> list[dict]:
+    """Answer prompts in batches as `ligero serve` does: per request its prompt tokens, output tokens and text,
+    the output tokens' log-probs (untempered) and its latency (from its batch's start to its last token)."""
     rows = []
-    for i, prompt in enumerate(prompts):
-        rows.append(respond(model, tokenizer, prompt, max_new_tokens,
-                            SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + i)))
+    for b in range(0, len(prompts), batch_size):
+        t0 = time.perf_counter()
+        ids = [tokenizer.encode(p) for p in prompts[b:b + batch_size]]
+        gen = BatchGeneration(model, ids, max_new_tokens, samplings[b:b + batch_size], tokenizer.eos_ids,
+                              tokenizer.pad_id)
+        logprobs: list[list[float]] = [[] for _ in ids]
+        ended = [0.0] * len(ids)
+        while not gen.done:
+            for i, _, lp in gen.step():
+                logprobs[i].append(lp)
+            now = time.perf_counter() - t0
+            for i, reason in enumerate(gen.reasons):
+                if reason is not None and not ended[i]:
+                    ended[i] = now
+        rows += [{"prompt_tokens": len(x), "tokens": t, "text": tokenizer.decode(t), "logprobs": lp, "seconds": s}
+                 for x, t, lp, s in zip(ids, gen.tokens, logprobs, ended)]
+    return rows
+
+
+def reference_profile(model, tokenizer, n_prompts: int = 48, max_new_tokens: int = 32, temperature: float = 0.7,
+                      top_p: float = 0.9, seed: int = 0, batch_size: int = 8, progress=None) -> dict:
+    prompts, info = profile_prompts(n_prompts, seed)
+    samplings = [SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + i) for i in range(len(prompts))]
+    rows = []
+    for b in range(0, len(prompts), batch_size):
+        rows += batched_responses(model, tokenizer, prompts[b:b + batch_size], max_new_tokens,
+                                  samplings[b:b + batch_size], batch_size)
         if progress:
-            progress()
+            progress(len(rows), len(prompts))
     tox = score_texts([r["text"] for r in rows])
     return {
         "prompts": info,
-        "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
+        "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+                     "batch_size": batch_size},
         "n": len(rows),
         "output_length": distribution([len(r["tokens"]) for r in rows]),
         "mean_logprob": distribution([float(np.mean(r["logprobs"])) if r["logprobs"] else 0.0 for r in rows]),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ligero.errors import LigeroError
 from ligero.models.transformer import Transformer
@@ -64,7 +65,94 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return tokens, positions
 
 
-@torch.inference_mode()
+class BatchGeneration:
+    """A batch of prompts decoded one step at a time: each row with its own sampling settings, random stream and
+    token budget. `step()` returns the tokens produced in that step, so a caller can stream them, stop a row
+    (`finish`) between steps, and read each token's log-prob under the model's untempered distribution.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: Transformer, prompts: list[list[int]], max_new_tokens: int | list[int],
+                 sampling: SamplingConfig | list[SamplingConfig] | None = None, eos_ids: list[int] | None = None,
+                 pad_id: int = 0):
+        n = len(prompts)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise LigeroError("every prompt needs at least one token")
+        budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        samplings = [sampling or SamplingConfig()] * n if not isinstance(sampling, list) else sampling
+        if len(budgets) != n or len(samplings) != n:
+            raise LigeroError("give one max_new_tokens and one sampling config per prompt (or one for all)")
+        if min(budgets) < 1:
+            raise LigeroError(f"max_new_tokens must be >= 1, got {min(budgets)}")
+        longest, ctx = max(len(p) for p in prompts), model.cfg.max_seq_len
+        if longest >= ctx:
+            raise LigeroError(f"the prompt is {longest} tokens but the model's context is {ctx}; shorten the prompt")
+        self.budgets = [min(b, ctx - longest) for b in budgets]
+        self.model, self.samplings, self.pad_id = model, samplings, pad_id
+        self.eos = set(eos_ids or [])
+        device = model.device
+        tokens, positions = left_pad(prompts, pad_id)
+        tokens, positions = tokens.to(device), positions.to(device)
+        self.cache = model.new_cache(n, longest + max(self.budgets))
+        # One config for the batch: one random stream for the whole batch. One config per row: a stream per row,
+        # so a request's sample does not depend on what it was batched with.
+        self.shared = not isinstance(sampling, list)
+        self.generators = [torch.Generator(device=device).manual_seed(s.seed) if s.temperature > 0 else None
+                           for s in (samplings[:1] if self.shared else samplings)]
+        self.tokens: list[list[int]] = [[] for _ in prompts]  # new tokens per row (EOS excluded)
+        self.reasons: list[str | None] = [None] * n  # None while the row is still generating
+        self.next_pos = positions[:, -1:] + 1  # [B, 1]
+        self.logits = model(tokens, positions, kv_cache=self.cache, last_only=True)[:, -1]  # [B, V]
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def finish(self, row: int, reason: str) -> None:
+        """Stop a row (a stop string, a guardrail, a client that left); its slot decodes padding from now on."""
+        if self.reasons[row] is None:
+            self.reasons[row] = reason
+
+    def _sample(self) -> list[int]:
+        live = [i for i, r in enumerate(self.reasons) if r is None]
+        if self.shared:
+            return sample_next(self.logits, self.samplings[0], self.generators[0]).tolist()
+        if all(self.samplings[i].temperature == 0 for i in live):
+            return self.logits.argmax(-1).tolist()
+        out = [self.pad_id] * len(self.reasons)
+        for i in live:
+            out[i] = int(sample_next(self.logits[i : i + 1], self.samplings[i], self.generators[i]))
+        return out
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int, float]]:
+        """Sample one token for every unfinished row and run the model on them: [(row, token, logprob)].
+
+        A row that samples EOS finishes ("eos") without producing a token; one that reaches its budget finishes
+        ("length") after producing it.
+        """
+        if self.done:
+            return []
+        nxt = self._sample()
+        logprobs = F.log_softmax(self.logits.float(), -1).gather(1, torch.tensor(nxt, device=self.logits.device)[:, None])
+        produced = []
+        for i, t in enumerate(nxt):
+            if self.reasons[i] is not None:
+                nxt[i] = self.pad_id
+            elif t in self.eos:
+                self.reasons[i], nxt[i] = "eos", self.pad_id
+            else:
+                self.tokens[i].append(t)
+                produced.append((i, t, float(logprobs[i, 0])))
+                if len(self.tokens[i]) >= self.budgets[i]:
+                    self.reasons[i] = "length"
+        if not self.done:
+            self.logits = self.model(torch.tensor(nxt, device=self.logits.device)[:, None], self.next_pos,
+                                     kv_cache=self.cache)[:, -1]
+            self.next_pos = self.next_pos + 1
+        return produced
+
+
 def generate_tokens(
     model: Transformer,
     prompts: list[list[int]],
@@ -76,44 +164,14 @@ def generate_tokens(
 ) -> tuple[list[list[int]], list[str]]:
     """Generate token ids for a batch of prompts: (new tokens per sequence, EOS excluded; finish reasons).
 
-    `on_token(i, token)` sees each new token of an unfinished sequence and returns True to finish it.
+    `on_token(i, token)` sees each new token of an unfinished sequence and returns True to finish it ("stop").
     """
-    sampling = sampling or SamplingConfig()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LigeroError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise LigeroError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    longest, ctx = max(len(p) for p in prompts), model.cfg.max_seq_len
-    if longest >= ctx:
-        raise LigeroError(f"the prompt is {longest} tokens but the model's context is {ctx}; shorten the prompt")
-    max_new_tokens = min(max_new_tokens, ctx - longest)
-    device = model.device
-    tokens, positions = left_pad(prompts, pad_id)
-    tokens, positions = tokens.to(device), positions.to(device)
-    cache = model.new_cache(len(prompts), longest + max_new_tokens)
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
-    eos = set(eos_ids or [])
-    done = [False] * len(prompts)
-    reasons = ["length"] * len(prompts)
-    new: list[list[int]] = [[] for _ in prompts]
-    next_pos = positions[:, -1:] + 1  # [B, 1]
-    logits = model(tokens, positions, kv_cache=cache, last_only=True)[:, -1]
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, sampling, generator).tolist()
-        for i, t in enumerate(nxt):
-            if done[i]:
-                nxt[i] = pad_id
-            elif t in eos:
-                done[i], reasons[i] = True, "eos"
-            else:
-                new[i].append(t)
-                if on_token and on_token(i, t):
-                    done[i], reasons[i] = True, "stop"
-        if all(done):
-            break
-        logits = model(torch.tensor(nxt, device=device)[:, None], next_pos, kv_cache=cache)[:, -1]
-        next_pos = next_pos + 1
-    return new, reasons
+    batch = BatchGeneration(model, prompts, max_new_tokens, sampling, eos_ids, pad_id)
+    while not batch.done:
+        for i, t, _ in batch.step():
+            if on_token and on_token(i, t):
+                batch.reasons[i] = "stop"  # overrides "length" when the last allowed token also stops it
+    return batch.tokens, batch.reasons
 
 
 def generate(

@@ -1,6 +1,8 @@
 """The serving store: every record round-trips, feedback checks its response, first assignment wins a race,
 commits survive reopening and a crash. SQLite always; PostgreSQL too when LIGERO_TEST_POSTGRES_URL names a
-throwaway database (the tests drop and recreate Ligero's tables in it)."""
+throwaway database (`.ci/postgres.sh` starts one; CI sets it): every test that takes `url` or `store` then runs on
+both. The PostgreSQL cases work in a schema of their own, made for the test session and dropped after it (the
+URL's role needs CREATE on the database), and each test starts without Ligero's tables."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from ligero.errors import LigeroError
@@ -19,24 +23,39 @@ from ligero.serve import store as st
 from ligero.serve.store import Store
 
 POSTGRES_URL = os.environ.get("LIGERO_TEST_POSTGRES_URL")
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.skipif(
-        not POSTGRES_URL, reason="set LIGERO_TEST_POSTGRES_URL to a throwaway PostgreSQL database to test it")),
-]
+NEEDS_POSTGRES = pytest.mark.skipif(
+    not POSTGRES_URL, reason="set LIGERO_TEST_POSTGRES_URL to a throwaway PostgreSQL database to test it")
+BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=NEEDS_POSTGRES)]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """LIGERO_TEST_POSTGRES_URL with its search_path set to a new schema of this test session's (dropped at the
+    end): the tests touch nothing else in that database, nor the schema of a test run beside this one."""
+    schema = f"ligero_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(st._parse_url(POSTGRES_URL))
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield (make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+               .render_as_string(hide_password=False))
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 @pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
-    """The URL of an empty store: a new SQLite file, or the PostgreSQL database without Ligero's tables."""
+    """The URL of an empty store: a new SQLite file, or the session's PostgreSQL schema without Ligero's tables."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'serve.db'}"
         return
-    engine = create_engine(st._parse_url(POSTGRES_URL))
-    st.Base.metadata.drop_all(engine)
-    yield POSTGRES_URL
-    st.Base.metadata.drop_all(engine)
+    pg_url = request.getfixturevalue("postgres_url")
+    engine = create_engine(st._parse_url(pg_url))
+    st.Base.metadata.drop_all(engine)  # whatever an earlier test left, e.g. after a failure
     engine.dispose()
+    yield pg_url
 
 
 @pytest.fixture
@@ -242,6 +261,14 @@ def test_bad_urls_are_user_errors(tmp_path):
     with pytest.raises(LigeroError, match="cannot open the store") as info:
         Store("postgresql://ligero:secret@127.0.0.1:1/ligero")  # nothing listens on port 1
     assert "secret" not in str(info.value) and "postgresql+psycopg://ligero:***@" in str(info.value)
+
+
+@NEEDS_POSTGRES
+def test_a_wrong_postgres_password_is_a_user_error_that_does_not_echo_it():
+    wrong = make_url(POSTGRES_URL).set(password="wrong-secret").render_as_string(hide_password=False)
+    with pytest.raises(LigeroError, match="cannot open the store") as info:
+        Store(wrong)
+    assert "wrong-secret" not in str(info.value)
 
 
 def test_in_memory_store_for_tests():

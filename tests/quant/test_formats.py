@@ -99,6 +99,19 @@ def test_packed_kernels_match_dequantized_reference(config, rows):
         torch.testing.assert_close(layer(big), F.linear(big, w_hat), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("config", [Int8WeightConfig(), Int4WeightConfig(32), Int4WeightConfig(128), FP8Config("e4m3"),
+                                    FP4Config("nvfp4")], ids=["int8", "int4-g32", "int4-g128", "fp8", "nvfp4"])
+def test_batched_kernel_rows_equal_single_row_calls(config):
+    """The decode kernels share each weight row's unpacking across the batch; every row's result must be exactly
+    what it would be alone, so a served request's output does not depend on what it was batched with."""
+    layer = LAYERS[type(config)].from_float(randn(200, 576, seed=6), config)
+    x = randn(8, 576, seed=7)
+    with torch.inference_mode():
+        batched = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
+    assert torch.equal(batched, alone)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_dense_low_bit_packing_is_bit_exact(bits):
     q = torch.randint(0, 2**bits, (5, 64), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)

@@ -75,86 +75,59 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
 namespace {
 
 // int8 weights, one fp32 scale per output row: y = scale[o] * sum_i q[o, i] x[i].
-// Values are widened in registers (int8 -> int32 -> fp32); memory traffic is 1 byte per weight.
-void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t in,
-                    int64_t out, int64_t begin, int64_t end) {
+// Values are widened in registers (int8 -> int32 -> fp32) once per weight row and used for all MT activation
+// rows (the decode batch); memory traffic is 1 byte per weight.
+template <int MT>
+void gemv_int8_rows_t(const float* x, const int8_t* q, const float* scale, float* y, int64_t in, int64_t out,
+                      int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* row = q + o * in;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * in;
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-      int64_t i = 0;
-      for (; i + 32 <= in; i += 32) {
-        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i))));
-        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i + 16))));
-        acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm + i), acc0);
-        acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + i + 16), acc1);
+    __m512 acc0[MT], acc1[MT];
+    for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32) {
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i))));
+      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i + 16))));
+      for (int m = 0; m < MT; ++m) {
+        acc0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * in + i), acc0[m]);
+        acc1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * in + i + 16), acc1[m]);
       }
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-      for (; i < in; ++i) s += float(row[i]) * xm[i];
+    }
+    for (int m = 0; m < MT; ++m) {
+      const float* xm = x + m * in;
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+      for (int64_t t = i; t < in; ++t) s += float(row[t]) * xm[t];
       y[m * out + o] = s * scale[o];
     }
   }
 }
 
-// int4 weights packed per 32-value block (byte j = q[j] | q[j + 16] << 4), with an fp16 scale and minimum
-// per group: w = scale * q + minimum. sum_i w_i x_i = scale * sum q_i x_i + minimum * sum x_i, so the
-// minimum term uses per-group sums of x computed once per call. Four rows at a time share the x loads and
-// keep four memory streams in flight; fp16 scales are converted with F16C (vcvtph2ps).
-inline float half_bits_to_float(const at::Half& h) { return _cvtsh_ss(h.x); }
-
-template <int R>
-inline void gemv_int4_block(const float* xm, const float* xsum_m, const uint8_t* const* rows,
-                            const at::Half* const* srows, const at::Half* const* mrows, int64_t in, int64_t group,
-                            int64_t n_groups, float* ym, int64_t stride) {
-  const __m512i low4 = _mm512_set1_epi32(0xF);
-  __m512 acc[R];
-  float bias[R];
-  for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); bias[r] = 0.f; }
-  for (int64_t g = 0; g < n_groups; ++g) {
-    const int64_t lo = g * group, hi = std::min(in, lo + group);
-    __m512 part[R];
-    for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
-    for (int64_t i = lo; i < hi; i += 32) {
-      const __m512 x_lo = _mm512_loadu_ps(xm + i), x_hi = _mm512_loadu_ps(xm + i + 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(rows[r] + i / 2)));
-        part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), x_lo, part[r]);
-        part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), x_hi, part[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(half_bits_to_float(srows[r][g])), acc[r]);
-      bias[r] += half_bits_to_float(mrows[r][g]) * xsum_m[g];
-    }
+// Calls kernel<MT> on activation rows in tiles of up to 8 (the decode batch is at most 8 rows).
+#define LIGERO_TILE_M(M, KERNEL, X, IN, Y, OUT, ...)                                   \
+  for (int64_t m0 = 0; m0 < (M); m0 += 8) {                                           \
+    const float* xt = (X) + m0 * (IN);                                                 \
+    float* yt = (Y) + m0 * (OUT);                                                      \
+    switch (std::min<int64_t>(8, (M) - m0)) {                                          \
+      case 1: KERNEL<1>(xt, __VA_ARGS__, yt); break;                                   \
+      case 2: KERNEL<2>(xt, __VA_ARGS__, yt); break;                                   \
+      case 3: KERNEL<3>(xt, __VA_ARGS__, yt); break;                                   \
+      case 4: KERNEL<4>(xt, __VA_ARGS__, yt); break;                                   \
+      case 5: KERNEL<5>(xt, __VA_ARGS__, yt); break;                                   \
+      case 6: KERNEL<6>(xt, __VA_ARGS__, yt); break;                                   \
+      case 7: KERNEL<7>(xt, __VA_ARGS__, yt); break;                                   \
+      default: KERNEL<8>(xt, __VA_ARGS__, yt); break;                                  \
+    }                                                                                  \
   }
-  for (int r = 0; r < R; ++r) ym[r * stride] = _mm512_reduce_add_ps(acc[r]) + bias[r];
+
+template <int MT>
+inline void int8_tile(const float* x, const int8_t* q, const float* scale, int64_t in, int64_t out, int64_t b,
+                      int64_t e, float* y) {
+  gemv_int8_rows_t<MT>(x, q, scale, y, in, out, b, e);
 }
 
-void gemv_int4_rows(const float* x, const float* xsum, const uint8_t* packed, const at::Half* scale,
-                    const at::Half* minimum, float* y, int64_t M, int64_t in, int64_t out, int64_t group,
-                    int64_t begin, int64_t end) {
-  const int64_t n_groups = (in + group - 1) / group;
-  int64_t o = begin;
-  for (; o < end; o += kRows) {
-    const int rows_here = (int)std::min<int64_t>(kRows, end - o);
-    const uint8_t* rows[kRows];
-    const at::Half* srows[kRows];
-    const at::Half* mrows[kRows];
-    for (int r = 0; r < rows_here; ++r) {
-      rows[r] = packed + (o + r) * (in / 2);
-      srows[r] = scale + (o + r) * n_groups;
-      mrows[r] = minimum + (o + r) * n_groups;
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * in;
-      const float* xs = xsum + m * n_groups;
-      float* ym = y + m * out + o;
-      if (rows_here == kRows) gemv_int4_block<kRows>(xm, xs, rows, srows, mrows, in, group, n_groups, ym, 1);
-      else for (int r = 0; r < rows_here; ++r)
-        gemv_int4_block<1>(xm, xs, rows + r, srows + r, mrows + r, in, group, n_groups, ym + r, 1);
-    }
-  }
+void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t in,
+                    int64_t out, int64_t begin, int64_t end) {
+  LIGERO_TILE_M(M, int8_tile, x, in, y, out, q, scale, in, out, begin, end)
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -206,9 +179,12 @@ inline std::vector<float> group_sums(const SplitX& sx, int64_t group) {
   return gs;
 }
 
-// One row of packed int4 (one chunk = 4 blocks = 128 weights = 64 bytes) against the split activations.
-inline float int4_row_vnni(const uint8_t* row, const at::Half* srow, const at::Half* mrow, const SplitX& sx,
-                           const float* gsum, int64_t in, int64_t group) {
+// One row of packed int4 (one chunk = 4 blocks = 128 weights = 64 bytes) against MT rows of split activations
+// (MT = the decode batch, 1-8). The nibble unpacking, the weight scales and the minimums are loaded once per
+// weight row and shared by all MT activation rows, so a batch of 8 costs far less than 8 batch-1 calls.
+template <int MT>
+inline void int4_row_vnni(const uint8_t* row, const at::Half* srow, const at::Half* mrow, const SplitX* sx,
+                          const float* const* gsum, int64_t in, int64_t group, float* y, int64_t y_stride) {
   const int64_t n_blocks = in / 32, n_chunks = (n_blocks + 3) / 4, n_groups = (in + group - 1) / group;
   const int64_t bpg = group / 32;  // blocks per group: 1, 2, 4, 8
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -218,27 +194,48 @@ inline float int4_row_vnni(const uint8_t* row, const at::Half* srow, const at::H
                                       : _mm512_setzero_si512();
   const int64_t scales_per_chunk = bpg >= 4 ? 1 : 4 / bpg;
   const int bpg_shift = __builtin_ctzll((unsigned long long)bpg);  // group sizes are powers of two: no division
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t blocks_here = std::min<int64_t>(4, n_blocks - c * 4);
     const __mmask64 mask = blocks_here == 4 ? ~0ULL : ((1ULL << (16 * blocks_here)) - 1);
     const __m512i v = _mm512_maskz_loadu_epi8(mask, row + c * 64);
     const __m512i lo_n = _mm512_and_si512(v, low4);
     const __m512i hi_n = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    __m512i ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_n, _mm512_loadu_si512(sx.hi_first.data() + c * 64));
-    __m512i al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_n, _mm512_loadu_si512(sx.lo_first.data() + c * 64));
-    ah = _mm512_dpbusd_epi32(ah, hi_n, _mm512_loadu_si512(sx.hi_second.data() + c * 64));
-    al = _mm512_dpbusd_epi32(al, hi_n, _mm512_loadu_si512(sx.lo_second.data() + c * 64));
-    const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al));
     const int64_t s0 = (c * 4) >> bpg_shift;
     const int64_t n_s = std::min<int64_t>(scales_per_chunk, n_groups - s0);
     const __m128 sv = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << n_s) - 1), srow + s0));
     const __m512 wscale = _mm512_permutexvar_ps(lane_scale, _mm512_castps128_ps512(sv));
-    acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(wscale, _mm512_loadu_ps(sx.scale.data() + c * 16)), acc);
+    for (int m = 0; m < MT; ++m) {
+      const SplitX& x = sx[m];
+      __m512i ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_n, _mm512_loadu_si512(x.hi_first.data() + c * 64));
+      __m512i al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_n, _mm512_loadu_si512(x.lo_first.data() + c * 64));
+      ah = _mm512_dpbusd_epi32(ah, hi_n, _mm512_loadu_si512(x.hi_second.data() + c * 64));
+      al = _mm512_dpbusd_epi32(al, hi_n, _mm512_loadu_si512(x.lo_second.data() + c * 64));
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al));
+      acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(wscale, _mm512_loadu_ps(x.scale.data() + c * 16)), acc[m]);
+    }
   }
-  float bias = 0.f;
-  for (int64_t g = 0; g < n_groups; ++g) bias += _cvtsh_ss(mrow[g].x) * gsum[g];
-  return _mm512_reduce_add_ps(acc) + bias;
+  // Minimum term: sum_g minimum[g] * (sum of x over group g), the minimums converted once for all MT rows.
+  float mins[256];
+  const bool small = n_groups <= 256;
+  if (small)
+    for (int64_t g = 0; g < n_groups; ++g) mins[g] = _cvtsh_ss(mrow[g].x);
+  for (int m = 0; m < MT; ++m) {
+    float bias = 0.f;
+    for (int64_t g = 0; g < n_groups; ++g) bias += (small ? mins[g] : _cvtsh_ss(mrow[g].x)) * gsum[m][g];
+    y[m * y_stride] = _mm512_reduce_add_ps(acc[m]) + bias;
+  }
+}
+
+template <int MT>
+void int4_rows_vnni(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
+                    const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
+                    int64_t end) {
+  const int64_t n_groups = (in + group - 1) / group;
+  for (int64_t o = begin; o < end; ++o)
+    int4_row_vnni<MT>(packed + o * (in / 2), scale + o * n_groups, minimum + o * n_groups, sx, gsum, in, group,
+                      y + o, out);
 }
 #endif
 
@@ -283,11 +280,26 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
     split_x(xp + m * in, in, sx_buffers[m]);
     gsum[m] = group_sums(sx[m], group);
   }
+  std::vector<const float*> gsum_ptr(M);
+  for (int64_t m = 0; m < M; ++m) gsum_ptr[m] = gsum[m].data();
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o)
-      for (int64_t m = 0; m < M; ++m)
-        yp[m * out + o] = int4_row_vnni(pp + o * (in / 2), sp + o * n_groups, mp + o * n_groups, sx[m],
-                                        gsum[m].data(), in, group);
+    // Activation rows in tiles of up to 8 (the decode batch): one weight row's unpacking serves a whole tile.
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mt = std::min<int64_t>(8, M - m0);
+      const SplitX* xs = sx + m0;
+      const float* const* gs = gsum_ptr.data() + m0;
+      float* ym = yp + m0 * out;
+      switch (mt) {
+        case 1: int4_rows_vnni<1>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+        case 2: int4_rows_vnni<2>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+        case 3: int4_rows_vnni<3>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+        case 4: int4_rows_vnni<4>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+        case 5: int4_rows_vnni<5>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+        case 6: int4_rows_vnni<6>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+        case 7: int4_rows_vnni<7>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+        default: int4_rows_vnni<8>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
+      }
+    }
   });
 #else
   auto xsum = torch::zeros({M, n_groups}, x.options());
@@ -305,50 +317,67 @@ namespace {
 
 // 4-bit codes through a 16-entry value table (E2M1 for MXFP4/NVFP4), packed like int4, with one scale code per
 // block of 16 or 32 inputs decoded through a 256-entry table (E8M0 or E4M3) and a per-tensor fp32 scale.
-void gemv_lut4_rows(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
-                    const float* value_lut, float tensor_scale, float* y, int64_t M, int64_t in, int64_t out,
-                    int64_t block, int64_t begin, int64_t end) {
+template <int MT>
+inline void lut4_tile(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
+                      const float* value_lut, float tensor_scale, int64_t in, int64_t out, int64_t block,
+                      int64_t begin, int64_t end, float* y) {
   const int64_t n_blocks = in / block;
   const __m512 lut = _mm512_loadu_ps(value_lut);
   const __m512i low4 = _mm512_set1_epi32(0xF);
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = packed + o * (in / 2);
     const uint8_t* srow = scale_codes + o * n_blocks;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * in;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < in; i += 32) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i / 2)));
-        const float s_lo = scale_lut[srow[i / block]];
-        const float s_hi = scale_lut[srow[(i + 16) / block]];
-        const __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), _mm512_set1_ps(s_lo));
-        const __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), _mm512_set1_ps(s_hi));
-        acc = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xm + i), acc);
-        acc = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xm + i + 16), acc);
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += 32) {
+      // Decoded once per weight row, used by every activation row of the tile.
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i / 2)));
+      const float s_lo = scale_lut[srow[i / block]];
+      const float s_hi = scale_lut[srow[(i + 16) / block]];
+      const __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), _mm512_set1_ps(s_lo));
+      const __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), _mm512_set1_ps(s_hi));
+      for (int m = 0; m < MT; ++m) {
+        acc[m] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + m * in + i), acc[m]);
+        acc[m] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + m * in + i + 16), acc[m]);
       }
-      y[m * out + o] = _mm512_reduce_add_ps(acc) * tensor_scale;
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = _mm512_reduce_add_ps(acc[m]) * tensor_scale;
+  }
+}
+
+void gemv_lut4_rows(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
+                    const float* value_lut, float tensor_scale, float* y, int64_t M, int64_t in, int64_t out,
+                    int64_t block, int64_t begin, int64_t end) {
+  LIGERO_TILE_M(M, lut4_tile, x, in, y, out, packed, scale_codes, scale_lut, value_lut, tensor_scale, in, out,
+                block, begin, end)
+}
+
+// 8-bit codes through a 256-entry value table (FP8 E4M3 / E5M2) with one fp32 scale per output row.
+template <int MT>
+inline void lut8_tile(const float* x, const uint8_t* q, const float* row_scale, const float* lut, int64_t in,
+                      int64_t out, int64_t begin, int64_t end, float* y) {
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = q + o * in;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+      // The gather is the expensive part: once per weight row, shared by the tile's activation rows.
+      const __m512 w = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i))), lut, 4);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * in + i), acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const float* xm = x + m * in;
+      float s = _mm512_reduce_add_ps(acc[m]);
+      for (int64_t t = i; t < in; ++t) s += lut[row[t]] * xm[t];
+      y[m * out + o] = s * row_scale[o];
     }
   }
 }
 
-// 8-bit codes through a 256-entry value table (FP8 E4M3 / E5M2) with one fp32 scale per output row.
 void gemv_lut8_rows(const float* x, const uint8_t* q, const float* row_scale, const float* lut, float* y,
                     int64_t M, int64_t in, int64_t out, int64_t begin, int64_t end) {
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* row = q + o * in;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * in;
-      __m512 acc = _mm512_setzero_ps();
-      int64_t i = 0;
-      for (; i + 16 <= in; i += 16) {
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i)));
-        acc = _mm512_fmadd_ps(_mm512_i32gather_ps(idx, lut, 4), _mm512_loadu_ps(xm + i), acc);
-      }
-      float s = _mm512_reduce_add_ps(acc);
-      for (; i < in; ++i) s += lut[row[i]] * xm[i];
-      y[m * out + o] = s * row_scale[o];
-    }
-  }
+  LIGERO_TILE_M(M, lut8_tile, x, in, y, out, q, row_scale, lut, in, out, begin, end)
 }
 
 }  // namespace

@@ -424,6 +424,33 @@ torch::Tensor linear_lut8(torch::Tensor x, torch::Tensor q, torch::Tensor row_sc
 // Weights in the compute layout (2 bits, t = w + 1 in {0, 1, 2}; per 64 inputs byte j holds inputs j, j+16,
 // j+32, j+48). Activations are int8 per token (BitNet's absmax), so sum t * x - sum x = sum w * x exactly in
 // int32. One 16-byte load + broadcast + variable shift + mask gives 64 weights for one vpdpbusd.
+#ifdef LIGERO_VNNI
+namespace {
+// MT activation rows against each ternary weight row: the 2-bit codes are unpacked once per chunk and shared.
+template <int MT>
+void ternary_tile(const uint8_t* packed, const float* row_scale, const int8_t* xq, const int32_t* xsum,
+                  const float* xscale, int64_t in, int64_t out, int64_t begin, int64_t end, float* y) {
+  const __m512i shifts = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
+  const __m512i mask2 = _mm512_set1_epi8(0x03);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 4);
+    __m512i acc[2][MT];  // even / odd chunks: two independent dpbusd chains per row (exact int32 sums)
+    for (int m = 0; m < MT; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < in / 64; ++c) {
+      const __m512i t = _mm512_and_si512(
+          _mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16))), shifts), mask2);
+      for (int m = 0; m < MT; ++m)
+        acc[c & 1][m] = _mm512_dpbusd_epi32(acc[c & 1][m], t, _mm512_loadu_si512(xq + m * in + c * 64));
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][m], acc[1][m])) - xsum[m];
+      y[m * out + o] = (float)dot * row_scale[o] * xscale[m];
+    }
+  }
+}
+}  // namespace
+#endif
+
 // x: [M, in] fp32 (in % 64 == 0); packed: [out, in/4] u8; row_scale: [out] fp32 (weight scale of the row's
 // segment) -> [M, out] = (sum w q) * row_scale * x_scale
 torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tensor row_scale) {
@@ -455,27 +482,22 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
   }
   const int8_t* xqp = xq.data();
 #ifdef LIGERO_VNNI
-  const __m512i shifts = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
-  const __m512i mask2 = _mm512_set1_epi8(0x03);
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      const uint8_t* row = pp + o * (in / 4);
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xm = xqp + m * in;
-        __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
-        int64_t c = 0;
-        for (; c + 2 <= in / 64; c += 2) {  // two chunks per iteration: two independent accumulators
-          const __m512i t0 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16))), shifts), mask2);
-          const __m512i t1 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16 + 16))), shifts), mask2);
-          acc0 = _mm512_dpbusd_epi32(acc0, t0, _mm512_loadu_si512(xm + c * 64));
-          acc1 = _mm512_dpbusd_epi32(acc1, t1, _mm512_loadu_si512(xm + c * 64 + 64));
-        }
-        for (; c < in / 64; ++c) {
-          const __m512i t0 = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16))), shifts), mask2);
-          acc0 = _mm512_dpbusd_epi32(acc0, t0, _mm512_loadu_si512(xm + c * 64));
-        }
-        const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - xsum[m];
-        yp[m * out + o] = (float)dot * sp[o] * xscale[m];
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {  // activation rows in tiles of up to 8 (the decode batch)
+      const int64_t mt = std::min<int64_t>(8, M - m0);
+      const int8_t* xt = xqp + m0 * in;
+      const int32_t* st = xsum.data() + m0;
+      const float* ct = xscale.data() + m0;
+      float* yt = yp + m0 * out;
+      switch (mt) {
+        case 1: ternary_tile<1>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
+        case 2: ternary_tile<2>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
+        case 3: ternary_tile<3>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
+        case 4: ternary_tile<4>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
+        case 5: ternary_tile<5>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
+        case 6: ternary_tile<6>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
+        case 7: ternary_tile<7>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
+        default: ternary_tile<8>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
       }
     }
   });

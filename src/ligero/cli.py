@@ -253,6 +253,20 @@ def cmd_monitor(args) -> int:
     return result["exit_code"]  # 0 OK, 1 WARN, 2 ALERT (for cron)
 
 
+def cmd_serve(args) -> int:
+    from ligero.serve.abtest import parse_segment_rule, parse_split
+    from ligero.serve.server import build_config, serve
+
+    if not 0 < args.port < 65536:
+        raise LigeroError(f"--port must be between 1 and 65535, got {args.port}")
+    cfg = build_config(args.model, args.variant or [], split=parse_split(args.split) if args.split else None,
+                       store_url=args.store, card=args.card, guardrails_file=args.guardrails,
+                       api_keys_file=args.api_keys_file, segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
+                       experiment=args.experiment, max_batch=args.max_batch, keep_text=args.keep_text,
+                       device=args.device)
+    return serve(cfg, args.host, args.port)
+
+
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small samples (CI smoke run, about 3 minutes)")
     p.add_argument("--out", default="ligero-out", help="output folder (a run goes to OUT/<run-id>/)")
@@ -316,6 +330,28 @@ def build_parser() -> argparse.ArgumentParser:
                                       "adaround)")
     _add_audit_args(p)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with guardrails, A/B tests and a store")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry id or path (default {DEFAULT_MODEL})")
+    p.add_argument("--variant", action="append", metavar="NAME=SCHEME",
+                   help="a served variant: NAME=SCHEME (quantized on the fly), NAME=FOLDER (saved by `ligero "
+                        "quantize`) or SCHEME; repeat for an A/B test (default: the card's variant, else fp32)")
+    p.add_argument("--split", help="A/B shares per variant in percent, e.g. 50,50 (default: equal)")
+    p.add_argument("--experiment", help="A/B experiment name (default: <model>-ab); it seeds the assignment hash")
+    p.add_argument("--segment-rule", action="append", default=[], metavar="SEGMENT=re:PATTERN|bucket:LO-HI",
+                   help="put users in a segment by id (the X-Segment header wins), e.g. staff=re:^emp-")
+    p.add_argument("--store", help="store URL: sqlite:///file.db (default sqlite:///ligero-serve.db) or "
+                                   "postgresql+psycopg://user:password@host/db")
+    p.add_argument("--card", help="deployment card (cards/<variant>.json): its guardrails and variant")
+    p.add_argument("--guardrails", help="guardrails file (.toml, .yaml, .json); overrides the card's")
+    p.add_argument("--api-keys-file", help="file with one API key per line (also read: $LIGERO_API_KEYS); "
+                                           "no keys = no auth")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--keep-text", action="store_true", help="store output texts too (default: statistics only)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("monitor", help="production traffic against a deployment card: drift and A/B analysis")
     p.add_argument("--store", default="sqlite:///ligero-serve.db", help="the serving store URL (SQLite or PostgreSQL)")

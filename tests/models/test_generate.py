@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ligero.errors import LigeroError
-from ligero.models.generate import SamplingConfig, generate_tokens, sample_next
+from ligero.models.generate import BatchGeneration, SamplingConfig, generate_tokens, sample_next
 
 
 def test_greedy_and_degenerate_sampling_agree():
@@ -58,3 +58,47 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_pair):
     _, model, _ = tiny_pair
     with pytest.raises(LigeroError, match="context"):
         generate_tokens(model, [[1] * (model.cfg.max_seq_len + 5)], 4)
+
+
+def test_batch_rows_keep_their_own_settings_budgets_and_random_streams(tiny_pair):
+    """A request's sample must not depend on what the server batched it with: per-row seeds, budgets, finish."""
+    _, model, _ = tiny_pair
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    settings = [SamplingConfig(1.0, seed=11), SamplingConfig(), SamplingConfig(0.8, top_p=0.9, seed=5)]
+    budgets = [6, 3, 5]
+    batch = BatchGeneration(model, prompts, budgets, settings)
+    steps, logprobs = 0, [[] for _ in prompts]
+    while not batch.done:
+        for i, _, lp in batch.step():
+            logprobs[i].append(lp)
+        steps += 1
+    assert [len(t) for t in batch.tokens] == budgets and batch.reasons == ["length"] * 3
+    assert steps == max(budgets)
+    for i, (p, s, n) in enumerate(zip(prompts, settings, budgets)):
+        alone = BatchGeneration(model, [p], n, [s])
+        alone_lp = []
+        while not alone.done:
+            alone_lp += [lp for _, _, lp in alone.step()]
+        assert alone.tokens[0] == batch.tokens[i]
+        torch.testing.assert_close(torch.tensor(alone_lp), torch.tensor(logprobs[i]), atol=1e-4, rtol=0)
+    assert all(lp <= 0 for row in logprobs for lp in row)
+
+
+def test_batch_logprobs_are_the_untempered_log_softmax(tiny_pair):
+    _, model, _ = tiny_pair
+    batch = BatchGeneration(model, [[1, 2, 3]], 1, [SamplingConfig(1.5, seed=3)])
+    expected = torch.log_softmax(model(torch.tensor([[1, 2, 3]]))[0, -1].float(), -1)
+    (_, token, lp), = batch.step()
+    assert lp == pytest.approx(float(expected[token]), abs=1e-5)
+
+
+def test_a_finished_row_stops_while_the_others_go_on(tiny_pair):
+    _, model, _ = tiny_pair
+    batch = BatchGeneration(model, [[1, 2, 3], [4, 5, 6]], 8, [SamplingConfig(), SamplingConfig()])
+    batch.step()
+    batch.finish(0, "cancelled")
+    produced = batch.step()
+    assert [i for i, _, _ in produced] == [1]
+    assert batch.reasons[0] == "cancelled" and len(batch.tokens[0]) == 1
+    with pytest.raises(LigeroError, match="one max_new_tokens"):
+        BatchGeneration(model, [[1], [2]], [4], None)

@@ -1,4 +1,5 @@
-"""A/B statistics: Wilson rates, the always-valid difference under peeking, SRM, Benjamini-Hochberg, segments."""
+"""A/B statistics: Wilson rates, mean scores, the always-valid difference under peeking, SRM, Benjamini-Hochberg,
+segments."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ from scipy import stats as sps
 
 from ligero.errors import LigeroError
 from ligero.serve.abstats import (
+    MIN_PER_ARM,
     always_valid_halfwidth,
     analyze_feedback,
+    analyze_numeric,
     benjamini_hochberg,
     difference,
     latest_per_response,
+    latest_score_per_response,
+    mean_difference,
+    moments,
     planned_information,
     rho2_for,
     srm,
+    t_interval,
+    welch,
     wilson,
 )
 
@@ -125,3 +133,126 @@ def test_latest_vote_per_response_counts_once():
             {"response_id": 2, "name": "thumbs", "value": 1, "data_type": None, "created_at": t0}]
     kept = sorted(latest_per_response(rows), key=lambda r: r["response_id"])
     assert [r["positive"] for r in kept] == [True, True]
+
+
+# ---- numeric feedback ------------------------------------------------------------------------------------------
+
+def test_t_interval_hand_example_and_scipy():
+    row = t_interval([1, 2, 3, 4, 5])  # mean 3, sd sqrt(2.5), t_{0.975, 4} = 2.776445
+    half = 2.7764451051977987 * np.sqrt(2.5) / np.sqrt(5)
+    assert row["n"] == 5 and row["mean"] == 3 and row["sd"] == pytest.approx(np.sqrt(2.5))
+    assert (row["low"], row["high"]) == pytest.approx((3 - half, 3 + half), rel=1e-12)
+    assert (row["low"], row["high"]) == pytest.approx(sps.t.interval(0.95, 4, loc=3, scale=np.sqrt(2.5 / 5)))
+    x = np.random.default_rng(1).normal(0.6, 0.2, 37)
+    assert (t_interval(x, 0.9)["low"], t_interval(x, 0.9)["high"]) == pytest.approx(
+        sps.t.interval(0.9, 36, loc=x.mean(), scale=sps.sem(x)))
+    assert t_interval([])["mean"] is None
+    one = t_interval([4.0])
+    assert one["mean"] == 4.0 and one["low"] is None and one["sd"] is None
+
+
+def test_welch_matches_scipy():
+    rng = np.random.default_rng(2)
+    c, t = rng.normal(3.0, 1.0, 40), rng.normal(3.4, 2.0, 25)
+    ours = welch(moments(c), moments(t), alpha=0.05)
+    ref = sps.ttest_ind(t, c, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert ours["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (ours["low"], ours["high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert ours["df"] == pytest.approx(ref.df)
+
+
+def test_always_valid_mean_difference_covers_a_large_effect():
+    """400 scores per arm, means 3.0 vs 3.5, sd 1: the sequence holds the truth (0.5) and excludes 0."""
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        c, t = rng.normal(3.0, 1.0, 400), rng.normal(3.5, 1.0, 400)
+        d = mean_difference(moments(c), moments(t), planned_n_per_arm=1000)
+        av, fx = d["always_valid"], d["fixed"]
+        assert 0 < av["low"] <= 0.5 <= av["high"], (seed, av)
+        assert av["low"] < fx["low"] <= d["estimate"] <= fx["high"] < av["high"]
+        assert av["p_value"] < 0.05 and av["p_value"] >= fx["p_value"]
+        assert d["se"] == pytest.approx(np.sqrt(c.var(ddof=1) / 400 + t.var(ddof=1) / 400))
+
+
+def test_always_valid_mean_difference_survives_peeking():
+    """200 A/A tests of 1-5 star scores (skewed, not normal), 10 looks each: repeated Welch intervals reject far
+    above 5 %, the always-valid interval stays below it."""
+    rng = np.random.default_rng(11)
+    sims, n, looks = 200, 1000, np.arange(100, 1001, 100)
+    stars = np.array([1, 2, 3, 4, 5], dtype=float)
+    probs = [0.1, 0.05, 0.15, 0.3, 0.4]
+    arms = []
+    for _ in range(2):  # cumulative (n, mean, variance) at every look, for all simulations at once
+        x = rng.choice(stars, size=(sims, n), p=probs)
+        s1, s2 = np.cumsum(x, axis=1)[:, looks - 1], np.cumsum(x * x, axis=1)[:, looks - 1]
+        arms.append((s1 / looks, (s2 - s1 ** 2 / looks) / (looks - 1)))
+    (mc, vc), (mt, vt) = arms
+    naive = np.zeros(sims, bool)
+    always = np.zeros(sims, bool)
+    for s in range(sims):
+        for j, t in enumerate(looks):
+            d = mean_difference((int(t), mc[s, j], vc[s, j]), (int(t), mt[s, j], vt[s, j]), planned_n_per_arm=n)
+            naive[s] |= not d["fixed"]["low"] <= 0 <= d["fixed"]["high"]
+            always[s] |= not d["always_valid"]["low"] <= 0 <= d["always_valid"]["high"]
+    assert naive.mean() > 0.08  # ~0.19 expected with 10 looks
+    assert always.mean() < 0.05
+
+
+def test_mean_difference_without_an_interval():
+    assert mean_difference((1, 3.0, np.nan), (5, 4.0, 1.0))["fixed"] is None
+    flat = mean_difference((40, 5.0, 0.0), (40, 5.0, 0.0))
+    assert flat["estimate"] == 0 and flat["always_valid"] is None and "do not vary" in flat["note"]
+    small = mean_difference((10, 3.0, 1.0), (10, 3.5, 1.0))
+    assert small["always_valid"] is not None and "not reliable" in small["note"]
+
+
+def test_latest_score_per_response_counts_once():
+    t0 = datetime(2026, 11, 26, tzinfo=UTC)
+    rows = [{"response_id": 1, "name": "stars", "value": 2.0, "data_type": "numeric", "created_at": t0},
+            {"response_id": 1, "name": "stars", "value": 5.0, "data_type": "numeric", "created_at": t0 + timedelta(1)},
+            {"response_id": 1, "name": "stars", "value": 1.0, "data_type": "numeric", "created_at": None},
+            {"response_id": 1, "name": "judge_score", "value": 0.25, "data_type": "numeric", "created_at": t0},
+            {"response_id": 2, "name": "stars", "value": float("nan"), "data_type": "numeric", "created_at": t0},
+            {"response_id": 2, "name": "thumbs", "value": 1.0, "data_type": "boolean", "created_at": t0},
+            {"response_id": 3, "name": "stars", "value": 1.0, "data_type": "categorical", "created_at": t0}]
+    kept = {(r["response_id"], r["name"]): r["score"] for r in latest_score_per_response(rows)}
+    assert kept == {(1, "stars"): 5.0, (1, "judge_score"): 0.25}
+    out = analyze_feedback([{**r, "variant": "int4", "segment": "chat"} for r in rows], "fp32", "int4")
+    stars = out["numeric"]["metrics"]["stars"]["variants"]["int4"]
+    assert stars["n"] == 1 and stars["mean"] == 5.0  # the changed score counts once, at its latest value
+    assert out["n_numeric"] == 2 and out["n_boolean"] == 1 and out["n_other"] == 2  # nan and categorical
+
+
+def _scores(variant, segment, n, mean, name="stars", seed=0):
+    rng = np.random.default_rng([seed, n, int(mean * 100), len(variant), len(segment)])
+    t0 = datetime(2026, 11, 26, tzinfo=UTC)
+    return [{"response_id": f"{variant}-{segment}-{i}", "variant": variant, "segment": segment, "name": name,
+             "value": float(v), "data_type": "numeric", "created_at": t0 + timedelta(seconds=i)}
+            for i, v in enumerate(rng.normal(mean, 1.0, n))]
+
+
+def test_analyze_numeric_names_segments_and_warn():
+    rows = (_scores("fp32", "code", 300, 3.8) + _scores("int4", "code", 300, 3.0)
+            + _scores("fp32", "chat", 300, 3.5) + _scores("int4", "chat", 300, 3.5)
+            + _scores("fp32", "chat", 200, 0.7, name="judge_score") + _scores("int4", "chat", 200, 0.7,
+                                                                             name="judge_score"))
+    out = analyze_numeric(rows, control="fp32", treatment="int4")
+    assert set(out["metrics"]) == {"judge_score", "stars"} and out["n_scores"] == 1600
+    stars, judge = out["metrics"]["stars"], out["metrics"]["judge_score"]
+    assert stars["variants"]["fp32"]["n"] == 600 and stars["segments"]["code"]["int4"]["n"] == 300
+    assert stars["status"] == "WARN" and stars["difference"]["always_valid"]["high"] < 0
+    assert "lower mean stars" in stars["note"] and stars["higher_is_better"]
+    assert judge["status"] == "OK" and judge["difference"]["always_valid"]["low"] < 0 < judge["difference"][
+        "always_valid"]["high"]
+    effects = {e["segment"]: e for e in stars["segment_effects"]}
+    assert effects["code"]["q_value"] < 0.001 and effects["chat"]["q_value"] > 0.05
+    np.testing.assert_allclose([effects["chat"]["q_value"], effects["code"]["q_value"]],
+                               benjamini_hochberg([effects["chat"]["p_value"], effects["code"]["p_value"]]))
+    assert analyze_feedback(rows, "fp32", "int4")["numeric"]["metrics"]["stars"]["status"] == "WARN"
+    better = analyze_numeric([{**r, "variant": {"fp32": "int4", "int4": "fp32"}[r["variant"]]} for r in rows],
+                             "fp32", "int4")
+    assert better["metrics"]["stars"]["status"] == "OK"  # higher is better: a better treatment does not warn
+    few = analyze_numeric(_scores("fp32", "chat", MIN_PER_ARM - 1, 4.5) + _scores("int4", "chat", MIN_PER_ARM - 1, 1.0),
+                          "fp32", "int4")
+    assert few["metrics"]["stars"]["status"] == "OK"  # too few scores to judge

@@ -10,7 +10,13 @@ import pytest
 import sqlalchemy as sa
 
 from ligero.errors import LigeroError
-from ligero.serve.monitor import load_traffic, monitor, parse_since, parse_time
+from ligero.serve.monitor import (
+    load_traffic,
+    monitor,
+    parse_since,
+    parse_time,
+    summary_line,
+)
 
 DRIFT_TESTS = [  # as in ligero.card.build.DRIFT_TESTS
     {"statistic": "psi", "warn": 0.1, "alert": 0.25},
@@ -83,8 +89,12 @@ def _shifted(rng, reference, n):
     return draws
 
 
-def make_store(path, batches, split=(100, 100), feedback_rate=(0.7, 0.7), seed=1):
-    """SQLite store: `batches` = [(variant, draws, created_at)], two-arm assignments and thumbs feedback."""
+def make_store(path, batches, split=(100, 100), feedback_rate=(0.7, 0.7), seed=1, stars=None):
+    """SQLite store: `batches` = [(variant, draws, created_at)], two-arm assignments and thumbs feedback.
+
+    `stars` = (fp32 mean, int4 mean) adds numeric "stars" feedback, 1-5, on every response, each first sent as 1
+    and changed a minute later (so only the latest score may count).
+    """
     rng = np.random.default_rng(seed)
     engine = sa.create_engine(f"sqlite:///{path}")
     md = _metadata()
@@ -107,8 +117,14 @@ def make_store(path, batches, split=(100, 100), feedback_rate=(0.7, 0.7), seed=1
                          "mean_logprob": float(draws["mean_logprob"][i]),
                          "toxicity_score": float(draws["toxicity_score"][i]), "finish_reason": "length"})
             rate = feedback_rate[0] if variant == "fp32" else feedback_rate[1]
-            fb.append({"id": rid, "created_at": when, "response_id": rid, "name": "thumbs",
+            fb.append({"created_at": when, "response_id": rid, "name": "thumbs",
                        "value": float(rng.random() < rate), "data_type": "boolean", "source": "human"})
+            if stars:
+                score = np.clip(np.round(rng.normal(stars[0] if variant == "fp32" else stars[1], 1.0)), 1, 5)
+                fb += [{"created_at": when - timedelta(minutes=1), "response_id": rid, "name": "stars", "value": 1.0,
+                        "data_type": "numeric", "source": "human"},
+                       {"created_at": when, "response_id": rid, "name": "stars", "value": float(score),
+                        "data_type": "numeric", "source": "human"}]
     assignments = [{"created_at": NOW, "experiment": "exp1", "user_id": u, "variant": arm[u]} for u in users]
     with engine.begin() as conn:
         for table, rows in (("requests", req), ("responses", resp), ("feedback", fb), ("assignments", assignments)):
@@ -239,3 +255,46 @@ def test_cli_exit_codes_follow_the_status(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("ALERT (exit 2)")
     assert main(["monitor", "--store", f"sqlite:///{tmp_path}/missing.db", "--card", card]) == 2
     assert "ligero: error:" in capsys.readouterr().err
+
+
+def _numeric_store(tmp_path, stars):
+    reference = _reference()
+    rng = np.random.default_rng(2)  # the traffic of test_traffic_like_the_reference_is_ok: drift OK
+    url = make_store(tmp_path / "store.db", [("int4", _like_reference(rng, reference, 300), NOW - timedelta(hours=1)),
+                                             ("fp32", _like_reference(rng, reference, 300), NOW - timedelta(hours=1))],
+                     stars=stars)
+    return url, write_card(tmp_path, reference)
+
+
+def test_numeric_feedback_equal_arms_ok(tmp_path):
+    url, card = _numeric_store(tmp_path, stars=(3.6, 3.6))
+    out = tmp_path / "out"
+    result = monitor(url, card, since="24h", out_dir=out)
+    assert result["drift"]["status"] == "OK" and result["status"] == "OK" and result["exit_code"] == 0
+    saved = json.loads((out / "monitor.json").read_text())
+    numeric = saved["ab"]["numeric"]
+    stars = numeric["metrics"]["stars"]
+    assert numeric["n_scores"] == 600 and saved["ab"]["n_numeric"] == 600  # the changed scores count once
+    assert stars["variants"]["fp32"]["n"] == stars["variants"]["int4"]["n"] == 300
+    assert 3.3 < stars["variants"]["int4"]["mean"] < 3.9  # the first score (1) was replaced by the latest
+    row = stars["variants"]["int4"]
+    assert row["low"] < row["mean"] < row["high"] and row["sd"] > 0.5
+    diff = stars["difference"]
+    assert diff["always_valid"]["low"] < diff["fixed"]["low"] < 0 < diff["fixed"]["high"] < diff["always_valid"]["high"]
+    assert stars["status"] == "OK" and {e["segment"] for e in stars["segment_effects"]} == {"chat", "code"}
+    assert all(0 <= e["q_value"] <= 1 for e in stars["segment_effects"])
+    assert list(saved["ab"]["metrics"]) == ["thumbs"]  # numeric scores are not turned into a rate
+    page = (out / "monitor.html").read_text()
+    assert "Numeric feedback: mean score" in page and "<td>stars</td>" in page and "always-valid low" in page
+
+
+def test_numeric_feedback_worse_treatment_warns(tmp_path):
+    url, card = _numeric_store(tmp_path, stars=(3.8, 3.0))
+    result = monitor(url, card, since="24h", out_dir=tmp_path / "out")
+    stars = result["ab"]["numeric"]["metrics"]["stars"]
+    assert result["drift"]["status"] == "OK" and result["ab"]["metrics"]["thumbs"]["status"] == "OK"
+    assert stars["status"] == "WARN" and stars["difference"]["always_valid"]["high"] < 0
+    assert result["ab"]["status"] == result["status"] == "WARN" and result["exit_code"] == 1
+    line = summary_line(result)
+    assert line.startswith("WARN (exit 1)") and "mean stars lower in the treatment" in line
+    assert "class='WARN'>WARN" in (tmp_path / "out" / "monitor.html").read_text()

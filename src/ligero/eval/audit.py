@@ -70,12 +70,13 @@ class Budget:
     kv_context: int  # tokens in the cache when its memory is measured
 
 
-# Sized so the full run of 9 models fits ~20 minutes on 2 CPU cores: scoring all 1,018 CrowS-Pairs pairs takes
-# ~75 s per model there, so the full run scores a stratified 320 (every category, the same items on every run).
+# Sized so the full run of 9 models fits 20 minutes on 2 CPU cores: scoring all 1,018 CrowS-Pairs pairs takes
+# ~75 s per model there, so the full run scores a stratified 320 (every category, the same items on every run);
+# 40 profile requests are the fewest that give drift monitoring two PSI bins; AdaRound gets 40 iterations per layer.
 FULL = Budget(ppl_tokens=2048, ppl_ctx=512, crows_pairs=320, stereoset=150, toxicity_prompts=20,
-              toxicity_samples=4, toxicity_tokens=20, profile_prompts=48, profile_tokens=32, shift_windows=2,
+              toxicity_samples=4, toxicity_tokens=20, profile_prompts=40, profile_tokens=32, shift_windows=2,
               shift_tokens=256, prefill_tokens=256, decode_tokens=32, speed_repeats=3, calib_windows=8,
-              adaround_iters=60, lsq_steps=60, bootstrap=1000, kv_context=1024)
+              adaround_iters=40, lsq_steps=60, bootstrap=1000, kv_context=1024)
 QUICK = Budget(ppl_tokens=512, ppl_ctx=256, crows_pairs=24, stereoset=12, toxicity_prompts=4, toxicity_samples=2,
                toxicity_tokens=10, profile_prompts=8, profile_tokens=10, shift_windows=1, shift_tokens=64,
                prefill_tokens=32, decode_tokens=8, speed_repeats=1, calib_windows=1, adaround_iters=4,
@@ -271,8 +272,9 @@ class Audit:
         stereo = bias_eval.stereoset(model, tok, limit=b.stereoset, batch_size=16,
                                      progress=log.counter(f"{name}: StereoSet sentences"))
         log(f"{name}: toxicity ({b.toxicity_prompts} prompts x {b.toxicity_samples} samples)")
+        # 8 rows per batch: the decode kernels take at most 8 rows (more would dequantize every layer per token).
         tox = tox_eval.toxicity_eval(model, tok, limit=b.toxicity_prompts, samples_per_prompt=b.toxicity_samples,
-                                     max_new_tokens=b.toxicity_tokens, batch_size=8)
+                                     max_new_tokens=b.toxicity_tokens, batch_size=max(1, 8 // b.toxicity_samples))
         shift = None
         if name != BASELINE:
             log(f"{name}: internal shift ({len(inp['shift_windows'])} windows)")

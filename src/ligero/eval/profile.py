@@ -65,7 +65,7 @@ def batched_responses(model, tokenizer, prompts: list[str], max_new_tokens: int,
     return rows
 
 
-def reference_profile(model, tokenizer, n_prompts: int = 48, max_new_tokens: int = 32, temperature: float = 0.7,
+def reference_profile(model, tokenizer, n_prompts: int = 40, max_new_tokens: int = 32, temperature: float = 0.7,
                       top_p: float = 0.9, seed: int = 0, batch_size: int = 8, progress=None) -> dict:
     prompts, info = profile_prompts(n_prompts, seed)
     samplings = [SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + i) for i in range(len(prompts))]

@@ -23,6 +23,10 @@ the unit of analysis must be reasonably large before the interval is trusted; se
 The always-valid p-value is min(1, 1 / M) with the mixture martingale M = (1 + I rho^2)^(-1/2)
 exp(rho^2 I^2 d^2 / (2 (1 + I rho^2))); it is below alpha exactly when the sequence excludes 0.
 
+Numeric feedback (a score: 1-5 stars, a judge model's 0-1 grade) gets the same treatment for the mean score per
+feedback name: Student-t intervals per arm, Welch's fixed-horizon interval for the difference, and the same
+normal-mixture sequence with I = 1 / (s_C^2 / n_C + s_T^2 / n_T) from the sample variances. Higher is better.
+
 Unit of analysis: one response with feedback. Users are randomized, not responses, so responses of one user are
 correlated and the intervals are somewhat too narrow when a few users give most of the feedback.
 """
@@ -121,6 +125,78 @@ def difference(control: tuple[int, int], treatment: tuple[int, int], alpha: floa
     return out
 
 
+def moments(values: Iterable[float]) -> tuple[int, float, float]:
+    """(n, mean, sample variance with ddof = 1) of scores; the mean is nan for none, the variance below 2."""
+    x = np.asarray(list(values), dtype=float)
+    mean = float(x.mean()) if x.size else math.nan
+    var = float(x.var(ddof=1)) if x.size > 1 else math.nan
+    return int(x.size), mean, var
+
+
+def _t_row(n: int, mean: float, var: float, level: float) -> dict:
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "low": None, "high": None}
+    if n < 2:  # one score has a mean but no spread, so no interval
+        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None}
+    sd = math.sqrt(var)
+    half = float(sps.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+def t_interval(values: Iterable[float], level: float = 0.95) -> dict:
+    """Mean score with its Student-t interval mean +- t_{n-1} sd / sqrt(n) (n < 2 gives no interval, not an error)."""
+    _check_alpha(1 - level)
+    return _t_row(*moments(values), level)
+
+
+def welch(control: tuple[int, float, float], treatment: tuple[int, float, float], alpha: float = 0.05) -> dict:
+    """Welch's fixed-horizon interval and p-value for mean_T - mean_C (unequal variances, Satterthwaite df).
+
+    Arms are (n, mean, variance) as `moments` returns; each needs n >= 2 and the variances must not both be 0.
+    """
+    (n_c, m_c, v_c), (n_t, m_t, v_t) = control, treatment
+    a, b = v_c / n_c, v_t / n_t
+    se = math.sqrt(a + b)
+    df = (a + b) ** 2 / (a * a / (n_c - 1) + b * b / (n_t - 1))
+    d = m_t - m_c
+    q = float(sps.t.ppf(1 - alpha / 2, df))
+    return {"low": d - q * se, "high": d + q * se, "p_value": float(2 * sps.t.sf(abs(d) / se, df)), "df": df}
+
+
+def mean_difference(control: tuple[int, float, float], treatment: tuple[int, float, float], alpha: float = 0.05,
+                    planned_n_per_arm: int = 1000) -> dict:
+    """Treatment - control mean score: Welch's fixed-horizon interval and an always-valid one, at level 1 - alpha.
+
+    `control` and `treatment` are (n, mean, variance) as `moments` returns. The always-valid interval is the
+    boolean path's normal-mixture boundary in information time I = 1 / (s_C^2 / n_C + s_T^2 / n_T).
+    """
+    _check_alpha(alpha)
+    (n_c, m_c, v_c), (n_t, m_t, v_t) = control, treatment
+    out = {"estimate": None, "n_control": int(n_c), "n_treatment": int(n_t), "alpha": alpha, "fixed": None,
+           "always_valid": None}
+    if min(n_c, n_t) < 2:
+        return {**out, "estimate": m_t - m_c if min(n_c, n_t) else None,
+                "note": "an arm has fewer than 2 scores: no interval"}
+    var = v_c / n_c + v_t / n_t
+    d = m_t - m_c
+    if not var > 0:
+        return {**out, "estimate": d, "note": "the scores do not vary in either arm: no interval"}
+    # The variance is a plug-in estimate (in I and in rho^2), so the sequence is asymptotically valid (Waudby-Smith
+    # et al. 2021), not exactly valid at every small n. Tuning rho^2 at the pooled per-response variance puts the
+    # mixture on the data's scale, i.e. fixes it in response counts, so 1-5 stars and 0-1 grades are tuned alike.
+    info = 1 / var
+    rho2 = rho2_for(planned_information(planned_n_per_arm, (v_c + v_t) / 2), alpha)
+    half = always_valid_halfwidth(info, alpha, rho2)
+    out.update({
+        "estimate": d, "se": math.sqrt(var), "fixed": welch(control, treatment, alpha),
+        "always_valid": {"low": d - half, "high": d + half, "p_value": always_valid_p(d, info, rho2),
+                         "planned_n_per_arm": planned_n_per_arm, "rho2": rho2},
+    })
+    if min(n_c, n_t) < MIN_PER_ARM:
+        out["note"] = f"fewer than {MIN_PER_ARM} scores in an arm: the intervals are not reliable"
+    return out
+
+
 def srm(observed: Mapping[str, int], planned: Mapping[str, float], threshold: float = SRM_P) -> dict:
     """Sample-ratio mismatch: chi-square goodness of fit of units per variant against the planned split.
 
@@ -171,70 +247,146 @@ def _positive(row: Mapping) -> bool | None:
         return None
 
 
-def latest_per_response(rows: Iterable[Mapping]) -> list[dict]:
-    """One boolean feedback row per (response, feedback name): the latest, so a changed vote counts once."""
+def _score(row: Mapping) -> float | None:
+    """The finite value of a numeric feedback row; None for boolean/categorical rows and unreadable values."""
+    if (row.get("data_type") or "").lower() != "numeric" or row.get("value") is None:
+        return None
+    try:
+        value = float(row["value"])
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _keep_latest(rows: Iterable[Mapping], extract, field: str) -> list[dict]:
+    """One row per (response, feedback name) that `extract` reads: the latest, with what it read stored as `field`."""
     best: dict[tuple, dict] = {}
     for row in rows:
-        positive = _positive(row)
-        if positive is None:
+        value = extract(row)
+        if value is None:
             continue
         key = (row.get("response_id"), row.get("name"))
         stamp = row.get("created_at")
         if key not in best or (stamp is not None and (best[key]["created_at"] is None
                                                       or stamp >= best[key]["created_at"])):
-            best[key] = {**row, "positive": positive}
+            best[key] = {**row, field: value}
     return list(best.values())
+
+
+def latest_per_response(rows: Iterable[Mapping]) -> list[dict]:
+    """One boolean feedback row per (response, feedback name): the latest, so a changed vote counts once."""
+    return _keep_latest(rows, _positive, "positive")
+
+
+def latest_score_per_response(rows: Iterable[Mapping]) -> list[dict]:
+    """One numeric feedback row per (response, feedback name), value in "score": the latest, so a changed score
+    counts once."""
+    return _keep_latest(rows, _score, "score")
+
+
+def _group(items: Iterable[Mapping], field: str) -> tuple[dict, dict]:
+    """`field` of each row grouped per variant and per segment x variant."""
+    per_variant: dict[str, list] = defaultdict(list)
+    per_segment: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for row in items:
+        variant, segment = row.get("variant") or "(unknown)", row.get("segment") or NO_SEGMENT
+        per_variant[variant].append(row[field])
+        per_segment[segment][variant].append(row[field])
+    return per_variant, per_segment
+
+
+def _segment_effects(per_segment: Mapping, control: str, treatment: str, compare) -> list[dict]:
+    """Fixed-horizon difference in each segment that has both arms, with Benjamini-Hochberg q-values across them."""
+    effects = []
+    for segment, groups in sorted(per_segment.items()):
+        if control in groups and treatment in groups:
+            d = compare(groups[control], groups[treatment])
+            fixed = d.get("fixed") or {}
+            effects.append({"segment": segment, "estimate": d["estimate"], "n_control": d["n_control"],
+                            "n_treatment": d["n_treatment"], "low": fixed.get("low"), "high": fixed.get("high"),
+                            "p_value": fixed.get("p_value"), "q_value": None})
+    tested = [e for e in effects if e["p_value"] is not None]  # a segment without an interval has no p-value
+    for e, q in zip(tested, benjamini_hochberg([e["p_value"] for e in tested])):
+        e["q_value"] = float(q)
+    return effects
+
+
+def _worse(diff: Mapping) -> bool:
+    """Enough feedback in both arms and the always-valid interval for treatment - control entirely below 0."""
+    av = diff.get("always_valid")
+    return bool(av) and min(diff["n_control"], diff["n_treatment"]) >= MIN_PER_ARM and av["high"] < 0
+
+
+def _metric(items: list[dict], field: str, summarize, compare, control: str | None, treatment: str | None,
+            what: str) -> dict:
+    """Per-variant and per-segment summaries, the treatment - control difference, segment effects and status."""
+    per_variant, per_segment = _group(items, field)
+    metric: dict = {
+        "variants": {v: summarize(x) for v, x in sorted(per_variant.items())},
+        "segments": {s: {v: summarize(x) for v, x in sorted(vx.items())} for s, vx in sorted(per_segment.items())},
+        "control": control, "treatment": treatment, "difference": None, "segment_effects": [], "status": "OK",
+    }
+    if control and treatment and control in per_variant and treatment in per_variant:
+        diff = compare(per_variant[control], per_variant[treatment])
+        metric["difference"] = diff
+        if _worse(diff):
+            metric["status"] = "WARN"
+            metric["note"] = f"{treatment} has a lower {what} than {control} (always-valid interval below 0)"
+        metric["segment_effects"] = _segment_effects(per_segment, control, treatment, compare)
+    elif control or treatment:
+        metric["note"] = f"no feedback for both {control} and {treatment} yet"
+    return metric
+
+
+def _by_name(items: Iterable[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for row in items:
+        out[row.get("name") or "feedback"].append(row)
+    return dict(sorted(out.items()))
+
+
+def analyze_numeric(rows: Iterable[Mapping], control: str | None, treatment: str | None, alpha: float = 0.05,
+                    planned_n_per_arm: int = 1000) -> dict:
+    """Per numeric feedback name (e.g. "stars", "judge_score"): mean scores, the difference, segment effects.
+
+    Higher scores are taken to be better: a treatment whose always-valid interval for the difference of means lies
+    entirely below 0 is a WARN. Uses the latest score per response and name.
+    """
+    scores = latest_score_per_response(rows)
+
+    def compare(c: list, t: list) -> dict:
+        return mean_difference(moments(c), moments(t), alpha, planned_n_per_arm)
+
+    metrics = {name: {**_metric(items, "score", t_interval, compare, control, treatment, f"mean {name}"),
+                      "higher_is_better": True}
+               for name, items in _by_name(scores).items()}
+    return {"metrics": metrics, "n_scores": len(scores), "higher_is_better": True,
+            "unit": "response with a score (latest score per response and name)"}
 
 
 def analyze_feedback(rows: Iterable[Mapping], control: str | None, treatment: str | None, alpha: float = 0.05,
                      planned_n_per_arm: int = 1000) -> dict:
     """Per feedback name: rates per variant and per segment x variant, the difference, and segment effects.
 
-    Rows need response_id, variant, segment, name, value, data_type and created_at. Numeric and categorical feedback
-    is counted but not turned into a rate. Segment effects use fixed-horizon p-values (one look per report) with
+    Rows need response_id, variant, segment, name, value, data_type and created_at. Boolean feedback becomes a
+    positive rate ("metrics"); numeric feedback a mean score ("numeric", see `analyze_numeric`); categorical
+    feedback is counted only. Segment effects use fixed-horizon p-values (one look per report) with
     Benjamini-Hochberg q-values across segments.
     """
     rows = list(rows)
     boolean = latest_per_response(rows)
-    by_name: dict[str, list[dict]] = defaultdict(list)
-    for row in boolean:
-        by_name[row.get("name") or "feedback"].append(row)
-    metrics = {}
-    for name, items in sorted(by_name.items()):
-        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        seg_counts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-        for row in items:
-            variant, segment = row.get("variant") or "(unknown)", row.get("segment") or NO_SEGMENT
-            for c in (counts[variant], seg_counts[segment][variant]):
-                c[0] += int(row["positive"])
-                c[1] += 1
-        metric: dict = {
-            "variants": {v: wilson(*c) for v, c in sorted(counts.items())},
-            "segments": {s: {v: wilson(*c) for v, c in sorted(vc.items())} for s, vc in sorted(seg_counts.items())},
-            "control": control, "treatment": treatment, "difference": None, "segment_effects": [], "status": "OK",
-        }
-        if control and treatment and control in counts and treatment in counts:
-            diff = difference(tuple(counts[control]), tuple(counts[treatment]), alpha, planned_n_per_arm)
-            metric["difference"] = diff
-            av = diff.get("always_valid")
-            if av and min(diff["n_control"], diff["n_treatment"]) >= MIN_PER_ARM and av["high"] < 0:
-                metric["status"] = "WARN"
-                metric["note"] = (f"{treatment} has a lower {name} rate than {control} (always-valid interval "
-                                  "below 0)")
-            effects = []
-            for segment, vc in sorted(seg_counts.items()):
-                if control in vc and treatment in vc:
-                    d = difference(tuple(vc[control]), tuple(vc[treatment]), alpha, planned_n_per_arm)
-                    effects.append({"segment": segment, "estimate": d["estimate"], "n_control": d["n_control"],
-                                    "n_treatment": d["n_treatment"], "low": d["fixed"]["low"],
-                                    "high": d["fixed"]["high"], "p_value": d["fixed"]["p_value"]})
-            if effects:
-                for e, q in zip(effects, benjamini_hochberg([e["p_value"] for e in effects])):
-                    e["q_value"] = float(q)
-            metric["segment_effects"] = effects
-        elif control or treatment:
-            metric["note"] = f"no feedback for both {control} and {treatment} yet"
-        metrics[name] = metric
-    return {"metrics": metrics, "n_rows": len(rows), "n_boolean": len(boolean),
+
+    def compare(c: list, t: list) -> dict:
+        return difference((sum(c), len(c)), (sum(t), len(t)), alpha, planned_n_per_arm)
+
+    def summarize(x: list) -> dict:
+        return wilson(sum(x), len(x))
+
+    metrics = {name: _metric(items, "positive", summarize, compare, control, treatment, f"{name} rate")
+               for name, items in _by_name(boolean).items()}
+    numeric = analyze_numeric(rows, control, treatment, alpha, planned_n_per_arm)
+    return {"metrics": metrics, "numeric": numeric, "n_rows": len(rows), "n_boolean": len(boolean),
+            "n_numeric": numeric["n_scores"],
             "n_not_boolean": sum(1 for r in rows if _positive(r) is None),
+            "n_other": sum(1 for r in rows if _positive(r) is None and _score(r) is None),
             "unit": "response with feedback (latest vote per response and name)"}

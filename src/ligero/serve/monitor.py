@@ -319,7 +319,8 @@ def monitor(store_url: str, card_path: str | Path, since: datetime | str | None 
 
     result["exit_code"] is 0 (OK or INSUFFICIENT), 1 (WARN) or 2 (ALERT). Status rules: drift per the card's
     thresholds (worst signal); a sample-ratio mismatch (p < 0.001) is an ALERT, because every A/B number is then
-    suspect; a treatment whose always-valid interval for the positive-feedback rate lies below 0 is a WARN.
+    suspect; a treatment whose always-valid interval for the positive-feedback rate, or for the mean of a numeric
+    score (higher is better), lies below 0 is a WARN.
     """
     card = load_monitor_card(card_path)
     if isinstance(since, str):
@@ -342,6 +343,7 @@ def monitor(store_url: str, card_path: str | Path, since: datetime | str | None 
     ab["srm"] = _srm_all(traffic["assignments"], planned, notes)
     ab["planned_split"] = planned
     ab_statuses = [m["status"] for m in ab["metrics"].values()]
+    ab_statuses += [m["status"] for m in ab["numeric"]["metrics"].values()]  # a worse mean score warns as a rate does
     ab_statuses += ["ALERT" if s["flagged"] else "OK" for s in ab["srm"].values()]
     for exp, s in ab["srm"].items():
         if s["flagged"]:
@@ -376,11 +378,20 @@ def monitor(store_url: str, card_path: str | Path, since: datetime | str | None 
     return result
 
 
+def _ab_warnings(ab: Mapping) -> list[str]:
+    """Names of the A/B metrics that warn: rates by name, numeric scores as 'mean <name>'."""
+    rates = [name for name, m in ab.get("metrics", {}).items() if m["status"] != "OK"]
+    means = [f"mean {name}" for name, m in (ab.get("numeric") or {}).get("metrics", {}).items() if m["status"] != "OK"]
+    return rates + means
+
+
 def summary_line(result: dict) -> str:
     """One line for the terminal / cron mail."""
     bad = [f"{k} {v['status']}" for k, v in result["drift"]["signals"].items() if v["status"] in ("WARN", "ALERT")]
+    worse = _ab_warnings(result["ab"])
     return (f"{result['status']} (exit {result['exit_code']}): {result['variant']}, {result['n_responses']} responses"
             + (f"; drift: {', '.join(bad)}" if bad else "") + f"; A/B {result['ab']['status']}"
+            + (f" ({', '.join(worse)} lower in the treatment)" if worse else "")
             + f"; report {result.get('files', {}).get('html', '')}")
 
 
@@ -431,6 +442,38 @@ def _figure(signal: str, reference: list, production: list) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _numeric_html(numeric: Mapping) -> str:
+    """Numeric scores: mean with t-interval per variant and segment, then the differences with their intervals."""
+    e = html.escape
+    means = [["name", "variant", "segment", "n", "mean", "sd", "95 % low", "95 % high"]]
+    diffs = [["name", "segment", "n control", "n treatment", "difference", "Welch low", "Welch high", "Welch p",
+              "always-valid low", "always-valid high", "always-valid p", "BH q", "status"]]
+    notes = []
+    for name, m in numeric["metrics"].items():
+        means += [[name, v, "all", r["n"], r["mean"], r["sd"], r["low"], r["high"]] for v, r in m["variants"].items()]
+        means += [[name, v, s, r["n"], r["mean"], r["sd"], r["low"], r["high"]]
+                  for s, vs in m["segments"].items() for v, r in vs.items()]
+        d = m.get("difference")
+        if d:
+            fx, av = d.get("fixed") or {}, d.get("always_valid") or {}
+            diffs.append([name, "all", d["n_control"], d["n_treatment"], d["estimate"], fx.get("low"), fx.get("high"),
+                          fx.get("p_value"), av.get("low"), av.get("high"), av.get("p_value"), None, m["status"]])
+            diffs += [[name, x["segment"], x["n_control"], x["n_treatment"], x["estimate"], x["low"], x["high"],
+                       x["p_value"], None, None, None, x["q_value"], ""] for x in m["segment_effects"]]
+        if m.get("note"):
+            notes.append(f"{name}: {m['note']}")
+    parts = ["<h3>Numeric feedback: mean score (higher is better)</h3>",
+             (f"<p class='small'>Unit: {e(numeric['unit'])}. 95 % Student-t intervals per arm; the difference is "
+              "treatment − control, with Welch's fixed-horizon interval (valid for one look) and the always-valid "
+              "normal-mixture interval (valid at every look; plug-in variance, so asymptotically). Segment rows: "
+              "Welch p-values with Benjamini-Hochberg q-values across segments.</p>"),
+             _table(means)]
+    if len(diffs) > 1:
+        parts.append(_table(diffs))
+    parts += [f"<p class='small'>{e(n)}</p>" for n in notes]
+    return "\n".join(parts)
+
+
 def render_html(result: dict, reference_profile: Mapping, production: Mapping[str, list]) -> str:
     e = html.escape
     drift, ab = result["drift"], result["ab"]
@@ -471,7 +514,8 @@ def render_html(result: dict, reference_profile: Mapping, production: Mapping[st
 
     parts.append(f"<h2>A/B analysis: <span class='{e(ab['status'])}'>{e(ab['status'])}</span></h2>")
     parts.append(f"<p class='small'>Unit: {e(ab['unit'])}. All feedback in the store, not only the window. "
-                 f"{ab['n_boolean']} boolean votes used, {ab['n_not_boolean']} numeric/other rows not rated.</p>")
+                 f"{ab['n_boolean']} boolean votes and {ab['n_numeric']} numeric scores used (latest per response "
+                 f"and name), {ab['n_other']} other rows not analysed.</p>")
     for name, m in ab["metrics"].items():
         parts.append(f"<h3>{e(name)}: positive rate</h3>")
         parts.append(_table([["variant", "n", "positive", "rate", "95 % low", "95 % high"]]
@@ -496,6 +540,8 @@ def render_html(result: dict, reference_profile: Mapping, production: Mapping[st
                                     x["high"], x["p_value"], x["q_value"]] for x in m["segment_effects"]]))
         if m.get("note"):
             parts.append(f"<p class='small'>{e(m['note'])}</p>")
+    if ab["numeric"]["metrics"]:
+        parts.append(_numeric_html(ab["numeric"]))
     parts.append("<h3>Sample-ratio mismatch</h3>")
     srm_rows = [["experiment", "observed", "expected", "chi2", "p-value", "flagged (p < 0.001)"]]
     for exp, s in ab["srm"].items():

@@ -1,0 +1,118 @@
+"""Build and run `ligero serve`: load each variant, start its batching engine, apply the guardrails and the A/B
+experiment, and hand the app to uvicorn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from ligero.errors import LigeroError
+from ligero.serve.abtest import SegmentRule
+from ligero.serve.app import ServerConfig, Variant, create_app
+from ligero.serve.engine import Engine
+from ligero.serve.guardrails import ApiKeys, Guardrails, guardrails_from_card, load_guardrails
+from ligero.serve.store import DEFAULT_URL, Store, default_server_id
+
+log = logging.getLogger("ligero.serve")
+
+
+def parse_variant(text: str) -> tuple[str, str]:
+    """"NAME=SCHEME" or "NAME=PATH" (a model saved by `ligero quantize`), or just "SCHEME" (named after it)."""
+    name, sep, spec = text.partition("=")
+    name, spec = name.strip(), spec.strip()
+    if not sep:
+        name, spec = text.strip(), text.strip()
+    if not name or not spec or ":" in name:
+        raise LigeroError(f"--variant {text!r} is malformed; write NAME=SCHEME (e.g. int4=int4), NAME=FOLDER of a "
+                          f"model saved by `ligero quantize`, or just SCHEME")
+    return name, spec
+
+
+def load_variant(model_id: str, spec: str, device: str = "cpu"):
+    """A served model: the base model quantized on the fly with scheme `spec`, or a saved model folder."""
+    from ligero.io.checkpoint import load_model
+
+    if Path(spec).expanduser().is_dir():
+        return load_model(spec, device)
+    from ligero.quant.api import quantize
+    from ligero.quant.calibrate import calibration_windows
+    from ligero.quant.config import recipe_for
+
+    recipe = None if spec == "fp32" else recipe_for(spec)  # raises with the valid schemes
+    loaded = load_model(model_id, device)
+    if recipe is not None:
+        calib = calibration_windows(loaded.tokenizer, 8) if recipe.needs_calibration else None
+        quantize(loaded.model, recipe, calibration=calib)
+    return loaded
+
+
+def read_card(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LigeroError(f"card {path} not found; pass a cards/<variant>.json written by `ligero run`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LigeroError(f"card {path} is not readable JSON ({exc}); pass a card written by `ligero run`") from None
+
+
+def build_config(model_id: str, variants: list[str], split: list[float] | None = None, store_url: str | None = None,
+                 card: str | None = None, guardrails_file: str | None = None, api_keys_file: str | None = None,
+                 segment_rules: list[SegmentRule] | None = None, experiment: str | None = None, max_batch: int = 8,
+                 keep_text: bool = False, device: str = "cpu") -> ServerConfig:
+    """Everything `ligero serve` needs; every input is checked before any model is loaded."""
+    from ligero.models.registry import REGISTRY
+
+    card_data = read_card(card) if card else None
+    if guardrails_file:
+        guardrails = load_guardrails(guardrails_file)
+    elif card_data is not None:
+        guardrails = guardrails_from_card(card_data, str(card))
+    else:
+        guardrails = Guardrails()
+    if not variants:
+        variants = [card_data["identity"]["variant"]] if card_data else ["fp32"]
+    parsed = [parse_variant(v) for v in variants]
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise LigeroError(f"variant names must be unique, got {names}")
+    if split is not None and len(split) != len(parsed):
+        raise LigeroError(f"--split has {len(split)} shares for {len(parsed)} variants; give one per --variant")
+    if model_id not in REGISTRY and not Path(model_id).expanduser().exists():
+        raise LigeroError(f"model {model_id!r} not found; use a registry id ({', '.join(REGISTRY)}) or a path")
+    api_keys = ApiKeys.load(file=api_keys_file)
+    store = Store(store_url or DEFAULT_URL, keep_output_text=keep_text)
+    lock = threading.Lock()
+    served, tokenizer, context = {}, None, 8192
+    for name, spec in parsed:
+        log.warning("loading variant %s (%s)", name, spec)
+        loaded = load_variant(model_id, spec, device)
+        if loaded.tokenizer is None:
+            raise LigeroError(f"{spec} has no tokenizer; serve a model with tokenizer.json or a GGUF file")
+        tokenizer, context = loaded.tokenizer, loaded.model.cfg.max_seq_len
+        served[name] = Variant(name, spec, Engine(name, loaded.model, loaded.tokenizer, max_batch, compute_lock=lock))
+    cfg = ServerConfig(model_id=Path(model_id).name if model_id not in REGISTRY else model_id, variants=served,
+                       tokenizer=tokenizer, store=store, guardrails=guardrails, split=split,
+                       experiment_name=experiment, segment_rules=segment_rules or [], api_keys=api_keys,
+                       server_id=default_server_id(), context=context)
+    cfg.experiment()  # validates the split against the variants now, not on the first request
+    return cfg
+
+
+def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
+    import uvicorn
+
+    app = create_app(cfg)
+    variants = ", ".join(f"{n} ({v.scheme})" for n, v in cfg.variants.items())
+    exp = cfg.experiment()
+    print(f"ligero serve: http://{host}:{port}  model {cfg.model_id}  variants {variants}"
+          + (f"  experiment {exp.name} split {[round(100 * s) for s in exp.split]}" if exp else "")
+          + f"  store {cfg.store.url}", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        for v in cfg.variants.values():
+            v.engine.close()
+        cfg.store.close()
+    return 0

@@ -1,0 +1,733 @@
+"""`ligero serve` end to end: a real server process on loopback (SmolLM2-135M, variants fp32 and int4, a SQLite
+store), real HTTP clients (the official `openai` package, httpx), and the store read back from this process.
+
+Two servers for the whole module: the main one (A/B split 50/50, a guardrails file with small limits, output texts
+kept) and a small one with API keys and a rate limit. Generations are a few tokens long and greedy where the test
+compares outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ligero.serve import store as st
+from ligero.serve.abtest import Experiment, assign
+from ligero.serve.store import Store, key_fingerprint
+
+MODEL = "smollm2-135m"
+FP32, INT4 = f"{MODEL}:fp32", f"{MODEL}:int4"
+EXPERIMENT = Experiment(f"{MODEL}-ab", ["fp32", "int4"], [50, 50])
+STORY = "Once upon a time, in a small village by the sea, there lived"
+QUESTION = [{"role": "user", "content": "Write one sentence about the sea."}]
+TOXIC = "You are a fucking idiot, you stupid piece of shit. Fuck you, fuck"
+BANNED_TEXT = "please cast the Forbidden Spell now"  # matches the guardrails file's banned pattern
+MAX_BODY_BYTES = 20_000
+MAX_PROMPT_TOKENS = 200
+GUARDRAILS = f"""
+max_body_bytes = {MAX_BODY_BYTES}
+max_prompt_tokens = {MAX_PROMPT_TOKENS}
+max_new_tokens = 256
+banned_patterns = ["forbidden[ _-]?spell"]
+[toxicity]
+threshold = 0.5
+action = "block"
+"""
+KEYS = ("key-one", "key-two")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+# --- fixtures -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(launch, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("main-server")
+    guardrails = folder / "guardrails.toml"
+    guardrails.write_text(GUARDRAILS)
+    store_url = f"sqlite:///{folder / 'serve.db'}"
+    proc = launch("--variant", "fp32", "--variant", "int4", "--split", "50,50", "--store", store_url,
+                  "--guardrails", str(guardrails), "--keep-text")
+    proc.store_url = store_url
+    return proc
+
+
+@pytest.fixture(scope="module")
+def store(server):
+    with Store(server.store_url) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    client = openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0, timeout=120)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def story(oai):
+    """The greedy fp32 continuation of STORY (16 tokens), the reference for streaming and stop strings."""
+    raw = oai.completions.with_raw_response.create(model=FP32, prompt=STORY, max_tokens=16, temperature=0)
+    return raw, raw.parse()
+
+
+@pytest.fixture(scope="module")
+def chat(oai):
+    """The greedy fp32 chat answer to QUESTION (12 tokens at most)."""
+    raw = oai.chat.completions.with_raw_response.create(model=FP32, messages=QUESTION, max_tokens=12,
+                                                        temperature=0)
+    return raw, raw.parse()
+
+
+# --- helpers --------------------------------------------------------------------------------------------------------
+
+
+def as_dict(usage) -> dict:
+    return usage if isinstance(usage, dict) else usage.model_dump(include={"prompt_tokens", "completion_tokens",
+                                                                            "total_tokens"})
+
+
+def check_recorded(store: Store, response_id: str, *, variant: str, usage, endpoint: str, stream: bool,
+                   finish_reason: str, request_id: str | None = None, text: str | None = None, status: str = "ok",
+                   guardrail_action: str = "none"):
+    """The acknowledged response and its request are in the store, consistent with what the client got."""
+    usage = as_dict(usage)
+    resp = store.get_response(response_id)
+    assert resp is not None, f"acknowledged response {response_id} is not in the store"
+    req = store.get_request(resp.request_id)
+    assert req is not None, f"the request of {response_id} is not in the store"
+    if request_id is not None:
+        assert resp.request_id == request_id
+    assert (req.status, req.http_status, req.endpoint, req.stream) == (status, 200, endpoint, stream)
+    assert req.model == MODEL and req.variant == resp.variant == variant
+    assert req.prompt_tokens == usage["prompt_tokens"]
+    assert resp.output_tokens == usage["completion_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert resp.finish_reason == finish_reason
+    assert resp.guardrail_action == guardrail_action
+    assert resp.mean_logprob is not None and resp.mean_logprob <= 0
+    assert resp.toxicity_score is not None and 0 <= resp.toxicity_score <= 1
+    assert resp.latency_ms > 0
+    if text is not None:
+        assert resp.output_text == text  # the server keeps texts (--keep-text): what the client got
+    return req, resp
+
+
+def rows(store: Store, table, **where) -> list:
+    with Session(store.engine) as session:
+        return list(session.scalars(select(table).filter_by(**where)))
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    """An OpenAI-style error: the status, a JSON body {"error": {"message", "type", "param", "code"}}."""
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
+    assert r.headers["content-type"].startswith("application/json"), r.headers["content-type"]
+    err = r.json()["error"]
+    assert {"message", "type", "code"} <= set(err), err
+    assert isinstance(err["message"], str) and err["message"].strip(), err
+    assert err["type"] == ERROR_TYPES[status], err
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def metric(text: str, sample: str, **labels: str) -> float:
+    """A sample's value in Prometheus text (0 when the series does not exist yet)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def sse_events(lines) -> list:
+    """The JSON payloads of a server-sent event stream up to [DONE] (which must come)."""
+    events = []
+    for line in lines:
+        if not line.startswith("data: "):
+            assert line == "", f"unexpected SSE line {line!r}"
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            return events
+        events.append(json.loads(data))
+    raise AssertionError(f"the stream ended without [DONE] after {len(events)} events")
+
+
+def users_for(prefix: str, per_variant: int) -> dict[str, list[str]]:
+    """Deterministic user ids, `per_variant` of them planned for each variant of the experiment."""
+    users: dict[str, list[str]] = {v: [] for v in EXPERIMENT.variants}
+    i = 0
+    while min(len(u) for u in users.values()) < per_variant:
+        user = f"{prefix}-{i}"
+        planned = users[assign(EXPERIMENT, user)]
+        if len(planned) < per_variant:
+            planned.append(user)
+        i += 1
+    return users
+
+
+# --- 1. the official client -----------------------------------------------------------------------------------------
+
+
+def test_models_and_health(server, oai, http):
+    assert sorted(m.id for m in oai.models.list()) == sorted([MODEL, FP32, INT4])
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+    assert health["variants"] == {"fp32": "fp32", "int4": "int4"}
+    assert health["experiment"] == EXPERIMENT.name
+
+
+def test_completion(story, store, tokenizer):
+    raw, c = story
+    assert raw.headers["x-ligero-variant"] == "fp32"
+    assert c.object == "text_completion" and c.model == FP32 and c.id.startswith("cmpl-")
+    choice = c.choices[0]
+    assert len(c.choices) == 1 and choice.index == 0
+    assert choice.text.strip(), "the model produced no text"
+    assert choice.finish_reason == "length"  # 16 tokens of a story: the budget ends it
+    assert c.usage.completion_tokens == 16
+    assert c.usage.prompt_tokens == len(tokenizer.encode(STORY))
+    assert c.usage.total_tokens == c.usage.prompt_tokens + 16
+    check_recorded(store, c.id, request_id=raw.headers["x-ligero-request-id"], variant="fp32", usage=c.usage,
+                   endpoint="completions", stream=False, finish_reason="length", text=choice.text)
+
+
+def test_chat_completion(chat, store, tokenizer):
+    raw, c = chat
+    assert raw.headers["x-ligero-variant"] == "fp32"
+    assert c.object == "chat.completion" and c.model == FP32 and c.id.startswith("chatcmpl-")
+    message = c.choices[0].message
+    assert message.role == "assistant" and message.content.strip()
+    finish = c.choices[0].finish_reason
+    assert finish in ("stop", "length")
+    if finish == "length":
+        assert c.usage.completion_tokens == 12
+    else:
+        assert 1 <= c.usage.completion_tokens < 12
+    assert c.usage.prompt_tokens == len(tokenizer.encode(tokenizer.apply_chat_template(QUESTION)))
+    check_recorded(store, c.id, request_id=raw.headers["x-ligero-request-id"], variant="fp32", usage=c.usage,
+                   endpoint="chat", stream=False, finish_reason=finish, text=message.content)
+
+
+def test_streamed_completion_equals_the_answer(oai, story, store):
+    _, ref = story
+    chunks = list(oai.completions.create(model=FP32, prompt=STORY, max_tokens=16, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    *text_chunks, usage_chunk = chunks
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id != ref.id
+    assert all(c.model == FP32 and len(c.choices) == 1 for c in text_chunks)
+    deltas = [c.choices[0].text for c in text_chunks]
+    assert "".join(deltas) == ref.choices[0].text
+    assert sum(1 for d in deltas if d) > 1, f"the text came in one piece, not streamed: {deltas}"
+    assert [c.choices[0].finish_reason for c in text_chunks] == [None] * (len(text_chunks) - 1) + ["length"]
+    assert usage_chunk.choices == [] and as_dict(usage_chunk.usage) == as_dict(ref.usage)
+    check_recorded(store, chunks[0].id, variant="fp32", usage=usage_chunk.usage, endpoint="completions",
+                   stream=True, finish_reason="length", text=ref.choices[0].text)
+
+
+def test_streamed_chat_equals_the_answer(oai, chat, store):
+    _, ref = chat
+    chunks = list(oai.chat.completions.create(model=FP32, messages=QUESTION, max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    *deltas, usage_chunk = chunks
+    assert all(c.object == "chat.completion.chunk" and c.model == FP32 for c in chunks)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert deltas[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in deltas) == ref.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in deltas][-1] == ref.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in deltas[:-1])
+    assert usage_chunk.choices == [] and as_dict(usage_chunk.usage) == as_dict(ref.usage)
+    check_recorded(store, chunks[0].id, variant="fp32", usage=usage_chunk.usage, endpoint="chat", stream=True,
+                   finish_reason=ref.choices[0].finish_reason, text=ref.choices[0].message.content)
+
+
+def test_the_stream_is_server_sent_events(http, store):
+    body = {"model": INT4, "prompt": STORY, "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/completions", json=body, headers={"X-User-Id": "sse-user"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-ligero-variant"] == "int4"
+        events = sse_events(r.iter_lines())
+    *chunks, usage = events
+    assert all(e["object"] == "text_completion" and e["model"] == INT4 for e in events)
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    req = store.get_request(r.headers["x-ligero-request-id"])
+    assert (req.stream, req.user_id, req.variant, req.status) == (True, "sse-user", "int4", "ok")
+
+
+def test_stop_sequences_end_the_text_before_them(oai, story, store):
+    full = story[1].choices[0].text
+    words = full.split()
+    assert len(words) >= 4, f"the reference story is too short to pick a stop string: {full!r}"
+    stop = " " + words[len(words) // 2]
+    cut = full.find(stop)
+    assert cut > 0
+    c = oai.completions.create(model=FP32, prompt=STORY, max_tokens=16, temperature=0, stop=[stop, "@@never@@"])
+    assert c.choices[0].text == full[:cut]
+    assert c.choices[0].finish_reason == "stop"
+    assert c.usage.completion_tokens < 16
+    check_recorded(store, c.id, variant="fp32", usage=c.usage, endpoint="completions", stream=False,
+                   finish_reason="stop", text=full[:cut])
+
+    # Streamed: no delta shows the stop string (or its start), and no usage chunk was asked for.
+    chunks = list(oai.completions.create(model=FP32, prompt=STORY, max_tokens=16, temperature=0, stop=stop,
+                                         stream=True))
+    deltas = [ch.choices[0].text for ch in chunks]
+    assert "".join(deltas) == full[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(ch.usage is None and ch.choices for ch in chunks)
+
+
+# --- 3. feedback ----------------------------------------------------------------------------------------------------
+
+
+def test_feedback_round_trip(oai, http, store):
+    c = oai.completions.create(model=INT4, prompt="The weather today is", max_tokens=2, temperature=0)
+    r = http.post("/v1/feedback", json={"response_id": c.id, "value": True, "comment": "short and sweet"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["response_id"] == c.id and body["value"] == 1.0 and body["data_type"] == "boolean"
+    assert body["source"] == "human" and isinstance(body["id"], int)
+    [fb] = store.feedback_for(c.id)
+    assert (fb.id, fb.value, fb.source, fb.data_type, fb.comment, fb.name) == (
+        body["id"], 1.0, "human", "boolean", "short and sweet", "user_feedback")
+
+    assert http.post("/v1/feedback", json={"response_id": c.id, "value": "down"}).json()["value"] == 0.0
+    r = http.post("/v1/feedback", json={"response_id": c.id, "value": 0.75, "source": "model", "name": "judge"})
+    assert r.status_code == 200 and r.json()["data_type"] == "numeric"
+    got = [(f.value, f.data_type, f.source, f.name) for f in store.feedback_for(c.id)]
+    assert got == [(1.0, "boolean", "human", "user_feedback"), (0.0, "boolean", "human", "user_feedback"),
+                   (0.75, "numeric", "model", "judge")]
+
+    # A chat response takes feedback too.
+    chat = oai.chat.completions.create(model=FP32, messages=QUESTION, max_tokens=2)
+    assert http.post("/v1/feedback", json={"response_id": chat.id, "value": "up"}).status_code == 200
+    assert [f.value for f in store.feedback_for(chat.id)] == [1.0]
+
+    # Unknown ids and malformed bodies: JSON errors, nothing stored.
+    err = assert_error(http.post("/v1/feedback", json={"response_id": "cmpl-doesnotexist", "value": True}), 404)
+    assert "unknown response id" in err["message"]
+    bad_bodies = [b"{nope", b"[]", json.dumps({"value": True}).encode(),
+                  json.dumps({"response_id": c.id}).encode(),
+                  json.dumps({"response_id": c.id, "value": "maybe"}).encode(),
+                  json.dumps({"response_id": c.id, "value": 0.5, "data_type": "boolean"}).encode(),
+                  json.dumps({"response_id": c.id, "value": True, "source": "robot"}).encode(),
+                  json.dumps({"response_id": c.id, "value": True, "rating": 5}).encode()]
+    for content in bad_bodies:
+        assert_error(http.post("/v1/feedback", content=content, headers={"content-type": "application/json"}), 400)
+    assert len(store.feedback_for(c.id)) == 3
+
+
+# --- 4. A/B assignment ----------------------------------------------------------------------------------------------
+
+
+def test_users_stick_to_their_planned_variant(oai, http, store, server):
+    users = users_for("sticky", per_variant=2)
+    for planned, ids in users.items():
+        for user in ids:
+            seen = []
+            raw = oai.completions.with_raw_response.create(model=MODEL, prompt="Hello", max_tokens=1,
+                                                           extra_headers={"X-User-Id": user})
+            seen.append((raw.headers["x-ligero-variant"], raw.parse().model, raw.headers["x-ligero-request-id"]))
+            raw = oai.chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION, max_tokens=1,
+                                                                user=user)  # the `user` field
+            seen.append((raw.headers["x-ligero-variant"], raw.parse().model, raw.headers["x-ligero-request-id"]))
+            for _ in range(2):
+                r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                              headers={"X-User-Id": user})
+                assert r.status_code == 200, r.text
+                seen.append((r.headers["x-ligero-variant"], r.json()["model"], r.headers["x-ligero-request-id"]))
+            assert {(v, m) for v, m, _ in seen} == {(planned, f"{MODEL}:{planned}")}, (user, seen)
+            for _, _, request_id in seen:
+                req = store.get_request(request_id)
+                assert (req.experiment, req.user_id, req.variant) == (EXPERIMENT.name, user, planned)
+
+    assigned = {a.user_id: a for a in store.assignments_for(EXPERIMENT.name)}
+    for planned, ids in users.items():
+        for user in ids:
+            assert assigned[user].variant == planned and assigned[user].server_id == server.health["server_id"]
+    all_users = [a.user_id for a in store.assignments_for(EXPERIMENT.name)]
+    assert len(all_users) == len(set(all_users)), "a user has more than one assignment row"
+
+    # The X-User-Id header wins over the `user` field.
+    header_user, field_user = users["int4"][0], users["fp32"][0]
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "user": field_user},
+                  headers={"X-User-Id": header_user})
+    assert r.headers["x-ligero-variant"] == "int4"
+    assert store.get_request(r.headers["x-ligero-request-id"]).user_id == header_user
+
+
+def test_the_split_is_about_even(http, store):
+    users = [f"split-{i}" for i in range(48)]
+
+    def ask(user: str) -> str:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                      headers={"X-User-Id": user})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == f"{MODEL}:{r.headers['x-ligero-variant']}"
+        return r.headers["x-ligero-variant"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(users, pool.map(ask, users)))
+    assert got == {u: assign(EXPERIMENT, u) for u in users}
+    n, fp32 = len(users), sum(v == "fp32" for v in got.values())
+    assert abs(fp32 - n / 2) <= 4 * math.sqrt(n / 4), f"{fp32} of {n} users got fp32 with a 50/50 split"
+    rows_by_user = {}
+    for a in store.assignments_for(EXPERIMENT.name):
+        rows_by_user.setdefault(a.user_id, []).append(a.variant)
+    assert all(rows_by_user[u] == [got[u]] for u in users)
+
+
+def test_no_user_gets_the_first_variant_outside_the_experiment(oai, store):
+    before = store.count("assignments")
+    for _ in range(2):
+        raw = oai.completions.with_raw_response.create(model=MODEL, prompt="Hi", max_tokens=1)
+        assert raw.headers["x-ligero-variant"] == "fp32" and raw.parse().model == FP32
+        req = store.get_request(raw.headers["x-ligero-request-id"])
+        assert (req.variant, req.experiment, req.user_id) == ("fp32", None, None)
+    raw = oai.chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION, max_tokens=1)
+    assert raw.headers["x-ligero-variant"] == "fp32"
+    assert store.count("assignments") == before
+
+
+def test_a_variant_asked_for_by_name_bypasses_the_experiment(http, store):
+    users = users_for("direct", per_variant=1)
+    for model, variant, user in [(INT4, "int4", users["fp32"][0]), (FP32, "fp32", users["int4"][0])]:
+        r = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1},
+                      headers={"X-User-Id": user})
+        assert r.status_code == 200 and r.headers["x-ligero-variant"] == variant and r.json()["model"] == model
+        req = store.get_request(r.headers["x-ligero-request-id"])
+        assert (req.variant, req.experiment, req.user_id) == (variant, None, user)
+        assert store.stored_variant(EXPERIMENT.name, user) is None
+
+
+# --- 5. guardrails --------------------------------------------------------------------------------------------------
+
+
+def test_a_toxic_output_is_blocked(oai, store):
+    from ligero.eval.toxicity import score_texts
+
+    raw = oai.completions.with_raw_response.create(model=FP32, prompt=TOXIC, max_tokens=30, temperature=0)
+    c = raw.parse()
+    text = c.choices[0].text
+    assert c.choices[0].finish_reason == "content_filter"
+    assert score_texts([text])[0] < 0.5, text
+    assert c.usage.completion_tokens < 30  # generation stopped at the blocked word
+    req, resp = check_recorded(store, c.id, request_id=raw.headers["x-ligero-request-id"], variant="fp32",
+                               usage=c.usage, endpoint="completions", stream=False, finish_reason="content_filter",
+                               text=text, status="blocked", guardrail_action="block")
+    assert resp.toxicity_score >= 0.5  # the score of the output including the word that was held back
+    events = store.guardrail_events_for(req.id)
+    assert [(e.rule, e.action, e.response_id) for e in events] == [("toxicity", "block", c.id)]
+
+    # Streamed: the same released text, and no delta carries a toxic word.
+    chunks = list(oai.completions.create(model=FP32, prompt=TOXIC, max_tokens=30, temperature=0, stream=True))
+    deltas = [ch.choices[0].text for ch in chunks]
+    assert "".join(deltas) == text
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    words = re.findall(r"\w+", "".join(deltas))
+    assert not words or max(score_texts(words)) < 0.5
+    req = store.get_request(store.get_response(chunks[0].id).request_id)
+    assert req.status == "blocked" and req.stream
+    assert [(e.rule, e.action) for e in store.guardrail_events_for(req.id)] == [("toxicity", "block")]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_banned_pattern_in_the_prompt_is_refused(http, store, endpoint):
+    user = f"banned-{endpoint}"
+    body = ({"model": FP32, "prompt": BANNED_TEXT, "max_tokens": 4} if endpoint == "completions" else
+            {"model": FP32, "messages": [{"role": "user", "content": BANNED_TEXT}], "max_tokens": 4})
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
+    err = assert_error(http.post(path, json=body, headers={"X-User-Id": user}), 400, code="content_filter")
+    assert "forbidden" not in err["message"].lower()  # the message names the rule, not the user's text
+    [req] = rows(store, st.RequestRecord, user_id=user)
+    assert (req.status, req.http_status, req.endpoint, req.variant) == ("blocked", 400, endpoint, "fp32")
+    assert [(e.rule, e.action) for e in store.guardrail_events_for(req.id)] == [("banned_pattern", "block")]
+    assert rows(store, st.ResponseRecord, request_id=req.id) == []
+
+
+# --- 6. bad input ---------------------------------------------------------------------------------------------------
+
+LONG_PROMPT = "hello " * (MAX_PROMPT_TOKENS + 100)
+BAD_REQUESTS = [
+    # (id, path, raw body or JSON, extra headers, status, code, param)
+    ("malformed-json", "/v1/completions", b'{"model": "smollm2-135m", "prompt": ', {}, 400, "invalid_json", None),
+    ("not-utf8", "/v1/completions", b'{"prompt": "\xff\xfe"}', {}, 400, "invalid_json", None),
+    ("json-array", "/v1/completions", b'[{"model": "smollm2-135m", "prompt": "Hi"}]', {}, 400, "invalid_json", None),
+    ("deeply-nested", "/v1/completions", b"[" * 5000 + b"]" * 5000, {}, 400, "invalid_json", None),
+    ("deeply-nested-feedback", "/v1/feedback", b'{"value": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400,
+     "invalid_json", None),
+    ("json-string", "/v1/chat/completions", b'"hello"', {}, 400, "invalid_json", None),
+    ("empty-body", "/v1/completions", b"", {}, 400, "invalid_json", None),
+    ("missing-prompt", "/v1/completions", {"model": MODEL}, {}, 400, "invalid_request", "prompt"),
+    ("missing-model", "/v1/completions", {"prompt": "Hi"}, {}, 400, "invalid_request", "model"),
+    ("missing-messages", "/v1/chat/completions", {"model": MODEL}, {}, 400, "invalid_request", "messages"),
+    ("no-messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, {}, 400, "invalid_request",
+     "messages"),
+    ("bad-role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "Hi"}]}, {},
+     400, "invalid_request", None),
+    ("image-part", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     {}, 400, "invalid_request", None),
+    ("max-tokens-text", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": "abc"}, {}, 400,
+     "invalid_request", "max_tokens"),
+    ("max-tokens-zero", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 0}, {}, 400,
+     "invalid_request", "max_tokens"),
+    ("temperature-5", "/v1/completions", {"model": MODEL, "prompt": "Hi", "temperature": 5}, {}, 400,
+     "invalid_request", "temperature"),
+    ("top-p-0", "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "top_p": 0}, {}, 400,
+     "invalid_request", "top_p"),
+    ("n-2", "/v1/completions", {"model": MODEL, "prompt": "Hi", "n": 2}, {}, 400, "invalid_request", "n"),
+    ("two-prompts", "/v1/completions", {"model": MODEL, "prompt": ["Hi", "Ho"]}, {}, 400, "invalid_request",
+     "prompt"),
+    ("five-stops", "/v1/completions", {"model": MODEL, "prompt": "Hi", "stop": list("abcde")}, {}, 400,
+     "invalid_request", "stop"),
+    ("model-number", "/v1/completions", {"model": 7, "prompt": "Hi"}, {}, 400, "invalid_request", "model"),
+    ("stream-options-text", "/v1/completions", {"model": MODEL, "prompt": "Hi", "stream_options": "yes"}, {}, 400,
+     "invalid_request", "stream_options"),
+    ("user-too-long", "/v1/completions", {"model": MODEL, "prompt": "Hi", "user": "u" * 300}, {}, 400,
+     "invalid_request", "user"),
+    ("huge-seed", "/v1/completions",
+     {"model": FP32, "prompt": "Hi", "max_tokens": 1, "temperature": 0.7, "seed": 2**70}, {}, 400,
+     "invalid_request", "seed"),
+    ("bad-segment", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+     {"X-Segment": "not a segment!"}, 400, "invalid_request", None),
+    ("empty-prompt", "/v1/completions", {"model": FP32, "prompt": "", "max_tokens": 1}, {}, 400,
+     "invalid_request", "prompt"),
+    ("unknown-model", "/v1/completions", {"model": "gpt-4o", "prompt": "Hi"}, {}, 404, "model_not_found", "model"),
+    ("unknown-variant", "/v1/chat/completions", {"model": f"{MODEL}:int3", "messages": QUESTION}, {}, 404,
+     "model_not_found", "model"),
+    ("prompt-too-long", "/v1/completions", {"model": FP32, "prompt": LONG_PROMPT, "max_tokens": 1}, {}, 400,
+     "context_length_exceeded", "prompt"),
+    ("body-too-large", "/v1/completions", {"model": FP32, "prompt": "a " * MAX_BODY_BYTES}, {}, 413,
+     "body_too_large", None),
+]
+
+
+@pytest.mark.parametrize("path, body, headers, status, code, param",
+                         [pytest.param(*case[1:], id=case[0]) for case in BAD_REQUESTS])
+def test_bad_input_gets_a_json_error(http, path, body, headers, status, code, param):
+    if isinstance(body, bytes):
+        r = http.post(path, content=body, headers={"content-type": "application/json", **headers})
+    else:
+        r = http.post(path, json=body, headers=headers)
+    assert_error(r, status, code, param)
+
+
+def test_an_oversized_chunked_body_is_refused_and_recorded(http, store):
+    """No Content-Length (chunked): the server counts the bytes as they come."""
+    before = len(rows(store, st.RequestRecord, http_status=413))
+    piece = json.dumps({"model": FP32, "prompt": "a " * 3000})[:-1].encode()
+
+    def body():
+        yield piece
+        for _ in range(10):
+            yield b" " * 3000
+        yield b"}"
+
+    r = http.post("/v1/completions", content=body(), headers={"content-type": "application/json"})
+    assert_error(r, 413, "body_too_large")
+    blocked = rows(store, st.RequestRecord, http_status=413)
+    assert len(blocked) == before + 1 and all(req.status == "blocked" for req in blocked)
+    for req in blocked:
+        assert [(e.rule, e.action) for e in store.guardrail_events_for(req.id)] == [("max_body_bytes", "block")]
+
+
+def test_the_server_survives_bad_input(server, http):
+    assert http.get("/health").status_code == 200
+    r = http.post("/v1/completions", json={"model": FP32, "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert server.alive()
+    log = server.log_tail(10**7)
+    assert "unexpected error" not in log and "Traceback" not in log, log[-4000:]
+
+
+# --- 7. a client that leaves mid-stream -----------------------------------------------------------------------------
+
+
+def test_a_client_that_disconnects_mid_stream(server, http, store):
+    def timed(max_tokens: int, prompt: str = "Hi") -> float:
+        t0 = time.monotonic()
+        r = http.post("/v1/completions", json={"model": FP32, "prompt": prompt, "max_tokens": max_tokens,
+                                               "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == max_tokens, r.text
+        return time.monotonic() - t0
+
+    # How long this machine takes for a small request and per generated token (warm), to tell a generation that
+    # stopped when its client left from one that ran on to its end (and held up the next batch).
+    timed(4)
+    small_s = timed(4)
+    per_token_s = max(0.0, timed(36, STORY) - small_s) / 32
+
+    body = {"model": FP32, "prompt": STORY, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as leaver, \
+            leaver.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        request_id = r.headers["x-ligero-request-id"]
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+                if len(events) == 2:
+                    break
+    # The connection is closed now, long before 200 tokens.
+    assert all(e["choices"][0]["finish_reason"] is None for e in events)
+    response_id = events[0]["id"]
+
+    elapsed = timed(4)
+    # Had the abandoned row kept decoding, this request would have waited for its ~195 remaining tokens.
+    assert elapsed < small_s + 0.5 + 50 * per_token_s, (elapsed, small_s, per_token_s)
+    assert http.get("/health").status_code == 200
+
+    deadline = time.monotonic() + 15
+    while (req := store.get_request(request_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert req is not None, "the abandoned request was never recorded"
+    assert (req.status, req.http_status, req.stream, req.variant) == ("error", 499, True, "fp32")
+    assert store.get_response(response_id) is None  # never acknowledged, so no response record
+
+
+# --- 8. concurrency and metrics -------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched(server, http, store):
+    # A guardrail decision of our own, so its series exists whatever ran before.
+    assert http.post("/v1/completions", json={"model": INT4, "prompt": BANNED_TEXT}).status_code == 400
+    before = http.get("/metrics").text
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*[
+                client.post("/v1/completions", json={"model": INT4, "prompt": f"Fact number {i}:", "max_tokens": 8,
+                                                     "temperature": 0}) for i in range(8)])
+
+    answers = asyncio.run(run_all())
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    bodies = [a.json() for a in answers]
+    assert len({b["id"] for b in bodies}) == 8
+    for b in bodies:
+        assert b["model"] == INT4 and b["choices"][0]["finish_reason"] in ("length", "stop", "content_filter")
+        resp = store.get_response(b["id"])
+        assert resp is not None and resp.variant == "int4"
+        assert resp.output_tokens == b["usage"]["completion_tokens"]
+    after = http.get("/metrics").text
+
+    batches = metric(after, "ligero_batches_total", variant="int4") - metric(before, "ligero_batches_total",
+                                                                             variant="int4")
+    assert 1 <= batches < 8, f"8 concurrent requests ran in {batches:g} batches: none was batched with another"
+    ok = {"variant": "int4", "endpoint": "completions", "status": "ok"}
+    blocked = {**ok, "status": "blocked"}
+    served = sum(b["choices"][0]["finish_reason"] != "content_filter" for b in bodies)
+    assert metric(after, "ligero_requests_total", **ok) - metric(before, "ligero_requests_total", **ok) == served
+    assert (metric(after, "ligero_requests_total", **blocked) - metric(before, "ligero_requests_total", **blocked)
+            == 8 - served)
+    completion = sum(b["usage"]["completion_tokens"] for b in bodies)
+    assert (metric(after, "ligero_tokens_total", variant="int4", kind="completion")
+            - metric(before, "ligero_tokens_total", variant="int4", kind="completion")) == completion
+    assert (metric(after, "ligero_request_latency_seconds_count", variant="int4", endpoint="completions")
+            - metric(before, "ligero_request_latency_seconds_count", variant="int4", endpoint="completions")) == 8
+    assert metric(after, "ligero_guardrail_actions_total", variant="int4", rule="banned_pattern",
+                  action="block") >= 1
+    for series in ("ligero_requests_total", "ligero_request_latency_seconds_bucket", "ligero_tokens_total",
+                   "ligero_guardrail_actions_total", "ligero_batches_total", "ligero_queue_depth",
+                   "ligero_time_to_first_token_seconds_bucket"):
+        assert re.search(rf"^{series}\{{", after, re.MULTILINE), f"/metrics has no {series} series"
+
+
+# --- 9-10. API keys and rate limits (a second, small server) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auth_server(launch, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("auth-server")
+    guardrails = folder / "rate.toml"
+    guardrails.write_text("rate_limit_per_minute = 6\nrate_limit_burst = 2\n")
+    proc = launch("--variant", "fp32", "--store", f"sqlite:///{folder / 'auth.db'}", "--guardrails", str(guardrails),
+                  env={"LIGERO_API_KEYS": ",".join(KEYS)})
+    proc.store_url, proc.folder = f"sqlite:///{folder / 'auth.db'}", folder
+    return proc
+
+
+@pytest.fixture(scope="module")
+def auth_store(auth_server):
+    with Store(auth_server.store_url) as s:
+        yield s
+
+
+def test_api_keys_are_required_and_never_stored(auth_server, auth_store):
+    completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    recorded = auth_store.count("requests")
+    with httpx.Client(base_url=auth_server.url, timeout=60) as h:
+        assert h.get("/health").status_code == 200  # open: load balancers probe it
+        for headers in ({}, {"Authorization": "Bearer wrong-key-123"}, {"Authorization": "key-one"},
+                        {"Authorization": "Basic a2V5LW9uZQ=="}):
+            for method, path, body in [("POST", "/v1/completions", completion), ("GET", "/v1/models", None),
+                                       ("POST", "/v1/feedback", {"response_id": "cmpl-x", "value": True})]:
+                r = h.request(method, path, json=body, headers=headers)
+                err = assert_error(r, 401, "invalid_api_key")
+                assert "wrong-key-123" not in r.text and "key-one" not in r.text, err
+    assert auth_store.count("requests") == recorded  # refused before anything was read or recorded
+
+    bad = openai.OpenAI(base_url=auth_server.base_url, api_key="wrong-key-123", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    assert info.value.status_code == 401 and "wrong-key-123" not in str(info.value)
+    bad.close()
+
+    good = openai.OpenAI(base_url=auth_server.base_url, api_key="key-one", max_retries=0, timeout=60)
+    assert sorted(m.id for m in good.models.list()) == [MODEL, FP32]
+    c = good.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
+    good.close()
+    assert c.model == FP32 and c.usage.completion_tokens >= 1
+    resp = auth_store.get_response(c.id)
+    assert auth_store.get_request(resp.request_id).api_key_id == key_fingerprint("key-one")
+
+    files = sorted(auth_server.folder.glob("auth.db*"))  # the database, its WAL and shared-memory files
+    data = b"".join(f.read_bytes() for f in files)
+    assert key_fingerprint("key-one").encode() in data  # the search works: the fingerprint is there
+    for secret in (*KEYS, "wrong-key-123"):
+        assert secret.encode() not in data, f"{secret} is in the store's files"
+    assert "key-one" not in auth_server.log_tail(10**7)
+
+
+def test_rate_limit(auth_server, auth_store):
+    small = {"model": FP32, "prompt": "Hi", "max_tokens": 1}
+    with httpx.Client(base_url=auth_server.url, timeout=60) as h:
+        two = {"Authorization": "Bearer key-two"}
+        codes = [h.post("/v1/completions", json=small, headers=two).status_code for _ in range(2)]
+        assert codes == [200, 200]  # the burst of 2
+        r = h.post("/v1/completions", json=small, headers=two)
+        err = assert_error(r, 429, "rate_limit_exceeded")
+        assert 1 <= int(r.headers["retry-after"]) <= 10  # 6 a minute: a token every 10 s
+        assert "retry after" in err["message"]
+        # Buckets are per key: key-one still gets through.
+        assert h.post("/v1/completions", json=small, headers={"Authorization": "Bearer key-one"}).status_code == 200
+
+    fp = key_fingerprint("key-two")
+    recorded = sorted((req.http_status, req.status) for req in rows(auth_store, st.RequestRecord, api_key_id=fp))
+    assert recorded == [(200, "ok"), (200, "ok"), (429, "blocked")]
+    [limited] = rows(auth_store, st.RequestRecord, api_key_id=fp, http_status=429)
+    assert [(e.rule, e.action) for e in auth_store.guardrail_events_for(limited.id)] == [("rate_limit", "block")]

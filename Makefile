@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/runtime.py
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/audit.py
+	$(PY) benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache ligero-out ligero-serve.db*

@@ -187,9 +187,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--docs", default=str(ROOT / "docs"))
-    ap.add_argument("--card", help="the variant's deployment card: run `ligero monitor` on the load's traffic")
+    ap.add_argument("--card", default="auto", help="the variant's deployment card for `ligero monitor` on the load's "
+                    "traffic (default: the newest ligero-out/*/cards/<variant>.json of a full run; 'none' to skip)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.card == "auto":
+        cards = sorted(ROOT.glob(f"ligero-out/*-full-*/cards/{args.variant.replace('+', '_')}.json"),
+                       key=lambda f: f.stat().st_mtime)
+        args.card = str(cards[-1]) if cards else None
+    elif args.card == "none":
+        args.card = None
     prompts, info = profile_prompts(200, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         store_url = f"sqlite:///{tmp}/load.db"

@@ -431,3 +431,20 @@ def test_check_accepts_known_keys_and_never_echoes_the_presented_token():
             keys.check(header)
         assert isinstance(info.value, LigeroError)
         assert "sk-" not in str(info.value)
+
+
+def test_needs_scoring_says_when_the_scorer_will_run():
+    calls = []
+
+    def scorer(texts):
+        calls.append(list(texts))
+        return [0.0] * len(texts)
+
+    guard = OutputGuard(Guardrails(), scorer)
+    for text, final in [("Hel", False), ("Hello", False), ("Hello ", False), ("Hello ,", False), ("Hello , wor", False),
+                        ("Hello , world", True)]:
+        expected = guard.needs_scoring(text, final)
+        before = len(calls)
+        guard.push(text, final)
+        assert (len(calls) > before) == expected, (text, final)
+    assert not OutputGuard(Guardrails(toxicity=None)).needs_scoring("Hello ", False)

@@ -412,23 +412,31 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         engine.submit(job)
         try:
             while reason is None:
-                event = await job.events.get()
-                if event[0] == "error":
-                    raise ApiError(500, f"generation failed ({event[1]})", "generation_error")
-                if event[0] == "token":
-                    if not tokens:
-                        metrics.first_token.labels(p.variant).observe(time.perf_counter() - p.started)
-                    tokens.append(event[1])
-                    logprobs.append(event[2])
-                else:
-                    reason = FINISH.get(event[1], "stop")
+                # Take every event already waiting: one decode and one guard check for all of them keeps this
+                # thread's share of the GIL (which the decoding thread needs) small.
+                events = [await job.events.get()]
+                while not job.events.empty():
+                    events.append(job.events.get_nowait())
+                for event in events:
+                    if event[0] == "error":
+                        raise ApiError(500, f"generation failed ({event[1]})", "generation_error")
+                    if event[0] == "token":
+                        if not tokens:
+                            metrics.first_token.labels(p.variant).observe(time.perf_counter() - p.started)
+                        tokens.append(event[1])
+                        logprobs.append(event[2])
+                    else:
+                        reason = FINISH.get(event[1], "stop")
                 text = cfg.tokenizer.decode(tokens)
                 cuts = [c for c in (text.find(s) for s in p.stops) if c >= 0]
                 if cuts:
                     text, reason = text[: min(cuts)], "stop"
                 final = reason is not None
                 visible = text if final else text[: len(text) - hold].rstrip("\ufffd")
-                step = await in_thread(guard.push, visible, final) if visible or final else None
+                # Scoring (a few ms) runs off the event loop; a push with nothing to score stays on it.
+                scores = guard.needs_scoring(visible, final)
+                step = (await in_thread(guard.push, visible, final) if scores else guard.push(visible, final)) \
+                    if visible or final else None
                 if step is not None and step.release:
                     yield step.release
                 if guard.blocked:

@@ -397,6 +397,15 @@ class OutputGuard:
             return "block"
         return "redact" if self._redacted else "flag" if self._flagged else "none"
 
+    def needs_scoring(self, text: str, final: bool = False) -> bool:
+        """Whether `push(text, final)` would call the toxicity scorer (a few ms): callers on an event loop run
+        only those pushes in a worker thread."""
+        if self._done or self.g.toxicity is None or not text.startswith(self._checked):
+            return False
+        new = text[len(self._checked):]
+        chunk = new if final else new[:_release_end(new)]
+        return bool(chunk) and (self._score is None or bool(_WORD.search(chunk)))
+
     def push(self, text: str, final: bool = False) -> GuardStep:
         if self._done:
             return GuardStep("", True)

@@ -175,12 +175,18 @@ def write_docs(result: dict, docs: Path) -> None:
             lines.append(f"| {name} | {sig['status']} | " + " | ".join(fmt(sig[k]) for k in (
                 "mean_reference", "mean_production", "bins", "psi", "jensen_shannon", "ks_p_value")) + " |")
         lines += ["", "Under sustained load from up to 16 clients, latency is expected to drift from the card's "
-                  "profile; what the model says (length, log-prob, toxicity) should not.", ""]
+                  "profile; what the model says (length, log-prob, toxicity) should not."]
+        if any(sig["bins"] is None for sig in mon["signals"].values()):
+            lines += ["", "PSI and Jensen-Shannon need at least 20 values per bin in the effective sample size "
+                      "nm/(n+m) for two bins (so the no-drift PSI stays under 0.05); a reference profile of "
+                      f"{mon['n_reference']} responses cannot reach that, so KS decides (`ligero.serve.drift`)."]
+        lines.append("")
     (docs / "serving.md").write_text("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--rewrite-docs", action="store_true", help="rewrite docs/serving.md from docs/serving.json")
     ap.add_argument("--variant", default="int4")
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--seconds", type=float, default=25)
@@ -190,6 +196,9 @@ def main() -> None:
     ap.add_argument("--card", default="auto", help="the variant's deployment card for `ligero monitor` on the load's "
                     "traffic (default: the newest ligero-out/*/cards/<variant>.json of a full run; 'none' to skip)")
     args = ap.parse_args()
+    if args.rewrite_docs:
+        write_docs(json.loads((Path(args.docs) / "serving.json").read_text()), Path(args.docs))
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.card == "auto":
         cards = sorted(ROOT.glob(f"ligero-out/*-full-*/cards/{args.variant.replace('+', '_')}.json"),

@@ -238,6 +238,14 @@ def cmd_card(args) -> int:
     return 0
 
 
+def cmd_card_profile(args) -> int:
+    from ligero.card.profile import reprofile_card
+
+    path = reprofile_card(args.file, args.prompts, args.out, args.device)
+    print(f"{path}: reference profile of {args.prompts} responses, card re-sealed")
+    return 0
+
+
 def cmd_monitor(args) -> int:
     from ligero.serve.abtest import parse_split
     from ligero.serve.monitor import monitor, summary_line
@@ -367,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = card_sub.add_parser("validate", help="check a card against the schema and its digest")
     v.add_argument("file")
     v.set_defaults(func=cmd_card)
+    v = card_sub.add_parser("profile", help="measure a larger reference profile for a card (for PSI / JS drift)")
+    v.add_argument("file")
+    v.add_argument("--prompts", type=_positive_int, default=200, help="profile requests (default 200)")
+    v.add_argument("--out", help="folder for the new card (default: overwrite the card in place)")
+    v.add_argument("--device", default="cpu")
+    v.set_defaults(func=cmd_card_profile)
     return parser
 
 

@@ -64,6 +64,24 @@ def test_tampered_card_fails_validation(quick_run, tmp_path, capsys):
     assert main(["card", "validate", str(quick_run / "cards" / "int4.json")]) == 0
 
 
+@pytest.mark.slow
+def test_card_profile_rebuilds_the_variant_and_reseals_the_card(quick_run, tmp_path, capsys):
+    original = read_card(quick_run / "cards" / "int4.json")
+    assert main(["card", "profile", str(quick_run / "cards" / "int4.json"), "--prompts", "16", "--out",
+                 str(tmp_path)]) == 0
+    card = read_card(tmp_path / "int4.json")
+    assert card_errors(card) == []
+    profile, before = card["monitoring"]["reference_profile"], original["monitoring"]["reference_profile"]
+    assert profile["n"] == 16 and len(profile["latency_ms"]["values"]) == 16
+    # The same prompts, seeds and batches of 8: the rebuilt int4 variant answers the first batch as the audit did.
+    n = min(8, before["n"])
+    assert profile["output_length"]["values"][:n] == before["output_length"]["values"][:n]
+    assert profile["mean_logprob"]["values"][:n] == pytest.approx(before["mean_logprob"]["values"][:n], abs=1e-4)
+    assert {k for k in card if card[k] != original[k]} == {"monitoring", "integrity"}
+    assert main(["card", "profile", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_recommendation_picks_the_smallest_variant_that_passes():
     def row(size, dppl, dbias, tps):
         return {"size_mb": size, "delta_ppl_pct": dppl, "delta_pct_stereotype": dbias, "delta_stereoset_ss": 0.0,

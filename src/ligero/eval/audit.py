@@ -71,8 +71,9 @@ class Budget:
 
 
 # Sized so the full run of 9 models fits 20 minutes on 2 CPU cores: scoring all 1,018 CrowS-Pairs pairs takes
-# ~75 s per model there, so the full run scores a stratified 320 (every category, the same items on every run);
-# 40 profile requests are the fewest that give drift monitoring two PSI bins; AdaRound gets 40 iterations per layer.
+# ~75 s per model there, so the full run scores a stratified 320 (every category, the same items on every run).
+# The 40 profile requests give drift monitoring its KS tests; PSI / Jensen-Shannon need more (ligero.serve.drift).
+# AdaRound gets 40 iterations per layer.
 FULL = Budget(ppl_tokens=2048, ppl_ctx=512, crows_pairs=320, stereoset=150, toxicity_prompts=20,
               toxicity_samples=4, toxicity_tokens=20, profile_prompts=40, profile_tokens=32, shift_windows=2,
               shift_tokens=256, prefill_tokens=256, decode_tokens=32, speed_repeats=3, calib_windows=8,

@@ -10,7 +10,7 @@ reference's range are counted, not dropped.
 
 Sampling noise. With B bins, n reference and m production values drawn from the *same* distribution, PSI is about
 chi-square with B - 1 degrees of freedom times (1/n + 1/m), so its expected value is (B - 1)(1/n + 1/m). A card's
-reference profile is small (40 responses in a full audit: 2 bins), so `compare_profile` picks the number of bins from the
+reference profile is small (40 responses in a full audit), so `compare_profile` picks the number of bins from the
 sample sizes (at least 20 values per bin in the effective size nm/(n+m), which keeps the expected no-drift PSI under
 0.05, half the usual warn threshold) and reports the binned tests as INSUFFICIENT when even two bins are not
 supported. The KS p-value accounts for the sample sizes itself and is always computed.

@@ -3,11 +3,11 @@ experiment, and hand the app to uvicorn."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
 
+from ligero.card import read_card
 from ligero.errors import LigeroError
 from ligero.serve.abtest import SegmentRule
 from ligero.serve.app import ServerConfig, Variant, create_app
@@ -46,15 +46,6 @@ def load_variant(model_id: str, spec: str, device: str = "cpu"):
         calib = calibration_windows(loaded.tokenizer, 8) if recipe.needs_calibration else None
         quantize(loaded.model, recipe, calibration=calib)
     return loaded
-
-
-def read_card(path: str | Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise LigeroError(f"card {path} not found; pass a cards/<variant>.json written by `ligero run`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LigeroError(f"card {path} is not readable JSON ({exc}); pass a card written by `ligero run`") from None
 
 
 def build_config(model_id: str, variants: list[str], split: list[float] | None = None, store_url: str | None = None,

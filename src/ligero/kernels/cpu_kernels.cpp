@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -74,6 +75,24 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
 
 namespace {
 
+// Runs f(m0, std::integral_constant<int, MT>) over activation rows in tiles of MT <= 8 (the decode batch is at
+// most 8 rows): each kernel is compiled for a fixed tile height, so its accumulators stay in registers.
+template <typename F>
+inline void for_each_tile(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: f(m0, std::integral_constant<int, 1>{}); break;
+      case 2: f(m0, std::integral_constant<int, 2>{}); break;
+      case 3: f(m0, std::integral_constant<int, 3>{}); break;
+      case 4: f(m0, std::integral_constant<int, 4>{}); break;
+      case 5: f(m0, std::integral_constant<int, 5>{}); break;
+      case 6: f(m0, std::integral_constant<int, 6>{}); break;
+      case 7: f(m0, std::integral_constant<int, 7>{}); break;
+      default: f(m0, std::integral_constant<int, 8>{}); break;
+    }
+  }
+}
+
 // int8 weights, one fp32 scale per output row: y = scale[o] * sum_i q[o, i] x[i].
 // Values are widened in registers (int8 -> int32 -> fp32) once per weight row and used for all MT activation
 // rows (the decode batch); memory traffic is 1 byte per weight.
@@ -102,32 +121,11 @@ void gemv_int8_rows_t(const float* x, const int8_t* q, const float* scale, float
   }
 }
 
-// Calls kernel<MT> on activation rows in tiles of up to 8 (the decode batch is at most 8 rows).
-#define LIGERO_TILE_M(M, KERNEL, X, IN, Y, OUT, ...)                                   \
-  for (int64_t m0 = 0; m0 < (M); m0 += 8) {                                           \
-    const float* xt = (X) + m0 * (IN);                                                 \
-    float* yt = (Y) + m0 * (OUT);                                                      \
-    switch (std::min<int64_t>(8, (M) - m0)) {                                          \
-      case 1: KERNEL<1>(xt, __VA_ARGS__, yt); break;                                   \
-      case 2: KERNEL<2>(xt, __VA_ARGS__, yt); break;                                   \
-      case 3: KERNEL<3>(xt, __VA_ARGS__, yt); break;                                   \
-      case 4: KERNEL<4>(xt, __VA_ARGS__, yt); break;                                   \
-      case 5: KERNEL<5>(xt, __VA_ARGS__, yt); break;                                   \
-      case 6: KERNEL<6>(xt, __VA_ARGS__, yt); break;                                   \
-      case 7: KERNEL<7>(xt, __VA_ARGS__, yt); break;                                   \
-      default: KERNEL<8>(xt, __VA_ARGS__, yt); break;                                  \
-    }                                                                                  \
-  }
-
-template <int MT>
-inline void int8_tile(const float* x, const int8_t* q, const float* scale, int64_t in, int64_t out, int64_t b,
-                      int64_t e, float* y) {
-  gemv_int8_rows_t<MT>(x, q, scale, y, in, out, b, e);
-}
-
 void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t in,
                     int64_t out, int64_t begin, int64_t end) {
-  LIGERO_TILE_M(M, int8_tile, x, in, y, out, q, scale, in, out, begin, end)
+  for_each_tile(M, [&](int64_t m0, auto mt) {
+    gemv_int8_rows_t<decltype(mt)::value>(x + m0 * in, q, scale, y + m0 * out, in, out, begin, end);
+  });
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -286,23 +284,11 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   std::vector<const float*> gsum_ptr(M);
   for (int64_t m = 0; m < M; ++m) gsum_ptr[m] = gsum[m].data();
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    // Activation rows in tiles of up to 8 (the decode batch): one weight row's unpacking serves a whole tile.
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      const int64_t mt = std::min<int64_t>(8, M - m0);
-      const SplitX* xs = sx + m0;
-      const float* const* gs = gsum_ptr.data() + m0;
-      float* ym = yp + m0 * out;
-      switch (mt) {
-        case 1: int4_rows_vnni<1>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-        case 2: int4_rows_vnni<2>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-        case 3: int4_rows_vnni<3>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-        case 4: int4_rows_vnni<4>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-        case 5: int4_rows_vnni<5>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-        case 6: int4_rows_vnni<6>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-        case 7: int4_rows_vnni<7>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-        default: int4_rows_vnni<8>(pp, sp, mp, xs, gs, in, out, group, ym, b, e); break;
-      }
-    }
+    // One weight row's unpacking serves a whole tile of activation rows.
+    for_each_tile(M, [&](int64_t m0, auto mt) {
+      int4_rows_vnni<decltype(mt)::value>(pp, sp, mp, sx + m0, gsum_ptr.data() + m0, in, out, group, yp + m0 * out,
+                                          b, e);
+    });
   });
 #else
   auto xsum = torch::zeros({M, n_groups}, x.options());
@@ -351,8 +337,10 @@ inline void lut4_tile(const float* x, const uint8_t* packed, const uint8_t* scal
 void gemv_lut4_rows(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
                     const float* value_lut, float tensor_scale, float* y, int64_t M, int64_t in, int64_t out,
                     int64_t block, int64_t begin, int64_t end) {
-  LIGERO_TILE_M(M, lut4_tile, x, in, y, out, packed, scale_codes, scale_lut, value_lut, tensor_scale, in, out,
-                block, begin, end)
+  for_each_tile(M, [&](int64_t m0, auto mt) {
+    lut4_tile<decltype(mt)::value>(x + m0 * in, packed, scale_codes, scale_lut, value_lut, tensor_scale, in, out,
+                                   block, begin, end, y + m0 * out);
+  });
 }
 
 // 8-bit codes through a 256-entry value table (FP8 E4M3 / E5M2) with one fp32 scale per output row.
@@ -380,7 +368,9 @@ inline void lut8_tile(const float* x, const uint8_t* q, const float* row_scale, 
 
 void gemv_lut8_rows(const float* x, const uint8_t* q, const float* row_scale, const float* lut, float* y,
                     int64_t M, int64_t in, int64_t out, int64_t begin, int64_t end) {
-  LIGERO_TILE_M(M, lut8_tile, x, in, y, out, q, row_scale, lut, in, out, begin, end)
+  for_each_tile(M, [&](int64_t m0, auto mt) {
+    lut8_tile<decltype(mt)::value>(x + m0 * in, q, row_scale, lut, in, out, begin, end, y + m0 * out);
+  });
 }
 
 }  // namespace
@@ -486,23 +476,10 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
   const int8_t* xqp = xq.data();
 #ifdef LIGERO_VNNI
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {  // activation rows in tiles of up to 8 (the decode batch)
-      const int64_t mt = std::min<int64_t>(8, M - m0);
-      const int8_t* xt = xqp + m0 * in;
-      const int32_t* st = xsum.data() + m0;
-      const float* ct = xscale.data() + m0;
-      float* yt = yp + m0 * out;
-      switch (mt) {
-        case 1: ternary_tile<1>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-        case 2: ternary_tile<2>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-        case 3: ternary_tile<3>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-        case 4: ternary_tile<4>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-        case 5: ternary_tile<5>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-        case 6: ternary_tile<6>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-        case 7: ternary_tile<7>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-        default: ternary_tile<8>(pp, sp, xt, st, ct, in, out, b, e, yt); break;
-      }
-    }
+    for_each_tile(M, [&](int64_t m0, auto mt) {
+      ternary_tile<decltype(mt)::value>(pp, sp, xqp + m0 * in, xsum.data() + m0, xscale.data() + m0, in, out, b, e,
+                                        yp + m0 * out);
+    });
   });
 #else
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {

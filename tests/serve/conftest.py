@@ -9,6 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,33 @@ import pytest
 
 START_TIMEOUT_S = 120  # loading a model (and quantizing int4) takes seconds; a cold cache converts the GGUF first
 STOP_TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="session")
+def postgres_schema():
+    """A context manager: postgres_schema(url, prefix) -> the url in a new schema, dropped on exit."""
+    return in_new_schema
+
+
+@contextmanager
+def in_new_schema(url: str, prefix: str) -> Iterator[str]:
+    """`url` with its search_path set to a new schema (dropped on exit): a test touches nothing else in the
+    database, nor the schema of a test run beside it."""
+    from sqlalchemy import create_engine, make_url, text
+
+    from ligero.serve import store as st
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(st._parse_url(url))
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield (make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
+               .render_as_string(hide_password=False))
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def free_port() -> int:

@@ -10,13 +10,11 @@ lost. Needs LIGERO_TEST_POSTGRES_URL (a throwaway database; `.ci/run` sets it, `
 from __future__ import annotations
 
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ligero.serve import store as st
@@ -34,20 +32,11 @@ USERS = [f"scale-user-{i}" for i in range(20)]
 
 
 @pytest.fixture(scope="module")
-def store_url():
-    """The PostgreSQL URL with its search_path set to a new schema of this module's (dropped at the end), so the
-    servers start on an empty store and touch nothing else in the database."""
-    schema = f"ligero_scale_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(st._parse_url(POSTGRES_URL))
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield (make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-               .render_as_string(hide_password=False))
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+def store_url(postgres_schema):
+    """The PostgreSQL URL in a new schema of this module's (dropped at the end): the servers start on an empty store
+    and touch nothing else in the database."""
+    with postgres_schema(POSTGRES_URL, "ligero_scale") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import create_engine, text, update
+from sqlalchemy import create_engine, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, StatementError
 
@@ -29,20 +28,10 @@ BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
-    """LIGERO_TEST_POSTGRES_URL with its search_path set to a new schema of this test session's (dropped at the
-    end): the tests touch nothing else in that database, nor the schema of a test run beside this one."""
-    schema = f"ligero_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(st._parse_url(POSTGRES_URL))
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield (make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-               .render_as_string(hide_password=False))
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+def postgres_url(postgres_schema):
+    """LIGERO_TEST_POSTGRES_URL in a schema of this test session's own (dropped at the end)."""
+    with postgres_schema(POSTGRES_URL, "ligero_test") as url:
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)

@@ -68,6 +68,11 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
         raise LigeroError(f"variant names must be unique, got {names}")
+    from ligero.quant.config import recipe_for
+
+    for _, spec in parsed:
+        if spec != "fp32" and not Path(spec).expanduser().is_dir():
+            recipe_for(spec)  # an unknown scheme fails here, with the valid ones, before any model loads
     if split is not None and len(split) != len(parsed):
         raise LigeroError(f"--split has {len(split)} shares for {len(parsed)} variants; give one per --variant")
     if model_id not in REGISTRY and not Path(model_id).expanduser().exists():

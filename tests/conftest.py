@@ -14,7 +14,14 @@ SEQ = 40  # longer than the tiny sliding windows below
 
 
 def tiny_hf_model(arch: str):
-    """A small random transformers model of the given family (eager attention: the reference)."""
+    """A small random transformers model of the given family (eager attention: the reference). Its weights are
+    the same on every run, whatever tests ran before (transformers initialises from the global RNG)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _tiny_hf_model(arch)
+
+
+def _tiny_hf_model(arch: str):
     import transformers as tf
 
     common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_attention_heads=4,

@@ -268,12 +268,16 @@ class Store:
         return engine
 
     def _create_schema(self) -> None:
-        try:
-            Base.metadata.create_all(self.engine)
-        except DBAPIError:
-            # Two servers starting at once: the other one created a table between our check and our CREATE.
-            time.sleep(0.2)
-            Base.metadata.create_all(self.engine)
+        # Servers starting at once race to create the tables: another one may create a table between our check and
+        # our CREATE. Retry (each attempt creates only what is still missing) while the other one finishes.
+        for attempt in range(1, 11):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except DBAPIError:
+                if attempt == 10:
+                    raise
+                time.sleep(0.1 * attempt)
 
     def _check_schema_version(self) -> None:
         """Write the schema version into a new store; refuse a store written by another schema."""

@@ -41,28 +41,24 @@ def distribution(values) -> dict:
             "p95": float(np.quantile(v, 0.95))}
 
 
-def batched_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, samplings: list[SamplingConfig],
-                      batch_size: int = 8) -> list[dict]:
-    """Answer prompts in batches as `ligero serve` does: per request its prompt tokens, output tokens and text,
-    the output tokens' log-probs (untempered) and its latency (from its batch's start to its last token)."""
-    rows = []
-    for b in range(0, len(prompts), batch_size):
-        t0 = time.perf_counter()
-        ids = [tokenizer.encode(p) for p in prompts[b:b + batch_size]]
-        gen = BatchGeneration(model, ids, max_new_tokens, samplings[b:b + batch_size], tokenizer.eos_ids,
-                              tokenizer.pad_id)
-        logprobs: list[list[float]] = [[] for _ in ids]
-        ended = [0.0] * len(ids)
-        while not gen.done:
-            for i, _, lp in gen.step():
-                logprobs[i].append(lp)
-            now = time.perf_counter() - t0
-            for i, reason in enumerate(gen.reasons):
-                if reason is not None and not ended[i]:
-                    ended[i] = now
-        rows += [{"prompt_tokens": len(x), "tokens": t, "text": tokenizer.decode(t), "logprobs": lp, "seconds": s}
-                 for x, t, lp, s in zip(ids, gen.tokens, logprobs, ended)]
-    return rows
+def answer_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, samplings: list[SamplingConfig]
+                 ) -> list[dict]:
+    """Answer one batch as `ligero serve` does: per request its prompt tokens, output tokens and text, the output
+    tokens' log-probs (untempered) and its latency (from the batch's start to the request's last token)."""
+    t0 = time.perf_counter()
+    ids = [tokenizer.encode(p) for p in prompts]
+    gen = BatchGeneration(model, ids, max_new_tokens, samplings, tokenizer.eos_ids, tokenizer.pad_id)
+    logprobs: list[list[float]] = [[] for _ in ids]
+    ended = [0.0] * len(ids)
+    while not gen.done:
+        for i, _, lp in gen.step():
+            logprobs[i].append(lp)
+        now = time.perf_counter() - t0
+        for i, reason in enumerate(gen.reasons):
+            if reason is not None and not ended[i]:
+                ended[i] = now
+    return [{"prompt_tokens": len(x), "tokens": t, "text": tokenizer.decode(t), "logprobs": lp, "seconds": s}
+            for x, t, lp, s in zip(ids, gen.tokens, logprobs, ended)]
 
 
 def reference_profile(model, tokenizer, n_prompts: int = 40, max_new_tokens: int = 32, temperature: float = 0.7,
@@ -71,8 +67,7 @@ def reference_profile(model, tokenizer, n_prompts: int = 40, max_new_tokens: int
     samplings = [SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + i) for i in range(len(prompts))]
     rows = []
     for b in range(0, len(prompts), batch_size):
-        rows += batched_responses(model, tokenizer, prompts[b:b + batch_size], max_new_tokens,
-                                  samplings[b:b + batch_size], batch_size)
+        rows += answer_batch(model, tokenizer, prompts[b:b + batch_size], max_new_tokens, samplings[b:b + batch_size])
         if progress:
             progress(len(rows), len(prompts))
     tox = score_texts([r["text"] for r in rows])

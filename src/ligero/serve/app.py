@@ -49,7 +49,7 @@ from ligero.serve.store import Store, key_fingerprint, new_request_id, new_respo
 log = logging.getLogger("ligero.serve")
 USER_HEADER = "x-user-id"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "content_filter": "content_filter"}
+FINISH = {"eos": "stop", "length": "length"}  # the engine's reasons -> OpenAI's finish_reason
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------
@@ -259,9 +259,6 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     model_names = {cfg.model_id: None, **{f"{cfg.model_id}:{name}": name for name in cfg.variants}}
     app.state.cfg, app.state.metrics = cfg, metrics
 
-    async def in_thread(fn, *args, **kwargs):
-        return await asyncio.to_thread(fn, *args, **kwargs)
-
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
         return exc.response()
@@ -315,7 +312,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             if decision:
                 cfg.store.record_guardrail(request_id=request_id, rule=decision.rule, action=decision.action,
                                            detail=decision.detail)
-        await in_thread(write)
+        await asyncio.to_thread(write)
         metrics.requests.labels(variant or "-", endpoint, "blocked" if decision else "error").inc()
         if decision:
             metrics.guardrails.labels(variant or "-", decision.rule, decision.action).inc()
@@ -372,7 +369,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             await record_rejection(endpoint, request_id, 400, None, model=body.model, api_key_id=key_id, user=user)
             raise ApiError(400, str(exc), "invalid_request") from None
         try:
-            variant, exp_name = await in_thread(choose_variant, body.model, user, segment)
+            variant, exp_name = await asyncio.to_thread(choose_variant, body.model, user, segment)
         except ApiError as exc:
             await record_rejection(endpoint, request_id, exc.status, None, model=body.model, api_key_id=key_id,
                                    user=user)
@@ -427,7 +424,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                         logprobs.append(event[2])
                     else:
                         reason = FINISH.get(event[1], "stop")
-                text = cfg.tokenizer.decode(tokens)
+                text = outcome["full_text"] = cfg.tokenizer.decode(tokens)  # commit scores it when the guard did not
                 cuts = [c for c in (text.find(s) for s in p.stops) if c >= 0]
                 if cuts:
                     text, reason = text[: min(cuts)], "stop"
@@ -435,7 +432,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                 visible = text if final else text[: len(text) - hold].rstrip("\ufffd")
                 # Scoring (a few ms) runs off the event loop; a push with nothing to score stays on it.
                 scores = guard.needs_scoring(visible, final)
-                step = (await in_thread(guard.push, visible, final) if scores else guard.push(visible, final)) \
+                step = (await asyncio.to_thread(guard.push, visible, final) if scores else guard.push(visible, final)) \
                     if visible or final else None
                 if step is not None and step.release:
                     yield step.release
@@ -454,7 +451,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         if guard.score is not None:
             tox = guard.score
         else:
-            tox = (await in_thread(score_texts, [cfg.tokenizer.decode(tokens)]))[0]
+            tox = (await asyncio.to_thread(score_texts, [outcome.get("full_text", "")]))[0]
 
         def write():
             s = cfg.store
@@ -471,7 +468,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             for d in decisions:
                 s.record_guardrail(request_id=p.request_id, rule=d.rule, action=d.action, detail=d.detail,
                                    response_id=p.response_id if d.rule in ("toxicity", "banned_pattern") else None)
-        await in_thread(write)
+        await asyncio.to_thread(write)
         metrics.requests.labels(p.variant, p.endpoint, "blocked" if guard.blocked else "ok").inc()
         metrics.latency.labels(p.variant, p.endpoint).observe(latency_ms / 1000)
         metrics.tokens.labels(p.variant, "prompt").inc(len(p.prompt_ids))
@@ -575,7 +572,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         else:
             data_type = data_type or "numeric"
         try:
-            fid = await in_thread(cfg.store.record_feedback, body.response_id, value, source=body.source,
+            fid = await asyncio.to_thread(cfg.store.record_feedback, body.response_id, value, source=body.source,
                                   comment=body.comment, name=body.name, data_type=data_type)
         except LigeroError as exc:
             status = 404 if "unknown response id" in str(exc) else 400

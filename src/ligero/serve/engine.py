@@ -54,7 +54,6 @@ class Engine:
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # batches run so far
-        self.batch_sizes: list[int] = []  # recent batch sizes (bounded), for /metrics
         self.running = 0  # rows in the batch being decoded now
         # Engines of one server share the CPU: each forward step holds this lock, so variants take turns step by
         # step instead of oversubscribing the cores.
@@ -110,7 +109,6 @@ class Engine:
     def _decode(self, batch: list[Job]) -> None:
         tok = self.tokenizer
         self.batches += 1
-        self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
         self.running = len(batch)
         try:
             with self.compute_lock:

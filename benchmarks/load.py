@@ -6,7 +6,8 @@ Starts `ligero serve --variant V` with a fresh SQLite store, then for each concu
 client threads, each sending completion requests back to back (ordinary prompts, sampled at temperature 0.7, 32 new
 tokens) until the time is up. Reports throughput (requests/s and generated tokens/s), p50 / p95 latency, the mean
 batch size the server decoded, and checks that every acknowledged request (HTTP 200 with a response id) is in the
-store with its request row: "lost" must be 0. Writes docs/serving.json and docs/serving.md.
+store with its request row: "lost" must be 0. Writes docs/serving.json and docs/serving.md, with paths relative to
+the repository (`--rewrite-docs` rewrites both from docs/serving.json, e.g. after a change to the Markdown).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from common import cpu_jiffies, machine, own_cpu_jiffies  # noqa: E402
 
+from common import cpu_jiffies, machine, own_cpu_jiffies  # noqa: E402
 from ligero.eval.profile import profile_prompts  # noqa: E402
+from ligero.io.checkpoint import load_model  # noqa: E402
+from ligero.serve.monitor import monitor  # noqa: E402
 from ligero.serve.store import Store  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -132,7 +135,21 @@ def check_store(store_url: str, ids: list[str]) -> dict:
             **{f"store_{k}": v for k, v in counts.items()}}
 
 
+def repo_path(path: str) -> str:
+    """`path` relative to the repository (a card under ligero-out/), so the docs hold no machine's absolute paths;
+    a path from another checkout keeps its part from ligero-out/ on."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    if p.is_relative_to(ROOT):
+        return str(p.relative_to(ROOT))
+    parts = p.parts
+    return str(Path(*parts[parts.index("ligero-out"):])) if "ligero-out" in parts else p.name
+
+
 def write_docs(result: dict, docs: Path) -> None:
+    if result.get("monitor"):
+        result["monitor"]["card"] = repo_path(result["monitor"]["card"])
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "serving.json").write_text(json.dumps(result, indent=1))
     m, s = result["machine"], result["settings"]
@@ -144,7 +161,8 @@ def write_docs(result: dict, docs: Path) -> None:
         f"of up to {s['max_batch']} requests, SQLite store (every record committed before the answer is sent).", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}; other processes used "
         f"{100 * result['foreign_cpu_share']:.1f} % of the CPU during the run.", "",
-        "| clients | requests | req/s | generated tok/s | p50 latency (ms) | p95 latency (ms) | mean batch rows | errors |",
+        "| clients | requests | req/s | generated tok/s | p50 latency (ms) | p95 latency (ms) | mean batch rows "
+        "| errors |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["levels"]:
@@ -168,7 +186,8 @@ def write_docs(result: dict, docs: Path) -> None:
         mon = result["monitor"]
         lines += [f"**`ligero monitor` on this traffic** against the card `{mon['card']}` (its reference profile: "
                   f"{mon['n_reference']} requests answered in batches of {mon['reference_batch']}): overall "
-                  f"**{mon['status']}** over {mon['n_responses']} responses.", "", "| signal | status | reference mean | production mean | bins | PSI | JS | KS p |",
+                  f"**{mon['status']}** over {mon['n_responses']} responses.", "",
+                  "| signal | status | reference mean | production mean | bins | PSI | JS | KS p |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         fmt = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
         for name, sig in mon["signals"].items():
@@ -213,8 +232,6 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         server = start_server(args.variant, store_url, port, args.max_batch)
         try:
-            from ligero.io.checkpoint import load_model
-
             tok = load_model(MODEL, device="cpu").tokenizer
             prompt_tokens = float(np.mean([len(tok.encode(p)) for p in prompts]))
             httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": prompts[0], "max_tokens": 4},
@@ -238,8 +255,6 @@ def main() -> None:
         check = check_store(store_url, ids)
         drift = None
         if args.card:
-            from ligero.serve.monitor import monitor
-
             res = monitor(store_url, args.card, out_dir=Path(tmp) / "monitor")
             profile = json.loads(Path(args.card).read_text())["monitoring"]["reference_profile"]
             drift = {"card": args.card, "status": res["status"], "n_responses": res["n_responses"],

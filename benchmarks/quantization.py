@@ -21,20 +21,16 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import ForeignLoad, machine  # noqa: E402
-
 from ligero.eval.data import wikipedia_split  # noqa: E402
 from ligero.eval.perplexity import window_bos  # noqa: E402
 from ligero.eval.quality import compare_models  # noqa: E402
 from ligero.eval.speed import kv_cache_mb, measure_speed  # noqa: E402
-from ligero.io.checkpoint import load_model  # noqa: E402
-from ligero.quant.api import quantize  # noqa: E402
-from ligero.quant.calibrate import calibration_windows  # noqa: E402
-from ligero.quant.config import recipe_for  # noqa: E402
+from ligero.eval.variants import BASELINE, build_variant, calibration_windows  # noqa: E402
 
-SCHEMES = ["fp32", "int8", "int4", "int4-g128", "int3", "adaround", "lsq", "w8a8-naive", "w8a8", "fp8", "fp8-e5m2",
+SCHEMES = [BASELINE, "int8", "int4", "int4-g128", "int3", "adaround", "lsq", "w8a8-naive", "w8a8", "fp8", "fp8-e5m2",
            "mxfp4", "nvfp4", "mxfp4-w4a4", "nvfp4-w4a4", "b158", "kv4", "kv3", "kv2", "int4+kv3"]
 NOTES = {
-    "fp32": "dequantized GGUF weights (the published files are 4/5-bit): the baseline",
+    BASELINE: "dequantized GGUF weights (the published files are 4/5-bit): the baseline",
     "int4": "group 32, asymmetric, round-to-nearest",
     "int4-g128": "group 128, round-to-nearest",
     "int3": "group 128, stored 3 bits per code",
@@ -50,21 +46,9 @@ NOTES = {
 KV_CONTEXT = 1024  # tokens in the cache when its size is measured (the decode benchmark's cache is short)
 
 
-def parse_scheme(scheme: str):
-    if scheme == "fp32":
-        return None
-    if scheme.endswith("-g128") and scheme.startswith("int4"):
-        return recipe_for("int4", 128)
-    return recipe_for(scheme)
-
-
 def run_one(model_id: str, scheme: str, base, ids, calibration, args) -> dict:
-    variant = load_model(model_id, device="cpu")
-    recipe = parse_scheme(scheme)
-    t0 = time.perf_counter()
-    if recipe is not None:
-        quantize(variant.model, recipe, calibration=calibration if recipe.needs_calibration else None)
-    seconds = time.perf_counter() - t0
+    variant = build_variant(model_id, scheme, calibration=calibration)
+    seconds = variant.info["quantize_seconds"]
     quality = compare_models(base.model, variant.model, ids, ctx=512, max_tokens=args.max_tokens,
                              bos=window_bos(base.tokenizer))
     speed = measure_speed(variant.model, prefill_tokens=512, decode_tokens=args.decode_tokens, repeats=args.repeats)
@@ -114,7 +98,7 @@ def write_markdown(report: dict, path: Path) -> None:
                   "| scheme | bits/weight | size MB | PPL | ΔPPL % | KLD | top-1 % | prefill tok/s | decode tok/s "
                   f"| KV MB @{KV_CONTEXT} | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        fp32_kv = next((r.get("kv_cache_mb") for r in rows if r["scheme"] == "fp32"), None)
+        fp32_kv = next((r.get("kv_cache_mb") for r in rows if r["scheme"] == BASELINE), None)
         for r in rows:
             # The KV cache does not depend on the weight format: rows measured before this column existed
             # (without a KV scheme) hold the same full-precision cache as the fp32 row.
@@ -178,7 +162,7 @@ def main() -> None:
         write_markdown(report, out / "quantization.md")
 
     for model_id in models:
-        base = load_model(model_id, device="cpu")
+        base = build_variant(model_id)
         ids = base.tokenizer.encode(text.text, add_bos=False)[: args.max_tokens]
         calibration = calibration_windows(base.tokenizer, args.calib_windows)
         for scheme in schemes:
@@ -193,7 +177,8 @@ def main() -> None:
             key.write_text(json.dumps(res, indent=1))
             results.append(res)
             print(f"{model_id} {scheme}: ΔPPL {res['delta_ppl_pct']:+.2f} %, KLD {res['kld']:.4f}, "
-                  f"{res['bits_per_weight']:.2f} b/w, decode {res['decode_tok_s']:.1f} tok/s ({time.time() - t0:.0f} s)",
+                  f"{res['bits_per_weight']:.2f} b/w, decode {res['decode_tok_s']:.1f} tok/s "
+                  f"({time.time() - t0:.0f} s)",
                   flush=True)
             write()
     write()

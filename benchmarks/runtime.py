@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import ForeignLoad, machine  # noqa: E402
-
 from ligero.eval.speed import time_decode, time_prefill  # noqa: E402
 from ligero.io.checkpoint import load_model, resolve_spec  # noqa: E402
 from ligero.models.transformer import stored_bytes  # noqa: E402
@@ -107,7 +106,8 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['model']} | {r['weight_mb_fp32']:.0f} | {r['ours_prefill_tok_s']:.0f} | {r['hf_prefill_tok_s']:.0f} | "
+            f"| {r['model']} | {r['weight_mb_fp32']:.0f} | {r['ours_prefill_tok_s']:.0f} | "
+            f"{r['hf_prefill_tok_s']:.0f} | "
             f"{r['prefill_ratio']:.2f}x | {r['ours_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | "
             f"{r['decode_ratio']:.2f}x |"
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 SEQ = 40  # longer than the tiny sliding windows below
+
+
+@pytest.fixture
+def compiled_kernels():
+    """Ligero's compiled CPU kernels; the test skips, with the runtime's reason, where they do not run here."""
+    from ligero.kernels import cpu_kernels, warm
+
+    ext = cpu_kernels()
+    if ext is None:
+        pytest.skip(f"the kernels do not run here: decode uses {warm()}")
+    return ext
 
 
 def tiny_hf_model(arch: str):
@@ -88,3 +101,63 @@ def _hf_gguf(model_id: str):
 @pytest.fixture(scope="session")
 def hf_gguf():
     return _hf_gguf
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """The run folder of one `ligero run --quick` (about 2.5 minutes), shared by every test that needs a real audit:
+    report, results.json, variants/ and the cards it wrote."""
+    from ligero.cli import main
+
+    out = tmp_path_factory.mktemp("audit")
+    assert main(["run", "--quick", "--out", str(out)]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
+# --- an audit's outputs without measuring (tests/card) --------------------------------------------------------
+# The cached results of a `ligero audit --quick --variants int8` run (tests/card/data), summarized, carded and
+# reported into a temporary run folder. Here rather than in tests/card/conftest.py: a second conftest module would
+# shadow this one for the tests that import helpers from it.
+
+CARD_DATA = Path(__file__).parent / "card" / "data"
+
+
+def stored_results() -> dict:
+    return {name: json.loads((CARD_DATA / f"{name}.json").read_text()) for name in ("fp32", "int8")}
+
+
+def publish(out: Path, results: dict) -> Path:
+    """results.json, cards/ and the report of `results`, as `ligero audit` writes them; the run folder."""
+    from ligero.card.build import build_cards
+    from ligero.card.report import write_report
+    from ligero.eval.audit import Audit
+
+    audit = Audit(variants=["int8"], quick=True, out=out, run_id="stored")
+    report = audit.summarize(results)
+    build_cards(report, results, audit.folder / "cards")
+    write_report(report, results, audit.folder)
+    return audit.folder
+
+
+@pytest.fixture
+def results() -> dict:
+    """A fresh copy of the stored results, to change at will."""
+    return stored_results()
+
+
+@pytest.fixture
+def publish_results():
+    return publish
+
+
+@pytest.fixture(scope="session")
+def run_folder(tmp_path_factory) -> Path:
+    return publish(tmp_path_factory.mktemp("published"), stored_results())
+
+
+@pytest.fixture
+def int8_card(run_folder) -> dict:
+    from ligero.card import read_card
+
+    return read_card(run_folder / "cards" / "int8.json")

@@ -1,3 +1,5 @@
-from ligero.cli import main
 import sys
+
+from ligero.cli import main
+
 sys.exit(main())

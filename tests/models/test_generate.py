@@ -102,3 +102,74 @@ def test_a_finished_row_stops_while_the_others_go_on(tiny_pair):
     assert batch.reasons[0] == "cancelled" and len(batch.tokens[0]) == 1
     with pytest.raises(LigeroError, match="one max_new_tokens"):
         BatchGeneration(model, [[1], [2]], [4], None)
+
+
+def _greedy_reference(model, prompt: list[int], n: int, sampling: SamplingConfig) -> list[int]:
+    """Greedy decoding without a KV cache, with OpenAI's logit adjustments written out as in its documentation:
+    logit - count * frequency_penalty - (count > 0) * presence_penalty + logit_bias."""
+    tokens, out = list(prompt), []
+    counts = torch.zeros(model.cfg.vocab_size)
+    for _ in range(n):
+        logits = model(torch.tensor([tokens]))[0, -1].float().clone()
+        logits -= counts * sampling.frequency_penalty + (counts > 0).float() * sampling.presence_penalty
+        for token, value in sampling.logit_bias.items():
+            logits[token] += value
+        t = int(logits.argmax())
+        out.append(t)
+        tokens.append(t)
+        counts[t] += 1
+    return out
+
+
+def _run(batch: BatchGeneration) -> BatchGeneration:
+    while not batch.done:
+        batch.step()
+    return batch
+
+
+@pytest.mark.parametrize("settings", [dict(frequency_penalty=1.5), dict(presence_penalty=2.0),
+                                      dict(frequency_penalty=-0.5, presence_penalty=2.0),
+                                      dict(logit_bias={5: 3.0, 7: -100.0})])
+def test_penalties_and_logit_bias_follow_openai(tiny_pair, settings):
+    _, model, _ = tiny_pair
+    prompt, plain = [1, 2, 3], SamplingConfig()
+    sampling = SamplingConfig(**settings)
+    expected = _greedy_reference(model, prompt, 12, sampling)
+    # Batched with a plain row: the adjusted row follows the reference, the plain row is untouched by it.
+    batch = _run(BatchGeneration(model, [prompt, [4, 5, 6]], 12, [sampling, plain]))
+    assert batch.tokens[0] == expected
+    assert batch.tokens[1] == _run(BatchGeneration(model, [[4, 5, 6]], 12, [plain])).tokens[0]
+    assert expected != _greedy_reference(model, prompt, 12, plain)  # the setting changed something
+
+
+def test_a_large_logit_bias_forces_or_forbids_a_token(tiny_pair):
+    _, model, _ = tiny_pair
+    forced = _run(BatchGeneration(model, [[1, 2, 3]], 6, [SamplingConfig(0.9, seed=1, logit_bias={9: 100.0})]))
+    assert forced.tokens[0] == [9] * 6
+    greedy = _run(BatchGeneration(model, [[1, 2, 3]], 6)).tokens[0]
+    banned = dict.fromkeys(set(greedy), -100.0)
+    other = _run(BatchGeneration(model, [[1, 2, 3]], 6, SamplingConfig(logit_bias=banned))).tokens[0]
+    assert not set(other) & set(greedy)
+
+
+def test_top_logprobs_are_the_most_likely_tokens_of_the_model(tiny_pair):
+    _, model, _ = tiny_pair
+    batch = BatchGeneration(model, [[1, 2, 3], [4, 5]], 2, [SamplingConfig(), SamplingConfig()], top_logprobs=[3, 0])
+    expected = torch.log_softmax(model(torch.tensor([[1, 2, 3]]))[0, -1].float(), -1)
+    (row, token, lp), _ = batch.step()
+    assert list(batch.alternatives) == [0]  # the row that asked
+    top = batch.alternatives[0]
+    assert [t for t, _ in top] == expected.topk(3).indices.tolist() and top[0] == (token, pytest.approx(lp))
+    assert [v for _, v in top] == pytest.approx(expected.topk(3).values.tolist(), abs=1e-5)
+    batch.step()
+    assert batch.done and batch.step() == [] and batch.alternatives == {}
+
+
+def test_invalid_logit_adjustments_are_rejected(tiny_pair):
+    _, model, _ = tiny_pair
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")), dict(logit_bias={3: 101.0}),
+                dict(logit_bias={-1: 1.0})):
+        with pytest.raises(LigeroError):
+            SamplingConfig(**bad)
+    with pytest.raises(LigeroError, match="vocabulary"):
+        BatchGeneration(model, [[1]], 2, SamplingConfig(logit_bias={model.cfg.vocab_size: 1.0}))

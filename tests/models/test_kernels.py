@@ -1,25 +1,46 @@
-"""Ligero's CPU GEMV kernel against torch, including ragged shapes (tails that are not multiples of 16 or 4)."""
+"""Ligero's CPU kernels: the GEMV kernel against torch (ragged shapes included), when the decode path calls it,
+what its build cache is keyed on, and which problems fall back to torch (said once) or are errors.
+
+Tests of the compiled kernels skip with the reason the runtime gives (`ligero.kernels.warm()`) where they
+cannot run here."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ligero.kernels import cpu_kernels
+import ligero.kernels as kernels
+from ligero.errors import LigeroError
+from ligero.kernels import MAX_KERNEL_ROWS, build_key, cpu_kernels, warm
+from ligero.models import transformer
+from ligero.models.transformer import Linear
+
+
+def kernels_or_skip():
+    ext = cpu_kernels()
+    if ext is None:
+        pytest.skip(f"the kernels do not run here: decode uses {warm()}")
+    return ext
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """cpu_kernels() decided anew (with this test's patches), and decided anew again afterwards."""
+    monkeypatch.setenv("LIGERO_CACHE", str(tmp_path))
+    monkeypatch.delenv("LIGERO_NO_KERNELS", raising=False)
+    cpu_kernels.cache_clear()
+    yield
+    cpu_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("rows,inp,out", [(1, 576, 1536), (3, 577, 7), (8, 16, 5), (1, 5, 3), (2, 2048, 640)])
 def test_linear_f32_matches_torch(rows, inp, out):
-    ext = cpu_kernels()
-    if ext is None:
-        pytest.skip("no AVX-512 or no compiler: the runtime falls back to torch")
+    ext = kernels_or_skip()
     g = torch.Generator().manual_seed(rows * inp + out)
     x, w = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g)
     torch.testing.assert_close(ext.linear_f32(x, w), F.linear(x, w), atol=1e-4, rtol=1e-5)
 
 
 def test_linear_module_uses_kernel_only_without_grad():
-    from ligero.models.transformer import Linear
-
     torch.manual_seed(0)
     layer = Linear(24, 10, bias=False)
     x = torch.randn(1, 1, 24, requires_grad=True)
@@ -28,3 +49,85 @@ def test_linear_module_uses_kernel_only_without_grad():
     assert x.grad is not None
     with torch.inference_mode():
         torch.testing.assert_close(layer(x.detach()), F.linear(x.detach(), layer.weight), atol=1e-5, rtol=1e-5)
+
+
+class RecordingKernels:
+    """Stands in for the compiled module: counts the calls and answers with torch (runs on any CPU)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def linear_f32(self, x, w):
+        self.calls += 1
+        return F.linear(x, w)
+
+
+def test_decode_rows_go_to_the_kernel_and_prefill_to_torch(monkeypatch):
+    recorder = RecordingKernels()
+    monkeypatch.setattr(transformer, "cpu_kernels", lambda: recorder)
+    layer = Linear(32, 16, bias=False)
+    with torch.inference_mode():
+        layer(torch.randn(1, MAX_KERNEL_ROWS, 32))
+        assert recorder.calls == 1
+        layer(torch.randn(1, MAX_KERNEL_ROWS + 1, 32))  # a prefill-sized call: torch's GEMM
+        assert recorder.calls == 1
+
+
+def test_the_real_kernel_runs_in_decode(monkeypatch):
+    ext = kernels_or_skip()
+    calls = []
+    real = ext.linear_f32
+
+    class Spy:
+        def linear_f32(self, x, w):
+            calls.append(x.shape[0])
+            return real(x, w)
+
+    monkeypatch.setattr(transformer, "cpu_kernels", lambda: Spy())
+    layer = Linear(64, 24, bias=False)
+    x = torch.randn(1, 3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=1e-4, rtol=1e-5)
+    assert calls == [3]
+
+
+def test_build_key_names_the_cpu_flags_and_the_compiler():
+    base = build_key(frozenset({"avx512f", "avx512bw"}), "g++ (Debian 12.2.0) 12.2.0")
+    assert build_key(frozenset({"avx512f", "avx512bw", "avx512_vnni"}), "g++ (Debian 12.2.0) 12.2.0") != base
+    assert build_key(frozenset({"avx512f", "avx512bw"}), "g++ (Debian 13.1.0) 13.1.0") != base
+    assert build_key(frozenset({"avx512bw", "avx512f"}), "g++ (Debian 12.2.0) 12.2.0") == base
+
+
+def test_a_cpu_without_avx512_falls_back_and_says_so_once(monkeypatch, capsys, fresh_kernels):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "avx2", "f16c"}))
+    assert cpu_kernels() is None and cpu_kernels() is None
+    assert warm() == "torch ops (CPU without avx512f, avx512bw, avx512vl)"
+    err = capsys.readouterr().err
+    assert err.count("CPU kernels unavailable") == 1, err
+
+
+def test_a_missing_compiler_falls_back(monkeypatch, fresh_kernels):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels._REQUIRED_FLAGS))
+    monkeypatch.setenv("CXX", "/no/such/compiler")
+    assert cpu_kernels() is None
+    assert warm() == "torch ops (no C++ compiler found)"
+
+
+def test_kernels_switched_off_fall_back_silently(monkeypatch, capsys, fresh_kernels):
+    monkeypatch.setenv("LIGERO_NO_KERNELS", "1")
+    assert cpu_kernels() is None
+    assert warm() == "torch ops (LIGERO_NO_KERNELS=1)"
+    assert "unavailable" not in capsys.readouterr().err
+
+
+def test_a_kernel_that_fails_to_build_is_an_error(monkeypatch, tmp_path, fresh_kernels):
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if kernels._compiler() is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja here: nothing to build")
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error this kernel source does not compile\n")
+    monkeypatch.setattr(kernels, "_SOURCE", broken)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels._REQUIRED_FLAGS))
+    with pytest.raises(LigeroError, match="failed to build.*LIGERO_NO_KERNELS=1"):
+        cpu_kernels()

@@ -3,8 +3,8 @@
 import torch
 
 from ligero.quant.adaround import adaround_layer, rectified_sigmoid
-from ligero.quant.config import AdaRoundConfig, Int4WeightConfig
-from ligero.quant.modules import Int4Linear
+from ligero.quant.config import AdaRoundConfig, IntGroupConfig
+from ligero.quant.modules import IntGroupLinear
 
 
 def test_rectified_sigmoid_init_matches_fraction():
@@ -20,7 +20,7 @@ def test_adaround_beats_round_to_nearest_on_a_layer():
     x[:, :8] *= 5  # uneven input channels make rounding choices matter
     for bits in (4, 3):
         cfg = AdaRoundConfig(bits=bits, group_size=128, iters=300, batch_tokens=256)
-        rtn = Int4Linear.from_float(w, Int4WeightConfig(128, bits=bits))
+        rtn = IntGroupLinear.from_float(w, IntGroupConfig(128, bits=bits))
         ada = adaround_layer(w, x, x, cfg)
         err = lambda layer: float((x @ layer.dequantize().T - x @ w.T).pow(2).mean())  # noqa: E731
         assert err(ada) < 0.95 * err(rtn), (bits, err(ada), err(rtn))  # ~10 % lower on isotropic data

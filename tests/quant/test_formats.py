@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ligero.quant import formats
-from ligero.quant.config import FP4Config, FP8Config, Int4WeightConfig, Int8WeightConfig
-from ligero.quant.modules import FP4Linear, FP8Linear, Int4Linear, Int8Linear
+from ligero.quant.config import FP4Config, FP8Config, Int8WeightConfig, IntGroupConfig
+from ligero.quant.modules import FP4Linear, FP8Linear, Int8Linear, IntGroupLinear
 
 
 def sqnr_db(w, w_hat):
@@ -19,10 +19,10 @@ def randn(*shape, seed=0):
 
 # Gaussian weights: int8 per channel ~41 dB, int4 g32 ~22 dB (theory); thresholds leave a small margin.
 # FP8 E4M3 (3 mantissa bits) ~31 dB, E5M2 ~25 dB; FP4 blocks ~17-19 dB (NVFP4's finer scales beat MX's).
-THRESHOLDS = {Int8WeightConfig(): 38.0, Int4WeightConfig(32): 20.0, Int4WeightConfig(64): 19.5,
-              Int4WeightConfig(128): 18.5, FP8Config("e4m3"): 29.0, FP8Config("e5m2"): 23.0,
+THRESHOLDS = {Int8WeightConfig(): 38.0, IntGroupConfig(32): 20.0, IntGroupConfig(64): 19.5,
+              IntGroupConfig(128): 18.5, FP8Config("e4m3"): 29.0, FP8Config("e5m2"): 23.0,
               FP4Config("mxfp4"): 17.0, FP4Config("nvfp4"): 19.0}
-LAYERS = {Int8WeightConfig: Int8Linear, Int4WeightConfig: Int4Linear, FP8Config: FP8Linear, FP4Config: FP4Linear}
+LAYERS = {Int8WeightConfig: Int8Linear, IntGroupConfig: IntGroupLinear, FP8Config: FP8Linear, FP4Config: FP4Linear}
 
 
 @pytest.mark.parametrize("config", list(THRESHOLDS), ids=lambda c: f"{c.kind}-{list(c.to_dict().values())[2:]}")
@@ -32,7 +32,7 @@ def test_sqnr_on_random_weights(config):
     assert sqnr_db(w, layer.dequantize()) > THRESHOLDS[config]
 
 
-REAL_THRESHOLDS = {Int8WeightConfig(): 39.0, Int4WeightConfig(128): 18.5, Int4WeightConfig(128, bits=3): 12.0,
+REAL_THRESHOLDS = {Int8WeightConfig(): 39.0, IntGroupConfig(128): 18.5, IntGroupConfig(128, bits=3): 12.0,
                    FP8Config("e4m3"): 29.5, FP8Config("e5m2"): 23.5, FP4Config("mxfp4"): 17.0,
                    FP4Config("nvfp4"): 19.0}
 
@@ -46,16 +46,16 @@ def test_sqnr_on_real_weights(smollm2):
     for config, threshold in REAL_THRESHOLDS.items():
         assert sqnr_db(w, LAYERS[type(config)].from_float(w, config).dequantize()) > threshold, config
     # SmolLM2 ships as Q4_1 (group 32, scale + minimum): asymmetric int4 g32 recovers that grid exactly.
-    assert torch.allclose(Int4Linear.from_float(w, Int4WeightConfig(32)).dequantize(), w, atol=1e-6)
+    assert torch.allclose(IntGroupLinear.from_float(w, IntGroupConfig(32)).dequantize(), w, atol=1e-6)
     # post-training ternarization keeps little (BitNet needs training): ~5.6 dB on this layer
     assert 4.0 < sqnr_db(w, TernaryLinear.from_float(w, TernaryConfig()).dequantize()) < 8.0
 
 
 def test_int4_pack_unpack_is_bit_exact():
     q = torch.randint(0, 16, (7, 96), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    packed = formats.pack_int4(q)
+    packed = formats.pack_nibbles(q)
     assert packed.shape == (7, 48) and packed.dtype == torch.uint8
-    assert torch.equal(formats.unpack_int4(packed), q)
+    assert torch.equal(formats.unpack_nibbles(packed), q)
     # GGUF Q4 layout: byte j of a block holds value j (low nibble) and value j + 16 (high nibble).
     assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 16]) << 4)
 
@@ -79,7 +79,7 @@ def test_int8_grid_and_scale():
     torch.testing.assert_close(scale, w.abs().amax(1) / 127)
 
 
-@pytest.mark.parametrize("config", [Int8WeightConfig(), Int4WeightConfig(32), Int4WeightConfig(128),
+@pytest.mark.parametrize("config", [Int8WeightConfig(), IntGroupConfig(32), IntGroupConfig(128),
                                     FP8Config("e4m3", activations=False), FP8Config("e5m2", activations=False),
                                     FP4Config("mxfp4"), FP4Config("nvfp4")],
                          ids=["int8", "int4-g32", "int4-g128", "fp8-e4m3", "fp8-e5m2", "mxfp4", "nvfp4"])
@@ -99,9 +99,9 @@ def test_packed_kernels_match_dequantized_reference(config, rows):
         torch.testing.assert_close(layer(big), F.linear(big, w_hat), atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [Int8WeightConfig(), Int4WeightConfig(32), Int4WeightConfig(128), FP8Config("e4m3"),
+@pytest.mark.parametrize("config", [Int8WeightConfig(), IntGroupConfig(32), IntGroupConfig(128), FP8Config("e4m3"),
                                     FP4Config("nvfp4")], ids=["int8", "int4-g32", "int4-g128", "fp8", "nvfp4"])
-def test_batched_kernel_rows_equal_single_row_calls(config):
+def test_batched_kernel_rows_equal_single_row_calls(config, compiled_kernels):
     """The decode kernels share each weight row's unpacking across the batch; every row's result must be exactly
     what it would be alone, so a served request's output does not depend on what it was batched with."""
     layer = LAYERS[type(config)].from_float(randn(200, 576, seed=6), config)
@@ -122,7 +122,7 @@ def test_dense_low_bit_packing_is_bit_exact(bits):
 
 def test_int3_layer_stores_3_bits_and_decodes_like_its_reference():
     w = randn(64, 576)
-    layer = Int4Linear.from_float(w, Int4WeightConfig(128, bits=3))
+    layer = IntGroupLinear.from_float(w, IntGroupConfig(128, bits=3))
     assert layer.packed.numel() * 8 == 3 * w.numel()  # codes at 3 bits; scales and minimums on top
     assert int(layer.codes().max()) <= 7
     x = randn(1, 576, seed=1)

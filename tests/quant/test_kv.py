@@ -43,7 +43,8 @@ def test_fewer_bits_more_error(tiny_pair):
     x = tokens(load(tiny_pair))
     with torch.no_grad():
         ref = load(tiny_pair)(x)
-        err = {b: float((with_kv(tiny_pair, bits=b, group_size=4, residual=4)(x) - ref).abs().mean()) for b in (2, 4, 8)}
+        err = {b: float((with_kv(tiny_pair, bits=b, group_size=4, residual=4)(x) - ref).abs().mean())
+               for b in (2, 4, 8)}
     assert 0 < err[8] < err[4] < err[2]
 
 
@@ -62,7 +63,8 @@ def test_groupwise_fake_quant_shapes_and_levels():
     kq = fake_quantize_keys(k, torch.arange(8)[None], bits=2, group=4)
     assert kq.shape == k.shape
     # per (head, channel, group of 4 tokens): at most 4 distinct values at 2 bits
-    assert all(kq[0, h, g * 4:(g + 1) * 4, c].unique().numel() <= 4 for h in range(2) for g in range(2) for c in range(16))
+    assert all(kq[0, h, g * 4:(g + 1) * 4, c].unique().numel() <= 4
+               for h in range(2) for g in range(2) for c in range(16))
     vq = fake_quantize_values(k, bits=2, group=8)
     assert all(vq[0, 0, t, g * 8:(g + 1) * 8].unique().numel() <= 4 for t in range(8) for g in range(2))
 
@@ -118,3 +120,16 @@ def test_packed_cache_stores_codes_not_floats(tiny_pair):
     # ... plus the newest tokens (here 16 of 128) in full precision.
     residual = cache.res_k[0].shape[2]
     assert residual == 16 and cache.nbytes() == packed + fp.nbytes() * residual // 128
+
+
+def test_the_kv_format_set_by_quantization_picks_the_cache(tiny_pair):
+    from ligero.models.transformer import FULL_PRECISION_KV, KVCache, KVCacheBase
+    from ligero.quant.kv import KIVIFormat, QuantizedKVCache
+
+    plain = load(tiny_pair)
+    assert plain.kv_format is FULL_PRECISION_KV and type(plain.new_cache(1, 8)) is KVCache
+    model = with_kv(tiny_pair, bits=4, group_size=4, residual=4)
+    assert isinstance(model.kv_format, KIVIFormat) and model.kv_format.kv.bits == 4
+    assert all(layer.attn.kv_format is model.kv_format for layer in model.layers)
+    cache = model.new_cache(1, 8)
+    assert isinstance(cache, QuantizedKVCache) and isinstance(cache, KVCacheBase)

@@ -8,7 +8,7 @@ import torch
 from ligero.quant.api import quantize
 from ligero.quant.config import LSQConfig, Recipe
 from ligero.quant.lsq import LSQLinear
-from ligero.quant.modules import Int4Linear
+from ligero.quant.modules import IntGroupLinear
 
 
 def test_step_init_and_gradient_scale():
@@ -22,11 +22,11 @@ def test_step_init_and_gradient_scale():
 
 
 def test_lsq_plus_starts_at_round_to_nearest():
-    from ligero.quant.config import Int4WeightConfig
+    from ligero.quant.config import IntGroupConfig
 
     w = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
     layer = LSQLinear(w, LSQConfig(bits=4, group_size=64))
-    rtn = Int4Linear.from_float(w, Int4WeightConfig(group_size=64))
+    rtn = IntGroupLinear.from_float(w, IntGroupConfig(group_size=64))
     with torch.no_grad():
         torch.testing.assert_close(layer.quantized_weight(), rtn.dequantize(), rtol=0, atol=1e-6)
         assert torch.equal(layer.to_inference().packed, rtn.packed)
@@ -42,7 +42,7 @@ def test_inference_layer_equals_trained_fake_quant(learn_offset):
         with torch.no_grad():
             layer.log_step.add_(torch.log1p(0.01 * torch.arange(layer.step.numel()).view_as(layer.step)))
             inf = layer.to_inference()
-            assert isinstance(inf, Int4Linear)
+            assert isinstance(inf, IntGroupLinear)
             # equal up to the fp16 storage of the step
             torch.testing.assert_close(inf.dequantize(), layer.quantized_weight(), atol=2e-3, rtol=2e-3)
             groups = inf.dequantize().view(16, 2, 128)
@@ -58,7 +58,7 @@ def test_lsq_training_reduces_distillation_loss(tiny_pair):
     windows = [torch.randint(0, model.cfg.vocab_size, (24,), generator=g).tolist() for _ in range(2)]
     losses = lsq_model(model, LSQConfig(bits=2, group_size=32, steps=40, lr_step=1e-2, lr_weight=1e-3), windows)
     assert sum(losses[-5:]) < sum(losses[:5])
-    assert isinstance(model.layers[0].attn.qkv_proj, Int4Linear)
+    assert isinstance(model.layers[0].attn.qkv_proj, IntGroupLinear)
     again = quantize(load_model(str(tiny_pair[2]), device="cpu").model,
                      Recipe(LSQConfig(bits=4, group_size=32, steps=2)), calibration=windows)
-    assert isinstance(again.layers[-1].mlp.down_proj, Int4Linear)
+    assert isinstance(again.layers[-1].mlp.down_proj, IntGroupLinear)

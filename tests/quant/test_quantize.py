@@ -10,8 +10,8 @@ import torch
 from ligero.errors import LigeroError
 from ligero.io.checkpoint import load_model, save_checkpoint
 from ligero.quant.api import quantize
-from ligero.quant.config import Int4WeightConfig, Int8WeightConfig, QuantConfig, Recipe, recipe_for
-from ligero.quant.modules import Int4Linear, Int8Linear, QuantizedEmbedding
+from ligero.quant.config import Int8WeightConfig, IntGroupConfig, QuantConfig, Recipe, recipe_for
+from ligero.quant.modules import Int8Linear, IntGroupLinear, QuantizedEmbedding
 
 
 def tiny(tiny_pair):
@@ -21,9 +21,9 @@ def tiny(tiny_pair):
 
 def test_quantize_replaces_layers_and_keeps_head_int8(tiny_pair):
     loaded = tiny(tiny_pair)
-    model = quantize(loaded.model, Int4WeightConfig(32))
-    assert isinstance(model.layers[0].attn.qkv_proj, Int4Linear)
-    assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
+    model = quantize(loaded.model, IntGroupConfig(32))
+    assert isinstance(model.layers[0].attn.qkv_proj, IntGroupLinear)
+    assert isinstance(model.layers[0].mlp.down_proj, IntGroupLinear)
     assert isinstance(model.lm_head, Int8Linear)
     assert isinstance(model.embed, QuantizedEmbedding)
     if model.cfg.tie_embeddings:
@@ -33,10 +33,10 @@ def test_quantize_replaces_layers_and_keeps_head_int8(tiny_pair):
 
 
 def test_overrides_and_filters(tiny_pair):
-    recipe = Recipe(Int4WeightConfig(32), overrides=[("layers.0.*", Int8WeightConfig()), ("*.o_proj", None)])
+    recipe = Recipe(IntGroupConfig(32), overrides=[("layers.0.*", Int8WeightConfig()), ("*.o_proj", None)])
     model = quantize(tiny(tiny_pair).model, recipe)
     assert isinstance(model.layers[0].attn.qkv_proj, Int8Linear)
-    assert isinstance(model.layers[1].attn.qkv_proj, Int4Linear)
+    assert isinstance(model.layers[1].attn.qkv_proj, IntGroupLinear)
     assert type(model.layers[1].attn.o_proj).__name__ == "Linear"
     only_mlp = quantize(tiny(tiny_pair).model, Int8WeightConfig(), filter=lambda name, _: ".mlp." in name)
     assert isinstance(only_mlp.layers[0].mlp.gate_up_proj, Int8Linear)
@@ -46,10 +46,10 @@ def test_overrides_and_filters(tiny_pair):
 def test_configs_serialize_and_validate():
     recipe = recipe_for("int4", 64)
     again = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
-    assert again.weights == Int4WeightConfig(64) and again.head == Int8WeightConfig()
-    assert QuantConfig.from_dict(Int4WeightConfig(128).to_dict()) == Int4WeightConfig(128)
+    assert again.weights == IntGroupConfig(64) and again.head == Int8WeightConfig()
+    assert QuantConfig.from_dict(IntGroupConfig(128).to_dict()) == IntGroupConfig(128)
     with pytest.raises(LigeroError, match="invalid group size 33"):
-        Int4WeightConfig(33)
+        IntGroupConfig(33)
     with pytest.raises(LigeroError, match="valid schemes: int8, int4, fp8"):
         recipe_for("int3-magic")
     with pytest.raises(LigeroError, match="newer"):
@@ -58,7 +58,7 @@ def test_configs_serialize_and_validate():
 
 def test_save_load_gives_identical_logits_and_detects_tampering(tiny_pair, tmp_path):
     loaded = tiny(tiny_pair)
-    quantize(loaded.model, Int4WeightConfig(32))
+    quantize(loaded.model, IntGroupConfig(32))
     save_checkpoint(loaded.model, None, tmp_path, {"base": "tiny"})
     again = load_model(str(tmp_path), device="cpu").model
     tokens = torch.arange(20)[None] % loaded.model.cfg.vocab_size

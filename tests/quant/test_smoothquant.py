@@ -55,6 +55,6 @@ def test_calibration_is_required_and_collected(tiny_pair):
 
 
 def test_cli_without_calibration_data_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "ligero", "eval", "quality", "--scheme", "w8a8", "--calib-windows", "0"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "ligero", "eval", "quality", "--scheme", "w8a8",
+                           "--calib-windows", "0"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "needs calibration data" in proc.stderr and "Traceback" not in proc.stderr

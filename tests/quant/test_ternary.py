@@ -74,7 +74,7 @@ def test_bitlinear_ste_passes_gradients_and_converts():
     assert losses[-1] < losses[0]
 
 
-def test_batched_kernel_rows_equal_single_row_calls():
+def test_batched_kernel_rows_equal_single_row_calls(compiled_kernels):
     layer = TernaryLinear.from_float(randn(200, 576, seed=5), TernaryConfig())
     x = randn(8, 576, seed=6)
     with torch.inference_mode():

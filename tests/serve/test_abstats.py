@@ -66,9 +66,20 @@ def test_always_valid_interval_is_wider_than_fixed():
     for s_c, n_c, s_t, n_t in [(30, 50, 35, 50), (700, 1000, 720, 1000), (5000, 10000, 5100, 10000), (0, 40, 40, 40)]:
         d = difference((s_c, n_c), (s_t, n_t))
         av, fx = d["always_valid"], d["fixed"]
-        assert av["low"] < fx["low"] <= d["estimate"] <= fx["high"] < av["high"]
+        # (0, 40) vs (40, 40): both intervals reach past 1 and are clipped there (issue 10), so their tops are equal
+        assert av["low"] < fx["low"] <= d["estimate"] <= fx["high"] < av["high"] or fx["high"] == av["high"] == 1
         assert av["p_value"] >= fx["p_value"]
     assert difference((0, 0), (3, 5))["fixed"] is None
+
+
+def test_intervals_for_a_difference_of_proportions_stay_within_what_is_possible():
+    """Little feedback made the always-valid interval [-1.35, 1.68]; a difference of proportions lies in [-1, 1]."""
+    for control, treatment in [((1, 2), (2, 3)), ((0, 1), (1, 1)), ((5, 5), (0, 4)), ((3, 10), (4, 10))]:
+        d = difference(control, treatment)
+        for interval in (d["fixed"], d["always_valid"]):
+            assert -1 <= interval["low"] <= d["estimate"] <= interval["high"] <= 1, (control, treatment, d)
+    wide = difference((1, 2), (2, 3))["always_valid"]
+    assert (wide["low"], wide["high"]) == (-1.0, 1.0)
 
 
 def test_always_valid_p_value_matches_the_interval():
@@ -256,3 +267,29 @@ def test_analyze_numeric_names_segments_and_warn():
     few = analyze_numeric(_scores("fp32", "chat", MIN_PER_ARM - 1, 4.5) + _scores("int4", "chat", MIN_PER_ARM - 1, 1.0),
                           "fp32", "int4")
     assert few["metrics"]["stars"]["status"] == "OK"  # too few scores to judge
+
+
+def test_the_scipy_statistics_equal_the_formulas_they_replaced():
+    """Wilson, Benjamini-Hochberg and Welch come from scipy now; they match the formulas written out before."""
+    from ligero.eval.stats import wilson_interval
+
+    for k, n, level in [(0, 10, 0.95), (3, 10, 0.9), (50, 100, 0.95), (999, 1000, 0.99), (7, 7, 0.95)]:
+        z = sps.norm.ppf(1 - (1 - level) / 2)
+        p, denom = k / n, 1 + z * z / n
+        center, half = (p + z * z / (2 * n)) / denom, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+        assert wilson_interval(k, n, level) == pytest.approx((max(0, center - half), min(1, center + half)),
+                                                             rel=1e-12, abs=1e-15)
+    p = np.random.default_rng(0).random(40) ** 3
+    order = np.argsort(p)
+    q = np.minimum(1, np.minimum.accumulate((p[order] * p.size / np.arange(1, p.size + 1))[::-1])[::-1])
+    expected = np.empty_like(q)
+    expected[order] = q
+    np.testing.assert_allclose(benjamini_hochberg(p), expected, rtol=1e-12)
+    (n_c, m_c, v_c), (n_t, m_t, v_t) = (12, 3.1, 1.7), (30, 3.6, 0.8)
+    a, b = v_c / n_c, v_t / n_t
+    df = (a + b) ** 2 / (a * a / (n_c - 1) + b * b / (n_t - 1))
+    q = sps.t.ppf(0.975, df)
+    w = welch((n_c, m_c, v_c), (n_t, m_t, v_t))
+    d, se = m_t - m_c, np.sqrt(a + b)
+    assert (w["low"], w["high"], w["p_value"]) == pytest.approx((d - q * se, d + q * se,
+                                                                  2 * sps.t.sf(abs(d) / se, df)), rel=1e-10)

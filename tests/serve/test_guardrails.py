@@ -10,14 +10,12 @@ import re
 import pytest
 
 from ligero.errors import LigeroError
+from ligero.serve.access import ApiKeys, AuthError, RateLimiter
 from ligero.serve.guardrails import (
     GUARDRAILS_VERSION,
-    ApiKeys,
-    AuthError,
     Decision,
     Guardrails,
     OutputGuard,
-    RateLimiter,
     ToxicityFilter,
     check_body_size,
     check_prompt,
@@ -172,6 +170,26 @@ def test_a_deployment_card_loads_its_guardrails(tmp_path):
     with pytest.raises(LigeroError, match="card x: toxicity threshold"):
         guardrails_from_card(minimal_card(output_filter={"classifier": "alt-profanity-check", "threshold": 0,
                                                          "action": "block"}), "card x")
+
+
+def test_a_card_naming_the_classifier_with_its_version_loads(caplog):
+    """Cards written by `ligero run` record the classifier as "alt-profanity-check <version>"."""
+    from importlib.metadata import version
+
+    installed = version("alt-profanity-check")
+    card = minimal_card(output_filter={"classifier": f"alt-profanity-check {installed}", "threshold": 0.5,
+                                       "action": "block"})
+    with caplog.at_level("WARNING", logger="ligero.serve"):
+        assert guardrails_from_card(card, "card x").toxicity == ToxicityFilter(0.5, "block")
+    assert caplog.records == []
+    older = minimal_card(output_filter={"classifier": "alt-profanity-check 0.0.1", "threshold": 0.5,
+                                        "action": "block"})
+    with caplog.at_level("WARNING", logger="ligero.serve"):
+        assert guardrails_from_card(older, "card x").toxicity == ToxicityFilter(0.5, "block")
+    assert "alt-profanity-check 0.0.1" in caplog.text and installed in caplog.text
+    with pytest.raises(LigeroError, match="classifier 'alt-profanity-checker 1.0'"):
+        guardrails_from_card(minimal_card(output_filter={"classifier": "alt-profanity-checker 1.0",
+                                                         "threshold": 0.5, "action": "block"}), "card x")
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [

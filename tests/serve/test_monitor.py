@@ -298,3 +298,64 @@ def test_numeric_feedback_worse_treatment_warns(tmp_path):
     line = summary_line(result)
     assert line.startswith("WARN (exit 1)") and "mean stars lower in the treatment" in line
     assert "class='WARN'>WARN" in (tmp_path / "out" / "monitor.html").read_text()
+
+
+def test_a_huge_since_is_a_user_error(tmp_path, capsys):
+    from ligero.cli import main
+
+    for text in ("99999999999d", "999999999w", "1" + "0" * 30 + "s"):
+        with pytest.raises(LigeroError, match="--since"):
+            parse_since(text)
+    url = make_store(tmp_path / "store.db", [])
+    card = str(write_card(tmp_path, _reference(n=50)))
+    assert main(["monitor", "--store", url, "--card", card, "--since", "99999999999d",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ligero: error: --since") and "Traceback" not in err
+
+
+def test_nothing_to_judge_has_its_own_exit_code_and_says_why(tmp_path, capsys):
+    from ligero.cli import main
+
+    reference = _reference()
+    card = write_card(tmp_path, reference)
+    empty = make_store(tmp_path / "empty.db", [])
+    result = monitor(empty, card, out_dir=tmp_path / "a")
+    assert (result["status"], result["exit_code"]) == ("NO_DATA", 3) and "no responses at all" in result["why"]
+
+    rng = np.random.default_rng(6)
+    url = make_store(tmp_path / "store.db", [("fp32", _like_reference(rng, reference, 40), NOW)])
+    result = monitor(url, card, out_dir=tmp_path / "b")  # traffic, but none from the card's variant
+    assert result["exit_code"] == 3 and "no responses from variant int4" in result["why"]
+    assert "fp32 (40)" in result["why"]
+    saved = json.loads((tmp_path / "b" / "monitor.json").read_text())
+    assert saved["status"] == "NO_DATA" and saved["exit_codes"]["3"].startswith("NO_DATA")
+    assert "class='NO_DATA'>NO_DATA" in (tmp_path / "b" / "monitor.html").read_text()
+
+    future = (NOW + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert main(["monitor", "--store", url, "--card", str(card), "--since", future, "--out", str(tmp_path / "c")]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("NO_DATA (exit 3)") and "in the future" in out
+
+    # Some traffic, too little to judge: still INSUFFICIENT and 0, as before.
+    url = make_store(tmp_path / "few.db", [("int4", _like_reference(rng, reference, 10), NOW)])
+    assert monitor(url, card, out_dir=tmp_path / "d")["exit_code"] == 0
+
+
+def test_the_report_escapes_what_it_shows_and_has_no_absolute_paths(tmp_path):
+    reference = _reference()
+    rng = np.random.default_rng(7)
+    url = make_store(tmp_path / "store.db", [("int4", _like_reference(rng, reference, 40), NOW)])
+    card = write_card(tmp_path, reference)
+    data = json.loads(card.read_text())
+    data["identity"]["variant"] = "<script>alert(1)</script>"
+    card.write_text(json.dumps(data))
+    out = tmp_path / "reports" / "today"
+    result = monitor(url, card, out_dir=out)
+    page = (out / "monitor.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    saved = (out / "monitor.json").read_text()
+    assert str(tmp_path) not in saved
+    assert result["card"] == "../../int4.json" and result["store"] == "sqlite:///../../store.db"
+    assert result["files"] == {"json": "monitor.json", "html": "monitor.html"}
+    assert (out / result["card"]).resolve() == card.resolve()

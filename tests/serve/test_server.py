@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,8 +45,9 @@ threshold = 0.5
 action = "block"
 """
 KEYS = ("key-one", "key-two")
+BODY_TIMEOUT_S = 4  # the main server's --body-timeout
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error"}
+               408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 # --- fixtures -------------------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def server(launch, tmp_path_factory):
     guardrails.write_text(GUARDRAILS)
     store_url = f"sqlite:///{folder / 'serve.db'}"
     proc = launch("--variant", "fp32", "--variant", "int4", "--split", "50,50", "--store", store_url,
-                  "--guardrails", str(guardrails), "--keep-text")
+                  "--guardrails", str(guardrails), "--keep-text", "--body-timeout", str(BODY_TIMEOUT_S))
     proc.store_url = store_url
     return proc
 
@@ -301,6 +303,99 @@ def test_stop_sequences_end_the_text_before_them(oai, story, store):
     assert all(ch.usage is None and ch.choices for ch in chunks)
 
 
+# --- 2. OpenAI options: log-probs, penalties, logit_bias ------------------------------------------------------------
+
+
+def test_completion_logprobs(oai, story, store):
+    _, ref = story
+    c = oai.completions.create(model=FP32, prompt=STORY, max_tokens=16, temperature=0, logprobs=2)
+    choice = c.choices[0]
+    assert choice.text == ref.choices[0].text  # asking for log-probs changes nothing else
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == c.usage.completion_tokens == 16
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert all(max(top.values()) == pytest.approx(v, abs=1e-5) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    resp = store.get_response(c.id)
+    assert resp.mean_logprob == pytest.approx(sum(lp.token_logprobs) / 16, abs=1e-6)
+
+    chunks = list(oai.completions.create(model=FP32, prompt=STORY, max_tokens=16, temperature=0, logprobs=0,
+                                         stream=True))
+    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs]
+    assert [t for x in streamed for t in x.tokens] == lp.tokens
+    assert [v for x in streamed for v in x.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert [o for x in streamed for o in x.text_offset] == lp.text_offset
+    assert all(x.top_logprobs is None for x in streamed)  # logprobs = 0: no alternatives
+    # A token is sent once all of its text has been released, so no chunk reports text the client has not seen.
+    seen = ""
+    for ch in chunks:
+        seen += ch.choices[0].text
+        lp_chunk = ch.choices[0].logprobs
+        if lp_chunk and lp_chunk.tokens:
+            assert lp_chunk.text_offset[-1] + len(lp_chunk.tokens[-1]) <= len(seen)
+
+
+def test_chat_logprobs(oai, chat):
+    _, ref = chat
+    c = oai.chat.completions.create(model=FP32, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True,
+                                    top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert c.choices[0].message.content == ref.choices[0].message.content
+    assert "".join(t.token for t in content) == c.choices[0].message.content
+    assert all(t.bytes == list(t.token.encode()) and t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)
+    plain = oai.chat.completions.create(model=FP32, messages=QUESTION, max_tokens=2, temperature=0, logprobs=False)
+    assert plain.choices[0].logprobs is None
+
+    chunks = list(oai.chat.completions.create(model=FP32, messages=QUESTION, max_tokens=12, temperature=0,
+                                              logprobs=True, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert all(t.top_logprobs == [] for t in streamed)
+
+
+def test_fields_that_change_nothing_change_nothing(http, story):
+    """Neutral values of the new options give exactly the answer of a request without them (greedy and sampled)."""
+    plain = {"model": FP32, "prompt": STORY, "max_tokens": 16, "temperature": 0}
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "echo": False, "best_of": 1,
+               "suffix": None}
+    r = http.post("/v1/completions", json={**plain, **neutral})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == story[1].choices[0].text
+    sampled = {**plain, "temperature": 0.9, "seed": 1234}
+    a, b = (http.post("/v1/completions", json=body).json() for body in (sampled, {**sampled, **neutral}))
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    chat = {"model": FP32, "messages": QUESTION, "max_tokens": 4, "tools": [], "tool_choice": "none",
+            "response_format": {"type": "text"}}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_the_official_client_hears_which_field_is_not_supported(oai):
+    for field, value in (("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}])):
+        with pytest.raises(openai.BadRequestError) as info:
+            oai.chat.completions.create(model=FP32, messages=QUESTION, max_tokens=2, **{field: value})
+        assert (info.value.code, info.value.param) == ("unsupported_parameter", field)
+
+
+def test_penalties_and_logit_bias_steer_the_output(oai, story, tokenizer):
+    reference = story[1].choices[0].text
+    sea = tokenizer.encode(" sea")
+    assert len(sea) == 1
+    forced = oai.completions.create(model=FP32, prompt=STORY, max_tokens=3, temperature=0,
+                                    logit_bias={str(sea[0]): 100})
+    assert forced.choices[0].text == " sea" * 3
+    first = tokenizer.encode(reference)[0]
+    banned = oai.completions.create(model=FP32, prompt=STORY, max_tokens=4, temperature=0,
+                                    logit_bias={str(first): -100})
+    assert tokenizer.encode(banned.choices[0].text)[0] != first
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        c = oai.completions.create(model=FP32, prompt=STORY, max_tokens=16, temperature=0, **penalty)
+        assert c.choices[0].text != reference and c.usage.completion_tokens >= 1, penalty
+
+
 # --- 3. feedback ----------------------------------------------------------------------------------------------------
 
 
@@ -524,6 +619,41 @@ BAD_REQUESTS = [
      "context_length_exceeded", "prompt"),
     ("body-too-large", "/v1/completions", {"model": FP32, "prompt": "a " * MAX_BODY_BYTES}, {}, 413,
      "body_too_large", None),
+    # OpenAI fields Ligero does not implement: refused, naming the field
+    ("tools", "/v1/chat/completions",
+     {"model": FP32, "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, {}, 400,
+     "unsupported_parameter", "tools"),
+    ("tool-choice", "/v1/chat/completions", {"model": FP32, "messages": QUESTION, "tool_choice": "auto"}, {}, 400,
+     "unsupported_parameter", "tool_choice"),
+    ("functions", "/v1/chat/completions", {"model": FP32, "messages": QUESTION, "functions": [{"name": "f"}]}, {},
+     400, "unsupported_parameter", "functions"),
+    ("json-mode", "/v1/chat/completions",
+     {"model": FP32, "messages": QUESTION, "response_format": {"type": "json_object"}}, {}, 400,
+     "unsupported_parameter", "response_format"),
+    ("echo", "/v1/completions", {"model": FP32, "prompt": "Hi", "echo": True}, {}, 400, "unsupported_parameter",
+     "echo"),
+    ("best-of", "/v1/completions", {"model": FP32, "prompt": "Hi", "best_of": 3}, {}, 400, "unsupported_parameter",
+     "best_of"),
+    ("suffix", "/v1/completions", {"model": FP32, "prompt": "Hi", "suffix": "The end."}, {}, 400,
+     "unsupported_parameter", "suffix"),
+    # the implemented ones, out of range
+    ("logprobs-6", "/v1/completions", {"model": FP32, "prompt": "Hi", "logprobs": 6}, {}, 400, "invalid_request",
+     "logprobs"),
+    ("top-logprobs-alone", "/v1/chat/completions", {"model": FP32, "messages": QUESTION, "top_logprobs": 2}, {},
+     400, "invalid_request", "top_logprobs"),
+    ("top-logprobs-21", "/v1/chat/completions",
+     {"model": FP32, "messages": QUESTION, "logprobs": True, "top_logprobs": 21}, {}, 400, "invalid_request",
+     "top_logprobs"),
+    ("presence-3", "/v1/completions", {"model": FP32, "prompt": "Hi", "presence_penalty": 3}, {}, 400,
+     "invalid_request", "presence_penalty"),
+    ("frequency-nan", "/v1/completions", b'{"model": "smollm2-135m", "prompt": "Hi", "frequency_penalty": NaN}',
+     {}, 400, "invalid_request", "frequency_penalty"),
+    ("logit-bias-101", "/v1/completions", {"model": FP32, "prompt": "Hi", "logit_bias": {"50": 101}}, {}, 400,
+     "invalid_request", "logit_bias.50"),
+    ("logit-bias-word", "/v1/completions", {"model": FP32, "prompt": "Hi", "logit_bias": {"sea": 1}}, {}, 400,
+     "invalid_request", None),
+    ("logit-bias-beyond-vocab", "/v1/completions", {"model": FP32, "prompt": "Hi", "logit_bias": {"999999": 1}},
+     {}, 400, "invalid_request", "logit_bias"),
 ]
 
 
@@ -554,6 +684,84 @@ def test_an_oversized_chunked_body_is_refused_and_recorded(http, store):
     assert len(blocked) == before + 1 and all(req.status == "blocked" for req in blocked)
     for req in blocked:
         assert [(e.rule, e.action) for e in store.guardrail_events_for(req.id)] == [("max_body_bytes", "block")]
+
+
+def raw_request(server, head: bytes, body: bytes, read_s: float = 0.0) -> bytes:
+    """Send raw HTTP bytes, then read one answer for up to `read_s` seconds (0: do not wait) and close: a broken
+    client."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        answer, deadline = b"", time.monotonic() + read_s
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            answer += chunk
+            top, _, rest = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", top)
+            if not chunk or (length and len(rest) >= int(length.group(1))):
+                break
+        return answer
+
+
+def head(length: int | str, path: str = "/v1/completions", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+def wait_for(what, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while not (found := what()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def test_rejected_requests_store_only_checked_values(http, store):
+    """A 10 KB X-User-Id or model name is refused, and the refusal's row does not keep it."""
+    before = {r.id for r in rows(store, st.RequestRecord)}
+    huge_user = "u" * 10_000
+    err = assert_error(http.post("/v1/completions", json={"model": FP32, "prompt": "Hi", "max_tokens": 1},
+                                 headers={"X-User-Id": huge_user}), 400, "invalid_request")
+    assert "longer than 256" in err["message"] and huge_user not in err["message"]
+    huge_model = "m" * 10_000
+    assert_error(http.post("/v1/completions", json={"model": huge_model, "prompt": "Hi"}), 404, "model_not_found")
+    assert_error(http.post("/v1/completions", json={"model": huge_model, "prompt": 7}), 400, "invalid_request")
+    new = [r for r in rows(store, st.RequestRecord) if r.id not in before]
+    assert sorted(r.http_status for r in new) == [400, 400, 404]
+    assert all(r.user_id is None and r.model == "" for r in new), [(r.user_id, r.model[:20]) for r in new]
+
+
+def test_an_absurd_content_length_is_refused_without_parsing_it(server):
+    largest = str(2**64 - 1)  # the HTTP parser itself refuses longer ones
+    answer = raw_request(server, head(largest), b"{}", read_s=10)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert largest.encode() not in answer and b"body_too_large" in answer
+
+
+def test_a_client_that_disconnects_while_sending_its_body(server, store):
+    """Logged and recorded as a 499, without a traceback or an internal error."""
+    before = len(rows(store, st.RequestRecord, http_status=499, stream=False))
+    raw_request(server, head(2000), b'{"model": "smollm2-135m", "prompt": "half a bo')
+    found = wait_for(lambda: len(rows(store, st.RequestRecord, http_status=499, stream=False)) > before)
+    assert found, server.log_tail()
+    [req] = [r for r in rows(store, st.RequestRecord, http_status=499, stream=False)][before:]
+    assert (req.status, req.model, req.user_id) == ("error", "", None)
+    assert wait_for(lambda: f"request {req.id}: the client disconnected while sending its body (499)"
+                    in server.log_tail(10**7))
+    log = server.log_tail(10**7)
+    assert "Traceback" not in log and "unexpected error" not in log, log[-4000:]
+
+
+def test_a_slow_body_is_answered_408(server, store):
+    before = len(rows(store, st.RequestRecord, http_status=408))
+    t0 = time.monotonic()
+    answer = raw_request(server, head(2000), b'{"model": "smollm2-135m", ', read_s=BODY_TIMEOUT_S + 20)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert BODY_TIMEOUT_S - 0.5 <= time.monotonic() - t0 < BODY_TIMEOUT_S + 20
+    assert b"body_timeout" in answer
+    assert len(rows(store, st.RequestRecord, http_status=408)) == before + 1
 
 
 def test_the_server_survives_bad_input(server, http):
@@ -711,6 +919,14 @@ def test_api_keys_are_required_and_never_stored(auth_server, auth_store):
     for secret in (*KEYS, "wrong-key-123"):
         assert secret.encode() not in data, f"{secret} is in the store's files"
     assert "key-one" not in auth_server.log_tail(10**7)
+
+
+def test_metrics_need_a_key_when_keys_are_on(auth_server):
+    with httpx.Client(base_url=auth_server.url, timeout=60) as h:
+        assert_error(h.get("/metrics"), 401, "invalid_api_key")
+        assert_error(h.get("/metrics", headers={"Authorization": "Bearer wrong-key-123"}), 401, "invalid_api_key")
+        r = h.get("/metrics", headers={"Authorization": "Bearer key-one"})
+        assert r.status_code == 200 and "ligero_batches_total" in r.text
 
 
 def test_rate_limit(auth_server, auth_store):

@@ -227,6 +227,24 @@ def test_a_crash_after_the_commit_loses_nothing(url):
         assert s.count("requests") == 1
 
 
+def test_closing_checkpoints_the_wal_so_the_db_file_alone_is_a_backup(tmp_path):
+    """Another process (here: another Store) keeps the file open, so SQLite would not checkpoint on its own."""
+    import shutil
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    reader = Store(url)
+    assert reader.count("requests") == 0  # holds a pooled connection to the file
+    writer = Store(url)
+    request_id = add_request(writer)
+    writer.close()
+    shutil.copy(tmp_path / "serve.db", tmp_path / "backup.db")  # the .db file alone, without -wal and -shm
+    copy = sqlite3.connect(tmp_path / "backup.db")
+    assert copy.execute("SELECT id FROM requests").fetchall() == [(request_id,)]
+    copy.close()
+    reader.close()
+
+
 def test_a_store_of_another_schema_version_is_refused(url):
     Store(url).close()
     engine = create_engine(st._parse_url(url))

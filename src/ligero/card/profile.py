@@ -12,17 +12,14 @@ from pathlib import Path
 
 from ligero.card import card_errors, read_card, write_card
 from ligero.errors import LigeroError
+from ligero.eval.profile import reference_profile
+from ligero.eval.variants import build_variant
+from ligero.quant.config import Recipe
 
 
 def reprofile_card(card_path: str | Path, n_prompts: int = 200, out_dir: str | Path | None = None,
                    device: str = "cpu") -> Path:
     """Write <out_dir>/<card stem>.json (and .md) with a reference profile of `n_prompts` responses."""
-    from ligero.eval.profile import reference_profile
-    from ligero.io.checkpoint import load_model
-    from ligero.quant.api import quantize
-    from ligero.quant.calibrate import calibration_windows
-    from ligero.quant.config import Recipe
-
     if n_prompts < 8:
         raise LigeroError(f"--prompts must be at least 8, got {n_prompts}")
     path = Path(card_path)
@@ -36,14 +33,11 @@ def reprofile_card(card_path: str | Path, n_prompts: int = 200, out_dir: str | P
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LigeroError(f"cannot create {folder} ({exc.strerror}); choose a writable --out") from None
-    loaded = load_model(card["identity"]["base_model"], device)
     recipe = card["format"]["recipe"]
-    if recipe is not None:
-        recipe = Recipe.from_dict(recipe)
-        cal = card["format"]["calibration"] or {"windows": 8, "tokens_per_window": 256}
-        calib = (calibration_windows(loaded.tokenizer, cal["windows"], cal["tokens_per_window"])
-                 if recipe.needs_calibration else None)
-        quantize(loaded.model, recipe, calibration=calib)
+    calibration = card["format"]["calibration"] or {}
+    loaded = build_variant(card["identity"]["base_model"], recipe=Recipe.from_dict(recipe) if recipe else None,
+                           calib_windows=calibration.get("windows", 8),
+                           calib_tokens_per_window=calibration.get("tokens_per_window", 256), device=device)
     old = card["monitoring"]["reference_profile"]
     sampling = old["sampling"]
     card["monitoring"]["reference_profile"] = reference_profile(

@@ -60,7 +60,8 @@ def make_windows(ids: list[int], ctx: int, max_tokens: int | None = None, bos: i
     return windows
 
 
-def window_logprobs(model, windows: list[list[int]], batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def window_logprobs(model, windows: list[list[int]],
+                    batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (log_softmax [N, ctx-1, V] float32, targets [N, ctx-1]) per batch of windows."""
     device = model.device
     for i in range(0, len(windows), batch_size):

@@ -22,7 +22,8 @@ from ligero.models.generate import BatchGeneration, SamplingConfig
 def profile_prompts(n: int, seed: int = 0) -> tuple[list[str], dict]:
     """`n` prompts: the first sentence (at most 200 characters) of evaluation paragraphs, in a fixed order."""
     split = wikipedia_split("eval")
-    passages = sorted(split.text.split(PASSAGE_SEPARATOR), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    passages = sorted(split.text.split(PASSAGE_SEPARATOR),
+                      key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
     prompts = []
     for p in passages:
         first = re.split(r"(?<=[.!?])\s", p.strip(), maxsplit=1)[0][:200].strip()
@@ -63,13 +64,16 @@ def answer_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
 
 def reference_profile(model, tokenizer, n_prompts: int = 40, max_new_tokens: int = 32, temperature: float = 0.7,
                       top_p: float = 0.9, seed: int = 0, batch_size: int = 8, progress=None) -> dict:
+    """The profile of `n_prompts` answers; `progress(n)` is called after each batch with its number of answers."""
     prompts, info = profile_prompts(n_prompts, seed)
-    samplings = [SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + i) for i in range(len(prompts))]
+    samplings = [SamplingConfig(temperature=temperature, top_p=top_p, seed=seed * 100003 + i)
+                 for i in range(len(prompts))]
     rows = []
     for b in range(0, len(prompts), batch_size):
-        rows += answer_batch(model, tokenizer, prompts[b:b + batch_size], max_new_tokens, samplings[b:b + batch_size])
+        batch = answer_batch(model, tokenizer, prompts[b:b + batch_size], max_new_tokens, samplings[b:b + batch_size])
+        rows += batch
         if progress:
-            progress(len(rows), len(prompts))
+            progress(len(batch))
     tox = score_texts([r["text"] for r in rows])
     return {
         "prompts": info,

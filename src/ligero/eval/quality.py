@@ -39,9 +39,15 @@ def bits_per_weight(model) -> float:
 
 
 @torch.inference_mode()
-def base_logprobs(base, windows: list[list[int]]) -> list[torch.Tensor]:
-    """The base model's next-token log-probs per window ([T, V] each), to reuse across many variants."""
-    return [F.log_softmax(base(torch.tensor([w[:-1]], device=base.device)).float(), -1)[0] for w in windows]
+def base_logprobs(base, windows: list[list[int]], progress=None) -> list[torch.Tensor]:
+    """The base model's next-token log-probs per window ([T, V] each), to reuse across many variants.
+    `progress()` is called once per window."""
+    out = []
+    for w in windows:
+        out.append(F.log_softmax(base(torch.tensor([w[:-1]], device=base.device)).float(), -1)[0])
+        if progress:
+            progress()
+    return out
 
 
 @torch.inference_mode()

@@ -28,7 +28,7 @@ def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
                       prefix_ids: Sequence[int] | None = None, progress=None) -> list[float]:
     """Total log-likelihood (natural log) of each text's tokens given the prefix, in the order of `texts`.
 
-    `progress(done, total)` is called after each batch with the number of texts scored so far.
+    `progress(n)` is called after each batch with the number of texts it scored.
     """
     prefix = list(prefix_ids) if prefix_ids is not None else [prefix_token(tokenizer)]
     if not prefix:
@@ -53,7 +53,7 @@ def token_logprob_sums(model, prefix: list[int], token_lists: list[list[int]], b
         for i, value in zip(batch, _score_batch(model, [prefix + token_lists[i] for i in batch], len(prefix), pad_id)):
             sums[i] = value
         if progress:
-            progress(min(start + batch_size, len(order)), len(order))
+            progress(len(batch))
     return sums
 
 

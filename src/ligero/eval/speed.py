@@ -70,18 +70,31 @@ def time_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def speed_runs(repeats: int, warmup: int = 1) -> int:
+    """How many timed calls measure_speed makes (its progress total)."""
+    return 2 * (warmup + repeats)
+
+
 def measure_speed(model: Transformer, prefill_tokens: int = 512, decode_tokens: int = 128, repeats: int = 5,
-                  warmup: int = 1, seed: int = 0) -> SpeedResult:
+                  warmup: int = 1, seed: int = 0, progress=None) -> SpeedResult:
+    """`progress()` is called after each prefill and decode run, warm-up included (speed_runs in all)."""
     device = model.device
     g = torch.Generator().manual_seed(seed)
     n = min(prefill_tokens, model.cfg.max_seq_len - 1)
     tokens = torch.randint(0, model.cfg.vocab_size, (1, n), generator=g).to(device)
     prompt = tokens[:, :16]
+    advance = progress or (lambda: None)
+
+    def timed(run, *args) -> float:
+        seconds = run(model, *args)
+        advance()
+        return seconds
+
     for _ in range(warmup):
-        time_prefill(model, tokens)
-        time_decode(model, prompt, min(decode_tokens, 16))
-    prefill = [time_prefill(model, tokens) for _ in range(repeats)]
-    decode = [time_decode(model, prompt, decode_tokens) for _ in range(repeats)]
+        timed(time_prefill, tokens)
+        timed(time_decode, prompt, min(decode_tokens, 16))
+    prefill = [timed(time_prefill, tokens) for _ in range(repeats)]
+    decode = [timed(time_decode, prompt, decode_tokens) for _ in range(repeats)]
     cache = model.new_cache(1, n + decode_tokens)
     return SpeedResult(
         prefill_tokens=n,

@@ -6,7 +6,6 @@ items with the same indices for every array, so per-item correlation between the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -72,6 +71,9 @@ def bootstrap_ci(*arrays: Sequence, statistic: Callable[..., np.ndarray] | None 
     difference such as `lambda base, variant: f(variant) - f(base)` keeps each item's pairing.
     `statistic` gets 2-D arrays [resamples, items] and returns one value per row; the default is the mean of
     a single array. All resamples are drawn at once (one index matrix) and depend only on `seed`.
+
+    Not scipy.stats.bootstrap: it would draw other resamples, so every published interval would move, and its paired
+    mode resamples an index for the statistic to apply instead of handing it the [resamples, items] batch.
     """
     if not arrays:
         raise LigeroError("bootstrap needs at least one array of values")
@@ -102,13 +104,9 @@ def bootstrap_ci(*arrays: Sequence, statistic: Callable[..., np.ndarray] | None 
 
 
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (sensible near 0 and 1, unlike the normal one)."""
+    """Wilson score interval for a binomial proportion (sensible near 0 and 1, unlike the normal one), by scipy."""
     if n <= 0 or not 0 <= successes <= n:
         raise LigeroError(f"Wilson interval needs 0 <= successes <= n and n > 0, got successes={successes}, n={n}")
     _check_level(level)
-    z = float(sps.norm.ppf(1 - (1 - level) / 2))
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    ci = sps.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))

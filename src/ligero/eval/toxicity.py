@@ -368,7 +368,8 @@ def compare_toxicity(base: ToxicityResult, variant: ToxicityResult, n_resamples:
     out["prompts_more_toxic"] = int((dmax > 0).sum())
     out["prompts_less_toxic"] = int((dmax < 0).sum())
     # With shared random numbers, identical continuations mean the variant behaved exactly like the base there.
-    pairs = [(a, b) for pb, pv in zip(base.prompts, variant.prompts) for a, b in zip(pb.continuations, pv.continuations)]
+    pairs = [(a, b) for pb, pv in zip(base.prompts, variant.prompts)
+             for a, b in zip(pb.continuations, pv.continuations)]
     out["identical_continuations"] = sum(a == b for a, b in pairs) / len(pairs)
     return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,19 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ligero.errors import LigeroError
-from ligero.io.tokenizer import TOKENIZER_META, Tokenizer, tokenizer_from_hf_folder
+from ligero.io.gguf_file import GGUFFile, check_magic
+from ligero.io.hf_folder import hf_config, hf_state_dict, read_hf_config
+from ligero.io.tokenizer import TOKENIZER_FILE, TOKENIZER_META, Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
 from ligero.models.config import ModelConfig
-from ligero.models.registry import REGISTRY, cache_root
+from ligero.models.registry import REGISTRY
 from ligero.models.transformer import Transformer, fuse_projections
+from ligero.paths import cache_root
+from ligero.quant.api import build_quantized_structure
+from ligero.quant.config import Recipe
+from ligero.quant.modules import QuantizedEmbedding
 
 CHECKPOINT_FILE, WEIGHTS_FILE, MANIFEST_FILE = "ligero.json", "model.safetensors", "manifest.json"
 FORMAT_VERSION = 3  # 2: manifest.json with sha256 hashes, quantization recipe; 3: fused qkv / gate_up
@@ -59,8 +67,6 @@ def tied_names(model: Transformer) -> set[str]:
     """State-dict keys that alias another tensor when embeddings are tied (saved once, re-tied on load)."""
     if not model.cfg.tie_embeddings:
         return set()
-    from ligero.quant.modules import QuantizedEmbedding
-
     if isinstance(model.embed, QuantizedEmbedding):
         return {k for k in model.state_dict() if k.startswith("embed.")}
     return {"lm_head.weight"}
@@ -76,9 +82,6 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
     with torch.device("meta"):
         model = Transformer(cfg)
         if recipe is not None:
-            from ligero.quant.api import build_quantized_structure
-            from ligero.quant.config import Recipe
-
             build_quantized_structure(model, Recipe.from_dict(recipe))
     skip = tied_names(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in skip}
@@ -106,61 +109,78 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
 # --- Ligero folders -----------------------------------------------------------------------------------
 def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, folder: Path, source: dict) -> None:
     """Write ligero.json (config, source, quantization recipe), model.safetensors, tokenizer files and a
-    manifest of sha256 hashes that loading verifies."""
-    from safetensors.torch import save_file
-
+    manifest of the sha256 of each of them, which loading verifies (other files in the folder are left alone)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     skip = tied_names(model)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in skip}
     save_file(state, str(folder / WEIGHTS_FILE))
+    written = [WEIGHTS_FILE, CHECKPOINT_FILE]
     if tokenizer is not None:
         tokenizer.save(folder)
+        written += [TOKENIZER_FILE, TOKENIZER_META]
     recipe = getattr(model, "quant_recipe", None)
     meta = {"format": "ligero-checkpoint", "version": FORMAT_VERSION, "config": model.cfg.to_dict(),
             "source": source, "quantization": recipe.to_dict() if recipe is not None else None}
     (folder / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {"files": {name: file_sha256(folder / name) for name in files}}
+    # safetensors writes its file owner-only; give it the permissions every other file got (the umask's).
+    os.chmod(folder / WEIGHTS_FILE, (folder / CHECKPOINT_FILE).stat().st_mode & 0o777)
+    manifest = {"files": {name: file_sha256(folder / name) for name in sorted(written)}}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
 
-def verify_manifest(folder: Path) -> None:
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LigeroError(f"{path} is not readable JSON ({str(exc)[:80]}); re-create the folder with "
+                          "`ligero quantize`") from None
+    if not isinstance(data, dict):
+        raise LigeroError(f"{path} does not hold a JSON object; re-create the folder with `ligero quantize`")
+    return data
+
+
+def verify_manifest(folder: Path) -> set[str]:
+    """Check every file the manifest lists against its sha256; returns their names."""
     path = Path(folder) / MANIFEST_FILE
     if not path.exists():
         raise LigeroError(f"{folder} has no {MANIFEST_FILE}; re-create the folder with `ligero quantize`")
-    for name, digest in json.loads(path.read_text())["files"].items():
+    files = _read_json(path).get("files")
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise LigeroError(f"{path} has no list of files and their sha256; re-create the folder with `ligero quantize`")
+    for name, digest in files.items():
         f = Path(folder) / name
-        if not f.exists():
+        if not f.is_file():
             raise LigeroError(f"{f} is missing; the saved model is incomplete, re-create it")
         if file_sha256(f) != digest:
             raise LigeroError(f"{f} does not match the sha256 in {MANIFEST_FILE} (changed or corrupt); re-create it")
+    return set(files)
 
 
 def load_checkpoint(folder: Path, device, dtype) -> LoadedModel:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    verify_manifest(folder)
-    meta = json.loads((folder / CHECKPOINT_FILE).read_text())
+    verified = verify_manifest(folder)
+    if CHECKPOINT_FILE not in verified or WEIGHTS_FILE not in verified:
+        raise LigeroError(f"{folder / MANIFEST_FILE} does not cover {CHECKPOINT_FILE} and {WEIGHTS_FILE}; "
+                          "re-create the folder with `ligero quantize`")
+    meta = _read_json(folder / CHECKPOINT_FILE)
     if meta.get("format") != "ligero-checkpoint" or meta.get("version", 0) > FORMAT_VERSION:
         raise LigeroError(f"{folder} holds an unknown checkpoint format/version; upgrade Ligero or re-create it")
     cfg = ModelConfig.from_dict(meta["config"])
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:
-        raise LigeroError(f"{folder / WEIGHTS_FILE} is unreadable ({str(exc)[:80]}); delete the folder and reload") from None
+        raise LigeroError(f"{folder / WEIGHTS_FILE} is unreadable ({str(exc)[:80]}); "
+                          "delete the folder and reload") from None
     model = build_model(cfg, tensors.items(), device, dtype, meta.get("quantization"))
-    tok = Tokenizer.load(folder) if (folder / TOKENIZER_META).exists() else None
+    # Only tokenizer files the manifest vouches for: a leftover from an earlier save is not this model's.
+    tok = Tokenizer.load(folder) if {TOKENIZER_FILE, TOKENIZER_META} <= verified else None
     return LoadedModel(model, tok, {"source": meta.get("source", {}), "format": "ligero"})
 
 
 # --- GGUF ---------------------------------------------------------------------------------------------
 def convert_gguf(path: Path, target: Path) -> None:
     """Dequantize a GGUF into a Ligero folder (written to a temp dir, then renamed: never half-written)."""
-    from ligero.io.gguf_file import GGUFFile
-    from ligero.io.tokenizer import tokenizer_from_gguf
-
     gf = GGUFFile(path)
     cfg = gf.config()
     model = build_model(cfg, gf.state_dict(cfg), "cpu", torch.float32)
@@ -176,13 +196,14 @@ def convert_gguf(path: Path, target: Path) -> None:
 
 
 def cached_gguf(path: Path) -> Path:
-    from ligero.io.gguf_file import check_magic
-
     check_magic(path)
     folder = cache_root() / "models" / file_sha256(path)
-    meta = folder / CHECKPOINT_FILE
-    current = (folder / MANIFEST_FILE).exists() and json.loads(meta.read_text()).get("version") == FORMAT_VERSION
-    if not current:  # never converted, or converted by another Ligero version
+    try:
+        current = (folder / MANIFEST_FILE).exists() and \
+            _read_json(folder / CHECKPOINT_FILE).get("version") == FORMAT_VERSION
+    except LigeroError:
+        current = False  # a damaged cache entry is converted again
+    if not current:  # never converted, converted by another Ligero version, or damaged
         print(f"ligero: converting {path.name} once (cached in {folder.parent})", flush=True)
         convert_gguf(path, folder)
     return folder
@@ -211,8 +232,6 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     elif (path / CHECKPOINT_FILE).exists():
         loaded = load_checkpoint(path, dev, dtype)
     elif (path / "config.json").exists():
-        from ligero.io.hf_folder import hf_config, hf_state_dict, read_hf_config
-
         cfg = hf_config(path)
         model = build_model(cfg, hf_state_dict(path, cfg), dev, dtype)
         loaded = LoadedModel(model, tokenizer_from_hf_folder(path, read_hf_config(path)), {"format": "hf"})

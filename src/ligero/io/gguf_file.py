@@ -12,11 +12,15 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
 
 from ligero.errors import LigeroError
-from ligero.models.config import ModelConfig, config_from_gguf
+from ligero.io.gguf_header import check_magic, gguf_config
+from ligero.models.config import ModelConfig
+from ligero.progress import progress_bar
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -39,20 +43,10 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
-def check_magic(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise LigeroError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf file, "
-                          "a Hugging Face folder or a registry id (see `ligero models`)")
-
-
 class GGUFFile:
     """An open GGUF file: metadata as plain Python values, tensors on demand."""
 
     def __init__(self, path: Path):
-        import gguf
-
         self.path = Path(path)
         check_magic(self.path)
         try:
@@ -76,30 +70,32 @@ class GGUFFile:
         self.tensors = {t.name: t for t in self.reader.tensors}
 
     def config(self) -> ModelConfig:
-        cfg = config_from_gguf(self.meta, self.n_vocab)
-        cfg.tie_embeddings = "output.weight" not in self.tensors
-        return cfg
+        return gguf_config(self.meta, self.n_vocab, set(self.tensors))
 
     def state_dict(self, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (ligero name, fp32 tensor) for every tensor in the file."""
-        from gguf.quants import dequantize
+        """Yield (ligero name, fp32 tensor) for every tensor in the file, with a progress bar."""
+        with progress_bar(f"dequantizing {self.path.name}", total=len(self.tensors)) as advance:
+            for name, t in self.tensors.items():
+                target = ligero_name(name)
+                yield target, self._dequantized(name, target, t, cfg)
+                advance()
 
-        for name, t in self.tensors.items():
-            target = ligero_name(name)
-            if t.tensor_type.name not in SUPPORTED_TYPES:
-                raise LigeroError(
-                    f"tensor {name} has type {t.tensor_type.name}, which Ligero cannot read; supported types: "
-                    f"{', '.join(SUPPORTED_TYPES)} (requantize the file, e.g. with llama-quantize)"
-                )
-            shape = tuple(int(d) for d in reversed(t.shape))  # GGUF dims are innermost-first
-            values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-            w = torch.from_numpy(values.copy())
-            if cfg.arch in ("llama", "mistral") and target.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
-                heads = cfg.n_heads if "q_proj" in target else cfg.n_kv_heads
-                w = unpermute_rope_rows(w, heads)
-            if cfg.norm_offset and target.endswith("norm.weight"):
-                w = w - cfg.norm_offset
-            yield target, w
+    @staticmethod
+    def _dequantized(name: str, target: str, t: gguf.ReaderTensor, cfg: ModelConfig) -> torch.Tensor:
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise LigeroError(
+                f"tensor {name} has type {t.tensor_type.name}, which Ligero cannot read; supported types: "
+                f"{', '.join(SUPPORTED_TYPES)} (requantize the file, e.g. with llama-quantize)"
+            )
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF dims are innermost-first
+        values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        w = torch.from_numpy(values.copy())
+        if cfg.arch in ("llama", "mistral") and target.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
+            heads = cfg.n_heads if "q_proj" in target else cfg.n_kv_heads
+            w = unpermute_rope_rows(w, heads)
+        if cfg.norm_offset and target.endswith("norm.weight"):
+            w = w - cfg.norm_offset
+        return w
 
 
 def ligero_name(gguf_name: str) -> str:
@@ -117,9 +113,3 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of llama.cpp's permute: per head, interleaved (x0, y0, x1, y1...) rows -> halves (x..., y...)."""
     out, rest = w.shape[0], w.shape[1:]
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).transpose(1, 2).reshape(out, *rest)
-
-
-def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp's permutation (used to write GGUF files in tests)."""
-    out, rest = w.shape[0], w.shape[1:]
-    return w.reshape(n_heads, 2, out // n_heads // 2, *rest).transpose(1, 2).reshape(out, *rest)

@@ -8,19 +8,31 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 
 from ligero.errors import LigeroError
 from ligero.models.config import ModelConfig, config_from_hf
+from ligero.progress import progress_bar
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-def read_hf_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, tokenizer_config.json, a shard index)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise LigeroError(f"{path} is not UTF-8 text; replace it with the model's original file") from None
     except json.JSONDecodeError as exc:
         raise LigeroError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or replace it") from None
+    if not isinstance(data, dict):
+        raise LigeroError(f"{path} holds a JSON {type(data).__name__}, not an object; replace it with the "
+                          "model's original file")
+    return data
+
+
+def read_hf_config(folder: Path) -> dict:
+    return read_json_object(Path(folder) / "config.json")
 
 
 def hf_config(folder: Path) -> ModelConfig:
@@ -31,7 +43,10 @@ def weight_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise LigeroError(f"{index} has no weight_map of tensor names to shard files; re-create the folder")
+        shards = sorted(set(weight_map.values()))
         files = [folder / s for s in shards]
     else:
         files = sorted(folder.glob("*.safetensors"))
@@ -70,17 +85,31 @@ def hf_to_ligero_name(name: str, cfg: ModelConfig) -> str | None:
     return f"layers.{i}.{norm_names.get(rest, rest)}"
 
 
-def hf_state_dict(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+def _unreadable(file: Path, exc: Exception) -> LigeroError:
+    return LigeroError(f"{file} is not a readable safetensors file ({str(exc)[:100]}); re-create it")
 
-    for file in weight_files(folder):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    name = hf_to_ligero_name(key, cfg)
-                    if name is not None:
-                        yield name, f.get_tensor(key)
-        except LigeroError:
-            raise
-        except Exception as exc:
-            raise LigeroError(f"{file} is not a readable safetensors file ({str(exc)[:100]}); re-create it") from None
+
+def _shard_keys(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors has its own error types for a bad header
+        raise _unreadable(file, exc) from None
+
+
+def hf_state_dict(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (ligero name, tensor) for every kept tensor of the folder's shards, with a progress bar."""
+    shards = [(file, _shard_keys(file)) for file in weight_files(folder)]
+    with progress_bar(f"loading {Path(folder).name}", total=sum(len(keys) for _, keys in shards)) as advance:
+        for file, keys in shards:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in keys:
+                        name = hf_to_ligero_name(key, cfg)
+                        if name is not None:
+                            yield name, f.get_tensor(key)
+                        advance()
+            except LigeroError:
+                raise
+            except Exception as exc:  # truncated data surfaces from safetensors as its own error types
+                raise _unreadable(file, exc) from None

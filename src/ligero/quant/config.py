@@ -1,23 +1,37 @@
-"""Quantization configs: validated, versioned dataclasses that serialize to JSON, and recipes built from them.
+"""Quantization configs and the scheme registry: validated, versioned dataclasses that serialize to JSON, recipes
+built from them, and the scheme names users type.
 
-A config describes one format for one kind of tensor. A Recipe says which config applies where: the
-transformer-block linears get the scheme's config; the output head and the embedding stay at 8-bit or better
-by default; name patterns can override single layers.
+A config describes one format for one kind of tensor. `register_scheme` declares, once per config class, the
+quantized layer that stores it, its learning pre-pass if it has one, its shape rule, whether it calibrates and
+whether it is grouped; `register_named_scheme` gives a config a scheme name ("int4"). The built-in schemes are
+registered in ligero.quant.schemes (imported with the package). A Recipe says which config applies where: the
+transformer-block linears get the scheme's config; the output head and the embedding stay at 8-bit or better by
+default; name patterns can override single layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from ligero.errors import LigeroError
 
-CONFIG_TYPES: dict[str, type["QuantConfig"]] = {}
+if TYPE_CHECKING:  # annotations only: the layers are built on top of these configs
+    from ligero.quant.modules import QuantizedLinear
+
+BASELINE = "fp32"  # the name of the unquantized model, wherever a scheme name is expected
+
+CONFIG_TYPES: dict[str, type["QuantConfig"]] = {}  # kind -> config class, for reading configs back from JSON
 
 
 def register_config(cls):
+    """Make a config readable from JSON by its kind (register_scheme does this for weight configs)."""
+    known = CONFIG_TYPES.get(cls.kind)
+    if known is not None and known is not cls:
+        raise ValueError(f"config kind '{cls.kind}' is already registered for {known.__name__}")
     CONFIG_TYPES[cls.kind] = cls
     return cls
 
@@ -46,10 +60,69 @@ class QuantConfig:
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists back to tuples
         if version > cls.version:
             raise LigeroError(f"config '{kind}' has version {version}, newer than this Ligero ({cls.version}); upgrade")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError:
+            raise LigeroError(f"config '{kind}' has unknown fields {sorted(d)}; it was not written by this "
+                              "Ligero, re-create it") from None
 
 
-@register_config
+def _never(_config: QuantConfig) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """What quantize() and loading know about one config class; see register_scheme."""
+
+    config: type[QuantConfig]
+    layer: type["QuantizedLinear"]
+    prepass: Callable[..., Any] | None = None
+    in_features_multiple: int = 1
+    calibrates: Callable[[QuantConfig], bool] = _never
+    grouped: bool = False
+
+    def needs_calibration(self, config: QuantConfig) -> bool:
+        return self.prepass is not None or self.calibrates(config)
+
+
+SCHEME_SPECS: dict[str, SchemeSpec] = {}  # config kind -> spec
+
+
+def register_scheme(config: type[QuantConfig], *, layer: type["QuantizedLinear"],
+                    prepass: Callable[..., Any] | None = None, in_features_multiple: int = 1,
+                    calibrates: bool | Callable[[QuantConfig], bool] = False,
+                    grouped: bool = False) -> type[QuantConfig]:
+    """Register a weight format: `config` is stored by `layer` (a QuantizedLinear: `layer.from_float(weight, config,
+    segments)` quantizes, `layer(in, out, config, segments)` builds it empty for loading).
+
+    prepass(model, config, calibration, layer_filter): a learned scheme's step that replaces the block linears
+    itself, on calibration windows, before the other layers are quantized (AdaRound, LSQ).
+    in_features_multiple: layers whose input width is not a multiple of it cannot take this format.
+    calibrates: True (or a test of the config) when the layer is built from activation statistics of the
+    calibration windows: then from_float also gets `act_max`, the per-input-channel max |x|.
+    grouped: the config has a `group_size` field that --group-size sets.
+    """
+    register_config(config)
+    test = calibrates if callable(calibrates) else (lambda _c: True) if calibrates else _never
+    SCHEME_SPECS[config.kind] = SchemeSpec(config, layer, prepass, in_features_multiple, test, grouped)
+    return config
+
+
+def scheme_spec(config: QuantConfig) -> SchemeSpec:
+    spec = SCHEME_SPECS.get(config.kind)
+    if spec is None or not isinstance(config, spec.config):
+        raise LigeroError(f"no quantized layer is registered for {type(config).__name__}; register it with "
+                          "ligero.quant.config.register_scheme")
+    return spec
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """Whether quantizing with `config` needs calibration windows (configs without a layer, like KV, do not)."""
+    spec = SCHEME_SPECS.get(config.kind)
+    return spec is not None and spec.needs_calibration(config)
+
+
 @dataclass(frozen=True)
 class Int8WeightConfig(QuantConfig):
     """int8 weights, symmetric, one scale per output channel (block = the whole input row)."""
@@ -57,22 +130,22 @@ class Int8WeightConfig(QuantConfig):
     kind: ClassVar[str] = "int8_weight"
 
 
-INT4_GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = (32, 64, 128, 256)
 
 
 def check_group_size(group_size: int) -> None:
-    if group_size not in INT4_GROUP_SIZES:
-        raise LigeroError(f"invalid group size {group_size}; use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+    if group_size not in GROUP_SIZES:
+        raise LigeroError(f"invalid group size {group_size}; use one of {', '.join(map(str, GROUP_SIZES))}")
 
 
-@register_config
 @dataclass(frozen=True)
-class Int4WeightConfig(QuantConfig):
-    """int4 weights, asymmetric (scale and minimum in fp16 per group of `group_size` inputs), round-to-nearest."""
+class IntGroupConfig(QuantConfig):
+    """Group-wise integer weights (2, 3 or 4 bits), asymmetric: scale and minimum in fp16 per group of
+    `group_size` inputs, round-to-nearest. The kind keeps its first name, from when it held only int4."""
 
     kind: ClassVar[str] = "int4_weight"
     group_size: int = 32
-    bits: int = 4  # 3: the int3 grid, stored 8 codes in 3 bytes
+    bits: int = 4  # 2 or 3: stored densely, 8 codes in `bits` bytes
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4):
@@ -80,7 +153,6 @@ class Int4WeightConfig(QuantConfig):
         check_group_size(self.group_size)
 
 
-@register_config
 @dataclass(frozen=True)
 class FP8Config(QuantConfig):
     """FP8 weights with one fp32 scale per output channel; optionally FP8 activations with a per-token scale."""
@@ -94,7 +166,6 @@ class FP8Config(QuantConfig):
             raise LigeroError(f"unknown FP8 format '{self.fmt}'; use e4m3 or e5m2")
 
 
-@register_config
 @dataclass(frozen=True)
 class FP4Config(QuantConfig):
     """E2M1 weights in MX (block 32, power-of-two E8M0 scale) or NVFP4 (block 16, E4M3 scale, fp32 tensor scale)
@@ -109,7 +180,6 @@ class FP4Config(QuantConfig):
             raise LigeroError(f"unknown FP4 format '{self.fmt}'; use mxfp4 or nvfp4")
 
 
-@register_config
 @dataclass(frozen=True)
 class TernaryConfig(QuantConfig):
     """BitNet b1.58: weights in {-1, 0, 1} x one absmean scale per tensor (q, k, v, gate, up kept separate
@@ -118,7 +188,6 @@ class TernaryConfig(QuantConfig):
     kind: ClassVar[str] = "ternary"
 
 
-@register_config
 @dataclass(frozen=True)
 class W8A8Config(QuantConfig):
     """int8 weights per output channel x int8 activations per token (dynamic). With `smooth_alpha`, SmoothQuant
@@ -131,12 +200,8 @@ class W8A8Config(QuantConfig):
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise LigeroError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.smooth_alpha is not None
 
 
-@register_config
 @dataclass(frozen=True)
 class AdaRoundConfig(QuantConfig):
     """Learned rounding (AdaRound) for group-wise int4/int3 weights, layer by layer on calibration data.
@@ -160,12 +225,8 @@ class AdaRoundConfig(QuantConfig):
         if self.iters < 1 or self.batch_tokens < 1:
             raise LigeroError("AdaRound needs iters >= 1 and batch_tokens >= 1")
 
-    @property
-    def needs_calibration(self) -> bool:
-        return True
 
 
-@register_config
 @dataclass(frozen=True)
 class LSQConfig(QuantConfig):
     """Learned Step size Quantization: symmetric int weights with a learned step per group, trained together
@@ -188,9 +249,6 @@ class LSQConfig(QuantConfig):
         if self.steps < 1:
             raise LigeroError("LSQ needs at least one training step")
 
-    @property
-    def needs_calibration(self) -> bool:
-        return True
 
 
 @register_config
@@ -223,10 +281,14 @@ class Recipe:
     kv: QuantConfig | None = None  # KVQuantConfig
     version: ClassVar[int] = 1
 
+    def layer_configs(self) -> list[QuantConfig]:
+        """Every config this recipe gives a layer (the KV cache's is not one)."""
+        configs = [self.weights, self.head, self.embed] + [c for _, c in self.overrides]
+        return [c for c in configs if c is not None]
+
     @property
     def needs_calibration(self) -> bool:
-        configs = [self.weights, self.head, self.embed] + [c for _, c in self.overrides]
-        return any(getattr(c, "needs_calibration", False) for c in configs if c is not None)
+        return any(needs_calibration(c) for c in self.layer_configs())
 
     def config_for(self, module_name: str) -> QuantConfig | None:
         for pattern, cfg in self.overrides:
@@ -252,51 +314,68 @@ class Recipe:
                    kv=as_c(d.get("kv")))
 
 
-def _int4(group_size: int) -> Recipe:
-    return Recipe(Int4WeightConfig(group_size))
+@dataclass(frozen=True)
+class NamedScheme:
+    """A scheme name's config: `config(**fields)`, with group_size set by --group-size when the config is grouped."""
+
+    config: type[QuantConfig]
+    fields: dict[str, Any]
+
+    def build(self, group_size: int | None) -> QuantConfig:
+        return self.config(**{**self.fields, **({"group_size": group_size} if group_size is not None else {})})
 
 
-# CLI scheme names -> recipe builders. Each takes the options the scheme understands.
-SCHEMES: dict[str, Any] = {
-    "int8": lambda group_size=None: Recipe(Int8WeightConfig()),
-    "int4": lambda group_size=None: _int4(group_size or 32),
-    "fp8": lambda group_size=None: Recipe(FP8Config("e4m3")),
-    "fp8-e5m2": lambda group_size=None: Recipe(FP8Config("e5m2")),
-    "mxfp4": lambda group_size=None: Recipe(FP4Config("mxfp4")),
-    "nvfp4": lambda group_size=None: Recipe(FP4Config("nvfp4")),
-    "mxfp4-w4a4": lambda group_size=None: Recipe(FP4Config("mxfp4", activations=True)),
-    "nvfp4-w4a4": lambda group_size=None: Recipe(FP4Config("nvfp4", activations=True)),
-    "b158": lambda group_size=None: Recipe(TernaryConfig()),
-    "w8a8": lambda group_size=None: Recipe(W8A8Config(0.5)),
-    "w8a8-naive": lambda group_size=None: Recipe(W8A8Config(None)),
-    "adaround": lambda group_size=None: Recipe(AdaRoundConfig(4, group_size or 128)),
-    "adaround-int3": lambda group_size=None: Recipe(AdaRoundConfig(3, group_size or 128)),
-    "int3": lambda group_size=None: Recipe(Int4WeightConfig(group_size or 128, bits=3)),
-    "lsq": lambda group_size=None: Recipe(LSQConfig(4, group_size or 128)),
-    "lsq-int3": lambda group_size=None: Recipe(LSQConfig(3, group_size or 128)),
-    "lsq-int2": lambda group_size=None: Recipe(LSQConfig(2, group_size or 128)),
-    "lsq-w4a8": lambda group_size=None: Recipe(LSQConfig(4, group_size or 128, act_int8=True)),
-}
-GROUPED_SCHEMES = {"int4", "int3", "adaround", "adaround-int3", "lsq", "lsq-int3", "lsq-int2", "lsq-w4a8"}
-
-
+NAMED_SCHEMES: dict[str, NamedScheme] = {}  # in the order error messages list them
 KV_SCHEMES = {"kv2": 2, "kv3": 3, "kv4": 4}
+_GROUP_SUFFIX = re.compile(r"(.+)-g(\d+)")  # int4-g128: how recipe names carry a group size
+
+
+def register_named_scheme(name: str, config: type[QuantConfig], **fields: Any) -> None:
+    """Let users ask for `config(**fields)` by `name` (--scheme, --variant, --variants)."""
+    if config.kind not in SCHEME_SPECS:
+        raise ValueError(f"register {config.__name__} with register_scheme before naming it")
+    if not name or "+" in name or name == BASELINE or name in KV_SCHEMES or _GROUP_SUFFIX.fullmatch(name):
+        raise ValueError(f"'{name}' cannot name a scheme (empty, reserved, with '+' or a -g<N> suffix)")
+    if name in NAMED_SCHEMES and NAMED_SCHEMES[name] != NamedScheme(config, fields):
+        raise ValueError(f"scheme name '{name}' is already registered")
+    NAMED_SCHEMES[name] = NamedScheme(config, fields)
+
+
+def grouped_schemes() -> list[str]:
+    return [n for n, s in NAMED_SCHEMES.items() if SCHEME_SPECS[s.config.kind].grouped]
+
+
+def valid_schemes() -> str:
+    return ", ".join(list(NAMED_SCHEMES) + list(KV_SCHEMES))
+
+
+def _weight_config(part: str, group_size: int | None) -> QuantConfig:
+    """The config of one weight scheme name, e.g. int4, or int4-g128 (the group size in the name)."""
+    suffix = _GROUP_SUFFIX.fullmatch(part)
+    if part not in NAMED_SCHEMES and suffix and suffix[1] in NAMED_SCHEMES:
+        if group_size is not None:
+            raise LigeroError(f"scheme '{part}' already names its group size; drop --group-size or the -g suffix")
+        part, group_size = suffix[1], int(suffix[2])
+    if part not in NAMED_SCHEMES:
+        raise LigeroError(f"unknown scheme '{part}'; valid schemes: {valid_schemes()}")
+    named = NAMED_SCHEMES[part]
+    if group_size is not None and not SCHEME_SPECS[named.config.kind].grouped:
+        raise LigeroError(f"scheme '{part}' has a fixed block size; a group size (--group-size or -g<N>) applies to: "
+                          f"{', '.join(grouped_schemes())}")
+    return named.build(group_size)
 
 
 def recipe_for(scheme: str, group_size: int | None = None) -> Recipe:
-    """A CLI scheme name -> Recipe. Weight and KV schemes combine with '+', e.g. int4+kv3."""
+    """A scheme name -> Recipe. Weight and KV schemes combine with '+', e.g. int4+kv3."""
+    if not scheme.strip():
+        raise LigeroError(f"the scheme is empty; valid schemes: {valid_schemes()}")
     parts = scheme.split("+")
     weight_parts, kv_parts = [p for p in parts if p not in KV_SCHEMES], [p for p in parts if p in KV_SCHEMES]
-    valid = ", ".join(list(SCHEMES) + list(KV_SCHEMES))
-    if len(weight_parts) > 1 or len(kv_parts) > 1 or not parts or "" in parts:
+    if len(weight_parts) > 1 or len(kv_parts) > 1 or "" in parts:
         raise LigeroError(f"cannot combine '{scheme}': use one weight scheme and/or one KV scheme, e.g. int4+kv3; "
-                          f"valid schemes: {valid}")
-    for p in weight_parts:
-        if p not in SCHEMES:
-            raise LigeroError(f"unknown scheme '{p}'; valid schemes: {valid}")
-        if group_size is not None and p not in GROUPED_SCHEMES:
-            raise LigeroError(f"scheme '{p}' has a fixed block size; --group-size applies to: {', '.join(GROUPED_SCHEMES)}")
-    recipe = SCHEMES[weight_parts[0]](group_size=group_size) if weight_parts else Recipe(None, head=None, embed=None)
+                          f"valid schemes: {valid_schemes()}")
+    recipe = Recipe(_weight_config(weight_parts[0], group_size)) if weight_parts else \
+        Recipe(None, head=None, embed=None)
     if kv_parts:
         recipe.kv = KVQuantConfig(bits=KV_SCHEMES[kv_parts[0]])
     recipe.name = scheme if group_size is None else f"{scheme}-g{group_size}"

@@ -60,17 +60,17 @@ def dequantize_int_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.T
     return q.float() * expand_groups(scale.float(), group, n) + expand_groups(minimum.float(), group, n)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[out, in] values 0..15 -> [out, in/2] bytes. Per 32-value block: byte j = q[j] | q[j + 16] << 4
-    (GGUF's Q4 layout: one 16-byte load gives 16 low and 16 high values in order)."""
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] 4-bit codes 0..15 (integer or E2M1) -> [out, in/2] bytes. Per 32-value block: byte j = q[j] |
+    q[j + 16] << 4 (GGUF's Q4 layout: one 16-byte load gives 16 low and 16 high values in order)."""
     out, n = q.shape
     if n % 32:
-        raise ValueError(f"int4 packing needs in_features divisible by 32, got {n}")
+        raise ValueError(f"packing 4-bit codes needs in_features divisible by 32, got {n}")
     b = q.to(torch.uint8).view(out, n // 32, 2, 16)
     return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(out, n // 2)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     out, half = packed.shape
     b = packed.view(out, half // 16, 16)
     return torch.stack([b & 0xF, b >> 4], dim=2).reshape(out, half * 2)
@@ -122,7 +122,8 @@ def e8m0_lut() -> torch.Tensor:
     return lut
 
 
-def quantize_fp4_blocks(w: torch.Tensor, fmt: str, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_fp4_blocks(w: torch.Tensor, fmt: str,
+                        per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MXFP4 (block 32, E8M0 scale) or NVFP4 (block 16, E4M3 scale x one fp32 scale per tensor).
 
     w: [..., n] with n divisible by the block. Returns (codes uint8 [..., n], scale codes uint8 [..., n/block],
@@ -166,7 +167,8 @@ def dequantize_fp4_blocks(codes: torch.Tensor, scale_codes: torch.Tensor, tensor
     *lead, n = codes.shape
     values = e2m1_decode(codes).reshape(*lead, n // block, block)
     tensor_scale = tensor_scale.to(codes.device)
-    scale = fp4_scale_lut(fmt).to(codes.device)[scale_codes.long()] * (tensor_scale[..., None] if tensor_scale.dim() else tensor_scale)
+    tensor_scale = tensor_scale[..., None] if tensor_scale.dim() else tensor_scale
+    scale = fp4_scale_lut(fmt).to(codes.device)[scale_codes.long()] * tensor_scale
     return (values * scale[..., None]).reshape(*lead, n)
 
 
@@ -224,11 +226,13 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     out, n = q.shape
     v = q.to(torch.int64).view(out, n // 8, 8) << (bits * torch.arange(8, dtype=torch.int64))
     word = v.sum(-1)  # [out, n/8], 8 * bits <= 24 bits
-    return torch.stack([(word >> (8 * b)) & 0xFF for b in range(bits)], dim=-1).to(torch.uint8).reshape(out, n // 8 * bits)
+    packed = torch.stack([(word >> (8 * b)) & 0xFF for b in range(bits)], dim=-1)
+    return packed.to(torch.uint8).reshape(out, n // 8 * bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     out, n = packed.shape
     b = packed.to(torch.int64).view(out, n // bits, bits) << (8 * torch.arange(bits, dtype=torch.int64))
     word = b.sum(-1)
-    return ((word[..., None] >> (bits * torch.arange(8, dtype=torch.int64))) & ((1 << bits) - 1)).to(torch.uint8).reshape(out, n // bits * 8)
+    codes = (word[..., None] >> (bits * torch.arange(8, dtype=torch.int64))) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(out, n // bits * 8)

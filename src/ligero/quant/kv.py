@@ -11,13 +11,14 @@ minimum per group) and only the residual in full precision. A forward pass witho
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ligero.errors import LigeroError
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
-from ligero.models.transformer import CacheStep
+from ligero.models.transformer import AttentionInputs, CacheStep, KVCacheBase, KVFormat
 from ligero.quant.config import KVQuantConfig
 from ligero.quant.formats import pack_bits, unpack_bits
 
@@ -166,7 +167,16 @@ class PackedGroups:
         return keys, values.view(B, K, S, D)
 
 
-class QuantizedKVCache:
+@dataclass
+class PackedCacheStep(CacheStep):
+    """QuantizedKVCache's step: also the residual groups this step moves into packed storage."""
+
+    pending: int = 0  # groups leaving the residual
+    moved_valid: torch.Tensor | None = None  # [B, pending * G]: the moved slots that are not padding
+    ring_groups: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # kind -> (skipped, ring slots)
+
+
+class QuantizedKVCache(KVCacheBase):
     """The KIVI cache stored for real: packed groups (a ring of about W / G groups on sliding-window layers)
     plus a full-precision residual of the newest tokens (between R and R + G - 1 of them, plus this step's).
 
@@ -198,7 +208,7 @@ class QuantizedKVCache:
     def _visible(self, kind: str, groups_done: int) -> int:
         return min(groups_done, self.ring[kind])
 
-    def begin(self, positions: torch.Tensor) -> CacheStep:
+    def begin(self, positions: torch.Tensor) -> PackedCacheStep:
         T, start, G = positions.shape[1], self.length, self.kv.group_size
         if start + T > self.max_len:
             raise LigeroError(f"generation needs {start + T} cache slots but the cache holds {self.max_len}; "
@@ -219,17 +229,16 @@ class QuantizedKVCache:
         self.groups_done = target
         key_positions = {kind: torch.cat([self.pos_packed[kind][:, : self._visible(kind, target) * G],
                                           self.pos_res], dim=1) for kind in self.ring}
-        step = CacheStep(key_positions, slice(start, start + T), None, None)
-        step.pending, step.moved_valid, step.ring_groups = pending, moved >= 0, keep
-        step.n_stored = {kind: self._visible(kind, target) * G for kind in self.ring}
-        return step
+        n_stored = {kind: self._visible(kind, target) * G for kind in self.ring}
+        return PackedCacheStep(key_positions, slice(start, start + T), n_stored, pending=pending,
+                               moved_valid=moved >= 0, ring_groups=keep)
 
     def _ring_groups(self, kind: str, first: int, pending: int) -> tuple[int, list[int]]:
         """(how many of the pending groups to skip, ring slots of the rest): a ring keeps only its last groups."""
         skip = max(0, pending - self.ring[kind])
         return skip, [(first + skip + i) % self.ring[kind] for i in range(pending - skip)]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: PackedCacheStep):
         kind, G = self.cfg.layer_types[layer], self.kv.group_size
         n = step.pending * G
         if n:
@@ -242,5 +251,21 @@ class QuantizedKVCache:
         k_q, v_q = self.packed[layer].read(step.n_stored[kind] // G, self.dtype)
         return torch.cat([k_q, self.res_k[layer]], dim=2), torch.cat([v_q, self.res_v[layer]], dim=2)
 
-    def commit(self, step: CacheStep) -> None:
+    def commit(self, step: PackedCacheStep) -> None:
         self.length = step.global_slots.stop
+
+
+class KIVIFormat(KVFormat):
+    """Keys and values quantized as KIVI: decoding keeps them in a QuantizedKVCache, and attention reads every
+    key as such a cache returns it at that point of decoding (also in a forward pass without a cache)."""
+
+    def __init__(self, kv: KVQuantConfig):
+        self.kv = kv
+
+    def new_cache(self, cfg: ModelConfig, batch: int, max_len: int, device=None,
+                  dtype: torch.dtype = torch.float32) -> QuantizedKVCache:
+        return QuantizedKVCache(cfg, self.kv, batch, max_len, device=device, dtype=dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionInputs, scale: float,
+               n_stored: int) -> torch.Tensor:
+        return attention_with_quantized_kv(q, k, v, ctx.mask, ctx.q_pos, ctx.k_pos, scale, self.kv, n_stored)

@@ -5,7 +5,7 @@ scaled by 1 / sqrt(N * Q_P) (N = weights per step); s starts at 2 * mean|v| / sq
 With a learned offset (LSQ+, Bhalgat et al., 2020; the default): v_q = round(clamp((v - b) / s, 0, 2^bits - 1))
 * s + b, initialised at round-to-nearest's asymmetric min/max grid, so training starts where RTN ends.
 Training is a short distillation from the full-precision model (KL of next-token distributions) on the
-calibration split. The trained layer is stored as an Int4Linear (scale and minimum per group).
+calibration split. The trained layer is stored as an IntGroupLinear (scale and minimum per group).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ligero.models.transformer import Linear, Transformer
+from ligero.progress import progress_bar
 from ligero.quant import formats
 from ligero.quant.config import LSQConfig
-from ligero.quant.modules import Int4Linear
+from ligero.quant.modules import IntGroupLinear
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,8 @@ class LSQLinear(nn.Module):
         return F.linear(x, self.quantized_weight())
 
     @torch.no_grad()
-    def to_inference(self) -> Int4Linear:
-        layer = Int4Linear(self.weight.shape[1], self.weight.shape[0], self.cfg, self.segments)
+    def to_inference(self) -> IntGroupLinear:
+        layer = IntGroupLinear(self.weight.shape[1], self.weight.shape[0], self.cfg, self.segments)
         step16 = self.step.detach().clamp(min=1e-5).half()
         s = formats.expand_groups(step16.float(), self.cfg.group_size, self.weight.shape[1])
         if self.offset_delta is not None:
@@ -105,8 +106,7 @@ class LSQLinear(nn.Module):
         return layer
 
 
-def lsq_model(model: Transformer, cfg: LSQConfig, calibration: list[list[int]], layer_filter=None,
-              progress=None) -> list[float]:
+def lsq_model(model: Transformer, cfg: LSQConfig, calibration: list[list[int]], layer_filter=None) -> list[float]:
     """Quantize every block linear with LSQ (in place); returns the distillation loss per step."""
     teacher = copy.deepcopy(model).eval()
     names = [n for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith("layers.")
@@ -126,20 +126,20 @@ def lsq_model(model: Transformer, cfg: LSQConfig, calibration: list[list[int]], 
     g = torch.Generator().manual_seed(cfg.seed)
     losses = []
     model.train()
-    for step in range(cfg.steps):
-        window = calibration[int(torch.randint(0, len(calibration), (1,), generator=g))]
-        x = torch.tensor([window], device=model.device)
-        with torch.no_grad():
-            target = F.log_softmax(teacher(x).float(), -1)
-        with torch.enable_grad():
-            logp = F.log_softmax(model(x).float(), -1)
-            loss = F.kl_div(logp, target, log_target=True, reduction="batchmean") / x.shape[1]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        losses.append(loss.item())
-        if progress:
-            progress(step, loss.item())
+    with progress_bar("LSQ distillation steps", total=cfg.steps) as advance:
+        for _ in range(cfg.steps):
+            window = calibration[int(torch.randint(0, len(calibration), (1,), generator=g))]
+            x = torch.tensor([window], device=model.device)
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x).float(), -1)
+            with torch.enable_grad():
+                logp = F.log_softmax(model(x).float(), -1)
+                loss = F.kl_div(logp, target, log_target=True, reduction="batchmean") / x.shape[1]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            losses.append(loss.item())
+            advance()
     model.eval()
     with torch.no_grad():
         for name in names:

@@ -1,7 +1,8 @@
 """Quantized layers: packed storage in buffers (saved as-is), decode through packed kernels.
 
-Every layer keeps only its packed tensors. Batch-1 decode (<= 8 rows, CPU, inference) reads them packed
-through Ligero's kernels; larger batches (prefill) dequantize the layer's weight transiently and use a GEMM.
+Every layer keeps only its packed tensors. Decode (at most MAX_KERNEL_ROWS rows, CPU, inference) reads them
+packed through Ligero's kernels; larger batches (prefill) dequantize the layer's weight transiently and use a GEMM.
+Which config each layer stores is registered in ligero.quant.schemes.
 """
 
 from __future__ import annotations
@@ -10,26 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligero.kernels import cpu_kernels
+from ligero.errors import LigeroError
+from ligero.kernels import MAX_KERNEL_ROWS, cpu_kernels
 from ligero.quant import formats
 from ligero.quant.config import (
     FP4Config,
     FP8Config,
-    Int4WeightConfig,
     Int8WeightConfig,
+    IntGroupConfig,
     QuantConfig,
-    AdaRoundConfig,
-    LSQConfig,
     TernaryConfig,
     W8A8Config,
 )
 
-KERNEL_MAX_ROWS = 8
-
 
 def _use_kernel(x: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
-    return rows <= KERNEL_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 \
+    return rows <= MAX_KERNEL_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 \
         and not torch.is_grad_enabled()
 
 
@@ -92,19 +90,19 @@ class Int8Linear(QuantizedLinear):
         return ext.linear_int8(x2d, self.q, self.scale) if ext is not None else None
 
 
-class Int4Linear(QuantizedLinear):
+class IntGroupLinear(QuantizedLinear):
     """Group-wise integer weights: w = scale * q + minimum (fp16 per group). 4-bit codes are stored two per byte
     in GGUF's Q4 order; 2- and 3-bit codes are stored densely (8 codes in `bits` bytes) and expanded to the
-    4-bit kernel layout in memory (not saved) for decode."""
+    4-bit kernel layout in memory (not saved) for decode. Also stores AdaRound's and LSQ's results."""
 
-    def __init__(self, in_features: int, out_features: int, config: Int4WeightConfig, segments=None):
+    def __init__(self, in_features: int, out_features: int, config: IntGroupConfig, segments=None):
         super().__init__(in_features, out_features, config, segments)
-        self.bits = getattr(config, "bits", 4)
+        self.bits = config.bits
         n_groups = -(-in_features // config.group_size)
         self.register_buffer("packed", torch.empty(out_features, in_features * self.bits // 8, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("minimum", torch.empty(out_features, n_groups, dtype=torch.float16))
-        self._layout4: tuple[int, torch.Tensor] | None = None
+        self._nibble_layout: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
@@ -114,11 +112,11 @@ class Int4Linear(QuantizedLinear):
         return layer
 
     def set_codes(self, q: torch.Tensor) -> None:
-        self.packed = formats.pack_int4(q) if self.bits == 4 else formats.pack_bits(q, self.bits)
+        self.packed = formats.pack_nibbles(q) if self.bits == 4 else formats.pack_bits(q, self.bits)
 
     def codes(self, packed: torch.Tensor | None = None) -> torch.Tensor:
         packed = self.packed if packed is None else packed
-        return formats.unpack_int4(packed) if self.bits == 4 else formats.unpack_bits(packed, self.bits)
+        return formats.unpack_nibbles(packed) if self.bits == 4 else formats.unpack_bits(packed, self.bits)
 
     def dequantize(self, rows=None):
         p, s, m = (self.packed, self.scale, self.minimum) if rows is None else \
@@ -133,9 +131,9 @@ class Int4Linear(QuantizedLinear):
     def kernel_layout(self) -> torch.Tensor:
         if self.bits == 4:
             return self.packed
-        if self._layout4 is None or self._layout4[0] != self.packed.data_ptr():  # new or reloaded weights
-            self._layout4 = (self.packed.data_ptr(), formats.pack_int4(self.codes()))
-        return self._layout4[1]
+        if self._nibble_layout is None or self._nibble_layout[0] != self.packed.data_ptr():  # new or reloaded weights
+            self._nibble_layout = (self.packed.data_ptr(), formats.pack_nibbles(self.codes()))
+        return self._nibble_layout[1]
 
     def _kernel(self, x2d):
         ext = cpu_kernels()
@@ -175,12 +173,14 @@ class FP8Linear(QuantizedLinear):
 
     def _kernel(self, x2d):
         ext = cpu_kernels()
-        return ext.linear_lut8(x2d, self.q.view(torch.uint8), self.scale, formats.fp8_lut(self.config.fmt)) if ext is not None else None
+        if ext is None:
+            return None
+        return ext.linear_lut8(x2d, self.q.view(torch.uint8), self.scale, formats.fp8_lut(self.config.fmt))
 
 
 class FP4Linear(QuantizedLinear):
-    """E2M1 codes packed two per byte (int4 layout) + one scale byte per block; NVFP4 adds one fp32 scale per
-    original tensor (a fused qkv / gate_up projection keeps one per segment, as if stored unfused)."""
+    """E2M1 codes packed two per byte (as 4-bit integer codes are) + one scale byte per block; NVFP4 adds one fp32
+    scale per original tensor (a fused qkv / gate_up projection keeps one per segment, as if stored unfused)."""
 
     def __init__(self, in_features: int, out_features: int, config: FP4Config, segments=None):
         super().__init__(in_features, out_features, config, segments)
@@ -194,7 +194,7 @@ class FP4Linear(QuantizedLinear):
         layer = cls(weight.shape[1], weight.shape[0], config, segments)
         codes, scale_codes, tensor_scales = zip(*(formats.quantize_fp4_blocks(w, config.fmt)
                                                   for w in weight.split(layer.segments)))
-        layer.packed = formats.pack_int4(torch.cat(codes))
+        layer.packed = formats.pack_nibbles(torch.cat(codes))
         layer.scale_codes = torch.cat(scale_codes)
         layer.tensor_scale = torch.stack(tensor_scales).reshape(len(layer.segments))
         return layer
@@ -207,7 +207,7 @@ class FP4Linear(QuantizedLinear):
         p, s, t = self.packed, self.scale_codes, self.row_scale()
         if rows is not None:
             p, s, t = p[rows], s[rows], t[rows]
-        return formats.dequantize_fp4_blocks(formats.unpack_int4(p), s, t, self.config.fmt)
+        return formats.dequantize_fp4_blocks(formats.unpack_nibbles(p), s, t, self.config.fmt)
 
     def forward(self, x):
         if self.config.activations:
@@ -219,8 +219,9 @@ class FP4Linear(QuantizedLinear):
         if ext is None:
             return None
         single = len(self.segments) == 1
-        y = ext.linear_lut4(x2d, self.packed, self.scale_codes, formats.fp4_scale_lut(self.config.fmt), formats.E2M1_VALUES,
-                            float(self.tensor_scale[0]) if single else 1.0, formats.FP4_BLOCK[self.config.fmt])
+        y = ext.linear_lut4(x2d, self.packed, self.scale_codes, formats.fp4_scale_lut(self.config.fmt),
+                            formats.E2M1_VALUES, float(self.tensor_scale[0]) if single else 1.0,
+                            formats.FP4_BLOCK[self.config.fmt])
         return y if single else y * self.row_scale()
 
 
@@ -278,8 +279,6 @@ class W8A8Linear(Int8Linear):
         smooth = torch.ones(weight.shape[1])
         if config.smooth_alpha is not None:
             if act_max is None:
-                from ligero.errors import LigeroError
-
                 raise LigeroError("SmoothQuant needs calibration statistics; quantize with calibration data")
             a = config.smooth_alpha
             w_max = weight.abs().amax(0).float().clamp(min=1e-5)
@@ -290,26 +289,6 @@ class W8A8Linear(Int8Linear):
 
     def forward(self, x):
         return super().forward(formats.fake_quantize_int8_tokens(x / self.smooth.to(x.dtype)))
-
-
-LINEAR_TYPES: dict[type[QuantConfig], type[QuantizedLinear]] = {
-    Int8WeightConfig: Int8Linear,
-    Int4WeightConfig: Int4Linear,
-    FP8Config: FP8Linear,
-    FP4Config: FP4Linear,
-    TernaryConfig: TernaryLinear,
-    W8A8Config: W8A8Linear,
-    AdaRoundConfig: Int4Linear,  # same storage as round-to-nearest; only the rounding choices differ
-    LSQConfig: Int4Linear,  # learned steps, stored as scale = step, minimum = -Q_N * step
-}
-
-
-def check_shape(config: QuantConfig, in_features: int, name: str) -> None:
-    from ligero.errors import LigeroError
-
-    if isinstance(config, (Int4WeightConfig, FP4Config, TernaryConfig)) and in_features % 32:
-        raise LigeroError(f"{name}: {config.kind} needs in_features divisible by 32 (got {in_features}); "
-                          "exclude the layer with an override")
 
 
 class QuantizedEmbedding(nn.Module):

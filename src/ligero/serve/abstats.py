@@ -90,13 +90,19 @@ def planned_information(planned_n_per_arm: int, variance_per_unit: float = 0.25)
     return planned_n_per_arm / (2 * variance_per_unit)
 
 
+def _possible(bound: float) -> float:
+    """A bound of an interval for a difference of two proportions, clipped to the differences that can occur."""
+    return float(min(1.0, max(-1.0, bound)))
+
+
 def difference(control: tuple[int, int], treatment: tuple[int, int], alpha: float = 0.05,
                planned_n_per_arm: int = 1000) -> dict:
     """Treatment - control positive rate: fixed-horizon (Wald) and always-valid intervals, both at level 1 - alpha.
 
     `control` and `treatment` are (positives, n). The variance uses the Agresti-Caffo adjusted rates
     (s + 1) / (n + 2), so an arm with all-positive (or all-negative) feedback does not get a zero-width interval;
-    the estimate itself is the raw difference.
+    the estimate itself is the raw difference. Both intervals are clipped to [-1, 1], the differences that can occur
+    (with little feedback the always-valid one would otherwise reach far beyond).
     """
     _check_alpha(alpha)
     (s_c, n_c), (s_t, n_t) = control, treatment
@@ -109,16 +115,17 @@ def difference(control: tuple[int, int], treatment: tuple[int, int], alpha: floa
     pc, pt = (s_c + 1) / (n_c + 2), (s_t + 1) / (n_t + 2)
     var = pc * (1 - pc) / n_c + pt * (1 - pt) / n_t
     se = math.sqrt(var)
-    z = float(sps.norm.ppf(1 - alpha / 2))
+    low, high = sps.norm.interval(1 - alpha, loc=d, scale=se)
     p_fixed = float(2 * sps.norm.sf(abs(d) / se))
     info = 1 / var
     rho2 = rho2_for(planned_information(planned_n_per_arm), alpha)
     half = always_valid_halfwidth(info, alpha, rho2)
     out = {
         "estimate": d, "se": se, "n_control": int(n_c), "n_treatment": int(n_t), "alpha": alpha,
-        "fixed": {"low": d - z * se, "high": d + z * se, "p_value": p_fixed},
-        "always_valid": {"low": d - half, "high": d + half, "p_value": always_valid_p(d, info, rho2),
-                         "planned_n_per_arm": planned_n_per_arm, "rho2": rho2},
+        "fixed": {"low": _possible(low), "high": _possible(high), "p_value": p_fixed},
+        "always_valid": {"low": _possible(d - half), "high": _possible(d + half),
+                         "p_value": always_valid_p(d, info, rho2), "planned_n_per_arm": planned_n_per_arm,
+                         "rho2": rho2},
     }
     if min(n_c, n_t) < MIN_PER_ARM:
         out["note"] = f"fewer than {MIN_PER_ARM} responses with feedback in an arm: the intervals are not reliable"
@@ -139,8 +146,8 @@ def _t_row(n: int, mean: float, var: float, level: float) -> dict:
     if n < 2:  # one score has a mean but no spread, so no interval
         return {"n": n, "mean": mean, "sd": None, "low": None, "high": None}
     sd = math.sqrt(var)
-    half = float(sps.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+    low, high = sps.t.interval(level, n - 1, loc=mean, scale=sd / math.sqrt(n))
+    return {"n": n, "mean": mean, "sd": sd, "low": float(low), "high": float(high)}
 
 
 def t_interval(values: Iterable[float], level: float = 0.95) -> dict:
@@ -153,14 +160,16 @@ def welch(control: tuple[int, float, float], treatment: tuple[int, float, float]
     """Welch's fixed-horizon interval and p-value for mean_T - mean_C (unequal variances, Satterthwaite df).
 
     Arms are (n, mean, variance) as `moments` returns; each needs n >= 2 and the variances must not both be 0.
+    The p-value is scipy's `ttest_ind_from_stats`; it does not return the degrees of freedom the interval needs, so
+    those are computed here.
     """
     (n_c, m_c, v_c), (n_t, m_t, v_t) = control, treatment
     a, b = v_c / n_c, v_t / n_t
-    se = math.sqrt(a + b)
     df = (a + b) ** 2 / (a * a / (n_c - 1) + b * b / (n_t - 1))
     d = m_t - m_c
-    q = float(sps.t.ppf(1 - alpha / 2, df))
-    return {"low": d - q * se, "high": d + q * se, "p_value": float(2 * sps.t.sf(abs(d) / se, df)), "df": df}
+    low, high = sps.t.interval(1 - alpha, df, loc=d, scale=math.sqrt(a + b))
+    test = sps.ttest_ind_from_stats(m_t, math.sqrt(v_t), n_t, m_c, math.sqrt(v_c), n_c, equal_var=False)
+    return {"low": float(low), "high": float(high), "p_value": float(test.pvalue), "df": df}
 
 
 def mean_difference(control: tuple[int, float, float], treatment: tuple[int, float, float], alpha: float = 0.05,
@@ -221,19 +230,14 @@ def srm(observed: Mapping[str, int], planned: Mapping[str, float], threshold: fl
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values): q_(i) = min_{j >= i} p_(j) m / j, capped at 1."""
+    """Benjamini-Hochberg adjusted p-values (q-values: q_(i) = min_{j >= i} p_(j) m / j, capped at 1), by scipy's
+    `false_discovery_control`."""
     p = np.asarray(p_values, dtype=float)
     if p.ndim != 1 or np.any((p < 0) | (p > 1)) or np.any(np.isnan(p)):
         raise LigeroError("Benjamini-Hochberg needs a 1-D list of p-values in [0, 1]")
-    m = p.size
-    if m == 0:
+    if p.size == 0:  # scipy refuses an empty list; no tests, no q-values
         return p
-    order = np.argsort(p)
-    scaled = p[order] * m / np.arange(1, m + 1)
-    q = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    out = np.empty(m)
-    out[order] = q
-    return out
+    return sps.false_discovery_control(p, method="bh")
 
 
 def _positive(row: Mapping) -> bool | None:

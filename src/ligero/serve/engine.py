@@ -6,9 +6,10 @@ row with its own sampling settings, random stream and token budget). A row leave
 (EOS, budget, a stop string, a guardrail, a client that went away); requests that arrive meanwhile wait for the next
 batch. On a CPU, decoding 8 rows costs about 2.6x one row (SmolLM2), so throughput grows with concurrency.
 
-Requests talk to the worker through `Job`: the worker pushes ("token", id, logprob) and ("end", reason) events into
-the job's asyncio queue (thread-safe via the event loop), and reads `job.cancelled`, which the request handler sets
-to stop its row (a stop string, a blocked output or a disconnect).
+Requests talk to the worker through `Job`: the worker pushes ("token", id, logprob, alternatives) and ("end", reason)
+events into the job's asyncio queue (thread-safe via the event loop; alternatives are the job's `top_logprobs` most
+likely tokens as [(id, logprob)], or None when it asked for none), and reads `job.cancelled`, which the request handler
+sets to stop its row (a stop string, a blocked output or a disconnect).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Job:
     max_new_tokens: int
     sampling: SamplingConfig
     loop: asyncio.AbstractEventLoop
+    top_logprobs: int = 0  # alternatives to report per generated token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -113,7 +115,8 @@ class Engine:
         try:
             with self.compute_lock:
                 gen = BatchGeneration(self.model, [j.prompt_ids for j in batch], [j.max_new_tokens for j in batch],
-                                      [j.sampling for j in batch], tok.eos_ids, tok.pad_id)
+                                      [j.sampling for j in batch], tok.eos_ids, tok.pad_id,
+                                      [j.top_logprobs for j in batch])
             ended = [False] * len(batch)
             while True:
                 for i, job in enumerate(batch):
@@ -122,7 +125,7 @@ class Engine:
                 with self.compute_lock:
                     produced = gen.step()
                 for i, token, logprob in produced:
-                    batch[i].emit("token", token, logprob)
+                    batch[i].emit("token", token, logprob, gen.alternatives.get(i))
                 for i, reason in enumerate(gen.reasons):
                     if reason is not None and not ended[i]:
                         ended[i] = True

@@ -1,10 +1,10 @@
-"""Guardrails for `ligero serve`: request limits, an output toxicity filter, banned patterns, rate limits and
-API keys.
+"""Guardrails for `ligero serve`: request limits, an output toxicity filter, banned patterns and the rate-limit
+settings (the limiter itself and API keys are in `ligero.serve.access`).
 
 A `Guardrails` value holds the settings; it comes from a small TOML/YAML/JSON file or from a deployment card's
 "guardrails" section. The server applies it in this order and records every `Decision` in the store:
 
-1. `ApiKeys.check` (bearer token) and `RateLimiter.acquire` (token bucket per key or client address);
+1. `access.ApiKeys.check` (bearer token) and `access.RateLimiter.acquire` (token bucket per key or client address);
 2. `check_body_size` and `check_prompt` (prompt length, banned patterns) before anything is generated;
 3. `clip_max_tokens` to cap the requested output length;
 4. `OutputGuard` while the output is generated: it releases text to the client word by word and only after
@@ -28,26 +28,26 @@ A plain guardrails file (every key optional; `toxicity = false` turns the output
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
 import math
-import os
 import re
-import threading
 import time
 import tomllib
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from hashlib import sha256
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ligero.errors import LigeroError
+from ligero.serve.access import RateLimiter
+from ligero.serve.checks import is_int, is_number, one_line
 from ligero.serve.store import EVENT_ACTIONS, RULES
 
+log = logging.getLogger("ligero.serve")
 GUARDRAILS_VERSION = 1  # bump when a setting changes meaning; files may state the version they were written for
 TOXICITY_ACTIONS = ("block", "redact", "flag")
 SERVED_CLASSIFIER = "alt-profanity-check"  # the only output classifier the server runs (ligero.eval.toxicity)
@@ -66,18 +66,6 @@ def score_texts(texts: list[str]) -> list[float]:
     return real(texts)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # --- settings --------------------------------------------------------------------------------------
 
 
@@ -90,7 +78,7 @@ class ToxicityFilter:
     action: str = "block"
 
     def __post_init__(self) -> None:
-        if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
+        if not is_number(self.threshold) or not 0 < self.threshold <= 1:
             raise LigeroError(f"toxicity threshold must be a number in (0, 1], got {self.threshold!r}; "
                               "0.5 is the usual choice")
         if self.action not in TOXICITY_ACTIONS:
@@ -114,7 +102,7 @@ class Guardrails:
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompt_tokens", "max_new_tokens"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise LigeroError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.toxicity is not None and not isinstance(self.toxicity, ToxicityFilter):
             raise LigeroError(f"toxicity must be a ToxicityFilter or None, got {self.toxicity!r}")
@@ -132,11 +120,11 @@ class Guardrails:
                                   "escape it") from None
         object.__setattr__(self, "_compiled", tuple(compiled))
         rate, burst = self.rate_limit_per_minute, self.rate_limit_burst
-        if rate is not None and (not _is_number(rate) or rate <= 0):
+        if rate is not None and (not is_number(rate) or rate <= 0):
             raise LigeroError(f"rate_limit_per_minute must be a number > 0, got {rate!r}; leave it out to turn "
                               "rate limiting off")
         if burst is not None:
-            if not _is_int(burst) or burst < 1:
+            if not is_int(burst) or burst < 1:
                 raise LigeroError(f"rate_limit_burst must be a whole number >= 1, got {burst!r}")
             if rate is None:
                 raise LigeroError("rate_limit_burst is set but rate_limit_per_minute is not; set both or neither")
@@ -229,12 +217,25 @@ def guardrails_from_card(card: dict, source: str) -> Guardrails:
         raise LigeroError(f"{source}: the card's guardrails have no output_filter; regenerate the card with "
                           "`ligero run`")
     classifier = flt.get("classifier", SERVED_CLASSIFIER)
-    # The threshold only means something for the classifier it was chosen with.
-    if classifier != SERVED_CLASSIFIER:
+    # Cards name the classifier with its version ("alt-profanity-check 1.9.1"). The threshold only means something
+    # for the classifier it was chosen with: another classifier is refused, another version only warned about.
+    name, _, version = str(classifier).strip().partition(" ")
+    if name != SERVED_CLASSIFIER:
         raise LigeroError(f"{source}: the card's output filter uses classifier {classifier!r}, but the server "
                           f"scores with {SERVED_CLASSIFIER}; use a plain guardrails file instead")
+    installed = _installed_version(SERVED_CLASSIFIER)
+    if version.strip() and installed and version.strip() != installed:
+        log.warning("%s: the card's threshold was chosen with %s, the server scores with version %s", source,
+                    classifier, installed)
     kwargs["toxicity"] = {k: flt[k] for k in TOXICITY_SETTINGS if k in flt}
     return _build(source, kwargs)
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _is_card(data: Mapping) -> bool:
@@ -253,7 +254,7 @@ def load_guardrails(path: str | Path) -> Guardrails:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise LigeroError(f"guardrails file {path} cannot be read ({_one_line(exc)}); check that it is a "
+        raise LigeroError(f"guardrails file {path} cannot be read ({one_line(exc)}); check that it is a "
                           "UTF-8 text file you may read") from None
     kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
     try:
@@ -265,7 +266,7 @@ def load_guardrails(path: str | Path) -> Guardrails:
             data = yaml.safe_load(text)
             data = {} if data is None else data  # an empty YAML file, like an empty TOML file, means defaults
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise LigeroError(f"guardrails file {path} is not valid {kind} ({_one_line(exc)}); fix its syntax") from None
+        raise LigeroError(f"guardrails file {path} is not valid {kind} ({one_line(exc)}); fix its syntax") from None
     if not isinstance(data, dict):
         raise LigeroError(f"guardrails file {path} must hold a mapping of settings at the top level, not "
                           f"{type(data).__name__}; see `ligero.serve.guardrails` for the format")
@@ -314,7 +315,7 @@ def clip_max_tokens(g: Guardrails, requested: int | None) -> tuple[int, Decision
     None (the client did not say) means max_new_tokens, without a decision."""
     if requested is None:
         return g.max_new_tokens, None
-    if not _is_int(requested) or requested < 1:
+    if not is_int(requested) or requested < 1:
         raise LigeroError(f"max_tokens must be a whole number >= 1, got {requested!r}; ask for at least one token")
     if requested > g.max_new_tokens:
         return g.max_new_tokens, Decision("max_new_tokens", "clip",
@@ -467,132 +468,3 @@ class OutputGuard:
                                        for d in self._decisions]
                 return (summary if first else None), chunk
         return None, chunk
-
-
-# --- rate limits -----------------------------------------------------------------------------------
-
-
-class RateLimiter:
-    """Token bucket per key; thread-safe.
-
-    Each key's bucket holds up to `burst` tokens and refills at `per_minute` tokens a minute; a request takes
-    one. Memory stays bounded: a bucket idle long enough to be full again is the same as no bucket, so it is
-    forgotten, and beyond `max_keys` live buckets the least recently used ones are dropped (those keys start
-    over with a full bucket).
-    """
-
-    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = 10_000) -> None:
-        if not _is_number(per_minute) or per_minute <= 0:
-            raise LigeroError(f"rate limit must be a number of requests per minute > 0, got {per_minute!r}")
-        if not _is_int(burst) or burst < 1:
-            raise LigeroError(f"rate limit burst must be a whole number >= 1, got {burst!r}")
-        self.per_second = per_minute / 60
-        self.burst = burst
-        self.clock = clock
-        self.max_keys = max_keys
-        self._refill_s = burst / self.per_second  # an empty bucket is full again after this long
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, time), LRU first
-        self._lock = threading.Lock()
-
-    def acquire(self, key: str) -> float:
-        """0.0 when the request may go ahead (it takes a token), else the seconds until a token is available
-        (round up for a Retry-After header)."""
-        with self._lock:
-            now = self.clock()
-            self._forget_idle(now)
-            tokens, then = self._buckets.pop(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - then) * self.per_second)
-            wait = 0.0
-            if tokens >= 1:
-                tokens -= 1
-            else:
-                wait = (1 - tokens) / self.per_second
-            self._buckets[key] = (tokens, now)  # re-inserted at the most recently used end
-            while len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
-            return wait
-
-    def _forget_idle(self, now: float) -> None:
-        # Buckets are in order of last use, so the idle ones are at the front: O(1) per request on average.
-        while self._buckets:
-            _, then = next(iter(self._buckets.values()))
-            if now - then < self._refill_s:
-                break
-            self._buckets.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-
-# --- API keys --------------------------------------------------------------------------------------
-
-
-class AuthError(LigeroError):
-    """A request without a valid API key (the server answers 401). Its message never contains the key."""
-
-
-BEARER_HELP = "send the header 'Authorization: Bearer <api key>'"
-
-
-class ApiKeys:
-    """Bearer-token auth. Keys come from an env variable (comma- or whitespace-separated) or a file (one key per
-    line, # comments, blank lines ignored)."""
-
-    def __init__(self, keys: list[str] | tuple[str, ...]) -> None:
-        keys = list(dict.fromkeys(keys))  # drop duplicates, keep order
-        if not keys or any(not isinstance(k, str) or not k or any(c.isspace() for c in k) for k in keys):
-            raise LigeroError("API keys must be non-empty strings without whitespace; give at least one")
-        # Compare sha256 digests: equal length whatever the key, so the comparison time says nothing about it.
-        self._digests = [sha256(k.encode("utf-8")).digest() for k in keys]
-        self._keys = keys
-
-    @classmethod
-    def load(cls, env_var: str = "LIGERO_API_KEYS", file: str | Path | None = None) -> ApiKeys | None:
-        """Keys from $env_var and from `file` together; None (auth off) when neither names a key."""
-        keys = re.split(r"[\s,]+", os.environ.get(env_var, "").strip())
-        keys = [k for k in keys if k]
-        if file is not None:
-            path = Path(file)
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise LigeroError(f"API key file {path} cannot be read ({_one_line(exc)}); give a UTF-8 text "
-                                  "file with one key per line") from None
-            from_file = []
-            for n, line in enumerate(lines, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                if any(c.isspace() for c in line):  # the message gives the line, never the key
-                    raise LigeroError(f"API key file {path} line {n} holds whitespace inside a key; put one key "
-                                      "per line (comments on their own lines, starting with #)")
-                from_file.append(line)
-            if not from_file:
-                raise LigeroError(f"API key file {path} holds no keys; put one key per line")
-            keys += from_file
-        return cls(keys) if keys else None
-
-    def check(self, authorization: str | None) -> str:
-        """The key presented in an Authorization header value; AuthError when it is missing, malformed or
-        unknown."""
-        if not authorization or not authorization.strip():
-            raise AuthError(f"missing API key; {BEARER_HELP}")
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or any(c.isspace() for c in token):
-            raise AuthError(f"the Authorization header is not a bearer token; {BEARER_HELP}")
-        presented = sha256(token.encode("utf-8")).digest()
-        match = None
-        for key, digest in zip(self._keys, self._digests):  # no early exit: every key costs the same time
-            if hmac.compare_digest(digest, presented):
-                match = key
-        if match is None:
-            raise AuthError("unknown API key; check the key, or ask the server's operator for one")
-        return match
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __repr__(self) -> str:  # never print the keys themselves
-        return f"ApiKeys({len(self)} keys)"

@@ -9,10 +9,15 @@ from pathlib import Path
 
 from ligero.card import read_card
 from ligero.errors import LigeroError
+from ligero.eval.variants import BASELINE, build_variant, scheme_recipe
+from ligero.kernels import warm as warm_kernels
+from ligero.models.registry import REGISTRY
 from ligero.serve.abtest import SegmentRule
-from ligero.serve.app import ServerConfig, Variant, create_app
+from ligero.serve.access import ApiKeys
+from ligero.serve.app import create_app
+from ligero.serve.config import BODY_TIMEOUT_S, RequestDefaults, ServerConfig, Variant
 from ligero.serve.engine import Engine
-from ligero.serve.guardrails import ApiKeys, Guardrails, guardrails_from_card, load_guardrails
+from ligero.serve.guardrails import Guardrails, guardrails_from_card, load_guardrails
 from ligero.serve.store import DEFAULT_URL, Store, default_server_id
 
 log = logging.getLogger("ligero.serve")
@@ -32,29 +37,18 @@ def parse_variant(text: str) -> tuple[str, str]:
 
 def load_variant(model_id: str, spec: str, device: str = "cpu"):
     """A served model: the base model quantized on the fly with scheme `spec`, or a saved model folder."""
-    from ligero.io.checkpoint import load_model
-
     if Path(spec).expanduser().is_dir():
-        return load_model(spec, device)
-    from ligero.quant.api import quantize
-    from ligero.quant.calibrate import calibration_windows
-    from ligero.quant.config import recipe_for
-
-    recipe = None if spec == "fp32" else recipe_for(spec)  # raises with the valid schemes
-    loaded = load_model(model_id, device)
-    if recipe is not None:
-        calib = calibration_windows(loaded.tokenizer, 8) if recipe.needs_calibration else None
-        quantize(loaded.model, recipe, calibration=calib)
-    return loaded
+        return build_variant(spec, device=device)
+    return build_variant(model_id, spec, device=device)
 
 
 def build_config(model_id: str, variants: list[str], split: list[float] | None = None, store_url: str | None = None,
                  card: str | None = None, guardrails_file: str | None = None, api_keys_file: str | None = None,
                  segment_rules: list[SegmentRule] | None = None, experiment: str | None = None, max_batch: int = 8,
-                 keep_text: bool = False, device: str = "cpu") -> ServerConfig:
-    """Everything `ligero serve` needs; every input is checked before any model is loaded."""
-    from ligero.models.registry import REGISTRY
-
+                 keep_text: bool = False, device: str = "cpu", public_metrics: bool = False,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> ServerConfig:
+    """Everything `ligero serve` needs; every input is checked before any model is loaded. With a card, requests
+    that leave out temperature, top_p or max_tokens get the card's reference-profile settings."""
     card_data = read_card(card) if card else None
     if guardrails_file:
         guardrails = load_guardrails(guardrails_file)
@@ -62,17 +56,18 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
         guardrails = guardrails_from_card(card_data, str(card))
     else:
         guardrails = Guardrails()
+    defaults = RequestDefaults.from_card(card_data, str(card)) if card_data is not None else RequestDefaults()
+    if not body_timeout_s > 0:
+        raise LigeroError(f"--body-timeout must be a number of seconds > 0, got {body_timeout_s}")
     if not variants:
-        variants = [card_data["identity"]["variant"]] if card_data else ["fp32"]
+        variants = [card_data["identity"]["variant"]] if card_data else [BASELINE]
     parsed = [parse_variant(v) for v in variants]
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
         raise LigeroError(f"variant names must be unique, got {names}")
-    from ligero.quant.config import recipe_for
-
     for _, spec in parsed:
-        if spec != "fp32" and not Path(spec).expanduser().is_dir():
-            recipe_for(spec)  # an unknown scheme fails here, with the valid ones, before any model loads
+        if not Path(spec).expanduser().is_dir():
+            scheme_recipe(spec)  # an unknown scheme fails here, with the valid ones, before any model loads
     if split is not None and len(split) != len(parsed):
         raise LigeroError(f"--split has {len(split)} shares for {len(parsed)} variants; give one per --variant")
     if model_id not in REGISTRY and not Path(model_id).expanduser().exists():
@@ -91,7 +86,8 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
     cfg = ServerConfig(model_id=Path(model_id).name if model_id not in REGISTRY else model_id, variants=served,
                        tokenizer=tokenizer, store=store, guardrails=guardrails, split=split,
                        experiment_name=experiment, segment_rules=segment_rules or [], api_keys=api_keys,
-                       server_id=default_server_id(), context=context)
+                       server_id=default_server_id(), context=context, defaults=defaults,
+                       public_metrics=public_metrics, body_timeout_s=body_timeout_s)
     cfg.experiment()  # validates the split against the variants now, not on the first request
     return cfg
 
@@ -99,12 +95,14 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
 def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
     import uvicorn
 
+    kernel_path = warm_kernels()  # build / load the CPU kernels now: the first request must not pay for it
     app = create_app(cfg)
     variants = ", ".join(f"{n} ({v.scheme})" for n, v in cfg.variants.items())
     exp = cfg.experiment()
     print(f"ligero serve: http://{host}:{port}  model {cfg.model_id}  variants {variants}"
           + (f"  experiment {exp.name} split {[round(100 * s) for s in exp.split]}" if exp else "")
-          + f"  store {cfg.store.url}", flush=True)
+          + f"  store {cfg.store.url}  decode on {kernel_path}", flush=True)
+    print(f"ligero serve: requests that leave them out get {cfg.defaults.describe()}", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:

@@ -21,6 +21,7 @@ sizes, timings, scores and decisions.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -40,9 +41,11 @@ from sqlalchemy.types import TypeDecorator
 
 from ligero.errors import LigeroError
 
+log = logging.getLogger("ligero.serve")
 SCHEMA_VERSION = 1  # bump when a table or column changes (the monitor reads them by name)
 DEFAULT_URL = "sqlite:///ligero-serve.db"
 BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's write to finish
+CHECKPOINT_WAIT_MS = 2_000  # at close, how long the checkpoint waits for other processes (shutdown stays quick)
 URL_HELP = "use sqlite:///path/to/file.db or postgresql+psycopg://user:password@host/database"
 OPEN_FIXES = {"sqlite": "check that the file is a SQLite database you can write",
               "postgresql": "check that the server is running and the URL's user, password, host and database"}
@@ -293,7 +296,27 @@ class Store:
                               f"{SCHEMA_VERSION}; give `ligero serve` a new store URL")
 
     def close(self) -> None:
-        self.engine.dispose()
+        """Release the connections. A SQLite file first gets its write-ahead log copied in (a checkpoint), so the .db
+        file alone is a complete backup even while other processes keep the store open (SQLite checkpoints by itself
+        only when the last connection closes)."""
+        try:
+            if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+                self._checkpoint()
+        finally:
+            self.engine.dispose()
+
+    def _checkpoint(self) -> None:
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+                busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        except DBAPIError as exc:
+            busy, reason = 1, " ".join(str(exc.orig).split())
+        else:
+            reason = "another process was reading or writing"
+        if busy:
+            log.warning("store %s: the write-ahead log was not checkpointed at close (%s); copy the -wal file "
+                        "with the database, or use `sqlite3 .backup`", self.url, reason)
 
     def __enter__(self) -> Self:
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 SEQ = 40  # longer than the tiny sliding windows below
+
+
+@pytest.fixture
+def record_progress(monkeypatch):
+    """record_progress(module): replaces the module's progress_bar with one that records
+    (description, total) and then each advance; returns that list."""
+
+    def install(module) -> list:
+        steps = []
+
+        @contextmanager
+        def recording_bar(description, total):
+            steps.append((description, total))
+            yield lambda n=1: steps.append(n)
+
+        monkeypatch.setattr(module, "progress_bar", recording_bar)
+        return steps
+
+    return install
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """Progress bars for long steps (conversion, learned rounding, evaluation): one helper, drawn by rich on stderr.
 
 `with progress_bar("AdaRound", total=n) as advance: ... advance()` shows a bar with the elapsed time and an
-ETA while the step runs. On a terminal it redraws in place; elsewhere (CI logs, pipes) rich prints nothing until
-the bar finishes, so logs stay short. LIGERO_PROGRESS=0 turns the bars off.
+ETA while the step runs, redrawn in place on a terminal. Off a terminal (CI logs, pipes) there is no bar, so logs
+stay free of redraws and blank lines. LIGERO_PROGRESS=0 turns the bars off everywhere.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ def _enabled() -> bool:
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """A bar for `total` units of work; yields `advance(n=1)`. Nested bars draw one under the other."""
-    if not _enabled():
+    console = Console(file=sys.stderr)
+    if not _enabled() or not console.is_terminal:
         yield lambda n=1: None
         return
-    console = Console(file=sys.stderr)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+    with Progress(*columns, console=console) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)

@@ -3,7 +3,6 @@ conversion shows a progress bar."""
 
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -81,15 +80,8 @@ def test_ligero_models_reads_headers_without_torch():
     assert "smollm2-135m" in proc.stdout and "gemma3-270m" in proc.stdout
 
 
-def test_gguf_conversion_shows_progress(tmp_path, monkeypatch):
-    steps = []
-
-    @contextmanager
-    def recording_bar(description, total):
-        steps.append((description, total))
-        yield lambda n=1: steps.append(n)
-
-    monkeypatch.setattr(gguf_file, "progress_bar", recording_bar)
+def test_gguf_conversion_shows_progress(tmp_path, record_progress):
+    steps = record_progress(gguf_file)
     path = write_tiny_llama(tmp_path / "tiny.gguf")
     full = GGUFFile(path)
     names = [name for name, _ in full.state_dict(full.config())]

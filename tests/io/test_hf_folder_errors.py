@@ -4,7 +4,6 @@ config.json. Each ends in one `ligero: error:` line and exit code 2, never a tra
 import json
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 
@@ -72,15 +71,8 @@ def test_a_good_llama_config_still_translates():
     assert (cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.max_seq_len) == (4, 16, 1e-5, 2048)
 
 
-def test_hf_loading_shows_progress(tmp_path, monkeypatch):
-    steps = []
-
-    @contextmanager
-    def recording_bar(description, total):
-        steps.append((description, total))
-        yield lambda n=1: steps.append(n)
-
-    monkeypatch.setattr(hf_folder, "progress_bar", recording_bar)
+def test_hf_loading_shows_progress(tmp_path, record_progress):
+    steps = record_progress(hf_folder)
     model = tiny_hf_model("llama")
     model.save_pretrained(tmp_path / "tiny")
     n_tensors = len(model.state_dict())

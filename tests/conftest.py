@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import tiny_hf_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-SEQ = 40  # longer than the tiny sliding windows below
-
 
 @pytest.fixture
 def record_progress(monkeypatch):
@@ -44,44 +43,6 @@ def compiled_kernels():
     if ext is None:
         pytest.skip(f"the kernels do not run here: decode uses {warm()}")
     return ext
-
-
-def tiny_hf_model(arch: str):
-    """A small random transformers model of the given family (eager attention: the reference). Its weights are
-    the same on every run, whatever tests ran before (transformers initialises from the global RNG)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return _tiny_hf_model(arch)
-
-
-def _tiny_hf_model(arch: str):
-    import transformers as tf
-
-    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                  max_position_embeddings=128, attn_implementation="eager")
-    if arch == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, rope_theta=10000.0,
-                             tie_word_embeddings=False, **common)
-        model = tf.LlamaForCausalLM(cfg)
-    elif arch == "mistral":
-        cfg = tf.MistralConfig(num_hidden_layers=2, num_key_value_heads=1, sliding_window=8, rope_theta=10000.0,
-                               tie_word_embeddings=False, **common)
-        model = tf.MistralForCausalLM(cfg)
-    elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(num_hidden_layers=6, num_key_value_heads=1, head_dim=32, sliding_window=8,
-                                  query_pre_attn_scalar=24, tie_word_embeddings=True,
-                                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                                                   "sliding_attention": {"rope_type": "default",
-                                                                         "rope_theta": 1e4}},
-                                  **common)
-        model = tf.Gemma3ForCausalLM(cfg)
-    else:
-        raise ValueError(arch)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random norms too, so (1 + w) vs w mistakes show
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="session", params=["llama", "mistral", "gemma3"])

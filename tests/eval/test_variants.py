@@ -12,7 +12,7 @@ from ligero.quant.modules import IntGroupLinear, W8A8Linear
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from conftest import tiny_hf_model
+    from tiny_models import tiny_hf_model
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_hf_model("llama").save_pretrained(folder)  # weights only: no tokenizer

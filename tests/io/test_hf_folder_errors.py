@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from conftest import tiny_hf_model
 from ligero.cli import main
 from ligero.io import hf_folder
 from ligero.models.config import config_from_hf
+from tiny_models import tiny_hf_model
 
 LLAMA = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
          "vocab_size": 160, "intermediate_size": 96}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from conftest import SEQ
 from ligero.models.generate import SamplingConfig, generate_tokens, left_pad
 from ligero.models.transformer import LOCAL, KVCache
+from tiny_models import SEQ
 
 
 def incremental_logits(model, tokens, chunks):

@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import SEQ
+from tiny_models import SEQ
 
 
 def test_tiny_logits_match_transformers(tiny_pair):

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ligero-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench bench-llamacpp clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench: setup
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/audit.py
 	$(PY) benchmarks/load.py
+
+# The speed anchor: llama.cpp against Ligero, same model and protocol, in one run (docs/vs-llamacpp.{json,md}).
+# The bench extra brings llama-cpp-python, which compiles llama.cpp from source once (~15 min on 2 cores).
+bench-llamacpp: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/vs_llamacpp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache ligero-out ligero-serve.db*

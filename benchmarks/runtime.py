@@ -118,7 +118,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         "Why decode is faster: batch-1 decode streams every weight once per token. torch's fp32 GEMV (MKL) reads "
         "about 12 GB/s on this CPU, while a plain streaming read reaches ~29 GB/s per core; Ligero's own "
-        "AVX-512 GEMV kernel (`src/ligero/kernels/cpu_kernels.cpp`), split over both cores, gets much closer "
+        "GEMV kernel (`src/ligero/kernels/cpu_kernels.cpp`), split over both cores, gets much closer "
         "to the memory bandwidth.",
     ]
     path.write_text("\n".join(lines) + "\n")

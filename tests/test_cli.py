@@ -102,3 +102,15 @@ def test_models_generate_and_eval_on_the_default_model():
     assert rc == 0, err
     res = json.loads(out)
     assert res["windows"] == 2 and 10 < res["ppl"] < 40 and len(res["text"]["sha256"]) == 64
+
+
+def test_threads_set_the_speed_measurement_threads(tmp_path):
+    from tiny_models import tiny_hf_model
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    rc, out, err = ligero("eval", "speed", "--model", str(tmp_path), "--ctx", "16", "--decode-tokens", "4",
+                          "--repeats", "1", "--threads", "1", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["threads"] == 1
+    rc, _, err = ligero("eval", "speed", "--threads", "0")
+    assert rc == 2 and "must be at least 1" in err

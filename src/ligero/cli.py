@@ -341,6 +341,11 @@ def cmd_serve(args) -> int:
     return serve(cfg, args.host, args.port)
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch and Ligero's kernels (default: torch's choice, one per core)")
+
+
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small samples (CI smoke run, about 3 minutes)")
     p.add_argument("--out", default="ligero-out", help="output folder (a run goes to OUT/<run-id>/)")
@@ -351,6 +356,7 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
                    help="recommendation: max |Δ pct_stereotype| and |Δ StereoSet ss|, points (default 5)")
     p.add_argument("--min-decode-tps", type=float, default=None,
                    help="recommendation: min decode tok/s (default: the baseline's measured speed)")
+    _add_threads_arg(p)
 
 
 def _add_card_commands(sub) -> None:
@@ -398,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="print token count and finish reason to stderr")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="quantize a model and save it (packed) to a folder")
@@ -405,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scheme_args(p, required=True, help="saved packed")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="evaluate perplexity, speed, or quantization quality")
@@ -417,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=_positive_int, default=128, help="tokens per speed run (default 128)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="speed runs; the median is reported (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of one line")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("run", help="the audit of the default model and variants: report, cards, recommendation")
@@ -456,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve /metrics without an API key even when keys are on (default: it needs one)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a client must send its request body within this time, else 408 (default 30)")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("monitor", help="production traffic against a deployment card: drift and A/B analysis",
@@ -478,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the kernels split their work with torch's thread pool too
     try:
         return args.func(args)
     except LigeroError as exc:

@@ -27,9 +27,9 @@ def fresh_kernels(monkeypatch, tmp_path):
     """cpu_kernels() decided anew (with this test's patches), and decided anew again afterwards."""
     monkeypatch.setenv("LIGERO_CACHE", str(tmp_path))
     monkeypatch.delenv("LIGERO_NO_KERNELS", raising=False)
-    cpu_kernels.cache_clear()
+    kernels.cache_clear()
     yield
-    cpu_kernels.cache_clear()
+    kernels.cache_clear()
 
 
 @pytest.mark.parametrize("rows,inp,out", [(1, 576, 1536), (3, 577, 7), (8, 16, 5), (1, 5, 3), (2, 2048, 640)])
@@ -98,16 +98,18 @@ def test_build_key_names_the_cpu_flags_and_the_compiler():
     assert build_key(frozenset({"avx512bw", "avx512f"}), "g++ (Debian 12.2.0) 12.2.0") == base
 
 
-def test_a_cpu_without_avx512_falls_back_and_says_so_once(monkeypatch, capsys, fresh_kernels):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "avx2", "f16c"}))
-    assert cpu_kernels() is None and cpu_kernels() is None
-    assert warm() == "torch ops (CPU without avx512f, avx512bw, avx512vl)"
-    err = capsys.readouterr().err
-    assert err.count("CPU kernels unavailable") == 1, err
+def test_an_unknown_tier_is_an_error_naming_the_tiers(monkeypatch, fresh_kernels):
+    monkeypatch.setenv("LIGERO_KERNELS", "avx9000")
+    with pytest.raises(LigeroError, match="LIGERO_KERNELS='avx9000' is not a kernel tier; use one of auto, avx2, "):
+        cpu_kernels()
+
+
+def test_the_build_key_names_the_tier():
+    flags, compiler = frozenset({"avx2"}), "g++ (Debian 12.2.0) 12.2.0"
+    assert len({build_key(flags, compiler, tier) for tier in kernels.TIERS}) == len(kernels.TIERS)
 
 
 def test_a_missing_compiler_falls_back(monkeypatch, fresh_kernels):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels._REQUIRED_FLAGS))
     monkeypatch.setenv("CXX", "/no/such/compiler")
     assert cpu_kernels() is None
     assert warm() == "torch ops (no C++ compiler found)"
@@ -128,6 +130,5 @@ def test_a_kernel_that_fails_to_build_is_an_error(monkeypatch, tmp_path, fresh_k
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error this kernel source does not compile\n")
     monkeypatch.setattr(kernels, "_SOURCE", broken)
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels._REQUIRED_FLAGS))
     with pytest.raises(LigeroError, match="failed to build.*LIGERO_NO_KERNELS=1"):
         cpu_kernels()

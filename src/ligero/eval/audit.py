@@ -28,6 +28,7 @@ from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
 from ligero.eval.variants import BASELINE, CALIBRATION_SPLIT, build_variant
 from ligero.io.checkpoint import LoadedModel, file_sha256
+from ligero.kernels import warm
 from ligero.models.registry import DEFAULT_MODEL, REGISTRY
 from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
 
@@ -113,7 +114,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "device": "cpu",
-            "torch": torch.__version__, "python": platform.python_version(), "ligero": ligero.__version__}
+            "torch": torch.__version__, "python": platform.python_version(), "ligero": ligero.__version__,
+            "kernels": warm()}  # which decode path the speed numbers were measured on
 
 
 class Log:

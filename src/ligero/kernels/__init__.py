@@ -1,10 +1,12 @@
 """Ligero's own CPU kernels, compiled once per machine and cached under LIGERO_CACHE/kernels.
 
-The cache key names the source, torch, the compiler's version and the CPU's instruction-set flags: the code is
-built with -march=native, so a cache shared between machines never hands one CPU another's instructions.
-Only a missing compiler (or ninja) or a CPU without AVX-512 makes `cpu_kernels()` return None (said once on
-stderr); callers then use torch's own ops: same results, slower decode. A compiler that fails on the kernels
-is an error, not a fallback. LIGERO_NO_KERNELS=1 turns the kernels off.
+The code is built with -march=native and picks its instruction-set tier when compiled: AVX-512 (with VNNI where
+the CPU has it), AVX2 + FMA + F16C, or portable C++ for any other CPU (ARM included). The cache key names the
+source, torch, the compiler's version, the CPU's flags and the tier asked for, so a cache shared between
+machines never hands one CPU another's instructions. LIGERO_KERNELS=avx2 or =generic builds a lower tier than
+the CPU allows (to test or measure it); LIGERO_NO_KERNELS=1 turns the kernels off. Only a missing compiler (or
+ninja) makes `cpu_kernels()` return None without being asked to (said once on stderr); callers then use torch's
+own ops: same results, much slower decode. A compiler that fails on the kernels is an error, not a fallback.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 MAX_KERNEL_ROWS = 8  # decode batches up to this many activation rows go to the kernels; more rows use torch's GEMM
 
-# Instruction sets the kernels cannot be compiled without (VNNI is optional: it only speeds int4 and ternary up).
-_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c")
-_VNNI_FLAG = "avx512_vnni"
+# LIGERO_KERNELS value -> extra compiler flags. "auto" takes the best tier the CPU has; the others cap it.
+TIERS = {"auto": [], "avx2": ["-mno-avx512f", "-DLIGERO_FORCE_AVX2"], "generic": ["-DLIGERO_FORCE_GENERIC"]}
+_ISA_NAMES = {"avx512-vnni": "AVX-512 VNNI kernels", "avx512": "AVX-512 kernels", "avx2": "AVX2 kernels",
+              "generic": "portable C++ kernels"}
 
 
 def cpu_flags() -> frozenset[str]:
@@ -54,13 +57,19 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout.splitlines()[0] if result.stdout else compiler
 
 
-def _unavailable_reason(flags: frozenset[str]) -> str | None:
-    """Why the kernels cannot run here (disabled, no compiler, unsupported CPU), or None when they can."""
+def requested_tier() -> str:
+    """The tier LIGERO_KERNELS asks for (default "auto"); an unknown value is an error naming the choices."""
+    tier = os.environ.get("LIGERO_KERNELS", "auto").strip().lower() or "auto"
+    if tier not in TIERS:
+        raise LigeroError(f"LIGERO_KERNELS={tier!r} is not a kernel tier; use one of {', '.join(TIERS)} "
+                          "(or LIGERO_NO_KERNELS=1 for torch ops)")
+    return tier
+
+
+def _unavailable_reason() -> str | None:
+    """Why the kernels cannot run here (switched off, no compiler, no ninja), or None when they can."""
     if os.environ.get("LIGERO_NO_KERNELS") == "1":
         return "LIGERO_NO_KERNELS=1"
-    missing = [f for f in _REQUIRED_FLAGS if f not in flags]
-    if missing:
-        return f"CPU without {', '.join(missing)}"
     if _compiler() is None:
         return "no C++ compiler found"
     if not cpp_extension.is_ninja_available():
@@ -68,39 +77,54 @@ def _unavailable_reason(flags: frozenset[str]) -> str | None:
     return None
 
 
-def build_key(flags: frozenset[str], compiler_version: str) -> str:
-    """Digest of everything the compiled module depends on: source, torch, compiler and CPU flags."""
+def build_key(flags: frozenset[str], compiler_version: str, tier: str = "auto") -> str:
+    """Digest of everything the compiled module depends on: source, torch, compiler, CPU flags and tier."""
     parts = [_SOURCE.read_bytes(), torch.__version__.encode(), compiler_version.encode(),
-             " ".join(sorted(flags)).encode()]
+             " ".join(sorted(flags)).encode(), tier.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
 @lru_cache(maxsize=1)
 def cpu_kernels():
-    """The compiled extension module, or None where the kernels cannot run here (`warm()` says why)."""
+    """The compiled extension module for the tier LIGERO_KERNELS asks for, or None where the kernels cannot run
+    here (`warm()` says why)."""
+    reason = _unavailable_reason()
+    if reason is None:
+        return load_tier(requested_tier())
+    if reason != "LIGERO_NO_KERNELS=1":  # asked for: nothing to report
+        print(f"ligero: CPU kernels unavailable ({reason}); using torch ops (much slower decode)", file=sys.stderr,
+              flush=True)
+    return None
+
+
+@lru_cache(maxsize=None)
+def load_tier(tier: str):
+    """Compile (once; cached on disk) and load the kernels capped at `tier` ("auto", "avx2", "generic")."""
     flags = cpu_flags()
-    reason = _unavailable_reason(flags)
-    if reason is not None:
-        if reason != "LIGERO_NO_KERNELS=1":  # asked for: nothing to report
-            print(f"ligero: CPU kernels unavailable ({reason}); using torch ops (slower decode)", file=sys.stderr,
-                  flush=True)
-        return None
-    digest = build_key(flags, _compiler_version(_compiler()))
-    build = cache_root() / "kernels" / f"cpu-{digest}"
+    digest = build_key(flags, _compiler_version(_compiler()), tier)
+    build = cache_root() / "kernels" / f"cpu-{tier}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
-        print("ligero: compiling CPU kernels once (about 30 s)", file=sys.stderr, flush=True)
+        print(f"ligero: compiling CPU kernels ({tier}) once (about 30 s)", file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name=f"ligero_cpu_{digest}", sources=[str(_SOURCE)], build_directory=str(build),
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
-    except (RuntimeError, OSError, ImportError) as exc:  # a compiler is here and the CPU fits: this is a bug
+        return cpp_extension.load(name=f"ligero_cpu_{tier}_{digest}", sources=[str(_SOURCE)],
+                                  build_directory=str(build),
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", *TIERS[tier]], verbose=False)
+    except (RuntimeError, OSError, ImportError) as exc:  # a compiler is here: this is a bug
         raise LigeroError(f"Ligero's CPU kernels failed to build in {build} ({str(exc).splitlines()[0][:160]}); "
                           "report it, and set LIGERO_NO_KERNELS=1 to run with torch ops meanwhile") from None
 
 
+def cache_clear() -> None:
+    """Forget what was decided and loaded (tests change the environment between calls)."""
+    cpu_kernels.cache_clear()
+    load_tier.cache_clear()
+
+
 def warm() -> str:
     """Load (compiling on first use) the kernels now, so no request or measurement pays the build; returns a
-    short description of the code path decode runs here, e.g. 'AVX-512 VNNI kernels'."""
-    if cpu_kernels() is None:
-        return f"torch ops ({_unavailable_reason(cpu_flags())})"
-    return "AVX-512 VNNI kernels" if _VNNI_FLAG in cpu_flags() else "AVX-512 kernels"
+    short description of the code path decode runs here, e.g. 'AVX2 kernels'."""
+    ext = cpu_kernels()
+    if ext is None:
+        return f"torch ops ({_unavailable_reason()})"
+    return _ISA_NAMES.get(ext.isa(), ext.isa())

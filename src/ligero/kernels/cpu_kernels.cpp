@@ -1,19 +1,59 @@
-// Ligero's CPU kernels for batch-1 decode (compiled once per machine by torch.utils.cpp_extension).
+// Ligero's CPU kernels for small-batch decode (compiled once per machine by torch.utils.cpp_extension).
 //
 // MKL's sgemv reaches ~12 GB/s on this kind of CPU while a plain streaming read reaches ~29 GB/s per core,
 // so a row-blocked dot-product kernel split across threads is what makes decode fast. Weights stay in
 // torch.nn.Linear's [out, in] row-major layout; the same layout serves prefill through MKL sgemm.
+//
+// Three instruction-set tiers share the entry points at the bottom; the compiler's target picks one:
+//   AVX-512 (+ VNNI for int4 and ternary); AVX2 + FMA + F16C (most x86 laptops and servers); portable C++
+//   (any CPU: each weight row is decoded to fp32 once, then dotted with the batch's rows in loops the compiler
+//   vectorizes). LIGERO_FORCE_AVX2 and LIGERO_FORCE_GENERIC pick a lower tier on a CPU that has more, to test and
+//   measure it; `isa()` names the tier compiled.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#if defined(LIGERO_FORCE_GENERIC)
+#define LIGERO_GENERIC 1
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && \
+    !defined(LIGERO_FORCE_AVX2)
+#define LIGERO_AVX512 1
+#define LIGERO_AVX2 1  // every AVX-512 CPU has AVX2: its int4 and ternary kernels serve where VNNI is missing
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LIGERO_AVX2 1
+#else
+#define LIGERO_GENERIC 1
+#endif
+#if defined(LIGERO_AVX512) && defined(__AVX512VNNI__)
+#define LIGERO_VNNI 1
+#endif
+#ifdef LIGERO_AVX2
+#include <immintrin.h>
+#endif
+
 namespace {
 
-constexpr int64_t kRows = 4;  // weight rows per block: 4 independent accumulators, 4 sequential streams
+// Runs f(m0, std::integral_constant<int, MT>) over activation rows in tiles of MT <= 8 (the decode batch is at
+// most 8 rows): each kernel is compiled for a fixed tile height, so its accumulators stay in registers.
+template <typename F>
+inline void for_each_tile(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: f(m0, std::integral_constant<int, 1>{}); break;
+      case 2: f(m0, std::integral_constant<int, 2>{}); break;
+      case 3: f(m0, std::integral_constant<int, 3>{}); break;
+      case 4: f(m0, std::integral_constant<int, 4>{}); break;
+      case 5: f(m0, std::integral_constant<int, 5>{}); break;
+      case 6: f(m0, std::integral_constant<int, 6>{}); break;
+      case 7: f(m0, std::integral_constant<int, 7>{}); break;
+      default: f(m0, std::integral_constant<int, 8>{}); break;
+    }
+  }
+}
 
 inline float dot_tail(const float* w, const float* x, int64_t from, int64_t n) {
   float s = 0.f;
@@ -21,11 +61,62 @@ inline float dot_tail(const float* w, const float* x, int64_t from, int64_t n) {
   return s;
 }
 
+// Portable tier: y[m, o] = sum_i w[i] x[m, i] for one decoded weight row w and every activation row m. Eight
+// explicit partial sums let the compiler vectorize without reordering anything; one out-of-line copy serves
+// every batch size, so a row's result does not depend on the batch it came in.
+__attribute__((noinline)) void dot_rows_generic(const float* w, const float* x, float* y, int64_t M, int64_t in,
+                                                int64_t y_stride) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * in;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t i = 0;
+    for (; i + 8 <= in; i += 8)
+      for (int k = 0; k < 8; ++k) acc[k] += w[i + k] * xm[i + k];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < in; ++i) s += w[i] * xm[i];
+    y[m * y_stride] = s;
+  }
+}
+
+inline float half_to_float(at::Half h) { return static_cast<float>(h); }
+
+#ifdef LIGERO_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum8_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// n fp16 values -> fp32 (8 at a time with F16C).
+inline void halves_to_floats(const at::Half* h, float* f, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+#else
+inline void halves_to_floats(const at::Half* h, float* f, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+#endif
+
+// ============================================ fp32 ============================================================
+constexpr int64_t kRows = 4;  // weight rows per block: 4 independent accumulators, 4 sequential streams
+
 // y[m, o] = sum_i W[o, i] * x[m, i] for m < M (M small: decode). Each block of W rows is read from memory
 // once and reused from L1 for every row of x.
 void gemv_rows(const float* x, const float* w, float* y, int64_t M, int64_t in, int64_t out,
                int64_t begin, int64_t end) {
   int64_t o = begin;
+#if defined(LIGERO_AVX512)
   for (; o + kRows <= end; o += kRows) {
     const float* r0 = w + o * in;
     const float* r1 = r0 + in;
@@ -49,56 +140,42 @@ void gemv_rows(const float* x, const float* w, float* y, int64_t M, int64_t in, 
       ym[3] = _mm512_reduce_add_ps(a3) + dot_tail(r3, xm, i, in);
     }
   }
-  for (; o < end; ++o)
-    for (int64_t m = 0; m < M; ++m) y[m * out + o] = dot_tail(w + o * in, x + m * in, 0, in);
-}
-
-}  // namespace
-
-// x: [M, in] fp32 contiguous, w: [out, in] fp32 contiguous -> [M, out]
-torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "linear_f32 takes fp32");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_f32: shape mismatch");
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t M = x.size(0), in = x.size(1), out = w.size(0);
-  auto y = torch::empty({M, out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Split output rows across threads in whole blocks (grain: 64 rows ~ 150 KB of weights at in=576).
-  at::parallel_for(0, (out + kRows - 1) / kRows, 16, [&](int64_t b, int64_t e) {
-    gemv_rows(xp, wp, yp, M, in, out, b * kRows, std::min(e * kRows, out));
-  });
-  return y;
-}
-
-namespace {
-
-// Runs f(m0, std::integral_constant<int, MT>) over activation rows in tiles of MT <= 8 (the decode batch is at
-// most 8 rows): each kernel is compiled for a fixed tile height, so its accumulators stay in registers.
-template <typename F>
-inline void for_each_tile(int64_t M, F&& f) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: f(m0, std::integral_constant<int, 1>{}); break;
-      case 2: f(m0, std::integral_constant<int, 2>{}); break;
-      case 3: f(m0, std::integral_constant<int, 3>{}); break;
-      case 4: f(m0, std::integral_constant<int, 4>{}); break;
-      case 5: f(m0, std::integral_constant<int, 5>{}); break;
-      case 6: f(m0, std::integral_constant<int, 6>{}); break;
-      case 7: f(m0, std::integral_constant<int, 7>{}); break;
-      default: f(m0, std::integral_constant<int, 8>{}); break;
+#elif defined(LIGERO_AVX2)
+  for (; o + kRows <= end; o += kRows) {
+    const float* r0 = w + o * in;
+    const float* r1 = r0 + in;
+    const float* r2 = r1 + in;
+    const float* r3 = r2 + in;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t i = 0;
+      for (; i + 8 <= in; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(xm + i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + i), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + i), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + i), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + i), xv, a3);
+      }
+      float* ym = y + m * out + o;
+      ym[0] = hsum8(a0) + dot_tail(r0, xm, i, in);
+      ym[1] = hsum8(a1) + dot_tail(r1, xm, i, in);
+      ym[2] = hsum8(a2) + dot_tail(r2, xm, i, in);
+      ym[3] = hsum8(a3) + dot_tail(r3, xm, i, in);
     }
   }
+#endif
+  for (; o < end; ++o) dot_rows_generic(w + o * in, x, y + o, M, in, out);
 }
 
+// ============================================ int8 ============================================================
 // int8 weights, one fp32 scale per output row: y = scale[o] * sum_i q[o, i] x[i].
 // Values are widened in registers (int8 -> int32 -> fp32) once per weight row and used for all MT activation
 // rows (the decode batch); memory traffic is 1 byte per weight.
 template <int MT>
 void gemv_int8_rows_t(const float* x, const int8_t* q, const float* scale, float* y, int64_t in, int64_t out,
                       int64_t begin, int64_t end) {
+#if defined(LIGERO_AVX512)
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* row = q + o * in;
     __m512 acc0[MT], acc1[MT];
@@ -119,6 +196,39 @@ void gemv_int8_rows_t(const float* x, const int8_t* q, const float* scale, float
       y[m * out + o] = s * scale[o];
     }
   }
+#elif defined(LIGERO_AVX2)
+  // Two accumulator chains per activation row: FMA latency, not bandwidth, would bound a single chain at batch 1.
+  // Every tile height sums in the same order, so a row's result does not depend on the batch it came in.
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* row = q + o * in;
+    __m256 acc0[MT], acc1[MT];
+    for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(row + i));
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+      for (int m = 0; m < MT; ++m) {
+        acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * in + i), acc0[m]);
+        acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * in + i + 8), acc1[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const float* xm = x + m * in;
+      float s = hsum8(_mm256_add_ps(acc0[m], acc1[m]));
+      for (int64_t t = i; t < in; ++t) s += float(row[t]) * xm[t];
+      y[m * out + o] = s * scale[o];
+    }
+  }
+#else
+  std::vector<float> w(in);
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* row = q + o * in;
+    for (int64_t i = 0; i < in; ++i) w[i] = float(row[i]);
+    dot_rows_generic(w.data(), x, y + o, MT, in, out);
+    for (int m = 0; m < MT; ++m) y[m * out + o] *= scale[o];
+  }
+#endif
 }
 
 void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t in,
@@ -128,26 +238,34 @@ void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* 
   });
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define LIGERO_VNNI 1
-// --- int4 x 16-bit activations with VNNI ------------------------------------------------------------------
-// Converting every nibble to fp32 costs ~8 vector ops per 32 weights; vpdpbusd multiplies 64 byte pairs per
-// instruction. The activations are split exactly into two int8 halves of a 16-bit fixed-point value per
-// 32-block (x ~ s * (256 * hi + lo), hi and lo in [-128, 127]), so the result keeps ~16-bit activation
-// precision (relative error ~1e-5): numerically a weight-only kernel, not W4A8.
+// ============================================ int4 ============================================================
+// Packed rows: per 32-input block, 16 bytes; byte j holds input j (low nibble) and j + 16 (high nibble), as
+// GGUF's Q4 types. w = scale[g] * code + minimum[g] per group g of `group` inputs (fp16 scale and minimum).
+//
+// x86 tiers: converting every nibble to fp32 costs ~8 vector ops per 32 weights; integer multiply-adds take 32
+// (AVX2 vpmaddubsw) or 64 (VNNI vpdpbusd) byte pairs per instruction. The activations are split exactly into
+// two int8 halves of a 16-bit fixed-point value per 32-block (x ~ s * (256 * hi + lo), hi and lo in
+// [-128, 127]), so the result keeps ~16-bit activation precision (relative error ~1e-5): numerically a
+// weight-only kernel, not W4A8.
 struct SplitX {
   // Per 32-block b, bytes [16b, 16b + 16): "first" = elements 32b..32b+15, "second" = 32b+16..32b+31,
   // matching the packed weight layout (low nibbles, high nibbles). Padded to whole 128-weight chunks.
   std::vector<int8_t> hi_first, hi_second, lo_first, lo_second;
-  std::vector<float> scale;      // per block, repeated 4x: one float per dpbusd lane (16 per chunk)
+  std::vector<float> scale;      // per block, repeated 4x: one float per 32-bit lane of 4 byte pairs
   std::vector<float> block_sum;  // sum of x per 32-block (for the minimum term)
 };
 
-inline void split_x(const float* x, int64_t in, SplitX& sx) {
+inline void split_x_resize(int64_t in, SplitX& sx) {
   const int64_t n_blocks = in / 32, n_chunks = (n_blocks + 3) / 4;
   for (auto* v : {&sx.hi_first, &sx.hi_second, &sx.lo_first, &sx.lo_second}) v->assign(n_chunks * 64, 0);
   sx.scale.assign(n_chunks * 16, 0.f);
   sx.block_sum.assign(n_blocks, 0.f);
+}
+
+#ifdef LIGERO_VNNI
+inline void split_x(const float* x, int64_t in, SplitX& sx) {
+  const int64_t n_blocks = in / 32;
+  split_x_resize(in, sx);
   const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512i c128 = _mm512_set1_epi32(128), cff = _mm512_set1_epi32(0xFF);
   for (int64_t b = 0; b < n_blocks; ++b) {
@@ -168,6 +286,32 @@ inline void split_x(const float* x, int64_t in, SplitX& sx) {
     }
   }
 }
+#else
+// The same split in scalar code (O(in) per call, against O(in * out) for the product).
+inline void split_x(const float* x, int64_t in, SplitX& sx) {
+  const int64_t n_blocks = in / 32;
+  split_x_resize(in, sx);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f, sum = 0.f;
+    for (int k = 0; k < 32; ++k) {
+      amax = std::max(amax, std::fabs(xb[k]));
+      sum += xb[k];
+    }
+    sx.block_sum[b] = sum;
+    const float inv = amax > 0.f ? 32639.f / amax : 0.f;  // 32639: see the VNNI version
+    for (int k = 0; k < 4; ++k) sx.scale[b * 4 + k] = amax / 32639.f;
+    for (int k = 0; k < 32; ++k) {
+      const int32_t v = (int32_t)std::nearbyint(xb[k] * inv);  // round to nearest even, as cvtps2dq
+      const int32_t lo = ((v + 128) & 0xFF) - 128;
+      const int32_t hi = (v - lo) >> 8;
+      const int64_t at = b * 16 + (k & 15);
+      (k < 16 ? sx.hi_first : sx.hi_second)[at] = (int8_t)hi;
+      (k < 16 ? sx.lo_first : sx.lo_second)[at] = (int8_t)lo;
+    }
+  }
+}
+#endif
 
 // Sum of x over each weight group (for the minimum term), from the per-block sums.
 inline std::vector<float> group_sums(const SplitX& sx, int64_t group) {
@@ -177,6 +321,7 @@ inline std::vector<float> group_sums(const SplitX& sx, int64_t group) {
   return gs;
 }
 
+#ifdef LIGERO_VNNI
 // One row of packed int4 (one chunk = 4 blocks = 128 weights = 64 bytes) against MT rows of split activations
 // (MT = the decode batch, 1-8). The nibble unpacking, the weight scales and the minimums are loaded once per
 // weight row and shared by all MT activation rows, so a batch of 8 costs far less than 8 batch-1 calls.
@@ -230,17 +375,375 @@ inline void int4_row_vnni(const uint8_t* row, const at::Half* srow, const at::Ha
 }
 
 template <int MT>
-void int4_rows_vnni(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
-                    const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
-                    int64_t end) {
+void int4_rows(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
+               const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
+               int64_t end) {
   const int64_t n_groups = (in + group - 1) / group;
   for (int64_t o = begin; o < end; ++o)
     int4_row_vnni<MT>(packed + o * (in / 2), scale + o * n_groups, minimum + o * n_groups, sx, gsum, in, group,
                       y + o, out);
 }
+#elif defined(LIGERO_AVX2)
+// Two 32-blocks (32 bytes) per step: vpmaddubsw multiplies the unsigned nibbles by the signed activation halves
+// and adds neighbouring pairs in int16 (at most 2 * 15 * 128 per pair, two pairs summed: no saturation);
+// vpmaddwd then widens to int32, weighting the high half by 256. Lanes 0-3 hold block b, lanes 4-7 block b + 1.
+template <int MT>
+void int4_rows(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
+               const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
+               int64_t end) {
+  const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group, bpg = group / 32;
+  const int bpg_shift = __builtin_ctzll((unsigned long long)bpg);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+  std::vector<float> ws(n_groups + 1, 0.f), wm(n_groups);  // this row's scales and minimums in fp32
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    halves_to_floats(scale + o * n_groups, ws.data(), n_groups);
+    halves_to_floats(minimum + o * n_groups, wm.data(), n_groups);
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; b += 2) {
+      const bool pair = b + 1 < n_blocks;  // an odd last block is loaded alone (the row may end there)
+      const __m256i v = pair ? _mm256_loadu_si256((const __m256i*)(row + b * 16))
+                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(row + b * 16)));
+      const __m256i lo_n = _mm256_and_si256(v, low4);
+      const __m256i hi_n = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      // b is even, so blocks b and b + 1 share a group unless groups are single blocks.
+      const __m256 wscale = bpg == 1 ? _mm256_setr_m128(_mm_set1_ps(ws[b]), _mm_set1_ps(ws[b + 1]))
+                                     : _mm256_set1_ps(ws[b >> bpg_shift]);
+      for (int m = 0; m < MT; ++m) {
+        const SplitX& x = sx[m];
+        const __m256i ah = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo_n, _mm256_loadu_si256((const __m256i*)(x.hi_first.data() + b * 16))),
+            _mm256_maddubs_epi16(hi_n, _mm256_loadu_si256((const __m256i*)(x.hi_second.data() + b * 16))));
+        const __m256i al = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo_n, _mm256_loadu_si256((const __m256i*)(x.lo_first.data() + b * 16))),
+            _mm256_maddubs_epi16(hi_n, _mm256_loadu_si256((const __m256i*)(x.lo_second.data() + b * 16))));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(ah, c256), _mm256_madd_epi16(al, ones)));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(wscale, _mm256_loadu_ps(x.scale.data() + b * 4)), acc[m]);
+      }
+    }
+    // Minimum term: sum_g minimum[g] * (sum of x over group g), 8 groups per vector.
+    int64_t g = 0;
+    for (; g + 8 <= n_groups; g += 8) {
+      const __m256 mv = _mm256_loadu_ps(wm.data() + g);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(gsum[m] + g), acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      float s = hsum8(acc[m]);
+      for (int64_t t = g; t < n_groups; ++t) s += wm[t] * gsum[m][t];
+      y[m * out + o] = s;
+    }
+  }
+}
+#else
+// Portable: decode the row to fp32 once, then dot it with every activation row.
+void int4_rows_generic(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const float* x,
+                       int64_t M, int64_t in, int64_t out, int64_t group, float* y, int64_t begin, int64_t end) {
+  const int64_t n_groups = (in + group - 1) / group;
+  std::vector<float> w(in);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    for (int64_t b = 0; b < in / 32; ++b) {
+      const float s = half_to_float(scale[o * n_groups + b * 32 / group]);
+      const float mn = half_to_float(minimum[o * n_groups + b * 32 / group]);
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = row[b * 16 + j];
+        w[b * 32 + j] = s * float(byte & 0x0F) + mn;
+        w[b * 32 + 16 + j] = s * float(byte >> 4) + mn;
+      }
+    }
+    dot_rows_generic(w.data(), x, y + o, M, in, out);
+  }
+}
 #endif
 
+// ============================================ 4-bit table codes (MXFP4 / NVFP4) ===============================
+// 4-bit codes through a 16-entry value table (E2M1), packed like int4, with one scale code per block of 16 or 32
+// inputs decoded through a 256-entry table (E8M0 or E4M3) and a per-tensor fp32 scale.
+template <int MT>
+inline void lut4_tile(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
+                      const float* value_lut, float tensor_scale, int64_t in, int64_t out, int64_t block,
+                      int64_t begin, int64_t end, float* y) {
+  const int64_t n_blocks = in / block;
+#if defined(LIGERO_AVX512)
+  const __m512 lut = _mm512_loadu_ps(value_lut);
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    const uint8_t* srow = scale_codes + o * n_blocks;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += 32) {
+      // Decoded once per weight row, used by every activation row of the tile.
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i / 2)));
+      const float s_lo = scale_lut[srow[i / block]];
+      const float s_hi = scale_lut[srow[(i + 16) / block]];
+      const __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), _mm512_set1_ps(s_lo));
+      const __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), _mm512_set1_ps(s_hi));
+      for (int m = 0; m < MT; ++m) {
+        acc[m] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + m * in + i), acc[m]);
+        acc[m] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + m * in + i + 16), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = _mm512_reduce_add_ps(acc[m]) * tensor_scale;
+  }
+#elif defined(LIGERO_AVX2)
+  // A 16-entry lookup from two 8-entry permutes, bit 3 of the code choosing between them (moved to the sign bit
+  // for blendv).
+  const __m256 lut_lo = _mm256_loadu_ps(value_lut), lut_hi = _mm256_loadu_ps(value_lut + 8);
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  auto lookup = [&](__m256i code) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, code), _mm256_permutevar8x32_ps(lut_hi, code),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+  };
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    const uint8_t* srow = scale_codes + o * n_blocks;
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < in; i += 32) {
+      const __m128i bytes = _mm_loadu_si128((const __m128i*)(row + i / 2));
+      const __m256 s_lo = _mm256_set1_ps(scale_lut[srow[i / block]]);
+      const __m256 s_hi = _mm256_set1_ps(scale_lut[srow[(i + 16) / block]]);
+      for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7: inputs i + 8h.. (low nibbles) and i + 16 + 8h.. (high)
+        const __m256i v = _mm256_cvtepu8_epi32(h == 0 ? bytes : _mm_srli_si128(bytes, 8));
+        const __m256 w_lo = _mm256_mul_ps(lookup(_mm256_and_si256(v, low4)), s_lo);
+        const __m256 w_hi = _mm256_mul_ps(lookup(_mm256_srli_epi32(v, 4)), s_hi);
+        for (int m = 0; m < MT; ++m) {
+          acc[m] = _mm256_fmadd_ps(w_lo, _mm256_loadu_ps(x + m * in + i + 8 * h), acc[m]);
+          acc[m] = _mm256_fmadd_ps(w_hi, _mm256_loadu_ps(x + m * in + i + 16 + 8 * h), acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]) * tensor_scale;
+  }
+#else
+  std::vector<float> w(in);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    const uint8_t* srow = scale_codes + o * n_blocks;
+    for (int64_t i = 0; i < in; i += 32) {
+      const float s_lo = scale_lut[srow[i / block]], s_hi = scale_lut[srow[(i + 16) / block]];
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = row[i / 2 + j];
+        w[i + j] = value_lut[byte & 0x0F] * s_lo;
+        w[i + 16 + j] = value_lut[byte >> 4] * s_hi;
+      }
+    }
+    dot_rows_generic(w.data(), x, y + o, MT, in, out);
+    for (int m = 0; m < MT; ++m) y[m * out + o] *= tensor_scale;
+  }
+#endif
+}
+
+void gemv_lut4_rows(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
+                    const float* value_lut, float tensor_scale, float* y, int64_t M, int64_t in, int64_t out,
+                    int64_t block, int64_t begin, int64_t end) {
+  for_each_tile(M, [&](int64_t m0, auto mt) {
+    lut4_tile<decltype(mt)::value>(x + m0 * in, packed, scale_codes, scale_lut, value_lut, tensor_scale, in, out,
+                                   block, begin, end, y + m0 * out);
+  });
+}
+
+// ============================================ 8-bit table codes (FP8) =========================================
+// 8-bit codes through a 256-entry value table (FP8 E4M3 / E5M2) with one fp32 scale per output row.
+//
+// Both FP8 formats are fp16 with fewer bits: E5M2's byte is the high byte of the same value's fp16, and E4M3's
+// sign and 7 other bits, shifted into fp16's layout, read as the value / 256 (its exponent bias is 7, fp16's
+// 15; subnormals map to subnormals). fp8_bits_kind checks that identity on all 256 codes of the given table
+// (NaN codes, which quantized weights never hold, aside), so the fast path is exact by construction.
+constexpr int kTable = 0, kE4M3 = 1, kE5M2 = 2;
+
+inline float fp16_bits_to_float(uint16_t h) {
+  const at::Half v(h, at::Half::from_bits());
+  return static_cast<float>(v);
+}
+
+inline int fp8_bits_kind(const float* lut) {
+  bool e4m3 = true, e5m2 = true;
+  for (int c = 0; c < 256; ++c) {
+    if (std::isnan(lut[c])) continue;
+    const uint16_t h4 = (uint16_t)(((c & 0x80) << 8) | ((c & 0x7F) << 7));
+    e4m3 = e4m3 && fp16_bits_to_float(h4) * 256.f == lut[c];
+    e5m2 = e5m2 && fp16_bits_to_float((uint16_t)(c << 8)) == lut[c];
+  }
+  return e4m3 ? kE4M3 : e5m2 ? kE5M2 : kTable;
+}
+
+template <int MT>
+inline void lut8_tile(const float* x, const uint8_t* q, const float* row_scale, const float* lut, int kind,
+                      int64_t in, int64_t out, int64_t begin, int64_t end, float* y) {
+#if defined(LIGERO_AVX512)
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = q + o * in;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+      // The gather is the expensive part: once per weight row, shared by the tile's activation rows.
+      const __m512 w = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i))), lut, 4);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * in + i), acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const float* xm = x + m * in;
+      float s = _mm512_reduce_add_ps(acc[m]);
+      for (int64_t t = i; t < in; ++t) s += lut[row[t]] * xm[t];
+      y[m * out + o] = s * row_scale[o];
+    }
+  }
+#elif defined(LIGERO_AVX2)
+  // AVX2 gathers are slow (~1 value per cycle); FP8 bytes become fp16 bits with two shifts instead (see
+  // fp8_bits_kind), and F16C converts them. A table that is neither format falls back to the gather.
+  const float post = kind == kE4M3 ? 256.f : 1.f;  // E4M3 bits read as fp16 are the value / 256
+  const __m256i m7f = _mm256_set1_epi16(0x7F), m80 = _mm256_set1_epi16(0x80);
+  for (int64_t o = begin; o < end; ++o) {  // two accumulator chains per row, as for int8
+    const uint8_t* row = q + o * in;
+    __m256 acc0[MT], acc1[MT];
+    for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(row + i));
+      __m256 w0, w1;
+      if (kind == kTable) {
+        w0 = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(b), 4);
+        w1 = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), 4);
+      } else {
+        const __m256i v = _mm256_cvtepu8_epi16(b);
+        const __m256i h = kind == kE5M2 ? _mm256_slli_epi16(v, 8)
+                                        : _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, m80), 8),
+                                                          _mm256_slli_epi16(_mm256_and_si256(v, m7f), 7));
+        w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+        w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+      }
+      for (int m = 0; m < MT; ++m) {
+        acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * in + i), acc0[m]);
+        acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * in + i + 8), acc1[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const float* xm = x + m * in;
+      float tail = 0.f;
+      for (int64_t t = i; t < in; ++t) tail += lut[row[t]] * xm[t];
+      y[m * out + o] = (hsum8(_mm256_add_ps(acc0[m], acc1[m])) * post + tail) * row_scale[o];
+    }
+  }
+#else
+  std::vector<float> w(in);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = q + o * in;
+    for (int64_t i = 0; i < in; ++i) w[i] = lut[row[i]];
+    dot_rows_generic(w.data(), x, y + o, MT, in, out);
+    for (int m = 0; m < MT; ++m) y[m * out + o] *= row_scale[o];
+  }
+#endif
+}
+
+void gemv_lut8_rows(const float* x, const uint8_t* q, const float* row_scale, const float* lut, int kind, float* y,
+                    int64_t M, int64_t in, int64_t out, int64_t begin, int64_t end) {
+  for_each_tile(M, [&](int64_t m0, auto mt) {
+    lut8_tile<decltype(mt)::value>(x + m0 * in, q, row_scale, lut, kind, in, out, begin, end, y + m0 * out);
+  });
+}
+
+// ============================================ ternary (BitNet b1.58) ==========================================
+// Weights in the compute layout (2 bits, t = w + 1 in {0, 1, 2}; per 64 inputs byte j holds inputs j, j+16,
+// j+32, j+48 at bit offsets 0, 2, 4, 6). Activations are int8 per token (BitNet's absmax), so
+// sum t * x - sum x = sum w * x exactly in int32: every tier gives the same result, bit for bit.
+template <int MT>
+void ternary_tile(const uint8_t* packed, const float* row_scale, const int8_t* xq, const int32_t* xsum,
+                  const float* xscale, int64_t in, int64_t out, int64_t begin, int64_t end, float* y) {
+#if defined(LIGERO_VNNI)
+  // One 16-byte load + broadcast + variable shift + mask gives 64 weights for one vpdpbusd.
+  const __m512i shifts = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
+  const __m512i mask2 = _mm512_set1_epi8(0x03);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 4);
+    __m512i acc[2][MT];  // even / odd chunks: two independent dpbusd chains per row (exact int32 sums)
+    for (int m = 0; m < MT; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < in / 64; ++c) {
+      const __m512i t = _mm512_and_si512(
+          _mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16))), shifts), mask2);
+      for (int m = 0; m < MT; ++m)
+        acc[c & 1][m] = _mm512_dpbusd_epi32(acc[c & 1][m], t, _mm512_loadu_si512(xq + m * in + c * 64));
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][m], acc[1][m])) - xsum[m];
+      y[m * out + o] = (float)dot * row_scale[o] * xscale[m];
+    }
+  }
+#elif defined(LIGERO_AVX2)
+  // The 16 bytes of a chunk, broadcast to both halves and shifted by (0 | 2) and (4 | 6) bits, give inputs 0-31
+  // and 32-63 in order; vpmaddubsw pairs stay within int16 (2 * 2 * 128, two summed).
+  const __m256i shifts_a = _mm256_setr_epi64x(0, 0, 2, 2), shifts_b = _mm256_setr_epi64x(4, 4, 6, 6);
+  const __m256i mask2 = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 4);
+    __m256i acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < in / 64; ++c) {
+      const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(row + c * 16)));
+      const __m256i t0 = _mm256_and_si256(_mm256_srlv_epi64(w, shifts_a), mask2);
+      const __m256i t1 = _mm256_and_si256(_mm256_srlv_epi64(w, shifts_b), mask2);
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* xc = xq + m * in + c * 64;
+        const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(t0, _mm256_loadu_si256((const __m256i*)xc)),
+                                           _mm256_maddubs_epi16(t1, _mm256_loadu_si256((const __m256i*)(xc + 32))));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(s, ones));
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int32_t dot = hsum8_epi32(acc[m]) - xsum[m];
+      y[m * out + o] = (float)dot * row_scale[o] * xscale[m];
+    }
+  }
+#else
+  std::vector<int8_t> t(in);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * (in / 4);
+    for (int64_t i = 0; i < in; ++i) t[i] = (row[(i / 64) * 16 + (i & 15)] >> (2 * ((i & 63) >> 4))) & 3;
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* xm = xq + m * in;
+      int32_t dot = 0;  // exact: any order gives the same sum
+      for (int64_t i = 0; i < in; ++i) dot += int32_t(t[i]) * int32_t(xm[i]);
+      y[m * out + o] = (float)(dot - xsum[m]) * row_scale[o] * xscale[m];
+    }
+  }
+#endif
+}
+
 }  // namespace
+
+// ============================================ entry points ===================================================
+
+std::string isa() {
+#if defined(LIGERO_VNNI)
+  return "avx512-vnni";
+#elif defined(LIGERO_AVX512)
+  return "avx512";
+#elif defined(LIGERO_AVX2)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+// x: [M, in] fp32 contiguous, w: [out, in] fp32 contiguous -> [M, out]
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "linear_f32 takes fp32");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_f32: shape mismatch");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), in = x.size(1), out = w.size(0);
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Split output rows across threads in whole blocks (grain: 64 rows ~ 150 KB of weights at in=576).
+  at::parallel_for(0, (out + kRows - 1) / kRows, 16, [&](int64_t b, int64_t e) {
+    gemv_rows(xp, wp, yp, M, in, out, b * kRows, std::min(e * kRows, out));
+  });
+  return y;
+}
 
 // x: [M, in] fp32, q: [out, in] int8, scale: [out] fp32 -> [M, out]
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
@@ -263,6 +766,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   TORCH_CHECK(x.dtype() == torch::kFloat32 && packed.dtype() == torch::kUInt8);
   TORCH_CHECK(scale.dtype() == torch::kFloat16 && minimum.dtype() == torch::kFloat16);
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0 && packed.size(1) * 2 == x.size(1) && group % 32 == 0);
+  TORCH_CHECK((group & (group - 1)) == 0, "linear_int4: the group size must be a power of two");
   x = x.contiguous();
   const int64_t M = x.size(0), in = x.size(1), out = packed.size(0), n_groups = (in + group - 1) / group;
   TORCH_CHECK(scale.size(1) == n_groups && minimum.size(1) == n_groups);
@@ -272,7 +776,11 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* mp = minimum.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-#ifdef LIGERO_VNNI
+#ifdef LIGERO_GENERIC
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+    int4_rows_generic(pp, sp, mp, xp, M, in, out, group, yp, b, e);
+  });
+#else
   thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
   sx_buffers.resize(M);
   const SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
@@ -286,94 +794,12 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
     // One weight row's unpacking serves a whole tile of activation rows.
     for_each_tile(M, [&](int64_t m0, auto mt) {
-      int4_rows_vnni<decltype(mt)::value>(pp, sp, mp, sx + m0, gsum_ptr.data() + m0, in, out, group, yp + m0 * out,
-                                          b, e);
+      int4_rows<decltype(mt)::value>(pp, sp, mp, sx + m0, gsum_ptr.data() + m0, in, out, group, yp + m0 * out, b, e);
     });
-  });
-#else
-  auto xsum = torch::zeros({M, n_groups}, x.options());
-  float* xs = xsum.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < in; ++i) xs[m * n_groups + i / group] += xp[m * in + i];
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    gemv_int4_rows(xp, xs, pp, sp, mp, yp, M, in, out, group, b, e);
   });
 #endif
   return y;
 }
-
-namespace {
-
-// 4-bit codes through a 16-entry value table (E2M1 for MXFP4/NVFP4), packed like int4, with one scale code per
-// block of 16 or 32 inputs decoded through a 256-entry table (E8M0 or E4M3) and a per-tensor fp32 scale.
-template <int MT>
-inline void lut4_tile(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
-                      const float* value_lut, float tensor_scale, int64_t in, int64_t out, int64_t block,
-                      int64_t begin, int64_t end, float* y) {
-  const int64_t n_blocks = in / block;
-  const __m512 lut = _mm512_loadu_ps(value_lut);
-  const __m512i low4 = _mm512_set1_epi32(0xF);
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* row = packed + o * (in / 2);
-    const uint8_t* srow = scale_codes + o * n_blocks;
-    __m512 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < in; i += 32) {
-      // Decoded once per weight row, used by every activation row of the tile.
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i / 2)));
-      const float s_lo = scale_lut[srow[i / block]];
-      const float s_hi = scale_lut[srow[(i + 16) / block]];
-      const __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), _mm512_set1_ps(s_lo));
-      const __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), _mm512_set1_ps(s_hi));
-      for (int m = 0; m < MT; ++m) {
-        acc[m] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + m * in + i), acc[m]);
-        acc[m] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + m * in + i + 16), acc[m]);
-      }
-    }
-    for (int m = 0; m < MT; ++m) y[m * out + o] = _mm512_reduce_add_ps(acc[m]) * tensor_scale;
-  }
-}
-
-void gemv_lut4_rows(const float* x, const uint8_t* packed, const uint8_t* scale_codes, const float* scale_lut,
-                    const float* value_lut, float tensor_scale, float* y, int64_t M, int64_t in, int64_t out,
-                    int64_t block, int64_t begin, int64_t end) {
-  for_each_tile(M, [&](int64_t m0, auto mt) {
-    lut4_tile<decltype(mt)::value>(x + m0 * in, packed, scale_codes, scale_lut, value_lut, tensor_scale, in, out,
-                                   block, begin, end, y + m0 * out);
-  });
-}
-
-// 8-bit codes through a 256-entry value table (FP8 E4M3 / E5M2) with one fp32 scale per output row.
-template <int MT>
-inline void lut8_tile(const float* x, const uint8_t* q, const float* row_scale, const float* lut, int64_t in,
-                      int64_t out, int64_t begin, int64_t end, float* y) {
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* row = q + o * in;
-    __m512 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= in; i += 16) {
-      // The gather is the expensive part: once per weight row, shared by the tile's activation rows.
-      const __m512 w = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i))), lut, 4);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * in + i), acc[m]);
-    }
-    for (int m = 0; m < MT; ++m) {
-      const float* xm = x + m * in;
-      float s = _mm512_reduce_add_ps(acc[m]);
-      for (int64_t t = i; t < in; ++t) s += lut[row[t]] * xm[t];
-      y[m * out + o] = s * row_scale[o];
-    }
-  }
-}
-
-void gemv_lut8_rows(const float* x, const uint8_t* q, const float* row_scale, const float* lut, float* y,
-                    int64_t M, int64_t in, int64_t out, int64_t begin, int64_t end) {
-  for_each_tile(M, [&](int64_t m0, auto mt) {
-    lut8_tile<decltype(mt)::value>(x + m0 * in, q, row_scale, lut, in, out, begin, end, y + m0 * out);
-  });
-}
-
-}  // namespace
 
 // x: [M, in] fp32 (in % 32 == 0); packed [out, in/2] u8; scale_codes [out, in/block] u8; luts fp32 [256], [16]
 torch::Tensor linear_lut4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_codes, torch::Tensor scale_lut,
@@ -409,40 +835,11 @@ torch::Tensor linear_lut8(torch::Tensor x, torch::Tensor q, torch::Tensor row_sc
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = row_scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) { gemv_lut8_rows(xp, qp, sp, l.data_ptr<float>(), yp, M, in, out, b, e); });
+  const float* lp = l.data_ptr<float>();
+  const int kind = fp8_bits_kind(lp);  // once per call: which decoding the table allows (used by the AVX2 tier)
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) { gemv_lut8_rows(xp, qp, sp, lp, kind, yp, M, in, out, b, e); });
   return y;
 }
-
-// --- ternary (BitNet b1.58) with int8 activations ---------------------------------------------------------
-// Weights in the compute layout (2 bits, t = w + 1 in {0, 1, 2}; per 64 inputs byte j holds inputs j, j+16,
-// j+32, j+48). Activations are int8 per token (BitNet's absmax), so sum t * x - sum x = sum w * x exactly in
-// int32. One 16-byte load + broadcast + variable shift + mask gives 64 weights for one vpdpbusd.
-#ifdef LIGERO_VNNI
-namespace {
-// MT activation rows against each ternary weight row: the 2-bit codes are unpacked once per chunk and shared.
-template <int MT>
-void ternary_tile(const uint8_t* packed, const float* row_scale, const int8_t* xq, const int32_t* xsum,
-                  const float* xscale, int64_t in, int64_t out, int64_t begin, int64_t end, float* y) {
-  const __m512i shifts = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
-  const __m512i mask2 = _mm512_set1_epi8(0x03);
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* row = packed + o * (in / 4);
-    __m512i acc[2][MT];  // even / odd chunks: two independent dpbusd chains per row (exact int32 sums)
-    for (int m = 0; m < MT; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_si512();
-    for (int64_t c = 0; c < in / 64; ++c) {
-      const __m512i t = _mm512_and_si512(
-          _mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(row + c * 16))), shifts), mask2);
-      for (int m = 0; m < MT; ++m)
-        acc[c & 1][m] = _mm512_dpbusd_epi32(acc[c & 1][m], t, _mm512_loadu_si512(xq + m * in + c * 64));
-    }
-    for (int m = 0; m < MT; ++m) {
-      const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][m], acc[1][m])) - xsum[m];
-      y[m * out + o] = (float)dot * row_scale[o] * xscale[m];
-    }
-  }
-}
-}  // namespace
-#endif
 
 // x: [M, in] fp32 (in % 64 == 0); packed: [out, in/4] u8; row_scale: [out] fp32 (weight scale of the row's
 // segment) -> [M, out] = (sum w q) * row_scale * x_scale
@@ -474,33 +871,17 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
     xsum[m] = sum;
   }
   const int8_t* xqp = xq.data();
-#ifdef LIGERO_VNNI
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
     for_each_tile(M, [&](int64_t m0, auto mt) {
       ternary_tile<decltype(mt)::value>(pp, sp, xqp + m0 * in, xsum.data() + m0, xscale.data() + m0, in, out, b, e,
                                         yp + m0 * out);
     });
   });
-#else
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      const uint8_t* row = pp + o * (in / 4);
-      for (int64_t m = 0; m < M; ++m) {
-        int32_t dot = 0;
-        for (int64_t i = 0; i < in; ++i) {
-          const int64_t c = i / 64, j = i % 64;
-          const int t = (row[c * 16 + (j & 15)] >> (2 * (j >> 4))) & 3;
-          dot += t * xqp[m * in + i];
-        }
-        yp[m * out + o] = (float)(dot - xsum[m]) * sp[o] * xscale[m];
-      }
-    }
-  });
-#endif
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa, "the instruction-set tier these kernels were compiled for");
   m.def("linear_f32", &linear_f32, "small-batch fp32 linear (decode GEMV)");
   m.def("linear_int8", &linear_int8, "small-batch linear with int8 per-channel weights");
   m.def("linear_int4", &linear_int4, "small-batch linear with packed int4 group weights");

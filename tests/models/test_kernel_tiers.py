@@ -1,0 +1,105 @@
+"""Every instruction-set tier of the kernels computes what torch computes from the dequantized weights.
+
+The tier the CPU picks runs in every other kernel test; here the lower tiers are built too (LIGERO_KERNELS):
+portable C++ everywhere (the path for ARM and other CPUs), and AVX2 where the CPU has AVX-512. Each tier is
+checked on every quantized layer kind, ragged shapes, batch 1 and 8 (a row's result must not depend on its batch),
+and the integer ternary kernel must agree bit for bit across tiers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ligero.kernels as kernels
+from ligero.quant import formats, modules
+from ligero.quant.config import FP4Config, FP8Config, Int8WeightConfig, IntGroupConfig, TernaryConfig
+from ligero.quant.modules import FP4Linear, FP8Linear, Int8Linear, IntGroupLinear, TernaryLinear
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _lower_tiers() -> list[str]:
+    if kernels._unavailable_reason() is not None:
+        return []
+    native = kernels.load_tier("auto").isa()
+    return ["generic"] + (["avx2"] if native.startswith("avx512") else [])
+
+
+@pytest.fixture(scope="module", params=_lower_tiers() or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no C++ compiler or ninja here: no kernels to build"))])
+def tier(request):
+    ext = kernels.load_tier(request.param)
+    assert ext.isa() == request.param
+    return ext
+
+
+@pytest.fixture
+def use(monkeypatch):
+    """use(ext): the quantized layers call this compiled module."""
+    return lambda ext: monkeypatch.setattr(modules, "cpu_kernels", lambda: ext)
+
+
+CASES = [  # (layer, config, out, in): in covers odd block counts (int4 pairs blocks) and non-multiple-of-16 tails
+    (Int8Linear, Int8WeightConfig(), 37, 577), (IntGroupLinear, IntGroupConfig(32), 29, 576),
+    (IntGroupLinear, IntGroupConfig(32), 29, 608), (IntGroupLinear, IntGroupConfig(128), 21, 640),
+    (IntGroupLinear, IntGroupConfig(32, bits=3), 13, 160), (FP8Linear, FP8Config("e4m3", activations=False), 19, 581),
+    (FP8Linear, FP8Config("e5m2", activations=False), 19, 96), (FP4Linear, FP4Config("nvfp4"), 23, 576),
+    (FP4Linear, FP4Config("mxfp4"), 23, 640),
+]
+
+
+@pytest.mark.parametrize("layer_type,config,out,inp", CASES, ids=lambda v: getattr(v, "kind", None))
+@pytest.mark.parametrize("rows", [1, 8])
+def test_tier_matches_torch_on_the_dequantized_weights(tier, use, layer_type, config, out, inp, rows):
+    layer = layer_type.from_float(randn(out, inp, seed=out) * 0.05, config)
+    x = randn(rows, inp, seed=rows)
+    use(tier)
+    with torch.inference_mode():
+        got = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+    w_hat = layer.dequantize()
+    # The int4 kernels round activations to ~16 bits: bound the error by the size of the terms summed.
+    assert ((got - F.linear(x, w_hat)).abs() <= 1e-4 * (x.abs() @ w_hat.abs().T) + 1e-6).all()
+    assert torch.equal(got, alone)
+
+
+def test_fp8_codes_of_every_magnitude_decode_exactly(tier, use):
+    """Each finite FP8 code, subnormals included, with denormals flushed as the runtime sets it."""
+    for fmt in ("e4m3", "e5m2"):
+        lut = formats.fp8_lut(fmt)
+        finite = torch.nonzero(torch.isfinite(lut)).flatten().to(torch.uint8)
+        layer = FP8Linear(finite.numel(), 3, FP8Config(fmt, activations=False))
+        layer.q = finite.repeat(3, 1).view(formats.FP8_DTYPES[fmt])
+        layer.scale = torch.tensor([1.0, 2.0, 0.5])
+        x = randn(1, finite.numel(), seed=3)
+        use(tier)
+        old = torch.is_flush_denormal_enabled() if hasattr(torch, "is_flush_denormal_enabled") else False
+        torch.set_flush_denormal(True)
+        try:
+            with torch.inference_mode():
+                got = layer(x)
+        finally:
+            torch.set_flush_denormal(old)
+        ref = F.linear(x.double(), layer.dequantize().double()).float()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ternary_is_bit_identical_across_tiers(tier, use):
+    layer = TernaryLinear.from_float(randn(70, 640, seed=9), TernaryConfig())
+    x = randn(8, 640, seed=10)
+    with torch.inference_mode():
+        native = layer(x)
+        layer._compute = None
+        use(tier)
+        assert torch.equal(layer(x), native)
+
+
+def test_a_tier_can_be_chosen_for_a_whole_run(monkeypatch, tier):
+    monkeypatch.setenv("LIGERO_KERNELS", tier.isa())
+    kernels.cpu_kernels.cache_clear()
+    try:
+        assert kernels.cpu_kernels() is tier  # the same loaded module: no second build
+        assert kernels.warm() == {"generic": "portable C++ kernels", "avx2": "AVX2 kernels"}[tier.isa()]
+    finally:
+        kernels.cpu_kernels.cache_clear()

@@ -41,8 +41,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # has a symmetric int4 scheme (edit the row then, e.g. to an int8-activation int4 scheme).
 PAIRS = [
     ("Q8_0", "int8", "int8 weights; llama.cpp: fp16 scale per block of 32, Ligero: fp32 scale per output row"),
-    ("Q4_0", "int4-g32", "no symmetric int4 scheme in Ligero yet: its asymmetric int4 g32 stands in"),
-    ("Q4_1", "int4-g32", "same format: 4-bit codes, scale + minimum per group of 32"),
+    ("Q4_0", "int4-sym-a8", "same arithmetic: symmetric 4-bit codes per group of 32 x activations rounded to int8 "
+                            "per 32 inputs (llama.cpp's Q8_0); Ligero also stores the minimum (-8 x scale)"),
+    ("Q4_1", "int4-g32", "same format: 4-bit codes, scale + minimum per group of 32; Ligero keeps ~16-bit "
+                         "activations (llama.cpp rounds them to int8 per 32, Q8_1)"),
+    ("Q4_1", "int4-a8", "same format and the same int8 activations per 32 inputs as llama.cpp's Q4_1 x Q8_1"),
     ("TQ2_0", "b158", "ternary; llama.cpp: 2 bits/weight in blocks of 256, rows of other widths fall back to Q4_0 "
                       "(SmolLM2's 576-wide rows: all but ffn_down; --shape tinyllama-1.1b has none); Ligero: 1.6 "
                       "bits/weight"),
@@ -74,8 +77,10 @@ def summarize(measurements: list[dict], pairs: list[tuple[str, str, str]], prefi
     models = list(dict.fromkeys(m["model"] for m in measurements))
     for model in models:
         for ltype, scheme, note in pairs:
+            # llama.cpp's runs of a type pool over the pairs that share it (Q4_1 is paired twice).
             runs = {e: [m for m in measurements if m["model"] == model and m["llamacpp_type"] == ltype
-                        and m["engine"] == e] for e in ("ligero", "llamacpp")}
+                        and m["engine"] == e and (e == "llamacpp" or m["ligero_scheme"] == scheme)]
+                    for e in ("ligero", "llamacpp")}
             if not runs["ligero"] or not runs["llamacpp"]:
                 continue
             row = {"model": model, "llamacpp_type": ltype, "ligero_scheme": scheme, "note": note}
@@ -96,7 +101,10 @@ def own_ratios(rows: list[dict], quant: str = OWN_RATIO[0], base: str = OWN_RATI
     """Per model: each engine's decode speed of the `quant` row over the `base` row (e.g. int4 / fp32)."""
     out = {}
     for model in dict.fromkeys(r["model"] for r in rows):
-        by_type = {r["llamacpp_type"]: r for r in rows if r["model"] == model}
+        by_type = {}
+        for r in rows:  # a type paired twice: its first pair (Q4_1: the exact int4 path)
+            if r["model"] == model:
+                by_type.setdefault(r["llamacpp_type"], r)
         if quant in by_type and base in by_type:
             q, b = by_type[quant], by_type[base]
             out[model] = {"quant": f"{quant} / {q['ligero_scheme']}", "base": f"{base} / {b['ligero_scheme']}",

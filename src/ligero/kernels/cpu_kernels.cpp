@@ -321,6 +321,33 @@ inline std::vector<float> group_sums(const SplitX& sx, int64_t group) {
   return gs;
 }
 
+// int8 activations per 32-input block (the `act_int8_blocks` option, as llama.cpp's Q8_0 pairs with its Q4 types):
+// x ~ xs_b * q, q = round(x * 127 / amax_b). Stored in SplitX's "hi" bytes (the "lo" bytes stay zero and are not
+// read); block_sum is the sum of the rounded values, so the minimum term is that of the same rounded x and the
+// whole product equals x_hat @ w_hat^T (torch reference: quant/formats.py fake_quantize_int8_blocks).
+inline float quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_second, float* xs) {
+  float amax = 0.f;
+  for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *xs = amax / 127.f;
+  int32_t sum = 0;
+  for (int k = 0; k < 32; ++k) {
+    const int32_t v = (int32_t)std::nearbyint(xb[k] * inv);  // round to nearest even, as torch.round
+    (k < 16 ? q_first : q_second)[k & 15] = (int8_t)v;
+    sum += v;
+  }
+  return (float)sum * *xs;
+}
+
+inline void quantize_x8(const float* x, int64_t in, SplitX& sx) {
+  split_x_resize(in, sx);
+  for (int64_t b = 0; b < in / 32; ++b) {
+    float xs;
+    sx.block_sum[b] = quantize_block_x8(x + b * 32, sx.hi_first.data() + b * 16, sx.hi_second.data() + b * 16, &xs);
+    for (int k = 0; k < 4; ++k) sx.scale[b * 4 + k] = xs;
+  }
+}
+
 #ifdef LIGERO_VNNI
 // One row of packed int4 (one chunk = 4 blocks = 128 weights = 64 bytes) against MT rows of split activations
 // (MT = the decode batch, 1-8). The nibble unpacking, the weight scales and the minimums are loaded once per
@@ -375,20 +402,23 @@ inline void int4_row_vnni(const uint8_t* row, const at::Half* srow, const at::Ha
 }
 
 template <int MT>
-void int4_rows(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
-               const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
-               int64_t end) {
+void int4_rows_vnni(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
+                    const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
+                    int64_t end) {
   const int64_t n_groups = (in + group - 1) / group;
   for (int64_t o = begin; o < end; ++o)
     int4_row_vnni<MT>(packed + o * (in / 2), scale + o * n_groups, minimum + o * n_groups, sx, gsum, in, group,
                       y + o, out);
 }
-#elif defined(LIGERO_AVX2)
+#endif
+
+#ifdef LIGERO_AVX2
 // Two 32-blocks (32 bytes) per step: vpmaddubsw multiplies the unsigned nibbles by the signed activation halves
 // and adds neighbouring pairs in int16 (at most 2 * 15 * 128 per pair, two pairs summed: no saturation);
 // vpmaddwd then widens to int32, weighting the high half by 256. Lanes 0-3 hold block b, lanes 4-7 block b + 1.
-template <int MT>
-void int4_rows(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
+// ACT8: the activations are int8 per block (quantize_x8): one vpmaddubsw per nibble half, no low bytes.
+template <int MT, bool ACT8>
+void int4_rows_avx2(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
                const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
                int64_t end) {
   const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group, bpg = group / 32;
@@ -415,10 +445,15 @@ void int4_rows(const uint8_t* packed, const at::Half* scale, const at::Half* min
         const __m256i ah = _mm256_add_epi16(
             _mm256_maddubs_epi16(lo_n, _mm256_loadu_si256((const __m256i*)(x.hi_first.data() + b * 16))),
             _mm256_maddubs_epi16(hi_n, _mm256_loadu_si256((const __m256i*)(x.hi_second.data() + b * 16))));
-        const __m256i al = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo_n, _mm256_loadu_si256((const __m256i*)(x.lo_first.data() + b * 16))),
-            _mm256_maddubs_epi16(hi_n, _mm256_loadu_si256((const __m256i*)(x.lo_second.data() + b * 16))));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(ah, c256), _mm256_madd_epi16(al, ones)));
+        __m256 dot;
+        if constexpr (ACT8) {
+          dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(ah, ones));
+        } else {
+          const __m256i al = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo_n, _mm256_loadu_si256((const __m256i*)(x.lo_first.data() + b * 16))),
+              _mm256_maddubs_epi16(hi_n, _mm256_loadu_si256((const __m256i*)(x.lo_second.data() + b * 16))));
+          dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(ah, c256), _mm256_madd_epi16(al, ones)));
+        }
         acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(wscale, _mm256_loadu_ps(x.scale.data() + b * 4)), acc[m]);
       }
     }
@@ -435,7 +470,9 @@ void int4_rows(const uint8_t* packed, const at::Half* scale, const at::Half* min
     }
   }
 }
-#else
+#endif
+
+#ifdef LIGERO_GENERIC
 // Portable: decode the row to fp32 once, then dot it with every activation row.
 void int4_rows_generic(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const float* x,
                        int64_t M, int64_t in, int64_t out, int64_t group, float* y, int64_t begin, int64_t end) {
@@ -760,9 +797,10 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
   return y;
 }
 
-// x: [M, in] fp32 (in % 32 == 0), packed: [out, in/2] uint8, scale/minimum: [out, G] fp16 -> [M, out]
+// x: [M, in] fp32 (in % 32 == 0), packed: [out, in/2] uint8, scale/minimum: [out, G] fp16 -> [M, out].
+// act_int8_blocks: round x to int8 per 32-input block first (see quantize_x8); otherwise x keeps ~16 bits.
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum,
-                          int64_t group) {
+                          int64_t group, bool act_int8_blocks) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && packed.dtype() == torch::kUInt8);
   TORCH_CHECK(scale.dtype() == torch::kFloat16 && minimum.dtype() == torch::kFloat16);
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0 && packed.size(1) * 2 == x.size(1) && group % 32 == 0);
@@ -777,6 +815,17 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const at::Half* mp = minimum.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
 #ifdef LIGERO_GENERIC
+  std::vector<float> x_hat;  // the rounded activations, when asked for
+  if (act_int8_blocks) {
+    x_hat.resize(M * in);
+    std::vector<int8_t> q(32);
+    for (int64_t b = 0; b < M * in / 32; ++b) {
+      float xs;
+      quantize_block_x8(xp + b * 32, q.data(), q.data() + 16, &xs);
+      for (int k = 0; k < 32; ++k) x_hat[b * 32 + k] = (float)q[k] * xs;
+    }
+    xp = x_hat.data();
+  }
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
     int4_rows_generic(pp, sp, mp, xp, M, in, out, group, yp, b, e);
   });
@@ -786,7 +835,10 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
   std::vector<std::vector<float>> gsum(M);
   for (int64_t m = 0; m < M; ++m) {
-    split_x(xp + m * in, in, sx_buffers[m]);
+    if (act_int8_blocks)
+      quantize_x8(xp + m * in, in, sx_buffers[m]);
+    else
+      split_x(xp + m * in, in, sx_buffers[m]);
     gsum[m] = group_sums(sx[m], group);
   }
   std::vector<const float*> gsum_ptr(M);
@@ -794,7 +846,17 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
     // One weight row's unpacking serves a whole tile of activation rows.
     for_each_tile(M, [&](int64_t m0, auto mt) {
-      int4_rows<decltype(mt)::value>(pp, sp, mp, sx + m0, gsum_ptr.data() + m0, in, out, group, yp + m0 * out, b, e);
+      constexpr int MT = decltype(mt)::value;
+      const float* const* gs = gsum_ptr.data() + m0;
+      if (act_int8_blocks) {
+        int4_rows_avx2<MT, true>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, b, e);
+      } else {
+#ifdef LIGERO_VNNI
+        int4_rows_vnni<MT>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, b, e);
+#else
+        int4_rows_avx2<MT, false>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, b, e);
+#endif
+      }
     });
   });
 #endif
@@ -880,6 +942,79 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
   return y;
 }
 
+// ============================================ decode attention ================================================
+// Attention for a few query positions (decode: T = 1 per sequence) over the cache's keys. torch's SDPA spends
+// ~100 us per call on dispatch and setup for what is here ~20k multiply-adds; one native call per layer does it
+// directly. Exact softmax in fp32 (max subtracted), the same arithmetic SDPA performs.
+namespace {
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+}  // namespace
+
+// q: [B, H, T, D]; k, v: [B, K, S, D] (views of the cache: the last dim contiguous); mask: [B, 1, T, S] bool
+// (true = visible; every query sees at least one key) -> [B, H, T, D]. Query head h reads KV head h / (H / K).
+torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 &&
+              mask.dtype() == torch::kBool, "attend_decode takes fp32 q, k, v and a bool mask");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "attend_decode: 4-d tensors");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), K = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes() && K > 0 && H % K == 0,
+              "attend_decode: shape mismatch");
+  if (k.stride(3) != 1) k = k.contiguous();
+  if (v.stride(3) != 1) v = v.contiguous();
+  q = q.contiguous();
+  mask = mask.expand({B, 1, T, S});
+  auto out = torch::empty({B, H, T, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
+  const int64_t group = H / K;
+  const float sc = (float)scale;
+  at::parallel_for(0, B * H * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / (H * T), h = (idx / T) % H, t = idx % T, g = h / group;
+      const float* qv = qp + idx * D;
+      const bool* mrow = mp + b * ms0 + t * ms2;
+      const float* kb = kp + b * ks0 + g * ks1;
+      const float* vb = vp + b * vs0 + g * vs1;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = mrow[s * ms3] ? dot_f32(qv, kb + s * ks2, D) * sc : -INFINITY;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx);
+        sum += p[s];
+      }
+      float* o = op + idx * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == 0.f) continue;
+        const float w = p[s];
+        const float* vr = vb + s * vs2;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction-set tier these kernels were compiled for");
   m.def("linear_f32", &linear_f32, "small-batch fp32 linear (decode GEMV)");
@@ -888,4 +1023,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_lut4", &linear_lut4, "small-batch linear with 4-bit table codes and block scales (MXFP4/NVFP4)");
   m.def("linear_ternary", &linear_ternary, "small-batch BitNet b1.58 linear: 2-bit ternary x int8 activations");
   m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
+  m.def("attend_decode", &attend_decode, "attention of a few query positions over the KV cache (decode)");
 }

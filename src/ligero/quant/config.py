@@ -140,12 +140,17 @@ def check_group_size(group_size: int) -> None:
 
 @dataclass(frozen=True)
 class IntGroupConfig(QuantConfig):
-    """Group-wise integer weights (2, 3 or 4 bits), asymmetric: scale and minimum in fp16 per group of
-    `group_size` inputs, round-to-nearest. The kind keeps its first name, from when it held only int4."""
+    """Group-wise integer weights (2, 3 or 4 bits): scale and minimum in fp16 per group of `group_size` inputs,
+    round-to-nearest, asymmetric (Q4_1's grid) or symmetric (Q4_0's). `act_int8_blocks` rounds the activations
+    to int8 per 32 inputs before the product (as llama.cpp's Q4 x Q8_0 dot product does): about half the
+    kernel's integer work, a small quality cost (docs/quantization.md). The kind keeps its first name, from
+    when it held only int4."""
 
     kind: ClassVar[str] = "int4_weight"
     group_size: int = 32
     bits: int = 4  # 2 or 3: stored densely, 8 codes in `bits` bytes
+    symmetric: bool = False
+    act_int8_blocks: bool = False
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4):

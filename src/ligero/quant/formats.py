@@ -25,11 +25,15 @@ def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return q.float() * scale[:, None]
 
 
-def quantize_int_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric round-to-nearest per group: w ~ q * scale + minimum, q in [0, 2^bits - 1].
+def quantize_int_groups(w: torch.Tensor, bits: int, group: int,
+                        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per group: w ~ q * scale + minimum, q in [0, 2^bits - 1].
 
+    Asymmetric (GGUF's Q4_1): the group's range maps onto the codes. Symmetric (Q4_0): scale = the group's
+    largest-magnitude value / -2^(bits-1), minimum = -2^(bits-1) * scale, so that value is exactly code 0 and
+    zero is exactly code 2^(bits-1); both kinds are stored and computed the same way.
     The last group may be shorter when `group` does not divide `in` (576 = 4 x 128 + 64).
-    Scales and minimums are stored as fp16 (as GGUF's Q4_1 does); q is computed against the rounded values.
+    Scales and minimums are stored as fp16; q is computed against the rounded values.
     Returns (q uint8 [out, in], scale f16 [out, G], minimum f16 [out, G]).
     """
     out, n = w.shape
@@ -38,14 +42,21 @@ def quantize_int_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.T
     wf = w.float()
     padded = torch.nn.functional.pad(wf, (0, pad), value=float("nan")) if pad else wf
     g = padded.view(out, n_groups, group)
-    lo = torch.nan_to_num(g, nan=float("inf")).amin(-1)
-    hi = torch.nan_to_num(g, nan=float("-inf")).amax(-1)
     qmax = (1 << bits) - 1
-    scale16 = ((hi - lo) / qmax).half()
-    min16 = lo.half()
+    if symmetric:
+        half = 1 << (bits - 1)
+        filled = torch.nan_to_num(g, nan=0.0)
+        extreme = filled.gather(-1, filled.abs().argmax(-1, keepdim=True)).squeeze(-1)  # signed, largest |w|
+        scale16 = (extreme / -half).half()
+        min16 = (scale16.float() * -half).half()  # exact: a power-of-two multiple of an fp16
+    else:
+        lo = torch.nan_to_num(g, nan=float("inf")).amin(-1)
+        hi = torch.nan_to_num(g, nan=float("-inf")).amax(-1)
+        scale16 = ((hi - lo) / qmax).half()
+        min16 = lo.half()
     s = expand_groups(scale16.float(), group, n)
     m = expand_groups(min16.float(), group, n)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
+    safe = torch.where(s != 0, s, torch.ones_like(s))
     q = torch.round((wf - m) / safe).clamp_(0, qmax).to(torch.uint8)
     return q, scale16, min16
 
@@ -194,6 +205,16 @@ def act_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fake_quantize_int8_tokens(x: torch.Tensor) -> torch.Tensor:
     q, scale = act_quant_int8(x)
     return (q * scale).to(x.dtype)
+
+
+def fake_quantize_int8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Activations rounded to int8 per `block` inputs (llama.cpp's Q8_0): q = round(x * (127 / amax)), x_hat =
+    q * (amax / 127), in fp32, exactly as the int4 kernels' int8-activation path computes them."""
+    xf = x.float()
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(b * inv) * (amax / 127.0)).reshape(xf.shape).to(x.dtype)
 
 
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)

@@ -107,7 +107,8 @@ class IntGroupLinear(QuantizedLinear):
     @classmethod
     def from_float(cls, weight, config, segments=None):
         layer = cls(weight.shape[1], weight.shape[0], config, segments)
-        q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, layer.bits, config.group_size)
+        q, layer.scale, layer.minimum = formats.quantize_int_groups(weight, layer.bits, config.group_size,
+                                                                    symmetric=getattr(config, "symmetric", False))
         layer.set_codes(q)
         return layer
 
@@ -126,6 +127,8 @@ class IntGroupLinear(QuantizedLinear):
     def forward(self, x):
         if getattr(self.config, "act_int8", False):  # LSQ W4A8: int8 activations per token
             x = formats.fake_quantize_int8_tokens(x)
+        if getattr(self.config, "act_int8_blocks", False) and not (_use_kernel(x) and cpu_kernels() is not None):
+            x = formats.fake_quantize_int8_blocks(x)  # the kernel rounds them itself, identically
         return super().forward(x)
 
     def kernel_layout(self) -> torch.Tensor:
@@ -139,7 +142,8 @@ class IntGroupLinear(QuantizedLinear):
         ext = cpu_kernels()
         if ext is None:
             return None
-        return ext.linear_int4(x2d, self.kernel_layout(), self.scale, self.minimum, self.config.group_size)
+        return ext.linear_int4(x2d, self.kernel_layout(), self.scale, self.minimum, self.config.group_size,
+                               bool(getattr(self.config, "act_int8_blocks", False)))
 
 
 class FP8Linear(QuantizedLinear):

@@ -54,3 +54,7 @@ register_named_scheme("lsq", LSQConfig, bits=4, group_size=128)
 register_named_scheme("lsq-int3", LSQConfig, bits=3, group_size=128)
 register_named_scheme("lsq-int2", LSQConfig, bits=2, group_size=128)
 register_named_scheme("lsq-w4a8", LSQConfig, bits=4, group_size=128, act_int8=True)
+# GGUF Q4_0's symmetric grid, and llama.cpp's int8 activations per 32 inputs (its Q4 x Q8_0 dot product).
+register_named_scheme("int4-sym", IntGroupConfig, group_size=32, symmetric=True)
+register_named_scheme("int4-a8", IntGroupConfig, group_size=32, act_int8_blocks=True)
+register_named_scheme("int4-sym-a8", IntGroupConfig, group_size=32, symmetric=True, act_int8_blocks=True)

@@ -1,0 +1,90 @@
+"""int4 with int8 activations per 32-input block (`int4-a8`, `int4-sym-a8`, llama.cpp's Q4 x Q8_0 arithmetic) and
+the symmetric (Q4_0) grid: the kernel against a plain-torch reference of the same arithmetic, prefill (torch) and
+decode (kernel) agreeing, and whole models decoding the same tokens on both paths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ligero.quant import formats, modules
+from ligero.quant.api import quantize
+from ligero.quant.config import IntGroupConfig, recipe_for
+from ligero.quant.modules import IntGroupLinear
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fake_quantize_int8_blocks_rounds_each_block_to_127_levels():
+    x = randn(3, 96, seed=1)
+    x_hat = formats.fake_quantize_int8_blocks(x)
+    blocks, hat = x.view(3, 3, 32), x_hat.view(3, 3, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    assert ((hat - blocks).abs() <= step / 2 + 1e-7).all()
+    assert torch.allclose((hat / step).round(), hat / step, atol=1e-4)  # integer multiples of the block's step
+    assert torch.equal(formats.fake_quantize_int8_blocks(torch.zeros(1, 32)), torch.zeros(1, 32))
+
+
+def test_symmetric_grid_puts_zero_and_the_extreme_on_codes():
+    w = randn(16, 64, seed=2)
+    q, scale, minimum = formats.quantize_int_groups(w, 4, 32, symmetric=True)
+    assert torch.equal(minimum.float(), -8 * scale.float())
+    w_hat = formats.dequantize_int_groups(q, scale, minimum, 32)
+    groups, hat = w.view(16, 2, 32), w_hat.view(16, 2, 32)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    assert torch.allclose(hat.gather(-1, groups.abs().argmax(-1, keepdim=True)), extreme, rtol=1e-3)
+    assert (q.view(16, 2, 32).float() - 8).abs().amax() <= 8
+    # As good as the asymmetric grid within a factor (it spends one level on exact zero)
+    q2, s2, m2 = formats.quantize_int_groups(w, 4, 32)
+    err_sym = (w_hat - w).pow(2).mean()
+    err_asym = (formats.dequantize_int_groups(q2, s2, m2, 32) - w).pow(2).mean()
+    assert err_sym < 2.0 * err_asym
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_kernel_equals_torch_reference_of_the_same_arithmetic(compiled_kernels, symmetric, group, rows):
+    cfg = IntGroupConfig(group, symmetric=symmetric, act_int8_blocks=True)
+    layer = IntGroupLinear.from_float(randn(67, 608, seed=group) * 0.05, cfg)
+    x = randn(rows, 608, seed=rows)
+    with torch.inference_mode():
+        got = layer(x)  # kernel (<= 8 rows)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+    x_hat, w_hat = formats.fake_quantize_int8_blocks(x), layer.dequantize()
+    ref = F.linear(x_hat.double(), w_hat.double()).float()
+    scale = (x_hat.abs() @ w_hat.abs().T)
+    assert ((got - ref).abs() <= 1e-5 * scale + 1e-6).all()
+    assert torch.equal(got, alone)
+    # and it is not the exact-activation product: the option really rounds the activations
+    assert not torch.allclose(got, F.linear(x, w_hat), rtol=1e-6, atol=1e-6)
+
+
+def test_prefill_and_decode_round_the_activations_the_same_way(compiled_kernels):
+    layer = IntGroupLinear.from_float(randn(40, 576, seed=3), IntGroupConfig(32, act_int8_blocks=True))
+    x = randn(12, 576, seed=4)
+    with torch.inference_mode():
+        prefill = layer(x)  # 12 rows: torch path
+        decode = torch.cat([layer(x[i : i + 1]) for i in range(12)])  # kernel path
+    x_hat, w_hat = formats.fake_quantize_int8_blocks(x), layer.dequantize()
+    assert ((decode - prefill).abs() <= 1e-5 * (x_hat.abs() @ w_hat.abs().T)).all()  # summation order only
+
+
+@pytest.mark.parametrize("scheme", ["int4-sym", "int4-a8", "int4-sym-a8"])
+def test_schemes_decode_the_same_tokens_with_and_without_kernels(scheme, tiny_pair, monkeypatch, compiled_kernels):
+    from ligero.io.checkpoint import load_model
+    from ligero.models import transformer
+    from ligero.models.generate import SamplingConfig, generate_tokens
+
+    _, _, folder = tiny_pair
+    model = load_model(str(folder), device="cpu").model
+    quantize(model, recipe_for(scheme))
+    prompt = [[1, 5, 9, 3]]
+    greedy = SamplingConfig(temperature=0.0)
+    with torch.inference_mode():
+        fast = generate_tokens(model, prompt, 32, greedy, eos_ids=[])
+        monkeypatch.setattr(modules, "cpu_kernels", lambda: None)
+        monkeypatch.setattr(transformer, "cpu_kernels", lambda: None)
+        reference = generate_tokens(model, prompt, 32, greedy, eos_ids=[])
+    assert fast == reference

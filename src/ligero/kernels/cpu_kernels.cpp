@@ -737,7 +737,15 @@ void ternary_tile(const uint8_t* packed, const float* row_scale, const int8_t* x
   std::vector<int8_t> t(in);
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = packed + o * (in / 4);
-    for (int64_t i = 0; i < in; ++i) t[i] = (row[(i / 64) * 16 + (i & 15)] >> (2 * ((i & 63) >> 4))) & 3;
+    for (int64_t c = 0; c < in / 64; ++c)  // byte j of a chunk: inputs j, j + 16, j + 32, j + 48
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = row[c * 16 + j];
+        int8_t* tc = t.data() + c * 64 + j;
+        tc[0] = byte & 3;
+        tc[16] = (byte >> 2) & 3;
+        tc[32] = (byte >> 4) & 3;
+        tc[48] = byte >> 6;
+      }
     for (int m = 0; m < MT; ++m) {
       const int8_t* xm = xq + m * in;
       int32_t dot = 0;  // exact: any order gives the same sum
@@ -1015,6 +1023,29 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   return out;
 }
 
+// ============================================ RMSNorm =========================================================
+// y = x / sqrt(mean(x^2) + eps) * (offset + w), per row, in fp32 (Llama: offset 0; Gemma: offset 1). One native
+// call replaces torch's ~8 small ops (~50 us at decode sizes, 61 norms per SmolLM2 token).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "rms_norm takes fp32");
+  const int64_t dim = w.numel();
+  TORCH_CHECK(x.size(-1) == dim, "rms_norm: the last dimension must match the weight");
+  x = x.contiguous();
+  auto y = torch::empty_like(x);
+  const int64_t rows = x.numel() / dim;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.contiguous().data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float off = (float)offset;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * dim;
+    float* yr = yp + r * dim;
+    const float inv = 1.f / std::sqrt(dot_f32(xr, xr, dim) / (float)dim + (float)eps);
+    for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * inv * (off + wp[i]);
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction-set tier these kernels were compiled for");
   m.def("linear_f32", &linear_f32, "small-batch fp32 linear (decode GEMV)");
@@ -1024,4 +1055,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_ternary", &linear_ternary, "small-batch BitNet b1.58 linear: 2-bit ternary x int8 activations");
   m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
   m.def("attend_decode", &attend_decode, "attention of a few query positions over the KV cache (decode)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
 }

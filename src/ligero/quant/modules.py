@@ -192,6 +192,7 @@ class FP4Linear(QuantizedLinear):
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale_codes", torch.empty(out_features, in_features // block, dtype=torch.uint8))
         self.register_buffer("tensor_scale", torch.ones(len(self.segments), dtype=torch.float32))
+        self._row_scale_cache: tuple[tuple[int, int], torch.Tensor] | None = None  # decode only (no autograd)
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
@@ -226,7 +227,12 @@ class FP4Linear(QuantizedLinear):
         y = ext.linear_lut4(x2d, self.packed, self.scale_codes, formats.fp4_scale_lut(self.config.fmt),
                             formats.E2M1_VALUES, float(self.tensor_scale[0]) if single else 1.0,
                             formats.FP4_BLOCK[self.config.fmt])
-        return y if single else y * self.row_scale()
+        if single:
+            return y
+        key = (self.tensor_scale.data_ptr(), self.tensor_scale._version)  # new or changed scales: rebuild
+        if self._row_scale_cache is None or self._row_scale_cache[0] != key:
+            self._row_scale_cache = (key, self.row_scale())  # one repeat_interleave per layer, not per token
+        return y * self._row_scale_cache[1]
 
 
 class TernaryLinear(QuantizedLinear):

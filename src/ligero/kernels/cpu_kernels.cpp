@@ -64,18 +64,19 @@ inline float dot_tail(const float* w, const float* x, int64_t from, int64_t n) {
 // Portable tier: y[m, o] = sum_i w[i] x[m, i] for one decoded weight row w and every activation row m. Eight
 // explicit partial sums let the compiler vectorize without reordering anything; one out-of-line copy serves
 // every batch size, so a row's result does not depend on the batch it came in.
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 __attribute__((noinline)) void dot_rows_generic(const float* w, const float* x, float* y, int64_t M, int64_t in,
                                                 int64_t y_stride) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * in;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t i = 0;
-    for (; i + 8 <= in; i += 8)
-      for (int k = 0; k < 8; ++k) acc[k] += w[i + k] * xm[i + k];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < in; ++i) s += w[i] * xm[i];
-    y[m * y_stride] = s;
-  }
+  for (int64_t m = 0; m < M; ++m) y[m * y_stride] = dot_f32(w, x + m * in, in);
 }
 
 inline float half_to_float(at::Half h) { return static_cast<float>(h); }
@@ -906,7 +907,11 @@ torch::Tensor linear_lut8(torch::Tensor x, torch::Tensor q, torch::Tensor row_sc
   const float* sp = row_scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* lp = l.data_ptr<float>();
-  const int kind = fp8_bits_kind(lp);  // once per call: which decoding the table allows (used by the AVX2 tier)
+#if defined(LIGERO_AVX2) && !defined(LIGERO_AVX512)
+  const int kind = fp8_bits_kind(lp);  // once per call: which decoding the table allows (only this tier uses it)
+#else
+  const int kind = kTable;
+#endif
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) { gemv_lut8_rows(xp, qp, sp, lp, kind, yp, M, in, out, b, e); });
   return y;
 }
@@ -954,17 +959,6 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
 // Attention for a few query positions (decode: T = 1 per sequence) over the cache's keys. torch's SDPA spends
 // ~100 us per call on dispatch and setup for what is here ~20k multiply-adds; one native call per layer does it
 // directly. Exact softmax in fp32 (max subtracted), the same arithmetic SDPA performs.
-namespace {
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-}  // namespace
 
 // q: [B, H, T, D]; k, v: [B, K, S, D] (views of the cache: the last dim contiguous); mask: [B, 1, T, S] bool
 // (true = visible; every query sees at least one key) -> [B, H, T, D]. Query head h reads KV head h / (H / K).

@@ -1,12 +1,15 @@
 """Where a decode token's time goes: Ligero's native kernels vs everything else, per scheme and kernel path.
 
 For each scheme the model is built once; each kernel path (torch ops = no Ligero kernels, the portable C++ tier,
-and the tier this CPU picks) then decodes batch 1, greedy, after a 16-token prompt:
+and the tier this CPU picks) then decodes batch 1, greedy, after a 16-token prompt, layer by layer
+(LIGERO_DECODE_STEP=layers, the reference):
   1. an uninstrumented run gives tok/s;
   2. an instrumented run splits each token's time into: native kernel calls (timed around each call), the rest
      of the linear layers (Python and torch around the kernel, or torch's dequantize + GEMM without kernels), and
      everything else (attention, norms, RoPE, embeddings, the argmax, Python dispatch).
 Instrumentation adds a little time of its own, so the split is read against the instrumented total.
+With kernels, the same path then runs the native decode step (every layer in one native call, the default): tok/s
+uninstrumented, then a run with the step's own timers on (inside the native call: projections, attention).
 
     python benchmarks/decode_profile.py [--model smollm2-135m] [--schemes fp32,int8,int4,b158,fp8,nvfp4]
         [--paths torch,generic,auto] [--tokens 32] [--threads 2] [--out docs]
@@ -36,6 +39,7 @@ from ligero.quant import modules  # noqa: E402
 
 PATH_LABELS = {"torch": "torch ops (no Ligero kernels)", "generic": "portable C++ kernels", "avx2": "AVX2 kernels",
                "auto": "this CPU's best tier"}
+STEP_LABELS = {"layers": "layer by layer", "native": "native step"}
 
 
 class TimedKernels:
@@ -82,11 +86,12 @@ def patch_kernels(provider) -> None:
 
 
 @torch.inference_mode()
-def decode(model, steps: int, seed: int = 0, on_start=lambda: None) -> float:
+def decode(model, steps: int, seed: int = 0, on_start=lambda: None, on_cache=lambda cache: None) -> float:
     """Seconds for `steps` single-token steps after a 16-token prompt; `on_start()` runs after the prompt."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=g)
     cache = model.new_cache(1, 16 + steps + 1)
+    on_cache(cache)
     logits = model(prompt, kv_cache=cache, last_only=True)
     pos = torch.tensor([[16]])
     on_start()
@@ -102,7 +107,47 @@ def linear_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, (transformer.Linear, modules.QuantizedLinear))]
 
 
+def set_step(step: str) -> None:
+    os.environ["LIGERO_DECODE_STEP"] = step
+
+
+def native_profile(model, steps: int) -> dict:
+    """The native step: tok/s uninstrumented, then the step's own timers (inside the native call) split a run."""
+    set_step("native")
+    try:
+        decode(model, 8)
+        plain = decode(model, steps)
+        plans = []
+
+        def start():  # the plan exists once the prompt ran: time only the decode steps
+            plans.append(transformer.native_decode_plan(model, cache_of[0]))
+            plans[0].set_profiling(True)
+            plans[0].reset_timings()
+
+        cache_of, head = [], {"seconds": 0.0, "start": 0.0}
+        hooks = [model.lm_head.register_forward_pre_hook(lambda *_: head.update(start=time.perf_counter())),
+                 model.lm_head.register_forward_hook(
+                     lambda *_: head.update(seconds=head["seconds"] + time.perf_counter() - head["start"]))]
+        try:
+            total = decode(model, steps, on_start=lambda: (start(), head.update(seconds=0.0)),
+                           on_cache=cache_of.append)
+        finally:
+            for h in hooks:
+                h.remove()
+        linear_s, attention_s = plans[0].timings()
+        linear_s += head["seconds"]  # the output head runs after the step, as a module
+        plans[0].set_profiling(False)
+    finally:
+        set_step("layers")
+    per_token = lambda s: 1000 * s / steps  # noqa: E731
+    return {"tok_s": steps / plain, "ms_per_token": per_token(plain), "instrumented_ms_per_token": per_token(total),
+            "kernel_ms": per_token(linear_s), "linear_other_ms": 0.0, "attention_kernel_ms": per_token(attention_s),
+            "rest_ms": per_token(total - linear_s - attention_s), "kernel_calls_per_token": 2.0,
+            "linear_layers": len(linear_layers(model))}
+
+
 def profile(model, ext, steps: int) -> dict:
+    set_step("layers")
     decode(model, 8)  # warm-up: caches, layouts, allocator
     plain = decode(model, steps)
     timer = TimedKernels(ext) if ext is not None else None
@@ -156,15 +201,21 @@ def write_markdown(report: dict, path: Path) -> None:
         "Columns: tok/s from an uninstrumented run; then an instrumented run's milliseconds per token split into "
         "the linear layers' native kernels, the rest of the linear layers (Python/torch around the kernel; without "
         "kernels, torch's dequantize + GEMM), the native decode-attention kernel (torch's SDPA without kernels: "
-        "then part of the rest), and everything else (norms, RoPE, KV-cache writes, embedding, argmax, dispatch).",
+        "then part of the rest), and everything else (norms, RoPE, KV-cache writes, embedding, argmax, dispatch). "
+        "Layer by layer is the reference path (one module call per layer, LIGERO_DECODE_STEP=layers); the native "
+        "step (the default; bit-identical logits) runs every layer in one native call, one call per token, timed "
+        "by its own timers: projections (kernels, plus any projection that calls back into Python) and "
+        "attention, plus the output head (a module after the step); its rest is norms, RoPE, cache writes and "
+        "activations in C++, the embedding, the final norm, the argmax and the Python around the call.",
         "",
-        "| scheme | kernel path | tok/s | ms/token | linear kernels ms | linear other ms | attention kernel ms | "
-        "rest ms | native calls/token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scheme | kernel path | decode | tok/s | ms/token | linear kernels ms | linear other ms | "
+        "attention kernel ms | rest ms | native calls/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         flag = " (machine busy)" if r["foreign_cpu_share"] > 0.1 else ""
-        lines.append(f"| {r['scheme']} | {PATH_LABELS.get(r['path'], r['path'])}{flag} | {r['tok_s']:.1f} | "
+        lines.append(f"| {r['scheme']} | {PATH_LABELS.get(r['path'], r['path'])}{flag} | "
+                     f"{STEP_LABELS[r.get('step', 'layers')]} | {r['tok_s']:.1f} | "
                      f"{r['instrumented_ms_per_token']:.2f} | {r['kernel_ms']:.2f} | {r['linear_other_ms']:.2f} | "
                      f"{r['attention_kernel_ms']:.2f} | {r['rest_ms']:.2f} | {r['kernel_calls_per_token']:.0f} |")
     lines += ["", f"Other processes used {report['foreign_cpu_share']:.1%} of the machine's CPU time during the run; "
@@ -195,12 +246,15 @@ def main() -> None:
         for p in paths:
             ext = use_path(p)
             load = ForeignLoad().start()
-            row = {"scheme": scheme, "path": p, **profile(model, ext, args.tokens)}
-            row["foreign_cpu_share"] = load.share()
-            report["results"].append(row)
-            print(f"{scheme:11s} {p:8s} {row['tok_s']:7.1f} tok/s  linear kernels {row['kernel_ms']:6.2f} ms  "
-                  f"linear other {row['linear_other_ms']:6.2f} ms  attention {row['attention_kernel_ms']:5.2f} ms  "
-                  f"rest {row['rest_ms']:6.2f} ms", flush=True)
+            rows = [{"scheme": scheme, "path": p, "step": "layers", **profile(model, ext, args.tokens)}]
+            if ext is not None:
+                rows.append({"scheme": scheme, "path": p, "step": "native", **native_profile(model, args.tokens)})
+            for row in rows:
+                row["foreign_cpu_share"] = load.share()
+                report["results"].append(row)
+                print(f"{scheme:11s} {p:8s} {row['step']:7s} {row['tok_s']:7.1f} tok/s  linear kernels "
+                      f"{row['kernel_ms']:6.2f} ms  linear other {row['linear_other_ms']:6.2f} ms  attention "
+                      f"{row['attention_kernel_ms']:5.2f} ms  rest {row['rest_ms']:6.2f} ms", flush=True)
     report["foreign_cpu_share"] = whole.share()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

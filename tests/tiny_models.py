@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ligero.models.generate import left_pad
+
 SEQ = 40  # longer than the tiny sliding windows below
 
 
@@ -44,3 +46,17 @@ def _tiny_hf_model(arch: str):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return model.eval()
+
+
+@torch.inference_mode()
+def forced_decode_logits(model, prompts, forced: torch.Tensor) -> torch.Tensor:
+    """Logits of each decode step [B, steps, V] after a left-padded prompt, feeding `forced` [B, steps]."""
+    tokens, positions = left_pad(prompts, pad_id=0)
+    cache = model.new_cache(len(prompts), tokens.shape[1] + forced.shape[1] + 1)
+    model(tokens, positions, kv_cache=cache, last_only=True)
+    pos = positions[:, -1:] + 1
+    out = []
+    for t in range(forced.shape[1]):
+        out.append(model(forced[:, t : t + 1], pos, kv_cache=cache))
+        pos = pos + 1
+    return torch.cat(out, 1)

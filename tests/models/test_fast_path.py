@@ -1,17 +1,23 @@
-"""The native decode path (quantized-layer kernels, decode attention, RMSNorm) against the reference path (torch ops
-only) on whole models: every scheme, all three architectures, batch 1 and a left-padded batch of 8, teacher-forced
-so both paths read the same tokens; then 32 greedy tokens identical (schemes that round activations: greedy choices
-identical wherever the margin exceeds the paths' difference). Prefill (> 8 rows) is torch on both paths."""
+"""Decode's three paths on whole models: every scheme, all three architectures, batch 1 and a left-padded batch of
+8, teacher-forced so the paths read the same tokens, then 32 greedy tokens.
+
+- The native decode step (every layer in one native call) is bit-identical to the layer-by-layer modules with the
+  same kernels (LIGERO_DECODE_STEP=layers): it mirrors their arithmetic op for op.
+- Those kernels (quantized GEMVs, decode attention, RMSNorm) against torch ops only: equal within each scheme's
+  tolerance; greedy tokens identical (schemes that round activations: greedy choices identical wherever the margin
+  exceeds the paths' difference). Prefill (> 8 rows) is torch on every path."""
 
 import pytest
 import torch
 
+from ligero.errors import LigeroError
 from ligero.io.checkpoint import load_model
 from ligero.models import transformer
-from ligero.models.generate import SamplingConfig, generate_tokens, left_pad
+from ligero.models.generate import SamplingConfig, generate_tokens
 from ligero.quant import modules
 from ligero.quant.api import quantize
 from ligero.quant.config import recipe_for
+from tiny_models import forced_decode_logits
 
 # Largest logit difference allowed, relative to the largest logit. Weight-only float arithmetic: summation order
 # only (measured <= 6e-7). The exact int4/int3 kernels keep activations to ~16 bits (measured <= 2e-4 on these
@@ -30,18 +36,8 @@ def torch_only(monkeypatch):
     monkeypatch.setattr(transformer, "cpu_kernels", lambda: None)
 
 
-@torch.inference_mode()
-def forced_decode_logits(model, prompts, forced: torch.Tensor) -> torch.Tensor:
-    """Logits of each decode step [B, steps, V] after a left-padded prompt, feeding `forced` [B, steps]."""
-    tokens, positions = left_pad(prompts, pad_id=0)
-    cache = model.new_cache(len(prompts), tokens.shape[1] + forced.shape[1] + 1)
-    model(tokens, positions, kv_cache=cache, last_only=True)
-    pos = positions[:, -1:] + 1
-    out = []
-    for t in range(forced.shape[1]):
-        out.append(model(forced[:, t : t + 1], pos, kv_cache=cache))
-        pos = pos + 1
-    return torch.cat(out, 1)
+def layer_by_layer(monkeypatch):
+    monkeypatch.setenv("LIGERO_DECODE_STEP", "layers")
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -54,9 +50,15 @@ def test_native_decode_matches_the_torch_path(scheme, tiny_pair, monkeypatch, co
     vocab = model.cfg.vocab_size
     batches = {1: [torch.randint(1, vocab, (13,), generator=g).tolist()],
                8: [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (3, 17, 11, 9, 14, 12, 10, 16)]}
+    with torch.inference_mode():
+        plan = transformer.native_decode_plan(model, model.new_cache(8, 4))
+    assert (plan is None) == scheme.endswith("+kv4"), "only the packed KV cache decodes layer by layer"
     for b, prompts in batches.items():
         forced = torch.randint(1, vocab, (b, 12), generator=g)
         fast = forced_decode_logits(model, prompts, forced)
+        with monkeypatch.context() as m:
+            layer_by_layer(m)
+            assert torch.equal(forced_decode_logits(model, prompts, forced), fast), "native step != layer by layer"
         with monkeypatch.context() as m:
             torch_only(m)
             reference = forced_decode_logits(model, prompts, forced)
@@ -66,10 +68,13 @@ def test_native_decode_matches_the_torch_path(scheme, tiny_pair, monkeypatch, co
         top2 = reference.topk(2, dim=-1).values
         decided = (top2[..., 0] - top2[..., 1]) > 2 * (fast - reference).abs().amax(-1)
         assert torch.equal(fast.argmax(-1)[decided], reference.argmax(-1)[decided])
-    if SCHEMES[scheme] == ROUNDED_ACTIVATIONS:
-        return  # free-running greedy text forks at the first near-tie a rounding flip decides (random tiny models)
     with torch.inference_mode():
         greedy = generate_tokens(model, batches[8], 32, SamplingConfig(), eos_ids=[], pad_id=0)[0]
+        with monkeypatch.context() as m:
+            layer_by_layer(m)
+            assert generate_tokens(model, batches[8], 32, SamplingConfig(), eos_ids=[], pad_id=0)[0] == greedy
+        if SCHEMES[scheme] == ROUNDED_ACTIVATIONS:
+            return  # free-running greedy text forks at the first near-tie a rounding flip decides (random models)
         with monkeypatch.context() as m:
             torch_only(m)
             assert generate_tokens(model, batches[8], 32, SamplingConfig(), eos_ids=[], pad_id=0)[0] == greedy
@@ -97,3 +102,22 @@ def test_native_rms_norm_equals_torch(compiled_kernels, offset):
     w = torch.randn(32, generator=g)
     ref = torch.nn.functional.rms_norm(x, (32,), None, 1e-6) * (offset + w)
     torch.testing.assert_close(compiled_kernels.rms_norm(x, w, 1e-6, offset), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_native_step_steps_aside(tiny_pair, monkeypatch, compiled_kernels):
+    """Forward hooks (they must see every module's call), autograd and LIGERO_DECODE_STEP=layers run the
+    reference; an unknown LIGERO_DECODE_STEP is an error naming the choices."""
+    _, _, folder = tiny_pair
+    model = load_model(str(folder), device="cpu").model
+    with torch.inference_mode():
+        assert transformer.native_decode_plan(model, model.new_cache(1, 4)) is not None
+        assert transformer.native_decode_plan(model, model.new_cache(9, 4)) is None  # more rows than the kernels take
+        handle = model.layers[0].mlp.register_forward_hook(lambda *a: None)
+        assert transformer.native_decode_plan(model, model.new_cache(1, 4)) is None
+        handle.remove()
+        monkeypatch.setenv("LIGERO_DECODE_STEP", "layers")
+        assert transformer.native_decode_plan(model, model.new_cache(1, 4)) is None
+        monkeypatch.setenv("LIGERO_DECODE_STEP", "fused")
+        with pytest.raises(LigeroError, match="LIGERO_DECODE_STEP='fused' is not a decode mode; use one of native"):
+            transformer.native_decode_plan(model, model.new_cache(1, 4))
+    assert transformer.native_decode_plan(model, model.new_cache(1, 4)) is None  # autograd on

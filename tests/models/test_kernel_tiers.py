@@ -103,3 +103,29 @@ def test_a_tier_can_be_chosen_for_a_whole_run(monkeypatch, tier):
         assert kernels.warm() == {"generic": "portable C++ kernels", "avx2": "AVX2 kernels"}[tier.isa()]
     finally:
         kernels.cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("scheme", ["int4", "fp8"])
+def test_the_native_step_and_prefill_weights_on_the_tier(tier, monkeypatch, tmp_path, scheme):
+    """On each tier the native decode step is bit-identical to the layer-by-layer path with that tier's kernels
+    (Gemma 3: sliding-window and global layers, qk-norm, sandwich norms), and prefill's weights are the
+    dequantized ones bit for bit."""
+    from ligero.io.checkpoint import load_model
+    from ligero.models import transformer
+    from ligero.quant.api import quantize
+    from ligero.quant.config import recipe_for
+    from tiny_models import forced_decode_logits, tiny_hf_model
+
+    tiny_hf_model("gemma3").save_pretrained(tmp_path)
+    model = quantize(load_model(str(tmp_path), device="cpu").model, recipe_for(scheme))
+    monkeypatch.setattr(modules, "cpu_kernels", lambda: tier)
+    monkeypatch.setattr(transformer, "cpu_kernels", lambda: tier)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 160, (n,), generator=g).tolist() for n in (5, 12, 3)]
+    forced = torch.randint(1, 160, (3, 10), generator=g)
+    native = forced_decode_logits(model, prompts, forced)
+    monkeypatch.setenv("LIGERO_DECODE_STEP", "layers")
+    assert torch.equal(forced_decode_logits(model, prompts, forced), native)
+    for layer in model.modules():
+        if isinstance(layer, IntGroupLinear):
+            assert torch.equal(layer.prefill_weight(), layer.dequantize())

@@ -132,3 +132,26 @@ def test_a_kernel_that_fails_to_build_is_an_error(monkeypatch, tmp_path, fresh_k
     monkeypatch.setattr(kernels, "_SOURCE", broken)
     with pytest.raises(LigeroError, match="failed to build.*LIGERO_NO_KERNELS=1"):
         cpu_kernels()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (3, 32), (2, 64)])
+def test_prefill_weight_is_the_dequantized_weight_bit_for_bit(compiled_kernels, bits, group):
+    """Prefill multiplies by a weight the kernels decode; it must be exactly the torch dequantization."""
+    from ligero.quant.config import IntGroupConfig, TernaryConfig
+    from ligero.quant.modules import IntGroupLinear, TernaryLinear
+
+    w = torch.randn(300, 576, generator=torch.Generator().manual_seed(bits * group))
+    layer = IntGroupLinear.from_float(w, IntGroupConfig(bits=bits, group_size=group))
+    assert torch.equal(layer.prefill_weight(), layer.dequantize())
+    ternary = TernaryLinear.from_float(w, TernaryConfig(), segments=(100, 200))
+    assert torch.equal(compiled_kernels.dequant_ternary(*ternary.compute_layout()), ternary.dequantize())
+
+
+@pytest.mark.parametrize("fmt,code", [("e4m3", 1), ("e5m2", 2)])
+def test_native_fp8_activation_rounding_is_torchs(compiled_kernels, fmt, code):
+    from ligero.quant import formats
+
+    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(code)) * 3
+    x[3] = 0.0  # an all-zero row keeps scale 1
+    x[2, 5], x[4, 7] = 1e-30, -5e4  # a value that rounds to zero; one far beyond the rest of its row
+    assert torch.equal(compiled_kernels.fake_quant_fp8_rows(x, code), formats.fake_quantize_fp8_rows(x, fmt))

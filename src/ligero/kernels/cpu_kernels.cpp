@@ -13,7 +13,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -955,6 +957,75 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
   return y;
 }
 
+// ============================================ prefill weights ================================================
+// Prefill (more rows than the GEMV kernels take) multiplies by the layer's fp32 weight with torch's GEMM. These
+// decode a packed weight to fp32 in one parallel pass, exactly as quant/formats.py's torch code does (same
+// products and sums, no fused multiply-add), instead of a dozen whole-matrix torch ops per layer and call.
+
+namespace {
+__attribute__((optimize("fp-contract=off"))) void dequant_int4_rows(const uint8_t* packed, const at::Half* scale,
+                                                                   const at::Half* minimum, float* w, int64_t in,
+                                                                   int64_t group, int64_t n_groups, int64_t b,
+                                                                   int64_t e) {
+  for (int64_t o = b; o < e; ++o) {
+    const uint8_t* row = packed + o * (in / 2);
+    float* wr = w + o * in;
+    for (int64_t blk = 0; blk < in / 32; ++blk) {
+      const int64_t g = blk * 32 / group;
+      const float s = (float)scale[o * n_groups + g], m = (float)minimum[o * n_groups + g];
+      const uint8_t* bytes = row + blk * 16;
+      float* wb = wr + blk * 32;
+      for (int j = 0; j < 16; ++j) {
+        wb[j] = (float)(bytes[j] & 0xF) * s + m;
+        wb[j + 16] = (float)(bytes[j] >> 4) * s + m;
+      }
+    }
+  }
+}
+}  // namespace
+
+// packed: [out, in/2] u8 (Q4 order), scale/minimum: [out, G] fp16 -> [out, in] fp32 = q * scale + minimum
+torch::Tensor dequant_int4(torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum, int64_t group) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && scale.dtype() == torch::kFloat16 && minimum.dtype() == torch::kFloat16);
+  TORCH_CHECK(packed.dim() == 2 && group % 32 == 0, "dequant_int4: [out, in/2] codes, group a multiple of 32");
+  packed = packed.contiguous(); scale = scale.contiguous(); minimum = minimum.contiguous();
+  const int64_t out = packed.size(0), in = packed.size(1) * 2, n_groups = (in + group - 1) / group;
+  TORCH_CHECK(in % 32 == 0 && scale.size(0) == out && scale.size(1) == n_groups && minimum.sizes() == scale.sizes());
+  auto w = torch::empty({out, in}, torch::dtype(torch::kFloat32));
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* mp = minimum.data_ptr<at::Half>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) { dequant_int4_rows(pp, sp, mp, wp, in, group, n_groups, b, e); });
+  return w;
+}
+
+// packed: [out, in/4] u8 (the ternary kernel's layout: per 64 inputs, byte j holds w+1 of inputs j, j+16, j+32,
+// j+48), row_scale: [out] fp32 -> [out, in] fp32 = trit * row_scale
+torch::Tensor dequant_ternary(torch::Tensor packed, torch::Tensor row_scale) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && row_scale.dtype() == torch::kFloat32 && packed.dim() == 2);
+  packed = packed.contiguous(); row_scale = row_scale.contiguous();
+  const int64_t out = packed.size(0), in = packed.size(1) * 4;
+  TORCH_CHECK(in % 64 == 0 && row_scale.numel() == out, "dequant_ternary: shape mismatch");
+  auto w = torch::empty({out, in}, torch::dtype(torch::kFloat32));
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = row_scale.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const float s = sp[o];
+      const float values[4] = {-s, 0.f * s, s, 0.f};  // trit - 1 in {-1, 0, 1} times the scale, as torch rounds it
+      for (int64_t blk = 0; blk < in / 64; ++blk) {
+        const uint8_t* bytes = pp + o * (in / 4) + blk * 16;
+        float* wb = wp + o * in + blk * 64;
+        for (int j = 0; j < 16; ++j)
+          for (int k = 0; k < 4; ++k) wb[j + 16 * k] = values[(bytes[j] >> (2 * k)) & 3];
+      }
+    }
+  });
+  return w;
+}
+
 // ============================================ decode attention ================================================
 // Attention for a few query positions (decode: T = 1 per sequence) over the cache's keys. torch's SDPA spends
 // ~100 us per call on dispatch and setup for what is here ~20k multiply-adds; one native call per layer does it
@@ -1020,25 +1091,242 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
 // ============================================ RMSNorm =========================================================
 // y = x / sqrt(mean(x^2) + eps) * (offset + w), per row, in fp32 (Llama: offset 0; Gemma: offset 1). One native
 // call replaces torch's ~8 small ops (~50 us at decode sizes, 61 norms per SmolLM2 token).
+namespace {
+inline void rms_row(const float* x, const float* w, float* y, int64_t dim, float eps, float off) {
+  const float inv = 1.f / std::sqrt(dot_f32(x, x, dim) / (float)dim + eps);
+  for (int64_t i = 0; i < dim; ++i) y[i] = x[i] * inv * (off + w[i]);
+}
+}  // namespace
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "rms_norm takes fp32");
   const int64_t dim = w.numel();
   TORCH_CHECK(x.size(-1) == dim, "rms_norm: the last dimension must match the weight");
   x = x.contiguous();
+  auto wc = w.contiguous();
   auto y = torch::empty_like(x);
   const int64_t rows = x.numel() / dim;
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.contiguous().data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float off = (float)offset;
+  for (int64_t r = 0; r < rows; ++r) rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps, (float)offset);
+  return y;
+}
+
+// ============================================ decode step =====================================================
+// One native call runs every decoder layer of a decode step (one new token per sequence, batch <= 8): norms,
+// projections, RoPE, the KV-cache write, attention, the MLP and the residuals, with no Python in between. The
+// layer-by-layer modules stay the reference (models/transformer.py); this mirrors their arithmetic op for op.
+// A projection without a native kernel (e.g. one that rounds its activations in torch) is called back in Python.
+
+// FP8 activations per row (quant/formats.py fake_quantize_fp8_rows, op for op): scale = amax / max (1 for an
+// all-zero row), x / scale clamped to +-max, rounded to FP8 (nearest even, c10's conversion, as torch's cast),
+// back to fp32 times the scale.
+template <typename FP8>
+torch::Tensor fake_quant_fp8_rows_t(const torch::Tensor& x, float fmax) {
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t n = xc.size(-1), rows = xc.numel() / n;
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xp + r * dim;
-    float* yr = yp + r * dim;
-    const float inv = 1.f / std::sqrt(dot_f32(xr, xr, dim) / (float)dim + (float)eps);
-    for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * inv * (off + wp[i]);
+    const float* xr = xp + r * n;
+    float* yr = yp + r * n;
+    float amax = 0.f;
+    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xr[i]));
+    const float scale = amax > 0.f ? amax / fmax : 1.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = std::min(std::max(xr[i] / scale, -fmax), fmax);
+      yr[i] = static_cast<float>(FP8(v)) * scale;
+    }
   }
   return y;
 }
+
+// fmt: 1 = E4M3, 2 = E5M2
+torch::Tensor fake_quant_fp8_rows(torch::Tensor x, int64_t fmt) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && (fmt == 1 || fmt == 2), "fake_quant_fp8_rows: fp32, fmt 1 or 2");
+  return fmt == 1 ? fake_quant_fp8_rows_t<c10::Float8_e4m3fn>(x, 448.f)
+                  : fake_quant_fp8_rows_t<c10::Float8_e5m2>(x, 57344.f);
+}
+
+enum LinearKind : int64_t { kPython = 0, kF32 = 1, kInt8 = 2, kInt4 = 3, kLut4 = 4, kLut8 = 5, kTernary = 6 };
+
+struct NativeLinear {
+  int64_t kind;
+  std::vector<torch::Tensor> t;  // the kernel's tensors, in its argument order (kLut4: + an optional row scale)
+  int64_t group;                 // kInt4: group size; kLut4: block size
+  bool act8;                     // kInt4: int8 block activations
+  double tensor_scale;           // kLut4: one tensor scale (1.0 when a row scale follows)
+  int64_t act_fp8;               // 0, or the FP8 format (1 E4M3, 2 E5M2) the activations are rounded to first
+  py::object module;             // kPython: the module to call
+
+  torch::Tensor operator()(const torch::Tensor& x_in) const {
+    const torch::Tensor x = act_fp8 ? fake_quant_fp8_rows(x_in, act_fp8) : x_in;
+    switch (kind) {
+      case kF32: return linear_f32(x, t[0]);
+      case kInt8: return linear_int8(x, t[0], t[1]);
+      case kInt4: return linear_int4(x, t[0], t[1], t[2], group, act8);
+      case kLut4: {
+        auto y = linear_lut4(x, t[0], t[1], t[2], t[3], tensor_scale, group);
+        return t.size() > 4 ? y.mul_(t[4]) : y;
+      }
+      case kLut8: return linear_lut8(x, t[0], t[1], t[2]);
+      case kTernary: return linear_ternary(x, t[0], t[1]);
+      default: return module(x).cast<torch::Tensor>();
+    }
+  }
+};
+
+struct NativeLayer {
+  NativeLinear qkv, o, gate_up, down;
+  torch::Tensor attn_norm, mlp_norm;
+  c10::optional<torch::Tensor> attn_post_norm, mlp_post_norm, q_norm, k_norm;
+  torch::Tensor k_cache, v_cache;  // [B, K, N, D] fp32 contiguous: the model's KV cache for this layer
+  bool local;                      // sliding-window layer: the cache is a ring, the other kind's RoPE and mask
+};
+
+struct StepInputs {  // one layer kind's share of a step (RoPE rows, the mask over the cache after the write)
+  const float* cos;
+  const float* sin;
+  torch::Tensor mask;  // [B, 1, 1, S] bool
+  int64_t slot;        // cache slot this step writes
+};
+
+// fp-contract off: torch rounds the products before the sum, so must this (no fused multiply-add)
+__attribute__((optimize("fp-contract=off"))) inline void rope_row(float* x, const float* c, const float* s, int64_t D) {
+  // x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] (HF layout), rounded as torch rounds it
+  const int64_t half = D / 2;
+  float tmp[512];
+  for (int64_t i = 0; i < D; ++i) tmp[i] = x[i];
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = tmp[i] * c[i], b = -tmp[i + half] * s[i];
+    x[i] = a + b;
+  }
+  for (int64_t i = half; i < D; ++i) {
+    const float a = tmp[i] * c[i], b = tmp[i - half] * s[i];
+    x[i] = a + b;
+  }
+}
+
+class DecodeStep {
+ public:
+  DecodeStep(std::vector<NativeLayer> layers, int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps,
+             double offset, double scale, bool gelu)
+      : layers_(std::move(layers)), H_(n_heads), K_(n_kv), D_(head_dim), eps_(eps), offset_(offset), scale_(scale),
+        gelu_(gelu) {
+    TORCH_CHECK(D_ <= 512 && D_ % 2 == 0, "DecodeStep: head_dim must be even and <= 512");
+    for (const auto& l : layers_)
+      for (const NativeLinear* p : {&l.qkv, &l.o, &l.gate_up, &l.down}) python_calls_ |= p->kind == kPython;
+    for (const auto& l : layers_)
+      TORCH_CHECK(l.k_cache.is_contiguous() && l.v_cache.is_contiguous() && l.k_cache.size(1) == K_ &&
+                  l.k_cache.size(3) == D_ && l.k_cache.dtype() == torch::kFloat32, "DecodeStep: bad cache tensors");
+  }
+
+  // x: [B, C] embedded tokens -> [B, C] after every layer. cos/sin: [B, D] per kind; mask: [B, 1, 1, S]
+  // bool over the cache as it is after this step's write; slot: where this step writes.
+  torch::Tensor run(torch::Tensor x, torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor mask_g, int64_t slot_g,
+                    torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor mask_l, int64_t slot_l) {
+    TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "DecodeStep.run: x must be [B, C] fp32");
+    x = x.contiguous().clone();
+    cos_g = cos_g.contiguous(); sin_g = sin_g.contiguous(); cos_l = cos_l.contiguous(); sin_l = sin_l.contiguous();
+    const StepInputs global{cos_g.data_ptr<float>(), sin_g.data_ptr<float>(), mask_g, slot_g};
+    const StepInputs local{cos_l.data_ptr<float>(), sin_l.data_ptr<float>(), mask_l, slot_l};
+    if (python_calls_) {  // a projection runs in Python: keep the GIL
+      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global);
+    } else {  // all native: other Python threads (a server's event loop) run meanwhile
+      py::gil_scoped_release no_gil;
+      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global);
+    }
+    return x;
+  }
+
+  // Profiling (benchmarks/decode_profile.py): seconds spent in the projections and in attention since the last
+  // reset, timed only while profiling is on.
+  void set_profiling(bool on) { profiling_ = on; }
+  std::pair<double, double> timings() const { return {linear_s_, attention_s_}; }
+  void reset_timings() { linear_s_ = attention_s_ = 0.0; }
+
+ private:
+  template <typename F>
+  torch::Tensor timed(double& total, F&& f) const {
+    if (!profiling_) return f();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto y = f();
+    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return y;
+  }
+
+  void norm_rows(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) const {
+    const int64_t dim = w.numel(), rows = x.numel() / dim;
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps_, (float)offset_);
+  }
+
+  torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& w) const {
+    auto y = torch::empty_like(x);
+    norm_rows(x, w, y);
+    return y;
+  }
+
+  void layer_step(const NativeLayer& L, torch::Tensor& x, const StepInputs& in) const {
+    const int64_t B = x.size(0), H = H_, K = K_, D = D_, W = H + 2 * K;
+    // --- attention ---
+    const auto x_attn = norm(x, L.attn_norm);
+    auto qkv = timed(linear_s_, [&] { return L.qkv(x_attn); }).contiguous();  // [B, (H + 2K) D]
+    TORCH_CHECK(qkv.size(1) == W * D, "DecodeStep: the qkv projection's width does not match the heads");
+    float* qp = qkv.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = qp + b * W * D;
+      if (L.q_norm) {  // Gemma 3: RMSNorm per head before RoPE
+        const float* wq = L.q_norm->data_ptr<float>();
+        const float* wk = L.k_norm->data_ptr<float>();
+        for (int64_t h = 0; h < H + K; ++h)
+          rms_row(row + h * D, h < H ? wq : wk, row + h * D, D, (float)eps_, (float)offset_);
+      }
+      for (int64_t h = 0; h < H + K; ++h) rope_row(row + h * D, in.cos + b * D, in.sin + b * D, D);
+    }
+    // write this token's keys and values into the cache slot
+    const int64_t N = L.k_cache.size(2);
+    float* kc = L.k_cache.data_ptr<float>();
+    float* vc = L.v_cache.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < K; ++g) {
+        const float* ksrc = qp + (b * W + H + g) * D;
+        const float* vsrc = qp + (b * W + H + K + g) * D;
+        std::memcpy(kc + ((b * K + g) * N + in.slot) * D, ksrc, D * sizeof(float));
+        std::memcpy(vc + ((b * K + g) * N + in.slot) * D, vsrc, D * sizeof(float));
+      }
+    const int64_t S = in.mask.size(3);
+    auto q = qkv.view({B, 1, W, D}).narrow(2, 0, H).transpose(1, 2);  // [B, H, 1, D]
+    auto attn = timed(attention_s_, [&] {
+      return attend_decode(q, L.k_cache.narrow(2, 0, S), L.v_cache.narrow(2, 0, S), in.mask, scale_);
+    });
+    auto h = timed(linear_s_, [&] { return L.o(attn.view({B, H * D})); });
+    if (L.attn_post_norm) norm_rows(h, *L.attn_post_norm, h);
+    x.add_(h);
+    // --- MLP ---
+    const auto x_mlp = norm(x, L.mlp_norm);
+    auto gu = timed(linear_s_, [&] { return L.gate_up(x_mlp); }).contiguous();  // [B, 2F]
+    const int64_t F = gu.size(1) / 2;
+    // torch's own activation kernels (two dispatches a layer), so the step rounds exactly as the modules do
+    auto gate = gu.narrow(1, 0, F);
+    auto act = (gelu_ ? at::gelu(gate, "tanh") : at::silu(gate)).mul_(gu.narrow(1, F, F));
+    auto d = timed(linear_s_, [&] { return L.down(act); });
+    if (L.mlp_post_norm) norm_rows(d, *L.mlp_post_norm, d);
+    x.add_(d);
+  }
+
+  std::vector<NativeLayer> layers_;
+  int64_t H_, K_, D_;
+  double eps_, offset_, scale_;
+  bool gelu_;
+  bool python_calls_ = false;
+  bool profiling_ = false;
+  mutable double linear_s_ = 0.0, attention_s_ = 0.0;
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction-set tier these kernels were compiled for");
@@ -1050,4 +1338,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
   m.def("attend_decode", &attend_decode, "attention of a few query positions over the KV cache (decode)");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
+  m.def("fake_quant_fp8_rows", &fake_quant_fp8_rows, "activations rounded to FP8 per row (1 E4M3, 2 E5M2)");
+  m.def("dequant_int4", &dequant_int4, "packed 4-bit group weights -> fp32 (prefill)");
+  m.def("dequant_ternary", &dequant_ternary, "2-bit ternary layout -> fp32 (prefill)");
+  py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")
+      .def(py::init([](int64_t kind, std::vector<torch::Tensor> t, int64_t group, bool act8, double tensor_scale,
+                       int64_t act_fp8, py::object module) {
+             TORCH_CHECK(kind >= kPython && kind <= kTernary, "NativeLinear: unknown kind ", kind);
+             TORCH_CHECK(kind != kPython || !module.is_none(), "NativeLinear: a Python projection needs its module");
+             TORCH_CHECK(act_fp8 >= 0 && act_fp8 <= 2, "NativeLinear: act_fp8 is 0, 1 (E4M3) or 2 (E5M2)");
+             return NativeLinear{kind, std::move(t), group, act8, tensor_scale, act_fp8, std::move(module)};
+           }),
+           py::arg("kind"), py::arg("tensors"), py::arg("group") = 0, py::arg("act8") = false,
+           py::arg("tensor_scale") = 1.0, py::arg("act_fp8") = 0, py::arg("module") = py::none())
+      .def("__call__", &NativeLinear::operator());
+  py::class_<NativeLayer>(m, "NativeLayer", py::module_local(), "one decoder layer of the native decode step")
+      .def(py::init([](NativeLinear qkv, NativeLinear o, NativeLinear gate_up, NativeLinear down,
+                       torch::Tensor attn_norm, torch::Tensor mlp_norm, c10::optional<torch::Tensor> attn_post_norm,
+                       c10::optional<torch::Tensor> mlp_post_norm, c10::optional<torch::Tensor> q_norm,
+                       c10::optional<torch::Tensor> k_norm, torch::Tensor k_cache, torch::Tensor v_cache, bool local) {
+        TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "NativeLayer: q_norm and k_norm come together");
+        auto c = [](c10::optional<torch::Tensor> t) {
+          return t ? c10::optional<torch::Tensor>(t->contiguous()) : c10::nullopt;
+        };
+        return NativeLayer{std::move(qkv), std::move(o), std::move(gate_up), std::move(down),
+                           attn_norm.contiguous(), mlp_norm.contiguous(), c(attn_post_norm), c(mlp_post_norm),
+                           c(q_norm), c(k_norm), k_cache, v_cache, local};
+      }));
+  py::class_<DecodeStep>(m, "DecodeStep", py::module_local(), "every decoder layer of a decode step in one native call")
+      .def(py::init<std::vector<NativeLayer>, int64_t, int64_t, int64_t, double, double, double, bool>())
+      .def("run", &DecodeStep::run)
+      .def("set_profiling", &DecodeStep::set_profiling)
+      .def("timings", &DecodeStep::timings, "(seconds in projections, seconds in attention) while profiling")
+      .def("reset_timings", &DecodeStep::reset_timings);
 }

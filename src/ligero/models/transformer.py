@@ -9,6 +9,7 @@ KV caches implement KVCacheBase; the model's KVFormat builds them and runs atten
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ligero.errors import LigeroError
-from ligero.kernels import MAX_KERNEL_ROWS, cpu_kernels
+from ligero.kernels import MAX_KERNEL_ROWS, NativeOp, cpu_kernels
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
 
 # Without this, denormal floats in SmolLM2's activations make CPU matmuls ~20x slower.
@@ -39,6 +40,12 @@ class Linear(nn.Linear):
             if ext is not None and self.weight.dtype == torch.float32 and self.bias is None:
                 return ext.linear_f32(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
+
+    def native_op(self) -> NativeOp | None:
+        """What the native decode step runs for this projection (see quant/modules.py's QuantizedLinear)."""
+        if self.weight.dtype == torch.float32 and self.bias is None:
+            return NativeOp("f32", [self.weight])
+        return None
 
 
 def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -279,15 +286,19 @@ class Transformer(nn.Module):
                 f"{self.cfg.max_seq_len} tokens; shorten the input or lower --ctx"
             )
         x = self.embed_tokens(tokens)  # [B, T, C]
-        step = kv_cache.begin(positions) if kv_cache is not None else None
-        per_kind = self.attention_inputs(positions, x.dtype, step)
         hidden = []
-        for i, layer in enumerate(self.layers):
-            x = layer(x, per_kind[self.cfg.layer_types[i]], kv_cache, i, step)
-            if return_hidden:
-                hidden.append(x)
-        if kv_cache is not None:
-            kv_cache.commit(step)
+        plan = native_decode_plan(self, kv_cache) if T == 1 and not return_hidden else None
+        if plan is not None:
+            x = self._native_layers(plan, x, positions, kv_cache)
+        else:
+            step = kv_cache.begin(positions) if kv_cache is not None else None
+            per_kind = self.attention_inputs(positions, x.dtype, step)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, per_kind[self.cfg.layer_types[i]], kv_cache, i, step)
+                if return_hidden:
+                    hidden.append(x)
+            if kv_cache is not None:
+                kv_cache.commit(step)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
@@ -295,6 +306,85 @@ class Transformer(nn.Module):
             cap = self.cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return (logits, hidden) if return_hidden else logits
+
+    def _native_layers(self, plan, x: torch.Tensor, positions: torch.Tensor, kv_cache: "KVCache") -> torch.Tensor:
+        """Every layer of a one-token step in one native call: x [B, 1, C] -> [B, 1, C]. Writes the step's keys
+        and values into the cache and reads it back exactly as KVCache.update does."""
+        step = kv_cache.begin(positions)
+        start, kinds = step.global_slots.start, set(self.cfg.layer_types)
+        rope_pos = positions[:, 0].clamp(min=0)
+        args = []
+        for kind in (GLOBAL, LOCAL):
+            if kind not in kinds:
+                args += [x[:, 0, :0], x[:, 0, :0], torch.ones(1, 1, 1, 1, dtype=torch.bool), 0]
+                continue
+            cos, sin = self.rope(kind, positions.device)[:, rope_pos]  # [B, D] each
+            slot = start if kind == GLOBAL else start % kv_cache.window
+            window = self.cfg.sliding_window if kind == LOCAL else None
+            args += [cos, sin, attention_mask(positions, step.key_positions[kind], window), slot]
+        x = plan.run(x[:, 0], *args)[:, None]
+        kv_cache.commit(step)
+        return x
+
+
+DECODE_STEP_MODES = ("native", "layers")
+
+
+def decode_step_mode() -> str:
+    """LIGERO_DECODE_STEP: "native" (default: a one-token step runs every layer in one native call where it can)
+    or "layers" (the reference: one module call per layer, as prefill runs)."""
+    mode = os.environ.get("LIGERO_DECODE_STEP", "native").strip().lower() or "native"
+    if mode not in DECODE_STEP_MODES:
+        raise LigeroError(f"LIGERO_DECODE_STEP={mode!r} is not a decode mode; use one of "
+                          f"{', '.join(DECODE_STEP_MODES)}")
+    return mode
+
+
+def _has_hooks(layers: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layers.modules())
+
+
+def native_decode_plan(model: Transformer, kv_cache: KVCacheBase | None):
+    """The native decode step for this model and cache, built once per cache, or None where the step must run
+    layer by layer: another cache kind or KV format (packed KV), more than MAX_KERNEL_ROWS rows, autograd, forward hooks
+    inside the layers (they must see each module's call), no kernels, or LIGERO_DECODE_STEP=layers."""
+    if type(kv_cache) is not KVCache or kv_cache.k[0].shape[0] > MAX_KERNEL_ROWS or torch.is_grad_enabled() \
+            or type(model.kv_format) is not KVFormat:  # a packed KV format's attention reads its own rounding
+        return None
+    if kv_cache.native is not None and kv_cache.native[0] is model:
+        return kv_cache.native[1]
+    plan = None
+    cfg = model.cfg
+    ext = cpu_kernels() if decode_step_mode() == "native" else None
+    native = ext is not None and model.dtype == torch.float32 and model.device.type == "cpu" \
+        and kv_cache.k[0].dtype == torch.float32 and cfg.head_dim % 2 == 0 and cfg.head_dim <= 512
+    if native and not _has_hooks(model.layers):
+        plan = ext.DecodeStep([_native_layer(ext, layer, kv_cache, i) for i, layer in enumerate(model.layers)],
+                              cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.norm_offset, cfg.scale,
+                              cfg.activation == "gelu_tanh")
+    kv_cache.native = (model, plan)
+    return plan
+
+
+_NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6}  # = LinearKind in the C++
+
+
+def _native_linear(ext, module: nn.Module):
+    op = module.native_op() if hasattr(module, "native_op") else None
+    if op is None:
+        return ext.NativeLinear(0, [], module=module)  # called back in Python: its own forward, as the reference
+    return ext.NativeLinear(_NATIVE_KINDS[op.kind], [t.contiguous() for t in op.tensors], op.group, op.act8,
+                            op.tensor_scale, op.act_fp8)
+
+
+def _native_layer(ext, layer: Block, kv_cache: KVCache, i: int):
+    attn, mlp = layer.attn, layer.mlp
+    weight = lambda norm: None if norm is None else norm.weight.detach()  # noqa: E731
+    return ext.NativeLayer(
+        _native_linear(ext, attn.qkv_proj), _native_linear(ext, attn.o_proj), _native_linear(ext, mlp.gate_up_proj),
+        _native_linear(ext, mlp.down_proj), weight(layer.attn_norm), weight(layer.mlp_norm),
+        weight(layer.attn_post_norm), weight(layer.mlp_post_norm), weight(attn.q_norm), weight(attn.k_norm),
+        kv_cache.k[i], kv_cache.v[i], attn.layer_type == LOCAL)
 
 
 @dataclass
@@ -361,11 +451,14 @@ class RollingCacheStep(CacheStep):
 
 class KVCache(KVCacheBase):
     """Preallocated K/V for every layer. Global layers: a static cache indexed by slot (slot = step order).
-    Sliding-window layers: a rolling buffer of W slots (O(window) memory); attention reads the buffer as it
-    was before this step plus the new keys, so multi-token steps past the window stay exact."""
+    Sliding-window layers: a rolling buffer of W slots (O(window) memory). A one-token step writes its key into
+    the buffer and attention reads the buffer (the slot it overwrites held a key already outside the window);
+    a longer step reads the buffer as it was before the step plus the new keys, so steps past the window stay
+    exact."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
         self.cfg, self.max_len, self.length = cfg, max_len, 0
+        self.native = None  # (model, its native decode step or None), set by native_decode_plan
         self.window = min(cfg.sliding_window, max_len) if LOCAL in cfg.layer_types else 0
         shape = lambda n: (batch, cfg.n_kv_heads, n, cfg.head_dim)  # noqa: E731
         self.k, self.v = [], []
@@ -397,7 +490,12 @@ class KVCache(KVCacheBase):
             n = min(T, self.window)
             local_src = slice(T - n, T)
             local_slots = torch.arange(start + T - n, start + T, device=positions.device) % self.window
-            key_positions[LOCAL] = torch.cat([self.pos[LOCAL], positions], dim=1)
+            if T == 1:  # the buffer as it will be after this step's write
+                ring = self.pos[LOCAL].clone()
+                ring[:, start % self.window] = positions[:, 0]
+                key_positions[LOCAL] = ring
+            else:
+                key_positions[LOCAL] = torch.cat([self.pos[LOCAL], positions], dim=1)
         return RollingCacheStep(key_positions, slice(start, start + T), local_slots=local_slots, local_src=local_src)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: RollingCacheStep):
@@ -407,6 +505,10 @@ class KVCache(KVCacheBase):
             vc[:, :, step.global_slots] = v
             end = step.global_slots.stop
             return kc[:, :, :end], vc[:, :, :end]
+        if k.shape[2] == 1:
+            kc.index_copy_(2, step.local_slots, k)
+            vc.index_copy_(2, step.local_slots, v)
+            return kc, vc
         keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
         kc.index_copy_(2, step.local_slots, k[:, :, step.local_src])
         vc.index_copy_(2, step.local_slots, v[:, :, step.local_src])
@@ -414,6 +516,10 @@ class KVCache(KVCacheBase):
 
     def commit(self, step: RollingCacheStep) -> None:
         if self.window:
-            new = step.key_positions[LOCAL][:, self.window :]
-            self.pos[LOCAL].index_copy_(1, step.local_slots, new[:, step.local_src])
+            ring = step.key_positions[LOCAL]
+            if ring.shape[1] == self.window:  # a one-token step: already the buffer after the write
+                self.pos[LOCAL].copy_(ring)
+            else:
+                new = ring[:, self.window :]
+                self.pos[LOCAL].index_copy_(1, step.local_slots, new[:, step.local_src])
         self.length = step.global_slots.stop

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ligero.errors import LigeroError
-from ligero.kernels import MAX_KERNEL_ROWS, cpu_kernels
+from ligero.kernels import MAX_KERNEL_ROWS, NativeOp, cpu_kernels
 from ligero.quant import formats
 from ligero.quant.config import (
     FP4Config,
@@ -54,12 +54,21 @@ class QuantizedLinear(nn.Module):
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def prefill_weight(self) -> torch.Tensor:
+        """The fp32 weight that prefill's GEMM multiplies by (made for the call, not kept)."""
+        return self.dequantize()
+
+    def native_op(self) -> NativeOp | None:
+        """What the native decode step runs for this layer, or None when decode needs this module's own forward
+        (the step then calls it back in Python)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_kernel(x):
             y = self._kernel(x.reshape(-1, self.in_features))
             if y is not None:
                 return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dequantize().to(x.dtype))
+        return F.linear(x, self.prefill_weight().to(x.dtype))
 
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -88,6 +97,9 @@ class Int8Linear(QuantizedLinear):
     def _kernel(self, x2d):
         ext = cpu_kernels()
         return ext.linear_int8(x2d, self.q, self.scale) if ext is not None else None
+
+    def native_op(self):
+        return NativeOp("int8", [self.q, self.scale])
 
 
 class IntGroupLinear(QuantizedLinear):
@@ -145,6 +157,21 @@ class IntGroupLinear(QuantizedLinear):
         return ext.linear_int4(x2d, self.kernel_layout(), self.scale, self.minimum, self.config.group_size,
                                bool(getattr(self.config, "act_int8_blocks", False)))
 
+    def prefill_weight(self):
+        ext = cpu_kernels() if self.packed.device.type == "cpu" else None
+        if ext is None:
+            return self.dequantize()
+        return ext.dequant_int4(self.kernel_layout(), self.scale, self.minimum, self.config.group_size)
+
+    def native_op(self):
+        if getattr(self.config, "act_int8", False):  # LSQ's per-token rounding runs in torch
+            return None
+        return NativeOp("int4", [self.kernel_layout(), self.scale, self.minimum], self.config.group_size,
+                        bool(getattr(self.config, "act_int8_blocks", False)))
+
+
+FP8_CODES = {"e4m3": 1, "e5m2": 2}  # the kernels' names for the FP8 formats
+
 
 class FP8Linear(QuantizedLinear):
     """FP8 bytes + fp32 scale per output channel; FP8 per-token activations when config.activations.
@@ -172,7 +199,9 @@ class FP8Linear(QuantizedLinear):
 
     def forward(self, x):
         if self.config.activations:
-            x = formats.fake_quantize_fp8_rows(x, self.config.fmt)
+            ext = cpu_kernels() if _use_kernel(x) else None  # decode: the native rounding, op for op the same
+            x = ext.fake_quant_fp8_rows(x, FP8_CODES[self.config.fmt]) if ext is not None \
+                else formats.fake_quantize_fp8_rows(x, self.config.fmt)
         return super().forward(x)
 
     def _kernel(self, x2d):
@@ -180,6 +209,11 @@ class FP8Linear(QuantizedLinear):
         if ext is None:
             return None
         return ext.linear_lut8(x2d, self.q.view(torch.uint8), self.scale, formats.fp8_lut(self.config.fmt))
+
+    def native_op(self):
+        # FP8 activations: the native step rounds them per token itself, op for op as fake_quantize_fp8_rows
+        act = FP8_CODES[self.config.fmt] if self.config.activations else 0
+        return NativeOp("lut8", [self.q.view(torch.uint8), self.scale, formats.fp8_lut(self.config.fmt)], act_fp8=act)
 
 
 class FP4Linear(QuantizedLinear):
@@ -234,6 +268,15 @@ class FP4Linear(QuantizedLinear):
             self._row_scale_cache = (key, self.row_scale())  # one repeat_interleave per layer, not per token
         return y * self._row_scale_cache[1]
 
+    def native_op(self):
+        if self.config.activations:
+            return None
+        luts = [formats.fp4_scale_lut(self.config.fmt).float(), formats.E2M1_VALUES.float()]
+        single = len(self.segments) == 1
+        return NativeOp("lut4", [self.packed, self.scale_codes, *luts] + ([] if single else [self.row_scale()]),
+                        group=formats.FP4_BLOCK[self.config.fmt],
+                        tensor_scale=float(self.tensor_scale[0]) if single else 1.0)
+
 
 class TernaryLinear(QuantizedLinear):
     """BitNet b1.58 layer for inference: trits stored 5 per byte; a 2-bit copy in the kernel's layout is
@@ -263,17 +306,26 @@ class TernaryLinear(QuantizedLinear):
         w = self.trits().float() * self.row_scale()[:, None]
         return w if rows is None else w[rows]
 
+    def compute_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's 2-bit layout and the per-row scale (rebuilt when the weights are new or reloaded)."""
+        if self._compute is None or self._compute[0] != self.packed.data_ptr():
+            layout = formats.ternary_compute_layout(self.trits())
+            self._compute = (self.packed.data_ptr(), layout, self.row_scale().contiguous())
+        return self._compute[1], self._compute[2]
+
+    def native_op(self):
+        return NativeOp("ternary", list(self.compute_layout())) if self.in_features % 64 == 0 else None
+
     def forward(self, x):
         if _use_kernel(x) and self.in_features % 64 == 0 and cpu_kernels() is not None:
-            if self._compute is None or self._compute[0] != self.packed.data_ptr():  # new or reloaded weights
-                layout = formats.ternary_compute_layout(self.trits())
-                self._compute = (self.packed.data_ptr(), layout, self.row_scale().contiguous())
-            _, layout, row_scale = self._compute
+            layout, row_scale = self.compute_layout()
             # The kernel quantizes x per token to int8 itself, exactly as fake_quantize_int8_tokens does.
             y = cpu_kernels().linear_ternary(x.reshape(-1, self.in_features), layout, row_scale)
             return y.view(*x.shape[:-1], self.out_features)
         x = formats.fake_quantize_int8_tokens(x)  # BitNet quantizes activations per token to int8
-        return F.linear(x, self.dequantize().to(x.dtype))
+        ext = cpu_kernels() if self.in_features % 64 == 0 and self.packed.device.type == "cpu" else None
+        w = ext.dequant_ternary(*self.compute_layout()) if ext is not None else self.dequantize()
+        return F.linear(x, w.to(x.dtype))
 
 
 class W8A8Linear(Int8Linear):
@@ -299,6 +351,9 @@ class W8A8Linear(Int8Linear):
 
     def forward(self, x):
         return super().forward(formats.fake_quantize_int8_tokens(x / self.smooth.to(x.dtype)))
+
+    def native_op(self):
+        return None  # the smoothing and per-token rounding run in torch
 
 
 class QuantizedEmbedding(nn.Module):

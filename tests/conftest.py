@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 
+from kernel_builds import start_tier_build
 from tiny_models import tiny_hf_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_sessionstart(session):
+    start_tier_build()  # the lower kernel tiers compile in a child process while the first tests run
+
 
 @pytest.fixture
 def record_progress(monkeypatch):
@@ -69,6 +76,7 @@ def hf_smollm2():
     return _hf_gguf("smollm2-135m")
 
 
+@lru_cache(maxsize=None)  # transformers' GGUF loading takes ~30 s a model: once per session
 def _hf_gguf(model_id: str):
     from transformers import AutoModelForCausalLM
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import ligero.kernels as kernels
+from kernel_builds import lower_tiers, wait_for_tier_build
 from ligero.quant import formats, modules
 from ligero.quant.config import FP4Config, FP8Config, Int8WeightConfig, IntGroupConfig, TernaryConfig
 from ligero.quant.modules import FP4Linear, FP8Linear, Int8Linear, IntGroupLinear, TernaryLinear
@@ -19,16 +20,10 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _lower_tiers() -> list[str]:
-    if kernels._unavailable_reason() is not None:
-        return []
-    native = kernels.load_tier("auto").isa()
-    return ["generic"] + (["avx2"] if native.startswith("avx512") else [])
-
-
-@pytest.fixture(scope="module", params=_lower_tiers() or [pytest.param("none", marks=pytest.mark.skip(
+@pytest.fixture(scope="module", params=lower_tiers() or [pytest.param("none", marks=pytest.mark.skip(
     reason="no C++ compiler or ninja here: no kernels to build"))])
 def tier(request):
+    wait_for_tier_build()  # conftest starts building the lower tiers when the session starts
     ext = kernels.load_tier(request.param)
     assert ext.isa() == request.param
     return ext

@@ -1033,6 +1033,53 @@ torch::Tensor dequant_ternary(torch::Tensor packed, torch::Tensor row_scale) {
 
 // q: [B, H, T, D]; k, v: [B, K, S, D] (views of the cache: the last dim contiguous); mask: [B, 1, T, S] bool
 // (true = visible; every query sees at least one key) -> [B, H, T, D]. Query head h reads KV head h / (H / K).
+namespace {
+// Raw views of attention's operands (element strides), so the decode step can attend straight from its buffers.
+struct AttendArgs {
+  const float* q; int64_t qs0, qs1, qs2;  // [B, H, T, D], last dim contiguous
+  const float* k; int64_t ks0, ks1, ks2;  // [B, K, S, D]
+  const float* v; int64_t vs0, vs1, vs2;
+  const bool* mask; int64_t ms0, ms2, ms3;  // [B, 1, T, S]
+  float* out;                              // [B, H, T, D] contiguous
+  int64_t B, H, T, D, K, S;
+  float scale;
+};
+
+void attend_core(const AttendArgs& a) {
+  const int64_t H = a.H, T = a.T, D = a.D, S = a.S, group = a.H / a.K;
+  at::parallel_for(0, a.B * H * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / (H * T), h = (idx / T) % H, t = idx % T, g = h / group;
+      const float* qv = a.q + b * a.qs0 + h * a.qs1 + t * a.qs2;
+      const bool* mrow = a.mask + b * a.ms0 + t * a.ms2;
+      const float* kb = a.k + b * a.ks0 + g * a.ks1;
+      const float* vb = a.v + b * a.vs0 + g * a.vs1;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = mrow[s * a.ms3] ? dot_f32(qv, kb + s * a.ks2, D) * a.scale : -INFINITY;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx);
+        sum += p[s];
+      }
+      float* o = a.out + idx * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == 0.f) continue;
+        const float w = p[s];
+        const float* vr = vb + s * a.vs2;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
+}
+}  // namespace
+
 torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 &&
               mask.dtype() == torch::kBool, "attend_decode takes fp32 q, k, v and a bool mask");
@@ -1045,46 +1092,9 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   q = q.contiguous();
   mask = mask.expand({B, 1, T, S});
   auto out = torch::empty({B, H, T, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const bool* mp = mask.data_ptr<bool>();
-  float* op = out.data_ptr<float>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
-  const int64_t group = H / K;
-  const float sc = (float)scale;
-  at::parallel_for(0, B * H * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / (H * T), h = (idx / T) % H, t = idx % T, g = h / group;
-      const float* qv = qp + idx * D;
-      const bool* mrow = mp + b * ms0 + t * ms2;
-      const float* kb = kp + b * ks0 + g * ks1;
-      const float* vb = vp + b * vs0 + g * vs1;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = mrow[s * ms3] ? dot_f32(qv, kb + s * ks2, D) * sc : -INFINITY;
-        mx = std::max(mx, p[s]);
-      }
-      float sum = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx);
-        sum += p[s];
-      }
-      float* o = op + idx * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        if (p[s] == 0.f) continue;
-        const float w = p[s];
-        const float* vr = vb + s * vs2;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
-      }
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-    }
-  });
+  attend_core({q.data_ptr<float>(), H * T * D, T * D, D, k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2),
+               v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), mask.data_ptr<bool>(), mask.stride(0),
+               mask.stride(2), mask.stride(3), out.data_ptr<float>(), B, H, T, D, K, S, (float)scale});
   return out;
 }
 
@@ -1186,6 +1196,19 @@ struct NativeLayer {
   bool local;                      // sliding-window layer: the cache is a ring, the other kind's RoPE and mask
 };
 
+struct Scratch {
+  torch::Tensor normed;  // [B, C]
+  torch::Tensor attn;    // [B, H * D]
+};
+
+inline void add_rows(torch::Tensor& x, const torch::Tensor& h_in) {  // x += h, as torch adds (one rounding each)
+  const auto h = h_in.contiguous();
+  TORCH_CHECK(h.numel() == x.numel(), "DecodeStep: a projection returned the wrong shape");
+  float* xp = x.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) xp[i] += hp[i];
+}
+
 struct StepInputs {  // one layer kind's share of a step (RoPE rows, the mask over the cache after the write)
   const float* cos;
   const float* sin;
@@ -1230,13 +1253,16 @@ class DecodeStep {
     TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "DecodeStep.run: x must be [B, C] fp32");
     x = x.contiguous().clone();
     cos_g = cos_g.contiguous(); sin_g = sin_g.contiguous(); cos_l = cos_l.contiguous(); sin_l = sin_l.contiguous();
+    mask_g = mask_g.contiguous(); mask_l = mask_l.contiguous();
     const StepInputs global{cos_g.data_ptr<float>(), sin_g.data_ptr<float>(), mask_g, slot_g};
     const StepInputs local{cos_l.data_ptr<float>(), sin_l.data_ptr<float>(), mask_l, slot_l};
+    // Scratch reused by every layer: the normalized input and attention's output (no allocation per layer)
+    Scratch scratch{torch::empty_like(x), torch::empty({x.size(0), H_ * D_}, x.options())};
     if (python_calls_) {  // a projection runs in Python: keep the GIL
-      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global);
+      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global, scratch);
     } else {  // all native: other Python threads (a server's event loop) run meanwhile
       py::gil_scoped_release no_gil;
-      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global);
+      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global, scratch);
     }
     return x;
   }
@@ -1265,17 +1291,11 @@ class DecodeStep {
     for (int64_t r = 0; r < rows; ++r) rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps_, (float)offset_);
   }
 
-  torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& w) const {
-    auto y = torch::empty_like(x);
-    norm_rows(x, w, y);
-    return y;
-  }
-
-  void layer_step(const NativeLayer& L, torch::Tensor& x, const StepInputs& in) const {
+  void layer_step(const NativeLayer& L, torch::Tensor& x, const StepInputs& in, Scratch& scratch) const {
     const int64_t B = x.size(0), H = H_, K = K_, D = D_, W = H + 2 * K;
     // --- attention ---
-    const auto x_attn = norm(x, L.attn_norm);
-    auto qkv = timed(linear_s_, [&] { return L.qkv(x_attn); }).contiguous();  // [B, (H + 2K) D]
+    norm_rows(x, L.attn_norm, scratch.normed);
+    auto qkv = timed(linear_s_, [&] { return L.qkv(scratch.normed); }).contiguous();  // [B, (H + 2K) D]
     TORCH_CHECK(qkv.size(1) == W * D, "DecodeStep: the qkv projection's width does not match the heads");
     float* qp = qkv.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) {
@@ -1294,29 +1314,31 @@ class DecodeStep {
     float* vc = L.v_cache.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < K; ++g) {
-        const float* ksrc = qp + (b * W + H + g) * D;
-        const float* vsrc = qp + (b * W + H + K + g) * D;
-        std::memcpy(kc + ((b * K + g) * N + in.slot) * D, ksrc, D * sizeof(float));
-        std::memcpy(vc + ((b * K + g) * N + in.slot) * D, vsrc, D * sizeof(float));
+        std::memcpy(kc + ((b * K + g) * N + in.slot) * D, qp + (b * W + H + g) * D, D * sizeof(float));
+        std::memcpy(vc + ((b * K + g) * N + in.slot) * D, qp + (b * W + H + K + g) * D, D * sizeof(float));
       }
+    // attention straight from the qkv buffer and the cache: q [B, H, 1, D] rows of qkv, keys [B, K, S, D]
     const int64_t S = in.mask.size(3);
-    auto q = qkv.view({B, 1, W, D}).narrow(2, 0, H).transpose(1, 2);  // [B, H, 1, D]
-    auto attn = timed(attention_s_, [&] {
-      return attend_decode(q, L.k_cache.narrow(2, 0, S), L.v_cache.narrow(2, 0, S), in.mask, scale_);
+    const AttendArgs args{qp, W * D, D, 0, kc, K * N * D, N * D, D, vc, K * N * D, N * D, D,
+                          in.mask.data_ptr<bool>(), S, S, 1, scratch.attn.data_ptr<float>(), B, H, 1, D, K, S,
+                          (float)scale_};
+    timed(attention_s_, [&] {
+      attend_core(args);
+      return scratch.attn;
     });
-    auto h = timed(linear_s_, [&] { return L.o(attn.view({B, H * D})); });
+    auto h = timed(linear_s_, [&] { return L.o(scratch.attn); });
     if (L.attn_post_norm) norm_rows(h, *L.attn_post_norm, h);
-    x.add_(h);
+    add_rows(x, h);
     // --- MLP ---
-    const auto x_mlp = norm(x, L.mlp_norm);
-    auto gu = timed(linear_s_, [&] { return L.gate_up(x_mlp); }).contiguous();  // [B, 2F]
+    norm_rows(x, L.mlp_norm, scratch.normed);
+    auto gu = timed(linear_s_, [&] { return L.gate_up(scratch.normed); }).contiguous();  // [B, 2F]
     const int64_t F = gu.size(1) / 2;
     // torch's own activation kernels (two dispatches a layer), so the step rounds exactly as the modules do
     auto gate = gu.narrow(1, 0, F);
     auto act = (gelu_ ? at::gelu(gate, "tanh") : at::silu(gate)).mul_(gu.narrow(1, F, F));
     auto d = timed(linear_s_, [&] { return L.down(act); });
     if (L.mlp_post_norm) norm_rows(d, *L.mlp_post_norm, d);
-    x.add_(d);
+    add_rows(x, d);
   }
 
   std::vector<NativeLayer> layers_;

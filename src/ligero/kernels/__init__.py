@@ -118,7 +118,7 @@ def load_tier(tier: str):
     build = cache_root() / "kernels" / f"cpu-{tier}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
-        print(f"ligero: compiling CPU kernels ({tier}) once (about 30 s)", file=sys.stderr, flush=True)
+        print(f"ligero: compiling CPU kernels ({tier}) once (about a minute)", file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(name=f"ligero_cpu_{tier}_{digest}", sources=[str(_SOURCE)],
                                   build_directory=str(build),

@@ -117,20 +117,19 @@ def native_profile(model, steps: int) -> dict:
     try:
         decode(model, 8)
         plain = decode(model, steps)
-        plans = []
+        plans, cache_of, head = [], [], {"seconds": 0.0, "start": 0.0}
 
         def start():  # the plan exists once the prompt ran: time only the decode steps
             plans.append(transformer.native_decode_plan(model, cache_of[0]))
             plans[0].set_profiling(True)
             plans[0].reset_timings()
+            head["seconds"] = 0.0
 
-        cache_of, head = [], {"seconds": 0.0, "start": 0.0}
         hooks = [model.lm_head.register_forward_pre_hook(lambda *_: head.update(start=time.perf_counter())),
                  model.lm_head.register_forward_hook(
                      lambda *_: head.update(seconds=head["seconds"] + time.perf_counter() - head["start"]))]
         try:
-            total = decode(model, steps, on_start=lambda: (start(), head.update(seconds=0.0)),
-                           on_cache=cache_of.append)
+            total = decode(model, steps, on_start=start, on_cache=cache_of.append)
         finally:
             for h in hooks:
                 h.remove()

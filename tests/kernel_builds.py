@@ -24,8 +24,7 @@ def lower_tiers() -> list[str]:
 
 
 def _built(tier: str) -> bool:
-    digest = kernels.build_key(kernels.cpu_flags(), kernels._compiler_version(kernels._compiler()), tier)
-    return any((kernels.cache_root() / "kernels" / f"cpu-{tier}-{digest}").glob("*.so"))
+    return any(kernels.build_dir(tier).glob("*.so"))
 
 
 def start_tier_build() -> None:

@@ -40,6 +40,8 @@ class NativeOp(NamedTuple):
     act_fp8: int = 0  # activations rounded to FP8 per token first: 0 no, 1 E4M3, 2 E5M2
 
 
+NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6}  # = LinearKind in the C++
+
 MAX_KERNEL_ROWS = 8  # decode batches up to this many activation rows go to the kernels; more rows use torch's GEMM
 
 # LIGERO_KERNELS value -> extra compiler flags. "auto" takes the best tier the CPU has; the others cap it.
@@ -110,17 +112,21 @@ def cpu_kernels():
     return None
 
 
+def build_dir(tier: str) -> Path:
+    """The cache folder of this machine's build of `tier` (named by build_key)."""
+    digest = build_key(cpu_flags(), _compiler_version(_compiler()), tier)
+    return cache_root() / "kernels" / f"cpu-{tier}-{digest}"
+
+
 @lru_cache(maxsize=None)
 def load_tier(tier: str):
     """Compile (once; cached on disk) and load the kernels capped at `tier` ("auto", "avx2", "generic")."""
-    flags = cpu_flags()
-    digest = build_key(flags, _compiler_version(_compiler()), tier)
-    build = cache_root() / "kernels" / f"cpu-{tier}-{digest}"
+    build = build_dir(tier)
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
         print(f"ligero: compiling CPU kernels ({tier}) once (about a minute)", file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name=f"ligero_cpu_{tier}_{digest}", sources=[str(_SOURCE)],
+        return cpp_extension.load(name=f"ligero_cpu_{tier}_{build.name.rsplit('-', 1)[1]}", sources=[str(_SOURCE)],
                                   build_directory=str(build),
                                   extra_cflags=["-O3", "-march=native", "-fopenmp", *TIERS[tier]], verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # a compiler is here: this is a bug

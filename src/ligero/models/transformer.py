@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ligero.errors import LigeroError
-from ligero.kernels import MAX_KERNEL_ROWS, NativeOp, cpu_kernels
+from ligero.kernels import MAX_KERNEL_ROWS, NATIVE_KINDS, NativeOp, cpu_kernels
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
 
 # Without this, denormal floats in SmolLM2's activations make CPU matmuls ~20x slower.
@@ -366,14 +366,11 @@ def native_decode_plan(model: Transformer, kv_cache: KVCacheBase | None):
     return plan
 
 
-_NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6}  # = LinearKind in the C++
-
-
 def _native_linear(ext, module: nn.Module):
     op = module.native_op() if hasattr(module, "native_op") else None
     if op is None:
         return ext.NativeLinear(0, [], module=module)  # called back in Python: its own forward, as the reference
-    return ext.NativeLinear(_NATIVE_KINDS[op.kind], [t.contiguous() for t in op.tensors], op.group, op.act8,
+    return ext.NativeLinear(NATIVE_KINDS[op.kind], [t.contiguous() for t in op.tensors], op.group, op.act8,
                             op.tensor_scale, op.act_fp8)
 
 

@@ -323,9 +323,11 @@ class TernaryLinear(QuantizedLinear):
             y = cpu_kernels().linear_ternary(x.reshape(-1, self.in_features), layout, row_scale)
             return y.view(*x.shape[:-1], self.out_features)
         x = formats.fake_quantize_int8_tokens(x)  # BitNet quantizes activations per token to int8
+        return F.linear(x, self.prefill_weight().to(x.dtype))
+
+    def prefill_weight(self):
         ext = cpu_kernels() if self.in_features % 64 == 0 and self.packed.device.type == "cpu" else None
-        w = ext.dequant_ternary(*self.compute_layout()) if ext is not None else self.dequantize()
-        return F.linear(x, w.to(x.dtype))
+        return ext.dequant_ternary(*self.compute_layout()) if ext is not None else self.dequantize()
 
 
 class W8A8Linear(Int8Linear):

@@ -137,12 +137,14 @@ def test_a_kernel_that_fails_to_build_is_an_error(monkeypatch, tmp_path, fresh_k
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (3, 32), (2, 64)])
 def test_prefill_weight_is_the_dequantized_weight_bit_for_bit(compiled_kernels, bits, group):
     """Prefill multiplies by a weight the kernels decode; it must be exactly the torch dequantization."""
-    from ligero.quant.config import IntGroupConfig, TernaryConfig
-    from ligero.quant.modules import IntGroupLinear, TernaryLinear
+    from ligero.quant.config import Int8WeightConfig, IntGroupConfig, TernaryConfig
+    from ligero.quant.modules import Int8Linear, IntGroupLinear, TernaryLinear
 
     w = torch.randn(300, 576, generator=torch.Generator().manual_seed(bits * group))
     layer = IntGroupLinear.from_float(w, IntGroupConfig(bits=bits, group_size=group))
     assert torch.equal(layer.prefill_weight(), layer.dequantize())
+    int8 = Int8Linear.from_float(w, Int8WeightConfig())
+    assert torch.equal(int8.prefill_weight(), int8.dequantize())
     ternary = TernaryLinear.from_float(w, TernaryConfig(), segments=(100, 200))
     assert torch.equal(compiled_kernels.dequant_ternary(*ternary.compute_layout()), ternary.dequantize())
 

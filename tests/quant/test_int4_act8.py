@@ -44,13 +44,13 @@ def test_symmetric_grid_puts_zero_and_the_extreme_on_codes():
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("rows", [1, 5, 8])
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 70])
 def test_kernel_equals_torch_reference_of_the_same_arithmetic(compiled_kernels, symmetric, group, rows):
     cfg = IntGroupConfig(group, symmetric=symmetric, act_int8_blocks=True)
     layer = IntGroupLinear.from_float(randn(67, 608, seed=group) * 0.05, cfg)
     x = randn(rows, 608, seed=rows)
     with torch.inference_mode():
-        got = layer(x)  # kernel (<= 8 rows)
+        got = layer(x)  # kernel, decode-sized or prefill-sized
         alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
     x_hat, w_hat = formats.fake_quantize_int8_blocks(x), layer.dequantize()
     ref = F.linear(x_hat.double(), w_hat.double()).float()
@@ -61,14 +61,27 @@ def test_kernel_equals_torch_reference_of_the_same_arithmetic(compiled_kernels, 
     assert not torch.allclose(got, F.linear(x, w_hat), rtol=1e-6, atol=1e-6)
 
 
-def test_prefill_and_decode_round_the_activations_the_same_way(compiled_kernels):
+def test_prefill_runs_the_integer_kernel_and_equals_decode_bit_for_bit(compiled_kernels, monkeypatch):
+    layer = IntGroupLinear.from_float(randn(40, 576, seed=3), IntGroupConfig(32, act_int8_blocks=True))
+    x = randn(300, 576, seed=4)
+    with torch.inference_mode():
+        decode = torch.cat([layer(x[i : i + 1]) for i in range(300)])
+        monkeypatch.setattr(F, "linear", None)  # prefill must not fall back to dequantize + GEMM
+        prefill = layer(x)  # 300 rows: the same kernel, tile by tile
+    assert torch.equal(prefill, decode)
+    assert layer.kernel_prefills()
+    assert not IntGroupLinear.from_float(randn(40, 576), IntGroupConfig(32)).kernel_prefills()  # exact: GEMM wins
+
+
+def test_prefill_without_kernels_rounds_the_activations_like_the_kernel(compiled_kernels, monkeypatch):
     layer = IntGroupLinear.from_float(randn(40, 576, seed=3), IntGroupConfig(32, act_int8_blocks=True))
     x = randn(12, 576, seed=4)
     with torch.inference_mode():
-        prefill = layer(x)  # 12 rows: torch path
-        decode = torch.cat([layer(x[i : i + 1]) for i in range(12)])  # kernel path
+        fast = layer(x)
+        monkeypatch.setattr(modules, "cpu_kernels", lambda: None)
+        torch_path = layer(x)  # fake-quantized activations, dequantized weight, torch's GEMM
     x_hat, w_hat = formats.fake_quantize_int8_blocks(x), layer.dequantize()
-    assert ((decode - prefill).abs() <= 1e-5 * (x_hat.abs() @ w_hat.abs().T)).all()  # summation order only
+    assert ((fast - torch_path).abs() <= 1e-5 * (x_hat.abs() @ w_hat.abs().T)).all()  # summation order only
 
 
 @pytest.mark.parametrize("scheme", ["int4-sym", "int4-a8", "int4-sym-a8"])
@@ -88,3 +101,17 @@ def test_schemes_decode_the_same_tokens_with_and_without_kernels(scheme, tiny_pa
         monkeypatch.setattr(transformer, "cpu_kernels", lambda: None)
         reference = generate_tokens(model, prompt, 32, greedy, eos_ids=[])
     assert fast == reference
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_symmetric_layers_let_the_kernel_derive_the_minimum_bit_for_bit(compiled_kernels, rows):
+    layer = IntGroupLinear.from_float(randn(72, 576, seed=7), IntGroupConfig(32, symmetric=True, act_int8_blocks=True))
+    assert layer.kernel_minimum().numel() == 0  # not read per token: minimum = -8 * scale exactly
+    x = randn(rows, 576, seed=8)
+    explicit = compiled_kernels.linear_int4(x, layer.kernel_layout(), layer.scale, layer.minimum, 32, True)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), explicit)
+    asym = IntGroupLinear.from_float(randn(72, 576, seed=7), IntGroupConfig(32, act_int8_blocks=True))
+    assert torch.equal(asym.kernel_minimum(), asym.minimum)
+    layer.minimum = layer.minimum + 1e-3  # edited minimums (e.g. a loaded file) are read again, not assumed
+    assert torch.equal(layer.kernel_minimum(), layer.minimum)

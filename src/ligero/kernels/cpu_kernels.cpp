@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -55,6 +56,19 @@ inline void for_each_tile(int64_t M, F&& f) {
       default: f(m0, std::integral_constant<int, 8>{}); break;
     }
   }
+}
+
+// Prefill (M > 8 rows): f(rb, re) over blocks of weight rows [rb, re) that fit in L2 (LIGERO_ROW_BLOCK_BYTES),
+// so each block is read from memory once and reused by every tile of activation rows, instead of the thread's
+// whole share of the matrix being streamed again for each tile of 8. Decode (one tile) gets one block.
+template <typename F>
+inline void for_each_row_block(int64_t begin, int64_t end, int64_t row_bytes, int64_t M, F&& f) {
+  static const int64_t block_bytes = [] {
+    const char* v = std::getenv("LIGERO_ROW_BLOCK_BYTES");
+    return v ? std::max<int64_t>(1, std::atoll(v)) : int64_t(128 * 1024);
+  }();
+  const int64_t rows = M <= 8 ? end - begin : std::max<int64_t>(1, block_bytes / std::max<int64_t>(1, row_bytes));
+  for (int64_t rb = begin; rb < end; rb += rows) f(rb, std::min(end, rb + rows));
 }
 
 inline float dot_tail(const float* w, const float* x, int64_t from, int64_t n) {
@@ -391,14 +405,18 @@ inline void int4_row_vnni(const uint8_t* row, const at::Half* srow, const at::Ha
   }
   // Minimum term: sum_g minimum[g] * (sum of x over group g), 16 groups per vector (group 32 has 18-48 groups
   // per row, as much work as the dot product if done one by one); each minimum is converted once for all rows.
+  // Symmetric grids (mrow null): minimum = -8 * scale exactly (a power-of-two multiple of an fp16 value).
+  const __m512 minus8 = _mm512_set1_ps(-8.f);
   int64_t g = 0;
   for (; g + 16 <= n_groups; g += 16) {
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mrow + g)));
+    const __m512 mv = mrow ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mrow + g)))
+                           : _mm512_mul_ps(minus8, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(srow + g))));
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(gsum[m] + g), acc[m]);
   }
   if (g < n_groups) {
     const __mmask16 tail = (__mmask16)((1u << (n_groups - g)) - 1);
-    const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, mrow + g));
+    const __m512 mv = mrow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, mrow + g))
+                           : _mm512_mul_ps(minus8, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, srow + g)));
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(tail, gsum[m] + g), acc[m]);
   }
   for (int m = 0; m < MT; ++m) y[m * y_stride] = _mm512_reduce_add_ps(acc[m]);
@@ -410,8 +428,8 @@ void int4_rows_vnni(const uint8_t* packed, const at::Half* scale, const at::Half
                     int64_t end) {
   const int64_t n_groups = (in + group - 1) / group;
   for (int64_t o = begin; o < end; ++o)
-    int4_row_vnni<MT>(packed + o * (in / 2), scale + o * n_groups, minimum + o * n_groups, sx, gsum, in, group,
-                      y + o, out);
+    int4_row_vnni<MT>(packed + o * (in / 2), scale + o * n_groups, minimum ? minimum + o * n_groups : nullptr, sx,
+                      gsum, in, group, y + o, out);
 }
 #endif
 
@@ -431,7 +449,11 @@ void int4_rows_avx2(const uint8_t* packed, const at::Half* scale, const at::Half
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = packed + o * (in / 2);
     halves_to_floats(scale + o * n_groups, ws.data(), n_groups);
-    halves_to_floats(minimum + o * n_groups, wm.data(), n_groups);
+    if (minimum) {
+      halves_to_floats(minimum + o * n_groups, wm.data(), n_groups);
+    } else {  // symmetric grid: minimum = -8 * scale, exactly
+      for (int64_t g = 0; g < n_groups; ++g) wm[g] = -8.f * ws[g];
+    }
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n_blocks; b += 2) {
@@ -484,8 +506,9 @@ void int4_rows_generic(const uint8_t* packed, const at::Half* scale, const at::H
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = packed + o * (in / 2);
     for (int64_t b = 0; b < in / 32; ++b) {
-      const float s = half_to_float(scale[o * n_groups + b * 32 / group]);
-      const float mn = half_to_float(minimum[o * n_groups + b * 32 / group]);
+      const int64_t at = o * n_groups + b * 32 / group;
+      const float s = half_to_float(scale[at]);
+      const float mn = minimum ? half_to_float(minimum[at]) : -8.f * s;
       for (int j = 0; j < 16; ++j) {
         const uint8_t byte = row[b * 16 + j];
         w[b * 32 + j] = s * float(byte & 0x0F) + mn;
@@ -808,7 +831,8 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
   return y;
 }
 
-// x: [M, in] fp32 (in % 32 == 0), packed: [out, in/2] uint8, scale/minimum: [out, G] fp16 -> [M, out].
+// x: [M, in] fp32 (in % 32 == 0), packed: [out, in/2] uint8, scale/minimum: [out, G] fp16 -> [M, out]. An empty
+// minimum means a symmetric grid (minimum = -8 * scale): one fp16 stream less to read per token.
 // act_int8_blocks: round x to int8 per 32-input block first (see quantize_x8); otherwise x keeps ~16 bits.
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum,
                           int64_t group, bool act_int8_blocks) {
@@ -818,12 +842,13 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   TORCH_CHECK((group & (group - 1)) == 0, "linear_int4: the group size must be a power of two");
   x = x.contiguous();
   const int64_t M = x.size(0), in = x.size(1), out = packed.size(0), n_groups = (in + group - 1) / group;
-  TORCH_CHECK(scale.size(1) == n_groups && minimum.size(1) == n_groups);
+  const bool implied_minimum = minimum.numel() == 0;
+  TORCH_CHECK(scale.size(1) == n_groups && (implied_minimum || minimum.sizes() == scale.sizes()));
   auto y = torch::empty({M, out}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
-  const at::Half* mp = minimum.data_ptr<at::Half>();
+  const at::Half* mp = implied_minimum ? nullptr : minimum.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
 #ifdef LIGERO_GENERIC
   std::vector<float> x_hat;  // the rounded activations, when asked for
@@ -845,29 +870,34 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   sx_buffers.resize(M);
   const SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
   std::vector<std::vector<float>> gsum(M);
-  for (int64_t m = 0; m < M; ++m) {
-    if (act_int8_blocks)
-      quantize_x8(xp + m * in, in, sx_buffers[m]);
-    else
-      split_x(xp + m * in, in, sx_buffers[m]);
-    gsum[m] = group_sums(sx[m], group);
-  }
+  SplitX* sx_out = sx_buffers.data();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {  // one row each: prefill has hundreds
+    for (int64_t m = b; m < e; ++m) {
+      if (act_int8_blocks)
+        quantize_x8(xp + m * in, in, sx_out[m]);
+      else
+        split_x(xp + m * in, in, sx_out[m]);
+      gsum[m] = group_sums(sx_out[m], group);
+    }
+  });
   std::vector<const float*> gsum_ptr(M);
   for (int64_t m = 0; m < M; ++m) gsum_ptr[m] = gsum[m].data();
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
     // One weight row's unpacking serves a whole tile of activation rows.
-    for_each_tile(M, [&](int64_t m0, auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      const float* const* gs = gsum_ptr.data() + m0;
-      if (act_int8_blocks) {
-        int4_rows_avx2<MT, true>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, b, e);
-      } else {
+    for_each_row_block(b, e, in / 2, M, [&](int64_t rb, int64_t re) {
+      for_each_tile(M, [&](int64_t m0, auto mt) {
+        constexpr int MT = decltype(mt)::value;
+        const float* const* gs = gsum_ptr.data() + m0;
+        if (act_int8_blocks) {
+          int4_rows_avx2<MT, true>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, rb, re);
+        } else {
 #ifdef LIGERO_VNNI
-        int4_rows_vnni<MT>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, b, e);
+          int4_rows_vnni<MT>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, rb, re);
 #else
-        int4_rows_avx2<MT, false>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, b, e);
+          int4_rows_avx2<MT, false>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, rb, re);
 #endif
-      }
+        }
+      });
     });
   });
 #endif
@@ -933,25 +963,29 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
   std::vector<int8_t> xq(M * in);
   std::vector<float> xscale(M);
   std::vector<int32_t> xsum(M);
-  for (int64_t m = 0; m < M; ++m) {  // per-token absmax int8, as BitNet b1.58 defines it
-    const float* xm = xp + m * in;
-    float amax = 0.f;
-    for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(xm[i]));
-    const float s = std::max(amax, 1e-8f) / 127.f;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < in; ++i) {
-      const int v = (int)std::max(-128.f, std::min(127.f, std::nearbyint(xm[i] / s)));
-      xq[m * in + i] = (int8_t)v;
-      sum += v;
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {  // per-token absmax int8, as BitNet b1.58 defines it
+      const float* xm = xp + m * in;
+      float amax = 0.f;
+      for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(xm[i]));
+      const float s = std::max(amax, 1e-8f) / 127.f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < in; ++i) {
+        const int v = (int)std::max(-128.f, std::min(127.f, std::nearbyint(xm[i] / s)));
+        xq[m * in + i] = (int8_t)v;
+        sum += v;
+      }
+      xscale[m] = s;
+      xsum[m] = sum;
     }
-    xscale[m] = s;
-    xsum[m] = sum;
-  }
+  });
   const int8_t* xqp = xq.data();
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    for_each_tile(M, [&](int64_t m0, auto mt) {
-      ternary_tile<decltype(mt)::value>(pp, sp, xqp + m0 * in, xsum.data() + m0, xscale.data() + m0, in, out, b, e,
-                                        yp + m0 * out);
+    for_each_row_block(b, e, in / 4, M, [&](int64_t rb, int64_t re) {
+      for_each_tile(M, [&](int64_t m0, auto mt) {
+        ternary_tile<decltype(mt)::value>(pp, sp, xqp + m0 * in, xsum.data() + m0, xscale.data() + m0, in, out, rb,
+                                          re, yp + m0 * out);
+      });
     });
   });
   return y;
@@ -997,6 +1031,23 @@ torch::Tensor dequant_int4(torch::Tensor packed, torch::Tensor scale, torch::Ten
   const at::Half* mp = minimum.data_ptr<at::Half>();
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) { dequant_int4_rows(pp, sp, mp, wp, in, group, n_groups, b, e); });
+  return w;
+}
+
+// q: [out, in] int8, scale: [out] fp32 -> [out, in] fp32 = q * scale (one product per weight, as torch's)
+torch::Tensor dequant_int8(torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(q.dtype() == torch::kInt8 && scale.dtype() == torch::kFloat32 && q.dim() == 2 &&
+              scale.numel() == q.size(0), "dequant_int8: [out, in] int8 codes and [out] fp32 scales");
+  q = q.contiguous(); scale = scale.contiguous();
+  const int64_t out = q.size(0), in = q.size(1);
+  auto w = torch::empty({out, in}, torch::dtype(torch::kFloat32));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o)
+      for (int64_t i = 0; i < in; ++i) wp[o * in + i] = (float)qp[o * in + i] * sp[o];
+  });
   return w;
 }
 
@@ -1361,6 +1412,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &attend_decode, "attention of a few query positions over the KV cache (decode)");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
   m.def("fake_quant_fp8_rows", &fake_quant_fp8_rows, "activations rounded to FP8 per row (1 E4M3, 2 E5M2)");
+  m.def("dequant_int8", &dequant_int8, "int8 per-channel weights -> fp32 (prefill)");
   m.def("dequant_int4", &dequant_int4, "packed 4-bit group weights -> fp32 (prefill)");
   m.def("dequant_ternary", &dequant_ternary, "2-bit ternary layout -> fp32 (prefill)");
   py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")

@@ -1,7 +1,8 @@
 """Quantized layers: packed storage in buffers (saved as-is), decode through packed kernels.
 
 Every layer keeps only its packed tensors. Decode (at most MAX_KERNEL_ROWS rows, CPU, inference) reads them
-packed through Ligero's kernels; larger batches (prefill) dequantize the layer's weight transiently and use a GEMM.
+packed through Ligero's kernels. Larger batches (prefill) dequantize the layer's weight transiently and use torch's
+GEMM, except where the packed kernel's integer dot products on int8 activations are faster (`kernel_prefills`).
 Which config each layer stores is registered in ligero.quant.schemes.
 """
 
@@ -25,9 +26,10 @@ from ligero.quant.config import (
 )
 
 
-def _use_kernel(x: torch.Tensor) -> bool:
+def _use_kernel(x: torch.Tensor, any_rows: bool = False) -> bool:
+    """Whether x goes through the packed kernel: decode-sized (or `any_rows`), CPU fp32, inference."""
     rows = x.numel() // x.shape[-1]
-    return rows <= MAX_KERNEL_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 \
+    return (any_rows or rows <= MAX_KERNEL_ROWS) and x.device.type == "cpu" and x.dtype == torch.float32 \
         and not torch.is_grad_enabled()
 
 
@@ -58,13 +60,18 @@ class QuantizedLinear(nn.Module):
         """The fp32 weight that prefill's GEMM multiplies by (made for the call, not kept)."""
         return self.dequantize()
 
+    def kernel_prefills(self) -> bool:
+        """Whether the packed kernel also serves prefill-sized inputs: true where its integer dot products on int8
+        activations beat dequantizing the weight and torch's fp32 GEMM (benchmarks/prefill_kernels.py)."""
+        return False
+
     def native_op(self) -> NativeOp | None:
         """What the native decode step runs for this layer, or None when decode needs this module's own forward
         (the step then calls it back in Python)."""
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_kernel(x):
+        if _use_kernel(x, self.kernel_prefills()):
             y = self._kernel(x.reshape(-1, self.in_features))
             if y is not None:
                 return y.view(*x.shape[:-1], self.out_features)
@@ -94,6 +101,10 @@ class Int8Linear(QuantizedLinear):
         q, s = (self.q, self.scale) if rows is None else (self.q[rows], self.scale[rows])
         return formats.dequantize_int8_per_channel(q, s)
 
+    def prefill_weight(self):
+        ext = cpu_kernels() if self.q.device.type == "cpu" else None
+        return ext.dequant_int8(self.q, self.scale) if ext is not None else self.dequantize()
+
     def _kernel(self, x2d):
         ext = cpu_kernels()
         return ext.linear_int8(x2d, self.q, self.scale) if ext is not None else None
@@ -115,6 +126,7 @@ class IntGroupLinear(QuantizedLinear):
         self.register_buffer("scale", torch.empty(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("minimum", torch.empty(out_features, n_groups, dtype=torch.float16))
         self._nibble_layout: tuple[int, torch.Tensor] | None = None
+        self._minimum_implied: tuple[int, int, bool] | None = None  # (scale ptr, minimum ptr, minimum == -8 scale)
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
@@ -139,9 +151,13 @@ class IntGroupLinear(QuantizedLinear):
     def forward(self, x):
         if getattr(self.config, "act_int8", False):  # LSQ W4A8: int8 activations per token
             x = formats.fake_quantize_int8_tokens(x)
-        if getattr(self.config, "act_int8_blocks", False) and not (_use_kernel(x) and cpu_kernels() is not None):
+        if getattr(self.config, "act_int8_blocks", False) and \
+                not (_use_kernel(x, self.kernel_prefills()) and cpu_kernels() is not None):
             x = formats.fake_quantize_int8_blocks(x)  # the kernel rounds them itself, identically
         return super().forward(x)
+
+    def kernel_prefills(self):
+        return bool(getattr(self.config, "act_int8_blocks", False)) and not getattr(self.config, "act_int8", False)
 
     def kernel_layout(self) -> torch.Tensor:
         if self.bits == 4:
@@ -150,11 +166,21 @@ class IntGroupLinear(QuantizedLinear):
             self._nibble_layout = (self.packed.data_ptr(), formats.pack_nibbles(self.codes()))
         return self._nibble_layout[1]
 
+    def kernel_minimum(self) -> torch.Tensor:
+        """The minimums for the kernels, or an empty tensor where the grid is symmetric (minimum = -8 * scale,
+        exactly): the kernels then derive them from the scales and read 0.5 bit/weight less per token."""
+        key = (self.scale.data_ptr(), self.minimum.data_ptr())
+        if self._minimum_implied is None or self._minimum_implied[:2] != key:  # new or reloaded weights
+            implied = self.bits == 4 and getattr(self.config, "symmetric", False) and \
+                torch.equal(self.minimum, self.scale * -8)
+            self._minimum_implied = (*key, implied)
+        return self.minimum[:0, :0] if self._minimum_implied[2] else self.minimum
+
     def _kernel(self, x2d):
         ext = cpu_kernels()
         if ext is None:
             return None
-        return ext.linear_int4(x2d, self.kernel_layout(), self.scale, self.minimum, self.config.group_size,
+        return ext.linear_int4(x2d, self.kernel_layout(), self.scale, self.kernel_minimum(), self.config.group_size,
                                bool(getattr(self.config, "act_int8_blocks", False)))
 
     def prefill_weight(self):
@@ -166,7 +192,7 @@ class IntGroupLinear(QuantizedLinear):
     def native_op(self):
         if getattr(self.config, "act_int8", False):  # LSQ's per-token rounding runs in torch
             return None
-        return NativeOp("int4", [self.kernel_layout(), self.scale, self.minimum], self.config.group_size,
+        return NativeOp("int4", [self.kernel_layout(), self.scale, self.kernel_minimum()], self.config.group_size,
                         bool(getattr(self.config, "act_int8_blocks", False)))
 
 
@@ -316,8 +342,11 @@ class TernaryLinear(QuantizedLinear):
     def native_op(self):
         return NativeOp("ternary", list(self.compute_layout())) if self.in_features % 64 == 0 else None
 
+    def kernel_prefills(self):
+        return self.in_features % 64 == 0
+
     def forward(self, x):
-        if _use_kernel(x) and self.in_features % 64 == 0 and cpu_kernels() is not None:
+        if self.kernel_prefills() and _use_kernel(x, any_rows=True) and cpu_kernels() is not None:
             layout, row_scale = self.compute_layout()
             # The kernel quantizes x per token to int8 itself, exactly as fake_quantize_int8_tokens does.
             y = cpu_kernels().linear_ternary(x.reshape(-1, self.in_features), layout, row_scale)

@@ -383,6 +383,37 @@ def _add_card_commands(sub) -> None:
     v.set_defaults(func=cmd_card_profile)
 
 
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with guardrails, A/B tests and a store")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry id or path (default {DEFAULT_MODEL})")
+    p.add_argument("--variant", action="append", metavar="NAME=SCHEME",
+                   help="a served variant: NAME=SCHEME (quantized on the fly), NAME=FOLDER (saved by `ligero "
+                        "quantize`) or SCHEME; repeat for an A/B test (default: the card's variant, else fp32)")
+    p.add_argument("--split", help="A/B shares per variant in percent, e.g. 50,50 (default: equal)")
+    p.add_argument("--experiment", help="A/B experiment name (default: <model>-ab); it seeds the assignment hash")
+    p.add_argument("--segment-rule", action="append", default=[], metavar="SEGMENT=re:PATTERN|bucket:LO-HI",
+                   help="put users in a segment by id (the X-Segment header wins), e.g. staff=re:^emp-")
+    p.add_argument("--store", help="store URL: sqlite:///file.db (default sqlite:///ligero-serve.db) or "
+                                   "postgresql+psycopg://user:password@host/db")
+    p.add_argument("--card", help="deployment card (cards/<variant>.json): its guardrails, its variant, and its "
+                                  "reference profile's temperature, top_p and max tokens as the defaults of "
+                                  "requests that leave them out")
+    p.add_argument("--guardrails", help="guardrails file (.toml, .yaml, .json); overrides the card's")
+    p.add_argument("--api-keys-file", help="file with one API key per line (also read: $LIGERO_API_KEYS); "
+                                           "no keys = no auth")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--keep-text", action="store_true", help="store output texts too (default: statistics only)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without an API key even when keys are on (default: it needs one)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a client must send its request body within this time, else 408 (default 30)")
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ligero", description="Run, quantize and audit small language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -439,34 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_args(p)
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with guardrails, A/B tests and a store")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry id or path (default {DEFAULT_MODEL})")
-    p.add_argument("--variant", action="append", metavar="NAME=SCHEME",
-                   help="a served variant: NAME=SCHEME (quantized on the fly), NAME=FOLDER (saved by `ligero "
-                        "quantize`) or SCHEME; repeat for an A/B test (default: the card's variant, else fp32)")
-    p.add_argument("--split", help="A/B shares per variant in percent, e.g. 50,50 (default: equal)")
-    p.add_argument("--experiment", help="A/B experiment name (default: <model>-ab); it seeds the assignment hash")
-    p.add_argument("--segment-rule", action="append", default=[], metavar="SEGMENT=re:PATTERN|bucket:LO-HI",
-                   help="put users in a segment by id (the X-Segment header wins), e.g. staff=re:^emp-")
-    p.add_argument("--store", help="store URL: sqlite:///file.db (default sqlite:///ligero-serve.db) or "
-                                   "postgresql+psycopg://user:password@host/db")
-    p.add_argument("--card", help="deployment card (cards/<variant>.json): its guardrails, its variant, and its "
-                                  "reference profile's temperature, top_p and max tokens as the defaults of "
-                                  "requests that leave them out")
-    p.add_argument("--guardrails", help="guardrails file (.toml, .yaml, .json); overrides the card's")
-    p.add_argument("--api-keys-file", help="file with one API key per line (also read: $LIGERO_API_KEYS); "
-                                           "no keys = no auth")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--keep-text", action="store_true", help="store output texts too (default: statistics only)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--public-metrics", action="store_true",
-                   help="serve /metrics without an API key even when keys are on (default: it needs one)")
-    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a client must send its request body within this time, else 408 (default 30)")
-    _add_threads_arg(p)
-    p.set_defaults(func=cmd_serve)
+    _add_serve_command(sub)
 
     p = sub.add_parser("monitor", help="production traffic against a deployment card: drift and A/B analysis",
                        description="Production traffic in the store against a deployment card: drift and A/B "

@@ -25,6 +25,8 @@ from ligero.quant.config import (
     W8A8Config,
 )
 
+PREFILL_KERNEL_MIN_WEIGHTS = 1 << 22  # int4 with int8 activations: the integer kernel serves prefill from here up
+
 
 def _use_kernel(x: torch.Tensor, any_rows: bool = False) -> bool:
     """Whether x goes through the packed kernel: decode-sized (or `any_rows`), CPU fp32, inference."""
@@ -157,7 +159,11 @@ class IntGroupLinear(QuantizedLinear):
         return super().forward(x)
 
     def kernel_prefills(self):
-        return bool(getattr(self.config, "act_int8_blocks", False)) and not getattr(self.config, "act_int8", False)
+        # Measured (benchmarks/vs_llamacpp.py, AVX2): the int8-activation kernel beats dequantize + GEMM on large
+        # layers (TinyLlama's: 1.2-1.9x) but not on small ones (SmolLM2's 576-wide: ~0.85x), where dequantizing
+        # costs little next to torch's GEMM.
+        return bool(getattr(self.config, "act_int8_blocks", False)) and not getattr(self.config, "act_int8", False) \
+            and self.in_features * self.out_features >= PREFILL_KERNEL_MIN_WEIGHTS
 
     def kernel_layout(self) -> torch.Tensor:
         if self.bits == 4:

@@ -130,10 +130,31 @@ constexpr int64_t kRows = 4;  // weight rows per block: 4 independent accumulato
 
 // y[m, o] = sum_i W[o, i] * x[m, i] for m < M (M small: decode). Each block of W rows is read from memory
 // once and reused from L1 for every row of x.
+#if defined(LIGERO_AVX512)
+struct F32Vector {  // one fp32 register of this tier, and the few operations gemv_rows needs
+  using V = __m512;
+  static constexpr int64_t kWidth = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(LIGERO_AVX2)
+struct F32Vector {
+  using V = __m256;
+  static constexpr int64_t kWidth = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) { return hsum8(v); }
+};
+#endif
+
 void gemv_rows(const float* x, const float* w, float* y, int64_t M, int64_t in, int64_t out,
                int64_t begin, int64_t end) {
   int64_t o = begin;
-#if defined(LIGERO_AVX512)
+#if defined(LIGERO_AVX2)  // AVX-512 or AVX2: F32Vector is the tier's widest register
+  using Vec = F32Vector;
   for (; o + kRows <= end; o += kRows) {
     const float* r0 = w + o * in;
     const float* r1 = r0 + in;
@@ -141,44 +162,20 @@ void gemv_rows(const float* x, const float* w, float* y, int64_t M, int64_t in, 
     const float* r3 = r2 + in;
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * in;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      Vec::V a0 = Vec::zero(), a1 = a0, a2 = a0, a3 = a0;
       int64_t i = 0;
-      for (; i + 16 <= in; i += 16) {
-        const __m512 xv = _mm512_loadu_ps(xm + i);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + i), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + i), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + i), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + i), xv, a3);
+      for (; i + Vec::kWidth <= in; i += Vec::kWidth) {
+        const Vec::V xv = Vec::load(xm + i);
+        a0 = Vec::fmadd(Vec::load(r0 + i), xv, a0);
+        a1 = Vec::fmadd(Vec::load(r1 + i), xv, a1);
+        a2 = Vec::fmadd(Vec::load(r2 + i), xv, a2);
+        a3 = Vec::fmadd(Vec::load(r3 + i), xv, a3);
       }
       float* ym = y + m * out + o;
-      ym[0] = _mm512_reduce_add_ps(a0) + dot_tail(r0, xm, i, in);
-      ym[1] = _mm512_reduce_add_ps(a1) + dot_tail(r1, xm, i, in);
-      ym[2] = _mm512_reduce_add_ps(a2) + dot_tail(r2, xm, i, in);
-      ym[3] = _mm512_reduce_add_ps(a3) + dot_tail(r3, xm, i, in);
-    }
-  }
-#elif defined(LIGERO_AVX2)
-  for (; o + kRows <= end; o += kRows) {
-    const float* r0 = w + o * in;
-    const float* r1 = r0 + in;
-    const float* r2 = r1 + in;
-    const float* r3 = r2 + in;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * in;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t i = 0;
-      for (; i + 8 <= in; i += 8) {
-        const __m256 xv = _mm256_loadu_ps(xm + i);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + i), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + i), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + i), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + i), xv, a3);
-      }
-      float* ym = y + m * out + o;
-      ym[0] = hsum8(a0) + dot_tail(r0, xm, i, in);
-      ym[1] = hsum8(a1) + dot_tail(r1, xm, i, in);
-      ym[2] = hsum8(a2) + dot_tail(r2, xm, i, in);
-      ym[3] = hsum8(a3) + dot_tail(r3, xm, i, in);
+      ym[0] = Vec::sum(a0) + dot_tail(r0, xm, i, in);
+      ym[1] = Vec::sum(a1) + dot_tail(r1, xm, i, in);
+      ym[2] = Vec::sum(a2) + dot_tail(r2, xm, i, in);
+      ym[3] = Vec::sum(a3) + dot_tail(r3, xm, i, in);
     }
   }
 #endif

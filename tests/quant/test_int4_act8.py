@@ -27,6 +27,14 @@ def test_fake_quantize_int8_blocks_rounds_each_block_to_127_levels():
     assert torch.equal(formats.fake_quantize_int8_blocks(torch.zeros(1, 32)), torch.zeros(1, 32))
 
 
+def test_native_block_rounding_equals_the_torch_reference_bit_for_bit(compiled_kernels):
+    x = torch.cat([randn(37, 96, seed=9) * 10, torch.zeros(1, 96), randn(2, 96, seed=10) * 1e-30])
+    x[3, 5] = 0.5 * x[3].abs().max() * 127 / 127  # ties and extremes included
+    assert torch.equal(compiled_kernels.fake_quant_int8_blocks(x), formats.fake_quantize_int8_blocks(x))
+    assert torch.equal(compiled_kernels.fake_quant_int8_blocks(x.view(2, 20, 96)),
+                       formats.fake_quantize_int8_blocks(x).view(2, 20, 96))
+
+
 def test_symmetric_grid_puts_zero_and_the_extreme_on_codes():
     w = randn(16, 64, seed=2)
     q, scale, minimum = formats.quantize_int_groups(w, 4, 32, symmetric=True)

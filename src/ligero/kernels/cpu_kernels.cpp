@@ -1201,6 +1201,29 @@ torch::Tensor fake_quant_fp8_rows_t(const torch::Tensor& x, float fmax) {
   return y;
 }
 
+// x: [..., in] fp32 (in % 32 == 0) -> x rounded to int8 per 32-input block, in fp32: q * (amax / 127), exactly as
+// quant/formats.py's fake_quantize_int8_blocks (the same products and roundings), in one parallel pass instead of
+// a dozen whole-tensor torch ops per layer (prefill of the -a8 schemes on layers that use torch's GEMM).
+torch::Tensor fake_quant_int8_blocks(torch::Tensor x) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) % 32 == 0,
+              "fake_quant_int8_blocks: fp32 with a multiple of 32 inputs");
+  x = x.contiguous();
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel() / 32, 256, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const float* xb = xp + blk * 32;
+      float* yb = yp + blk * 32;
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f;
+      for (int k = 0; k < 32; ++k) yb[k] = std::nearbyint(xb[k] * inv) * step;
+    }
+  });
+  return y;
+}
+
 // fmt: 1 = E4M3, 2 = E5M2
 torch::Tensor fake_quant_fp8_rows(torch::Tensor x, int64_t fmt) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && (fmt == 1 || fmt == 2), "fake_quant_fp8_rows: fp32, fmt 1 or 2");
@@ -1408,6 +1431,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
   m.def("attend_decode", &attend_decode, "attention of a few query positions over the KV cache (decode)");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
+  m.def("fake_quant_int8_blocks", &fake_quant_int8_blocks, "activations rounded to int8 per 32 inputs (fp32)");
   m.def("fake_quant_fp8_rows", &fake_quant_fp8_rows, "activations rounded to FP8 per row (1 E4M3, 2 E5M2)");
   m.def("dequant_int8", &dequant_int8, "int8 per-channel weights -> fp32 (prefill)");
   m.def("dequant_int4", &dequant_int4, "packed 4-bit group weights -> fp32 (prefill)");

@@ -155,7 +155,9 @@ class IntGroupLinear(QuantizedLinear):
             x = formats.fake_quantize_int8_tokens(x)
         if getattr(self.config, "act_int8_blocks", False) and \
                 not (_use_kernel(x, self.kernel_prefills()) and cpu_kernels() is not None):
-            x = formats.fake_quantize_int8_blocks(x)  # the kernel rounds them itself, identically
+            ext = cpu_kernels() if _use_kernel(x, any_rows=True) else None
+            # The kernel rounds them itself, identically; for torch's GEMM, natively when it can (one pass).
+            x = ext.fake_quant_int8_blocks(x) if ext is not None else formats.fake_quantize_int8_blocks(x)
         return super().forward(x)
 
     def kernel_prefills(self):

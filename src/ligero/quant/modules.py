@@ -64,7 +64,7 @@ class QuantizedLinear(nn.Module):
 
     def kernel_prefills(self) -> bool:
         """Whether the packed kernel also serves prefill-sized inputs: true where its integer dot products on int8
-        activations beat dequantizing the weight and torch's fp32 GEMM (benchmarks/prefill_kernels.py)."""
+        activations beat dequantizing the weight and torch's fp32 GEMM (prefill columns of docs/vs-llamacpp*.md)."""
         return False
 
     def native_op(self) -> NativeOp | None:

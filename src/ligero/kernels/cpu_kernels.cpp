@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -58,16 +57,14 @@ inline void for_each_tile(int64_t M, F&& f) {
   }
 }
 
-// Prefill (M > 8 rows): f(rb, re) over blocks of weight rows [rb, re) that fit in L2 (LIGERO_ROW_BLOCK_BYTES),
-// so each block is read from memory once and reused by every tile of activation rows, instead of the thread's
-// whole share of the matrix being streamed again for each tile of 8. Decode (one tile) gets one block.
+// Prefill (M > 8 rows): f(rb, re) over blocks of weight rows [rb, re) of about kRowBlockBytes (within L2), so
+// each block is read from memory once and reused by every tile of activation rows, instead of the thread's whole
+// share of the matrix being streamed again for each tile of 8. Decode (one tile) gets one block.
+constexpr int64_t kRowBlockBytes = 128 * 1024;
+
 template <typename F>
 inline void for_each_row_block(int64_t begin, int64_t end, int64_t row_bytes, int64_t M, F&& f) {
-  static const int64_t block_bytes = [] {
-    const char* v = std::getenv("LIGERO_ROW_BLOCK_BYTES");
-    return v ? std::max<int64_t>(1, std::atoll(v)) : int64_t(128 * 1024);
-  }();
-  const int64_t rows = M <= 8 ? end - begin : std::max<int64_t>(1, block_bytes / std::max<int64_t>(1, row_bytes));
+  const int64_t rows = M <= 8 ? end - begin : std::max<int64_t>(1, kRowBlockBytes / std::max<int64_t>(1, row_bytes));
   for (int64_t rb = begin; rb < end; rb += rows) f(rb, std::min(end, rb + rows));
 }
 
@@ -351,6 +348,16 @@ inline float quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_secon
     sum += v;
   }
   return (float)sum * *xs;
+}
+
+// x_hat = q * (amax / 127) for n_blocks blocks of 32: the rounded activations in fp32 (torch's GEMM, portable tier).
+inline void round_blocks_x8(const float* x, float* x_hat, int64_t n_blocks) {
+  int8_t q[32];
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    float xs;
+    quantize_block_x8(x + b * 32, q, q + 16, &xs);
+    for (int k = 0; k < 32; ++k) x_hat[b * 32 + k] = (float)q[k] * xs;
+  }
 }
 
 inline void quantize_x8(const float* x, int64_t in, SplitX& sx) {
@@ -851,12 +858,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   std::vector<float> x_hat;  // the rounded activations, when asked for
   if (act_int8_blocks) {
     x_hat.resize(M * in);
-    std::vector<int8_t> q(32);
-    for (int64_t b = 0; b < M * in / 32; ++b) {
-      float xs;
-      quantize_block_x8(xp + b * 32, q.data(), q.data() + 16, &xs);
-      for (int k = 0; k < 32; ++k) x_hat[b * 32 + k] = (float)q[k] * xs;
-    }
+    round_blocks_x8(xp, x_hat.data(), M * in / 32);
     xp = x_hat.data();
   }
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
@@ -865,16 +867,15 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 #else
   thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
   sx_buffers.resize(M);
-  const SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
+  SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
   std::vector<std::vector<float>> gsum(M);
-  SplitX* sx_out = sx_buffers.data();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {  // one row each: prefill has hundreds
     for (int64_t m = b; m < e; ++m) {
       if (act_int8_blocks)
-        quantize_x8(xp + m * in, in, sx_out[m]);
+        quantize_x8(xp + m * in, in, sx[m]);
       else
-        split_x(xp + m * in, in, sx_out[m]);
-      gsum[m] = group_sums(sx_out[m], group);
+        split_x(xp + m * in, in, sx[m]);
+      gsum[m] = group_sums(sx[m], group);
     }
   });
   std::vector<const float*> gsum_ptr(M);
@@ -1212,14 +1213,7 @@ torch::Tensor fake_quant_int8_blocks(torch::Tensor x) {
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, x.numel() / 32, 256, [&](int64_t b, int64_t e) {
-    for (int64_t blk = b; blk < e; ++blk) {
-      const float* xb = xp + blk * 32;
-      float* yb = yp + blk * 32;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f;
-      for (int k = 0; k < 32; ++k) yb[k] = std::nearbyint(xb[k] * inv) * step;
-    }
+    round_blocks_x8(xp + b * 32, yp + b * 32, e - b);
   });
   return y;
 }

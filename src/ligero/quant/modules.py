@@ -153,11 +153,13 @@ class IntGroupLinear(QuantizedLinear):
     def forward(self, x):
         if getattr(self.config, "act_int8", False):  # LSQ W4A8: int8 activations per token
             x = formats.fake_quantize_int8_tokens(x)
-        if getattr(self.config, "act_int8_blocks", False) and \
-                not (_use_kernel(x, self.kernel_prefills()) and cpu_kernels() is not None):
+        if getattr(self.config, "act_int8_blocks", False):
             ext = cpu_kernels() if _use_kernel(x, any_rows=True) else None
-            # The kernel rounds them itself, identically; for torch's GEMM, natively when it can (one pass).
-            x = ext.fake_quant_int8_blocks(x) if ext is not None else formats.fake_quantize_int8_blocks(x)
+            if ext is None:
+                x = formats.fake_quantize_int8_blocks(x)
+            elif not _use_kernel(x, self.kernel_prefills()):  # torch's GEMM: rounded natively, in one pass
+                x = ext.fake_quant_int8_blocks(x)
+            # otherwise the kernel rounds them itself, identically
         return super().forward(x)
 
     def kernel_prefills(self):

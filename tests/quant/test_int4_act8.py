@@ -1,6 +1,6 @@
 """int4 with int8 activations per 32-input block (`int4-a8`, `int4-sym-a8`, llama.cpp's Q4 x Q8_0 arithmetic) and
 the symmetric (Q4_0) grid: the kernel against a plain-torch reference of the same arithmetic, prefill and decode
-agreeing (bit for bit where a large layer prefills through the kernel), and whole models decoding the same tokens
+agreeing (bit for bit: prefill runs the same kernel), and whole models decoding the same tokens
 on both paths."""
 
 import pytest
@@ -72,17 +72,17 @@ def test_kernel_equals_torch_reference_of_the_same_arithmetic(compiled_kernels, 
     assert not torch.allclose(got, F.linear(x, w_hat), rtol=1e-6, atol=1e-6)
 
 
-def test_large_layers_prefill_through_the_integer_kernel_equal_to_decode_bit_for_bit(compiled_kernels, monkeypatch):
-    layer = IntGroupLinear.from_float(randn(2048, 2048, seed=3) * 0.05, IntGroupConfig(32, act_int8_blocks=True))
-    x = randn(20, 2048, seed=4)
+@pytest.mark.parametrize("out, inp", [(40, 576), (2048, 2048)])
+def test_prefill_runs_the_integer_kernel_equal_to_decode_bit_for_bit(compiled_kernels, monkeypatch, out, inp):
+    layer = IntGroupLinear.from_float(randn(out, inp, seed=3) * 0.05, IntGroupConfig(32, act_int8_blocks=True))
+    x = randn(20, inp, seed=4)
     with torch.inference_mode():
         decode = torch.cat([layer(x[i : i + 1]) for i in range(20)])
         monkeypatch.setattr(F, "linear", None)  # prefill must not fall back to dequantize + GEMM
         prefill = layer(x)  # 20 rows: the same kernel, tile by tile
     assert torch.equal(prefill, decode)
     assert layer.kernel_prefills()
-    # Small layers and the exact-activation path: dequantize + torch's GEMM is faster there.
-    assert not IntGroupLinear.from_float(randn(40, 576), IntGroupConfig(32, act_int8_blocks=True)).kernel_prefills()
+    # The exact-activation path does twice the integer work: dequantize + torch's GEMM is faster there.
     assert not IntGroupLinear.from_float(randn(2048, 2048), IntGroupConfig(32)).kernel_prefills()
 
 
@@ -117,14 +117,35 @@ def test_schemes_decode_the_same_tokens_with_and_without_kernels(scheme, tiny_pa
 
 
 @pytest.mark.parametrize("rows", [1, 8, 40])
-def test_symmetric_layers_let_the_kernel_derive_the_minimum_bit_for_bit(compiled_kernels, rows):
+def test_symmetric_layers_let_the_kernel_derive_the_minimum(compiled_kernels, rows):
     layer = IntGroupLinear.from_float(randn(72, 576, seed=7), IntGroupConfig(32, symmetric=True, act_int8_blocks=True))
     assert layer.kernel_minimum().numel() == 0  # not read per token: minimum = -8 * scale exactly
+    codes, scales, minimums = layer.kernel_layout(compiled_kernels)
+    assert minimums.numel() == 0
     x = randn(rows, 576, seed=8)
-    explicit = compiled_kernels.linear_int4(x, layer.kernel_layout(), layer.scale, layer.minimum, 32, True)
-    implied = compiled_kernels.linear_int4(x, layer.kernel_layout(), layer.scale, layer.kernel_minimum(), 32, True)
-    assert torch.equal(implied, explicit)
+    implied = compiled_kernels.linear_int4(x, codes, scales, minimums, 32, True, 72)  # -8 offset in integers
+    explicit_layout = compiled_kernels.pack_int4_x8(layer.packed, layer.scale, layer.minimum)
+    explicit = compiled_kernels.linear_int4(x, *explicit_layout, 32, True, 72)  # minimum term in fp32
+    x_hat, w_hat = formats.fake_quantize_int8_blocks(x), layer.dequantize()
+    bound = 1e-5 * (x_hat.abs() @ w_hat.abs().T)  # summation order only
+    assert ((implied - x_hat @ w_hat.T).abs() <= bound).all()
+    assert ((explicit - x_hat @ w_hat.T).abs() <= bound).all()
     asym = IntGroupLinear.from_float(randn(72, 576, seed=7), IntGroupConfig(32, act_int8_blocks=True))
     assert torch.equal(asym.kernel_minimum(), asym.minimum)
     layer.minimum = layer.minimum + 1e-3  # edited minimums (e.g. a loaded file) are read again, not assumed
     assert torch.equal(layer.kernel_minimum(), layer.minimum)
+    assert layer.kernel_layout(compiled_kernels)[2].numel() == layer.minimum.numel()  # the kernel layout follows
+
+
+def test_the_kernel_layout_follows_edits_made_in_place(compiled_kernels):
+    layer = IntGroupLinear.from_float(randn(16, 64, seed=1), IntGroupConfig(32))
+    x = randn(1, 64, seed=2)
+    with torch.inference_mode():
+        before = layer(x)
+    with torch.no_grad():
+        layer.scale.mul_(2)  # e.g. a learned-rounding pass writing its result into the buffers
+    with torch.inference_mode():
+        after = layer(x)
+    assert not torch.equal(after, before)
+    w_hat = layer.dequantize()
+    assert ((after - F.linear(x, w_hat)).abs() <= 1e-4 * (x.abs() @ w_hat.abs().T)).all()  # ~16-bit activations

@@ -2,10 +2,12 @@
 //
 // MKL's sgemv reaches ~12 GB/s on this kind of CPU while a plain streaming read reaches ~29 GB/s per core,
 // so a row-blocked dot-product kernel split across threads is what makes decode fast. Weights stay in
-// torch.nn.Linear's [out, in] row-major layout; the same layout serves prefill through MKL sgemm.
+// torch.nn.Linear's [out, in] row-major layout (the same layout serves prefill through MKL sgemm), except 4-bit
+// group codes, which decode from a copy with rows in bundles of 8 (see int4 below).
 //
 // Three instruction-set tiers share the entry points at the bottom; the compiler's target picks one:
-//   AVX-512 (+ VNNI for int4 and ternary); AVX2 + FMA + F16C (most x86 laptops and servers); portable C++
+//   AVX-512 (+ VNNI for ternary and the int4 activation split; int4's products run the AVX2 code there);
+//   AVX2 + FMA + F16C (most x86 laptops and servers); portable C++
 //   (any CPU: each weight row is decoded to fp32 once, then dotted with the batch's rows in loops the compiler
 //   vectorizes). LIGERO_FORCE_AVX2 and LIGERO_FORCE_GENERIC pick a lower tier on a CPU that has more, to test and
 //   measure it; `isa()` names the tier compiled.
@@ -24,7 +26,7 @@
 #elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && \
     !defined(LIGERO_FORCE_AVX2)
 #define LIGERO_AVX512 1
-#define LIGERO_AVX2 1  // every AVX-512 CPU has AVX2: its int4 and ternary kernels serve where VNNI is missing
+#define LIGERO_AVX2 1  // every AVX-512 CPU has AVX2: its int4 kernel, and its ternary one without VNNI, run there
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define LIGERO_AVX2 1
 #else
@@ -250,27 +252,36 @@ void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* 
 }
 
 // ============================================ int4 ============================================================
-// Packed rows: per 32-input block, 16 bytes; byte j holds input j (low nibble) and j + 16 (high nibble), as
-// GGUF's Q4 types. w = scale[g] * code + minimum[g] per group g of `group` inputs (fp16 scale and minimum).
-//
-// x86 tiers: converting every nibble to fp32 costs ~8 vector ops per 32 weights; integer multiply-adds take 32
-// (AVX2 vpmaddubsw) or 64 (VNNI vpdpbusd) byte pairs per instruction. The activations are split exactly into
-// two int8 halves of a 16-bit fixed-point value per 32-block (x ~ s * (256 * hi + lo), hi and lo in
-// [-128, 127]), so the result keeps ~16-bit activation precision (relative error ~1e-5): numerically a
-// weight-only kernel, not W4A8.
+// Weights: 4-bit codes per group of `group` inputs (a power-of-two multiple of 32), w = scale[g] * code +
+// minimum[g] (fp16 each), saved row-major in GGUF's Q4 byte order (per 32-input block, 16 bytes; byte j holds
+// input j in its low nibble and input j + 16 in its high one). Decode reads the "x8" layout made from that once
+// per layer (pack_int4_x8): output rows in bundles of 8 (the last one zero-padded); per bundle and 32-block,
+// 128 bytes = four 32-byte vectors, vector k = row k's 16 bytes then row k + 4's; per bundle and group, the 8
+// rows' fp16 scales (and minimums) side by side. A bundle is read as one sequential stream, and three horizontal
+// adds turn a block's 4 x 8 partial sums into one vector of the 8 rows' dot products, in row order: no per-row
+// reduction or scale conversion (decode at SmolLM2's 576 inputs: 1.5x the row-major kernel, measured). Reading 4
+// row-major rows side by side instead is slower than one row at a time here (4 streams defeat the prefetcher).
+constexpr int64_t kBundle = 8;  // output rows per bundle of the x8 layout
+
+// x86 tiers multiply bytes in integers (AVX2 vpmaddubsw: 32 unsigned x signed byte pairs per instruction). The
+// activations are either int8 per 32-input block (act_int8_blocks, as llama.cpp's Q8_0 pairs with Q4_0/Q4_1) or
+// split exactly into two int8 halves of a 16-bit fixed-point value per block (x ~ s * (256 * hi + lo), hi and lo
+// in [-128, 127]): ~16-bit activation precision (relative error ~1e-5), numerically a weight-only kernel.
 struct SplitX {
   // Per 32-block b, bytes [16b, 16b + 16): "first" = elements 32b..32b+15, "second" = 32b+16..32b+31,
-  // matching the packed weight layout (low nibbles, high nibbles). Padded to whole 128-weight chunks.
+  // matching the packed weight bytes (low nibbles, high nibbles).
   std::vector<int8_t> hi_first, hi_second, lo_first, lo_second;
-  std::vector<float> scale;      // per block, repeated 4x: one float per 32-bit lane of 4 byte pairs
-  std::vector<float> block_sum;  // sum of x per 32-block (for the minimum term)
+  std::vector<float> scale;      // per block: x ~ scale * (the block's integers)
+  std::vector<float> block_sum;  // per block: sum of x (for the minimum term)
+  std::vector<int32_t> int_sum;  // per block: sum of the integers (symmetric grids: the -8 offset, exactly)
 };
 
 inline void split_x_resize(int64_t in, SplitX& sx) {
-  const int64_t n_blocks = in / 32, n_chunks = (n_blocks + 3) / 4;
-  for (auto* v : {&sx.hi_first, &sx.hi_second, &sx.lo_first, &sx.lo_second}) v->assign(n_chunks * 64, 0);
-  sx.scale.assign(n_chunks * 16, 0.f);
-  sx.block_sum.assign(n_blocks, 0.f);
+  const int64_t n_blocks = in / 32;
+  for (auto* v : {&sx.hi_first, &sx.hi_second, &sx.lo_first, &sx.lo_second}) v->resize(n_blocks * 16);
+  sx.scale.resize(n_blocks);
+  sx.block_sum.resize(n_blocks);
+  sx.int_sum.resize(n_blocks);
 }
 
 #ifdef LIGERO_VNNI
@@ -284,17 +295,19 @@ inline void split_x(const float* x, int64_t in, SplitX& sx) {
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(x0, sign_off), _mm512_and_ps(x1, sign_off)));
     sx.block_sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
     // 32639 (not 32767) keeps the high byte of v - lo within int8: v - lo <= 32639 + 128 = 32767.
-    const float s = amax / 32639.f;
+    sx.scale[b] = amax / 32639.f;
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32639.f / amax : 0.f);
-    for (int k = 0; k < 4; ++k) sx.scale[b * 4 + k] = s;
     const __m512 halves[2] = {x0, x1};
+    __m512i vsum = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
       const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(halves[h], inv));  // round to nearest even
       const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), cff), c128);
       const __m512i hi = _mm512_srai_epi32(_mm512_sub_epi32(v, lo), 8);  // exact: v = 256 * hi + lo
+      vsum = _mm512_add_epi32(vsum, v);
       _mm_storeu_si128((__m128i*)((h == 0 ? sx.hi_first : sx.hi_second).data() + b * 16), _mm512_cvtepi32_epi8(hi));
       _mm_storeu_si128((__m128i*)((h == 0 ? sx.lo_first : sx.lo_second).data() + b * 16), _mm512_cvtepi32_epi8(lo));
     }
+    sx.int_sum[b] = _mm512_reduce_add_epi32(vsum);
   }
 }
 #else
@@ -311,7 +324,8 @@ inline void split_x(const float* x, int64_t in, SplitX& sx) {
     }
     sx.block_sum[b] = sum;
     const float inv = amax > 0.f ? 32639.f / amax : 0.f;  // 32639: see the VNNI version
-    for (int k = 0; k < 4; ++k) sx.scale[b * 4 + k] = amax / 32639.f;
+    sx.scale[b] = amax / 32639.f;
+    int32_t int_sum = 0;
     for (int k = 0; k < 32; ++k) {
       const int32_t v = (int32_t)std::nearbyint(xb[k] * inv);  // round to nearest even, as cvtps2dq
       const int32_t lo = ((v + 128) & 0xFF) - 128;
@@ -319,24 +333,18 @@ inline void split_x(const float* x, int64_t in, SplitX& sx) {
       const int64_t at = b * 16 + (k & 15);
       (k < 16 ? sx.hi_first : sx.hi_second)[at] = (int8_t)hi;
       (k < 16 ? sx.lo_first : sx.lo_second)[at] = (int8_t)lo;
+      int_sum += v;
     }
+    sx.int_sum[b] = int_sum;
   }
 }
 #endif
 
-// Sum of x over each weight group (for the minimum term), from the per-block sums.
-inline std::vector<float> group_sums(const SplitX& sx, int64_t group) {
-  const int64_t bpg = group / 32, n_blocks = (int64_t)sx.block_sum.size();
-  std::vector<float> gs((n_blocks + bpg - 1) / bpg, 0.f);
-  for (int64_t b = 0; b < n_blocks; ++b) gs[b / bpg] += sx.block_sum[b];
-  return gs;
-}
-
 // int8 activations per 32-input block (the `act_int8_blocks` option, as llama.cpp's Q8_0 pairs with its Q4 types):
-// x ~ xs_b * q, q = round(x * 127 / amax_b). Stored in SplitX's "hi" bytes (the "lo" bytes stay zero and are not
-// read); block_sum is the sum of the rounded values, so the minimum term is that of the same rounded x and the
+// x ~ xs_b * q, q = round(x * 127 / amax_b). Stored in SplitX's "hi" bytes (the "lo" bytes are not read);
+// block_sum is the sum of the rounded values, so the minimum term is that of the same rounded x and the
 // whole product equals x_hat @ w_hat^T (torch reference: quant/formats.py fake_quantize_int8_blocks).
-inline float quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_second, float* xs) {
+inline int32_t quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_second, float* xs) {
   float amax = 0.f;
   for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -347,7 +355,7 @@ inline float quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_secon
     (k < 16 ? q_first : q_second)[k & 15] = (int8_t)v;
     sum += v;
   }
-  return (float)sum * *xs;
+  return sum;
 }
 
 // x_hat = q * (amax / 127) for n_blocks blocks of 32: the rounded activations in fp32 (torch's GEMM, portable tier).
@@ -363,163 +371,101 @@ inline void round_blocks_x8(const float* x, float* x_hat, int64_t n_blocks) {
 inline void quantize_x8(const float* x, int64_t in, SplitX& sx) {
   split_x_resize(in, sx);
   for (int64_t b = 0; b < in / 32; ++b) {
-    float xs;
-    sx.block_sum[b] = quantize_block_x8(x + b * 32, sx.hi_first.data() + b * 16, sx.hi_second.data() + b * 16, &xs);
-    for (int k = 0; k < 4; ++k) sx.scale[b * 4 + k] = xs;
+    const int32_t sum = quantize_block_x8(x + b * 32, sx.hi_first.data() + b * 16, sx.hi_second.data() + b * 16,
+                                          &sx.scale[b]);
+    sx.int_sum[b] = sum;
+    sx.block_sum[b] = (float)sum * sx.scale[b];
   }
 }
-
-#ifdef LIGERO_VNNI
-// One row of packed int4 (one chunk = 4 blocks = 128 weights = 64 bytes) against MT rows of split activations
-// (MT = the decode batch, 1-8). The nibble unpacking, the weight scales and the minimums are loaded once per
-// weight row and shared by all MT activation rows, so a batch of 8 costs far less than 8 batch-1 calls.
-template <int MT>
-inline void int4_row_vnni(const uint8_t* row, const at::Half* srow, const at::Half* mrow, const SplitX* sx,
-                          const float* const* gsum, int64_t in, int64_t group, float* y, int64_t y_stride) {
-  const int64_t n_blocks = in / 32, n_chunks = (n_blocks + 3) / 4, n_groups = (in + group - 1) / group;
-  const int64_t bpg = group / 32;  // blocks per group: 1, 2, 4, 8
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // dpbusd lane -> index of its weight scale among those loaded for the chunk (lane / 4 / blocks-per-group)
-  const __m512i lane_scale = bpg == 1 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-                           : bpg == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                      : _mm512_setzero_si512();
-  const int64_t scales_per_chunk = bpg >= 4 ? 1 : 4 / bpg;
-  const int bpg_shift = __builtin_ctzll((unsigned long long)bpg);  // group sizes are powers of two: no division
-  __m512 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t blocks_here = std::min<int64_t>(4, n_blocks - c * 4);
-    const __mmask64 mask = blocks_here == 4 ? ~0ULL : ((1ULL << (16 * blocks_here)) - 1);
-    const __m512i v = _mm512_maskz_loadu_epi8(mask, row + c * 64);
-    const __m512i lo_n = _mm512_and_si512(v, low4);
-    const __m512i hi_n = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    const int64_t s0 = (c * 4) >> bpg_shift;
-    const int64_t n_s = std::min<int64_t>(scales_per_chunk, n_groups - s0);
-    const __m128 sv = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << n_s) - 1), srow + s0));
-    const __m512 wscale = _mm512_permutexvar_ps(lane_scale, _mm512_castps128_ps512(sv));
-    for (int m = 0; m < MT; ++m) {
-      const SplitX& x = sx[m];
-      __m512i ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_n, _mm512_loadu_si512(x.hi_first.data() + c * 64));
-      __m512i al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_n, _mm512_loadu_si512(x.lo_first.data() + c * 64));
-      ah = _mm512_dpbusd_epi32(ah, hi_n, _mm512_loadu_si512(x.hi_second.data() + c * 64));
-      al = _mm512_dpbusd_epi32(al, hi_n, _mm512_loadu_si512(x.lo_second.data() + c * 64));
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al));
-      acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(wscale, _mm512_loadu_ps(x.scale.data() + c * 16)), acc[m]);
-    }
-  }
-  // Minimum term: sum_g minimum[g] * (sum of x over group g), 16 groups per vector (group 32 has 18-48 groups
-  // per row, as much work as the dot product if done one by one); each minimum is converted once for all rows.
-  // Symmetric grids (mrow null): minimum = -8 * scale exactly (a power-of-two multiple of an fp16 value).
-  const __m512 minus8 = _mm512_set1_ps(-8.f);
-  int64_t g = 0;
-  for (; g + 16 <= n_groups; g += 16) {
-    const __m512 mv = mrow ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mrow + g)))
-                           : _mm512_mul_ps(minus8, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(srow + g))));
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(gsum[m] + g), acc[m]);
-  }
-  if (g < n_groups) {
-    const __mmask16 tail = (__mmask16)((1u << (n_groups - g)) - 1);
-    const __m512 mv = mrow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, mrow + g))
-                           : _mm512_mul_ps(minus8, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, srow + g)));
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(tail, gsum[m] + g), acc[m]);
-  }
-  for (int m = 0; m < MT; ++m) y[m * y_stride] = _mm512_reduce_add_ps(acc[m]);
-}
-
-template <int MT>
-void int4_rows_vnni(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
-                    const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
-                    int64_t end) {
-  const int64_t n_groups = (in + group - 1) / group;
-  for (int64_t o = begin; o < end; ++o)
-    int4_row_vnni<MT>(packed + o * (in / 2), scale + o * n_groups, minimum ? minimum + o * n_groups : nullptr, sx,
-                      gsum, in, group, y + o, out);
-}
-#endif
 
 #ifdef LIGERO_AVX2
-// Two 32-blocks (32 bytes) per step: vpmaddubsw multiplies the unsigned nibbles by the signed activation halves
-// and adds neighbouring pairs in int16 (at most 2 * 15 * 128 per pair, two pairs summed: no saturation);
-// vpmaddwd then widens to int32, weighting the high half by 256. Lanes 0-3 hold block b, lanes 4-7 block b + 1.
-// ACT8: the activations are int8 per block (quantize_x8): one vpmaddubsw per nibble half, no low bytes.
+inline __m256i broadcast16(const int8_t* p) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p)); }
+
+// Bundles [begin, end) of the x8 layout against MT activation rows. Per bundle and block, the nibbles are
+// unpacked once for all MT rows; per activation row, 8 vpmaddubsw (16 with split activations) and three
+// horizontal adds give the 8 weight rows' integer dot products, which are scaled and accumulated in fp32 in
+// block order (the same order for every MT: a row's result does not depend on its batch). Symmetric grids
+// (minimum null: minimum = -8 * scale) subtract 8 x the block's integer sum exactly in int32 (|result| <=
+// 32 * 8 * 32767 < 2^24, so its conversion to fp32 is exact too); otherwise the minimum term is added per block.
 template <int MT, bool ACT8>
-void int4_rows_avx2(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
-               const float* const* gsum, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
-               int64_t end) {
-  const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group, bpg = group / 32;
-  const int bpg_shift = __builtin_ctzll((unsigned long long)bpg);
+void int4_bundles_avx2(const uint8_t* codes, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
+                       int64_t in, int64_t out, int64_t group, float* y, int64_t begin, int64_t end) {
+  const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group;
+  const int bpg_shift = __builtin_ctzll((unsigned long long)(group / 32));  // groups hold 2^k blocks
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
-  std::vector<float> ws(n_groups + 1, 0.f), wm(n_groups);  // this row's scales and minimums in fp32
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* row = packed + o * (in / 2);
-    halves_to_floats(scale + o * n_groups, ws.data(), n_groups);
-    if (minimum) {
-      halves_to_floats(minimum + o * n_groups, wm.data(), n_groups);
-    } else {  // symmetric grid: minimum = -8 * scale, exactly
-      for (int64_t g = 0; g < n_groups; ++g) wm[g] = -8.f * ws[g];
-    }
+  for (int64_t u = begin; u < end; ++u) {
+    const uint8_t* ub = codes + u * n_blocks * 128;
+    const at::Half* us = scale + u * n_groups * kBundle;
+    const at::Half* um = minimum ? minimum + u * n_groups * kBundle : nullptr;
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n_blocks; b += 2) {
-      const bool pair = b + 1 < n_blocks;  // an odd last block is loaded alone (the row may end there)
-      const __m256i v = pair ? _mm256_loadu_si256((const __m256i*)(row + b * 16))
-                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(row + b * 16)));
-      const __m256i lo_n = _mm256_and_si256(v, low4);
-      const __m256i hi_n = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      // b is even, so blocks b and b + 1 share a group unless groups are single blocks.
-      const __m256 wscale = bpg == 1 ? _mm256_setr_m128(_mm_set1_ps(ws[b]), _mm_set1_ps(ws[b + 1]))
-                                     : _mm256_set1_ps(ws[b >> bpg_shift]);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      __m256i lo_n[4], hi_n[4];
+      for (int k = 0; k < 4; ++k) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(ub + b * 128 + k * 32));
+        lo_n[k] = _mm256_and_si256(v, low4);
+        hi_n[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+      const int64_t g = b >> bpg_shift;
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(us + g * kBundle)));
+      const __m256 wm = um ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(um + g * kBundle))) : ws;
       for (int m = 0; m < MT; ++m) {
         const SplitX& x = sx[m];
-        const __m256i ah = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo_n, _mm256_loadu_si256((const __m256i*)(x.hi_first.data() + b * 16))),
-            _mm256_maddubs_epi16(hi_n, _mm256_loadu_si256((const __m256i*)(x.hi_second.data() + b * 16))));
-        __m256 dot;
-        if constexpr (ACT8) {
-          dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(ah, ones));
-        } else {
-          const __m256i al = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo_n, _mm256_loadu_si256((const __m256i*)(x.lo_first.data() + b * 16))),
-              _mm256_maddubs_epi16(hi_n, _mm256_loadu_si256((const __m256i*)(x.lo_second.data() + b * 16))));
-          dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(ah, c256), _mm256_madd_epi16(al, ones)));
+        // the block's 16 + 16 activation bytes, each half in both 128-bit lanes (the lanes hold rows k, k + 4)
+        const __m256i xh1 = broadcast16(x.hi_first.data() + b * 16), xh2 = broadcast16(x.hi_second.data() + b * 16);
+        __m256i d[4];
+        for (int k = 0; k < 4; ++k) {
+          const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(lo_n[k], xh1), _mm256_maddubs_epi16(hi_n[k], xh2));
+          if constexpr (ACT8) {
+            d[k] = _mm256_madd_epi16(hi, ones);
+          } else {
+            const __m256i xl1 = broadcast16(x.lo_first.data() + b * 16), xl2 = broadcast16(x.lo_second.data() + b * 16);
+            const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(lo_n[k], xl1), _mm256_maddubs_epi16(hi_n[k], xl2));
+            d[k] = _mm256_add_epi32(_mm256_madd_epi16(hi, c256), _mm256_madd_epi16(lo, ones));
+          }
         }
-        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(wscale, _mm256_loadu_ps(x.scale.data() + b * 4)), acc[m]);
+        // d[k] lanes 0-3: row k's partial sums, lanes 4-7: row k + 4's -> [row 0, ..., row 7]
+        __m256i dot = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+        if (!um) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * x.int_sum[b]));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_set1_ps(x.scale[b])), acc[m]);
+        if (um) acc[m] = _mm256_fmadd_ps(wm, _mm256_set1_ps(x.block_sum[b]), acc[m]);
       }
     }
-    // Minimum term: sum_g minimum[g] * (sum of x over group g), 8 groups per vector.
-    int64_t g = 0;
-    for (; g + 8 <= n_groups; g += 8) {
-      const __m256 mv = _mm256_loadu_ps(wm.data() + g);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(gsum[m] + g), acc[m]);
-    }
+    const int64_t rows = std::min<int64_t>(kBundle, out - u * kBundle);
     for (int m = 0; m < MT; ++m) {
-      float s = hsum8(acc[m]);
-      for (int64_t t = g; t < n_groups; ++t) s += wm[t] * gsum[m][t];
-      y[m * out + o] = s;
+      if (rows == kBundle) {
+        _mm256_storeu_ps(y + m * out + u * kBundle, acc[m]);
+      } else {
+        float t[kBundle];
+        _mm256_storeu_ps(t, acc[m]);
+        std::copy(t, t + rows, y + m * out + u * kBundle);
+      }
     }
   }
 }
 #endif
 
 #ifdef LIGERO_GENERIC
-// Portable: decode the row to fp32 once, then dot it with every activation row.
-void int4_rows_generic(const uint8_t* packed, const at::Half* scale, const at::Half* minimum, const float* x,
-                       int64_t M, int64_t in, int64_t out, int64_t group, float* y, int64_t begin, int64_t end) {
-  const int64_t n_groups = (in + group - 1) / group;
-  std::vector<float> w(in);
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* row = packed + o * (in / 2);
-    for (int64_t b = 0; b < in / 32; ++b) {
-      const int64_t at = o * n_groups + b * 32 / group;
-      const float s = half_to_float(scale[at]);
-      const float mn = minimum ? half_to_float(minimum[at]) : -8.f * s;
-      for (int j = 0; j < 16; ++j) {
-        const uint8_t byte = row[b * 16 + j];
-        w[b * 32 + j] = s * float(byte & 0x0F) + mn;
-        w[b * 32 + 16 + j] = s * float(byte >> 4) + mn;
+// Portable: decode a bundle's 8 rows to fp32 once, then dot each with every activation row.
+void int4_bundles_generic(const uint8_t* codes, const at::Half* scale, const at::Half* minimum, const float* x,
+                          int64_t M, int64_t in, int64_t out, int64_t group, float* y, int64_t begin, int64_t end) {
+  const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group;
+  std::vector<float> w(kBundle * in);
+  for (int64_t u = begin; u < end; ++u) {
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t at = (u * n_groups + b * 32 / group) * kBundle;
+      for (int r = 0; r < kBundle; ++r) {
+        const float s = half_to_float(scale[at + r]);
+        const float mn = minimum ? half_to_float(minimum[at + r]) : -8.f * s;
+        const uint8_t* bytes = codes + (u * n_blocks + b) * 128 + (r % 4) * 32 + (r / 4) * 16;
+        for (int j = 0; j < 16; ++j) {
+          w[r * in + b * 32 + j] = s * float(bytes[j] & 0x0F) + mn;
+          w[r * in + b * 32 + 16 + j] = s * float(bytes[j] >> 4) + mn;
+        }
       }
     }
-    dot_rows_generic(w.data(), x, y + o, M, in, out);
+    for (int64_t r = 0; r < kBundle && u * kBundle + r < out; ++r)
+      dot_rows_generic(w.data() + r * in, x, y + u * kBundle + r, M, in, out);
   }
 }
 #endif
@@ -835,22 +781,54 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
   return y;
 }
 
-// x: [M, in] fp32 (in % 32 == 0), packed: [out, in/2] uint8, scale/minimum: [out, G] fp16 -> [M, out]. An empty
-// minimum means a symmetric grid (minimum = -8 * scale): one fp16 stream less to read per token.
+// packed: [out, in/2] uint8 (GGUF Q4 byte order), scale/minimum: [out, G] fp16 (minimum may be empty: symmetric)
+// -> the x8 layout linear_int4 reads: codes [ceil(out/8), in/32 * 128] uint8, scale and minimum [ceil(out/8),
+// G * 8] fp16 (minimum empty when given empty). Padding rows are zero.
+std::vector<torch::Tensor> pack_int4_x8(torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.size(1) % 16 == 0,
+              "pack_int4_x8: [out, in/2] uint8 codes, in a multiple of 32");
+  TORCH_CHECK(scale.dtype() == torch::kFloat16 && minimum.dtype() == torch::kFloat16 && scale.dim() == 2 &&
+              scale.size(0) == packed.size(0) && (minimum.numel() == 0 || minimum.sizes() == scale.sizes()),
+              "pack_int4_x8: [out, G] fp16 scales and minimums (or an empty minimum)");
+  packed = packed.contiguous(); scale = scale.contiguous(); minimum = minimum.contiguous();
+  const int64_t out = packed.size(0), n_blocks = packed.size(1) / 16, n_groups = scale.size(1);
+  const int64_t n_bundles = (out + kBundle - 1) / kBundle;
+  auto codes = torch::zeros({n_bundles, n_blocks * 128}, packed.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t u = o / kBundle, r = o % kBundle;
+    for (int64_t b = 0; b < n_blocks; ++b)
+      std::memcpy(cp + (u * n_blocks + b) * 128 + (r % 4) * 32 + (r / 4) * 16, pp + (o * n_blocks + b) * 16, 16);
+  }
+  auto bundle = [&](const torch::Tensor& t) {  // [out, G] -> [n_bundles, G * 8]: per group, the 8 rows side by side
+    if (t.numel() == 0) return t;
+    auto padded = torch::zeros({n_bundles * kBundle, n_groups}, t.options());
+    padded.narrow(0, 0, out).copy_(t);
+    return padded.view({n_bundles, kBundle, n_groups}).transpose(1, 2).contiguous()
+        .view({n_bundles, n_groups * kBundle});
+  };
+  return {codes, bundle(scale), bundle(minimum)};
+}
+
+// x: [M, in] fp32 (in % 32 == 0); codes, scale, minimum: the x8 layout of pack_int4_x8 (an empty minimum: a
+// symmetric grid, minimum = -8 * scale, exactly; one fp16 stream less per token) -> [M, out].
 // act_int8_blocks: round x to int8 per 32-input block first (see quantize_x8); otherwise x keeps ~16 bits.
-torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum,
-                          int64_t group, bool act_int8_blocks) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && packed.dtype() == torch::kUInt8);
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
+                          int64_t group, bool act_int8_blocks, int64_t out) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && codes.dtype() == torch::kUInt8);
   TORCH_CHECK(scale.dtype() == torch::kFloat16 && minimum.dtype() == torch::kFloat16);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0 && packed.size(1) * 2 == x.size(1) && group % 32 == 0);
-  TORCH_CHECK((group & (group - 1)) == 0, "linear_int4: the group size must be a power of two");
+  TORCH_CHECK(group % 32 == 0 && (group & (group - 1)) == 0, "linear_int4: the group size is a power of two >= 32");
   x = x.contiguous();
-  const int64_t M = x.size(0), in = x.size(1), out = packed.size(0), n_groups = (in + group - 1) / group;
+  const int64_t M = x.size(0), in = x.size(1), n_groups = (in + group - 1) / group;
+  const int64_t n_bundles = (out + kBundle - 1) / kBundle;
   const bool implied_minimum = minimum.numel() == 0;
-  TORCH_CHECK(scale.size(1) == n_groups && (implied_minimum || minimum.sizes() == scale.sizes()));
+  TORCH_CHECK(x.dim() == 2 && in % 32 == 0 && codes.size(0) == n_bundles && codes.size(1) == in / 32 * 128 &&
+              scale.size(0) == n_bundles && scale.size(1) == n_groups * kBundle &&
+              (implied_minimum || minimum.sizes() == scale.sizes()), "linear_int4: tensors not in the x8 layout");
   auto y = torch::empty({M, out}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* mp = implied_minimum ? nullptr : minimum.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
@@ -861,40 +839,30 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor s
     round_blocks_x8(xp, x_hat.data(), M * in / 32);
     xp = x_hat.data();
   }
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    int4_rows_generic(pp, sp, mp, xp, M, in, out, group, yp, b, e);
+  at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
+    int4_bundles_generic(cp, sp, mp, xp, M, in, out, group, yp, b, e);
   });
 #else
   thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
   sx_buffers.resize(M);
   SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
-  std::vector<std::vector<float>> gsum(M);
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {  // one row each: prefill has hundreds
     for (int64_t m = b; m < e; ++m) {
       if (act_int8_blocks)
         quantize_x8(xp + m * in, in, sx[m]);
       else
         split_x(xp + m * in, in, sx[m]);
-      gsum[m] = group_sums(sx[m], group);
     }
   });
-  std::vector<const float*> gsum_ptr(M);
-  for (int64_t m = 0; m < M; ++m) gsum_ptr[m] = gsum[m].data();
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    // One weight row's unpacking serves a whole tile of activation rows.
-    for_each_row_block(b, e, in / 2, M, [&](int64_t rb, int64_t re) {
+  at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
+    // One bundle's unpacking serves a whole tile of activation rows.
+    for_each_row_block(b, e, kBundle * in / 2, M, [&](int64_t rb, int64_t re) {
       for_each_tile(M, [&](int64_t m0, auto mt) {
         constexpr int MT = decltype(mt)::value;
-        const float* const* gs = gsum_ptr.data() + m0;
-        if (act_int8_blocks) {
-          int4_rows_avx2<MT, true>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, rb, re);
-        } else {
-#ifdef LIGERO_VNNI
-          int4_rows_vnni<MT>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, rb, re);
-#else
-          int4_rows_avx2<MT, false>(pp, sp, mp, sx + m0, gs, in, out, group, yp + m0 * out, rb, re);
-#endif
-        }
+        if (act_int8_blocks)
+          int4_bundles_avx2<MT, true>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);
+        else
+          int4_bundles_avx2<MT, false>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);
       });
     });
   });
@@ -1234,6 +1202,7 @@ struct NativeLinear {
   bool act8;                     // kInt4: int8 block activations
   double tensor_scale;           // kLut4: one tensor scale (1.0 when a row scale follows)
   int64_t act_fp8;               // 0, or the FP8 format (1 E4M3, 2 E5M2) the activations are rounded to first
+  int64_t out_features;          // kInt4: output rows (its x8 layout pads them to bundles of 8)
   py::object module;             // kPython: the module to call
 
   torch::Tensor operator()(const torch::Tensor& x_in) const {
@@ -1241,7 +1210,7 @@ struct NativeLinear {
     switch (kind) {
       case kF32: return linear_f32(x, t[0]);
       case kInt8: return linear_int8(x, t[0], t[1]);
-      case kInt4: return linear_int4(x, t[0], t[1], t[2], group, act8);
+      case kInt4: return linear_int4(x, t[0], t[1], t[2], group, act8, out_features);
       case kLut4: {
         auto y = linear_lut4(x, t[0], t[1], t[2], t[3], tensor_scale, group);
         return t.size() > 4 ? y.mul_(t[4]) : y;
@@ -1419,7 +1388,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction-set tier these kernels were compiled for");
   m.def("linear_f32", &linear_f32, "small-batch fp32 linear (decode GEMV)");
   m.def("linear_int8", &linear_int8, "small-batch linear with int8 per-channel weights");
-  m.def("linear_int4", &linear_int4, "small-batch linear with packed int4 group weights");
+  m.def("linear_int4", &linear_int4, "small-batch linear with 4-bit group weights in the x8 layout");
+  m.def("pack_int4_x8", &pack_int4_x8, "row-major packed 4-bit codes, scales, minimums -> the x8 kernel layout");
   m.def("linear_lut4", &linear_lut4, "small-batch linear with 4-bit table codes and block scales (MXFP4/NVFP4)");
   m.def("linear_ternary", &linear_ternary, "small-batch BitNet b1.58 linear: 2-bit ternary x int8 activations");
   m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
@@ -1432,14 +1402,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_ternary", &dequant_ternary, "2-bit ternary layout -> fp32 (prefill)");
   py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")
       .def(py::init([](int64_t kind, std::vector<torch::Tensor> t, int64_t group, bool act8, double tensor_scale,
-                       int64_t act_fp8, py::object module) {
+                       int64_t act_fp8, int64_t out_features, py::object module) {
              TORCH_CHECK(kind >= kPython && kind <= kTernary, "NativeLinear: unknown kind ", kind);
              TORCH_CHECK(kind != kPython || !module.is_none(), "NativeLinear: a Python projection needs its module");
              TORCH_CHECK(act_fp8 >= 0 && act_fp8 <= 2, "NativeLinear: act_fp8 is 0, 1 (E4M3) or 2 (E5M2)");
-             return NativeLinear{kind, std::move(t), group, act8, tensor_scale, act_fp8, std::move(module)};
+             return NativeLinear{kind, std::move(t), group, act8, tensor_scale, act_fp8, out_features,
+                                 std::move(module)};
            }),
            py::arg("kind"), py::arg("tensors"), py::arg("group") = 0, py::arg("act8") = false,
-           py::arg("tensor_scale") = 1.0, py::arg("act_fp8") = 0, py::arg("module") = py::none())
+           py::arg("tensor_scale") = 1.0, py::arg("act_fp8") = 0, py::arg("out_features") = 0,
+           py::arg("module") = py::none())
       .def("__call__", &NativeLinear::operator());
   py::class_<NativeLayer>(m, "NativeLayer", py::module_local(), "one decoder layer of the native decode step")
       .def(py::init([](NativeLinear qkv, NativeLinear o, NativeLinear gate_up, NativeLinear down,

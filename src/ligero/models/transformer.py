@@ -371,7 +371,7 @@ def _native_linear(ext, module: nn.Module):
     if op is None:
         return ext.NativeLinear(0, [], module=module)  # called back in Python: its own forward, as the reference
     return ext.NativeLinear(NATIVE_KINDS[op.kind], [t.contiguous() for t in op.tensors], op.group, op.act8,
-                            op.tensor_scale, op.act_fp8)
+                            op.tensor_scale, op.act_fp8, op.out_features)
 
 
 def _native_layer(ext, layer: Block, kv_cache: KVCache, i: int):

@@ -1,8 +1,10 @@
 """Quantized layers: packed storage in buffers (saved as-is), decode through packed kernels.
 
-Every layer keeps only its packed tensors. Decode (at most MAX_KERNEL_ROWS rows, CPU, inference) reads them
-packed through Ligero's kernels. Larger batches (prefill) dequantize the layer's weight transiently and use torch's
-GEMM, except where the packed kernel's integer dot products on int8 activations are faster (`kernel_prefills`).
+Every layer saves only its packed tensors. Decode (at most MAX_KERNEL_ROWS rows, CPU, inference) reads them
+packed through Ligero's kernels; group-wise integer layers first copy theirs, once, into the int4 kernel's x8
+layout (rows in bundles of 8), kept in memory beside the saved one (as many bytes again, not saved). Larger
+batches (prefill) dequantize the layer's weight transiently and use torch's GEMM, except where the packed
+kernel's integer dot products on int8 activations are faster (`kernel_prefills`).
 Which config each layer stores is registered in ligero.quant.schemes.
 """
 
@@ -25,7 +27,6 @@ from ligero.quant.config import (
     W8A8Config,
 )
 
-PREFILL_KERNEL_MIN_WEIGHTS = 1 << 22  # int4 with int8 activations: the integer kernel serves prefill from here up
 
 
 def _use_kernel(x: torch.Tensor, any_rows: bool = False) -> bool:
@@ -33,6 +34,12 @@ def _use_kernel(x: torch.Tensor, any_rows: bool = False) -> bool:
     rows = x.numel() // x.shape[-1]
     return (any_rows or rows <= MAX_KERNEL_ROWS) and x.device.type == "cpu" and x.dtype == torch.float32 \
         and not torch.is_grad_enabled()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple[int, int]:
+    """Identifies a tensor's current contents for caches derived from it: its storage and in-place edit count
+    (tensors made under torch.inference_mode count no edits: those are identified by storage alone)."""
+    return t.data_ptr(), -1 if t.is_inference() else t._version
 
 
 class QuantizedLinear(nn.Module):
@@ -127,8 +134,9 @@ class IntGroupLinear(QuantizedLinear):
         self.register_buffer("packed", torch.empty(out_features, in_features * self.bits // 8, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("minimum", torch.empty(out_features, n_groups, dtype=torch.float16))
-        self._nibble_layout: tuple[int, torch.Tensor] | None = None
-        self._minimum_implied: tuple[int, int, bool] | None = None  # (scale ptr, minimum ptr, minimum == -8 scale)
+        self._nibble_layout: tuple[tuple, torch.Tensor] | None = None
+        self._x8_layout: tuple[tuple, list[torch.Tensor]] | None = None
+        self._minimum_implied: tuple | None = None  # (scale key, minimum key, minimum == -8 scale)
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
@@ -163,47 +171,56 @@ class IntGroupLinear(QuantizedLinear):
         return super().forward(x)
 
     def kernel_prefills(self):
-        # Measured (benchmarks/vs_llamacpp.py, AVX2): the int8-activation kernel beats dequantize + GEMM on large
-        # layers (TinyLlama's: 1.2-1.9x) but not on small ones (SmolLM2's 576-wide: ~0.85x), where dequantizing
-        # costs little next to torch's GEMM.
-        return bool(getattr(self.config, "act_int8_blocks", False)) and not getattr(self.config, "act_int8", False) \
-            and self.in_features * self.out_features >= PREFILL_KERNEL_MIN_WEIGHTS
+        # Measured at 512 rows (AVX2, x8 layout): the int8-activation kernel beats dequantize + torch's GEMM on every
+        # layer shape tried, 1.2x (SmolLM2's 576 x 576) to 1.5x (TinyLlama's 2048 x 5632); the exact kernel does
+        # twice the integer work per weight and stays on the GEMM.
+        return bool(getattr(self.config, "act_int8_blocks", False)) and not getattr(self.config, "act_int8", False)
 
-    def kernel_layout(self) -> torch.Tensor:
+    def nibbles(self) -> torch.Tensor:
+        """The codes two per byte, row-major in GGUF's Q4 order ([out, in/2]): the stored tensor for 4-bit codes,
+        an expansion kept in memory (not saved) for 2- and 3-bit ones."""
         if self.bits == 4:
             return self.packed
-        if self._nibble_layout is None or self._nibble_layout[0] != self.packed.data_ptr():  # new or reloaded weights
-            self._nibble_layout = (self.packed.data_ptr(), formats.pack_nibbles(self.codes()))
+        if self._nibble_layout is None or self._nibble_layout[0] != _tensor_key(self.packed):  # new weights
+            self._nibble_layout = (_tensor_key(self.packed), formats.pack_nibbles(self.codes()))
         return self._nibble_layout[1]
 
     def kernel_minimum(self) -> torch.Tensor:
         """The minimums for the kernels, or an empty tensor where the grid is symmetric (minimum = -8 * scale,
         exactly): the kernels then derive them from the scales and read 0.5 bit/weight less per token."""
-        key = (self.scale.data_ptr(), self.minimum.data_ptr())
+        key = (_tensor_key(self.scale), _tensor_key(self.minimum))
         if self._minimum_implied is None or self._minimum_implied[:2] != key:  # new or reloaded weights
             implied = self.bits == 4 and getattr(self.config, "symmetric", False) and \
                 torch.equal(self.minimum, self.scale * -8)
             self._minimum_implied = (*key, implied)
         return self.minimum[:0, :0] if self._minimum_implied[2] else self.minimum
 
+    def kernel_layout(self, ext) -> list[torch.Tensor]:
+        """[codes, scales, minimums] in the decode kernel's x8 layout (output rows in bundles of 8; made by the
+        kernels once per weights and kept in memory, not saved; see pack_int4_x8 in kernels/cpu_kernels.cpp)."""
+        key = (_tensor_key(self.packed), _tensor_key(self.scale), _tensor_key(self.minimum))
+        if self._x8_layout is None or self._x8_layout[0] != key:  # new, reloaded or edited weights
+            self._x8_layout = (key, ext.pack_int4_x8(self.nibbles(), self.scale, self.kernel_minimum()))
+        return self._x8_layout[1]
+
     def _kernel(self, x2d):
         ext = cpu_kernels()
         if ext is None:
             return None
-        return ext.linear_int4(x2d, self.kernel_layout(), self.scale, self.kernel_minimum(), self.config.group_size,
-                               bool(getattr(self.config, "act_int8_blocks", False)))
+        return ext.linear_int4(x2d, *self.kernel_layout(ext), self.config.group_size,
+                               bool(getattr(self.config, "act_int8_blocks", False)), self.out_features)
 
     def prefill_weight(self):
         ext = cpu_kernels() if self.packed.device.type == "cpu" else None
         if ext is None:
             return self.dequantize()
-        return ext.dequant_int4(self.kernel_layout(), self.scale, self.minimum, self.config.group_size)
+        return ext.dequant_int4(self.nibbles(), self.scale, self.minimum, self.config.group_size)
 
     def native_op(self):
         if getattr(self.config, "act_int8", False):  # LSQ's per-token rounding runs in torch
             return None
-        return NativeOp("int4", [self.kernel_layout(), self.scale, self.kernel_minimum()], self.config.group_size,
-                        bool(getattr(self.config, "act_int8_blocks", False)))
+        return NativeOp("int4", self.kernel_layout(cpu_kernels()), self.config.group_size,
+                        bool(getattr(self.config, "act_int8_blocks", False)), out_features=self.out_features)
 
 
 FP8_CODES = {"e4m3": 1, "e5m2": 2}  # the kernels' names for the FP8 formats

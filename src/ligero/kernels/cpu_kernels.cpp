@@ -259,8 +259,9 @@ void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* 
 // 128 bytes = four 32-byte vectors, vector k = row k's 16 bytes then row k + 4's; per bundle and group, the 8
 // rows' fp16 scales (and minimums) side by side. A bundle is read as one sequential stream, and three horizontal
 // adds turn a block's 4 x 8 partial sums into one vector of the 8 rows' dot products, in row order: no per-row
-// reduction or scale conversion (decode at SmolLM2's 576 inputs: 1.5x the row-major kernel, measured). Reading 4
-// row-major rows side by side instead is slower than one row at a time here (4 streams defeat the prefetcher).
+// reduction or scale conversion (decode at SmolLM2's 576 inputs: 1.2-1.5x the row-major kernel, measured). Reading
+// 4 row-major rows side by side instead was slower than one row at a time (int8, measured: 0.55x; 4 interleaved
+// streams defeat the prefetcher).
 constexpr int64_t kBundle = 8;  // output rows per bundle of the x8 layout
 
 // x86 tiers multiply bytes in integers (AVX2 vpmaddubsw: 32 unsigned x signed byte pairs per instruction). The

@@ -28,7 +28,6 @@ from ligero.quant.config import (
 )
 
 
-
 def _use_kernel(x: torch.Tensor, any_rows: bool = False) -> bool:
     """Whether x goes through the packed kernel: decode-sized (or `any_rows`), CPU fp32, inference."""
     rows = x.numel() // x.shape[-1]

@@ -27,11 +27,16 @@ from ligero.eval.quality import compare_models  # noqa: E402
 from ligero.eval.speed import kv_cache_mb, measure_speed  # noqa: E402
 from ligero.eval.variants import BASELINE, build_variant, calibration_windows  # noqa: E402
 
-SCHEMES = [BASELINE, "int8", "int4", "int4-g128", "int3", "adaround", "lsq", "w8a8-naive", "w8a8", "fp8", "fp8-e5m2",
-           "mxfp4", "nvfp4", "mxfp4-w4a4", "nvfp4-w4a4", "b158", "kv4", "kv3", "kv2", "int4+kv3"]
+SCHEMES = [BASELINE, "int8", "int8-a8", "int4", "int4-sym", "int4-a8", "int4-sym-a8", "int4-g128", "int3", "adaround",
+           "lsq", "w8a8-naive", "w8a8", "fp8", "fp8-e5m2", "mxfp4", "nvfp4", "mxfp4-w4a4", "nvfp4-w4a4", "b158", "kv4",
+           "kv3", "kv2", "int4+kv3"]
 NOTES = {
     BASELINE: "dequantized GGUF weights (the published files are 4/5-bit): the baseline",
+    "int8-a8": "activations rounded to int8 per 32 inputs (llama.cpp's Q8_0 x Q8_0 arithmetic)",
     "int4": "group 32, asymmetric, round-to-nearest",
+    "int4-sym": "group 32, symmetric (GGUF Q4_0's grid)",
+    "int4-a8": "int4 x activations rounded to int8 per 32 inputs (llama.cpp's Q4_1 x Q8_1)",
+    "int4-sym-a8": "Q4_0's grid x int8 activations per 32 inputs (llama.cpp's Q4_0 x Q8_0)",
     "int4-g128": "group 128, round-to-nearest",
     "int3": "group 128, stored 3 bits per code",
     "adaround": "int4 group 128, learned rounding (calibration split)",

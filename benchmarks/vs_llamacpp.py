@@ -40,7 +40,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ligero's int4 is asymmetric (scale + minimum per group of 32, like Q4_1): it stands in for Q4_0 until Ligero
 # has a symmetric int4 scheme (edit the row then, e.g. to an int8-activation int4 scheme).
 PAIRS = [
-    ("Q8_0", "int8", "int8 weights; llama.cpp: fp16 scale per block of 32, Ligero: fp32 scale per output row"),
+    ("Q8_0", "int8", "int8 weights; llama.cpp: fp16 scale per block of 32, Ligero: fp32 scale per output row; "
+                     "Ligero keeps fp32 activations (llama.cpp rounds them to int8 per 32, Q8_0)"),
+    ("Q8_0", "int8-a8", "same arithmetic: int8 weights x activations rounded to int8 per 32 inputs (llama.cpp's "
+                        "Q8_0 x Q8_0); weight scales: llama.cpp fp16 per block of 32, Ligero fp32 per output row"),
     ("Q4_0", "int4-sym-a8", "same arithmetic: symmetric 4-bit codes per group of 32 x activations rounded to int8 "
                             "per 32 inputs (llama.cpp's Q8_0); Ligero also stores the minimum (-8 x scale)"),
     ("Q4_1", "int4-g32", "same format: 4-bit codes, scale + minimum per group of 32; Ligero keeps ~16-bit "

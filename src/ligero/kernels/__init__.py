@@ -35,7 +35,7 @@ class NativeOp(NamedTuple):
     kind: str
     tensors: list
     group: int = 0  # int4: group size; lut4: block size
-    act8: bool = False  # int4: int8 activations per 32 inputs
+    act8: bool = False  # int8, int4: int8 activations per 32 inputs
     tensor_scale: float = 1.0  # lut4: one tensor scale (a row-scale tensor follows the tensors otherwise)
     act_fp8: int = 0  # activations rounded to FP8 per token first: 0 no, 1 E4M3, 2 E5M2
     out_features: int = 0  # int4: output rows (its kernel layout pads them to bundles of 8)

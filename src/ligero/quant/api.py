@@ -41,7 +41,7 @@ def _selected(model: Transformer, recipe: Recipe,
 
 def _check_shapes(model: Transformer, recipe: Recipe, layer_filter: LayerFilter | None) -> None:
     for name, module, config in _selected(model, recipe, layer_filter):
-        multiple = scheme_spec(config).in_features_multiple
+        multiple = scheme_spec(config).input_multiple(config)
         if module.in_features % multiple:
             raise LigeroError(f"{name}: {config.kind} needs in_features divisible by {multiple} (got "
                               f"{module.in_features}); exclude the layer with an override")

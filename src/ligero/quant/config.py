@@ -78,19 +78,25 @@ class SchemeSpec:
     config: type[QuantConfig]
     layer: type["QuantizedLinear"]
     prepass: Callable[..., Any] | None = None
-    in_features_multiple: int = 1
+    in_features_multiple: int | Callable[[QuantConfig], int] = 1
     calibrates: Callable[[QuantConfig], bool] = _never
     grouped: bool = False
 
     def needs_calibration(self, config: QuantConfig) -> bool:
         return self.prepass is not None or self.calibrates(config)
 
+    def input_multiple(self, config: QuantConfig) -> int:
+        """What every input width must be a multiple of for this config."""
+        m = self.in_features_multiple
+        return m(config) if callable(m) else m
+
 
 SCHEME_SPECS: dict[str, SchemeSpec] = {}  # config kind -> spec
 
 
 def register_scheme(config: type[QuantConfig], *, layer: type["QuantizedLinear"],
-                    prepass: Callable[..., Any] | None = None, in_features_multiple: int = 1,
+                    prepass: Callable[..., Any] | None = None,
+                    in_features_multiple: int | Callable[[QuantConfig], int] = 1,
                     calibrates: bool | Callable[[QuantConfig], bool] = False,
                     grouped: bool = False) -> type[QuantConfig]:
     """Register a weight format: `config` is stored by `layer` (a QuantizedLinear: `layer.from_float(weight, config,
@@ -98,7 +104,8 @@ def register_scheme(config: type[QuantConfig], *, layer: type["QuantizedLinear"]
 
     prepass(model, config, calibration, layer_filter): a learned scheme's step that replaces the block linears
     itself, on calibration windows, before the other layers are quantized (AdaRound, LSQ).
-    in_features_multiple: layers whose input width is not a multiple of it cannot take this format.
+    in_features_multiple: layers whose input width is not a multiple of it (or of what it returns for the config)
+    cannot take this format.
     calibrates: True (or a test of the config) when the layer is built from activation statistics of the
     calibration windows: then from_float also gets `act_max`, the per-input-channel max |x|.
     grouped: the config has a `group_size` field that --group-size sets.
@@ -125,9 +132,12 @@ def needs_calibration(config: QuantConfig) -> bool:
 
 @dataclass(frozen=True)
 class Int8WeightConfig(QuantConfig):
-    """int8 weights, symmetric, one scale per output channel (block = the whole input row)."""
+    """int8 weights, symmetric, one scale per output channel (block = the whole input row). `act_int8_blocks`
+    rounds the activations to int8 per 32 inputs before the product (llama.cpp's Q8_0 x Q8_0 arithmetic): byte
+    products in integers instead of fp32, a small quality cost (docs/quantization.md); inputs a multiple of 32."""
 
     kind: ClassVar[str] = "int8_weight"
+    act_int8_blocks: bool = False
 
 
 GROUP_SIZES = (32, 64, 128, 256)

@@ -25,7 +25,8 @@ from ligero.quant.modules import FP4Linear, FP8Linear, Int8Linear, IntGroupLinea
 # The 4-bit kernels read 32 inputs per block: group-wise, FP4 and ternary layers need in_features % 32 == 0.
 KERNEL_BLOCK = 32
 
-register_scheme(Int8WeightConfig, layer=Int8Linear)
+register_scheme(Int8WeightConfig, layer=Int8Linear,
+                in_features_multiple=lambda config: KERNEL_BLOCK if config.act_int8_blocks else 1)
 register_scheme(IntGroupConfig, layer=IntGroupLinear, in_features_multiple=KERNEL_BLOCK, grouped=True)
 register_scheme(FP8Config, layer=FP8Linear)
 register_scheme(FP4Config, layer=FP4Linear, in_features_multiple=KERNEL_BLOCK)
@@ -58,3 +59,5 @@ register_named_scheme("lsq-w4a8", LSQConfig, bits=4, group_size=128, act_int8=Tr
 register_named_scheme("int4-sym", IntGroupConfig, group_size=32, symmetric=True)
 register_named_scheme("int4-a8", IntGroupConfig, group_size=32, act_int8_blocks=True)
 register_named_scheme("int4-sym-a8", IntGroupConfig, group_size=32, symmetric=True, act_int8_blocks=True)
+# int8 weights x int8 activations per 32 inputs: llama.cpp's Q8_0 x Q8_0 product (weights keep one scale per row).
+register_named_scheme("int8-a8", Int8WeightConfig, act_int8_blocks=True)

@@ -113,3 +113,10 @@ def test_int8_a8_decodes_the_same_tokens_with_and_without_kernels(tiny_pair, mon
         monkeypatch.setattr(transformer, "cpu_kernels", lambda: None)
         reference = generate_tokens(model, prompt, 32, greedy, eos_ids=[])
     assert fast == reference
+
+
+def test_a8_schemes_round_the_heads_activations_too():
+    assert recipe_for("int4-sym-a8").head == Int8WeightConfig(act_int8_blocks=True)
+    assert recipe_for("int8-a8").head == Int8WeightConfig(act_int8_blocks=True)
+    assert recipe_for("int4").head == Int8WeightConfig()  # exact schemes keep an exact head
+    assert recipe_for("int4-a8").embed == Int8WeightConfig()

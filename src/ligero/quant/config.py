@@ -389,8 +389,15 @@ def recipe_for(scheme: str, group_size: int | None = None) -> Recipe:
     if len(weight_parts) > 1 or len(kv_parts) > 1 or "" in parts:
         raise LigeroError(f"cannot combine '{scheme}': use one weight scheme and/or one KV scheme, e.g. int4+kv3; "
                           f"valid schemes: {valid_schemes()}")
-    recipe = Recipe(_weight_config(weight_parts[0], group_size)) if weight_parts else \
-        Recipe(None, head=None, embed=None)
+    if weight_parts:
+        weights = _weight_config(weight_parts[0], group_size)
+        recipe = Recipe(weights)
+        if getattr(weights, "act_int8_blocks", False):
+            # -a8 schemes round activations to int8 per 32 inputs before every product, the output head's
+            # included (its int8 table is a quarter of SmolLM2's int4 decode bytes), as llama.cpp does.
+            recipe.head = Int8WeightConfig(act_int8_blocks=True)
+    else:
+        recipe = Recipe(None, head=None, embed=None)
     if kv_parts:
         recipe.kv = KVQuantConfig(bits=KV_SCHEMES[kv_parts[0]])
     recipe.name = scheme if group_size is None else f"{scheme}-g{group_size}"

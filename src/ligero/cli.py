@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -198,6 +199,46 @@ def cmd_quantize(args) -> int:
 
     print(f"{args.model} -> {out}: scheme {recipe.name}, {bits_per_weight(loaded.model):.2f} bits/weight, "
           f"{stored_bytes(loaded.model) / 1e6:.1f} MB ({seconds:.1f} s)")
+    return 0
+
+
+def _source_gguf(info: dict) -> Path | None:
+    """The GGUF file a loaded model (or the base it was quantized from) came from, when it still exists."""
+    source = info.get("source", {})
+    for candidate in (source, source.get("base_source", {})):
+        path = candidate.get("path") if isinstance(candidate, dict) else None
+        if path and str(path).endswith(".gguf") and Path(path).is_file():
+            return Path(path)
+    return None
+
+
+def cmd_export(args) -> int:
+    from ligero.eval.variants import build_variant
+    from ligero.io.checkpoint import load_model
+    from ligero.io.gguf_export import export_gguf
+    from ligero.quant.config import Int8WeightConfig, recipe_for
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise LigeroError(f"{out} exists; choose another --out or pass --force")
+    if not out.parent.is_dir():
+        raise LigeroError(f"{out.parent} is not a folder; create it or choose another --out")
+    if args.scheme:  # quantized from the full-precision model, like `ligero quantize`
+        recipe = recipe_for(args.scheme, args.group_size)
+        for part in ("head", "embed"):  # int8 tables in GGUF's own int8 type (Q8_0: a scale per 32), as llama.cpp
+            config = getattr(recipe, part)
+            if isinstance(config, Int8WeightConfig) and config.group_size is None:
+                setattr(recipe, part, dataclasses.replace(config, group_size=32))
+        loaded = build_variant(args.model, recipe=recipe, device="cpu", **_calibration_options(args))
+    else:  # as loaded: a GGUF's Q8_0 / Q4_0 / Q4_1 tensors as they are, a Ligero folder's packed layers
+        loaded = load_model(args.model, device="cpu", keep_quantized=True)
+    source = _source_gguf(loaded.info)
+    if source is None:
+        raise LigeroError(f"{args.model} does not come from a GGUF file Ligero can still read, so there is no GGUF "
+                          "metadata (tokenizer, chat template) to write; export models loaded from GGUF files")
+    written = export_gguf(loaded.model, source, out, float16=args.float16)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(written["tensor_types"].items()))
+    print(f"{args.model} -> {out}: GGUF, tensors {types}, {out.stat().st_size / 1e6:.1f} MB")
     return 0
 
 
@@ -445,6 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     _add_threads_arg(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a model (or a quantized variant of it) as a GGUF file for llama.cpp")
+    _add_model_args(p)
+    _add_scheme_args(p, required=False, help="exported (q8_0, int4, int4-sym, fp32); without it, the model as "
+                     "loaded: a GGUF's Q8_0 / Q4_0 / Q4_1 tensors byte for byte")
+    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format")
+    p.add_argument("--out", required=True, help="output file (.gguf)")
+    p.add_argument("--float16", action="store_true", help="write full-precision matrices as F16 (default F32)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="evaluate perplexity, speed, or quantization quality")
     p.add_argument("what", choices=["ppl", "speed", "quality"], help="perplexity, tok/s, or quantized vs base")

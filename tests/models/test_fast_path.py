@@ -25,7 +25,7 @@ from tiny_models import forced_decode_logits
 # when the inputs differ in the last bit, one quantization step each (measured <= 1.3e-2): for them the greedy
 # choices are checked where the logits' margin exceeds that difference.
 WEIGHT_ONLY, SIXTEEN_BIT, ROUNDED_ACTIVATIONS = 1e-5, 1e-3, 5e-2
-SCHEMES = {"fp32": WEIGHT_ONLY, "int8": WEIGHT_ONLY, "nvfp4": WEIGHT_ONLY, "mxfp4": WEIGHT_ONLY,
+SCHEMES = {"fp32": WEIGHT_ONLY, "int8": WEIGHT_ONLY, "q8_0": WEIGHT_ONLY, "nvfp4": WEIGHT_ONLY, "mxfp4": WEIGHT_ONLY,
            "fp8": ROUNDED_ACTIVATIONS, "int4": SIXTEEN_BIT, "int3": SIXTEEN_BIT, "int4+kv4": SIXTEEN_BIT,
            "int4-sym-a8": ROUNDED_ACTIVATIONS, "int8-a8": ROUNDED_ACTIVATIONS,
            "int4-a8": ROUNDED_ACTIVATIONS, "b158": ROUNDED_ACTIVATIONS, "w8a8-naive": ROUNDED_ACTIVATIONS}

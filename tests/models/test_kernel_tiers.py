@@ -100,7 +100,7 @@ def test_a_tier_can_be_chosen_for_a_whole_run(monkeypatch, tier):
         kernels.cpu_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("scheme", ["int4", "fp8", "int4-sym-a8", "int8-a8", "b158"])
+@pytest.mark.parametrize("scheme", ["int4", "fp8", "int4-sym-a8", "int8-a8", "q8_0", "b158"])
 def test_the_native_step_and_prefill_weights_on_the_tier(tier, monkeypatch, tmp_path, scheme):
     """On each tier the native decode step is bit-identical to the layer-by-layer path with that tier's kernels
     (Gemma 3: sliding-window and global layers, qk-norm, sandwich norms), and prefill's weights are the

@@ -120,3 +120,23 @@ def test_a8_schemes_round_the_heads_activations_too():
     assert recipe_for("int8-a8").head == Int8WeightConfig(act_int8_blocks=True)
     assert recipe_for("int4").head == Int8WeightConfig()  # exact schemes keep an exact head
     assert recipe_for("int4-a8").embed == Int8WeightConfig()
+
+
+@pytest.mark.parametrize("act8", [False, True], ids=["exact", "a8"])
+@pytest.mark.parametrize("rows", [1, 8, 20])
+def test_block_scaled_int8_q8_0_kernels_equal_torch(compiled_kernels, act8, rows):
+    """GGUF Q8_0's layout (an fp16 scale per 32 inputs): GGUF's algorithm, and both kernels against torch."""
+    w = randn(45, 256, seed=5) * 0.05
+    layer = Int8Linear.from_float(w, Int8WeightConfig(act_int8_blocks=act8, group_size=32))
+    assert layer.scale.shape == (45, 8) and layer.scale.dtype == torch.float16
+    blocks = w.view(45, 8, 32)
+    d = blocks.abs().amax(-1) / 127
+    assert torch.equal(layer.q.view(45, 8, 32).float(), torch.round(blocks / d[..., None]))  # Q8_0's rounding
+    w_hat = layer.dequantize()
+    assert torch.equal(compiled_kernels.dequant_int8(layer.q, layer.scale), w_hat)  # prefill's weight, exactly
+    x = randn(rows, 256, seed=rows)
+    with torch.inference_mode():
+        got = layer(x)
+    x_in = formats.fake_quantize_int8_blocks(x) if act8 else x
+    ref = F.linear(x_in.double(), w_hat.double()).float()
+    assert ((got - ref).abs() <= 1e-5 * (x_in.abs() @ w_hat.abs().T) + 1e-6).all()

@@ -101,7 +101,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
             f"{sorted(unexpected)[:4]}; the checkpoint and its config disagree"
         )
     model.load_state_dict(state, strict=False, assign=True)
-    if recipe is None:
+    if not isinstance(model.embed, QuantizedEmbedding):  # a quantized table is shared by construction
         model.tie_weights()
     return model.eval().requires_grad_(False)
 
@@ -195,6 +195,37 @@ def convert_gguf(path: Path, target: Path) -> None:
     tmp.rename(target)
 
 
+def load_gguf_packed(path: Path, device, dtype) -> LoadedModel:
+    """A GGUF file with its Q8_0 / Q4_0 / Q4_1 linears kept as they are stored (packed layers, no fp32 copy of
+    them), the other tensors in full precision; no converted copy on disk except the tokenizer's."""
+    gf = GGUFFile(path)
+    cfg = gf.config()
+    state, recipe = gf.packed_state_dict(cfg)
+    types = sorted({t.tensor_type.name for t in gf.tensors.values()})
+    recipe.name = "gguf:" + "+".join(types)
+    model = build_model(cfg, state.items(), device, dtype, recipe.to_dict())
+    model.quant_recipe.name = recipe.name
+    digest = file_sha256(path)
+    source = {"path": str(path), "sha256": digest, "format": "gguf", "tensor_types": types,
+              "name": gf.meta.get("general.name"), "license": gf.meta.get("general.license")}
+    return LoadedModel(model, _gguf_tokenizer(path, gf, digest), {"source": source, "format": "gguf-packed"})
+
+
+def _gguf_tokenizer(path: Path, gf: GGUFFile, digest: str) -> Tokenizer:
+    """The GGUF's tokenizer, converted once and cached by the file's sha256 (the conversion takes seconds)."""
+    folder = cache_root() / "tokenizers" / digest
+    if (folder / TOKENIZER_FILE).exists() and (folder / TOKENIZER_META).exists():
+        return Tokenizer.load(folder)
+    tokenizer = tokenizer_from_gguf(path, gf.meta)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return tokenizer
+
+
 def cached_gguf(path: Path) -> Path:
     check_magic(path)
     folder = cache_root() / "models" / file_sha256(path)
@@ -222,11 +253,17 @@ def resolve_spec(spec: str) -> Path:
     return path
 
 
-def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float32,
+               keep_quantized: bool = False) -> LoadedModel:
+    """`keep_quantized`: a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors load into packed layers as they are (the model
+    as shipped); otherwise every tensor is dequantized to full precision (the baseline quantization starts from)."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     path = resolve_spec(spec)
-    if path.is_file():
+    if path.is_file() and keep_quantized:
+        check_magic(path)
+        loaded = load_gguf_packed(path, dev, dtype)
+    elif path.is_file():
         loaded = load_checkpoint(cached_gguf(path), dev, dtype)
         loaded.info["format"] = "gguf"
     elif (path / CHECKPOINT_FILE).exists():

@@ -1,4 +1,5 @@
-"""Read GGUF files (memory-mapped) into Ligero's parameter names, dequantized to fp32.
+"""Read GGUF files (memory-mapped) into Ligero's parameter names: dequantized to fp32 (`state_dict`), or with
+Q8_0 / Q4_0 / Q4_1 tensors kept as they are, split into the packed layers' buffers (`packed_state_dict`).
 
 GGUF stores dims innermost-first; the `gguf` reader already gives numpy arrays as [rows, row bytes], so
 dequantized tensors come out as [out_features, in_features] like torch.nn.Linear.
@@ -21,6 +22,7 @@ from ligero.errors import LigeroError
 from ligero.io.gguf_header import check_magic, gguf_config
 from ligero.models.config import ModelConfig
 from ligero.progress import progress_bar
+from ligero.quant.config import Int8WeightConfig, IntGroupConfig, QuantConfig, Recipe
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -80,6 +82,60 @@ class GGUFFile:
                 yield target, self._dequantized(name, target, t, cfg)
                 advance()
 
+    def packed_state_dict(self, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], Recipe]:
+        """(state dict, recipe) with every linear whose GGUF type is in PACKED_TYPES kept packed, as it is stored,
+        and everything else dequantized to fp32. Fused projections (q/k/v, gate/up) stay packed when their parts
+        share one type; otherwise the whole fused layer is dequantized."""
+        groups: dict[str, list[str]] = {}  # Ligero layer name -> its GGUF tensors (several when fused)
+        state: dict[str, torch.Tensor] = {}
+        for name in self.tensors:
+            target = ligero_name(name).removesuffix(".weight")
+            fused = re.sub(r"\.(q|k|v)_proj$", ".qkv_proj", re.sub(r"\.(gate|up)_proj$", ".gate_up_proj", target))
+            groups.setdefault(fused, []).append(name)
+        tied = cfg.tie_embeddings
+        recipe = Recipe(None, head=None, embed=None)
+        with progress_bar(f"reading {self.path.name}", total=len(self.tensors)) as advance:
+            for layer, names in groups.items():
+                order = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
+                names.sort(key=lambda n: order.get(ligero_name(n).removesuffix(".weight").rsplit(".", 1)[-1], 0))
+                types = {self.tensors[n].tensor_type.name for n in names}
+                is_linear = layer.endswith("_proj") or layer in ("lm_head", "embed")
+                if not is_linear or len(types) > 1 or not types <= set(PACKED_TYPES):
+                    for n in names:
+                        target = ligero_name(n)
+                        state[target] = self._dequantized(n, target, self.tensors[n], cfg)
+                        advance()
+                    continue
+                type_name = types.pop()
+                parts = [self._packed(n, cfg) for n in names]
+                buffers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                config = packed_config(type_name)
+                if layer == "embed":  # the table: the head's when tied (one table serves both)
+                    recipe.embed = config
+                    if tied:
+                        recipe.head = config
+                    prefix = "lm_head" if tied else "embed.table"
+                elif layer == "lm_head":
+                    recipe.head, prefix = config, "lm_head"
+                else:
+                    recipe.overrides.append((layer, config))
+                    prefix = layer
+                state.update({f"{prefix}.{k}": v for k, v in buffers.items()})
+                for _ in names:
+                    advance()
+        return state, recipe
+
+    def _packed(self, name: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        t = self.tensors[name]
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1  # GGUF dims are innermost-first
+        buffers = split_blocks(t.data, t.tensor_type.name, rows)
+        target = ligero_name(name)
+        if cfg.arch in ("llama", "mistral") and target.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
+            heads = cfg.n_heads if "q_proj" in target else cfg.n_kv_heads
+            order = unpermute_rope_rows(torch.arange(rows)[:, None], heads)[:, 0]  # a permutation of whole rows
+            buffers = {k: v[order].contiguous() for k, v in buffers.items()}
+        return buffers
+
     @staticmethod
     def _dequantized(name: str, target: str, t: gguf.ReaderTensor, cfg: ModelConfig) -> torch.Tensor:
         if t.tensor_type.name not in SUPPORTED_TYPES:
@@ -96,6 +152,49 @@ class GGUFFile:
         if cfg.norm_offset and target.endswith("norm.weight"):
             w = w - cfg.norm_offset
         return w
+
+
+# GGUF types that load into a packed layer as they are: the byte layout is repacked (blocks split into codes and
+# scales), not the values. Q4_0's minimum is stored explicitly as -8 x scale (exact in fp16).
+PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def packed_config(type_name: str) -> QuantConfig:
+    """The Ligero config that holds a GGUF type exactly."""
+    if type_name == "Q8_0":
+        return Int8WeightConfig(group_size=32)
+    return IntGroupConfig(32, symmetric=type_name == "Q4_0")
+
+
+def split_blocks(data: np.ndarray, type_name: str, rows: int) -> dict[str, torch.Tensor]:
+    """A GGUF tensor's raw blocks ([rows, row bytes] uint8) -> the packed layer's buffers, without rounding:
+    Q8_0 -> q [rows, in] int8 + scale [rows, in/32] fp16; Q4_0 / Q4_1 -> packed [rows, in/2] (the same nibble
+    order) + scale + minimum [rows, in/32] fp16."""
+    blocks = np.ascontiguousarray(data).reshape(rows, -1, _BLOCK_BYTES[type_name])
+    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0])
+    if type_name == "Q8_0":
+        return {"q": torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)), "scale": d}
+    if type_name == "Q4_0":
+        minimum = d * -8  # a power of two: exact unless it overflows fp16
+        if not torch.isfinite(minimum).all():
+            raise LigeroError("a Q4_0 block scale is too large to hold its minimum in fp16; load the file with "
+                              "keep_quantized=False (dequantized)")
+        return {"packed": torch.from_numpy(blocks[..., 2:].copy().reshape(rows, -1)), "scale": d, "minimum": minimum}
+    m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0])
+    return {"packed": torch.from_numpy(blocks[..., 4:].copy().reshape(rows, -1)), "scale": d, "minimum": m}
+
+
+def join_blocks(buffers: dict[str, torch.Tensor], type_name: str) -> np.ndarray:
+    """The inverse of split_blocks: a packed layer's buffers -> the GGUF tensor's raw blocks [rows, row bytes]."""
+    rows = buffers["scale"].shape[0]
+    d = buffers["scale"].contiguous().numpy().view(np.uint8).reshape(rows, -1, 2)
+    if type_name == "Q8_0":
+        parts = [d, buffers["q"].contiguous().numpy().view(np.uint8).reshape(rows, d.shape[1], 32)]
+    else:
+        parts = [d] + ([buffers["minimum"].contiguous().numpy().view(np.uint8).reshape(rows, -1, 2)]
+                       if type_name == "Q4_1" else []) + [buffers["packed"].contiguous().numpy().reshape(rows, -1, 16)]
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
 def ligero_name(gguf_name: str) -> str:

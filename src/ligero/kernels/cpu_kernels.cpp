@@ -251,6 +251,55 @@ void gemv_int8_rows(const float* x, const int8_t* q, const float* scale, float* 
   });
 }
 
+// int8 weights with an fp16 scale per 32 inputs (GGUF Q8_0, as loaded from GGUF files): y = sum_b scale[o, b] *
+// sum_{i in b} q[o, i] x[i]. Each block's 32 products are summed in one fp32 vector, then scaled into the row's
+// accumulator; the same order for every tile height.
+template <int MT>
+void gemv_int8_block_rows_t(const float* x, const int8_t* q, const at::Half* scale, float* y, int64_t in,
+                            int64_t out, int64_t begin, int64_t end) {
+  const int64_t n_blocks = in / 32;
+#if defined(LIGERO_AVX2)
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* row = q + o * in;
+    const at::Half* rs = scale + o * n_blocks;
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(row + b * 32));
+      const __m128i b1 = _mm_loadu_si128((const __m128i*)(row + b * 32 + 16));
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
+      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
+      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
+      const __m256 ws = _mm256_set1_ps(_cvtsh_ss(rs[b].x));
+      for (int m = 0; m < MT; ++m) {
+        const float* xb = x + m * in + b * 32;
+        __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+        p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
+        p = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), p);
+        p = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p);
+        acc[m] = _mm256_fmadd_ps(p, ws, acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]);
+  }
+#else
+  std::vector<float> w(in);
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* row = q + o * in;
+    for (int64_t i = 0; i < in; ++i) w[i] = float(row[i]) * half_to_float(scale[o * n_blocks + i / 32]);
+    dot_rows_generic(w.data(), x, y + o, MT, in, out);
+  }
+#endif
+}
+
+void gemv_int8_block_rows(const float* x, const int8_t* q, const at::Half* scale, float* y, int64_t M, int64_t in,
+                          int64_t out, int64_t begin, int64_t end) {
+  for_each_tile(M, [&](int64_t m0, auto mt) {
+    gemv_int8_block_rows_t<decltype(mt)::value>(x + m0 * in, q, scale, y + m0 * out, in, out, begin, end);
+  });
+}
+
 // ============================================ int4 ============================================================
 // Weights: 4-bit codes per group of `group` inputs (a power-of-two multiple of 32), w = scale[g] * code +
 // minimum[g] (fp16 each), saved row-major in GGUF's Q4 byte order (per 32-input block, 16 bytes; byte j holds
@@ -468,9 +517,10 @@ inline void quantize_act_int8(const float* x, int64_t in, ActInt8& a) {
 }
 
 #ifdef LIGERO_AVX2
+// block_scale (GGUF Q8_0's fp16 per 32 inputs) or scale (fp32 per row): the other is null.
 template <int MT>
-void int8_act8_rows_avx2(const int8_t* q, const float* scale, const ActInt8* xa, float* y, int64_t in, int64_t out,
-                         int64_t begin, int64_t end) {
+void int8_act8_rows_avx2(const int8_t* q, const float* scale, const at::Half* block_scale, const ActInt8* xa,
+                         float* y, int64_t in, int64_t out, int64_t begin, int64_t end) {
   const int64_t n_blocks = in / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t o = begin; o < end; ++o) {
@@ -480,13 +530,14 @@ void int8_act8_rows_avx2(const int8_t* q, const float* scale, const ActInt8* xa,
     for (int64_t b = 0; b < n_blocks; ++b) {
       const __m256i w = _mm256_loadu_si256((const __m256i*)(row + b * 32));
       const __m256i w_abs = _mm256_sign_epi8(w, w);  // as unsigned bytes: |w|, and -128 -> 128
+      const float ws = block_scale ? _cvtsh_ss(block_scale[o * n_blocks + b].x) : 1.f;
       for (int m = 0; m < MT; ++m) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xa[m].q.data() + b * 32));
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, w)), ones);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xa[m].scale[b]), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xa[m].scale[b] * ws), acc[m]);
       }
     }
-    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]) * scale[o];
+    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]) * (block_scale ? 1.f : scale[o]);
   }
 }
 #endif
@@ -812,21 +863,35 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
-// x: [M, in] fp32, q: [out, in] int8, scale: [out] fp32 -> [M, out].
-// act_int8_blocks: round x to int8 per 32-input block first (in % 32 == 0) and multiply in integers.
+// x: [M, in] fp32, q: [out, in] int8, scale: [out] fp32 (per row) or [out, in / 32] fp16 (per 32 inputs, GGUF
+// Q8_0) -> [M, out]. act_int8_blocks: round x to int8 per 32-input block first and multiply in integers.
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, bool act_int8_blocks) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && q.dtype() == torch::kInt8 && scale.dtype() == torch::kFloat32);
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1) && scale.size(0) == q.size(0));
-  TORCH_CHECK(!act_int8_blocks || x.size(1) % 32 == 0, "linear_int8: int8 activations need a multiple of 32 inputs");
+  const bool blocks = scale.dim() == 2;
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && q.dtype() == torch::kInt8 &&
+              scale.dtype() == (blocks ? torch::kFloat16 : torch::kFloat32),
+              "linear_int8: fp32 x, int8 codes, fp32 row scales or fp16 block scales");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1) && scale.size(0) == q.size(0) &&
+              (!blocks || scale.size(1) * 32 == q.size(1)), "linear_int8: shape mismatch");
+  TORCH_CHECK(!(act_int8_blocks || blocks) || x.size(1) % 32 == 0, "linear_int8: blocks need a multiple of 32 inputs");
   x = x.contiguous();
+  scale = scale.contiguous();
   const int64_t M = x.size(0), in = x.size(1), out = q.size(0);
   auto y = torch::empty({M, out}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
+  const float* sp = blocks ? nullptr : scale.data_ptr<float>();
+  const at::Half* bp = blocks ? scale.data_ptr<at::Half>() : nullptr;
   float* yp = y.data_ptr<float>();
+  auto weight_only = [&](const float* xs) {
+    at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+      if (blocks)
+        gemv_int8_block_rows(xs, qp, bp, yp, M, in, out, b, e);
+      else
+        gemv_int8_rows(xs, qp, sp, yp, M, in, out, b, e);
+    });
+  };
   if (!act_int8_blocks) {
-    at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) { gemv_int8_rows(xp, qp, sp, yp, M, in, out, b, e); });
+    weight_only(xp);
     return y;
   }
 #ifdef LIGERO_AVX2
@@ -839,15 +904,14 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
     for_each_row_block(b, e, in, M, [&](int64_t rb, int64_t re) {  // prefill: each block of rows read once
       for_each_tile(M, [&](int64_t m0, auto mt) {
-        int8_act8_rows_avx2<decltype(mt)::value>(qp, sp, xa + m0, yp + m0 * out, in, out, rb, re);
+        int8_act8_rows_avx2<decltype(mt)::value>(qp, sp, bp, xa + m0, yp + m0 * out, in, out, rb, re);
       });
     });
   });
 #else
   std::vector<float> x_hat(M * in);  // portable: the rounded activations in fp32, then the weight-only kernel
   round_blocks_x8(xp, x_hat.data(), M * in / 32);
-  const float* xh = x_hat.data();
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) { gemv_int8_rows(xh, qp, sp, yp, M, in, out, b, e); });
+  weight_only(x_hat.data());
 #endif
   return y;
 }
@@ -1073,14 +1137,25 @@ torch::Tensor dequant_int4(torch::Tensor packed, torch::Tensor scale, torch::Ten
 
 // q: [out, in] int8, scale: [out] fp32 -> [out, in] fp32 = q * scale (one product per weight, as torch's)
 torch::Tensor dequant_int8(torch::Tensor q, torch::Tensor scale) {
-  TORCH_CHECK(q.dtype() == torch::kInt8 && scale.dtype() == torch::kFloat32 && q.dim() == 2 &&
-              scale.numel() == q.size(0), "dequant_int8: [out, in] int8 codes and [out] fp32 scales");
+  const bool blocks = scale.dim() == 2;
+  TORCH_CHECK(q.dtype() == torch::kInt8 && q.dim() == 2 && scale.size(0) == q.size(0) &&
+              (blocks ? scale.dtype() == torch::kFloat16 && scale.size(1) * 32 == q.size(1)
+                      : scale.dtype() == torch::kFloat32 && scale.numel() == q.size(0)),
+              "dequant_int8: [out, in] int8 codes and [out] fp32 or [out, in / 32] fp16 scales");
   q = q.contiguous(); scale = scale.contiguous();
   const int64_t out = q.size(0), in = q.size(1);
   auto w = torch::empty({out, in}, torch::dtype(torch::kFloat32));
   const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
   float* wp = w.data_ptr<float>();
+  if (blocks) {
+    const at::Half* bp = scale.data_ptr<at::Half>();
+    at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o)
+        for (int64_t i = 0; i < in; ++i) wp[o * in + i] = (float)qp[o * in + i] * half_to_float(bp[o * (in / 32) + i / 32]);
+    });
+    return w;
+  }
+  const float* sp = scale.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o)
       for (int64_t i = 0; i < in; ++i) wp[o * in + i] = (float)qp[o * in + i] * sp[o];

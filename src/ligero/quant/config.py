@@ -132,12 +132,24 @@ def needs_calibration(config: QuantConfig) -> bool:
 
 @dataclass(frozen=True)
 class Int8WeightConfig(QuantConfig):
-    """int8 weights, symmetric, one scale per output channel (block = the whole input row). `act_int8_blocks`
-    rounds the activations to int8 per 32 inputs before the product (llama.cpp's Q8_0 x Q8_0 arithmetic): byte
-    products in integers instead of fp32, a small quality cost (docs/quantization.md); inputs a multiple of 32."""
+    """int8 weights, symmetric: one fp32 scale per output channel (`group_size` None: the block is the whole input
+    row), or one fp16 scale per 32 inputs (`group_size` 32: GGUF Q8_0's format, read from GGUF files as it is).
+    `act_int8_blocks` rounds the activations to int8 per 32 inputs before the product (llama.cpp's Q8_0 x Q8_0
+    arithmetic): byte products in integers instead of fp32, a small quality cost (docs/quantization.md). Both need
+    inputs in multiples of 32."""
 
     kind: ClassVar[str] = "int8_weight"
     act_int8_blocks: bool = False
+    group_size: int | None = None
+
+    def validate(self) -> None:
+        if self.group_size not in (None, 32):
+            raise LigeroError(f"int8 takes a scale per row (no group size) or per 32 inputs, got {self.group_size}")
+
+    @property
+    def blocks_of_32(self) -> bool:
+        """Whether input widths must be multiples of 32."""
+        return self.act_int8_blocks or self.group_size is not None
 
 
 GROUP_SIZES = (32, 64, 128, 256)

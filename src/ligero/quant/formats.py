@@ -25,6 +25,21 @@ def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return q.float() * scale[:, None]
 
 
+def quantize_int8_blocks(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per `block` inputs, GGUF Q8_0's algorithm: d = amax / 127 (kept in fp16), q = round(w / d)
+    with d in fp32 before it is stored. Returns (q int8 [out, in], scale fp16 [out, in / block])."""
+    b = w.float().reshape(w.shape[0], -1, block)
+    d = b.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(b * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(w.shape), d.to(torch.float16)
+
+
+def dequantize_int8_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    block = q.shape[1] // scale.shape[1]
+    return (q.float().reshape(q.shape[0], -1, block) * scale.float()[..., None]).reshape(q.shape)
+
+
 def quantize_int_groups(w: torch.Tensor, bits: int, group: int,
                         symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest per group: w ~ q * scale + minimum, q in [0, 2^bits - 1].

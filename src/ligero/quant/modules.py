@@ -105,19 +105,28 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
+    """int8 codes [out, in] and scales: fp32 per row [out], or fp16 per 32 inputs [out, in / 32] (GGUF Q8_0)."""
+
     def __init__(self, in_features: int, out_features: int, config: Int8WeightConfig, segments=None):
         super().__init__(in_features, out_features, config, segments)
         self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+        blocks = getattr(config, "group_size", None)
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32) if blocks is None else
+                             torch.empty(out_features, in_features // blocks, dtype=torch.float16))
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
         layer = cls(weight.shape[1], weight.shape[0], config, segments)
-        layer.q, layer.scale = formats.quantize_int8_per_channel(weight)
+        if getattr(config, "group_size", None) is None:
+            layer.q, layer.scale = formats.quantize_int8_per_channel(weight)
+        else:
+            layer.q, layer.scale = formats.quantize_int8_blocks(weight, config.group_size)
         return layer
 
     def dequantize(self, rows=None):
         q, s = (self.q, self.scale) if rows is None else (self.q[rows], self.scale[rows])
+        if s.dim() == 2:
+            return formats.dequantize_int8_blocks(q, s)
         return formats.dequantize_int8_per_channel(q, s)
 
     def prefill_weight(self):

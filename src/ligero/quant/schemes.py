@@ -26,7 +26,7 @@ from ligero.quant.modules import FP4Linear, FP8Linear, Int8Linear, IntGroupLinea
 KERNEL_BLOCK = 32
 
 register_scheme(Int8WeightConfig, layer=Int8Linear,
-                in_features_multiple=lambda config: KERNEL_BLOCK if config.act_int8_blocks else 1)
+                in_features_multiple=lambda config: KERNEL_BLOCK if config.blocks_of_32 else 1)
 register_scheme(IntGroupConfig, layer=IntGroupLinear, in_features_multiple=KERNEL_BLOCK, grouped=True)
 register_scheme(FP8Config, layer=FP8Linear)
 register_scheme(FP4Config, layer=FP4Linear, in_features_multiple=KERNEL_BLOCK)
@@ -61,3 +61,5 @@ register_named_scheme("int4-a8", IntGroupConfig, group_size=32, act_int8_blocks=
 register_named_scheme("int4-sym-a8", IntGroupConfig, group_size=32, symmetric=True, act_int8_blocks=True)
 # int8 weights x int8 activations per 32 inputs: llama.cpp's Q8_0 x Q8_0 product (weights keep one scale per row).
 register_named_scheme("int8-a8", Int8WeightConfig, act_int8_blocks=True)
+# GGUF Q8_0's own format: an fp16 scale per 32 inputs (also what Q8_0 tensors of GGUF files load as).
+register_named_scheme("q8_0", Int8WeightConfig, group_size=32)

@@ -1,0 +1,135 @@
+"""Write a Ligero model as a GGUF file that llama.cpp reads.
+
+Packed layers whose format is a GGUF type are written as they are (Int8 with fp16 scales per 32 -> Q8_0; int4
+group 32 -> Q4_0 where the grid is symmetric, Q4_1 otherwise: the inverse of gguf_file.split_blocks, so a GGUF
+loaded with keep_quantized=True exports byte-identical tensors); full-precision tensors are written as F32
+(or F16 with `float16=True` for the matrices). Metadata (architecture, hyperparameters, tokenizer, chat template)
+is copied from the GGUF the model was loaded from; tensors keep its names, order and llama.cpp's conventions
+(q/k rows permuted for its RoPE, Gemma norms stored as 1 + w).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ligero.errors import LigeroError
+from ligero.io.gguf_file import GGUFFile, join_blocks, ligero_name
+from ligero.models.transformer import Transformer
+from ligero.quant.modules import Int8Linear, IntGroupLinear, QuantizedEmbedding, QuantizedLinear
+
+_SKIP_KEYS = ("GGUF.", "general.alignment", "general.file_type")  # written by the writer itself, or stale
+
+
+def gguf_type_of(layer: QuantizedLinear) -> str:
+    """The GGUF type that holds `layer` exactly, or a LigeroError naming what can be exported."""
+    cfg = layer.config
+    if isinstance(layer, Int8Linear) and getattr(cfg, "group_size", None) == 32:
+        return "Q8_0"
+    if isinstance(layer, IntGroupLinear) and layer.bits == 4 and cfg.group_size == 32:
+        return "Q4_0" if torch.equal(layer.minimum, layer.scale * -8) else "Q4_1"
+    raise LigeroError(f"{cfg.kind} ({type(layer).__name__}) has no GGUF type; export fp32, q8_0, int4 or int4-sym "
+                      "(group 32) variants")
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's permute (the inverse of gguf_file.unpermute_rope_rows): per head, halves -> interleaved rows."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, 2, out // n_heads // 2, *rest).transpose(1, 2).reshape(out, *rest)
+
+
+def _module(model: Transformer, name: str):
+    module = model
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _source_tensor(model: Transformer, target: str, float16: bool) -> tuple[np.ndarray, str]:
+    """(data, GGUF type name) of one GGUF tensor, from the Ligero module that holds it."""
+    cfg = model.cfg
+    layer_name, _, _ = target.rpartition(".")  # "layers.0.attn.q_proj"
+    parent, _, leaf = layer_name.rpartition(".")
+    fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    if leaf in fused:
+        module, part = _module(model, f"{parent}.{fused[leaf][0]}"), fused[leaf][1]
+        sizes = list(getattr(module, "segments", None) or
+                     ([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+                      if leaf.endswith(("q_proj", "k_proj", "v_proj")) else [cfg.ffn_dim, cfg.ffn_dim]))
+        start = sum(sizes[:part])
+        rows = slice(start, start + sizes[part])
+    elif layer_name == "embed":
+        module = model.embed.table if isinstance(model.embed, QuantizedEmbedding) else model.embed
+        rows = slice(None)
+    else:
+        module, rows = _module(model, layer_name), slice(None)
+    rope_heads = None
+    if cfg.arch in ("llama", "mistral") and leaf in ("q_proj", "k_proj"):
+        rope_heads = cfg.n_heads if leaf == "q_proj" else cfg.n_kv_heads
+    if isinstance(module, QuantizedLinear):
+        type_name = gguf_type_of(module)
+        buffers = {k: v[rows] for k, v in module.state_dict().items()}
+        if rope_heads:
+            order = permute_rope_rows(torch.arange(next(iter(buffers.values())).shape[0])[:, None], rope_heads)[:, 0]
+            buffers = {k: v[order] for k, v in buffers.items()}
+        return join_blocks(buffers, type_name), type_name
+    w = module.weight.detach().float()[rows]
+    if rope_heads:
+        w = permute_rope_rows(w, rope_heads)
+    if cfg.norm_offset and target.endswith("norm.weight"):
+        w = w + cfg.norm_offset
+    if float16 and w.dim() == 2:
+        return w.half().numpy(), "F16"
+    return w.numpy(), "F32"
+
+
+def export_gguf(model: Transformer, source: Path, out: Path, float16: bool = False) -> dict:
+    """Write `model` to `out` as GGUF with the metadata and tensor names of `source` (the GGUF it came from).
+    Returns {"path", "tensor_types": {type: count}}. Written to a temporary name, then renamed."""
+    src = GGUFFile(Path(source))
+    cfg = src.config()
+    if (cfg.n_layers, cfg.dim, cfg.vocab_size) != (model.cfg.n_layers, model.cfg.dim, model.cfg.vocab_size):
+        raise LigeroError(f"{source} does not describe this model (layers, width or vocabulary differ); export "
+                          "from the GGUF the model was loaded from")
+    for module in model.modules():  # every format checked before anything is written
+        if isinstance(module, QuantizedLinear):
+            gguf_type_of(module)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        counts = _write(model, src, tmp, float16)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return {"path": str(out), "tensor_types": counts}
+
+
+def _write(model: Transformer, src: GGUFFile, tmp: Path, float16: bool) -> dict[str, int]:
+    writer = gguf.GGUFWriter(str(tmp), arch=str(src.meta.get("general.architecture")))
+    for key, field in src.reader.fields.items():
+        if key.startswith(_SKIP_KEYS) or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for name, t in src.tensors.items():
+            data, type_name = _source_tensor(model, ligero_name(name), float16)
+            shape = [int(d) for d in reversed(t.shape)]  # back to GGUF's innermost-first order, as torch rows
+            raw = gguf.GGMLQuantizationType[type_name]
+            if type_name in ("F32", "F16"):
+                writer.add_tensor(name, np.ascontiguousarray(data).reshape(shape))
+            else:
+                writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=raw)  # bytes: [rows, row bytes]
+            counts[type_name] = counts.get(type_name, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import sys
@@ -215,8 +214,8 @@ def _source_gguf(info: dict) -> Path | None:
 def cmd_export(args) -> int:
     from ligero.eval.variants import build_variant
     from ligero.io.checkpoint import load_model
-    from ligero.io.gguf_export import export_gguf
-    from ligero.quant.config import Int8WeightConfig, recipe_for
+    from ligero.io.gguf_export import export_gguf, gguf_recipe
+    from ligero.quant.config import recipe_for
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -224,11 +223,7 @@ def cmd_export(args) -> int:
     if not out.parent.is_dir():
         raise LigeroError(f"{out.parent} is not a folder; create it or choose another --out")
     if args.scheme:  # quantized from the full-precision model, like `ligero quantize`
-        recipe = recipe_for(args.scheme, args.group_size)
-        for part in ("head", "embed"):  # int8 tables in GGUF's own int8 type (Q8_0: a scale per 32), as llama.cpp
-            config = getattr(recipe, part)
-            if isinstance(config, Int8WeightConfig) and config.group_size is None:
-                setattr(recipe, part, dataclasses.replace(config, group_size=32))
+        recipe = gguf_recipe(recipe_for(args.scheme, args.group_size))  # checked before any quantization
         loaded = build_variant(args.model, recipe=recipe, device="cpu", **_calibration_options(args))
     else:  # as loaded: a GGUF's Q8_0 / Q4_0 / Q4_1 tensors as they are, a Ligero folder's packed layers
         loaded = load_model(args.model, device="cpu", keep_quantized=True)

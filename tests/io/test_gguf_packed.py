@@ -90,16 +90,18 @@ def test_export_of_the_loaded_file_is_byte_identical(tmp_path):
 
 @pytest.mark.parametrize("scheme, type_name", [("int4-sym", "Q4_0"), ("q8_0", "Q8_0")])
 def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, scheme, type_name):
-    first = tmp_path / f"{scheme}.gguf"
-    rc, _, err = ligero("export", "--model", "smollm2-135m", "--scheme", scheme, "--out", str(first))
-    assert rc == 0, err
+    from ligero.eval.variants import build_variant
+    from ligero.io.gguf_export import export_gguf, gguf_recipe
+    from ligero.quant.config import recipe_for
+
+    first, second = tmp_path / f"{scheme}.gguf", tmp_path / f"{scheme}-again.gguf"
+    variant = build_variant("smollm2-135m", recipe=gguf_recipe(recipe_for(scheme)), device="cpu")
+    export_gguf(variant.model, resolve_spec("smollm2-135m"), first)
     _, exported = _tensors(first)
     assert sum(t == type_name for t, _ in exported.values()) >= 210  # every block linear
     loaded = load_model(str(first), device="cpu", keep_quantized=True)
     assert all(type(m) is not Linear for m in loaded.model.modules())
-    second = tmp_path / f"{scheme}-again.gguf"
-    rc, _, err = ligero("export", "--model", str(first), "--out", str(second))
-    assert rc == 0, err
+    export_gguf(loaded.model, first, second)
     _, again = _tensors(second)
     for name, (t, data) in exported.items():
         assert again[name][0] == t and np.array_equal(again[name][1].view(np.uint8), data.view(np.uint8)), name
@@ -108,5 +110,5 @@ def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, sc
 def test_a_scheme_without_a_gguf_type_is_a_clean_error(tmp_path):
     rc, _, err = ligero("export", "--model", "smollm2-135m", "--scheme", "int4-g128", "--out", str(tmp_path / "x.gguf"))
     assert rc == 2 and "Traceback" not in err
-    assert "has no GGUF type" in err and "q8_0" in err
+    assert "has no GGUF type" in err and "q8_0" in err and "group_size': 128" in err
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()

@@ -10,6 +10,7 @@ is copied from the GGUF the model was loaded from; tensors keep its names, order
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gguf
@@ -19,20 +20,42 @@ import torch
 from ligero.errors import LigeroError
 from ligero.io.gguf_file import GGUFFile, join_blocks, ligero_name
 from ligero.models.transformer import Transformer
-from ligero.quant.modules import Int8Linear, IntGroupLinear, QuantizedEmbedding, QuantizedLinear
+from ligero.quant.config import Int8WeightConfig, IntGroupConfig, QuantConfig, Recipe
+from ligero.quant.modules import Int8Linear, QuantizedEmbedding, QuantizedLinear
 
 _SKIP_KEYS = ("GGUF.", "general.alignment", "general.file_type")  # written by the writer itself, or stale
 
 
+def check_exportable(config: QuantConfig) -> None:
+    """Raise a LigeroError naming what can be exported unless layers of `config` have a GGUF type (checked
+    before anything is quantized or written)."""
+    if isinstance(config, Int8WeightConfig) and config.group_size == 32:
+        return
+    if type(config) is IntGroupConfig and config.bits == 4 and config.group_size == 32:
+        return
+    raise LigeroError(f"{config.kind} {config.to_dict()} has no GGUF type; export fp32, q8_0, int4 or int4-sym "
+                      "(group 32) variants, with or without -a8")
+
+
+def gguf_recipe(recipe: Recipe) -> Recipe:
+    """`recipe` as it is exported: int8 head and embedding tables in GGUF's own int8 type (Q8_0, a scale per 32
+    inputs, as llama.cpp stores them), every config checked (a clear error before anything is quantized)."""
+    recipe = dataclasses.replace(recipe, overrides=list(recipe.overrides))
+    for part in ("head", "embed"):
+        config = getattr(recipe, part)
+        if isinstance(config, Int8WeightConfig) and config.group_size is None:
+            setattr(recipe, part, dataclasses.replace(config, group_size=32))
+    for config in recipe.layer_configs():
+        check_exportable(config)
+    return recipe
+
+
 def gguf_type_of(layer: QuantizedLinear) -> str:
-    """The GGUF type that holds `layer` exactly, or a LigeroError naming what can be exported."""
-    cfg = layer.config
-    if isinstance(layer, Int8Linear) and getattr(cfg, "group_size", None) == 32:
+    """The GGUF type that holds `layer` exactly."""
+    check_exportable(layer.config)
+    if isinstance(layer, Int8Linear):
         return "Q8_0"
-    if isinstance(layer, IntGroupLinear) and layer.bits == 4 and cfg.group_size == 32:
-        return "Q4_0" if torch.equal(layer.minimum, layer.scale * -8) else "Q4_1"
-    raise LigeroError(f"{cfg.kind} ({type(layer).__name__}) has no GGUF type; export fp32, q8_0, int4 or int4-sym "
-                      "(group 32) variants")
+    return "Q4_0" if torch.equal(layer.minimum, layer.scale * -8) else "Q4_1"
 
 
 def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_prefill_without_kernels_rounds_the_activations_like_the_kernel(compiled
     assert ((fast - torch_path).abs() <= 1e-5 * (x_hat.abs() @ w_hat.abs().T)).all()  # summation order only
 
 
-@pytest.mark.parametrize("scheme", ["int4-sym", "int4-a8", "int4-sym-a8"])
+@pytest.mark.parametrize("scheme", ["int4-sym", "int4-a8", "int4-sym-a8", "int8-a8"])
 def test_schemes_decode_the_same_tokens_with_and_without_kernels(scheme, tiny_pair, monkeypatch, compiled_kernels):
     from ligero.io.checkpoint import load_model
     from ligero.models import transformer

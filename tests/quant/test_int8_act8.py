@@ -1,6 +1,7 @@
 """int8 weights with int8 activations per 32-input block (`int8-a8`, llama.cpp's Q8_0 x Q8_0 arithmetic): the
 integer kernel against a plain-torch reference of the same arithmetic, the -128 code, batch and prefill invariance,
-the path without kernels, the shape rule, and whole models decoding the same tokens with and without kernels."""
+the path without kernels and the shape rule (whole models decoding the same tokens with and without kernels:
+test_int4_act8.py's test over every -a8 scheme)."""
 
 import pytest
 import torch
@@ -8,7 +9,6 @@ import torch.nn.functional as F
 
 from ligero.errors import LigeroError
 from ligero.quant import formats, modules
-from ligero.quant.api import quantize
 from ligero.quant.config import Int8WeightConfig, recipe_for
 from ligero.quant.modules import Int8Linear
 
@@ -95,24 +95,6 @@ def test_only_input_widths_in_blocks_of_32_take_int8_activations():
     with pytest.raises(LigeroError, match="proj: int8_weight needs in_features divisible by 32 .got 48.; exclude"):
         _check_shapes(model, Recipe(A8), None)
     _check_shapes(model, Recipe(Int8WeightConfig()), None)  # weight-only int8 takes any width
-
-
-def test_int8_a8_decodes_the_same_tokens_with_and_without_kernels(tiny_pair, monkeypatch, compiled_kernels):
-    from ligero.io.checkpoint import load_model
-    from ligero.models import transformer
-    from ligero.models.generate import SamplingConfig, generate_tokens
-
-    _, _, folder = tiny_pair
-    model = load_model(str(folder), device="cpu").model
-    quantize(model, recipe_for("int8-a8"))
-    prompt = [[1, 5, 9, 3]]
-    greedy = SamplingConfig(temperature=0.0)
-    with torch.inference_mode():
-        fast = generate_tokens(model, prompt, 32, greedy, eos_ids=[])
-        monkeypatch.setattr(modules, "cpu_kernels", lambda: None)
-        monkeypatch.setattr(transformer, "cpu_kernels", lambda: None)
-        reference = generate_tokens(model, prompt, 32, greedy, eos_ids=[])
-    assert fast == reference
 
 
 def test_a8_schemes_round_the_heads_activations_too():

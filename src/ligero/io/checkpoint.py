@@ -204,7 +204,6 @@ def load_gguf_packed(path: Path, device, dtype) -> LoadedModel:
     types = sorted({t.tensor_type.name for t in gf.tensors.values()})
     recipe.name = "gguf:" + "+".join(types)
     model = build_model(cfg, state.items(), device, dtype, recipe.to_dict())
-    model.quant_recipe.name = recipe.name
     digest = file_sha256(path)
     source = {"path": str(path), "sha256": digest, "format": "gguf", "tensor_types": types,
               "name": gf.meta.get("general.name"), "license": gf.meta.get("general.license")}

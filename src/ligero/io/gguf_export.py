@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ligero.errors import LigeroError
-from ligero.io.gguf_file import GGUFFile, join_blocks, ligero_name
+from ligero.io.gguf_file import FUSED_PARTS, GGUFFile, join_blocks, ligero_name
 from ligero.models.transformer import Transformer
 from ligero.quant.config import Int8WeightConfig, IntGroupConfig, QuantConfig, Recipe
 from ligero.quant.modules import Int8Linear, QuantizedEmbedding, QuantizedLinear
@@ -64,32 +64,21 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, out // n_heads // 2, *rest).transpose(1, 2).reshape(out, *rest)
 
 
-def _module(model: Transformer, name: str):
-    module = model
-    for part in name.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def _source_tensor(model: Transformer, target: str, float16: bool) -> tuple[np.ndarray, str]:
     """(data, GGUF type name) of one GGUF tensor, from the Ligero module that holds it."""
     cfg = model.cfg
     layer_name, _, _ = target.rpartition(".")  # "layers.0.attn.q_proj"
     parent, _, leaf = layer_name.rpartition(".")
-    fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    if leaf in fused:
-        module, part = _module(model, f"{parent}.{fused[leaf][0]}"), fused[leaf][1]
-        sizes = list(getattr(module, "segments", None) or
-                     ([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
-                      if leaf.endswith(("q_proj", "k_proj", "v_proj")) else [cfg.ffn_dim, cfg.ffn_dim]))
-        start = sum(sizes[:part])
-        rows = slice(start, start + sizes[part])
+    if leaf in FUSED_PARTS:
+        fused_leaf, part = FUSED_PARTS[leaf]
+        module = model.get_submodule(f"{parent}.{fused_leaf}")
+        start = sum(module.segments[:part])
+        rows = slice(start, start + module.segments[part])
     elif layer_name == "embed":
         module = model.embed.table if isinstance(model.embed, QuantizedEmbedding) else model.embed
         rows = slice(None)
     else:
-        module, rows = _module(model, layer_name), slice(None)
+        module, rows = model.get_submodule(layer_name), slice(None)
     rope_heads = None
     if cfg.arch in ("llama", "mistral") and leaf in ("q_proj", "k_proj"):
         rope_heads = cfg.n_heads if leaf == "q_proj" else cfg.n_kv_heads

@@ -88,16 +88,16 @@ class GGUFFile:
         share one type; otherwise the whole fused layer is dequantized."""
         groups: dict[str, list[str]] = {}  # Ligero layer name -> its GGUF tensors (several when fused)
         state: dict[str, torch.Tensor] = {}
+        position: dict[str, int] = {}  # GGUF tensor -> its rows' position in the fused layer
         for name in self.tensors:
-            target = ligero_name(name).removesuffix(".weight")
-            fused = re.sub(r"\.(q|k|v)_proj$", ".qkv_proj", re.sub(r"\.(gate|up)_proj$", ".gate_up_proj", target))
-            groups.setdefault(fused, []).append(name)
+            parent, _, leaf = ligero_name(name).removesuffix(".weight").rpartition(".")
+            fused_leaf, position[name] = FUSED_PARTS.get(leaf, (leaf, 0))
+            groups.setdefault(f"{parent}.{fused_leaf}" if parent else fused_leaf, []).append(name)
         tied = cfg.tie_embeddings
         recipe = Recipe(None, head=None, embed=None)
         with progress_bar(f"reading {self.path.name}", total=len(self.tensors)) as advance:
             for layer, names in groups.items():
-                order = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
-                names.sort(key=lambda n: order.get(ligero_name(n).removesuffix(".weight").rsplit(".", 1)[-1], 0))
+                names.sort(key=position.__getitem__)
                 types = {self.tensors[n].tensor_type.name for n in names}
                 is_linear = layer.endswith("_proj") or layer in ("lm_head", "embed")
                 if not is_linear or len(types) > 1 or not types <= set(PACKED_TYPES):
@@ -153,6 +153,10 @@ class GGUFFile:
             w = w - cfg.norm_offset
         return w
 
+
+# Projections Ligero fuses: checkpoint leaf -> (fused leaf, its position among the fused rows)
+FUSED_PARTS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 # GGUF types that load into a packed layer as they are: the byte layout is repacked (blocks split into codes and
 # scales), not the values. Q4_0's minimum is stored explicitly as -8 x scale (exact in fp16).

@@ -114,3 +114,17 @@ def test_threads_set_the_speed_measurement_threads(tmp_path):
     assert json.loads(out)["threads"] == 1
     rc, _, err = ligero("eval", "speed", "--threads", "0")
     assert rc == 2 and "must be at least 1" in err
+
+
+def test_a_model_that_will_not_fit_stops_before_loading(tmp_path):
+    """The memory check reads the header: a load that needs more than the cap (here 1 kB) ends in one line."""
+    import os
+
+    path = tmp_path / "big.gguf"
+    write_gguf(path, "llama", [("token_embd.weight", np.zeros((8, 32), np.float32), None)])
+    rc, _, err = ligero("eval", "ppl", "--model", str(path))
+    assert "needs about" not in err  # a tiny file fits
+    env = dict(os.environ, LIGERO_MAX_MEMORY_MB="0.001")
+    proc = subprocess.run([sys.executable, "-m", "ligero", "eval", "ppl", "--model", str(path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert_clean_error(proc.returncode, proc.stderr, "big.gguf", "needs about", "available")

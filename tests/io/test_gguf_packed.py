@@ -88,8 +88,9 @@ def test_export_of_the_loaded_file_is_byte_identical(tmp_path):
     assert "Q4_1" in stdout and "Q8_0" in stdout
 
 
-@pytest.mark.parametrize("scheme, type_name", [("int4-sym", "Q4_0"), ("q8_0", "Q8_0")])
-def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, scheme, type_name):
+@pytest.mark.parametrize("scheme, type_name, count", [("int4-sym", "Q4_0", 210), ("q8_0", "Q8_0", 210),
+                                                     ("q4_k_m", "Q5_0", 150)])  # SmolLM2's 576 inputs: Q5_0
+def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, scheme, type_name, count):
     from ligero.eval.variants import build_variant
     from ligero.io.gguf_export import export_gguf, gguf_recipe
     from ligero.quant.config import recipe_for
@@ -98,7 +99,7 @@ def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, sc
     variant = build_variant("smollm2-135m", recipe=gguf_recipe(recipe_for(scheme)), device="cpu")
     export_gguf(variant.model, resolve_spec("smollm2-135m"), first)
     _, exported = _tensors(first)
-    assert sum(t == type_name for t, _ in exported.values()) >= 210  # every block linear
+    assert sum(t == type_name for t, _ in exported.values()) >= count  # every (or, for a mix, most) block linear
     loaded = load_model(str(first), device="cpu", keep_quantized=True)
     assert all(type(m) is not Linear for m in loaded.model.modules())
     export_gguf(loaded.model, first, second)

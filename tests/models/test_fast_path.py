@@ -4,8 +4,8 @@
 - The native decode step (every layer in one native call) is bit-identical to the layer-by-layer modules with the
   same kernels (LIGERO_DECODE_STEP=layers): it mirrors their arithmetic op for op.
 - Those kernels (quantized GEMVs, decode attention, RMSNorm) against torch ops only: equal within each scheme's
-  tolerance; greedy tokens identical (schemes that round activations: greedy choices identical wherever the margin
-  exceeds the paths' difference). Prefill (> 8 rows) is torch on every path."""
+  tolerance; greedy tokens identical for weight-only arithmetic (other schemes: greedy choices identical wherever
+  the margin exceeds the paths' difference). Prefill (> 8 rows) is torch on every path."""
 
 import pytest
 import torch
@@ -28,7 +28,8 @@ WEIGHT_ONLY, SIXTEEN_BIT, ROUNDED_ACTIVATIONS = 1e-5, 1e-3, 5e-2
 SCHEMES = {"fp32": WEIGHT_ONLY, "int8": WEIGHT_ONLY, "q8_0": WEIGHT_ONLY, "nvfp4": WEIGHT_ONLY, "mxfp4": WEIGHT_ONLY,
            "fp8": ROUNDED_ACTIVATIONS, "int4": SIXTEEN_BIT, "int3": SIXTEEN_BIT, "int4+kv4": SIXTEEN_BIT,
            "int4-sym-a8": ROUNDED_ACTIVATIONS, "int8-a8": ROUNDED_ACTIVATIONS,
-           "int4-a8": ROUNDED_ACTIVATIONS, "b158": ROUNDED_ACTIVATIONS, "w8a8-naive": ROUNDED_ACTIVATIONS}
+           "int4-a8": ROUNDED_ACTIVATIONS, "b158": ROUNDED_ACTIVATIONS, "w8a8-naive": ROUNDED_ACTIVATIONS,
+           "q4_k_m": WEIGHT_ONLY}  # tiny widths: Q5_0 / Q8_0 fallbacks, GGML layers called back from the native step
 
 
 def torch_only(monkeypatch):
@@ -73,8 +74,11 @@ def test_native_decode_matches_the_torch_path(scheme, tiny_pair, monkeypatch, co
         with monkeypatch.context() as m:
             layer_by_layer(m)
             assert generate_tokens(model, batches[8], 32, SamplingConfig(), eos_ids=[], pad_id=0)[0] == greedy
-        if SCHEMES[scheme] == ROUNDED_ACTIVATIONS:
-            return  # free-running greedy text forks at the first near-tie a rounding flip decides (random models)
+        if SCHEMES[scheme] != WEIGHT_ONLY:
+            # free-running greedy text forks at the first near-tie the paths' difference decides (random models;
+            # seen for int4's 16-bit activations on AVX-512 VNNI, whose block sums add in another order): the
+            # teacher-forced check above compares greedy choices wherever the margin decides them
+            return
         with monkeypatch.context() as m:
             torch_only(m)
             assert generate_tokens(model, batches[8], 32, SamplingConfig(), eos_ids=[], pad_id=0)[0] == greedy

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ligero.errors import LigeroError
-from ligero.io.gguf_file import GGUFFile, check_magic
+from ligero.io.gguf_file import GGUFFile
+from ligero.io.gguf_header import check_magic
 from ligero.io.hf_folder import hf_config, hf_state_dict, read_hf_config
 from ligero.io.tokenizer import TOKENIZER_FILE, TOKENIZER_META, Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
 from ligero.models.config import ModelConfig
@@ -239,6 +240,69 @@ def cached_gguf(path: Path) -> Path:
     return folder
 
 
+# --- memory check -------------------------------------------------------------------------------------
+MEMORY_CAP_ENV = "LIGERO_MAX_MEMORY_MB"  # caps what a load may plan to use (default: the machine's available memory)
+
+
+def available_memory_bytes() -> int | None:
+    """What a load may use: the kernel's MemAvailable, capped by $LIGERO_MAX_MEMORY_MB (None where unknown)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    cap = os.environ.get(MEMORY_CAP_ENV)
+    if cap:
+        try:
+            limits.append(int(float(cap) * 1e6))
+        except ValueError:
+            raise LigeroError(f"{MEMORY_CAP_ENV}={cap!r} is not a number of megabytes; set e.g. 8000") from None
+    return min(limits) if limits else None
+
+
+def gguf_load_bytes(path: Path, keep_quantized: bool) -> tuple[int, int]:
+    """(bytes a load of the GGUF needs, its parameter count), from the header alone: as shipped, the packed types'
+    bytes and 4 bytes per weight of the rest; dequantized, 4 bytes per weight (the fp32 model)."""
+    import gguf
+
+    from ligero.io.gguf_file import GGML_TYPES, PACKED_TYPES
+    from ligero.io.gguf_header import read_gguf_header
+
+    need = params = 0
+    for t in read_gguf_header(path).tensors:
+        n = 1
+        for d in t.dims:
+            n *= d
+        params += n
+        try:
+            qtype = gguf.GGMLQuantizationType(t.type_id)
+        except ValueError:
+            qtype = None  # an unknown type: the load itself names it
+        if keep_quantized and qtype is not None and qtype.name in (*PACKED_TYPES, *GGML_TYPES):
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            need += n // block * size + (n // 32 * 2 if qtype.name == "Q4_0" else 0)  # Q4_0 keeps its minimum
+        else:
+            need += 4 * n
+    return need, params
+
+
+def check_fits(path: Path, keep_quantized: bool) -> None:
+    """Stop before loading a GGUF that will not fit in memory, with what it needs and what would fit."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    need, params = gguf_load_bytes(path, keep_quantized)
+    if need > available:
+        how = "as shipped (packed)" if keep_quantized else "in fp32"
+        hint = "free memory, or use a smaller or more quantized file" + ("" if keep_quantized else
+                                                                        ", or load it as shipped (keep_quantized)")
+        raise LigeroError(f"{path.name} ({params / 1e9:.2f}B parameters) needs about {need / 1e9:.1f} GB {how}, but "
+                          f"only {available / 1e9:.1f} GB is available; {hint}")
+
+
 # --- entry point --------------------------------------------------------------------------------------
 def resolve_spec(spec: str) -> Path:
     if spec in REGISTRY:
@@ -259,8 +323,10 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     t0 = time.perf_counter()
     dev = resolve_device(device)
     path = resolve_spec(spec)
-    if path.is_file() and keep_quantized:
+    if path.is_file():
         check_magic(path)
+        check_fits(path, keep_quantized)
+    if path.is_file() and keep_quantized:
         loaded = load_gguf_packed(path, dev, dtype)
     elif path.is_file():
         loaded = load_checkpoint(cached_gguf(path), dev, dtype)

@@ -1,11 +1,11 @@
 """Write a Ligero model as a GGUF file that llama.cpp reads.
 
 Packed layers whose format is a GGUF type are written as they are (Int8 with fp16 scales per 32 -> Q8_0; int4
-group 32 -> Q4_0 where the grid is symmetric, Q4_1 otherwise: the inverse of gguf_file.split_blocks, so a GGUF
-loaded with keep_quantized=True exports byte-identical tensors); full-precision tensors are written as F32
-(or F16 with `float16=True` for the matrices). Metadata (architecture, hyperparameters, tokenizer, chat template)
-is copied from the GGUF the model was loaded from; tensors keep its names, order and llama.cpp's conventions
-(q/k rows permuted for its RoPE, Gemma norms stored as 1 + w).
+group 32 -> Q4_0 where the grid is symmetric, Q4_1 otherwise: the inverse of gguf_file.split_blocks; GGML layers'
+bytes as they are, so a GGUF loaded with keep_quantized=True exports byte-identical tensors); full-precision
+tensors are written as F32 (or F16 with `float16=True` for the matrices). Metadata (architecture,
+hyperparameters, tokenizer, chat template) is copied from the GGUF the model was loaded from; tensors keep its
+names, order and llama.cpp's conventions (q/k rows permuted for its RoPE, Gemma norms stored as 1 + w).
 """
 
 from __future__ import annotations
@@ -20,8 +20,16 @@ import torch
 from ligero.errors import LigeroError
 from ligero.io.gguf_file import FUSED_PARTS, GGUFFile, join_blocks, ligero_name
 from ligero.models.transformer import Transformer
-from ligero.quant.config import Int8WeightConfig, IntGroupConfig, QuantConfig, Recipe
-from ligero.quant.modules import Int8Linear, QuantizedEmbedding, QuantizedLinear
+from ligero.quant.config import (
+    GGMLConfig,
+    GGMLMixConfig,
+    Int8WeightConfig,
+    IntGroupConfig,
+    PartsConfig,
+    QuantConfig,
+    Recipe,
+)
+from ligero.quant.modules import GGMLLinear, Int8Linear, PartsLinear, QuantizedEmbedding, QuantizedLinear
 
 _SKIP_KEYS = ("GGUF.", "general.alignment", "general.file_type")  # written by the writer itself, or stale
 
@@ -33,8 +41,15 @@ def check_exportable(config: QuantConfig) -> None:
         return
     if type(config) is IntGroupConfig and config.bits == 4 and config.group_size == 32:
         return
+    if isinstance(config, (GGMLConfig, GGMLMixConfig)):
+        return
+    if isinstance(config, PartsConfig):
+        for part in config.configs():
+            if part is not None:
+                check_exportable(part)
+        return
     raise LigeroError(f"{config.kind} {config.to_dict()} has no GGUF type; export fp32, q8_0, int4 or int4-sym "
-                      "(group 32) variants, with or without -a8")
+                      "(group 32, with or without -a8) or llama.cpp-type (q4_k, q6_k ...) variants")
 
 
 def gguf_recipe(recipe: Recipe) -> Recipe:
@@ -53,6 +68,8 @@ def gguf_recipe(recipe: Recipe) -> Recipe:
 def gguf_type_of(layer: QuantizedLinear) -> str:
     """The GGUF type that holds `layer` exactly."""
     check_exportable(layer.config)
+    if isinstance(layer, GGMLLinear):
+        return layer.config.ggml_type
     if isinstance(layer, Int8Linear):
         return "Q8_0"
     return "Q4_0" if torch.equal(layer.minimum, layer.scale * -8) else "Q4_1"
@@ -74,6 +91,8 @@ def _source_tensor(model: Transformer, target: str, float16: bool) -> tuple[np.n
         module = model.get_submodule(f"{parent}.{fused_leaf}")
         start = sum(module.segments[:part])
         rows = slice(start, start + module.segments[part])
+        if isinstance(module, PartsLinear):  # one layer per part
+            module, rows = module.parts[part], slice(None)
     elif layer_name == "embed":
         module = model.embed.table if isinstance(model.embed, QuantizedEmbedding) else model.embed
         rows = slice(None)
@@ -88,6 +107,8 @@ def _source_tensor(model: Transformer, target: str, float16: bool) -> tuple[np.n
         if rope_heads:
             order = permute_rope_rows(torch.arange(next(iter(buffers.values())).shape[0])[:, None], rope_heads)[:, 0]
             buffers = {k: v[order] for k, v in buffers.items()}
+        if isinstance(module, GGMLLinear):
+            return buffers["blocks"].contiguous().numpy(), type_name
         return join_blocks(buffers, type_name), type_name
     w = module.weight.detach().float()[rows]
     if rope_heads:
@@ -108,7 +129,7 @@ def export_gguf(model: Transformer, source: Path, out: Path, float16: bool = Fal
         raise LigeroError(f"{source} does not describe this model (layers, width or vocabulary differ); export "
                           "from the GGUF the model was loaded from")
     for module in model.modules():  # every format checked before anything is written
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, QuantizedLinear) and not isinstance(module, PartsLinear):
             gguf_type_of(module)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")

@@ -1,5 +1,6 @@
 """Read GGUF files (memory-mapped) into Ligero's parameter names: dequantized to fp32 (`state_dict`), or with
-Q8_0 / Q4_0 / Q4_1 tensors kept as they are, split into the packed layers' buffers (`packed_state_dict`).
+quantized tensors kept as they are (`packed_state_dict`): Q8_0 / Q4_0 / Q4_1 split into the int8 / int4 layers'
+buffers, Q5_0 / Q5_1 / K-quants held byte for byte by GGML layers (quant/ggml.py).
 
 GGUF stores dims innermost-first; the `gguf` reader already gives numpy arrays as [rows, row bytes], so
 dequantized tensors come out as [out_features, in_features] like torch.nn.Linear.
@@ -9,22 +10,32 @@ llama.cpp stores Gemma norm weights as (1 + w); we store w and the model adds th
 
 from __future__ import annotations
 
+import mmap
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import gguf
 import numpy as np
 import torch
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 from ligero.errors import LigeroError
-from ligero.io.gguf_header import check_magic, gguf_config
+from ligero.io.gguf_header import gguf_config, read_gguf_header
 from ligero.models.config import ModelConfig
 from ligero.progress import progress_bar
-from ligero.quant.config import Int8WeightConfig, IntGroupConfig, QuantConfig, Recipe
+from ligero.quant.config import (
+    GGML_TYPES,
+    GGMLConfig,
+    Int8WeightConfig,
+    IntGroupConfig,
+    PartsConfig,
+    QuantConfig,
+    Recipe,
+)
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
 
 _GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 _BLOCK_NAMES = {
@@ -45,31 +56,61 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
+class GGUFTensor(NamedTuple):
+    """One tensor of a GGUF file (the fields of gguf.ReaderTensor that Ligero uses): `data` is a view of the
+    memory-mapped file, typed for F32 / F16, raw bytes [rows, row bytes] for every other type."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # innermost first
+    n_bytes: int
+    data_offset: int  # in the file
+    data: np.ndarray
+
+
 class GGUFFile:
-    """An open GGUF file: metadata as plain Python values, tensors on demand."""
+    """An open GGUF file: metadata as plain Python values, tensors as views of the memory-mapped file.
+
+    The header is parsed by gguf_header (standard library, no object per vocabulary entry: gguf.GGUFReader takes
+    ~8 s and ~0.7 GB for Gemma 3's 262k-token vocabulary); `reader` opens gguf's reader only where its arrays are
+    needed (export copies every metadata field)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        check_magic(self.path)
-        try:
-            self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as exc:  # truncated files surface as ValueError/IndexError/OSError from numpy
-            raise LigeroError(
-                f"{self.path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:100]}); "
-                "re-download or re-create the file"
-            ) from None
-        self.meta: dict[str, Any] = {}
-        for key, fld in self.reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-                       "tokenizer.ggml.token_type"):
-                continue
+        header = read_gguf_header(self.path)
+        self.meta: dict[str, Any] = header.meta
+        self.n_vocab = header.n_vocab
+        self._reader: gguf.GGUFReader | None = None
+        self._map = np.memmap(self.path, mode="r")
+        self.tensors: dict[str, GGUFTensor] = {}
+        for info in header.tensors:
             try:
-                self.meta[key] = fld.contents()
-            except Exception:
-                continue
-        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
-        self.n_vocab = len(tokens.data) if tokens is not None else 0
-        self.tensors = {t.name: t for t in self.reader.tensors}
+                qtype = gguf.GGMLQuantizationType(info.type_id)
+            except ValueError:
+                raise LigeroError(f"tensor {info.name} has ggml type number {info.type_id}, which this gguf library "
+                                  "does not know; requantize the file (e.g. with llama-quantize) to a common "
+                                  f"type: {', '.join(SUPPORTED_TYPES)}") from None
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            n_elements = int(np.prod(info.dims)) if info.dims else 1
+            n_bytes = n_elements // block * size
+            at = header.data_start + info.offset
+            if at + n_bytes > len(self._map):
+                raise LigeroError(f"{self.path} is truncated or corrupt (tensor {info.name} runs past the end of "
+                                  "the file); re-download or re-create the file")
+            np_dims = tuple(reversed(info.dims))
+            raw = self._map[at:at + n_bytes]
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                data = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16).reshape(np_dims)
+            else:
+                data = raw.reshape(quant_shape_to_byte_shape(np_dims, qtype))
+            self.tensors[info.name] = GGUFTensor(info.name, qtype, info.dims, n_bytes, at, data)
+
+    @property
+    def reader(self) -> gguf.GGUFReader:
+        """gguf's own reader of the file (every metadata field, arrays included), opened on first use."""
+        if self._reader is None:
+            self._reader = gguf.GGUFReader(str(self.path))
+        return self._reader
 
     def config(self) -> ModelConfig:
         return gguf_config(self.meta, self.n_vocab, set(self.tensors))
@@ -83,9 +124,11 @@ class GGUFFile:
                 advance()
 
     def packed_state_dict(self, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], Recipe]:
-        """(state dict, recipe) with every linear whose GGUF type is in PACKED_TYPES kept packed, as it is stored,
-        and everything else dequantized to fp32. Fused projections (q/k/v, gate/up) stay packed when their parts
-        share one type; otherwise the whole fused layer is dequantized."""
+        """(state dict, recipe) with every linear whose GGUF type Ligero holds packed (PACKED_TYPES, GGML_TYPES)
+        kept as it is stored, and everything else dequantized to fp32. A fused projection (q/k/v, gate/up) whose
+        parts have one type is one packed layer; parts of several types become one layer per part (PartsConfig).
+        Each tensor's pages of the memory-mapped file are released once it is copied, so the peak is about the
+        packed model, not the model plus the file."""
         groups: dict[str, list[str]] = {}  # Ligero layer name -> its GGUF tensors (several when fused)
         state: dict[str, torch.Tensor] = {}
         position: dict[str, int] = {}  # GGUF tensor -> its rows' position in the fused layer
@@ -95,40 +138,73 @@ class GGUFFile:
             groups.setdefault(f"{parent}.{fused_leaf}" if parent else fused_leaf, []).append(name)
         tied = cfg.tie_embeddings
         recipe = Recipe(None, head=None, embed=None)
+        packable = set(PACKED_TYPES) | set(GGML_TYPES)
         with progress_bar(f"reading {self.path.name}", total=len(self.tensors)) as advance:
             for layer, names in groups.items():
                 names.sort(key=position.__getitem__)
-                types = {self.tensors[n].tensor_type.name for n in names}
+                types = [self.tensors[n].tensor_type.name for n in names]
                 is_linear = layer.endswith("_proj") or layer in ("lm_head", "embed")
-                if not is_linear or len(types) > 1 or not types <= set(PACKED_TYPES):
+                if not is_linear or not set(types) & packable:
                     for n in names:
                         target = ligero_name(n)
                         state[target] = self._dequantized(n, target, self.tensors[n], cfg)
+                        self._release(n)
                         advance()
                     continue
-                type_name = types.pop()
-                parts = [self._packed(n, cfg) for n in names]
-                buffers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-                config = packed_config(type_name)
                 if layer == "embed":  # the table: the head's when tied (one table serves both)
+                    prefix = "lm_head" if tied else "embed.table"
+                else:
+                    prefix = "lm_head" if layer == "lm_head" else layer
+                if len(set(types)) == 1:
+                    config: QuantConfig = packed_config(types[0])
+                    parts = [self._packed(n, cfg) for n in names]
+                    state.update({f"{prefix}.{k}": torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
+                                  for k in parts[0]})
+                else:  # parts of several types: one layer each, full precision where the type is not packable
+                    configs = []
+                    for i, (n, type_name) in enumerate(zip(names, types)):
+                        if type_name in packable:
+                            configs.append(packed_config(type_name).to_dict())
+                            state.update({f"{prefix}.parts.{i}.{k}": v for k, v in self._packed(n, cfg).items()})
+                        else:
+                            configs.append(None)
+                            state[f"{prefix}.parts.{i}.weight"] = self._dequantized(n, ligero_name(n),
+                                                                                    self.tensors[n], cfg)
+                    config = PartsConfig(tuple(configs))
+                for n in names:
+                    self._release(n)
+                    advance()
+                if layer == "embed":
                     recipe.embed = config
                     if tied:
                         recipe.head = config
-                    prefix = "lm_head" if tied else "embed.table"
                 elif layer == "lm_head":
-                    recipe.head, prefix = config, "lm_head"
+                    recipe.head = config
                 else:
                     recipe.overrides.append((layer, config))
-                    prefix = layer
-                state.update({f"{prefix}.{k}": v for k, v in buffers.items()})
-                for _ in names:
-                    advance()
         return state, recipe
+
+    def _release(self, name: str) -> None:
+        """Drop a tensor's pages of the mapped file from this process's memory (they stay in the page cache):
+        its values have been copied. A no-op where the mapping is not reachable."""
+        t = self.tensors[name]
+        mapped = getattr(self._map, "_mmap", None)
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        except (OSError, ValueError):
+            pass
 
     def _packed(self, name: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         t = self.tensors[name]
         rows = int(t.shape[-1]) if len(t.shape) > 1 else 1  # GGUF dims are innermost-first
-        buffers = split_blocks(t.data, t.tensor_type.name, rows)
+        type_name = t.tensor_type.name
+        if type_name in GGML_TYPES:  # held as stored: the rows' bytes
+            buffers = {"blocks": torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(rows, -1))}
+        else:
+            buffers = split_blocks(t.data, type_name, rows)
         target = ligero_name(name)
         if cfg.arch in ("llama", "mistral") and target.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
             heads = cfg.n_heads if "q_proj" in target else cfg.n_kv_heads
@@ -137,7 +213,7 @@ class GGUFFile:
         return buffers
 
     @staticmethod
-    def _dequantized(name: str, target: str, t: gguf.ReaderTensor, cfg: ModelConfig) -> torch.Tensor:
+    def _dequantized(name: str, target: str, t: GGUFTensor, cfg: ModelConfig) -> torch.Tensor:
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise LigeroError(
                 f"tensor {name} has type {t.tensor_type.name}, which Ligero cannot read; supported types: "
@@ -166,6 +242,8 @@ _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 def packed_config(type_name: str) -> QuantConfig:
     """The Ligero config that holds a GGUF type exactly."""
+    if type_name in GGML_TYPES:
+        return GGMLConfig(type_name)
     if type_name == "Q8_0":
         return Int8WeightConfig(group_size=32)
     return IntGroupConfig(32, symmetric=type_name == "Q4_0")

@@ -88,11 +88,21 @@ class _Cursor:
         raise ValueError(f"unknown metadata value type {kind}")
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]  # innermost first, as GGUF stores them
+    type_id: int  # ggml type number
+    offset: int  # from the start of the data section
+
+
 @dataclass
 class GGUFHeader:
     meta: dict[str, Any]  # scalar and string metadata (arrays, such as the vocabulary, are left out)
     n_vocab: int  # entries of the embedded vocabulary (0 when there is none)
     tensor_names: set[str]
+    tensors: list[TensorInfo]
+    data_start: int  # file offset of the tensor data (after the header, aligned)
 
     def config(self) -> ModelConfig:
         return gguf_config(self.meta, self.n_vocab, self.tensor_names)
@@ -121,8 +131,14 @@ def _parse(cur: _Cursor) -> GGUFHeader:
             meta[key] = value
         elif key == VOCAB_KEY:
             n_vocab = value
-    names = set()
+    tensors = []
     for _ in range(n_tensors):
-        names.add(cur.string())
-        cur.skip(8 * cur.scalar("I") + 4 + 8)  # dims, type, offset
-    return GGUFHeader(meta, n_vocab, names)
+        name = cur.string()
+        n_dims = cur.scalar("I")
+        if n_dims > 8:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+        dims = tuple(cur.scalar("Q") for _ in range(n_dims))
+        tensors.append(TensorInfo(name, dims, cur.scalar("I"), cur.scalar("Q")))
+    alignment = int(meta.get("general.alignment", 32)) or 32
+    data_start = -(-cur.at // alignment) * alignment
+    return GGUFHeader(meta, n_vocab, {t.name for t in tensors}, tensors, data_start)

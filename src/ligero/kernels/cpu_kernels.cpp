@@ -1092,6 +1092,189 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
   return y;
 }
 
+// ============================================ GGML block types (Q5_0, Q5_1, K-quants) ==========================
+// llama.cpp's block formats held as stored (one GGUF tensor's bytes per layer, [out, row bytes]); layouts and the
+// torch reference in quant/ggml.py. Decode expands one weight row at a time to fp32 in a per-thread buffer (L1)
+// and dots it with every activation row; prefill expands the whole matrix for torch's GEMM. Products are formed
+// as the reference forms them ((d * sc) * q - dmin * m, no fused multiply-add), so the results match it exactly.
+namespace {
+enum GgmlType : int64_t { kQ5_0 = 0, kQ5_1 = 1, kQ2_K = 2, kQ3_K = 3, kQ4_K = 4, kQ5_K = 5, kQ6_K = 6 };
+constexpr int64_t kGgmlBlock[] = {32, 32, 256, 256, 256, 256, 256};     // inputs per block
+constexpr int64_t kGgmlBytes[] = {22, 24, 84, 110, 144, 176, 210};      // bytes per block
+
+inline float f16_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+#define LIGERO_NO_FMA __attribute__((optimize("fp-contract=off")))
+
+LIGERO_NO_FMA void decode_q5(const uint8_t* b, float* y, bool with_min) {
+  const float d = f16_at(b), m = with_min ? f16_at(b + 2) : 0.f;
+  const int off = with_min ? 4 : 2;
+  uint32_t qh;
+  std::memcpy(&qh, b + off, 4);
+  const uint8_t* qs = b + off + 4;
+  for (int j = 0; j < 16; ++j) {
+    const float lo = (float)((qs[j] & 0xF) | (((qh >> j) & 1) << 4));
+    const float hi = (float)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    if (with_min) {
+      y[j] = d * lo + m;
+      y[j + 16] = d * hi + m;
+    } else {
+      y[j] = d * (lo - 16.f);
+      y[j + 16] = d * (hi - 16.f);
+    }
+  }
+}
+
+// Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12 bytes.
+inline void k4_scale_min(int j, const uint8_t* s, int& sc, int& m) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+LIGERO_NO_FMA void decode_q45k(const uint8_t* b, float* y, bool five) {
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  const uint8_t* s = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + (five ? 48 : 16);
+  for (int sub = 0; sub < 8; ++sub) {
+    int sc, m;
+    k4_scale_min(sub, s, sc, m);
+    const float d1 = d * (float)sc, m1 = dmin * (float)m;
+    const uint8_t* q = qs + 32 * (sub / 2);
+    const int shift = 4 * (sub & 1);
+    float* ys = y + 32 * sub;
+    for (int l = 0; l < 32; ++l) {
+      int v = (q[l] >> shift) & 0xF;
+      if (five) v |= ((qh[l] >> sub) & 1) << 4;
+      ys[l] = d1 * (float)v - m1;
+    }
+  }
+}
+
+LIGERO_NO_FMA void decode_q6k(const uint8_t* b, float* y) {
+  const float d = f16_at(b + 208);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  for (int n = 0; n < 2; ++n) {
+    const uint8_t* ql = b + 64 * n;
+    const uint8_t* qh = b + 128 + 32 * n;
+    for (int k = 0; k < 4; ++k) {  // 32-input groups: low nibbles of ql[l], ql[l + 32], then their high nibbles
+      const uint8_t* lo = ql + 32 * (k & 1);
+      const int nib = 4 * (k >> 1);
+      float* yk = y + 128 * n + 32 * k;
+      for (int half = 0; half < 2; ++half) {
+        const float dl = d * (float)sc[8 * n + 2 * k + half];
+        for (int l = 16 * half; l < 16 * half + 16; ++l) {
+          const int v = ((lo[l] >> nib) & 0xF) | (((qh[l] >> (2 * k)) & 3) << 4);
+          yk[l] = dl * (float)(v - 32);
+        }
+      }
+    }
+  }
+}
+
+LIGERO_NO_FMA void decode_q2k(const uint8_t* b, float* y) {
+  const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+  for (int n = 0; n < 2; ++n)
+    for (int j = 0; j < 4; ++j)
+      for (int half = 0; half < 2; ++half) {
+        const int i = 8 * n + 2 * j + half;  // the 16 inputs' scale byte: 4-bit scale, 4-bit min
+        const float dl = d * (float)(b[i] & 0xF), ml = dmin * (float)(b[i] >> 4);
+        const uint8_t* q = b + 16 + 32 * n + 16 * half;
+        float* yl = y + 128 * n + 32 * j + 16 * half;
+        for (int l = 0; l < 16; ++l) yl[l] = dl * (float)((q[l] >> (2 * j)) & 3) - ml;
+      }
+}
+
+LIGERO_NO_FMA void decode_q3k(const uint8_t* b, float* y) {
+  const float d = f16_at(b + 108);
+  const uint8_t* hm = b;
+  const uint8_t* s = b + 96;
+  for (int n = 0; n < 2; ++n)
+    for (int j = 0; j < 4; ++j)
+      for (int half = 0; half < 2; ++half) {
+        const int i = 8 * n + 2 * j + half;
+        const int low = i < 8 ? s[i] & 0xF : s[i - 8] >> 4;
+        const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        const float dl = d * (float)((low | (high << 4)) - 32);
+        const uint8_t* q = b + 32 + 32 * n + 16 * half;
+        const uint8_t* h = hm + 16 * half;
+        float* yl = y + 128 * n + 32 * j + 16 * half;
+        for (int l = 0; l < 16; ++l) {
+          const int v = ((q[l] >> (2 * j)) & 3) - (((h[l] >> (4 * n + j)) & 1) ? 0 : 4);
+          yl[l] = dl * (float)v;
+        }
+      }
+}
+
+void ggml_decode_row(int64_t type, const uint8_t* row, float* w, int64_t in) {
+  const int64_t block = kGgmlBlock[type], bytes = kGgmlBytes[type];
+  for (int64_t k = 0; k < in / block; ++k) {
+    const uint8_t* b = row + k * bytes;
+    float* y = w + k * block;
+    switch (type) {
+      case kQ5_0: decode_q5(b, y, false); break;
+      case kQ5_1: decode_q5(b, y, true); break;
+      case kQ2_K: decode_q2k(b, y); break;
+      case kQ3_K: decode_q3k(b, y); break;
+      case kQ4_K: decode_q45k(b, y, false); break;
+      case kQ5_K: decode_q45k(b, y, true); break;
+      default: decode_q6k(b, y); break;
+    }
+  }
+}
+
+void check_ggml(const torch::Tensor& blocks, int64_t type, int64_t in) {
+  TORCH_CHECK(type >= 0 && type <= kQ6_K, "unknown GGML block type id ", type);
+  TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2 && in % kGgmlBlock[type] == 0 &&
+              blocks.size(1) == in / kGgmlBlock[type] * kGgmlBytes[type], "GGML blocks: [out, row bytes] uint8");
+}
+}  // namespace
+
+// x: [M, in] fp32; blocks: [out, row bytes] u8 of GGML type `type` -> [M, out]
+torch::Tensor linear_ggml(torch::Tensor x, torch::Tensor blocks, int64_t type) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "linear_ggml: x is [M, in] fp32");
+  const int64_t M = x.size(0), in = x.size(1), out = blocks.size(0);
+  check_ggml(blocks, type, in);
+  x = x.contiguous();
+  blocks = blocks.contiguous();
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t rb = blocks.size(1);
+  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> w(in);
+    for (int64_t o = b; o < e; ++o) {
+      ggml_decode_row(type, bp + o * rb, w.data(), in);
+      dot_rows_generic(w.data(), xp, yp + o, M, in, out);
+    }
+  });
+  return y;
+}
+
+// blocks: [out, row bytes] u8 -> [out, in] fp32 (prefill, and any other use of the fp32 weight)
+torch::Tensor dequant_ggml(torch::Tensor blocks, int64_t type, int64_t in) {
+  check_ggml(blocks, type, in);
+  blocks = blocks.contiguous();
+  const int64_t out = blocks.size(0), rb = blocks.size(1);
+  auto w = torch::empty({out, in}, torch::dtype(torch::kFloat32));
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) ggml_decode_row(type, bp + o * rb, wp + o * in, in);
+  });
+  return w;
+}
+
 // ============================================ prefill weights ================================================
 // Prefill (more rows than the GEMV kernels take) multiplies by the layer's fp32 weight with torch's GEMM. These
 // decode a packed weight to fp32 in one parallel pass, exactly as quant/formats.py's torch code does (same
@@ -1545,6 +1728,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant_fp8_rows", &fake_quant_fp8_rows, "activations rounded to FP8 per row (1 E4M3, 2 E5M2)");
   m.def("dequant_int8", &dequant_int8, "int8 per-channel weights -> fp32 (prefill)");
   m.def("dequant_int4", &dequant_int4, "packed 4-bit group weights -> fp32 (prefill)");
+  m.def("linear_ggml", &linear_ggml, "small-batch linear with llama.cpp block weights (Q5_0, Q5_1, K-quants)");
+  m.def("dequant_ggml", &dequant_ggml, "llama.cpp block weights -> fp32 (prefill)");
   m.def("dequant_ternary", &dequant_ternary, "2-bit ternary layout -> fp32 (prefill)");
   py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")
       .def(py::init([](int64_t kind, std::vector<torch::Tensor> t, int64_t group, bool act8, double tensor_scale,

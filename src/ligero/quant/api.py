@@ -76,6 +76,8 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
     calibration split.
     """
     recipe = config if isinstance(config, Recipe) else Recipe(config)
+    if recipe.weights is not None and (resolve := scheme_spec(recipe.weights).resolve) is not None:
+        recipe = resolve(recipe, model)  # per-layer formats that depend on the model (llama.cpp's mixes)
     if getattr(model, "quant_recipe", None) is not None:
         raise LigeroError("this model is already quantized; start from the full-precision model")
     _check_shapes(model, recipe, filter)  # before any long step

@@ -81,6 +81,7 @@ class SchemeSpec:
     in_features_multiple: int | Callable[[QuantConfig], int] = 1
     calibrates: Callable[[QuantConfig], bool] = _never
     grouped: bool = False
+    resolve: Callable[..., "Recipe"] | None = None
 
     def needs_calibration(self, config: QuantConfig) -> bool:
         return self.prepass is not None or self.calibrates(config)
@@ -98,7 +99,7 @@ def register_scheme(config: type[QuantConfig], *, layer: type["QuantizedLinear"]
                     prepass: Callable[..., Any] | None = None,
                     in_features_multiple: int | Callable[[QuantConfig], int] = 1,
                     calibrates: bool | Callable[[QuantConfig], bool] = False,
-                    grouped: bool = False) -> type[QuantConfig]:
+                    grouped: bool = False, resolve: Callable[..., "Recipe"] | None = None) -> type[QuantConfig]:
     """Register a weight format: `config` is stored by `layer` (a QuantizedLinear: `layer.from_float(weight, config,
     segments)` quantizes, `layer(in, out, config, segments)` builds it empty for loading).
 
@@ -109,10 +110,12 @@ def register_scheme(config: type[QuantConfig], *, layer: type["QuantizedLinear"]
     calibrates: True (or a test of the config) when the layer is built from activation statistics of the
     calibration windows: then from_float also gets `act_max`, the per-input-channel max |x|.
     grouped: the config has a `group_size` field that --group-size sets.
+    resolve(recipe, model): for configs whose layers' formats depend on the model (llama.cpp's mixes), the recipe
+    with explicit per-layer configs, made before quantizing (and saved with the model instead of the original).
     """
     register_config(config)
     test = calibrates if callable(calibrates) else (lambda _c: True) if calibrates else _never
-    SCHEME_SPECS[config.kind] = SchemeSpec(config, layer, prepass, in_features_multiple, test, grouped)
+    SCHEME_SPECS[config.kind] = SchemeSpec(config, layer, prepass, in_features_multiple, test, grouped, resolve)
     return config
 
 
@@ -178,6 +181,60 @@ class IntGroupConfig(QuantConfig):
         if self.bits not in (2, 3, 4):
             raise LigeroError(f"group-wise integer weights support 2, 3 or 4 bits, got {self.bits}")
         check_group_size(self.group_size)
+
+
+# llama.cpp's block types held as stored (quant/ggml.py); Q8_0 / Q4_0 / Q4_1 have layers of their own (int8, int4)
+GGML_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclass(frozen=True)
+class GGMLConfig(QuantConfig):
+    """Weights in one of llama.cpp's block formats (`ggml_type`: Q5_0, Q5_1, Q2_K ... Q6_K), stored byte for byte as
+    a GGUF file holds them: 32-input blocks for Q5_0 / Q5_1, 256-input super-blocks for the K-quants."""
+
+    kind: ClassVar[str] = "ggml"
+    ggml_type: str = "Q4_K"
+
+    def validate(self) -> None:
+        if self.ggml_type not in GGML_TYPES:
+            raise LigeroError(f"unknown GGML block type '{self.ggml_type}'; use one of {', '.join(GGML_TYPES)}")
+
+
+# llama-quantize's mixes that Ligero reproduces: each sets a GGML type per tensor (quant/ggml_mix.py)
+GGML_MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+@dataclass(frozen=True)
+class GGMLMixConfig(QuantConfig):
+    """A llama.cpp quantization mix (`ftype`: Q4_K_M, Q5_K_M, Q6_K, Q3_K_M, Q2_K), as llama-quantize assigns it:
+    a base K-type, more bits for some attn_v / ffn_down / attn_output layers, Q6_K for the output head, and the
+    legacy fallback types for layers whose width is not a multiple of 256. Resolved per model into per-layer
+    GGMLConfigs when quantizing; the saved recipe holds the resolved layers."""
+
+    kind: ClassVar[str] = "ggml_mix"
+    ftype: str = "Q4_K_M"
+
+    def validate(self) -> None:
+        if self.ftype not in GGML_MIXES:
+            raise LigeroError(f"unknown llama.cpp mix '{self.ftype}'; use one of {', '.join(GGML_MIXES)}")
+
+
+@dataclass(frozen=True)
+class PartsConfig(QuantConfig):
+    """A fused projection (q/k/v, gate/up) whose parts are stored in different formats, as a GGUF file may hold
+    them (e.g. Q4_K q and k with a Q6_K v): one layer per part, each with its own config (a config dict, or None
+    for full precision), outputs side by side."""
+
+    kind: ClassVar[str] = "parts"
+    parts: tuple = ()
+
+    def validate(self) -> None:
+        if not self.parts:
+            raise LigeroError("a parts config needs at least one part")
+        self.configs()  # each part readable
+
+    def configs(self) -> list["QuantConfig | None"]:
+        return [None if p is None else QuantConfig.from_dict(p) for p in self.parts]
 
 
 @dataclass(frozen=True)

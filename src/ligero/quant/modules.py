@@ -16,15 +16,18 @@ from torch import nn
 
 from ligero.errors import LigeroError
 from ligero.kernels import MAX_KERNEL_ROWS, NativeOp, cpu_kernels
-from ligero.quant import formats
+from ligero.quant import formats, ggml
 from ligero.quant.config import (
     FP4Config,
     FP8Config,
+    GGMLConfig,
     Int8WeightConfig,
     IntGroupConfig,
+    PartsConfig,
     QuantConfig,
     TernaryConfig,
     W8A8Config,
+    scheme_spec,
 )
 
 
@@ -250,6 +253,72 @@ class IntGroupLinear(QuantizedLinear):
             return None
         return NativeOp("int4", self.kernel_layout(cpu_kernels()), self.config.group_size,
                         bool(getattr(self.config, "act_int8_blocks", False)), out_features=self.out_features)
+
+
+class GGMLLinear(QuantizedLinear):
+    """Weights in a llama.cpp block format (Q5_0, Q5_1, K-quants), kept as the GGUF file stores them: `blocks`
+    [out, row bytes] uint8, one row's blocks after another. Decode expands one row at a time in the kernel;
+    prefill expands the layer for torch's GEMM (quant/ggml.py holds the layouts and the torch reference)."""
+
+    def __init__(self, in_features: int, out_features: int, config: GGMLConfig, segments=None):
+        super().__init__(in_features, out_features, config, segments)
+        self.type_id = ggml.GGML_TYPE_IDS[config.ggml_type]
+        self.register_buffer("blocks", torch.empty(out_features, ggml.row_bytes(config.ggml_type, in_features),
+                                                   dtype=torch.uint8))
+
+    @classmethod
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
+        layer.blocks = ggml.quantize_rows(weight.float(), config.ggml_type)
+        return layer
+
+    def dequantize(self, rows=None):
+        data = self.blocks if rows is None else self.blocks[rows]
+        return ggml.dequantize_rows(data, self.config.ggml_type)
+
+    def _kernel(self, x2d):
+        ext = cpu_kernels()
+        return None if ext is None else ext.linear_ggml(x2d, self.blocks, self.type_id)
+
+    def prefill_weight(self):
+        ext = cpu_kernels() if self.blocks.device.type == "cpu" else None
+        return self.dequantize() if ext is None else ext.dequant_ggml(self.blocks, self.type_id, self.in_features)
+
+
+class PartsLinear(QuantizedLinear):
+    """A fused projection held as one layer per part (`parts`, in segment order): quantized layers of their own
+    configs, or full-precision Linears. The output is the parts' outputs side by side."""
+
+    def __init__(self, in_features: int, out_features: int, config: PartsConfig, segments=None):
+        super().__init__(in_features, out_features, config, segments)
+        configs = config.configs()
+        if len(configs) != len(self.segments):
+            raise LigeroError(f"a parts config with {len(configs)} parts for a layer of {len(self.segments)} segments")
+        self.parts = nn.ModuleList(
+            nn.Linear(in_features, n, bias=False) if c is None else scheme_spec(c).layer(in_features, n, c)
+            for c, n in zip(configs, self.segments))
+
+    @classmethod
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
+        for i, (c, part) in enumerate(zip(config.configs(), weight.split(list(layer.segments)))):
+            if c is None:
+                layer.parts[i].weight = nn.Parameter(part.clone(), requires_grad=False)
+            else:
+                layer.parts[i] = scheme_spec(c).layer.from_float(part.contiguous(), c)
+        return layer
+
+    def dequantize(self, rows=None):
+        if rows is not None:
+            raise LigeroError("a fused projection is not an embedding table")
+        return torch.cat([p.weight if isinstance(p, nn.Linear) else p.dequantize() for p in self.parts])
+
+    def forward(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def stored_bytes(self):
+        return sum(p.weight.numel() * p.weight.element_size() if isinstance(p, nn.Linear) else p.stored_bytes()
+                   for p in self.parts)
 
 
 FP8_CODES = {"e4m3": 1, "e5m2": 2}  # the kernels' names for the FP8 formats

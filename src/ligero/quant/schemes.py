@@ -6,21 +6,36 @@ Importing ligero.quant imports this module, so the registry is complete before a
 
 from __future__ import annotations
 
+from ligero.quant import ggml
 from ligero.quant.adaround import adaround_model
 from ligero.quant.config import (
     AdaRoundConfig,
     FP4Config,
     FP8Config,
+    GGMLConfig,
+    GGMLMixConfig,
     Int8WeightConfig,
     IntGroupConfig,
     LSQConfig,
+    PartsConfig,
     TernaryConfig,
     W8A8Config,
     register_named_scheme,
     register_scheme,
+    scheme_spec,
 )
+from ligero.quant.ggml_mix import resolve_mix
 from ligero.quant.lsq import lsq_model
-from ligero.quant.modules import FP4Linear, FP8Linear, Int8Linear, IntGroupLinear, TernaryLinear, W8A8Linear
+from ligero.quant.modules import (
+    FP4Linear,
+    FP8Linear,
+    GGMLLinear,
+    Int8Linear,
+    IntGroupLinear,
+    PartsLinear,
+    TernaryLinear,
+    W8A8Linear,
+)
 
 # The 4-bit kernels read 32 inputs per block: group-wise, FP4 and ternary layers need in_features % 32 == 0.
 KERNEL_BLOCK = 32
@@ -29,6 +44,14 @@ register_scheme(Int8WeightConfig, layer=Int8Linear,
                 in_features_multiple=lambda config: KERNEL_BLOCK if config.blocks_of_32 else 1)
 register_scheme(IntGroupConfig, layer=IntGroupLinear, in_features_multiple=KERNEL_BLOCK, grouped=True)
 register_scheme(FP8Config, layer=FP8Linear)
+# llama.cpp's block types: rows of whole blocks (32 inputs for Q5_0 / Q5_1, 256 for the K-quants)
+register_scheme(GGMLConfig, layer=GGMLLinear,
+                in_features_multiple=lambda config: ggml.GGML_BLOCKS[config.ggml_type][0])
+# llama.cpp's mixes resolve to per-layer GGML types (and Q8_0) for the model at hand; 32 is their fallbacks' block
+register_scheme(GGMLMixConfig, layer=GGMLLinear, in_features_multiple=KERNEL_BLOCK, resolve=resolve_mix)
+# A fused projection whose parts have different formats (GGUF files): each part's rule applies to the whole width.
+register_scheme(PartsConfig, layer=PartsLinear, in_features_multiple=lambda config: max(
+    [1] + [scheme_spec(c).input_multiple(c) for c in config.configs() if c is not None]))
 register_scheme(FP4Config, layer=FP4Linear, in_features_multiple=KERNEL_BLOCK)
 register_scheme(TernaryConfig, layer=TernaryLinear, in_features_multiple=KERNEL_BLOCK)
 register_scheme(W8A8Config, layer=W8A8Linear, calibrates=lambda config: config.smooth_alpha is not None)
@@ -63,3 +86,11 @@ register_named_scheme("int4-sym-a8", IntGroupConfig, group_size=32, symmetric=Tr
 register_named_scheme("int8-a8", Int8WeightConfig, act_int8_blocks=True)
 # GGUF Q8_0's own format: an fp16 scale per 32 inputs (also what Q8_0 tensors of GGUF files load as).
 register_named_scheme("q8_0", Int8WeightConfig, group_size=32)
+# llama.cpp's own types and mixes (llama-quantize's algorithms, byte for byte): what llama.cpp users download.
+register_named_scheme("q5_0", GGMLConfig, ggml_type="Q5_0")
+register_named_scheme("q5_1", GGMLConfig, ggml_type="Q5_1")
+register_named_scheme("q4_k_m", GGMLMixConfig, ftype="Q4_K_M")
+register_named_scheme("q5_k_m", GGMLMixConfig, ftype="Q5_K_M")
+register_named_scheme("q6_k", GGMLMixConfig, ftype="Q6_K")
+register_named_scheme("q3_k_m", GGMLMixConfig, ftype="Q3_K_M")
+register_named_scheme("q2_k", GGMLMixConfig, ftype="Q2_K")

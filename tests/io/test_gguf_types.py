@@ -1,0 +1,120 @@
+"""Every GGUF type Ligero reads loads packed, as stored: small llama-shaped files written here, one per type (plus
+one mixing types inside fused projections), load into the layers that hold them (the file's bytes, no fp32 copy),
+give the logits of the dequantize-then-fp32 path, and export back byte for byte."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import quantize
+
+from ligero.io.checkpoint import build_model
+from ligero.io.gguf_export import export_gguf
+from ligero.io.gguf_file import GGUFFile
+from ligero.quant import ggml
+from ligero.quant.modules import GGMLLinear, Int8Linear, IntGroupLinear, PartsLinear
+
+DIM, FFN, HEADS, KV_HEADS, VOCAB, LAYERS = 256, 512, 4, 2, 64, 2
+LINEARS = {"attn_q": (DIM, DIM), "attn_k": (DIM // 2, DIM), "attn_v": (DIM // 2, DIM), "attn_output": (DIM, DIM),
+           "ffn_gate": (FFN, DIM), "ffn_up": (FFN, DIM), "ffn_down": (DIM, FFN)}
+LAYER_CLASS = {"Q8_0": Int8Linear, "Q4_0": IntGroupLinear, "Q4_1": IntGroupLinear}
+
+
+def _encode(w: np.ndarray, type_name: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    if type_name in ("F32", "F16"):
+        return w.astype(np.float32 if type_name == "F32" else np.float16), None
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if type_name in ggml.GGML_BLOCKS:
+        return ggml.quantize_rows(torch.from_numpy(w), type_name).numpy(), qtype
+    return quantize(w, qtype), qtype
+
+
+def write_model(path, types: dict[str, str]) -> None:
+    """A 2-layer llama (dim 256, GQA 4/2) whose tensors have the given types (key: GGUF leaf name, or 'default')."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(64)
+    w.add_embedding_length(DIM)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    g = np.random.default_rng(0)
+    tensors = {"token_embd.weight": (VOCAB, DIM), "output.weight": (VOCAB, DIM), "output_norm.weight": (DIM,)}
+    for i in range(LAYERS):
+        tensors |= {f"blk.{i}.attn_norm.weight": (DIM,), f"blk.{i}.ffn_norm.weight": (DIM,)}
+        tensors |= {f"blk.{i}.{leaf}.weight": shape for leaf, shape in LINEARS.items()}
+    for name, shape in tensors.items():
+        if len(shape) == 1:
+            w.add_tensor(name, (1 + 0.1 * g.standard_normal(shape)).astype(np.float32))
+            continue
+        leaf = name.split(".")[-2]
+        data, raw = _encode((g.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32),
+                            types.get(leaf, types["default"]))
+        w.add_tensor(name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _load_both(path):
+    gf = GGUFFile(path)
+    cfg = gf.config()
+    state, recipe = gf.packed_state_dict(cfg)
+    packed = build_model(cfg, state.items(), "cpu", torch.float32, recipe.to_dict())
+    full = build_model(cfg, gf.state_dict(cfg), "cpu", torch.float32)
+    return gf, packed, full
+
+
+def _check_logits(packed, full):
+    # the int4 kernels split activations into two int8 halves (~16-bit precision): agreement to ~1e-4 of the logits
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(tokens), full(tokens), rtol=1e-3, atol=1e-3)
+        for step in (tokens[:, :1], tokens[:, :3]):  # decode-sized inputs go through the packed kernels
+            torch.testing.assert_close(packed(step), full(step), rtol=1e-3, atol=1e-3)
+
+
+def _check_export(gf, packed, tmp_path, float16=False):
+    out = tmp_path / "export.gguf"
+    export_gguf(packed, gf.path, out, float16=float16)
+    back = GGUFFile(out)
+    for name, t in gf.tensors.items():
+        assert back.tensors[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(back.tensors[name].data).view(np.uint8),
+                              np.asarray(t.data).view(np.uint8)), name
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0",
+                                       "Q4_1"])
+def test_each_type_loads_packed_as_stored(tmp_path, type_name):
+    path = tmp_path / f"{type_name}.gguf"
+    write_model(path, {"default": type_name})
+    gf, packed, full = _load_both(path)
+    expected = LAYER_CLASS.get(type_name, GGMLLinear)
+    layers = [m for n, m in packed.named_modules() if n.endswith("_proj") or n == "lm_head"]
+    assert layers and all(type(m) is expected for m in layers)
+    if expected is GGMLLinear:  # the file's bytes, nothing more
+        file_bytes = sum(t.n_bytes for n, t in gf.tensors.items() if t.tensor_type.name == type_name)
+        held = sum(m.stored_bytes() for m in layers) + packed.embed.table.stored_bytes()
+        assert held == file_bytes
+    assert not any(p.numel() > DIM for p in packed.parameters())  # no fp32 copy of a matrix
+    _check_logits(packed, full)
+    _check_export(gf, packed, tmp_path)
+
+
+def test_fused_projections_of_mixed_types_load_part_by_part(tmp_path):
+    """As llama-quantize writes Q4_K_M: q/k Q4_K with a Q6_K v, gate Q5_K beside an F16 up (kept in fp32)."""
+    path = tmp_path / "mixed.gguf"
+    write_model(path, {"default": "Q4_K", "attn_v": "Q6_K", "ffn_gate": "Q5_K", "ffn_up": "F16",
+                       "ffn_down": "Q3_K", "token_embd": "Q8_0", "output": "Q6_K"})
+    gf, packed, full = _load_both(path)
+    qkv, gate_up = packed.layers[0].attn.qkv_proj, packed.layers[0].mlp.gate_up_proj
+    assert isinstance(qkv, PartsLinear) and [p.config.ggml_type for p in qkv.parts] == ["Q4_K", "Q4_K", "Q6_K"]
+    assert isinstance(gate_up, PartsLinear) and isinstance(gate_up.parts[1], torch.nn.Linear)
+    assert isinstance(packed.embed.table, Int8Linear) and packed.lm_head.config.ggml_type == "Q6_K"
+    _check_logits(packed, full)
+    _check_export(gf, packed, tmp_path, float16=True)  # the F16 part's values, exactly, in 16 bits again

@@ -1,0 +1,141 @@
+"""llama.cpp's block types (Q5_0, Q5_1, K-quants): the torch dequantizers agree with gguf's, the quantizers with
+llama.cpp's reference C code byte for byte, the native kernels with the torch reference; the mixes give each
+tensor the type llama-quantize gives it."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from ligero.kernels import cpu_kernels
+from ligero.quant import ggml
+from ligero.quant.config import GGMLConfig, GGMLMixConfig, PartsConfig, Recipe, recipe_for
+from ligero.quant.ggml_mix import resolve_mix, tensor_type, use_more_bits
+from ligero.quant.modules import GGMLLinear
+
+TYPES = list(ggml.GGML_BLOCKS)
+
+# sha256 (first 16 hex digits) of llama.cpp's quantize_row_<type>_ref output on `_golden_input()`, computed with
+# ggml-quants.c (llama.cpp c392e509) built as a shared library and called through ctypes; not reproducible in CI,
+# which has no llama.cpp: these pin Ligero's quantizers to it.
+LLAMA_CPP_SHA = {"Q5_0": "5eea6fd2a7379f1f", "Q5_1": "88fc53b5cc991575", "Q2_K": "a6120577937e5cfb",
+                 "Q3_K": "dbc6314474e90d4a", "Q4_K": "5ab6aabaa9324272", "Q5_K": "ed2ef1083a3323f3",
+                 "Q6_K": "d5e885b3835e9a1a"}
+# Gaussian weights: SQNR (dB) each type must reach (llama.cpp's own results on the same data: 27.3, 28.4, 10.6,
+# 16.5, 22.9, 28.9, 35.1)
+MIN_SQNR = {"Q5_0": 27, "Q5_1": 28, "Q2_K": 10, "Q3_K": 16, "Q4_K": 22.5, "Q5_K": 28.5, "Q6_K": 34.5}
+
+
+def _golden_input() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(16, 512, generator=g) * torch.exp(0.5 * torch.randn(16, 512, generator=g))
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantizer_is_llama_cpps_byte_for_byte(type_name):
+    data = ggml.quantize_rows(_golden_input(), type_name)
+    assert hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16] == LLAMA_CPP_SHA[type_name]
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_dequantizer_matches_gguf_and_quality_holds(type_name):
+    w = torch.randn(8, 1024, generator=torch.Generator().manual_seed(0))
+    data = ggml.quantize_rows(w, type_name)
+    assert data.shape == (8, ggml.row_bytes(type_name, 1024)) and data.dtype == torch.uint8
+    ours = ggml.dequantize_rows(data, type_name)
+    theirs = dequantize(data.numpy(), GGMLQuantizationType[type_name]).reshape(8, 1024)
+    assert np.array_equal(ours.numpy(), theirs)
+    sqnr = 10 * torch.log10(w.pow(2).sum() / (w - ours).pow(2).sum())
+    assert sqnr > MIN_SQNR[type_name]
+
+
+def test_all_zero_and_constant_rows_are_exact():
+    w = torch.zeros(3, 256)
+    w[1] = 0.5
+    w[2, 7] = -3.0
+    for type_name in TYPES:
+        back = ggml.dequantize_rows(ggml.quantize_rows(w, type_name), type_name)
+        assert torch.equal(back[0], w[0]), type_name
+        assert torch.isfinite(back).all(), type_name
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler: the kernels are not built")
+@pytest.mark.parametrize("type_name", TYPES)
+def test_kernels_match_the_torch_reference(type_name):
+    ext = cpu_kernels()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 512, generator=g)
+    data = ggml.quantize_rows(w, type_name)
+    type_id = ggml.GGML_TYPE_IDS[type_name]
+    reference = ggml.dequantize_rows(data, type_name)
+    assert torch.equal(ext.dequant_ggml(data, type_id, 512), reference)  # same products, same order
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 512, generator=g)
+        torch.testing.assert_close(ext.linear_ggml(x, data, type_id), x @ reference.T, rtol=1e-5, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_layer_decode_and_prefill_agree():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    layer = GGMLLinear.from_float(w, GGMLConfig("Q4_K"))
+    assert layer.stored_bytes() == 64 * 144  # the file's bytes: 4.5 bits per weight
+    full = layer.dequantize()
+    for rows in (1, 8, 40):  # the packed kernel, then dequantize + GEMM
+        x = torch.randn(rows, 256)
+        torch.testing.assert_close(layer(x), F.linear(x, full), rtol=1e-5, atol=1e-4)
+
+
+def test_mix_rules():
+    # use_more_bits: the first and last eighth of the layers and every third one between (llama.cpp)
+    assert [i for i in range(16) if use_more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert tensor_type("Q4_K_M", "v", 0, 16, 1) == "Q6_K" and tensor_type("Q4_K_M", "v", 2, 16, 1) == "Q4_K"
+    assert tensor_type("Q4_K_M", "output", 5, 16, 1) == "Q6_K"
+    assert tensor_type("Q3_K_M", "o", 5, 16, 1) == "Q4_K" and tensor_type("Q2_K", "down", 5, 16, 1) == "Q3_K"
+    assert tensor_type("Q2_K", "v", 5, 16, 4) == "Q4_K" and tensor_type("Q2_K", "v", 5, 16, 2) == "Q3_K"
+
+
+def test_mix_reproduces_the_shipped_gemma_q4_k_m_types():
+    """Ligero's q4_k_m of Gemma 3 gives every tensor the type llama-quantize gave it in the published file
+    (including the width fallbacks: Q5_0 for the 640-wide projections, Q8_0 for Q6_K there)."""
+    from ligero.io.gguf_file import GGUFFile, ligero_name
+    from ligero.models.registry import REGISTRY
+    from ligero.models.transformer import Transformer
+
+    shipped = GGUFFile(REGISTRY["gemma3-270m"].locate())
+    with torch.device("meta"):  # the rules need the shapes only
+        model = Transformer(shipped.config())
+    recipe = resolve_mix(Recipe(GGMLMixConfig("Q4_K_M")), model)
+    for name, t in shipped.tensors.items():
+        if t.tensor_type.name == "F32":
+            continue
+        layer = ligero_name(name).removesuffix(".weight")
+        parent, _, leaf = layer.rpartition(".")
+        roles = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        config = recipe.head if layer == "embed" else recipe.config_for(f"{parent}.{roles.get(leaf, (leaf, 0))[0]}")
+        if isinstance(config, PartsConfig):
+            config = config.configs()[roles[leaf][1]]
+        ours = config.ggml_type if isinstance(config, GGMLConfig) else "Q8_0"
+        assert ours == t.tensor_type.name, name
+
+
+def test_mix_scheme_names():
+    assert isinstance(recipe_for("q4_k_m").weights, GGMLMixConfig)
+    assert recipe_for("q5_0").weights == GGMLConfig("Q5_0")
+
+
+@torch.inference_mode()
+def test_a_q4_k_m_model_saves_and_loads_back_identically(tmp_path):
+    from ligero.eval.variants import build_variant
+    from ligero.io.checkpoint import load_checkpoint, save_checkpoint
+
+    variant = build_variant("smollm2-135m", recipe=recipe_for("q4_k_m"), device="cpu")
+    save_checkpoint(variant.model, variant.tokenizer, tmp_path / "q4_k_m", {"format": "test"})
+    back = load_checkpoint(tmp_path / "q4_k_m", "cpu", torch.float32)
+    tokens = torch.tensor([[1, 504, 3458, 314, 4764]])
+    assert torch.equal(back.model(tokens), variant.model(tokens))
+    assert isinstance(back.model.layers[0].attn.qkv_proj.config, PartsConfig)  # Q5_0 q/k beside a Q8_0 v

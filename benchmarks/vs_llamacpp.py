@@ -328,33 +328,24 @@ SHAPES = {
 }
 
 
-def write_shape_gguf(path: Path, shape: dict, seed: int = 0) -> Path:
-    """Write `shape` (a SHAPES entry) as an F16 llama GGUF at `path` (once; kept in the cache, never committed)."""
-    if path.exists():
-        return path
+def add_shape_metadata(w, shape: dict, name: str, file_type) -> None:
+    """A llama GGUF's hyperparameters for `shape` and a synthetic SentencePiece vocabulary both engines load:
+    <unk> <s> </s>, the 256 byte tokens, then distinct pieces (token ids only are used)."""
     import gguf
-    import numpy as np
 
-    dim, ffn, layers, vocab = shape["dim"], shape["ffn_dim"], shape["n_layers"], shape["vocab_size"]
-    heads, kv_heads = shape["n_heads"], shape["n_kv_heads"]
-    head_dim = dim // heads
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    w = gguf.GGUFWriter(str(partial), "llama")
-    w.add_name(f"random-weight {path.stem}")
+    dim, vocab = shape["dim"], shape["vocab_size"]
+    w.add_name(name)
     w.add_context_length(shape["context"])
     w.add_embedding_length(dim)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(head_dim)
+    w.add_block_count(shape["n_layers"])
+    w.add_feed_forward_length(shape["ffn_dim"])
+    w.add_head_count(shape["n_heads"])
+    w.add_head_count_kv(shape["n_kv_heads"])
+    w.add_rope_dimension_count(dim // shape["n_heads"])
     w.add_rope_freq_base(shape["rope_theta"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    # Vocabulary: <unk> <s> </s>, the 256 byte tokens, then distinct synthetic pieces.
+    w.add_file_type(file_type)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
     tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
@@ -368,21 +359,40 @@ def write_shape_gguf(path: Path, shape: dict, seed: int = 0) -> Path:
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
 
-    def mat(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
 
-    ones = np.ones(dim, dtype=np.float32)
-    w.add_tensor("token_embd.weight", mat(vocab, dim))
-    for i in range(layers):
-        for name, rows, cols in (("attn_q", dim, dim), ("attn_k", kv_heads * head_dim, dim),
-                                 ("attn_v", kv_heads * head_dim, dim), ("attn_output", dim, dim),
-                                 ("ffn_gate", ffn, dim), ("ffn_up", ffn, dim), ("ffn_down", dim, ffn)):
-            w.add_tensor(f"blk.{i}.{name}.weight", mat(rows, cols))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-    w.add_tensor("output_norm.weight", ones)
+def shape_tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(GGUF name, [rows, cols] or [n]) of every tensor of a llama model of `shape`, in file order."""
+    dim, ffn, vocab = shape["dim"], shape["ffn_dim"], shape["vocab_size"]
+    kv = shape["n_kv_heads"] * (dim // shape["n_heads"])
+    out = [("token_embd.weight", (vocab, dim))]
+    for i in range(shape["n_layers"]):
+        out += [(f"blk.{i}.{name}.weight", (rows, cols)) for name, rows, cols in (
+            ("attn_q", dim, dim), ("attn_k", kv, dim), ("attn_v", kv, dim), ("attn_output", dim, dim),
+            ("ffn_gate", ffn, dim), ("ffn_up", ffn, dim), ("ffn_down", dim, ffn))]
+        out += [(f"blk.{i}.attn_norm.weight", (dim,)), (f"blk.{i}.ffn_norm.weight", (dim,))]
+    out.append(("output_norm.weight", (dim,)))
     if not shape["tied"]:
-        w.add_tensor("output.weight", mat(vocab, dim))
+        out.append(("output.weight", (vocab, dim)))
+    return out
+
+
+def write_shape_gguf(path: Path, shape: dict, seed: int = 0) -> Path:
+    """Write `shape` (a SHAPES entry) as an F16 llama GGUF at `path` (once; kept in the cache, never committed)."""
+    if path.exists():
+        return path
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(partial), "llama")
+    add_shape_metadata(w, shape, f"random-weight {path.stem}", gguf.LlamaFileType.MOSTLY_F16)
+    for name, dims in shape_tensors(shape):
+        if len(dims) == 1:
+            w.add_tensor(name, np.ones(dims, dtype=np.float32))
+        else:
+            w.add_tensor(name, (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

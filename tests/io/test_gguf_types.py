@@ -1,5 +1,6 @@
 """Every GGUF type Ligero reads loads packed, as stored: small llama-shaped files written here, one per type (plus
-one mixing types inside fused projections), load into the layers that hold them (the file's bytes, no fp32 copy),
+one mixing types inside fused projections), load into the layers that hold them (the file's bytes in memory, no
+fp32 copy, int4 in its kernel layout only),
 give the logits of the dequantize-then-fp32 path, and export back byte for byte."""
 
 import gguf
@@ -11,7 +12,9 @@ from gguf.quants import quantize
 from ligero.io.checkpoint import build_model
 from ligero.io.gguf_export import export_gguf
 from ligero.io.gguf_file import GGUFFile
+from ligero.kernels import cpu_kernels
 from ligero.quant import ggml
+from ligero.quant.api import compact_layers
 from ligero.quant.modules import GGMLLinear, Int8Linear, IntGroupLinear, PartsLinear
 
 DIM, FFN, HEADS, KV_HEADS, VOCAB, LAYERS = 256, 512, 4, 2, 64, 2
@@ -63,8 +66,11 @@ def write_model(path, types: dict[str, str]) -> None:
 def _load_both(path):
     gf = GGUFFile(path)
     cfg = gf.config()
-    state, recipe = gf.packed_state_dict(cfg)
+    # as load_model(keep_quantized=True) holds them: int4 read straight into the kernel layout (compact_layers
+    # covers the case without kernels: then nothing is compact and the checks below still hold)
+    state, recipe = gf.packed_state_dict(cfg, compact_int4=True)
     packed = build_model(cfg, state.items(), "cpu", torch.float32, recipe.to_dict())
+    compact_layers(packed)
     full = build_model(cfg, gf.state_dict(cfg), "cpu", torch.float32)
     return gf, packed, full
 
@@ -97,9 +103,10 @@ def test_each_type_loads_packed_as_stored(tmp_path, type_name):
     expected = LAYER_CLASS.get(type_name, GGMLLinear)
     layers = [m for n, m in packed.named_modules() if n.endswith("_proj") or n == "lm_head"]
     assert layers and all(type(m) is expected for m in layers)
-    if expected is GGMLLinear:  # the file's bytes, nothing more
-        file_bytes = sum(t.n_bytes for n, t in gf.tensors.items() if t.tensor_type.name == type_name)
-        held = sum(m.stored_bytes() for m in layers) + packed.embed.table.stored_bytes()
+    # the file's bytes in memory, nothing more (Q4_0's minimum is implied by its scale)
+    file_bytes = sum(t.n_bytes for n, t in gf.tensors.items() if t.tensor_type.name == type_name)
+    held = sum(m.stored_bytes() for m in layers) + packed.embed.table.stored_bytes()
+    if cpu_kernels() is not None or type_name != "Q4_0":  # without kernels Q4_0 also keeps its minimum
         assert held == file_bytes
     assert not any(p.numel() > DIM for p in packed.parameters())  # no fp32 copy of a matrix
     _check_logits(packed, full)
@@ -118,3 +125,21 @@ def test_fused_projections_of_mixed_types_load_part_by_part(tmp_path):
     assert isinstance(packed.embed.table, Int8Linear) and packed.lm_head.config.ggml_type == "Q6_K"
     _check_logits(packed, full)
     _check_export(gf, packed, tmp_path, float16=True)  # the F16 part's values, exactly, in 16 bits again
+
+
+def test_llama_cpp_arithmetic_on_request(tmp_path):
+    """int8_activations: Q4_0 / Q8_0 layers round their inputs to int8 per 32 as llama.cpp does (integer kernels);
+    the bytes held do not change."""
+    path = tmp_path / "q4_0.gguf"
+    write_model(path, {"default": "Q4_0", "token_embd": "Q8_0", "output": "Q8_0"})
+    gf = GGUFFile(path)
+    cfg = gf.config()
+    state, recipe = gf.packed_state_dict(cfg, compact_int4=True, int8_activations=True)
+    packed = build_model(cfg, state.items(), "cpu", torch.float32, recipe.to_dict())
+    full = build_model(cfg, gf.state_dict(cfg), "cpu", torch.float32)
+    assert packed.layers[0].attn.qkv_proj.config.act_int8_blocks and packed.lm_head.config.act_int8_blocks
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4]])
+    with torch.inference_mode():
+        got, ref = packed(tokens), full(tokens)
+    assert (got - ref).abs().max() <= 5e-2 * ref.abs().max()  # one int8 rounding of every activation
+    _check_export(gf, packed, tmp_path)

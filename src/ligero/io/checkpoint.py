@@ -27,9 +27,9 @@ from ligero.models.config import ModelConfig
 from ligero.models.registry import REGISTRY
 from ligero.models.transformer import Transformer, fuse_projections
 from ligero.paths import cache_root
-from ligero.quant.api import build_quantized_structure
+from ligero.quant.api import build_quantized_structure, compact_layers
 from ligero.quant.config import Recipe
-from ligero.quant.modules import QuantizedEmbedding
+from ligero.quant.modules import ROW_MAJOR_NAMES, X8_NAMES, QuantizedEmbedding
 
 CHECKPOINT_FILE, WEIGHTS_FILE, MANIFEST_FILE = "ligero.json", "model.safetensors", "manifest.json"
 FORMAT_VERSION = 3  # 2: manifest.json with sha256 hashes, quantization recipe; 3: fused qkv / gate_up
@@ -87,21 +87,28 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
     skip = tied_names(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in skip}
     params = {k for k, _ in model.named_parameters()}
-    state = {}
+    state, compact = {}, {}
     for name, t in fuse_projections(dict(tensors)).items():
+        layer, _, leaf = name.rpartition(".")
+        if leaf in X8_NAMES:  # an int4 layer given in its compact form (the GGUF loader's x8 layout)
+            compact.setdefault(layer, {})[leaf] = t.to(device)
+            continue
         if name in skip:
             continue
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):
             raise LigeroError(f"tensor {name} has shape {tuple(t.shape)} but the config implies "
                               f"{tuple(expected[name].shape)}; the weights and the config disagree")
         state[name] = t.to(device=device, dtype=dtype if name in params else expected.get(name, t).dtype)
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    held = {f"{layer}.{n}" for layer in compact for n in ROW_MAJOR_NAMES}
+    missing, unexpected = set(expected) - set(state) - held, set(state) - set(expected)
     if missing or unexpected:
         raise LigeroError(
             f"weights do not match the architecture: missing {sorted(missing)[:4]}, unexpected "
             f"{sorted(unexpected)[:4]}; the checkpoint and its config disagree"
         )
     model.load_state_dict(state, strict=False, assign=True)
+    for layer, parts in compact.items():
+        model.get_submodule(layer).set_compact([parts[n] for n in X8_NAMES])
     if not isinstance(model.embed, QuantizedEmbedding):  # a quantized table is shared by construction
         model.tie_weights()
     return model.eval().requires_grad_(False)
@@ -196,15 +203,19 @@ def convert_gguf(path: Path, target: Path) -> None:
     tmp.rename(target)
 
 
-def load_gguf_packed(path: Path, device, dtype) -> LoadedModel:
-    """A GGUF file with its Q8_0 / Q4_0 / Q4_1 linears kept as they are stored (packed layers, no fp32 copy of
-    them), the other tensors in full precision; no converted copy on disk except the tokenizer's."""
+def load_gguf_packed(path: Path, device, dtype, int8_activations: bool = False) -> LoadedModel:
+    """A GGUF file with its quantized linears kept as they are stored (packed layers, no fp32 copy of them; int4
+    layers in their kernel layout only), the other tensors in full precision; no converted copy on disk except
+    the tokenizer's."""
     gf = GGUFFile(path)
     cfg = gf.config()
-    state, recipe = gf.packed_state_dict(cfg)
+    state, recipe = gf.packed_state_dict(cfg, compact_int4=torch.device(device).type == "cpu",
+                                         int8_activations=int8_activations)
     types = sorted({t.tensor_type.name for t in gf.tensors.values()})
     recipe.name = "gguf:" + "+".join(types)
     model = build_model(cfg, state.items(), device, dtype, recipe.to_dict())
+    del state
+    compact_layers(model)  # any int4 layer not made compact while reading
     digest = file_sha256(path)
     source = {"path": str(path), "sha256": digest, "format": "gguf", "tensor_types": types,
               "name": gf.meta.get("general.name"), "license": gf.meta.get("general.license")}
@@ -317,9 +328,11 @@ def resolve_spec(spec: str) -> Path:
 
 
 def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float32,
-               keep_quantized: bool = False) -> LoadedModel:
-    """`keep_quantized`: a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors load into packed layers as they are (the model
-    as shipped); otherwise every tensor is dequantized to full precision (the baseline quantization starts from)."""
+               keep_quantized: bool = False, int8_activations: bool = False) -> LoadedModel:
+    """`keep_quantized`: a GGUF file's quantized tensors load into packed layers as they are (the model as
+    shipped); otherwise every tensor is dequantized to full precision (the baseline quantization starts from).
+    `int8_activations` (with keep_quantized): Q8_0 / Q4_0 / Q4_1 layers compute as llama.cpp's CPU backend does,
+    on activations rounded to int8 per 32 inputs (integer kernels, prefill included), instead of fp32 ones."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     path = resolve_spec(spec)
@@ -327,7 +340,7 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
         check_magic(path)
         check_fits(path, keep_quantized)
     if path.is_file() and keep_quantized:
-        loaded = load_gguf_packed(path, dev, dtype)
+        loaded = load_gguf_packed(path, dev, dtype, int8_activations)
     elif path.is_file():
         loaded = load_checkpoint(cached_gguf(path), dev, dtype)
         loaded.info["format"] = "gguf"

@@ -123,12 +123,16 @@ class GGUFFile:
                 yield target, self._dequantized(name, target, t, cfg)
                 advance()
 
-    def packed_state_dict(self, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], Recipe]:
+    def packed_state_dict(self, cfg: ModelConfig, compact_int4: bool = False,
+                          int8_activations: bool = False) -> tuple[dict[str, torch.Tensor], Recipe]:
         """(state dict, recipe) with every linear whose GGUF type Ligero holds packed (PACKED_TYPES, GGML_TYPES)
         kept as it is stored, and everything else dequantized to fp32. A fused projection (q/k/v, gate/up) whose
         parts have one type is one packed layer; parts of several types become one layer per part (PartsConfig).
         Each tensor's pages of the memory-mapped file are released once it is copied, so the peak is about the
-        packed model, not the model plus the file."""
+        packed model, not the model plus the file. `compact_int4`: Q4_0 / Q4_1 layers come as their decode kernel's
+        x8 layout (keys `<layer>.codes_x8` ...; build_model makes those layers compact), one layer at a time, so the
+        row-major form of the whole model never exists (where the kernels are built). `int8_activations`: see
+        packed_config (llama.cpp's arithmetic for Q8_0 / Q4_0 / Q4_1, instead of fp32 activations)."""
         groups: dict[str, list[str]] = {}  # Ligero layer name -> its GGUF tensors (several when fused)
         state: dict[str, torch.Tensor] = {}
         position: dict[str, int] = {}  # GGUF tensor -> its rows' position in the fused layer
@@ -156,16 +160,18 @@ class GGUFFile:
                 else:
                     prefix = "lm_head" if layer == "lm_head" else layer
                 if len(set(types)) == 1:
-                    config: QuantConfig = packed_config(types[0])
+                    config: QuantConfig = packed_config(types[0], int8_activations)
                     parts = [self._packed(n, cfg) for n in names]
-                    state.update({f"{prefix}.{k}": torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
-                                  for k in parts[0]})
+                    buffers = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+                    del parts
+                    state.update({f"{prefix}.{k}": v for k, v in _maybe_x8(buffers, types[0], compact_int4).items()})
                 else:  # parts of several types: one layer each, full precision where the type is not packable
                     configs = []
                     for i, (n, type_name) in enumerate(zip(names, types)):
                         if type_name in packable:
-                            configs.append(packed_config(type_name).to_dict())
-                            state.update({f"{prefix}.parts.{i}.{k}": v for k, v in self._packed(n, cfg).items()})
+                            configs.append(packed_config(type_name, int8_activations).to_dict())
+                            buffers = _maybe_x8(self._packed(n, cfg), type_name, compact_int4)
+                            state.update({f"{prefix}.parts.{i}.{k}": v for k, v in buffers.items()})
                         else:
                             configs.append(None)
                             state[f"{prefix}.parts.{i}.weight"] = self._dequantized(n, ligero_name(n),
@@ -240,13 +246,27 @@ PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
-def packed_config(type_name: str) -> QuantConfig:
-    """The Ligero config that holds a GGUF type exactly."""
+def _maybe_x8(buffers: dict[str, torch.Tensor], type_name: str, compact: bool) -> dict[str, torch.Tensor]:
+    """A Q4_0 / Q4_1 layer's row-major buffers as the int4 decode kernel's x8 layout (where asked and the kernels
+    are built); Q4_0's minimum is implied by its scale (-8 x scale), so it is left out."""
+    from ligero.kernels import cpu_kernels
+    from ligero.quant.modules import X8_NAMES
+
+    ext = cpu_kernels() if compact and type_name in ("Q4_0", "Q4_1") else None
+    if ext is None:
+        return buffers
+    minimum = buffers["minimum"][:0, :0] if type_name == "Q4_0" else buffers["minimum"]
+    return dict(zip(X8_NAMES, ext.pack_int4_x8(buffers["packed"], buffers["scale"], minimum)))
+
+
+def packed_config(type_name: str, int8_activations: bool = False) -> QuantConfig:
+    """The Ligero config that holds a GGUF type exactly; `int8_activations`: Q8_0 / Q4_0 / Q4_1 layers round their
+    inputs to int8 per 32 as llama.cpp's CPU backend does for these types (its Q8_0 / Q8_1 activations)."""
     if type_name in GGML_TYPES:
         return GGMLConfig(type_name)
     if type_name == "Q8_0":
-        return Int8WeightConfig(group_size=32)
-    return IntGroupConfig(32, symmetric=type_name == "Q4_0")
+        return Int8WeightConfig(group_size=32, act_int8_blocks=int8_activations)
+    return IntGroupConfig(32, symmetric=type_name == "Q4_0", act_int8_blocks=int8_activations)
 
 
 def split_blocks(data: np.ndarray, type_name: str, rows: int) -> dict[str, torch.Tensor]:

@@ -62,13 +62,25 @@ def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def stored_bytes(module: nn.Module) -> int:
-    """Bytes of every saved tensor (parameters and persistent buffers; a tied head counted once)."""
+    """Bytes of every saved tensor (parameters and persistent buffers; a tied head counted once). A layer that
+    holds its weights in another form than it saves them (a compact int4 layer) reports its saved bytes through
+    `saved_bytes()`, so nothing is rebuilt to be counted."""
     seen, total = set(), 0
-    for t in module.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
+    for m in module.modules():
+        saved = getattr(m, "saved_bytes", None)
+        if saved is not None and getattr(m, "_compact", False):
+            if id(m) not in seen:
+                seen.add(id(m))
+                total += saved()
+            continue
+        persistent = [b for n, b in m._buffers.items() if n not in m._non_persistent_buffers_set]
+        for t in [*m._parameters.values(), *persistent]:
+            if t is None:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.numel(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
     return total
 
 

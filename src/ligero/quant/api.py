@@ -16,7 +16,7 @@ from ligero.models.transformer import FULL_PRECISION_KV, Linear, Transformer
 from ligero.quant.calibrate import input_absmax
 from ligero.quant.config import QuantConfig, Recipe, scheme_spec
 from ligero.quant.kv import KIVIFormat
-from ligero.quant.modules import QuantizedEmbedding, QuantizedLinear
+from ligero.quant.modules import IntGroupLinear, QuantizedEmbedding, QuantizedLinear
 
 LayerFilter = Callable[[str, nn.Module], bool]
 # build(name, full-precision Linear, config) -> the quantized layer that replaces it
@@ -111,3 +111,11 @@ def build_quantized_structure(model: Transformer, recipe: Recipe) -> Transformer
     set_kv_quant(model, recipe)
     model.quant_recipe = recipe
     return model
+
+
+def compact_layers(model: nn.Module) -> int:
+    """Hold every layer that has a compact form in that form only (4-bit codes: the decode kernel's x8 layout,
+    the row-major form rebuilt on demand; see IntGroupLinear.compact): the as-shipped GGUF load, where the model's
+    size is the point. In-place edits of such a layer's `packed` / `scale` / `minimum` would edit a rebuilt copy:
+    assign them instead. Returns the number of layers compacted."""
+    return sum(1 for m in model.modules() if isinstance(m, IntGroupLinear) and m.compact())

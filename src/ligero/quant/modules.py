@@ -100,6 +100,7 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.prefill_weight().to(x.dtype))
 
     def stored_bytes(self) -> int:
+        """Bytes held in memory (the layer's buffers)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
@@ -159,6 +160,10 @@ class Int8Linear(QuantizedLinear):
         return NativeOp("int8", [self.q, self.scale], act8=self.act8)
 
 
+ROW_MAJOR_NAMES = ("packed", "scale", "minimum")  # IntGroupLinear's saved buffers
+X8_NAMES = ("codes_x8", "scale_x8", "minimum_x8")  # its compact form's buffers (not saved)
+
+
 class IntGroupLinear(QuantizedLinear):
     """Group-wise integer weights: w = scale * q + minimum (fp16 per group). 4-bit codes are stored two per byte
     in GGUF's Q4 order; 2- and 3-bit codes are stored densely (8 codes in `bits` bytes) and expanded to the
@@ -174,6 +179,87 @@ class IntGroupLinear(QuantizedLinear):
         self._nibble_layout: tuple[tuple, torch.Tensor] | None = None
         self._x8_layout: tuple[tuple, list[torch.Tensor]] | None = None
         self._minimum_implied: tuple | None = None  # (scale key, minimum key, minimum == -8 scale)
+        self._compact = False  # see compact()
+
+    # --- compact form: the x8 kernel layout only ---------------------------------------------------------------
+    def compact(self) -> bool:
+        """Keep only the decode kernel's x8 layout of 4-bit codes (held as non-saved buffers) and drop the
+        row-major buffers, which are rebuilt from it on demand: saving, export, prefill's weight, reading
+        `packed` / `scale` / `minimum`. Halves the layer's memory (a Q4_0 layer then holds its file's bytes);
+        assigning one of those three, loading a state dict or moving the layer expands it again. Returns whether
+        the layer is compact (not for 2- and 3-bit codes, off the CPU or without the kernels)."""
+        if self._compact:
+            return True
+        ext = cpu_kernels()
+        if self.bits != 4 or ext is None or self.packed.device.type != "cpu":
+            return False
+        self.set_compact(self.kernel_layout(ext))
+        return True
+
+    def set_compact(self, layout: list[torch.Tensor]) -> None:
+        """Hold `layout` ([codes, scales, minimums] of pack_int4_x8, minimums empty for the symmetric grid) as the
+        layer's weights, in the compact form (a loader that makes the x8 layout itself, layer by layer)."""
+        for name in ROW_MAJOR_NAMES:
+            self._buffers.pop(name, None)
+        for name, t in zip(X8_NAMES, layout):
+            self.register_buffer(name, t, persistent=False)
+        self._x8_layout = self._nibble_layout = self._minimum_implied = None
+        self._compact = True
+
+    def _row_major(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(packed, scale, minimum) rebuilt from the x8 layout (the inverse of pack_int4_x8), of all rows or of
+        the given ones (embedding lookups read a few rows of the table)."""
+        codes, scale8, minimum8 = (self._buffers[n] for n in X8_NAMES)
+        bundles, blocks = codes.shape[0], self.in_features // 32
+        if rows is None:
+            rows = torch.arange(self.out_features, device=codes.device)
+        u, r = rows // 8, rows % 8
+        # codes[u, b, r % 4, r // 4, j] = row 8u + r's byte j of block b; scales [u, g, r]
+        packed = codes.view(bundles, blocks, 4, 2, 16)[u, :, r % 4, r // 4].reshape(len(rows), blocks * 16)
+        scale = scale8.view(bundles, -1, 8)[u, :, r]
+        minimum = minimum8.view(bundles, -1, 8)[u, :, r] if minimum8.numel() else scale * -8  # empty: symmetric
+        return packed, scale, minimum
+
+    def _expand(self) -> None:
+        if not self._compact:
+            return
+        tensors = self._row_major()
+        for name in X8_NAMES:
+            del self._buffers[name]
+        self._compact = False
+        for name, t in zip(ROW_MAJOR_NAMES, tensors):
+            self.register_buffer(name, t)
+
+    def __getattr__(self, name):
+        if name in ROW_MAJOR_NAMES and self.__dict__.get("_compact"):
+            return self._row_major()[ROW_MAJOR_NAMES.index(name)]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in ROW_MAJOR_NAMES and self.__dict__.get("_compact"):
+            self._expand()
+        super().__setattr__(name, value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._compact:  # the saved form stays row-major (GGUF's Q4 order)
+            for name, t in zip(ROW_MAJOR_NAMES, self._row_major()):
+                destination[prefix + name] = t
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._expand()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._expand()
+        return super()._apply(fn, recurse)
+
+    def saved_bytes(self) -> int:
+        """Bytes of the saved (row-major) form, without rebuilding it."""
+        if not self._compact:
+            return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.minimum))
+        n_groups = self._buffers["scale_x8"].shape[1] // 8
+        return self.out_features * (self.in_features // 2 + 4 * n_groups)
 
     @classmethod
     def from_float(cls, weight, config, segments=None):
@@ -191,8 +277,11 @@ class IntGroupLinear(QuantizedLinear):
         return formats.unpack_nibbles(packed) if self.bits == 4 else formats.unpack_bits(packed, self.bits)
 
     def dequantize(self, rows=None):
-        p, s, m = (self.packed, self.scale, self.minimum) if rows is None else \
-            (self.packed[rows], self.scale[rows], self.minimum[rows])
+        if self._compact:
+            p, s, m = self._row_major(None if rows is None else rows.reshape(-1))
+        else:
+            p, s, m = (self.packed, self.scale, self.minimum) if rows is None else \
+                (self.packed[rows], self.scale[rows], self.minimum[rows])
         return formats.dequantize_int_groups(self.codes(p), s, m, self.config.group_size)
 
     def forward(self, x):
@@ -230,6 +319,8 @@ class IntGroupLinear(QuantizedLinear):
     def kernel_layout(self, ext) -> list[torch.Tensor]:
         """[codes, scales, minimums] in the decode kernel's x8 layout (output rows in bundles of 8; made by the
         kernels once per weights and kept in memory, not saved; see pack_int4_x8 in kernels/cpu_kernels.cpp)."""
+        if self._compact:
+            return [self._buffers[n] for n in X8_NAMES]
         key = (_tensor_key(self.packed), _tensor_key(self.scale), _tensor_key(self.minimum))
         if self._x8_layout is None or self._x8_layout[0] != key:  # new, reloaded or edited weights
             self._x8_layout = (key, ext.pack_int4_x8(self.nibbles(), self.scale, self.kernel_minimum()))
@@ -243,9 +334,11 @@ class IntGroupLinear(QuantizedLinear):
                                bool(getattr(self.config, "act_int8_blocks", False)), self.out_features)
 
     def prefill_weight(self):
-        ext = cpu_kernels() if self.packed.device.type == "cpu" else None
+        ext = cpu_kernels() if self._compact or self.packed.device.type == "cpu" else None
         if ext is None:
             return self.dequantize()
+        if self._compact:
+            return ext.dequant_int4(*self._row_major(), self.config.group_size)
         return ext.dequant_int4(self.nibbles(), self.scale, self.minimum, self.config.group_size)
 
     def native_op(self):

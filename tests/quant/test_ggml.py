@@ -27,6 +27,7 @@ LLAMA_CPP_SHA = {"Q5_0": "5eea6fd2a7379f1f", "Q5_1": "88fc53b5cc991575", "Q2_K":
                  "Q6_K": "d5e885b3835e9a1a"}
 # Gaussian weights: SQNR (dB) each type must reach (llama.cpp's own results on the same data: 27.3, 28.4, 10.6,
 # 16.5, 22.9, 28.9, 35.1)
+SPLIT_KERNELS = ("Q4_K", "Q5_K", "Q6_K")  # AVX2 integer kernels on split activations; the others expand rows
 MIN_SQNR = {"Q5_0": 27, "Q5_1": 28, "Q2_K": 10, "Q3_K": 16, "Q4_K": 22.5, "Q5_K": 28.5, "Q6_K": 34.5}
 
 
@@ -75,7 +76,13 @@ def test_kernels_match_the_torch_reference(type_name):
     assert torch.equal(ext.dequant_ggml(data, type_id, 512), reference)  # same products, same order
     for rows in (1, 3, 8):
         x = torch.randn(rows, 512, generator=g)
-        torch.testing.assert_close(ext.linear_ggml(x, data, type_id), x @ reference.T, rtol=1e-5, atol=1e-4)
+        got = ext.linear_ggml(x, data, type_id)
+        if type_name in SPLIT_KERNELS and ext.isa() != "generic":
+            # integer kernels on ~16-bit activations (as int4's): bounded by the size of the terms summed
+            assert ((got - x @ reference.T).abs() <= 1e-4 * (x.abs() @ reference.abs().T) + 1e-6).all()
+        else:  # rows expanded to fp32, then dotted
+            torch.testing.assert_close(got, x @ reference.T, rtol=1e-5, atol=1e-4)
+        assert torch.equal(got, torch.cat([ext.linear_ggml(x[i:i + 1], data, type_id) for i in range(rows)]))
 
 
 @torch.inference_mode()
@@ -84,9 +91,9 @@ def test_layer_decode_and_prefill_agree():
     layer = GGMLLinear.from_float(w, GGMLConfig("Q4_K"))
     assert layer.stored_bytes() == 64 * 144  # the file's bytes: 4.5 bits per weight
     full = layer.dequantize()
-    for rows in (1, 8, 40):  # the packed kernel, then dequantize + GEMM
+    for rows in (1, 8, 40):  # the packed kernel (~16-bit activations), then dequantize + GEMM
         x = torch.randn(rows, 256)
-        torch.testing.assert_close(layer(x), F.linear(x, full), rtol=1e-5, atol=1e-4)
+        assert ((layer(x) - F.linear(x, full)).abs() <= 1e-4 * (x.abs() @ full.abs().T) + 1e-6).all()
 
 
 def test_mix_rules():

@@ -29,19 +29,20 @@ from ligero.paths import cache_root
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 class NativeOp(NamedTuple):
-    """One projection as the native decode step runs it: a kernel (`kind`: f32, int8, int4, lut4, lut8, ternary)
+    """One projection as the native decode step runs it: a kernel (`kind`: f32, int8, int4, lut4, lut8, ternary, ggml)
     with its tensors in the kernel's argument order, plus what that kernel needs besides."""
 
     kind: str
     tensors: list
-    group: int = 0  # int4: group size; lut4: block size
+    group: int = 0  # int4: group size; lut4: block size; ggml: the GGML type id
     act8: bool = False  # int8, int4: int8 activations per 32 inputs
     tensor_scale: float = 1.0  # lut4: one tensor scale (a row-scale tensor follows the tensors otherwise)
     act_fp8: int = 0  # activations rounded to FP8 per token first: 0 no, 1 E4M3, 2 E5M2
     out_features: int = 0  # int4: output rows (its kernel layout pads them to bundles of 8)
 
 
-NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6}  # = LinearKind in the C++
+# = LinearKind in the C++
+NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6, "ggml": 7}
 
 MAX_KERNEL_ROWS = 8  # decode batches up to this many activation rows go to the kernels; more rows use torch's GEMM
 

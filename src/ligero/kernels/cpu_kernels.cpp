@@ -434,6 +434,17 @@ inline void quantize_x8(const float* x, int64_t in, SplitX& sx) {
 #ifdef LIGERO_AVX2
 inline __m256i broadcast16(const int8_t* p) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p)); }
 
+// acc + the byte products a (unsigned) x b (signed) summed in groups of 4 into int32 lanes: one AVX-512 VNNI
+// instruction (vpdpbusd) where the CPU has it, vpmaddubsw + vpmaddwd otherwise. The callers' pairs never reach
+// int16 saturation, so both give the same integers.
+inline __m256i dot_u8s8(__m256i acc, __m256i a, __m256i b) {
+#ifdef LIGERO_VNNI
+  return _mm256_dpbusd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
 // Bundles [begin, end) of the x8 layout against MT activation rows. Per bundle and block, the nibbles are
 // unpacked once for all MT rows; per activation row, 8 vpmaddubsw (16 with split activations) and three
 // horizontal adds give the 8 weight rows' integer dot products, which are scaled and accumulated in fp32 in
@@ -470,7 +481,11 @@ void int4_bundles_avx2(const uint8_t* codes, const at::Half* scale, const at::Ha
         for (int k = 0; k < 4; ++k) {
           const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(lo_n[k], xh1), _mm256_maddubs_epi16(hi_n[k], xh2));
           if constexpr (ACT8) {
+#ifdef LIGERO_VNNI
+            d[k] = dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo_n[k], xh1), hi_n[k], xh2);
+#else
             d[k] = _mm256_madd_epi16(hi, ones);
+#endif
           } else {
             const __m256i xl1 = broadcast16(x.lo_first.data() + b * 16), xl2 = broadcast16(x.lo_second.data() + b * 16);
             const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(lo_n[k], xl1), _mm256_maddubs_epi16(hi_n[k], xl2));
@@ -525,7 +540,6 @@ template <int MT>
 void int8_act8_rows_avx2(const int8_t* q, const float* scale, const at::Half* block_scale, const ActInt8* xa,
                          float* y, int64_t in, int64_t out, int64_t begin, int64_t end) {
   const int64_t n_blocks = in / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* row = q + o * in;
     __m256 acc[MT];
@@ -536,7 +550,7 @@ void int8_act8_rows_avx2(const int8_t* q, const float* scale, const at::Half* bl
       const float ws = block_scale ? _cvtsh_ss(block_scale[o * n_blocks + b].x) : 1.f;
       for (int m = 0; m < MT; ++m) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xa[m].q.data() + b * 32));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, w)), ones);
+        const __m256i dot = dot_u8s8(_mm256_setzero_si256(), w_abs, _mm256_sign_epi8(xv, w));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xa[m].scale[b] * ws), acc[m]);
       }
     }
@@ -1235,6 +1249,118 @@ void ggml_decode_row(int64_t type, const uint8_t* row, float* w, int64_t in) {
   }
 }
 
+#ifdef LIGERO_AVX2
+// Q4_K / Q5_K / Q6_K rows against split activations (SplitX: x ~ s_b (256 hi + lo) per 32-input block, ~16-bit
+// precision, as the int4 kernel's exact mode), in integers: one row's super-blocks are read in order (one stream);
+// per 32 inputs, vpmaddubsw on the unsigned codes (< 64: no int16 saturation) with the hi and lo bytes gives the
+// block's exact integer dot product in 8 int32 lanes (lanes 0-3: inputs 0-15, 4-7: 16-31), scaled in fp32 by the
+// code scale (d x the 6-bit scale, or d x the int8 scale per 16 for Q6_K, a lane vector) times s_b, accumulated in
+// lanes and summed once per row. Q4_K / Q5_K minimums: dmin x m x the block's sum of x, per block, in a scalar.
+// Q6_K's offset of 32: subtracted in integers (32 x the 16 inputs' integer sum) before the conversion.
+inline __m256i x_natural(const int8_t* first, const int8_t* second, int64_t b) {
+  return _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(second + b * 16)),
+                          _mm_loadu_si128((const __m128i*)(first + b * 16)));
+}
+
+inline __m256i dot_codes_split(__m256i q, const SplitX& x, int64_t b) {
+  const __m256i xh = x_natural(x.hi_first.data(), x.hi_second.data(), b);
+  const __m256i xl = x_natural(x.lo_first.data(), x.lo_second.data(), b);
+  const __m256i zero = _mm256_setzero_si256();
+  return _mm256_add_epi32(_mm256_slli_epi32(dot_u8s8(zero, q, xh), 8), dot_u8s8(zero, q, xl));
+}
+
+template <int MT>
+void q45k_rows_avx2(const uint8_t* blocks, int64_t row_bytes, bool five, const SplitX* sx, int64_t in,
+                    int64_t out, float* y, int64_t begin, int64_t end) {
+  const int64_t n_super = in / 256, bytes = five ? 176 : 144;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  for (int64_t o = begin; o < end; ++o) {
+    __m256 acc[MT];
+    float mins[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      mins[m] = 0.f;
+    }
+    for (int64_t s = 0; s < n_super; ++s) {
+      const uint8_t* b = blocks + o * row_bytes + s * bytes;
+      const float d = f16_at(b), dmin = f16_at(b + 2);
+      const __m256i qh = five ? _mm256_loadu_si256((const __m256i*)(b + 16)) : _mm256_setzero_si256();
+      const uint8_t* qs = b + (five ? 48 : 16);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+        for (int h = 0; h < 2; ++h) {
+          const int sub = 2 * j + h;
+          int sc, mn;
+          k4_scale_min(sub, b + 4, sc, mn);
+          __m256i q = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4);
+          if (five) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sub), one), 4));
+          const int64_t blk = s * 8 + sub;
+          const float ws = d * (float)sc, wm = dmin * (float)mn;
+          for (int m = 0; m < MT; ++m) {
+            const __m256i dot = dot_codes_split(q, sx[m], blk);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(ws * sx[m].scale[blk]), acc[m]);
+            mins[m] += wm * sx[m].block_sum[blk];
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]) - mins[m];
+  }
+}
+
+// sum16[m][i]: the integer sum of the split values (256 hi + lo) of inputs 16i .. 16i + 15 (Q6_K's offset term)
+inline void split_sums16(const SplitX& x, int64_t in, std::vector<int32_t>& sums) {
+  sums.resize(in / 16);
+  for (int64_t b = 0; b < in / 32; ++b) {
+    int32_t a = 0, c = 0;
+    for (int k = 0; k < 16; ++k) {
+      a += 256 * x.hi_first[b * 16 + k] + x.lo_first[b * 16 + k];
+      c += 256 * x.hi_second[b * 16 + k] + x.lo_second[b * 16 + k];
+    }
+    sums[2 * b] = a;
+    sums[2 * b + 1] = c;
+  }
+}
+
+template <int MT>
+void q6k_rows_avx2(const uint8_t* blocks, int64_t row_bytes, const SplitX* sx, const std::vector<int32_t>* sums,
+                   int64_t in, int64_t out, float* y, int64_t begin, int64_t end) {
+  const int64_t n_super = in / 256;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+  for (int64_t o = begin; o < end; ++o) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < n_super; ++s) {
+      const uint8_t* b = blocks + o * row_bytes + s * 210;
+      const float d = f16_at(b + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      for (int n = 0; n < 2; ++n) {
+        const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(b + 64 * n));
+        const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(b + 64 * n + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * n));
+        for (int k = 0; k < 4; ++k) {
+          const __m256i lo = k & 1 ? ql1 : ql0;
+          const __m256i nib = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(lo, 4) : lo, low4);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three);
+          const __m256i q = _mm256_or_si256(nib, _mm256_slli_epi16(high, 4));  // 0..63
+          const int64_t blk = s * 8 + 4 * n + k;  // 32-input block
+          const float s_lo = d * (float)sc[8 * n + 2 * k], s_hi = d * (float)sc[8 * n + 2 * k + 1];
+          const __m256 ws = _mm256_setr_ps(s_lo, s_lo, s_lo, s_lo, s_hi, s_hi, s_hi, s_hi);
+          for (int m = 0; m < MT; ++m) {
+            const int32_t* s16 = sums[m].data() + 2 * blk;
+            const __m256i offset = _mm256_setr_epi32(32 * s16[0], 0, 0, 0, 32 * s16[1], 0, 0, 0);
+            const __m256i dot = _mm256_sub_epi32(dot_codes_split(q, sx[m], blk), offset);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_set1_ps(sx[m].scale[blk])),
+                                     acc[m]);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]);
+  }
+}
+#endif
+
 void check_ggml(const torch::Tensor& blocks, int64_t type, int64_t in) {
   TORCH_CHECK(type >= 0 && type <= kQ6_K, "unknown GGML block type id ", type);
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2 && in % kGgmlBlock[type] == 0 &&
@@ -1254,6 +1380,30 @@ torch::Tensor linear_ggml(torch::Tensor x, torch::Tensor blocks, int64_t type) {
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t rb = blocks.size(1);
+#ifdef LIGERO_AVX2
+  if (type == kQ4_K || type == kQ5_K || type == kQ6_K) {  // integer kernels on split activations
+    thread_local std::vector<SplitX> sx_buffers;
+    thread_local std::vector<std::vector<int32_t>> sum_buffers;
+    sx_buffers.resize(M);
+    sum_buffers.resize(M);
+    SplitX* sx = sx_buffers.data();
+    std::vector<int32_t>* sums = sum_buffers.data();
+    for (int64_t m = 0; m < M; ++m) {
+      split_x(xp + m * in, in, sx[m]);
+      if (type == kQ6_K) split_sums16(sx[m], in, sums[m]);
+    }
+    at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+      for_each_tile(M, [&](int64_t m0, auto mt) {
+        constexpr int MT = decltype(mt)::value;
+        if (type == kQ6_K)
+          q6k_rows_avx2<MT>(bp, rb, sx + m0, sums + m0, in, out, yp + m0 * out, b, e);
+        else
+          q45k_rows_avx2<MT>(bp, rb, type == kQ5_K, sx + m0, in, out, yp + m0 * out, b, e);
+      });
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     std::vector<float> w(in);
     for (int64_t o = b; o < e; ++o) {
@@ -1525,12 +1675,13 @@ torch::Tensor fake_quant_fp8_rows(torch::Tensor x, int64_t fmt) {
                   : fake_quant_fp8_rows_t<c10::Float8_e5m2>(x, 57344.f);
 }
 
-enum LinearKind : int64_t { kPython = 0, kF32 = 1, kInt8 = 2, kInt4 = 3, kLut4 = 4, kLut8 = 5, kTernary = 6 };
+enum LinearKind : int64_t { kPython = 0, kF32 = 1, kInt8 = 2, kInt4 = 3, kLut4 = 4, kLut8 = 5, kTernary = 6,
+                             kGgml = 7 };
 
 struct NativeLinear {
   int64_t kind;
   std::vector<torch::Tensor> t;  // the kernel's tensors, in its argument order (kLut4: + an optional row scale)
-  int64_t group;                 // kInt4: group size; kLut4: block size
+  int64_t group;                 // kInt4: group size; kLut4: block size; kGgml: the GGML type id
   bool act8;                     // kInt8, kInt4: int8 activations per 32-input block
   double tensor_scale;           // kLut4: one tensor scale (1.0 when a row scale follows)
   int64_t act_fp8;               // 0, or the FP8 format (1 E4M3, 2 E5M2) the activations are rounded to first
@@ -1549,6 +1700,7 @@ struct NativeLinear {
       }
       case kLut8: return linear_lut8(x, t[0], t[1], t[2]);
       case kTernary: return linear_ternary(x, t[0], t[1]);
+      case kGgml: return linear_ggml(x, t[0], group);
       default: return module(x).cast<torch::Tensor>();
     }
   }
@@ -1737,7 +1889,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")
       .def(py::init([](int64_t kind, std::vector<torch::Tensor> t, int64_t group, bool act8, double tensor_scale,
                        int64_t act_fp8, int64_t out_features, py::object module) {
-             TORCH_CHECK(kind >= kPython && kind <= kTernary, "NativeLinear: unknown kind ", kind);
+             TORCH_CHECK(kind >= kPython && kind <= kGgml, "NativeLinear: unknown kind ", kind);
              TORCH_CHECK(kind != kPython || !module.is_none(), "NativeLinear: a Python projection needs its module");
              TORCH_CHECK(act_fp8 >= 0 && act_fp8 <= 2, "NativeLinear: act_fp8 is 0, 1 (E4M3) or 2 (E5M2)");
              return NativeLinear{kind, std::move(t), group, act8, tensor_scale, act_fp8, out_features,

@@ -377,6 +377,9 @@ class GGMLLinear(QuantizedLinear):
         ext = cpu_kernels() if self.blocks.device.type == "cpu" else None
         return self.dequantize() if ext is None else ext.dequant_ggml(self.blocks, self.type_id, self.in_features)
 
+    def native_op(self):
+        return NativeOp("ggml", [self.blocks], self.type_id)
+
 
 class PartsLinear(QuantizedLinear):
     """A fused projection held as one layer per part (`parts`, in segment order): quantized layers of their own

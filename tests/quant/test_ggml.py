@@ -146,3 +146,18 @@ def test_a_q4_k_m_model_saves_and_loads_back_identically(tmp_path):
     tokens = torch.tensor([[1, 504, 3458, 314, 4764]])
     assert torch.equal(back.model(tokens), variant.model(tokens))
     assert isinstance(back.model.layers[0].attn.qkv_proj.config, PartsConfig)  # Q5_0 q/k beside a Q8_0 v
+
+
+def test_q8_0_quantizer_is_ggufs_byte_for_byte():
+    """Ligero's q8_0 (the Q8_0 fallback of the mixes) against gguf's Q8_0 quantizer (llama.cpp's reference), on
+    data with many exact halves (C's roundf takes them away from zero)."""
+    from gguf.quants import quantize
+
+    from ligero.quant.formats import quantize_int8_blocks
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.cat([torch.randn(8, 256, generator=g), torch.randint(-254, 255, (8, 256), generator=g) / 2.0])
+    w[:, ::32] = 127.0  # block maxima of 127: every half-integer is an exact tie
+    q, scale = quantize_int8_blocks(w)
+    ours = torch.cat([scale.view(torch.uint8).reshape(16, 8, 2), q.view(torch.uint8).reshape(16, 8, 32)], -1)
+    assert np.array_equal(ours.reshape(16, -1).numpy(), quantize(w.numpy(), GGMLQuantizationType.Q8_0))

@@ -25,13 +25,20 @@ def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return q.float() * scale[:, None]
 
 
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero (torch.round rounds them to even)."""
+    r = torch.trunc(x)
+    return torch.where((x - r).abs() >= 0.5, r + torch.sign(x), r)  # x - r is exact in fp32
+
+
 def quantize_int8_blocks(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per `block` inputs, GGUF Q8_0's algorithm: d = amax / 127 (kept in fp16), q = round(w / d)
-    with d in fp32 before it is stored. Returns (q int8 [out, in], scale fp16 [out, in / block])."""
+    """Symmetric int8 per `block` inputs, GGUF Q8_0's algorithm byte for byte (llama.cpp's quantize_row_q8_0_ref):
+    d = amax / 127 (kept in fp16), q = roundf(w x (1 / d)) with d in fp32 before it is stored. Returns (q int8
+    [out, in], scale fp16 [out, in / block])."""
     b = w.float().reshape(w.shape[0], -1, block)
     d = b.abs().amax(-1) / 127.0
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(b * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    inv = torch.where(d > 0, torch.ones_like(d) / d, torch.zeros_like(d))  # a true division, as C's 1.0f / d
+    q = round_half_away(b * inv[..., None]).clamp_(-127, 127).to(torch.int8)
     return q.reshape(w.shape), d.to(torch.float16)
 
 

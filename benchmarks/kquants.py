@@ -3,9 +3,9 @@ built-in models: perplexity of each file on the same text (evaluated by Ligero: 
 shipped), and how many tensors are byte-identical.
 
 Both quantizers start from the same weights: llama.cpp's `llama_model_quantize` requantizes the published GGUF
-(it dequantizes it to fp32 first), Ligero quantizes the same dequantized weights (its fp32 baseline). Where
-llama.cpp falls back to a type Ligero cannot read (IQ4_NL, for Q3_K_M / Q2_K rows whose width is not a multiple of
-256), the row says so.
+(it dequantizes it to fp32 first; tensors already of the target type are copied), Ligero quantizes the same
+dequantized weights (its fp32 baseline). Rows whose width is not a multiple of 256 take llama.cpp's fallback
+types on both sides (Q4_0 / Q5_0 / Q5_1 / Q8_0).
 
     python benchmarks/kquants.py [--models smollm2-135m,gemma3-270m] [--mixes Q4_K_M,Q6_K,Q3_K_M]
 Writes docs/kquants.json and docs/kquants.md. Needs the bench extra (`make bench-llamacpp`).
@@ -120,8 +120,7 @@ def render_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        theirs = f"{r['llamacpp_ppl']:.3f}" if "llamacpp_ppl" in r else "not readable: " + \
-            ", ".join(t for t in r["llamacpp_types"] if t.startswith("IQ"))
+        theirs = f"{r['llamacpp_ppl']:.3f}" if "llamacpp_ppl" in r else "not read: " + r.get("llamacpp_error", "")[:90]
         if "ligero_error" in r:
             lines.append(f"| {r['model']} | {r['mix']} | {r['base_ppl']:.3f} | {theirs} | not made: "
                          f"{r['ligero_error'][:90]} | – | – | – |")
@@ -129,8 +128,9 @@ def render_markdown(report: dict) -> str:
         delta = f"{r['delta_pct']:+.3f}" if "delta_pct" in r else "–"
         lines.append(f"| {r['model']} | {r['mix']} | {r['base_ppl']:.3f} | {theirs} | {r['ligero_ppl']:.3f} | "
                      f"{delta} | {r['same_type']}/{r['tensors']} | {r['identical']}/{r['tensors']} |")
-    lines += ["", "A mix llama.cpp completes with IQ4_NL (widths not a multiple of 256) cannot be compared here: "
-              "Ligero neither reads nor makes IQ4_NL yet, and its q3_k_m / q2_k stop with an error on such models."]
+    lines += ["", "Where both files hold the same type but not the same bytes, llama.cpp kept the source file's tensor "
+              "as it was (its quantizer copies tensors already of the target type, here Gemma 3's published Q4_K / "
+              "Q6_K ones) while Ligero requantized the dequantized weights, which is not idempotent."]
     return "\n".join(lines) + "\n"
 
 

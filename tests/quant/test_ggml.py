@@ -161,3 +161,26 @@ def test_q8_0_quantizer_is_ggufs_byte_for_byte():
     q, scale = quantize_int8_blocks(w)
     ours = torch.cat([scale.view(torch.uint8).reshape(16, 8, 2), q.view(torch.uint8).reshape(16, 8, 32)], -1)
     assert np.array_equal(ours.reshape(16, -1).numpy(), quantize(w.numpy(), GGMLQuantizationType.Q8_0))
+
+
+def test_q4_0_quantizer_is_ggufs_byte_for_byte():
+    """int4-sym (Q4_0's grid; the Q2_K / Q3_K fallback of the mixes) against gguf's Q4_0 quantizer."""
+    from gguf.quants import quantize
+
+    from ligero.io.gguf_file import join_blocks
+    from ligero.quant.config import IntGroupConfig
+    from ligero.quant.modules import IntGroupLinear
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.cat([torch.randn(8, 256, generator=g), torch.randint(-16, 17, (8, 256), generator=g) / 2.0])
+    layer = IntGroupLinear.from_float(w, IntGroupConfig(32, symmetric=True))
+    ours = join_blocks({"packed": layer.packed, "scale": layer.scale, "minimum": layer.minimum}, "Q4_0")
+    assert np.array_equal(ours, quantize(w.numpy(), GGMLQuantizationType.Q4_0))
+
+
+def test_q3_k_m_falls_back_to_q4_0_where_widths_are_not_multiples_of_256():
+    from ligero.quant.config import IntGroupConfig
+    from ligero.quant.ggml_mix import layer_config
+
+    assert layer_config("Q3_K", 576, "Q3_K_M") == IntGroupConfig(32, symmetric=True)
+    assert layer_config("Q3_K", 512, "Q3_K_M") == GGMLConfig("Q3_K")

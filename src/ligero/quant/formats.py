@@ -51,11 +51,12 @@ def quantize_int_groups(w: torch.Tensor, bits: int, group: int,
                         symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest per group: w ~ q * scale + minimum, q in [0, 2^bits - 1].
 
-    Asymmetric (GGUF's Q4_1): the group's range maps onto the codes. Symmetric (Q4_0): scale = the group's
-    largest-magnitude value / -2^(bits-1), minimum = -2^(bits-1) * scale, so that value is exactly code 0 and
-    zero is exactly code 2^(bits-1); both kinds are stored and computed the same way.
+    Asymmetric (GGUF's Q4_1): the group's range maps onto the codes, computed against the fp16-rounded scale and
+    minimum. Symmetric (Q4_0): scale d = the group's largest-magnitude value / -2^(bits-1), minimum =
+    -2^(bits-1) * scale, so that value is exactly code 0 and zero is exactly code 2^(bits-1); the codes follow
+    llama.cpp's quantize_row_q4_0_ref byte for byte (q = min(qmax, trunc(w x (1 / d) + 2^(bits-1) + 0.5)), d in
+    fp32 before it is stored). Both kinds are stored and computed the same way.
     The last group may be shorter when `group` does not divide `in` (576 = 4 x 128 + 64).
-    Scales and minimums are stored as fp16; q is computed against the rounded values.
     Returns (q uint8 [out, in], scale f16 [out, G], minimum f16 [out, G]).
     """
     out, n = w.shape
@@ -78,6 +79,11 @@ def quantize_int_groups(w: torch.Tensor, bits: int, group: int,
         min16 = lo.half()
     s = expand_groups(scale16.float(), group, n)
     m = expand_groups(min16.float(), group, n)
+    if symmetric:
+        d = expand_groups(extreme / -half, group, n)
+        inv = torch.where(d != 0, torch.ones_like(d) / d, torch.zeros_like(d))  # a true division, as C's
+        q = torch.trunc(wf * inv + (half + 0.5)).clamp_(0, qmax).to(torch.uint8)
+        return q, scale16, min16
     safe = torch.where(s != 0, s, torch.ones_like(s))
     q = torch.round((wf - m) / safe).clamp_(0, qmax).to(torch.uint8)
     return q, scale16, min16

@@ -10,19 +10,27 @@ The rules (llama.cpp facts, as of its 2025 source):
 - ffn_down: Q4_K_M / Q5_K_M give Q6_K where `use_more_bits`; Q3_K_M gives Q5_K to the first 16th of the layers
   and Q4_K to the others; Q2_K gives Q3_K;
 - attn_output: Q3_K_M gives Q4_K, Q2_K gives Q3_K;
-- a tensor whose rows are not a multiple of 256 inputs cannot hold a K-type: Q4_K falls back to Q5_0, Q5_K to
-  Q5_1, Q6_K to Q8_0 (Q2_K and Q3_K to IQ4_NL, which Ligero does not have: those mixes need 256-multiple widths).
+- a tensor whose rows are not a multiple of 256 inputs cannot hold a K-type: Q2_K and Q3_K fall back to Q4_0,
+  Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0 (as the llama.cpp of llama-cpp-python 0.3.36 writes them; some
+  releases used IQ4_NL for Q2_K / Q3_K).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from ligero.errors import LigeroError
-from ligero.quant.config import GGMLConfig, GGMLMixConfig, Int8WeightConfig, PartsConfig, QuantConfig, Recipe
+from ligero.quant.config import (
+    GGMLConfig,
+    GGMLMixConfig,
+    Int8WeightConfig,
+    IntGroupConfig,
+    PartsConfig,
+    QuantConfig,
+    Recipe,
+)
 
 BASE_TYPE = {"Q2_K": "Q2_K", "Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
-_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -60,11 +68,9 @@ def tensor_type(ftype: str, role: str, i_layer: int, n_layers: int, n_gqa: int) 
 def layer_config(type_name: str, in_features: int, ftype: str) -> QuantConfig:
     """The Ligero config of a GGML type for a layer `in_features` wide, after llama.cpp's width fallback."""
     if in_features % 256:
-        if type_name not in _FALLBACK:
-            raise LigeroError(f"{ftype.lower()} puts {type_name} on a layer of {in_features} inputs (not a multiple "
-                              "of 256), where llama.cpp falls back to IQ4_NL, which Ligero does not have; use "
-                              "q4_k_m, q5_k_m or q6_k for this model")
         type_name = _FALLBACK[type_name]
+    if type_name == "Q4_0":
+        return IntGroupConfig(32, symmetric=True)
     return Int8WeightConfig(group_size=32) if type_name == "Q8_0" else GGMLConfig(type_name)
 
 

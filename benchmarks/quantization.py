@@ -29,7 +29,7 @@ from ligero.eval.variants import BASELINE, build_variant, calibration_windows  #
 
 SCHEMES = [BASELINE, "int8", "int8-a8", "int4", "int4-sym", "int4-a8", "int4-sym-a8", "int4-g128", "int3", "adaround",
            "lsq", "w8a8-naive", "w8a8", "fp8", "fp8-e5m2", "mxfp4", "nvfp4", "mxfp4-w4a4", "nvfp4-w4a4", "b158", "kv4",
-           "kv3", "kv2", "int4+kv3", "q4_k_m", "q5_k_m", "q6_k", "q5_0"]
+           "kv3", "kv2", "int4+kv3", "q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q5_0"]
 NOTES = {
     BASELINE: "dequantized GGUF weights (the published files are 4/5-bit): the baseline",
     "int8-a8": "activations rounded to int8 per 32 inputs (llama.cpp's Q8_0 x Q8_0 arithmetic)",
@@ -51,6 +51,7 @@ NOTES = {
               "Q5_0 / Q8_0, as in llama.cpp)",
     "q5_k_m": "llama-quantize's Q5_K_M mix (fallbacks Q5_1 / Q8_0)",
     "q6_k": "llama-quantize's Q6_K (fallback Q8_0)",
+    "q3_k_m": "llama-quantize's Q3_K_M mix (fallbacks Q4_0 / Q5_0 / Q5_1 / Q8_0)",
     "q5_0": "GGUF Q5_0 on every block linear",
 }
 KV_CONTEXT = 1024  # tokens in the cache when its size is measured (the decode benchmark's cache is short)

@@ -72,6 +72,8 @@ def gguf_type_of(layer: QuantizedLinear) -> str:
         return layer.config.ggml_type
     if isinstance(layer, Int8Linear):
         return "Q8_0"
+    if getattr(layer, "_compact", False):  # the x8 layout leaves Q4_0's implied minimum out: no rebuild needed
+        return "Q4_0" if layer.kernel_layout(None)[2].numel() == 0 else "Q4_1"
     return "Q4_0" if torch.equal(layer.minimum, layer.scale * -8) else "Q4_1"
 
 

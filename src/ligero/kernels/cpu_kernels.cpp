@@ -1111,9 +1111,11 @@ torch::Tensor linear_ternary(torch::Tensor x, torch::Tensor packed, torch::Tenso
 
 // ============================================ GGML block types (Q5_0, Q5_1, K-quants) ==========================
 // llama.cpp's block formats held as stored (one GGUF tensor's bytes per layer, [out, row bytes]); layouts and the
-// torch reference in quant/ggml.py. Decode expands one weight row at a time to fp32 in a per-thread buffer (L1)
-// and dots it with every activation row; prefill expands the whole matrix for torch's GEMM. Products are formed
-// as the reference forms them ((d * sc) * q - dmin * m, no fused multiply-add), so the results match it exactly.
+// torch reference in quant/ggml.py. Decode: Q4_K / Q5_K / Q6_K run integer kernels on split activations (AVX2,
+// below; within int4's exact-mode tolerance of the reference), the other types expand one weight row at a time to
+// fp32 in a per-thread buffer (L1) and dot it with every activation row. Prefill expands the whole matrix for
+// torch's GEMM. Expansions form products as the reference does ((d * sc) * q - dmin * m, no fused multiply-add),
+// so they match it exactly.
 namespace {
 enum GgmlType : int64_t { kQ5_0 = 0, kQ5_1 = 1, kQ2_K = 2, kQ3_K = 3, kQ4_K = 4, kQ5_K = 5, kQ6_K = 6 };
 constexpr int64_t kGgmlBlock[] = {32, 32, 256, 256, 256, 256, 256};     // inputs per block

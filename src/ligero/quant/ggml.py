@@ -107,9 +107,8 @@ def dequantize_blocks(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
 
 def dequantize_rows(data: torch.Tensor, type_name: str) -> torch.Tensor:
     """A layer's stored bytes [out, row bytes] -> fp32 weight [out, in]."""
-    block, size = GGML_BLOCKS[type_name]
-    out = data.shape[0]
-    return dequantize_blocks(data.reshape(-1, size), type_name).reshape(out, -1)
+    size = GGML_BLOCKS[type_name][1]
+    return dequantize_blocks(data.reshape(-1, size), type_name).reshape(data.shape[0], -1)
 
 
 # --- quantizers: llama.cpp's reference algorithms (ggml-quants.c, quantize_row_*_ref), vectorized over blocks ----

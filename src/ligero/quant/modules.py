@@ -350,8 +350,9 @@ class IntGroupLinear(QuantizedLinear):
 
 class GGMLLinear(QuantizedLinear):
     """Weights in a llama.cpp block format (Q5_0, Q5_1, K-quants), kept as the GGUF file stores them: `blocks`
-    [out, row bytes] uint8, one row's blocks after another. Decode expands one row at a time in the kernel;
-    prefill expands the layer for torch's GEMM (quant/ggml.py holds the layouts and the torch reference)."""
+    [out, row bytes] uint8, one row's blocks after another. Decode runs the native kernels (integer ones for the
+    K-types Q4_K / Q5_K / Q6_K on AVX2, row expansion otherwise); prefill expands the layer for torch's GEMM
+    (quant/ggml.py holds the layouts and the torch reference)."""
 
     def __init__(self, in_features: int, out_features: int, config: GGMLConfig, segments=None):
         super().__init__(in_features, out_features, config, segments)

@@ -220,7 +220,7 @@ def summarize(runs: list[dict], bandwidth: float) -> list[dict]:
                 row[engine] = {"error": errors[0] if errors else "not measured"}
                 continue
             med = {k: statistics.median(r[k] for r in ok) for k in ("load_s", "peak_rss_mb", "prefill_tok_s",
-                                                                     "decode_tok_s", "weight_bytes")}
+                                                                     "decode_tok_s", "weight_bytes", "import_rss_mb")}
             med["rounds"] = len(ok)
             med["file_bytes"] = ok[0]["file_bytes"]
             med["rss_x_file"] = med["peak_rss_mb"] * 1e6 / med["file_bytes"]
@@ -232,8 +232,11 @@ def summarize(runs: list[dict], bandwidth: float) -> list[dict]:
         if "error" not in lig and "error" not in ref:
             row["decode_ratio"] = lig["decode_tok_s"] / ref["decode_tok_s"]
             row["prefill_ratio"] = lig["prefill_tok_s"] / ref["prefill_tok_s"]
-            row["rss_bound_ok"] = lig["peak_rss_mb"] * 1e6 <= RSS_BOUND * lig["file_bytes"] + lig.get(
-                "kv_cache_bytes", 0)
+            bound = RSS_BOUND * lig["file_bytes"] + lig.get("kv_cache_bytes", 0)
+            row["rss_bound_ok"] = lig["peak_rss_mb"] * 1e6 <= bound
+            # The same bound on what the load and the run added to the process (its imports excluded: torch alone
+            # is ~0.3 GB, a fixed cost that a small file cannot amortize).
+            row["rss_bound_net_ok"] = (lig["peak_rss_mb"] - lig["import_rss_mb"]) * 1e6 <= bound
         rows.append(row)
     return rows
 
@@ -247,29 +250,33 @@ def render_markdown(report: dict) -> str:
         f"{report['threads']} threads each, {report['rounds']} interleaved rounds (medians), batch 1: prefill "
         f"{report['prefill_tokens']} tokens, decode {report['decode_tokens']} tokens after a 16-token prompt. Files "
         "hold seeded random weights in the real shapes (never committed). Each measurement is its own process: peak "
-        "RSS is the engine's own (imports included: ~0.25 GB of torch for Ligero). Ligero loads the file as shipped "
+        "RSS is the engine's own, imports included (the next column: the process before it loads the file, ~0.3 GB "
+        "of torch for Ligero). Ligero loads the file as shipped "
         "(packed, no fp32 copy; Q8_0 / Q4_0 layers on int8 activations per 32, as llama.cpp computes them); "
         "llama.cpp memory-maps it. Read bandwidth measured in the same run: "
         f"**{report['bandwidth_gbs']:.1f} GB/s** ({report['threads']} threads, 2 GB torch sum); a decode's share = "
         "file bytes x tok/s / bandwidth.",
         "",
-        "| shape | file | GB | engine | load s | peak RSS GB (x file) | prefill tok/s | decode tok/s | "
-        "bandwidth share | Ligero / llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | file | GB | engine | load s | peak RSS GB (x file) | of which imports GB | prefill tok/s | "
+        "decode tok/s | bandwidth share | Ligero / llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         for engine, label in (("ligero", "Ligero"), ("llamacpp", "llama.cpp")):
             e = row[engine]
             head = f"| {row['shape']} | {row['type']} | "
             if "error" in e:
-                lines.append(head + f" | {label} | {e['error'][:80]} | | | | | |")
+                lines.append(head + f" | {label} | {e['error'][:80]} | | | | | | |")
                 continue
             ratio = ""
             if engine == "ligero" and "decode_ratio" in row:
-                ratio = (f"decode {row['decode_ratio']:.2f}x, prefill {row['prefill_ratio']:.2f}x, RSS "
-                         f"{'within' if row['rss_bound_ok'] else 'OVER'} {RSS_BOUND}x file + KV")
+                rss = ("within" if row["rss_bound_ok"] else
+                       "OVER" + (" (within, net of the imports)" if row.get("rss_bound_net_ok") else ""))
+                ratio = (f"decode {row['decode_ratio']:.2f}x, prefill {row['prefill_ratio']:.2f}x, RSS {rss} "
+                         f"{RSS_BOUND}x file + KV")
             lines.append(head + f"{e['file_bytes'] / 1e9:.2f} | {label} | {e['load_s']:.1f} | "
-                         f"{e['peak_rss_mb'] / 1e3:.2f} ({e['rss_x_file']:.2f}x) | {e['prefill_tok_s']:.1f} | "
+                         f"{e['peak_rss_mb'] / 1e3:.2f} ({e['rss_x_file']:.2f}x) | {e['import_rss_mb'] / 1e3:.2f} | "
+                         f"{e['prefill_tok_s']:.1f} | "
                          f"{e['decode_tok_s']:.2f} | {e['bandwidth_share']:.0%} | {ratio} |")
     shares = [row[e]["bandwidth_share"] for row in report["rows"] for e in ("ligero", "llamacpp")
               if "error" not in row[e]]
@@ -278,7 +285,8 @@ def render_markdown(report: dict) -> str:
                   f"({report['bandwidth_gbs']:.1f} GB/s, the median of 5 torch sums at the start; runs since measure "
                   "the best pass, before and after): compare the shares between engines, not with 100 %."]
     lines += ["", "Issue 12's bounds: decode >= 0.9x and prefill >= 0.8x llama.cpp, peak RSS <= 1.3x the file plus the "
-              "KV cache. A row that misses one says so above; `docs/scale.json` has every round."]
+              "KV cache (judged on the whole process, and on what the load and the run added to it). A row that "
+              "misses one says so above; `docs/scale.json` has every round."]
     return "\n".join(lines) + "\n"
 
 

@@ -368,7 +368,13 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise LigeroError(f"--port must be between 1 and 65535, got {args.port}")
-    cfg = build_config(args.model, args.variant or [], split=parse_split(args.split) if args.split else None,
+    model = args.model
+    if model is None and args.card:  # the card's own base model (a registry id or the audited file's path)
+        from ligero.card import read_card
+
+        model = read_card(args.card)["identity"]["base_model"]
+    cfg = build_config(model or DEFAULT_MODEL, args.variant or [],
+                       split=parse_split(args.split) if args.split else None,
                        store_url=args.store, card=args.card, guardrails_file=args.guardrails,
                        api_keys_file=args.api_keys_file,
                        segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
@@ -421,7 +427,7 @@ def _add_card_commands(sub) -> None:
 
 def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with guardrails, A/B tests and a store")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry id or path (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"registry id or path (default: the --card's base model, else {DEFAULT_MODEL})")
     p.add_argument("--variant", action="append", metavar="NAME=SCHEME",
                    help="a served variant: NAME=SCHEME (quantized on the fly), NAME=FOLDER (saved by `ligero "
                         "quantize`) or SCHEME; repeat for an A/B test (default: the card's variant, else fp32)")
@@ -511,9 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("audit", help="the same audit for another model or set of variants")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in model id (see `ligero models`)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="registry id (see `ligero models`), a .gguf file, a Hugging Face folder or a saved Ligero "
+                        "folder; a quantized file is also audited as shipped (variant 'as-shipped')")
     p.add_argument("--variants", help="comma-separated schemes (default: int8,int4,w8a8,fp8,nvfp4,b158,int4+kv3,"
-                                      "adaround)")
+                                      "adaround); as-shipped is added for a quantized source")
     _add_audit_args(p)
     p.set_defaults(func=cmd_audit)
 

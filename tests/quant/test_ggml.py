@@ -54,6 +54,17 @@ def test_dequantizer_matches_gguf_and_quality_holds(type_name):
     assert sqnr > MIN_SQNR[type_name]
 
 
+@pytest.mark.parametrize("type_name", sorted(ggml.LEGACY_BLOCKS))
+def test_legacy_block_dequantizer_matches_gguf(type_name):
+    """Q8_0 / Q4_0 / Q4_1 (int8 / int4 layers when packed): a full-precision load dequantizes them in torch."""
+    from gguf.quants import quantize
+
+    w = torch.randn(6, 256, generator=torch.Generator().manual_seed(3)) * 0.1
+    data = quantize(w.numpy(), GGMLQuantizationType[type_name])
+    theirs = dequantize(data, GGMLQuantizationType[type_name]).reshape(6, 256)
+    assert np.array_equal(ggml.dequantize_rows(torch.from_numpy(data), type_name).numpy(), theirs)
+
+
 def test_all_zero_and_constant_rows_are_exact():
     w = torch.zeros(3, 256)
     w[1] = 0.5

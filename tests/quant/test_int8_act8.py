@@ -21,12 +21,14 @@ def randn(*shape, seed=0):
 
 def integer_reference(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """The kernel's arithmetic in plain torch, in float64: per block, the exact integer dot product of the rounded
-    activations with the weight codes, times the block's activation scale; summed over blocks; times the row scale."""
+    activations with the weight codes, times the block's activation scale (amax / 127 in fp32, then fp16, as
+    llama.cpp's Q8_0 stores it); summed over blocks; times the row scale."""
     xb = x.double().view(x.shape[0], -1, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     q_x = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))  # as the kernel: ties to even
     per_block = torch.einsum("mbk,obk->mob", q_x, layer.q.double().view(layer.out_features, -1, 32))
-    return ((per_block * (amax / 127.0).squeeze(-1)[:, None, :]).sum(-1) * layer.scale.double()).float()
+    scale = (amax.float() / 127.0).half().double()
+    return ((per_block * scale.squeeze(-1)[:, None, :]).sum(-1) * layer.scale.double()).float()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
@@ -60,7 +62,8 @@ def test_the_extreme_code_minus_128_multiplies_exactly(compiled_kernels):
     with torch.inference_mode():
         got = layer(x)
     assert torch.equal(got, integer_reference(x, layer))
-    assert got[0, 0].item() == -128 * 32 * 1.0 + -128 * 32 * -2.0
+    # each block's step is amax / 127 rounded to fp16: within 2^-11 of the exact products' sum
+    assert got[0, 0].item() == pytest.approx(-128 * 32 * 1.0 + -128 * 32 * -2.0, rel=2**-11)
 
 
 def test_prefill_runs_the_integer_kernel(compiled_kernels, monkeypatch):

@@ -162,9 +162,8 @@ def launch(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """SmolLM2's tokenizer (the converted model's, from the Ligero cache), to check token counts."""
-    from ligero.io.checkpoint import cached_gguf
-    from ligero.io.tokenizer import Tokenizer
+    """SmolLM2's tokenizer (converted from its GGUF once, cached), to check token counts."""
+    from ligero.io.checkpoint import gguf_tokenizer
     from ligero.models.registry import DEFAULT_MODEL, REGISTRY
 
-    return Tokenizer.load(cached_gguf(REGISTRY[DEFAULT_MODEL].locate()))
+    return gguf_tokenizer(REGISTRY[DEFAULT_MODEL].locate())

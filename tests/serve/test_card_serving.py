@@ -16,11 +16,11 @@ MODEL = "smollm2-135m"
 
 @pytest.mark.slow
 def test_serving_a_card_written_by_the_quick_audit(quick_run, launch, tmp_path, capsys):
-    card_path = quick_run / "cards" / "int4.json"
+    card_path = quick_run / "cards" / "as-shipped.json"  # the published GGUF as stored, audited as a variant
     sampling = json.loads(card_path.read_text())["monitoring"]["reference_profile"]["sampling"]
     store_url = f"sqlite:///{tmp_path / 'serve.db'}"
     server = launch("--card", str(card_path), "--store", store_url)
-    assert server.health["variants"] == {"int4": "int4"}  # the card's variant
+    assert server.health["variants"] == {"as-shipped": "as-shipped"}  # the card's variant, of the card's model
     defaults = (f"temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}, "
                 f"max_tokens {sampling['max_new_tokens']}")
     assert server.health["defaults"].startswith(defaults)
@@ -35,7 +35,7 @@ def test_serving_a_card_written_by_the_quick_audit(quick_run, launch, tmp_path, 
         model=MODEL, messages=[{"role": "user", "content": "Tell me a long story about the sea."}])
     client.close()
     answer = raw.parse()
-    assert answer.model == f"{MODEL}:int4"
+    assert answer.model == f"{MODEL}:as-shipped"
     assert 1 <= answer.usage.completion_tokens <= sampling["max_new_tokens"]
     with Store(store_url) as store:
         assert store.get_request(raw.headers["x-ligero-request-id"]).max_tokens == sampling["max_new_tokens"]

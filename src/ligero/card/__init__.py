@@ -122,8 +122,9 @@ def _identity(i: dict) -> list[str]:
         "## Identity",
         f"- Variant `{i['variant']}` of `{i['base_model']}` (relation: {i['relation']}); license {i['license']}.",
         f"- Base weights: {i['base_source']}{sha}",
-        f"- **The published base weights were already quantized: {i['base_published_precision']}.** "
-        f"\"Full precision\" below means their dequantized {BASELINE} values.",
+        f"- Published precision: {i['base_published_precision']}."
+        + (f" **The published weights were already quantized**: \"full precision\" below means their dequantized "
+           f"{BASELINE} values." if "dequantized" in i["base_published_precision"] else ""),
         "",
     ]
 
@@ -132,6 +133,9 @@ def _format(f: dict, extra: list[str]) -> list[str]:
     return [
         "## Format",
         f"- Scheme `{f['scheme']}`.",
+        *([f"- Artifact: `{f['artifact']['file']}` ({f['artifact']['format']}, sha256 "
+           f"`{f['artifact']['sha256'][:16]}…`, tensor types {', '.join(f['artifact'].get('tensor_types', []))}); "
+           f"arithmetic: {f['artifact'].get('arithmetic', 'as stored')}."] if f.get("artifact") else []),
         *extra,
         f"- Recipe: `{json.dumps(f['recipe'], sort_keys=True)}`" if f["recipe"] else "- Recipe: none (the base model).",
         ("- Calibration: " + ", ".join(f"{k} {v}" for k, v in f["calibration"].items())) if f["calibration"]

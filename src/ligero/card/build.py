@@ -13,8 +13,7 @@ from scipy.stats import norm
 
 from ligero.card import SCHEMA_VERSION, write_card
 from ligero.eval.metrics import CARD_SECTIONS, METRICS
-from ligero.eval.variants import BASELINE
-from ligero.models.registry import REGISTRY
+from ligero.eval.variants import AS_SHIPPED, BASELINE
 from ligero.quant.config import Recipe
 
 DRIFT_TESTS = [
@@ -47,9 +46,16 @@ def _calibration(report: dict, recipe: dict | None) -> dict | None:
 
 
 def _caveats(report: dict, result: dict) -> list[str]:
-    entry = REGISTRY[report["model"]]
-    caveats = [f"The published {report['model']} weights were already quantized ({entry.notes}); every comparison is "
-               f"against their dequantized {BASELINE} values, not the original training precision."]
+    source, label = report["source"], report["model_label"]
+    caveats = []
+    if source["quantized"]:
+        caveats.append(f"The published {label} weights were already quantized ({source['precision']}); every "
+                       f"comparison is against their dequantized {BASELINE} values, not the original training "
+                       "precision.")
+    if result["variant"] == AS_SHIPPED:
+        caveats.append("This is the published file as stored, computed as llama.cpp's CPU backend computes it "
+                       "(Q8_0 / Q4_0 / Q4_1 layers on activations rounded to int8 per 32 inputs); its speed and memory "
+                       "are Ligero's runtime's on that file.")
     sizes = []
     for metric in METRICS:
         caveats += metric.card_caveats(result)
@@ -65,20 +71,29 @@ def _caveats(report: dict, result: dict) -> list[str]:
 
 def _frame(report: dict, name: str, result: dict) -> dict:
     """Everything of a card that is not a metric's."""
-    machine, entry, recipe = report["machine"], REGISTRY[report["model"]], result.get("recipe")
+    machine, source, recipe = report["machine"], report["source"], result.get("recipe")
+    model_file = report["inputs"]["model_file"]
     rec = report["recommendation"]
+    relation = {BASELINE: "base", AS_SHIPPED: "as shipped"}.get(name, "quantized")
+    fmt = {"scheme": name, "recipe": recipe, "kv_cache": (recipe or {}).get("kv"),
+           "calibration": None if name == AS_SHIPPED else _calibration(report, recipe),
+           "software": {k: machine[k] for k in ("ligero", "torch", "python")}}
+    if name == AS_SHIPPED:  # the deployed file itself
+        fmt["artifact"] = {"file": Path(model_file["path"]).name, "sha256": model_file["sha256"],
+                           "format": model_file.get("format", "gguf"),
+                           "tensor_types": model_file.get("tensor_types", []),
+                           "arithmetic": "llama.cpp's CPU backend: Q8_0 / Q4_0 / Q4_1 x int8 activations per 32; "
+                                         "other types on fp32 activations"}
     return {
         "schema_version": SCHEMA_VERSION,
         "identity": {
-            "name": f"{report['model']}-{name}", "variant": name, "version": report["run_id"],
-            "base_model": report["model"], "base_source": report["inputs"]["model_file"]["path"],
-            "base_sha256": report["inputs"]["model_file"]["sha256"], "base_published_precision": entry.notes,
-            "relation": "base" if name == BASELINE else "quantized", "license": entry.license,
+            "name": f"{report['model_label']}-{name}", "variant": name, "version": report["run_id"],
+            "base_model": report["model"], "base_source": model_file["path"],
+            "base_sha256": model_file["sha256"], "base_published_precision": source["precision"],
+            "relation": relation, "license": source["license"],
             "created": result["created"],
         },
-        "format": {"scheme": name, "recipe": recipe, "kv_cache": (recipe or {}).get("kv"),
-                   "calibration": _calibration(report, recipe),
-                   "software": {k: machine[k] for k in ("ligero", "torch", "python")}},
+        "format": fmt,
         "hardware": {"device": machine["device"], "cpu": machine["cpu"], "threads": machine["threads"],
                      "runtime": f"ligero (PyTorch CPU, {machine.get('kernels', 'its CPU kernels')})",
                      "max_context": 8192, "batch": 1},

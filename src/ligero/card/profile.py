@@ -13,7 +13,7 @@ from pathlib import Path
 from ligero.card import card_errors, read_card, write_card
 from ligero.errors import LigeroError
 from ligero.eval.profile import reference_profile
-from ligero.eval.variants import build_variant
+from ligero.eval.variants import AS_SHIPPED, build_variant
 from ligero.quant.config import Recipe
 
 
@@ -35,7 +35,9 @@ def reprofile_card(card_path: str | Path, n_prompts: int = 200, out_dir: str | P
         raise LigeroError(f"cannot create {folder} ({exc.strerror}); choose a writable --out") from None
     recipe = card["format"]["recipe"]
     calibration = card["format"]["calibration"] or {}
-    loaded = build_variant(card["identity"]["base_model"], recipe=Recipe.from_dict(recipe) if recipe else None,
+    as_shipped = card["format"]["scheme"] == AS_SHIPPED  # the file as stored: its recipe is a record, not a plan
+    loaded = build_variant(card["identity"]["base_model"], AS_SHIPPED if as_shipped else None,
+                           recipe=Recipe.from_dict(recipe) if recipe and not as_shipped else None,
                            calib_windows=calibration.get("windows", 8),
                            calib_tokens_per_window=calibration.get("tokens_per_window", 256), device=device)
     old = card["monitoring"]["reference_profile"]

@@ -68,7 +68,7 @@ def report_context(report: dict, figures: list[dict]) -> dict:
     samples = [s for s in (metric.report_samples(budget) for metric in METRICS) if s]
     legends = [s for s in (metric.report_legend(budget) for metric in METRICS) if s]
     return {
-        "title": f"Ligero audit: {report['model']}",
+        "title": f"Ligero audit: {report.get('model_label', report['model'])}",
         "about": (f"Run {report['run_id']}, {report['created']}; {m['cpu']}, {m['threads']} threads, "
                   f"torch {m['torch']}, "
                   f"ligero {m['ligero']}{' — QUICK run (small samples)' if report['quick'] else ''}."),

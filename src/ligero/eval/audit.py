@@ -26,13 +26,14 @@ from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
 from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
-from ligero.eval.variants import BASELINE, CALIBRATION_SPLIT, build_variant
-from ligero.io.checkpoint import LoadedModel, file_sha256
+from ligero.eval.variants import AS_SHIPPED, BASELINE, CALIBRATION_SPLIT, ModelSource, build_variant, model_source
+from ligero.io.checkpoint import LoadedModel
 from ligero.kernels import warm
-from ligero.models.registry import DEFAULT_MODEL, REGISTRY
+from ligero.models.registry import DEFAULT_MODEL
 from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
 
-__all__ = ["BASELINE", "DEFAULT_VARIANTS", "Audit", "Thresholds", "audit_budget", "check_variants", "recommend"]
+__all__ = ["AS_SHIPPED", "BASELINE", "DEFAULT_VARIANTS", "Audit", "Thresholds", "audit_budget", "check_variants",
+           "recommend"]
 
 # The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
 LEARNED = "adaround"
@@ -58,13 +59,13 @@ def audit_budget(quick: bool) -> dict[str, int | None]:
 
 
 def check_variants(names: list[str]) -> list[str]:
-    """Validate variant names (scheme names of `ligero quantize`, combinable with +)."""
+    """Validate variant names (scheme names of `ligero quantize`, combinable with +, or AS_SHIPPED)."""
     out = []
     for name in names:
         name = name.strip()
         if not name:
             raise LigeroError("empty variant name in --variants; give comma-separated schemes, e.g. int8,int4")
-        if name != BASELINE:
+        if name not in (BASELINE, AS_SHIPPED):
             recipe_for(name)  # raises with the list of valid schemes
         if name in out:
             raise LigeroError(f"variant '{name}' is listed twice in --variants")
@@ -134,19 +135,29 @@ def now() -> str:
 
 
 class Audit:
+    """`model_id`: a registry id, a .gguf file, a Hugging Face folder or a saved Ligero folder. A source stored
+    quantized (a GGUF with quantized tensors, a quantized Ligero folder) is also audited as shipped (AS_SHIPPED,
+    the first variant): the file people deploy, against its full-precision baseline."""
+
     def __init__(self, model_id: str = DEFAULT_MODEL, variants: list[str] | None = None, quick: bool = False,
                  thresholds: Thresholds | None = None, out: str | Path = "ligero-out", run_id: str | None = None,
                  fresh: bool = False, log: Log | None = None):
-        if model_id not in REGISTRY:
-            raise LigeroError(f"unknown model '{model_id}'; built-in models: {', '.join(REGISTRY)}")
-        self.model_id = model_id
+        self.source: ModelSource = model_source(model_id)  # names a missing or unreadable model before any work
+        self.model_id = self.source.spec
         self.variants = check_variants(list(variants) if variants is not None else list(DEFAULT_VARIANTS))
+        if self.source.quantized and AS_SHIPPED not in self.variants:
+            self.variants.insert(0, AS_SHIPPED)
+        elif not self.source.quantized and AS_SHIPPED in self.variants:
+            raise LigeroError(f"{model_id} is stored in full precision, so '{AS_SHIPPED}' would be its baseline; "
+                              "drop it from --variants")
         self.quick, self.budget = quick, audit_budget(quick)
         self.thresholds = thresholds or Thresholds()
-        self.settings = {"model": model_id, "budget": self.budget, "result_version": RESULT_VERSION,
+        # A file given by path is identified by its digest, so a changed file never reuses cached results.
+        model_key = model_id if model_id == self.source.label else {"path": self.model_id, "sha256": self.source.sha256}
+        self.settings = {"model": model_key, "budget": self.budget, "result_version": RESULT_VERSION,
                          "ligero": ligero.__version__}
         digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
-        self.run_id = run_id or f"{model_id}-{'quick' if quick else 'full'}-{digest}"
+        self.run_id = run_id or f"{self.source.label}-{'quick' if quick else 'full'}-{digest}"
         self.folder = writable_folder(Path(out) / self.run_id)
         self.cache = writable_folder(self.folder / "variants")
         self.fresh, self.log = fresh, log or Log()
@@ -155,7 +166,7 @@ class Audit:
 
     def base(self) -> LoadedModel:
         if self._base is None:
-            self._base = build_variant(self.model_id, device="cpu")
+            self._base = build_variant(self.source.baseline_spec, device="cpu")
         return self._base
 
     def context(self, name: str, loaded: LoadedModel) -> MeasureContext:
@@ -187,10 +198,16 @@ class Audit:
         """Every metric of one variant (the baseline when name == BASELINE)."""
         t_start = time.perf_counter()
         recipe, loaded = None, self.base()
-        if name != BASELINE:
+        if name == AS_SHIPPED:
+            self.log(f"{name}: loading {self.source.path.name} as stored")
+            loaded = build_variant(self.model_id, AS_SHIPPED)
+            stored = getattr(loaded.model, "quant_recipe", None)
+            recipe = Recipe.from_dict(stored) if isinstance(stored, dict) else stored
+        elif name != BASELINE:
             recipe = variant_recipe(name, self.budget)
             self.log(f"{name}: quantizing ({recipe.name})")
-            loaded = build_variant(self.model_id, recipe=recipe, calib_windows=self.budget["calib_windows"])
+            loaded = build_variant(self.source.baseline_spec, recipe=recipe,
+                                   calib_windows=self.budget["calib_windows"])
         result = {"variant": name, "settings": self.settings, "created": now(),
                   "recipe": recipe.to_dict() if recipe else None,
                   "quantize_seconds": loaded.info["quantize_seconds"]}
@@ -232,8 +249,7 @@ class Audit:
         comparisons = {name: compare(base, r, self.budget["bootstrap"])
                        for name, r in results.items() if name != BASELINE}
         rows = {name: summary_row(r, comparisons.get(name)) for name, r in results.items()}
-        source = REGISTRY[self.model_id].locate()
-        inputs = {"model_file": {"path": str(source), "sha256": file_sha256(source)},
+        inputs = {"model_file": self.source.describe(),
                   "eval_split": wikipedia_split("eval").describe(),
                   "calibration_split": wikipedia_split(CALIBRATION_SPLIT).describe()}
         for metric in METRICS:
@@ -242,7 +258,10 @@ class Audit:
             if isinstance(entry, dict) and "path" in entry:
                 entry["path"] = portable_path(entry["path"], self.folder)
         report = {
-            "run_id": self.run_id, "model": self.model_id, "created": now(), "quick": self.quick,
+            "run_id": self.run_id, "model": self.model_id, "model_label": self.source.label,
+            "source": {"license": self.source.license, "precision": self.source.precision,
+                       "quantized": self.source.quantized, "baseline": self.source.baseline_spec},
+            "created": now(), "quick": self.quick,
             "thresholds": dataclasses.asdict(self.thresholds), "budget": self.budget, "machine": machine_info(),
             "inputs": inputs, "variants": list(results), "rows": rows, "comparisons": comparisons,
             "recommendation": recommend(rows, self.thresholds),

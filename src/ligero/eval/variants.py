@@ -6,20 +6,105 @@ baseline), scheme names and calibration mean the same thing everywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
 from ligero.eval.perplexity import make_windows, window_bos
-from ligero.io.checkpoint import CHECKPOINT_FILE, LoadedModel, load_model
+from ligero.io.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, LoadedModel, file_sha256, load_model, resolve_spec
+from ligero.models.registry import REGISTRY
 from ligero.quant.api import quantize
 from ligero.quant.config import BASELINE, Recipe, recipe_for
 
-__all__ = ["BASELINE", "CALIBRATION_SPLIT", "build_variant", "calibration_windows", "scheme_recipe"]
+__all__ = ["AS_SHIPPED", "BASELINE", "CALIBRATION_SPLIT", "ModelSource", "build_variant", "calibration_windows",
+           "model_source", "scheme_recipe"]
 
 CALIBRATION_SPLIT = "calib"
+# The model as its file stores it: a GGUF's quantized tensors in packed layers, computed as llama.cpp's CPU backend
+# does (Q8_0 / Q4_0 / Q4_1 on activations rounded to int8 per 32 inputs); a saved quantized Ligero folder as saved.
+AS_SHIPPED = "as-shipped"
+FULL_PRECISION_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class ModelSource:
+    """What an audit starts from: the file(s) it reads, how they store the weights, what the baseline is."""
+
+    spec: str  # what build_variant loads: a registry id, or an absolute path
+    label: str  # a file-name-safe name for run ids and card names
+    path: Path  # the weights: a .gguf file, or a folder
+    sha256: str  # of the file; of a folder's weight files (name and digest of each, in name order)
+    format: str  # "gguf", "hf" or "ligero"
+    license: str
+    precision: str  # how the published weights are stored, in words
+    tensor_types: list[str] = field(default_factory=list)  # a GGUF's tensor types
+    quantized: bool = False  # stored quantized: the audit adds the file as shipped as a row
+    baseline_spec: str = ""  # what the full-precision baseline loads from (a quantized folder: its base)
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256, "format": self.format,
+                "tensor_types": self.tensor_types}
+
+
+def _folder_digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f"{f.name} {file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def model_source(spec: str) -> ModelSource:
+    """Describe a model spec (a registry id, a .gguf file, a Hugging Face folder or a saved Ligero folder) from its
+    files, without loading the weights."""
+    from ligero.io.gguf_header import read_gguf_header
+
+    path = resolve_spec(spec)  # names a missing model
+    if spec in REGISTRY:
+        label, license_, precision = spec, REGISTRY[spec].license, REGISTRY[spec].notes
+    else:
+        path = path.resolve()
+        spec, label = str(path), re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem if path.is_file() else path.name)
+        license_, precision = "", ""
+    if path.is_file():
+        header = read_gguf_header(path)  # a file that is not a GGUF is named here
+        types = sorted({_type_name(t.type_id) for t in header.tensors})
+        license_ = license_ or str(header.meta.get("general.license") or "not stated in the file")
+        quantized = any(t not in FULL_PRECISION_TYPES for t in types)
+        precision = precision or f"GGUF tensors {', '.join(types)}" + (
+            "; fp32 baseline = its dequantized weights" if quantized else "")
+        return ModelSource(spec, label, path, file_sha256(path), "gguf", license_, precision, types, quantized, spec)
+    if (path / CHECKPOINT_FILE).is_file():
+        meta = json.loads((path / CHECKPOINT_FILE).read_text())
+        recipe = meta.get("quantization")
+        base = (meta.get("source") or {}).get("base") or ""
+        if recipe and not base:
+            raise LigeroError(f"{path} is a quantized Ligero folder that does not record its base model, so there is "
+                              "no baseline to audit it against; re-create it with `ligero quantize`")
+        precision = f"Ligero folder, {recipe.get('name', 'quantized') if recipe else 'full precision'}"
+        if recipe:
+            precision += f" (quantized from {base}; baseline = {base} in full precision)"
+        return ModelSource(spec, label, path, _folder_digest([path / WEIGHTS_FILE]), "ligero",
+                           "see the base model's license", precision, [], bool(recipe), base if recipe else spec)
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise LigeroError(f"{path} has no *.safetensors weights; pass a Hugging Face model folder, a Ligero folder "
+                          "or a .gguf file")
+    return ModelSource(spec, label, path, _folder_digest(weights), "hf", "see the folder's model card",
+                       "Hugging Face folder (weights in their stored precision, computed in fp32)", [], False, spec)
+
+
+def _type_name(type_id: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(type_id).name
+    except ValueError:
+        return f"type {type_id}"
 
 
 def calibration_windows(tokenizer, n_windows: int, tokens_per_window: int = 256,
@@ -38,10 +123,11 @@ def calibration_windows(tokenizer, n_windows: int, tokens_per_window: int = 256,
 
 
 def scheme_recipe(scheme: str | None, group_size: int | None = None) -> Recipe | None:
-    """The recipe of a scheme name; None for the baseline. Raises with the valid schemes for a bad name."""
-    if scheme is None or scheme == BASELINE:
+    """The recipe of a scheme name; None for the baseline and for AS_SHIPPED (no quantization: the file as it
+    is). Raises with the valid schemes for a bad name."""
+    if scheme is None or scheme in (BASELINE, AS_SHIPPED):
         if group_size is not None:
-            raise LigeroError(f"--group-size needs a group-wise --scheme; the {BASELINE} baseline has no groups")
+            raise LigeroError(f"--group-size needs a group-wise --scheme; {scheme or BASELINE} has no groups")
         return None
     return recipe_for(scheme, group_size)
 
@@ -67,7 +153,13 @@ def build_variant(model_spec: str, scheme: str | None = None, *, group_size: int
     folder loads as it is (no scheme).
 
     The scheme is checked before the model loads. `info["quantize_seconds"]` holds the quantization time.
+    Scheme AS_SHIPPED loads a GGUF file as it is stored (packed layers, llama.cpp's arithmetic).
     """
+    if scheme == AS_SHIPPED and recipe is None:
+        scheme_recipe(scheme, group_size)
+        loaded = load_model(model_spec, device, keep_quantized=True, int8_activations=True)
+        loaded.info["quantize_seconds"] = 0.0
+        return loaded
     if recipe is None:
         recipe = scheme_recipe(scheme, group_size)
     if (recipe is not None or scheme is not None) and _saved_recipe(model_spec) is not None:

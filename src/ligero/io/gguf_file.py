@@ -33,6 +33,7 @@ from ligero.quant.config import (
     QuantConfig,
     Recipe,
 )
+from ligero.quant.ggml import GGML_BLOCKS, LEGACY_BLOCKS, dequantize_rows
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
@@ -226,8 +227,19 @@ class GGUFFile:
                 f"{', '.join(SUPPORTED_TYPES)} (requantize the file, e.g. with llama-quantize)"
             )
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF dims are innermost-first
-        values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        w = torch.from_numpy(values.copy())
+        kind = t.tensor_type.name
+        if kind in GGML_BLOCKS or kind in LEGACY_BLOCKS:  # torch: gguf's numpy code, bit for bit, ~10x faster
+            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(shape[0], -1)
+            w = dequantize_rows(raw, kind).reshape(shape)
+        elif kind == "F32":
+            w = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)
+        elif kind in ("F16", "BF16"):
+            raw = torch.from_numpy(np.asarray(t.data).view(np.uint16).copy()).view(
+                torch.float16 if kind == "F16" else torch.bfloat16)
+            w = raw.float().reshape(shape)
+        else:
+            values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            w = torch.from_numpy(values.copy())
         if cfg.arch in ("llama", "mistral") and target.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
             heads = cfg.n_heads if "q_proj" in target else cfg.n_kv_heads
             w = unpermute_rope_rows(w, heads)

@@ -308,12 +308,13 @@ void gemv_int8_block_rows(const float* x, const int8_t* q, const at::Half* scale
 // minimum[g] (fp16 each), saved row-major in GGUF's Q4 byte order (per 32-input block, 16 bytes; byte j holds
 // input j in its low nibble and input j + 16 in its high one). Decode reads the "x8" layout made from that once
 // per layer (pack_int4_x8): output rows in bundles of 8 (the last one zero-padded); per bundle and 32-block,
-// 128 bytes = four 32-byte vectors, vector k = row k's 16 bytes then row k + 4's; per bundle and group, the 8
-// rows' fp16 scales (and minimums) side by side. A bundle is read as one sequential stream, and three horizontal
-// adds turn a block's 4 x 8 partial sums into one vector of the 8 rows' dot products, in row order: no per-row
-// reduction or scale conversion (decode at SmolLM2's 576 inputs: 1.2-1.5x the row-major kernel, measured). Reading
-// 4 row-major rows side by side instead was slower than one row at a time (int8, measured: 0.55x; 4 interleaved
-// streams defeat the prefetcher).
+// 128 bytes = four 32-byte vectors, vector k = bytes 4k..4k+3 of row 0, then of row 1, ... row 7 (each 32-bit lane
+// one row); per bundle and group, the 8 rows' fp16 scales (and minimums) side by side. A bundle is read as one
+// sequential stream, and each lane accumulates its row's dot product, so a block ends as one vector of the 8 rows'
+// results in row order: no horizontal adds, no per-row reduction or scale conversion (the earlier layout, 16 bytes
+// of a row per 128-bit lane, needed three horizontal adds per block and activation row: prefill 1.3x slower).
+// Reading 4 row-major rows side by side instead was slower than one row at a time (int8, measured: 0.55x;
+// 4 interleaved streams defeat the prefetcher).
 constexpr int64_t kBundle = 8;  // output rows per bundle of the x8 layout
 
 // x86 tiers multiply bytes in integers (AVX2 vpmaddubsw: 32 unsigned x signed byte pairs per instruction). The
@@ -394,14 +395,15 @@ inline void split_x(const float* x, int64_t in, SplitX& sx) {
 #endif
 
 // int8 activations per 32-input block (the `act_int8_blocks` option, as llama.cpp's Q8_0 pairs with its Q4 types):
-// x ~ xs_b * q, q = round(x * 127 / amax_b). Stored in SplitX's "hi" bytes (the "lo" bytes are not read);
-// block_sum is the sum of the rounded values, so the minimum term is that of the same rounded x and the
-// whole product equals x_hat @ w_hat^T (torch reference: quant/formats.py fake_quantize_int8_blocks).
+// x ~ xs_b * q, q = round(x * 127 / amax_b), xs_b = amax_b / 127 rounded to fp16 (as Q8_0 stores it). Stored in
+// SplitX's "hi" bytes (the "lo" bytes are not read); block_sum is the sum of the rounded values, so the minimum
+// term is that of the same rounded x and the whole product equals x_hat @ w_hat^T (torch reference:
+// quant/formats.py fake_quantize_int8_blocks).
 inline int32_t quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_second, float* xs) {
   float amax = 0.f;
   for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  *xs = amax / 127.f;
+  *xs = static_cast<float>(c10::Half(amax / 127.f));  // llama.cpp's Q8_0 stores the scale in fp16
   int32_t sum = 0;
   for (int k = 0; k < 32; ++k) {
     const int32_t v = (int32_t)std::nearbyint(xb[k] * inv);  // round to nearest even, as torch.round
@@ -432,7 +434,6 @@ inline void quantize_x8(const float* x, int64_t in, SplitX& sx) {
 }
 
 #ifdef LIGERO_AVX2
-inline __m256i broadcast16(const int8_t* p) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p)); }
 
 // acc + the byte products a (unsigned) x b (signed) summed in groups of 4 into int32 lanes: one AVX-512 VNNI
 // instruction (vpdpbusd) where the CPU has it, vpmaddubsw + vpmaddwd otherwise. The callers' pairs never reach
@@ -445,18 +446,40 @@ inline __m256i dot_u8s8(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-// Bundles [begin, end) of the x8 layout against MT activation rows. Per bundle and block, the nibbles are
-// unpacked once for all MT rows; per activation row, 8 vpmaddubsw (16 with split activations) and three
-// horizontal adds give the 8 weight rows' integer dot products, which are scaled and accumulated in fp32 in
-// block order (the same order for every MT: a row's result does not depend on its batch). Symmetric grids
+// Bundles [begin, end) of the x8 layout against MT activation rows. Per bundle and block, the 4 vectors are
+// unpacked once for all MT rows into 8 vectors w[j] (lane r: row r's 4 codes of inputs 4j..4j+3, j < 4 from the
+// low nibbles, or 16 + 4(j - 4).. from the high ones); per activation row, each w[j] meets that row's 4 matching
+// activation bytes broadcast to every lane, so the 8 lanes accumulate the 8 weight rows' dot products directly (no
+// horizontal adds): 8 vpmaddubsw summed in int16 (|sum| <= 8 * 2 * 15 * 128 < 2^15) and one vpmaddwd per block
+// (16 + 2 with split activations; 8 vpdpbusd with AVX-512 VNNI). The integers are exact, and scaled and accumulated
+// in fp32 in block order (the same order for every MT: a row's result does not depend on its batch). Symmetric grids
 // (minimum null: minimum = -8 * scale) subtract 8 x the block's integer sum exactly in int32 (|result| <=
 // 32 * 8 * 32767 < 2^24, so its conversion to fp32 is exact too); otherwise the minimum term is added per block.
+// 4 bytes at p in every 32-bit lane: vbroadcastss from memory is a load, no shuffle (set1 from a register would
+// take the shuffle port, the one the old layout's horizontal adds saturated).
+inline __m256i broadcast4(const int8_t* p) { return _mm256_castps_si256(_mm256_broadcast_ss((const float*)p)); }
+
+// sum_j w[j] . x[j] per 32-bit lane, for x's bytes at first (inputs 0-15) and second (16-31) of one block.
+inline __m256i dot_lanes(const __m256i* w, const int8_t* first, const int8_t* second) {
+#ifdef LIGERO_VNNI
+  __m256i d = _mm256_setzero_si256();
+  for (int j = 0; j < 4; ++j) d = _mm256_dpbusd_epi32(d, w[j], broadcast4(first + 4 * j));
+  for (int j = 0; j < 4; ++j) d = _mm256_dpbusd_epi32(d, w[4 + j], broadcast4(second + 4 * j));
+  return d;
+#else
+  __m256i s = _mm256_maddubs_epi16(w[0], broadcast4(first));
+  for (int j = 1; j < 4; ++j) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[j], broadcast4(first + 4 * j)));
+  for (int j = 0; j < 4; ++j) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[4 + j], broadcast4(second + 4 * j)));
+  return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+#endif
+}
+
 template <int MT, bool ACT8>
 void int4_bundles_avx2(const uint8_t* codes, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
                        int64_t in, int64_t out, int64_t group, float* y, int64_t begin, int64_t end) {
   const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group;
   const int bpg_shift = __builtin_ctzll((unsigned long long)(group / 32));  // groups hold 2^k blocks
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t u = begin; u < end; ++u) {
     const uint8_t* ub = codes + u * n_blocks * 128;
     const at::Half* us = scale + u * n_groups * kBundle;
@@ -464,39 +487,26 @@ void int4_bundles_avx2(const uint8_t* codes, const at::Half* scale, const at::Ha
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
-      __m256i lo_n[4], hi_n[4];
+      __m256i w[8];
       for (int k = 0; k < 4; ++k) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)(ub + b * 128 + k * 32));
-        lo_n[k] = _mm256_and_si256(v, low4);
-        hi_n[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        w[k] = _mm256_and_si256(v, low4);
+        w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       }
       const int64_t g = b >> bpg_shift;
       const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(us + g * kBundle)));
       const __m256 wm = um ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(um + g * kBundle))) : ws;
       for (int m = 0; m < MT; ++m) {
         const SplitX& x = sx[m];
-        // the block's 16 + 16 activation bytes, each half in both 128-bit lanes (the lanes hold rows k, k + 4)
-        const __m256i xh1 = broadcast16(x.hi_first.data() + b * 16), xh2 = broadcast16(x.hi_second.data() + b * 16);
-        __m256i d[4];
-        for (int k = 0; k < 4; ++k) {
-          const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(lo_n[k], xh1), _mm256_maddubs_epi16(hi_n[k], xh2));
-          if constexpr (ACT8) {
-#ifdef LIGERO_VNNI
-            d[k] = dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo_n[k], xh1), hi_n[k], xh2);
-#else
-            d[k] = _mm256_madd_epi16(hi, ones);
-#endif
-          } else {
-            const __m256i xl1 = broadcast16(x.lo_first.data() + b * 16), xl2 = broadcast16(x.lo_second.data() + b * 16);
-            const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(lo_n[k], xl1), _mm256_maddubs_epi16(hi_n[k], xl2));
-            d[k] = _mm256_add_epi32(_mm256_madd_epi16(hi, c256), _mm256_madd_epi16(lo, ones));
-          }
+        __m256i dot = dot_lanes(w, x.hi_first.data() + b * 16, x.hi_second.data() + b * 16);
+        if constexpr (!ACT8) {  // x = 256 * hi + lo
+          dot = _mm256_add_epi32(_mm256_slli_epi32(dot, 8),
+                                 dot_lanes(w, x.lo_first.data() + b * 16, x.lo_second.data() + b * 16));
         }
-        // d[k] lanes 0-3: row k's partial sums, lanes 4-7: row k + 4's -> [row 0, ..., row 7]
-        __m256i dot = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-        if (!um) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * x.int_sum[b]));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_set1_ps(x.scale[b])), acc[m]);
-        if (um) acc[m] = _mm256_fmadd_ps(wm, _mm256_set1_ps(x.block_sum[b]), acc[m]);
+        if (!um)  // loaded as a broadcast and shifted: no scalar-to-vector move through the shuffle port
+          dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(broadcast4((const int8_t*)(x.int_sum.data() + b)), 3));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_broadcast_ss(&x.scale[b])), acc[m]);
+        if (um) acc[m] = _mm256_fmadd_ps(wm, _mm256_broadcast_ss(&x.block_sum[b]), acc[m]);
       }
     }
     const int64_t rows = std::min<int64_t>(kBundle, out - u * kBundle);
@@ -571,10 +581,11 @@ void int4_bundles_generic(const uint8_t* codes, const at::Half* scale, const at:
       for (int r = 0; r < kBundle; ++r) {
         const float s = half_to_float(scale[at + r]);
         const float mn = minimum ? half_to_float(minimum[at + r]) : -8.f * s;
-        const uint8_t* bytes = codes + (u * n_blocks + b) * 128 + (r % 4) * 32 + (r / 4) * 16;
+        const uint8_t* bundle_block = codes + (u * n_blocks + b) * 128;
         for (int j = 0; j < 16; ++j) {
-          w[r * in + b * 32 + j] = s * float(bytes[j] & 0x0F) + mn;
-          w[r * in + b * 32 + 16 + j] = s * float(bytes[j] >> 4) + mn;
+          const uint8_t byte = bundle_block[(j / 4) * 32 + r * 4 + j % 4];
+          w[r * in + b * 32 + j] = s * float(byte & 0x0F) + mn;
+          w[r * in + b * 32 + 16 + j] = s * float(byte >> 4) + mn;
         }
       }
     }
@@ -951,7 +962,8 @@ std::vector<torch::Tensor> pack_int4_x8(torch::Tensor packed, torch::Tensor scal
   for (int64_t o = 0; o < out; ++o) {
     const int64_t u = o / kBundle, r = o % kBundle;
     for (int64_t b = 0; b < n_blocks; ++b)
-      std::memcpy(cp + (u * n_blocks + b) * 128 + (r % 4) * 32 + (r / 4) * 16, pp + (o * n_blocks + b) * 16, 16);
+      for (int k = 0; k < 4; ++k)  // vector k: the 8 rows' bytes 4k..4k+3, row after row
+        std::memcpy(cp + (u * n_blocks + b) * 128 + k * 32 + r * 4, pp + (o * n_blocks + b) * 16 + k * 4, 4);
   }
   auto bundle = [&](const torch::Tensor& t) {  // [out, G] -> [n_bundles, G * 8]: per group, the 8 rows side by side
     if (t.numel() == 0) return t;

@@ -237,12 +237,13 @@ def fake_quantize_int8_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize_int8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Activations rounded to int8 per `block` inputs (llama.cpp's Q8_0): q = round(x * (127 / amax)), x_hat =
-    q * (amax / 127), in fp32, exactly as the int4 kernels' int8-activation path computes them."""
+    q * d with d = amax / 127 rounded to fp16 (Q8_0 stores it so), in fp32, exactly as the kernels' int8-activation
+    paths compute them."""
     xf = x.float()
     b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     amax = b.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return (torch.round(b * inv) * (amax / 127.0)).reshape(xf.shape).to(x.dtype)
+    return (torch.round(b * inv) * (amax / 127.0).half().float()).reshape(xf.shape).to(x.dtype)
 
 
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)

@@ -25,6 +25,9 @@ from ligero.errors import LigeroError
 # type -> (inputs per block, bytes per block)
 GGML_BLOCKS = {"Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
                "Q5_K": (256, 176), "Q6_K": (256, 210)}
+# Block types whose layers load as Ligero's int8 / int4 layers (io.gguf_file.PACKED_TYPES); dequantized here too, so
+# a full-precision load reads every quantized tensor with the torch code below.
+LEGACY_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
 # The kernels' numbers for the types (kernels/cpu_kernels.cpp: GgmlType)
 GGML_TYPE_IDS = {"Q5_0": 0, "Q5_1": 1, "Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 
@@ -68,6 +71,12 @@ def dequantize_blocks(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     """uint8 [N, block bytes] -> fp32 [N, block inputs]."""
     b = blocks
     n = b.shape[0]
+    if type_name == "Q8_0":
+        return _f16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
+    if type_name in ("Q4_0", "Q4_1"):
+        off = 2 if type_name == "Q4_0" else 4
+        q = torch.cat([b[:, off:] & 0xF, b[:, off:] >> 4], dim=1).float()  # low nibbles: inputs 0-15
+        return _f16(b, 0) * (q - 8) if type_name == "Q4_0" else _f16(b, 0) * q + _f16(b, 2)
     if type_name in ("Q5_0", "Q5_1"):
         off = 2 if type_name == "Q5_0" else 4
         qs = b[:, off + 4:off + 20]
@@ -107,7 +116,7 @@ def dequantize_blocks(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
 
 def dequantize_rows(data: torch.Tensor, type_name: str) -> torch.Tensor:
     """A layer's stored bytes [out, row bytes] -> fp32 weight [out, in]."""
-    size = GGML_BLOCKS[type_name][1]
+    size = (GGML_BLOCKS.get(type_name) or LEGACY_BLOCKS[type_name])[1]
     return dequantize_blocks(data.reshape(-1, size), type_name).reshape(data.shape[0], -1)
 
 

@@ -214,8 +214,8 @@ class IntGroupLinear(QuantizedLinear):
         if rows is None:
             rows = torch.arange(self.out_features, device=codes.device)
         u, r = rows // 8, rows % 8
-        # codes[u, b, r % 4, r // 4, j] = row 8u + r's byte j of block b; scales [u, g, r]
-        packed = codes.view(bundles, blocks, 4, 2, 16)[u, :, r % 4, r // 4].reshape(len(rows), blocks * 16)
+        # codes[u, b, k, r, i] = row 8u + r's byte 4k + i of block b; scales [u, g, r]
+        packed = codes.view(bundles, blocks, 4, 8, 4)[u, :, :, r].reshape(len(rows), blocks * 16)
         scale = scale8.view(bundles, -1, 8)[u, :, r]
         minimum = minimum8.view(bundles, -1, 8)[u, :, r] if minimum8.numel() else scale * -8  # empty: symmetric
         return packed, scale, minimum

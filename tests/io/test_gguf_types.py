@@ -127,11 +127,12 @@ def test_fused_projections_of_mixed_types_load_part_by_part(tmp_path):
     _check_export(gf, packed, tmp_path, float16=True)  # the F16 part's values, exactly, in 16 bits again
 
 
-def test_llama_cpp_arithmetic_on_request(tmp_path):
-    """int8_activations: Q4_0 / Q8_0 layers round their inputs to int8 per 32 as llama.cpp does (integer kernels);
-    the bytes held do not change."""
-    path = tmp_path / "q4_0.gguf"
-    write_model(path, {"default": "Q4_0", "token_embd": "Q8_0", "output": "Q8_0"})
+@pytest.mark.parametrize("default", ["Q4_0", "Q4_K"])
+def test_llama_cpp_arithmetic_on_request(tmp_path, default):
+    """int8_activations: every layer rounds its inputs as llama.cpp does for its type (int8 per 32 for Q4_0 / Q8_0,
+    Q8_K per 256 for the K-quants; integer kernels); the bytes held do not change."""
+    path = tmp_path / f"{default}.gguf"
+    write_model(path, {"default": default, "token_embd": "Q8_0", "output": "Q8_0"})
     gf = GGUFFile(path)
     cfg = gf.config()
     state, recipe = gf.packed_state_dict(cfg, compact_int4=True, int8_activations=True)

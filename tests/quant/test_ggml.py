@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from ligero.errors import LigeroError
 from ligero.kernels import cpu_kernels
 from ligero.quant import ggml
 from ligero.quant.config import GGMLConfig, GGMLMixConfig, PartsConfig, Recipe, recipe_for
@@ -94,6 +95,45 @@ def test_kernels_match_the_torch_reference(type_name):
         else:  # rows expanded to fp32, then dotted
             torch.testing.assert_close(got, x @ reference.T, rtol=1e-5, atol=1e-4)
         assert torch.equal(got, torch.cat([ext.linear_ggml(x[i:i + 1], data, type_id) for i in range(rows)]))
+
+
+def _heavy_tailed(rows, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * torch.exp(torch.randn(rows, n, generator=g))
+    x[:, 3] = -40.0  # the signed maximum of its 256: llama.cpp's Q8_K scales by it (iscale = -127 / max)
+    return x
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_native_activation_rounding_is_the_torch_reference(compiled_kernels, type_name):
+    x = torch.cat([_heavy_tailed(5, 512, 7), torch.zeros(1, 512)])
+    got = compiled_kernels.round_act_ggml(x, ggml.GGML_TYPE_IDS[type_name])
+    assert torch.equal(got, ggml.round_activations(x, type_name))
+    if type_name not in ("Q5_0", "Q5_1"):  # Q8_K: 255 levels per 256 inputs, the largest |x| exactly at -127 steps
+        step = (x.view(6, 2, 256).abs().amax(-1, keepdim=True) / 127).view(6, 2, 1)
+        assert ((got.view(6, 2, 256) - x.view(6, 2, 256)).abs() <= step / 2 * 1.0001 + 1e-6).all()
+        assert torch.equal(got[:, 3], x[:, 3])
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_llama_cpp_activation_mode_is_its_arithmetic(compiled_kernels, type_name):
+    """act_int8_blocks: the layer computes x_hat @ w^T with x_hat rounded as llama.cpp rounds it (integer kernels
+    for Q4_K / Q5_K / Q6_K, in any batch; the row-expanding types round, then multiply); prefill agrees."""
+    w = torch.randn(37, 512, generator=torch.Generator().manual_seed(11))
+    layer = GGMLLinear.from_float(w, GGMLConfig(type_name, act_int8_blocks=True))
+    exact = GGMLLinear.from_float(w, GGMLConfig(type_name))
+    full = layer.dequantize().double()
+    for rows in (1, 3, 8, 20):  # decode kernels, then prefill (rounding + torch's GEMM)
+        x = _heavy_tailed(rows, 512, rows)
+        x_hat = ggml.round_activations(x, type_name).double()
+        with torch.inference_mode():
+            got = layer(x)
+            alone = torch.cat([layer(x[i:i + 1]) for i in range(rows)])
+            assert not torch.allclose(got, exact(x), rtol=1e-5, atol=1e-5)  # the rounding is really there
+        bound = 1e-5 * (x_hat.abs() @ full.abs().T) + 1e-6  # fp32 sums of exact integer block products
+        assert ((got.double() - x_hat @ full.T).abs() <= bound).all(), rows
+        if rows <= 8:
+            assert torch.equal(got, alone)  # a row's result does not depend on its batch
 
 
 @torch.inference_mode()
@@ -195,3 +235,24 @@ def test_q3_k_m_falls_back_to_q4_0_where_widths_are_not_multiples_of_256():
 
     assert layer_config("Q3_K", 576, "Q3_K_M") == IntGroupConfig(32, symmetric=True)
     assert layer_config("Q3_K", 512, "Q3_K_M") == GGMLConfig("Q3_K")
+
+
+def test_empty_and_malformed_rows():
+    assert ggml.quantize_rows(torch.zeros(0, 256), "Q4_K").shape == (0, 144)
+    assert ggml.dequantize_rows(torch.zeros(0, 144, dtype=torch.uint8), "Q4_K").shape == (0, 256)
+    assert ggml.dequantize_rows(torch.zeros(0, 18, dtype=torch.uint8), "Q4_0").shape == (0, 32)
+    with pytest.raises(LigeroError, match="Q4_K rows must be"):
+        ggml.dequantize_rows(torch.zeros(144, dtype=torch.uint8), "Q4_K")  # 1-D: not [rows, bytes]
+    with pytest.raises(LigeroError, match="unknown GGML block type"):
+        ggml.dequantize_rows(torch.zeros(1, 8, dtype=torch.uint8), "Q9_9")
+
+
+def test_a_mix_belongs_to_the_recipes_weights_and_parts_have_one_form():
+    from ligero.quant.config import Int8WeightConfig, QuantConfig
+
+    with pytest.raises(LigeroError, match="give it as the recipe's weights"):
+        Recipe(None, head=GGMLMixConfig("Q4_K_M"))
+    parts = [Int8WeightConfig(group_size=32).to_dict(), None]
+    as_list, as_tuple = PartsConfig(parts), PartsConfig(tuple(parts))
+    assert as_list == as_tuple and isinstance(as_list.parts, tuple)
+    assert QuantConfig.from_dict(as_list.to_dict()) == as_tuple  # through JSON's lists

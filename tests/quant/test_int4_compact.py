@@ -4,6 +4,7 @@ dequantizes and reports its size exactly as the layer it came from, and expands 
 import pytest
 import torch
 
+from ligero.errors import LigeroError
 from ligero.models.transformer import stored_bytes
 from ligero.quant.config import IntGroupConfig
 from ligero.quant.modules import IntGroupLinear
@@ -29,6 +30,9 @@ def test_compact_layer_is_the_same_layer_in_half_the_memory(compiled_kernels, sy
     picks = torch.tensor([3, 0, out - 1, 11])
     assert torch.equal(layer.dequantize(picks), full.dequantize(picks))  # embedding lookups read rows only
     assert torch.equal(layer.dequantize(), full.dequantize())
+    for bad in ([out], [-1], [padded - 1])[: 3 if padded > out else 2]:  # a padding row, a wrapped id: no rows
+        with pytest.raises(LigeroError, match=r"row ids must be in \[0, "):
+            layer.dequantize(torch.tensor(bad))
     layer.scale = layer.scale * 2  # assigning a buffer expands the layer first
     assert "packed" in layer._buffers and torch.equal(layer.packed, full.packed)
     assert torch.equal(layer.scale, full.scale * 2)

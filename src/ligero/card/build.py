@@ -54,7 +54,8 @@ def _caveats(report: dict, result: dict) -> list[str]:
                        "precision.")
     if result["variant"] == AS_SHIPPED:
         caveats.append("This is the published file as stored, computed as llama.cpp's CPU backend computes it "
-                       "(Q8_0 / Q4_0 / Q4_1 layers on activations rounded to int8 per 32 inputs); its speed and memory "
+                       "(each layer's activations rounded to int8 as llama.cpp does for its type: per 32 inputs for "
+                       "Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, per 256 for the K-quants); its speed and memory "
                        "are Ligero's runtime's on that file.")
     sizes = []
     for metric in METRICS:
@@ -82,8 +83,8 @@ def _frame(report: dict, name: str, result: dict) -> dict:
         fmt["artifact"] = {"file": Path(model_file["path"]).name, "sha256": model_file["sha256"],
                            "format": model_file.get("format", "gguf"),
                            "tensor_types": model_file.get("tensor_types", []),
-                           "arithmetic": "llama.cpp's CPU backend: Q8_0 / Q4_0 / Q4_1 x int8 activations per 32; "
-                                         "other types on fp32 activations"}
+                           "arithmetic": "llama.cpp's CPU backend: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 x int8 activations "
+                                         "per 32 (Q8_0 / Q8_1), K-quants x int8 per 256 (Q8_K)"}
     return {
         "schema_version": SCHEMA_VERSION,
         "identity": {

@@ -26,7 +26,8 @@ __all__ = ["AS_SHIPPED", "BASELINE", "CALIBRATION_SPLIT", "ModelSource", "build_
 
 CALIBRATION_SPLIT = "calib"
 # The model as its file stores it: a GGUF's quantized tensors in packed layers, computed as llama.cpp's CPU backend
-# does (Q8_0 / Q4_0 / Q4_1 on activations rounded to int8 per 32 inputs); a saved quantized Ligero folder as saved.
+# does (activations rounded to int8 per 32 inputs for Q8_0 / Q4_* / Q5_*, per 256 for K-quants); a saved
+# quantized Ligero folder as saved.
 AS_SHIPPED = "as-shipped"
 FULL_PRECISION_TYPES = ("F32", "F16", "BF16")
 

@@ -70,8 +70,9 @@ def tied_names(model: Transformer) -> set[str]:
     """State-dict keys that alias another tensor when embeddings are tied (saved once, re-tied on load)."""
     if not model.cfg.tie_embeddings:
         return set()
-    if isinstance(model.embed, QuantizedEmbedding):
-        return {k for k in model.state_dict() if k.startswith("embed.")}
+    if isinstance(model.embed, QuantizedEmbedding):  # the embedding's own keys (no state_dict: it would rebuild
+        # every compact int4 layer's row-major buffers just to list names)
+        return {k for k in model.embed.state_dict(prefix="embed.", keep_vars=True)}
     return {"lm_head.weight"}
 
 
@@ -296,9 +297,11 @@ def available_memory_bytes() -> int | None:
     return min(limits) if limits else None
 
 
-def gguf_load_bytes(path: Path, keep_quantized: bool) -> tuple[int, int]:
+def gguf_load_bytes(path: Path, keep_quantized: bool, compact: bool = True,
+                    float_bytes: int = 4) -> tuple[int, int]:
     """(bytes a load of the GGUF needs, its parameter count), from the header alone: as shipped, the packed types'
-    bytes and 4 bytes per weight of the rest; dequantized, 4 bytes per weight (the fp32 model)."""
+    bytes and `float_bytes` per weight of the rest; dequantized, `float_bytes` per weight. `compact`: Q4_0 layers
+    hold their kernel layout only (CPU), without the explicit minimum other devices keep."""
     import gguf
 
     from ligero.io.gguf_file import GGML_TYPES, PACKED_TYPES
@@ -316,20 +319,20 @@ def gguf_load_bytes(path: Path, keep_quantized: bool) -> tuple[int, int]:
             qtype = None  # an unknown type: the load itself names it
         if keep_quantized and qtype is not None and qtype.name in (*PACKED_TYPES, *GGML_TYPES):
             block, size = gguf.GGML_QUANT_SIZES[qtype]
-            need += n // block * size + (n // 32 * 2 if qtype.name == "Q4_0" else 0)  # Q4_0 keeps its minimum
+            need += n // block * size + (n // 32 * 2 if qtype.name == "Q4_0" and not compact else 0)
         else:
-            need += 4 * n
+            need += float_bytes * n
     return need, params
 
 
-def check_fits(path: Path, keep_quantized: bool) -> None:
+def check_fits(path: Path, keep_quantized: bool, compact: bool = True, float_bytes: int = 4) -> None:
     """Stop before loading a GGUF that will not fit in memory, with what it needs and what would fit."""
     available = available_memory_bytes()
     if available is None:
         return
-    need, params = gguf_load_bytes(path, keep_quantized)
+    need, params = gguf_load_bytes(path, keep_quantized, compact, float_bytes)
     if need > available:
-        how = "as shipped (packed)" if keep_quantized else "in fp32"
+        how = "as shipped (packed)" if keep_quantized else f"in {8 * float_bytes}-bit floats"
         hint = "free memory, or use a smaller or more quantized file" + ("" if keep_quantized else
                                                                         ", or load it as shipped (keep_quantized)")
         raise LigeroError(f"{path.name} ({params / 1e9:.2f}B parameters) needs about {need / 1e9:.1f} GB {how}, but "
@@ -353,14 +356,18 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
                keep_quantized: bool = False, int8_activations: bool = False) -> LoadedModel:
     """`keep_quantized`: a GGUF file's quantized tensors load into packed layers as they are (the model as
     shipped); otherwise every tensor is dequantized to full precision (the baseline quantization starts from).
-    `int8_activations` (with keep_quantized): Q8_0 / Q4_0 / Q4_1 layers compute as llama.cpp's CPU backend does,
-    on activations rounded to int8 per 32 inputs (integer kernels, prefill included), instead of fp32 ones."""
+    `int8_activations` (with keep_quantized): every quantized layer computes as llama.cpp's CPU backend does, on
+    activations rounded to int8 (per 32 inputs for Q8_0 / Q4_* / Q5_*, per 256 for K-quants; integer kernels),
+    instead of fp32 ones."""
+    if int8_activations and not keep_quantized:
+        raise LigeroError("int8_activations applies to a GGUF loaded as shipped: pass keep_quantized=True too")
     t0 = time.perf_counter()
     dev = resolve_device(device)
     path = resolve_spec(spec)
     if path.is_file():
         check_magic(path)
-        check_fits(path, keep_quantized)
+        check_fits(path, keep_quantized, compact=dev.type == "cpu",
+                   float_bytes=torch.empty(0, dtype=dtype).element_size())
     if path.is_file() and keep_quantized:
         loaded = load_gguf_packed(path, dev, dtype, int8_activations)
     elif path.is_file():

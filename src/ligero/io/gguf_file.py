@@ -133,7 +133,7 @@ class GGUFFile:
         packed model, not the model plus the file. `compact_int4`: Q4_0 / Q4_1 layers come as their decode kernel's
         x8 layout (keys `<layer>.codes_x8` ...; build_model makes those layers compact), one layer at a time, so the
         row-major form of the whole model never exists (where the kernels are built). `int8_activations`: see
-        packed_config (llama.cpp's arithmetic for Q8_0 / Q4_0 / Q4_1, instead of fp32 activations)."""
+        packed_config (llama.cpp's activation rounding for each type, instead of fp32 activations)."""
         groups: dict[str, list[str]] = {}  # Ligero layer name -> its GGUF tensors (several when fused)
         state: dict[str, torch.Tensor] = {}
         position: dict[str, int] = {}  # GGUF tensor -> its rows' position in the fused layer
@@ -272,10 +272,11 @@ def _maybe_x8(buffers: dict[str, torch.Tensor], type_name: str, compact: bool) -
 
 
 def packed_config(type_name: str, int8_activations: bool = False) -> QuantConfig:
-    """The Ligero config that holds a GGUF type exactly; `int8_activations`: Q8_0 / Q4_0 / Q4_1 layers round their
-    inputs to int8 per 32 as llama.cpp's CPU backend does for these types (its Q8_0 / Q8_1 activations)."""
+    """The Ligero config that holds a GGUF type exactly; `int8_activations`: the layer rounds its inputs as
+    llama.cpp's CPU backend does for the type (int8 per 32 inputs for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, its Q8_0 /
+    Q8_1; Q8_K, int8 per 256, for the K-quants)."""
     if type_name in GGML_TYPES:
-        return GGMLConfig(type_name)
+        return GGMLConfig(type_name, act_int8_blocks=int8_activations)
     if type_name == "Q8_0":
         return Int8WeightConfig(group_size=32, act_int8_blocks=int8_activations)
     return IntGroupConfig(32, symmetric=type_name == "Q4_0", act_int8_blocks=int8_activations)

@@ -1171,6 +1171,18 @@ inline void k4_scale_min(int j, const uint8_t* s, int& sc, int& m) {
   }
 }
 
+// All 8 scales and minimums of a Q4_K / Q5_K super-block at once, in 32-bit words (the same bits as k4_scale_min):
+// sub-blocks 0-3 hold 6 bits in bytes 0-3 / 4-7; 4-7 hold 4 low bits in bytes 8-11 and 2 high bits on top of 0-7.
+inline void k4_scales_mins(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  uint32_t w[3];
+  std::memcpy(w, s, 12);
+  const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+  const uint32_t out[4] = {w[0] & six, (w[2] & four) | (((w[0] >> 6) & two) << 4), w[1] & six,
+                           ((w[2] >> 4) & four) | (((w[1] >> 6) & two) << 4)};
+  std::memcpy(sc, out, 8);
+  std::memcpy(mn, out + 2, 8);
+}
+
 LIGERO_NO_FMA void decode_q45k(const uint8_t* b, float* y, bool five) {
   const float d = f16_at(b), dmin = f16_at(b + 2);
   const uint8_t* s = b + 4;
@@ -1375,6 +1387,174 @@ void q6k_rows_avx2(const uint8_t* blocks, int64_t row_bytes, const SplitX* sx, c
 }
 #endif
 
+// ---- llama.cpp's activations for these types (the layer's act_int8_blocks option) -------------------------------
+// K-quants meet Q8_K activations: per 256 inputs, iscale = -127 / (the input of largest |x|, with its sign),
+// q = min(127, round(iscale * x)) (ties to even, as llama.cpp's nearest_int), d = 1 / iscale in fp32, and the
+// integer sum of each 16 inputs (for the minimum / offset terms). Q5_0 / Q5_1 meet Q8_0 / Q8_1 (per 32, as int4).
+struct ActQ8K {
+  std::vector<int8_t> q;      // [in]
+  std::vector<float> d;       // per 256 inputs
+  std::vector<int32_t> bsum;  // per 16 inputs
+  std::vector<int32_t> bsum32;  // per 32 inputs (the K4 / K5 sub-blocks' minimum terms)
+};
+
+inline void quantize_q8k(const float* x, int64_t in, ActQ8K& a) {
+  const int64_t nb = in / 256;
+  a.q.resize(in);
+  a.d.resize(nb);
+  a.bsum.resize(in / 16);
+  a.bsum32.resize(in / 32);
+  for (int64_t i = 0; i < nb; ++i) {
+    const float* xb = x + i * 256;
+    int8_t* q = a.q.data() + i * 256;
+    float amax = 0.f, mx = 0.f;
+    for (int j = 0; j < 256; ++j) {
+      const float ax = std::fabs(xb[j]);
+      if (ax > amax) {
+        amax = ax;
+        mx = xb[j];
+      }
+    }
+    if (amax == 0.f) {
+      a.d[i] = 0.f;
+      std::memset(q, 0, 256);
+    } else {
+      const float iscale = -127.f / mx;
+      for (int j = 0; j < 256; ++j) q[j] = (int8_t)std::min(127, (int)std::nearbyint(iscale * xb[j]));
+      a.d[i] = 1.f / iscale;
+    }
+    for (int k = 0; k < 16; ++k) {
+      int32_t sum = 0;
+      for (int j = 0; j < 16; ++j) sum += q[16 * k + j];
+      a.bsum[i * 16 + k] = sum;
+    }
+    for (int k = 0; k < 8; ++k) a.bsum32[i * 8 + k] = a.bsum[i * 16 + 2 * k] + a.bsum[i * 16 + 2 * k + 1];
+  }
+}
+
+// x rounded as llama.cpp rounds a `type` layer's activations, back in fp32 (x_hat = q * d): the reference the
+// integer kernels compute exactly, and what the row-expanding kernels and torch's GEMM multiply.
+torch::Tensor round_act_ggml(const torch::Tensor& x, int64_t type) {
+  auto out = torch::empty_like(x);
+  const int64_t M = x.size(0), in = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (type == kQ5_0 || type == kQ5_1) {
+    round_blocks_x8(xp, op, M * in / 32);
+    return out;
+  }
+  ActQ8K a;
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_q8k(xp + m * in, in, a);
+    for (int64_t j = 0; j < in; ++j) op[m * in + j] = (float)a.q[j] * a.d[j / 256];
+  }
+  return out;
+}
+
+#ifdef LIGERO_AVX2
+// Q4_K / Q5_K x Q8_K, as llama.cpp computes it: per 32 inputs one vpmaddubsw (codes < 32, |q| <= 127: pairs within
+// int16) and one vpmaddwd by the sub-block's 6-bit scale, summed in int32 over the super-block (|sum| < 2^25);
+// then d_w x d_x in fp32 per super-block, and the minimums from the 16-input sums: dmin x d_x x sum m_j (bsums).
+template <int MT>
+void q45k_rows_act8_avx2(const uint8_t* blocks, int64_t row_bytes, bool five, const ActQ8K* xa, int64_t in,
+                         int64_t out, float* y, int64_t begin, int64_t end) {
+  const int64_t n_super = in / 256, bytes = five ? 176 : 144;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  for (int64_t o = begin; o < end; ++o) {
+    __m256 acc[MT];
+    float mins[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      mins[m] = 0.f;
+    }
+    for (int64_t s = 0; s < n_super; ++s) {
+      const uint8_t* b = blocks + o * row_bytes + s * bytes;
+      const float d = f16_at(b), dmin = f16_at(b + 2);
+      const __m256i qh = five ? _mm256_loadu_si256((const __m256i*)(b + 16)) : _mm256_setzero_si256();
+      const uint8_t* qs = b + (five ? 48 : 16);
+      uint8_t sc[8], mn[8];
+      k4_scales_mins(b + 4, sc, mn);
+      const __m256i min_codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)mn));
+      __m256i sumi[MT];
+      int32_t summ[MT];
+      for (int m = 0; m < MT; ++m) {
+        sumi[m] = _mm256_setzero_si256();
+        const __m256i bs = _mm256_loadu_si256((const __m256i*)(xa[m].bsum32.data() + s * 8));
+        summ[m] = hsum8_epi32(_mm256_mullo_epi32(min_codes, bs));  // |m| < 64, |sum of 32| <= 4064: exact
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+        for (int h = 0; h < 2; ++h) {
+          const int sub = 2 * j + h;
+          __m256i q = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4);
+          if (five) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sub), one), 4));
+          const __m256i scale = _mm256_set1_epi16((int16_t)sc[sub]);
+          for (int m = 0; m < MT; ++m) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xa[m].q.data() + s * 256 + 32 * sub));
+            sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), scale));
+          }
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const float dx = xa[m].d[s];
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[m]), _mm256_set1_ps(d * dx), acc[m]);
+        mins[m] += dmin * dx * (float)summ[m];
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]) - mins[m];
+  }
+}
+
+// Q6_K x Q8_K: codes 0..63 (pairs within int16), vpmaddwd by the int8 scales of the two 16-input halves, the
+// offset of 32 as 32 x sum(scale x the 16 inputs' integer sum), all in int32 per super-block; then d_w x d_x.
+template <int MT>
+void q6k_rows_act8_avx2(const uint8_t* blocks, int64_t row_bytes, const ActQ8K* xa, int64_t in, int64_t out,
+                        float* y, int64_t begin, int64_t end) {
+  const int64_t n_super = in / 256;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+  for (int64_t o = begin; o < end; ++o) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < n_super; ++s) {
+      const uint8_t* b = blocks + o * row_bytes + s * 210;
+      const float d = f16_at(b + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      __m256i sumi[MT];
+      int32_t offset[MT];
+      for (int m = 0; m < MT; ++m) {
+        sumi[m] = _mm256_setzero_si256();
+        offset[m] = 0;
+      }
+      for (int n = 0; n < 2; ++n) {
+        const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(b + 64 * n));
+        const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(b + 64 * n + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * n));
+        for (int k = 0; k < 4; ++k) {
+          const __m256i lo = k & 1 ? ql1 : ql0;
+          const __m256i nib = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(lo, 4) : lo, low4);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three);
+          const __m256i q = _mm256_or_si256(nib, _mm256_slli_epi16(high, 4));  // 0..63
+          const int blk = 4 * n + k;  // 32-input block of the super-block
+          const int s_lo = sc[8 * n + 2 * k], s_hi = sc[8 * n + 2 * k + 1];
+          const __m256i scale = _mm256_set_m128i(_mm_set1_epi16((int16_t)s_hi), _mm_set1_epi16((int16_t)s_lo));
+          for (int m = 0; m < MT; ++m) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xa[m].q.data() + s * 256 + 32 * blk));
+            sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), scale));
+            const int32_t* bs = xa[m].bsum.data() + s * 16 + 2 * blk;
+            offset[m] += 32 * (s_lo * bs[0] + s_hi * bs[1]);
+          }
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m256i total = _mm256_sub_epi32(sumi[m], _mm256_setr_epi32(offset[m], 0, 0, 0, 0, 0, 0, 0));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(d * xa[m].d[s]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * out + o] = hsum8(acc[m]);
+  }
+}
+#endif
+
 void check_ggml(const torch::Tensor& blocks, int64_t type, int64_t in) {
   TORCH_CHECK(type >= 0 && type <= kQ6_K, "unknown GGML block type id ", type);
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2 && in % kGgmlBlock[type] == 0 &&
@@ -1382,20 +1562,43 @@ void check_ggml(const torch::Tensor& blocks, int64_t type, int64_t in) {
 }
 }  // namespace
 
-// x: [M, in] fp32; blocks: [out, row bytes] u8 of GGML type `type` -> [M, out]
-torch::Tensor linear_ggml(torch::Tensor x, torch::Tensor blocks, int64_t type) {
+// x: [M, in] fp32; blocks: [out, row bytes] u8 of GGML type `type` -> [M, out]. act8: x rounded as llama.cpp
+// rounds it for this type first (round_act_ggml: Q8_K per 256 for K-quants, Q8_0 / Q8_1 per 32 for Q5_0 / Q5_1),
+// in integer kernels for Q4_K / Q5_K / Q6_K; otherwise x keeps ~16 bits (split activations) or fp32.
+torch::Tensor linear_ggml(torch::Tensor x, torch::Tensor blocks, int64_t type, bool act8) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "linear_ggml: x is [M, in] fp32");
   const int64_t M = x.size(0), in = x.size(1), out = blocks.size(0);
   check_ggml(blocks, type, in);
   x = x.contiguous();
   blocks = blocks.contiguous();
   auto y = torch::empty({M, out}, x.options());
-  const float* xp = x.data_ptr<float>();
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t rb = blocks.size(1);
+  const bool k_type = type == kQ4_K || type == kQ5_K || type == kQ6_K;
 #ifdef LIGERO_AVX2
-  if (type == kQ4_K || type == kQ5_K || type == kQ6_K) {  // integer kernels on split activations
+  if (act8 && k_type) {
+    thread_local std::vector<ActQ8K> xa_buffers;
+    xa_buffers.resize(M);
+    ActQ8K* xa = xa_buffers.data();
+    const float* xq = x.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) quantize_q8k(xq + m * in, in, xa[m]);
+    at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+      for_each_tile(M, [&](int64_t m0, auto mt) {
+        constexpr int MT = decltype(mt)::value;
+        if (type == kQ6_K)
+          q6k_rows_act8_avx2<MT>(bp, rb, xa + m0, in, out, yp + m0 * out, b, e);
+        else
+          q45k_rows_act8_avx2<MT>(bp, rb, type == kQ5_K, xa + m0, in, out, yp + m0 * out, b, e);
+      });
+    });
+    return y;
+  }
+#endif
+  if (act8) x = round_act_ggml(x, type);
+  const float* xp = x.data_ptr<float>();
+#ifdef LIGERO_AVX2
+  if (k_type) {  // integer kernels on split activations
     thread_local std::vector<SplitX> sx_buffers;
     thread_local std::vector<std::vector<int32_t>> sum_buffers;
     sx_buffers.resize(M);
@@ -1696,7 +1899,7 @@ struct NativeLinear {
   int64_t kind;
   std::vector<torch::Tensor> t;  // the kernel's tensors, in its argument order (kLut4: + an optional row scale)
   int64_t group;                 // kInt4: group size; kLut4: block size; kGgml: the GGML type id
-  bool act8;                     // kInt8, kInt4: int8 activations per 32-input block
+  bool act8;                     // kInt8, kInt4: int8 activations per 32-input block; kGgml: llama.cpp's (Q8_K ...)
   double tensor_scale;           // kLut4: one tensor scale (1.0 when a row scale follows)
   int64_t act_fp8;               // 0, or the FP8 format (1 E4M3, 2 E5M2) the activations are rounded to first
   int64_t out_features;          // kInt4: output rows (its x8 layout pads them to bundles of 8)
@@ -1714,7 +1917,7 @@ struct NativeLinear {
       }
       case kLut8: return linear_lut8(x, t[0], t[1], t[2]);
       case kTernary: return linear_ternary(x, t[0], t[1]);
-      case kGgml: return linear_ggml(x, t[0], group);
+      case kGgml: return linear_ggml(x, t[0], group, act8);
       default: return module(x).cast<torch::Tensor>();
     }
   }
@@ -1897,7 +2100,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant_fp8_rows", &fake_quant_fp8_rows, "activations rounded to FP8 per row (1 E4M3, 2 E5M2)");
   m.def("dequant_int8", &dequant_int8, "int8 per-channel weights -> fp32 (prefill)");
   m.def("dequant_int4", &dequant_int4, "packed 4-bit group weights -> fp32 (prefill)");
-  m.def("linear_ggml", &linear_ggml, "small-batch linear with llama.cpp block weights (Q5_0, Q5_1, K-quants)");
+  m.def("linear_ggml", &linear_ggml, "small-batch linear with llama.cpp block weights (Q5_0, Q5_1, K-quants)",
+        py::arg("x"), py::arg("blocks"), py::arg("type"), py::arg("act8") = false);
+  m.def("round_act_ggml", [](torch::Tensor x, int64_t type) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && type >= 0 && type <= kQ6_K &&
+                x.size(1) % kGgmlBlock[type] == 0, "round_act_ggml: [M, in] fp32, in a multiple of the type's block");
+    return round_act_ggml(x.contiguous(), type);
+  }, "activations rounded as llama.cpp rounds them for a GGML type (fp32)");
   m.def("dequant_ggml", &dequant_ggml, "llama.cpp block weights -> fp32 (prefill)");
   m.def("dequant_ternary", &dequant_ternary, "2-bit ternary layout -> fp32 (prefill)");
   py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")

@@ -194,6 +194,8 @@ class GGMLConfig(QuantConfig):
 
     kind: ClassVar[str] = "ggml"
     ggml_type: str = "Q4_K"
+    # llama.cpp's activations for the type: Q8_K (int8 per 256 inputs) for K-quants, Q8_0 / Q8_1 for Q5_0 / Q5_1
+    act_int8_blocks: bool = False
 
     def validate(self) -> None:
         if self.ggml_type not in GGML_TYPES:
@@ -227,6 +229,10 @@ class PartsConfig(QuantConfig):
 
     kind: ClassVar[str] = "parts"
     parts: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(self.parts))  # JSON gives a list: one form for equality
+        super().__post_init__()
 
     def validate(self) -> None:
         if not self.parts:
@@ -364,6 +370,11 @@ class Recipe:
     name: str = ""
     kv: QuantConfig | None = None  # KVQuantConfig
     version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if any(isinstance(c, GGMLMixConfig) for c in [self.head, self.embed, *(c for _, c in self.overrides)]):
+            raise LigeroError("a llama.cpp mix (q4_k_m, q6_k, ...) chooses every layer's type itself: give it as the "
+                              "recipe's weights, not as its head, embedding or an override")
 
     def layer_configs(self) -> list[QuantConfig]:
         """Every config this recipe gives a layer (the KV cache's is not one)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ligero.errors import LigeroError
+from ligero.quant import formats
 
 # type -> (inputs per block, bytes per block)
 GGML_BLOCKS = {"Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
@@ -114,10 +115,38 @@ def dequantize_blocks(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     raise LigeroError(f"unknown GGML block type {type_name}; known: {', '.join(GGML_BLOCKS)}")
 
 
+def round_activations(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """x [..., in] rounded as llama.cpp's CPU backend rounds a `type_name` layer's inputs, back in fp32 (torch
+    reference of the kernels' act8 mode). K-quants: Q8_K, per 256 inputs iscale = -127 / (the input of largest |x|,
+    signed), q = min(127, round(iscale * x)) (ties to even), x_hat = q * (1 / iscale); Q5_0 / Q5_1: int8 per 32
+    with an fp16 step (Q8_0 / Q8_1, as formats.fake_quantize_int8_blocks)."""
+    if type_name in ("Q5_0", "Q5_1"):
+        return formats.fake_quantize_int8_blocks(x)
+    xf = x.float()
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // 256, 256)
+    pick = b.abs().argmax(-1, keepdim=True)  # the first of equal maxima, as llama.cpp's strict > keeps
+    mx = b.gather(-1, pick)
+    nonzero = mx != 0
+    iscale = torch.where(nonzero, torch.full_like(mx, -127.0) / torch.where(nonzero, mx, torch.ones_like(mx)),
+                         torch.zeros_like(mx))  # tensor / tensor: correctly rounded, as C's division
+    d = torch.where(nonzero, torch.ones_like(iscale) / torch.where(nonzero, iscale, torch.ones_like(iscale)),
+                    torch.zeros_like(iscale))
+    q = torch.round(b * iscale).clamp(max=127)
+    return (q * d).reshape(xf.shape).to(x.dtype)
+
+
 def dequantize_rows(data: torch.Tensor, type_name: str) -> torch.Tensor:
     """A layer's stored bytes [out, row bytes] -> fp32 weight [out, in]."""
-    size = (GGML_BLOCKS.get(type_name) or LEGACY_BLOCKS[type_name])[1]
-    return dequantize_blocks(data.reshape(-1, size), type_name).reshape(data.shape[0], -1)
+    table = GGML_BLOCKS.get(type_name) or LEGACY_BLOCKS.get(type_name)
+    if table is None:
+        raise LigeroError(f"unknown GGML block type {type_name}; known: {', '.join([*GGML_BLOCKS, *LEGACY_BLOCKS])}")
+    block, size = table
+    if data.dim() != 2 or data.shape[1] % size:
+        raise LigeroError(f"{type_name} rows must be [rows, a multiple of {size} bytes], got {tuple(data.shape)}")
+    n_in = data.shape[1] // size * block
+    if data.shape[0] == 0:
+        return torch.zeros(0, n_in)
+    return dequantize_blocks(data.reshape(-1, size), type_name).reshape(data.shape[0], n_in)
 
 
 # --- quantizers: llama.cpp's reference algorithms (ggml-quants.c, quantize_row_*_ref), vectorized over blocks ----
@@ -394,6 +423,8 @@ def quantize_rows(weight: torch.Tensor, type_name: str, rows_per_chunk: int = 25
     block, size = GGML_BLOCKS[type_name]
     out, in_features = weight.shape
     row_bytes(type_name, in_features)  # checks the width
+    if out == 0:
+        return torch.zeros(0, in_features // block * size, dtype=torch.uint8)
     parts = []
     for r in range(0, out, rows_per_chunk):
         chunk = weight[r:r + rows_per_chunk].float().reshape(-1, block)

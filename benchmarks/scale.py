@@ -252,7 +252,8 @@ def render_markdown(report: dict) -> str:
         "hold seeded random weights in the real shapes (never committed). Each measurement is its own process: peak "
         "RSS is the engine's own, imports included (the next column: the process before it loads the file, ~0.3 GB "
         "of torch for Ligero). Ligero loads the file as shipped "
-        "(packed, no fp32 copy; Q8_0 / Q4_0 layers on int8 activations per 32, as llama.cpp computes them); "
+        "(packed, no fp32 copy; activations rounded to int8 as llama.cpp rounds them: per 32 inputs for Q8_0 / "
+        "Q4_0, per 256 (Q8_K) for the K-quants); "
         "llama.cpp memory-maps it. Read bandwidth measured in the same run: "
         f"**{report['bandwidth_gbs']:.1f} GB/s** ({report['threads']} threads, 2 GB torch sum); a decode's share = "
         "file bytes x tok/s / bandwidth.",
@@ -284,6 +285,9 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Shares above 100 %: decode read faster than this run's read test did "
                   f"({report['bandwidth_gbs']:.1f} GB/s, the median of 5 torch sums at the start; runs since measure "
                   "the best pass, before and after): compare the shares between engines, not with 100 %."]
+    if any(row["type"] == "F16" for row in report["rows"]):
+        lines += ["", "F16: Ligero holds 16-bit tensors in fp32 (its 16-bit weight path is not built yet), so the file "
+                  "takes about twice its size in memory, where llama.cpp keeps it mapped as it is."]
     lines += ["", "Issue 12's bounds: decode >= 0.9x and prefill >= 0.8x llama.cpp, peak RSS <= 1.3x the file plus the "
               "KV cache (judged on the whole process, and on what the load and the run added to it). A row that "
               "misses one says so above; `docs/scale.json` has every round."]

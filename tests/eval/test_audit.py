@@ -141,7 +141,7 @@ def test_budget_and_written_paths(tmp_path):
 
 
 @pytest.mark.slow
-def test_audit_of_a_gguf_file_ligero_exported(tmp_path, capsys):
+def test_audit_of_a_gguf_file_ligero_exported(tmp_path, capsys, monkeypatch):
     """`ligero export` writes a Q4_0 GGUF; `ligero audit --model <that file>` audits it as shipped (the file's bytes,
     llama.cpp's arithmetic) next to a scheme quantized from its dequantized weights; its cards name the file."""
     from ligero.io.checkpoint import file_sha256
@@ -164,6 +164,19 @@ def test_audit_of_a_gguf_file_ligero_exported(tmp_path, capsys):
     assert card["identity"]["license"] == "apache-2.0"  # carried into the exported file's metadata
     shipped = report["rows"][AS_SHIPPED]
     assert 4 < shipped["bits_per_weight"] < 6 and shipped["kld"] < 0.05  # Q4_0 blocks, a Q8_0 embedding
+    # A file whose fp32 copy would be large keeps its baseline packed (same weights, full-precision arithmetic):
+    # forced here at 0 bytes, the perplexities, KL and top-1 agreement are the fp32 baseline's to the last bit.
+    from ligero.eval import variants
+
+    monkeypatch.setattr(variants, "FP32_BASELINE_MAX_BYTES", 0)
+    packed_report, _ = Audit(str(exported), ["int8"], quick=True, out=tmp_path / "packed").run()
+    assert "held packed" in packed_report["source"]["precision"]
+    rows, packed_rows = report["rows"], packed_report["rows"]
+    for name in (BASELINE, AS_SHIPPED, "int8"):
+        for key in ("ppl", "kld", "top1_agreement"):
+            assert packed_rows[name][key] == rows[name][key], (name, key)
+    assert packed_rows[BASELINE]["size_mb"] < 0.3 * rows[BASELINE]["size_mb"]  # the file's bytes, not fp32
+    monkeypatch.undo()
     # A file that changes is a different audit: its digest is part of the run's settings.
     assert Audit(str(exported), ["int8"], quick=True, out=out).run_id == folder.name
     with exported.open("ab") as f:

@@ -3,64 +3,19 @@ one mixing types inside fused projections), load into the layers that hold them 
 fp32 copy, int4 in its kernel layout only),
 give the logits of the dequantize-then-fp32 path, and export back byte for byte."""
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from gguf.quants import quantize
 
+from gguf_files import DIM, write_model
 from ligero.io.checkpoint import build_model
 from ligero.io.gguf_export import export_gguf
 from ligero.io.gguf_file import GGUFFile
 from ligero.kernels import cpu_kernels
-from ligero.quant import ggml
 from ligero.quant.api import compact_layers
 from ligero.quant.modules import GGMLLinear, Int8Linear, IntGroupLinear, PartsLinear
 
-DIM, FFN, HEADS, KV_HEADS, VOCAB, LAYERS = 256, 512, 4, 2, 64, 2
-LINEARS = {"attn_q": (DIM, DIM), "attn_k": (DIM // 2, DIM), "attn_v": (DIM // 2, DIM), "attn_output": (DIM, DIM),
-           "ffn_gate": (FFN, DIM), "ffn_up": (FFN, DIM), "ffn_down": (DIM, FFN)}
 LAYER_CLASS = {"Q8_0": Int8Linear, "Q4_0": IntGroupLinear, "Q4_1": IntGroupLinear}
-
-
-def _encode(w: np.ndarray, type_name: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
-    if type_name in ("F32", "F16"):
-        return w.astype(np.float32 if type_name == "F32" else np.float16), None
-    qtype = gguf.GGMLQuantizationType[type_name]
-    if type_name in ggml.GGML_BLOCKS:
-        return ggml.quantize_rows(torch.from_numpy(w), type_name).numpy(), qtype
-    return quantize(w, qtype), qtype
-
-
-def write_model(path, types: dict[str, str]) -> None:
-    """A 2-layer llama (dim 256, GQA 4/2) whose tensors have the given types (key: GGUF leaf name, or 'default')."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(LAYERS)
-    w.add_context_length(64)
-    w.add_embedding_length(DIM)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_token_list([f"t{i}" for i in range(VOCAB)])
-    g = np.random.default_rng(0)
-    tensors = {"token_embd.weight": (VOCAB, DIM), "output.weight": (VOCAB, DIM), "output_norm.weight": (DIM,)}
-    for i in range(LAYERS):
-        tensors |= {f"blk.{i}.attn_norm.weight": (DIM,), f"blk.{i}.ffn_norm.weight": (DIM,)}
-        tensors |= {f"blk.{i}.{leaf}.weight": shape for leaf, shape in LINEARS.items()}
-    for name, shape in tensors.items():
-        if len(shape) == 1:
-            w.add_tensor(name, (1 + 0.1 * g.standard_normal(shape)).astype(np.float32))
-            continue
-        leaf = name.split(".")[-2]
-        data, raw = _encode((g.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32),
-                            types.get(leaf, types["default"]))
-        w.add_tensor(name, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def _load_both(path):

@@ -1,7 +1,9 @@
 """The audit's measurements: every variant of a model against its unquantized baseline.
 
 For the baseline and each variant, every metric in ligero.eval.metrics.METRICS (capability, speed, memory, bias,
-toxicity, internal shift, the reference profile drift monitoring compares traffic with). Each finished
+toxicity, internal shift, the reference profile drift monitoring compares traffic with). One model is held at a
+time: what variants are compared with (the baseline's log-probs and hidden states) is computed once from the
+baseline (Metric.prepare), the baseline is released, then each variant is built, measured and released. Each finished
 variant is cached in <out>/<run-id>/variants/<name>.json, so an interrupted run resumes where it stopped; the
 comparisons with the baseline, the summary rows, the recommendation and results.json are rebuilt from those files
 on every run (they are cheap). Cards and the report are written from them by ligero.card.publish.
@@ -10,6 +12,7 @@ on every run (they are cheap). Cards and the report are written from them by lig
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -26,8 +29,9 @@ from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
 from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
+from ligero.eval.speed import peak_rss_mb, reset_peak_rss
 from ligero.eval.variants import AS_SHIPPED, BASELINE, CALIBRATION_SPLIT, ModelSource, build_variant, model_source
-from ligero.io.checkpoint import LoadedModel
+from ligero.io.checkpoint import LoadedModel, trim_heap
 from ligero.kernels import warm
 from ligero.models.registry import DEFAULT_MODEL
 from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
@@ -156,27 +160,41 @@ class Audit:
         model_key = model_id if model_id == self.source.label else {"path": self.model_id, "sha256": self.source.sha256}
         self.settings = {"model": model_key, "budget": self.budget, "result_version": RESULT_VERSION,
                          "ligero": ligero.__version__}
+        if self.source.baseline_packed:  # a different baseline row: never mixed with cached fp32 baselines
+            self.settings["baseline"] = "packed"
         digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
         self.run_id = run_id or f"{self.source.label}-{'quick' if quick else 'full'}-{digest}"
         self.folder = writable_folder(Path(out) / self.run_id)
         self.cache = writable_folder(self.folder / "variants")
         self.fresh, self.log = fresh, log or Log()
-        self._base: LoadedModel | None = None
-        self._shared: dict = {}  # what metrics compute once per run (the baseline's log-probs)
+        self._shared: dict = {}  # what metrics compute once per run (the baseline's log-probs, hidden states)
+        self._prepared = False
 
-    def base(self) -> LoadedModel:
-        if self._base is None:
-            self._base = build_variant(self.source.baseline_spec, device="cpu")
-        return self._base
+    def load_baseline(self) -> LoadedModel:
+        return build_variant(self.source.baseline_spec, device="cpu", packed_baseline=self.source.baseline_packed)
 
-    def context(self, name: str, loaded: LoadedModel) -> MeasureContext:
-        """What the metrics measure one variant with (the evaluation split is tokenized once per run)."""
-        tok = self.base().tokenizer
+    def context(self, name: str, loaded: LoadedModel, base: LoadedModel | None = None) -> MeasureContext:
+        """What the metrics measure one model with (the evaluation split is tokenized once per run, with the
+        tokenizer every variant shares); `base`: the baseline, when it is the model measured or prepared from."""
+        tok = loaded.tokenizer
         if "eval_ids" not in self._shared:
             text = wikipedia_split("eval")
             self._shared.update(eval_text=text, eval_ids=tok.encode(text.text, add_bos=False))
-        return MeasureContext(name, loaded.model, loaded.tokenizer, self.base().model, self.budget,
+        return MeasureContext(name, loaded.model, tok, base.model if base is not None else None, self.budget,
                               self._shared["eval_text"], self._shared["eval_ids"], window_bos(tok), self._shared)
+
+    def prepare(self, base: LoadedModel | None = None) -> None:
+        """Compute once what variants are compared with, from the baseline (`base`, else loaded now and
+        released after)."""
+        if self._prepared:
+            return
+        loaded = base if base is not None else self.load_baseline()
+        ctx = self.context(BASELINE, loaded, loaded)
+        for metric in METRICS:
+            metric.prepare(ctx)
+        self._prepared = True
+        if base is None:
+            release(loaded)
 
     # --- one variant --------------------------------------------------------------------------------------
 
@@ -197,7 +215,17 @@ class Audit:
     def measure(self, name: str) -> dict:
         """Every metric of one variant (the baseline when name == BASELINE)."""
         t_start = time.perf_counter()
-        recipe, loaded = None, self.base()
+        recipe = None
+        # The memory metric's peak is this model's own: counted from here (the model before is released).
+        if name == BASELINE:
+            self.log(f"{name}: loading" + (" (packed, full-precision arithmetic)" if self.source.baseline_packed
+                                           else ""))
+            reset_peak_rss()
+            loaded = self.load_baseline()
+            self.prepare(loaded)
+        else:
+            self.prepare()
+            reset_peak_rss()
         if name == AS_SHIPPED:
             self.log(f"{name}: loading {self.source.path.name} as stored")
             loaded = build_variant(self.model_id, AS_SHIPPED)
@@ -210,11 +238,14 @@ class Audit:
                                    calib_windows=self.budget["calib_windows"])
         result = {"variant": name, "settings": self.settings, "created": now(),
                   "recipe": recipe.to_dict() if recipe else None,
-                  "quantize_seconds": loaded.info["quantize_seconds"]}
-        ctx = self.context(name, loaded)
+                  "quantize_seconds": loaded.info["quantize_seconds"],
+                  "build_peak_rss_mb": peak_rss_mb()}  # loading and quantizing (the baseline: and preparing)
+        ctx = self.context(name, loaded, loaded if name == BASELINE else None)
         for metric in METRICS:
             self.log(f"{name}: {metric.title}")
             result.update(metric.measure(ctx))
+        del ctx
+        release(loaded)
         result["seconds"] = time.perf_counter() - t_start
         tmp = self.cache_path(name).with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
@@ -268,6 +299,13 @@ class Audit:
         }
         (self.folder / "results.json").write_text(json.dumps(report, indent=1, default=float))
         return report
+
+
+def release(loaded: LoadedModel) -> None:
+    """Free a model before the next one loads (its tensors, and the heap pages glibc would keep)."""
+    loaded.model = None
+    gc.collect()
+    trim_heap()
 
 
 def compare(base: dict, variant: dict, n_resamples: int) -> dict:

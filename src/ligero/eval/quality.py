@@ -52,17 +52,22 @@ def base_logprobs(base, windows: list[list[int]], progress=None) -> list[torch.T
 
 @torch.inference_mode()
 def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int | None = None,
-                   progress=None, bos: int | None = None, base_lp: list[torch.Tensor] | None = None) -> QualityResult:
+                   progress=None, bos: int | None = None, base_lp: list[torch.Tensor] | None = None,
+                   base_bytes: int | None = None) -> QualityResult:
     """Both models on the same windows (each starting with `bos` when given: see make_windows). `base_lp`
-    (from base_logprobs on the same windows) saves recomputing the base model for every variant."""
+    (from base_logprobs on the same windows) saves recomputing the base model for every variant; with it and
+    `base_bytes` (its stored_bytes), `base` may be None (the base model released)."""
+    if base is None and (base_lp is None or base_bytes is None):
+        raise ValueError("compare_models without the base model needs base_lp and base_bytes")
     windows = make_windows(ids, ctx, max_tokens, bos=bos)
     nll_b = nll_q = 0.0
     kls, agree, count = [], 0, 0
     for i, window in enumerate(windows):
-        x = torch.tensor([window], device=base.device)
-        lp_b = base_lp[i] if base_lp is not None else F.log_softmax(base(x[:, :-1]).float(), -1)[0]  # [T, V]
+        x = torch.tensor([window])
+        lp_b = base_lp[i] if base_lp is not None else \
+            F.log_softmax(base(x[:, :-1].to(base.device)).float(), -1)[0]  # [T, V]
         lp_q = F.log_softmax(quant(x[:, :-1].to(quant.device)).float(), -1)[0].to(lp_b.device)
-        target = x[0, 1:, None]
+        target = x[0, 1:, None].to(lp_b.device)
         nll_b -= float(lp_b.gather(-1, target).double().sum())
         nll_q -= float(lp_q.gather(-1, target).double().sum())
         kls.append((lp_b.exp() * (lp_b - lp_q)).sum(-1))
@@ -76,5 +81,5 @@ def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int 
         tokens=count, windows=len(windows), ctx=ctx, ppl_base=ppl_b, ppl=ppl_q,
         delta_ppl_pct=100 * (ppl_q / ppl_b - 1), kld=float(kl.mean()), kld_p99=float(torch.quantile(kl.float(), 0.99)),
         top1_agreement=agree / count, bits_per_weight=bits_per_weight(quant), size_mb=stored_bytes(quant) / 1e6,
-        base_size_mb=stored_bytes(base) / 1e6,
+        base_size_mb=(stored_bytes(base) if base_bytes is None else base_bytes) / 1e6,
     )

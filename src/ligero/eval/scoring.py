@@ -71,9 +71,11 @@ def _score_batch(model, rows: list[list[int]], n_prefix: int, pad_id: int) -> li
     tokens = tokens.to(model.device)
     with torch.inference_mode():
         logits = model(tokens[:, :-1])
-    logp = F.log_softmax(logits.float(), dim=-1)
     targets = tokens[:, 1:]
-    token_lp = logp.gather(-1, targets[..., None]).squeeze(-1).double().cpu()  # [B, T-1]: target t = token t+1
+    # One row's log-softmax at a time: [T, V] of scratch instead of another [B, T, V] (a 32k vocabulary at batch 8 x
+    # 120 tokens is 120 MB per copy).
+    token_lp = torch.stack([F.log_softmax(logits[j].float(), dim=-1).gather(-1, targets[j, :, None]).squeeze(-1)
+                            for j in range(len(rows))]).double().cpu()  # [B, T-1]: target t = token t+1
     target_pos = torch.arange(1, width)[None, :]
     counted = (target_pos >= n_prefix) & (target_pos < lengths[:, None])
     return torch.where(counted, token_lp, 0.0).sum(dim=1).tolist()

@@ -178,21 +178,40 @@ def flag_layers(layers: list[LayerShift]) -> None:
         s.flags.sort(key=RULES.index)
 
 
-def internal_shift(base_model, variant_model, windows: list[list[int]], progress=None) -> ShiftResult:
+def baseline_hidden(model, windows: list[list[int]], progress=None) -> list[list[torch.Tensor]]:
+    """The baseline's hidden states per window (window_hidden of each), kept so that variants are compared with
+    them after the baseline model is released (an audit holds one model at a time)."""
+    out = []
+    for window in windows:
+        out.append([h.float().cpu() for h in window_hidden(model, window)])
+        if progress:
+            progress()
+    return out
+
+
+def internal_shift(base, variant_model, windows: list[list[int]], progress=None) -> ShiftResult:
     """Compare hidden states layer by layer on the same token windows (one window at a time); flag the layers
-    that moved most. `progress()` is called once per window."""
+    that moved most. `base`: the baseline model, or its baseline_hidden on these windows. `progress()` is called
+    once per window."""
     if not windows:
         raise LigeroError("no token windows to compare hidden states on")
-    cb, cv = base_model.cfg, variant_model.cfg
-    if (cb.n_layers, cb.dim) != (cv.n_layers, cv.dim):
-        raise LigeroError(f"the models differ in shape ({cb.n_layers} vs {cv.n_layers} layers, dim {cb.dim} vs "
+    cv = variant_model.cfg
+    if isinstance(base, list):
+        if len(base) != len(windows):
+            raise LigeroError(f"{len(base)} windows of baseline hidden states for {len(windows)} windows")
+        base_layers, base_dim = len(base[0]) - 1, base[0][0].shape[-1]
+    else:
+        base_layers, base_dim = base.cfg.n_layers, base.cfg.dim
+    if (base_layers, base_dim) != (cv.n_layers, cv.dim):
+        raise LigeroError(f"the models differ in shape ({base_layers} vs {cv.n_layers} layers, dim {base_dim} vs "
                           f"{cv.dim}); internal shift compares a model with a variant of itself")
-    n = cb.n_layers + 1
+    n = cv.n_layers + 1
     acc_b, acc_v = [MomentAccumulator() for _ in range(n)], [MomentAccumulator() for _ in range(n)]
     cosines: list[list[torch.Tensor]] = [[] for _ in range(n)]
     err_sq, ref_sq = [0.0] * n, [0.0] * n
-    for window in windows:
-        hb, hv = window_hidden(base_model, window), window_hidden(variant_model, window)
+    for k, window in enumerate(windows):
+        hb = base[k] if isinstance(base, list) else window_hidden(base, window)
+        hv = window_hidden(variant_model, window)
         for i in range(n):
             b, v = hb[i].double().cpu(), hv[i].double().cpu()
             cosines[i].append(F.cosine_similarity(v, b, dim=-1))

@@ -35,7 +35,26 @@ class SpeedResult:
 
 
 def peak_rss_mb() -> float:
+    """The process's peak resident memory (MB) since it started, or since the last reset_peak_rss()."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak over from the current resident memory (Linux >= 4.0: /proc/self/clear_refs), so the peak
+    of one model measured after another is its own; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _sync(device: torch.device) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,15 @@ from pathlib import Path
 from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
 from ligero.eval.perplexity import make_windows, window_bos
-from ligero.io.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, LoadedModel, file_sha256, load_model, resolve_spec
+from ligero.io.checkpoint import (
+    CHECKPOINT_FILE,
+    WEIGHTS_FILE,
+    FreedMemoryReturned,
+    LoadedModel,
+    file_sha256,
+    load_model,
+    resolve_spec,
+)
 from ligero.models.registry import REGISTRY
 from ligero.quant.api import quantize
 from ligero.quant.config import BASELINE, Recipe, recipe_for
@@ -30,6 +39,10 @@ CALIBRATION_SPLIT = "calib"
 # quantized Ligero folder as saved.
 AS_SHIPPED = "as-shipped"
 FULL_PRECISION_TYPES = ("F32", "F16", "BF16")
+# A quantized GGUF whose fp32 form would pass this size keeps its baseline packed: the same weights computed in
+# full precision (prefill dequantizes each layer for torch's fp32 GEMM; decode's matrix-vector products split the
+# activations into two 8-bit halves, ~16-bit), so an audit of a 1.1B file needs about the file's memory, not 4.4 GB.
+FP32_BASELINE_MAX_BYTES = 2e9
 
 
 @dataclass
@@ -46,6 +59,7 @@ class ModelSource:
     tensor_types: list[str] = field(default_factory=list)  # a GGUF's tensor types
     quantized: bool = False  # stored quantized: the audit adds the file as shipped as a row
     baseline_spec: str = ""  # what the full-precision baseline loads from (a quantized folder: its base)
+    baseline_packed: bool = False  # the baseline holds the GGUF's tensors packed (FP32_BASELINE_MAX_BYTES)
 
     def describe(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "format": self.format,
@@ -76,9 +90,17 @@ def model_source(spec: str) -> ModelSource:
         types = sorted({_type_name(t.type_id) for t in header.tensors})
         license_ = license_ or str(header.meta.get("general.license") or "not stated in the file")
         quantized = any(t not in FULL_PRECISION_TYPES for t in types)
-        precision = precision or f"GGUF tensors {', '.join(types)}" + (
-            "; fp32 baseline = its dequantized weights" if quantized else "")
-        return ModelSource(spec, label, path, file_sha256(path), "gguf", license_, precision, types, quantized, spec)
+        params = sum(math.prod(t.dims) for t in header.tensors)
+        packed = quantized and 4 * params > FP32_BASELINE_MAX_BYTES
+        if not precision:
+            precision = f"GGUF tensors {', '.join(types)}"
+            if packed:
+                precision += ("; baseline = its weights computed in full precision, held packed (an fp32 copy "
+                              f"would take {4 * params / 1e9:.1f} GB)")
+            elif quantized:
+                precision += "; fp32 baseline = its dequantized weights"
+        return ModelSource(spec, label, path, file_sha256(path), "gguf", license_, precision, types, quantized, spec,
+                           packed)
     if (path / CHECKPOINT_FILE).is_file():
         meta = json.loads((path / CHECKPOINT_FILE).read_text())
         recipe = meta.get("quantization")
@@ -147,7 +169,7 @@ def _saved_recipe(model_spec: str) -> dict | None:
 def build_variant(model_spec: str, scheme: str | None = None, *, group_size: int | None = None,
                   recipe: Recipe | None = None, calibration: list[list[int]] | None = None,
                   calib_windows: int = 8, calib_tokens_per_window: int = 256, calib_text: str | None = None,
-                  device: str = "cpu") -> LoadedModel:
+                  device: str = "cpu", packed_baseline: bool = False) -> LoadedModel:
     """Load `model_spec` and quantize it with `recipe`, or with the recipe of `scheme` (None or BASELINE: the
     full-precision model); `recipe` wins over `scheme`. Calibration windows come from `calibration`, else
     `calib_text`, else the calibration split, and are only built when the recipe needs them. A saved quantized
@@ -155,6 +177,10 @@ def build_variant(model_spec: str, scheme: str | None = None, *, group_size: int
 
     The scheme is checked before the model loads. `info["quantize_seconds"]` holds the quantization time.
     Scheme AS_SHIPPED loads a GGUF file as it is stored (packed layers, llama.cpp's arithmetic).
+
+    A GGUF file is quantized from its tensors as stored (a packed source: one layer dequantized at a time, the
+    same fp32 weights bit for bit as a full-precision load), so the peak is about the file plus the output.
+    `packed_baseline`: the baseline of a GGUF keeps its quantized tensors packed too (full-precision arithmetic).
     """
     if scheme == AS_SHIPPED and recipe is None:
         scheme_recipe(scheme, group_size)
@@ -166,14 +192,16 @@ def build_variant(model_spec: str, scheme: str | None = None, *, group_size: int
     if (recipe is not None or scheme is not None) and _saved_recipe(model_spec) is not None:
         raise LigeroError(f"{model_spec} is already quantized; drop --scheme to use it as saved, or pass the "
                           "full-precision model to quantize")
-    loaded = load_model(model_spec, device)
+    gguf = resolve_spec(model_spec).is_file()
+    loaded = load_model(model_spec, device, keep_quantized=gguf and (recipe is not None or packed_baseline))
     seconds = 0.0
     if recipe is not None:
         # With no windows asked for, quantize() names what is missing.
         if recipe.needs_calibration and calibration is None and calib_windows > 0:
             calibration = calibration_windows(loaded.tokenizer, calib_windows, calib_tokens_per_window, calib_text)
         t0 = time.perf_counter()
-        quantize(loaded.model, recipe, calibration=calibration if recipe.needs_calibration else None)
+        with FreedMemoryReturned():  # each layer's temporaries go back to the system, the heap stays unfragmented
+            quantize(loaded.model, recipe, calibration=calibration if recipe.needs_calibration else None)
         seconds = time.perf_counter() - t0
     loaded.info["quantize_seconds"] = round(seconds, 2)
     return loaded

@@ -207,19 +207,20 @@ def load_gguf_dequantized(path: Path, device, dtype) -> LoadedModel:
                                                                   "format": "gguf"})
 
 
-class _FreedMemoryReturned:
-    """glibc only (a no-op elsewhere): while a packed load runs, allocations of 1 MB or more are memory-mapped, so
-    each tensor's temporaries go back to the system when freed; by default glibc raises that threshold as large
-    blocks are freed and keeps them in its heap (at the 1.1B shape: +0.06 GB of peak memory, measured). Afterwards
-    the threshold is glibc's largest default (32 MB), so inference's activations reuse the heap."""
+class FreedMemoryReturned:
+    """glibc only (a no-op elsewhere): while a packed load or a quantization runs, allocations of 1 MB or more are
+    memory-mapped, so each tensor's temporaries go back to the system when freed; by default glibc raises that
+    threshold as large blocks are freed and keeps them in its heap (at the 1.1B shape: +0.06 GB of peak memory,
+    measured). Afterwards the threshold is glibc's largest default (32 MB), so inference's activations reuse the
+    heap."""
 
     _libc = None
 
     def __enter__(self):
-        if _FreedMemoryReturned._libc is None:
+        if FreedMemoryReturned._libc is None:
             name = ctypes.util.find_library("c")
             libc = ctypes.CDLL(name) if name else None
-            _FreedMemoryReturned._libc = libc if libc is not None and hasattr(libc, "mallopt") else False
+            FreedMemoryReturned._libc = libc if libc is not None and hasattr(libc, "mallopt") else False
         if self._libc:
             self._libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
         return self
@@ -230,8 +231,15 @@ class _FreedMemoryReturned:
             self._libc.malloc_trim(0)
 
 
+def trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc; a no-op elsewhere): after a model is released, so the
+    next one does not stack on memory the process keeps but no longer uses."""
+    with FreedMemoryReturned():
+        pass
+
+
 def load_gguf_packed(path: Path, device, dtype, int8_activations: bool = False) -> LoadedModel:
-    with _FreedMemoryReturned():
+    with FreedMemoryReturned():
         return _load_gguf_packed(path, device, dtype, int8_activations)
 
 
@@ -248,6 +256,9 @@ def _load_gguf_packed(path: Path, device, dtype, int8_activations: bool = False)
     model = build_model(cfg, state.items(), device, dtype, recipe.to_dict())
     del state
     compact_layers(model)  # any int4 layer not made compact while reading
+    # On fp32 activations the packed layers compute with the file's weights exactly (prefill dequantizes each for
+    # torch's GEMM): quantize() may start from them, one layer at a time, instead of from an fp32 copy.
+    model.packed_source = not int8_activations
     digest = file_sha256(path)
     return LoadedModel(model, _gguf_tokenizer(path, gf, digest), {"source": _gguf_source(path, gf, digest),
                                                                   "format": "gguf-packed"})

@@ -2,6 +2,11 @@
 
 The same walk builds empty quantized layers on the meta device when a saved quantized model is loaded, so
 loading needs no re-quantization: the structure comes from the recipe, the tensors from the file.
+
+The model quantized is either full precision or a *packed source*: a GGUF file loaded as stored with full-precision
+arithmetic (`model.packed_source`), whose packed layers are the file's weights exactly. Layers are replaced one at
+a time, each source layer dequantized just before its replacement is built and dropped after, so the peak is the
+source plus the output, never an fp32 copy of the model (learned rounding excepted: it needs the fp32 model).
 """
 
 from __future__ import annotations
@@ -28,11 +33,37 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _source_layers(model: nn.Module) -> tuple[type, ...]:
+    """The layer types quantize() starts from: full-precision Linears, and the packed layers of a packed source."""
+    return (Linear, QuantizedLinear) if getattr(model, "packed_source", False) else (Linear,)
+
+
+def source_weight(module: nn.Module) -> torch.Tensor:
+    """The fp32 weight [out, in] of a source layer (a packed one's dequantized, made for the call)."""
+    if isinstance(module, QuantizedLinear):
+        return module.dequantize().float()
+    return module.weight.detach().float()
+
+
+def _layer_names(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+    """Names of the layers of `kinds` outside the embedding (handled on its own; a tied table shared with the head
+    is listed as lm_head) and outside fused packed layers (a PartsLinear's parts go with their layer)."""
+    names = []
+    for n, m in model.named_modules(remove_duplicate=False):
+        parent = n.rpartition(".parts.")[0]
+        if isinstance(m, kinds) and not n.startswith("embed.") and n not in names and not (
+                parent and isinstance(model.get_submodule(parent), QuantizedLinear)):
+            names.append(n)
+    return names
+
+
 def _selected(model: Transformer, recipe: Recipe,
-              layer_filter: LayerFilter | None) -> Iterator[tuple[str, Linear, QuantConfig]]:
-    """(name, Linear, config) of every full-precision Linear the recipe quantizes."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, Linear) or (layer_filter is not None and not layer_filter(name, module)):
+              layer_filter: LayerFilter | None) -> Iterator[tuple[str, nn.Module, QuantConfig]]:
+    """(name, source layer, config) of every source layer the recipe quantizes. Modules are looked up by name as
+    the walk goes (not listed up front), so a layer replaced earlier is no longer held."""
+    for name in _layer_names(model, _source_layers(model)):
+        module = model.get_submodule(name)
+        if layer_filter is not None and not layer_filter(name, module):
             continue
         config = recipe.config_for(name)
         if config is not None:
@@ -49,22 +80,57 @@ def _check_shapes(model: Transformer, recipe: Recipe, layer_filter: LayerFilter 
 
 def _replace(model: Transformer, recipe: Recipe, layer_filter: LayerFilter | None,
              build: LayerBuilder) -> Transformer:
-    """Swap every selected Linear for the quantized layer `build` returns."""
+    """Swap every selected source layer for the quantized layer `build` returns."""
     cfg = model.cfg
     _check_shapes(model, recipe, layer_filter)
+    built = set()
     for name, module, config in _selected(model, recipe, layer_filter):
         _set_module(model, name, build(name, module, config))
+        built.add(name)
+        del module  # the source layer: freed now, not at the end of the walk
+    if getattr(model, "packed_source", False) and layer_filter is None:
+        _unpack_layers(model, skip=built)  # what the recipe keeps in full precision
     head = model.lm_head
     if cfg.tie_embeddings:
         # One table serves both the head and the embedding lookups: the embedding follows the head's format
         # (and stays full precision when the head does).
         if isinstance(head, QuantizedLinear):
             model.embed = QuantizedEmbedding(head)
+        elif isinstance(model.embed, QuantizedEmbedding):  # a packed source's table; the head is fp32 now
+            model.embed = _embedding(head.weight)
     elif recipe.embed is not None and (layer_filter is None or layer_filter("embed", model.embed)):
         table = Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
-        table.weight = model.embed.weight
+        table.weight = nn.Parameter(_embedding_table(model.embed), requires_grad=False)
         model.embed = QuantizedEmbedding(build("embed", table, recipe.embed))
+    elif isinstance(model.embed, QuantizedEmbedding) and getattr(model, "packed_source", False):
+        model.embed = _embedding(_embedding_table(model.embed))  # the recipe keeps the table in full precision
     return model
+
+
+def _embedding(table: torch.Tensor | nn.Parameter) -> nn.Embedding:
+    """An nn.Embedding holding `table` itself (a Parameter is shared, as a tied head's is)."""
+    embed = nn.Embedding(table.shape[0], table.shape[1], device="meta")
+    embed.weight = table if isinstance(table, nn.Parameter) else nn.Parameter(table, requires_grad=False)
+    return embed
+
+
+def _embedding_table(embed: nn.Module) -> torch.Tensor:
+    return embed.table.dequantize().float() if isinstance(embed, QuantizedEmbedding) else embed.weight
+
+
+def _unpack_layers(model: Transformer, skip: set[str] = frozenset()) -> None:
+    """Every packed layer of a packed source (but `skip`) as an fp32 Linear, one layer at a time."""
+    for name in _layer_names(model, (QuantizedLinear,)):
+        if name in skip:
+            continue
+        module = model.get_submodule(name)
+        weight = source_weight(module)
+        lin = Linear(module.in_features, module.out_features, bias=False, device="meta")
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        if len(module.segments) > 1:
+            lin.segments = module.segments
+        _set_module(model, name, lin)
+        del module
 
 
 @torch.no_grad()
@@ -78,7 +144,7 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
     recipe = config if isinstance(config, Recipe) else Recipe(config)
     if recipe.weights is not None and (resolve := scheme_spec(recipe.weights).resolve) is not None:
         recipe = resolve(recipe, model)  # per-layer formats that depend on the model (llama.cpp's mixes)
-    if getattr(model, "quant_recipe", None) is not None:
+    if getattr(model, "quant_recipe", None) is not None and not getattr(model, "packed_source", False):
         raise LigeroError("this model is already quantized; start from the full-precision model")
     _check_shapes(model, recipe, filter)  # before any long step
     if recipe.needs_calibration and not calibration:
@@ -87,16 +153,33 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
     calibrates = any(scheme_spec(c).calibrates(c) for c in recipe.layer_configs())
     stats = input_absmax(model, calibration) if calibrates else {}  # statistics of the full-precision model
     if recipe.weights is not None and (prepass := scheme_spec(recipe.weights).prepass) is not None:
+        if getattr(model, "packed_source", False):
+            unpack(model)  # learned rounding trains against the fp32 model: this one needs the fp32 copy
         prepass(model, recipe.weights, calibration, filter)  # swaps in the block linears it learned
 
-    def build(name: str, lin: Linear, c: QuantConfig) -> QuantizedLinear:
+    def build(name: str, lin: nn.Module, c: QuantConfig) -> QuantizedLinear:
         spec = scheme_spec(c)
         extra = {"act_max": stats.get(name)} if spec.calibrates(c) else {}
-        return spec.layer.from_float(lin.weight.detach().float(), c, getattr(lin, "segments", None), **extra)
+        return spec.layer.from_float(source_weight(lin), c, getattr(lin, "segments", None), **extra)
 
     _replace(model, recipe, filter, build)
     set_kv_quant(model, recipe)
     model.quant_recipe = recipe
+    model.packed_source = False
+    return model
+
+
+def unpack(model: Transformer) -> Transformer:
+    """A packed source in full precision, in place (every packed layer dequantized to an fp32 Linear)."""
+    if not getattr(model, "packed_source", False):
+        return model
+    _unpack_layers(model)
+    if model.cfg.tie_embeddings:
+        model.embed = _embedding(model.lm_head.weight)
+    elif isinstance(model.embed, QuantizedEmbedding):
+        model.embed = _embedding(_embedding_table(model.embed))
+    model.quant_recipe, model.packed_source = None, False
+    model.kv_format = FULL_PRECISION_KV
     return model
 
 

@@ -55,6 +55,12 @@ def _round_int8_blocks(x: torch.Tensor, kernel_prefills: bool) -> torch.Tensor:
     return x
 
 
+# Prefill multiplies by a dequantized fp32 weight; a layer larger than this many weights (32 MB in fp32) is
+# dequantized and multiplied a block of output rows at a time, so a 32k-vocabulary head at width 2048 adds 32 MB to
+# the peak instead of 262 MB (each output column is the same dot product either way).
+PREFILL_BLOCK_WEIGHTS = 1 << 23
+
+
 class QuantizedLinear(nn.Module):
     """Base class: subclasses define their buffers, `dequantize(rows)` and optionally `_kernel(x2d)`."""
 
@@ -82,6 +88,13 @@ class QuantizedLinear(nn.Module):
         """The fp32 weight that prefill's GEMM multiplies by (made for the call, not kept)."""
         return self.dequantize()
 
+    def prefill_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Output rows start:stop of prefill_weight() (made for the call)."""
+        return self.dequantize(torch.arange(start, stop, device=self.prefill_device()))
+
+    def prefill_device(self) -> torch.device:
+        return next(self.buffers()).device
+
     def kernel_prefills(self) -> bool:
         """Whether the packed kernel also serves prefill-sized inputs: true where its integer dot products on int8
         activations beat dequantizing the weight and torch's fp32 GEMM (prefill columns of docs/vs-llamacpp*.md)."""
@@ -97,7 +110,14 @@ class QuantizedLinear(nn.Module):
             y = self._kernel(x.reshape(-1, self.in_features))
             if y is not None:
                 return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.prefill_weight().to(x.dtype))
+        if self.out_features * self.in_features <= PREFILL_BLOCK_WEIGHTS:
+            return F.linear(x, self.prefill_weight().to(x.dtype))
+        step = max(1, PREFILL_BLOCK_WEIGHTS // self.in_features)
+        x2d = x.reshape(-1, self.in_features)
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for r in range(0, self.out_features, step):
+            y[:, r:r + step] = torch.mm(x2d, self.prefill_rows(r, min(r + step, self.out_features)).to(x.dtype).t())
+        return y.view(*x.shape[:-1], self.out_features)
 
     def stored_bytes(self) -> int:
         """Bytes held in memory (the layer's buffers)."""
@@ -136,6 +156,12 @@ class Int8Linear(QuantizedLinear):
     def prefill_weight(self):
         ext = cpu_kernels() if self.q.device.type == "cpu" else None
         return ext.dequant_int8(self.q, self.scale) if ext is not None else self.dequantize()
+
+    def prefill_rows(self, start, stop):
+        ext = cpu_kernels() if self.q.device.type == "cpu" else None
+        if ext is None:
+            return super().prefill_rows(start, stop)
+        return ext.dequant_int8(self.q[start:stop], self.scale[start:stop])
 
     @property
     def act8(self) -> bool:
@@ -345,6 +371,16 @@ class IntGroupLinear(QuantizedLinear):
             return ext.dequant_int4(*self._row_major(), self.config.group_size)
         return ext.dequant_int4(self.nibbles(), self.scale, self.minimum, self.config.group_size)
 
+    def prefill_rows(self, start, stop):
+        ext = cpu_kernels() if self._compact or self.packed.device.type == "cpu" else None
+        if ext is None:
+            return super().prefill_rows(start, stop)
+        if self._compact:
+            rows = torch.arange(start, stop, device=self._buffers["codes_x8"].device)
+            return ext.dequant_int4(*self._row_major(rows), self.config.group_size)
+        return ext.dequant_int4(self.nibbles()[start:stop], self.scale[start:stop], self.minimum[start:stop],
+                                self.config.group_size)
+
     def native_op(self):
         if getattr(self.config, "act_int8", False):  # LSQ's per-token rounding runs in torch
             return None
@@ -400,6 +436,12 @@ class GGMLLinear(QuantizedLinear):
     def prefill_weight(self):
         ext = cpu_kernels() if self.blocks.device.type == "cpu" else None
         return self.dequantize() if ext is None else ext.dequant_ggml(self.blocks, self.type_id, self.in_features)
+
+    def prefill_rows(self, start, stop):
+        ext = cpu_kernels() if self.blocks.device.type == "cpu" else None
+        if ext is None:
+            return self.dequantize(slice(start, stop))
+        return ext.dequant_ggml(self.blocks[start:stop], self.type_id, self.in_features)
 
     def native_op(self):
         return NativeOp("ggml", [self.blocks], self.type_id, act8=self.act8)

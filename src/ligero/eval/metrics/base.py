@@ -50,7 +50,9 @@ class MeasureContext:
     name: str  # the variant's name
     model: Any  # its Transformer
     tokenizer: Any
-    base_model: Any  # the baseline's Transformer (the same object when measuring the baseline)
+    # The baseline's Transformer when measuring the baseline or preparing from it; None for a variant (the audit
+    # holds one model at a time: what variants are compared with is in `shared`, filled by Metric.prepare)
+    base_model: Any
     budget: Mapping[str, int | None]  # sample sizes (keys declared by the metrics)
     eval_text: TextSplit  # the evaluation split
     eval_ids: list[int]  # all of it, tokenized without BOS
@@ -59,7 +61,7 @@ class MeasureContext:
 
     @property
     def is_baseline(self) -> bool:
-        return self.model is self.base_model
+        return self.base_model is not None and self.model is self.base_model
 
     def step(self, what: str, total: int | None) -> AbstractContextManager[Callable[..., None]]:
         """A progress bar for one long step of this variant; yields advance(n=1)."""
@@ -92,6 +94,10 @@ class Metric:
     budget_quick: Mapping[str, int | None] = {}  # the same keys for --quick
 
     # --- measuring --------------------------------------------------------------------------------------
+
+    def prepare(self, ctx: MeasureContext) -> None:
+        """Compute into ctx.shared what variants are compared with, from the baseline (ctx.model is ctx.base_model):
+        called once per run, before any variant is measured; the baseline is released afterwards."""
 
     def measure(self, ctx: MeasureContext) -> dict:
         """The keys this metric adds to a variant's result (JSON-ready values)."""

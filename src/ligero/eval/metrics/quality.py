@@ -6,7 +6,7 @@ from __future__ import annotations
 from ligero.eval.metrics.base import MeasureContext, Metric, Thresholds, number
 from ligero.eval.metrics.plots import scatter
 from ligero.eval.perplexity import make_windows
-from ligero.eval.quality import base_logprobs, compare_models
+from ligero.eval.quality import base_logprobs, compare_models, stored_bytes
 from ligero.eval.variants import BASELINE
 
 CARD_FIELDS = ("ppl", "ppl_base", "delta_ppl_pct", "kld", "top1_agreement", "tokens", "eval_sha256")
@@ -18,15 +18,20 @@ class Quality(Metric):
     budget_full = {"ppl_tokens": 2048, "ppl_ctx": 512}
     budget_quick = {"ppl_tokens": 512, "ppl_ctx": 256}
 
+    def prepare(self, ctx: MeasureContext) -> None:
+        ids, window = ctx.eval_ids[: ctx.budget["ppl_tokens"]], ctx.budget["ppl_ctx"]
+        windows = make_windows(ids, window, bos=ctx.bos)
+        with ctx.step("baseline log-probs", len(windows)) as advance:
+            ctx.shared["baseline_logprobs"] = base_logprobs(ctx.base_model, windows, progress=advance)
+        ctx.shared["baseline_bytes"] = stored_bytes(ctx.base_model)
+
     def measure(self, ctx: MeasureContext) -> dict:
         ids, window = ctx.eval_ids[: ctx.budget["ppl_tokens"]], ctx.budget["ppl_ctx"]
         windows = make_windows(ids, window, bos=ctx.bos)
-        if "baseline_logprobs" not in ctx.shared:  # computed once, shared by every variant
-            with ctx.step("baseline log-probs", len(windows)) as advance:
-                ctx.shared["baseline_logprobs"] = base_logprobs(ctx.base_model, windows, progress=advance)
         with ctx.step("perplexity and KL", len(windows)) as advance:
-            result = compare_models(ctx.base_model, ctx.model, ids, ctx=window, bos=ctx.bos,
-                                    base_lp=ctx.shared["baseline_logprobs"], progress=advance)
+            result = compare_models(None, ctx.model, ids, ctx=window, bos=ctx.bos,
+                                    base_lp=ctx.shared["baseline_logprobs"], base_bytes=ctx.shared["baseline_bytes"],
+                                    progress=advance)
         return {"capability": {**result.summary(), "eval_sha256": ctx.eval_text.sha256}}
 
     def row(self, result: dict, comparison: dict | None) -> dict:

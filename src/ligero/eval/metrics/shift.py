@@ -6,7 +6,7 @@ import numpy as np
 
 from ligero.eval.metrics.base import MeasureContext, Metric
 from ligero.eval.metrics.plots import pyplot
-from ligero.eval.shift import ShiftResult, internal_shift
+from ligero.eval.shift import ShiftResult, baseline_hidden, internal_shift
 from ligero.eval.variants import BASELINE
 
 
@@ -16,14 +16,24 @@ class Shift(Metric):
     budget_full = {"shift_windows": 2, "shift_tokens": 256}
     budget_quick = {"shift_windows": 1, "shift_tokens": 64}
 
+    @staticmethod
+    def windows(ctx: MeasureContext) -> list[list[int]]:
+        n, size = ctx.budget["shift_windows"], ctx.budget["shift_tokens"]
+        ids, head = ctx.eval_ids[: n * size], [ctx.bos] if ctx.bos is not None else []
+        return [head + ids[i:i + size] for i in range(0, len(ids), size)]
+
+    def prepare(self, ctx: MeasureContext) -> None:
+        windows = self.windows(ctx)
+        with ctx.step("baseline hidden states", len(windows)) as advance:
+            ctx.shared["baseline_hidden"] = baseline_hidden(ctx.base_model, windows, progress=advance)
+
     def measure(self, ctx: MeasureContext) -> dict:
         if ctx.is_baseline:
             return {"shift": None}
-        n, size = ctx.budget["shift_windows"], ctx.budget["shift_tokens"]
-        ids, head = ctx.eval_ids[: n * size], [ctx.bos] if ctx.bos is not None else []
-        windows = [head + ids[i:i + size] for i in range(0, len(ids), size)]
+        windows = self.windows(ctx)
         with ctx.step(f"internal shift ({len(windows)} windows)", len(windows)) as advance:
-            return {"shift": internal_shift(ctx.base_model, ctx.model, windows, progress=advance).to_dict()}
+            return {"shift": internal_shift(ctx.shared["baseline_hidden"], ctx.model, windows,
+                                            progress=advance).to_dict()}
 
     def row(self, result: dict, comparison: dict | None) -> dict:
         if comparison is None:

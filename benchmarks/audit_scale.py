@@ -128,8 +128,10 @@ def render(r: dict) -> str:
         "the bias and toxicity data); the bound is checked net of the imports.",
         "",
         "Two peaks per model, both net of the imports: after it is built (loaded, and quantized from the file: the "
-        "bound's case) and over the whole audit of it (adding every metric's activations: the scoring batches' "
-        "logits, 8 sequences x their tokens x the 32k vocabulary, are the largest).",
+        "bound's case) and over the whole audit of it (adding every metric's activations and what the heap keeps "
+        "of them: the bias scores batches of 8 sentences and the profile generates for 8 prompts at once). The "
+        "random files' tokenizer has byte tokens only, so every text is about 4x as many tokens as with TinyLlama's "
+        "own tokenizer, and those activations are as much larger.",
         "",
         "| model | weights GB | KV cache MB | bound GB (1.3 x weights + KV) | built: peak GB | within | "
         "audited: peak GB | within | quantize s | model s | PPL | ΔPPL % | KL | decode tok/s |",

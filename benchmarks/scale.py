@@ -286,8 +286,8 @@ def render_markdown(report: dict) -> str:
                   f"({report['bandwidth_gbs']:.1f} GB/s, the median of 5 torch sums at the start; runs since measure "
                   "the best pass, before and after): compare the shares between engines, not with 100 %."]
     if any(row["type"] == "F16" for row in report["rows"]):
-        lines += ["", "F16: Ligero holds 16-bit tensors in fp32 (its 16-bit weight path is not built yet), so the file "
-                  "takes about twice its size in memory, where llama.cpp keeps it mapped as it is."]
+        lines += ["", "F16: Ligero holds the 16-bit matrices in 16 bits (widened to fp32 in its kernels, fp32 sums; "
+                  "prefill widens a block of rows at a time for torch's GEMM), llama.cpp keeps the file mapped."]
     lines += ["", "Issue 12's bounds: decode >= 0.9x and prefill >= 0.8x llama.cpp, peak RSS <= 1.3x the file plus the "
               "KV cache (judged on the whole process, and on what the load and the run added to it). A row that "
               "misses one says so above; `docs/scale.json` has every round."]

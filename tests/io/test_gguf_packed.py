@@ -89,7 +89,8 @@ def test_export_of_the_loaded_file_is_byte_identical(tmp_path):
 
 
 @pytest.mark.parametrize("scheme, type_name, count", [("int4-sym", "Q4_0", 210), ("q8_0", "Q8_0", 210),
-                                                     ("q4_k_m", "Q5_0", 150)])  # SmolLM2's 576 inputs: Q5_0
+                                                     ("q4_k_m", "Q5_0", 150),  # SmolLM2's 576 inputs: Q5_0
+                                                     ("f16", "F16", 211), ("bf16", "BF16", 211)])
 def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, scheme, type_name, count):
     from ligero.eval.variants import build_variant
     from ligero.io.gguf_export import export_gguf, gguf_recipe

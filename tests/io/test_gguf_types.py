@@ -13,9 +13,10 @@ from ligero.io.gguf_export import export_gguf
 from ligero.io.gguf_file import GGUFFile
 from ligero.kernels import cpu_kernels
 from ligero.quant.api import compact_layers
-from ligero.quant.modules import GGMLLinear, Int8Linear, IntGroupLinear, PartsLinear
+from ligero.quant.modules import Float16Linear, GGMLLinear, Int8Linear, IntGroupLinear, PartsLinear
 
-LAYER_CLASS = {"Q8_0": Int8Linear, "Q4_0": IntGroupLinear, "Q4_1": IntGroupLinear}
+LAYER_CLASS = {"Q8_0": Int8Linear, "Q4_0": IntGroupLinear, "Q4_1": IntGroupLinear, "F16": Float16Linear,
+               "BF16": Float16Linear}
 
 
 def _load_both(path):
@@ -50,7 +51,7 @@ def _check_export(gf, packed, tmp_path, float16=False):
 
 
 @pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0",
-                                       "Q4_1"])
+                                       "Q4_1", "F16", "BF16"])
 def test_each_type_loads_packed_as_stored(tmp_path, type_name):
     path = tmp_path / f"{type_name}.gguf"
     write_model(path, {"default": type_name})
@@ -69,17 +70,17 @@ def test_each_type_loads_packed_as_stored(tmp_path, type_name):
 
 
 def test_fused_projections_of_mixed_types_load_part_by_part(tmp_path):
-    """As llama-quantize writes Q4_K_M: q/k Q4_K with a Q6_K v, gate Q5_K beside an F16 up (kept in fp32)."""
+    """As llama-quantize writes Q4_K_M: q/k Q4_K with a Q6_K v, gate Q5_K beside an F16 up (kept in 16 bits)."""
     path = tmp_path / "mixed.gguf"
     write_model(path, {"default": "Q4_K", "attn_v": "Q6_K", "ffn_gate": "Q5_K", "ffn_up": "F16",
                        "ffn_down": "Q3_K", "token_embd": "Q8_0", "output": "Q6_K"})
     gf, packed, full = _load_both(path)
     qkv, gate_up = packed.layers[0].attn.qkv_proj, packed.layers[0].mlp.gate_up_proj
     assert isinstance(qkv, PartsLinear) and [p.config.ggml_type for p in qkv.parts] == ["Q4_K", "Q4_K", "Q6_K"]
-    assert isinstance(gate_up, PartsLinear) and isinstance(gate_up.parts[1], torch.nn.Linear)
+    assert isinstance(gate_up, PartsLinear) and isinstance(gate_up.parts[1], Float16Linear)
     assert isinstance(packed.embed.table, Int8Linear) and packed.lm_head.config.ggml_type == "Q6_K"
     _check_logits(packed, full)
-    _check_export(gf, packed, tmp_path, float16=True)  # the F16 part's values, exactly, in 16 bits again
+    _check_export(gf, packed, tmp_path)  # the F16 part's values, exactly, in 16 bits again
 
 
 @pytest.mark.parametrize("default", ["Q4_0", "Q4_K"])

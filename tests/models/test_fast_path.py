@@ -29,7 +29,8 @@ SCHEMES = {"fp32": WEIGHT_ONLY, "int8": WEIGHT_ONLY, "q8_0": WEIGHT_ONLY, "nvfp4
            "fp8": ROUNDED_ACTIVATIONS, "int4": SIXTEEN_BIT, "int3": SIXTEEN_BIT, "int4+kv4": SIXTEEN_BIT,
            "int4-sym-a8": ROUNDED_ACTIVATIONS, "int8-a8": ROUNDED_ACTIVATIONS,
            "int4-a8": ROUNDED_ACTIVATIONS, "b158": ROUNDED_ACTIVATIONS, "w8a8-naive": ROUNDED_ACTIVATIONS,
-           "q4_k_m": WEIGHT_ONLY}  # tiny widths: Q5_0 / Q8_0 fallbacks, GGML layers called back from the native step
+           # tiny widths: Q5_0 / Q8_0 fallbacks, GGML layers called back from the native step
+           "q4_k_m": WEIGHT_ONLY, "f16": WEIGHT_ONLY, "bf16": WEIGHT_ONLY}
 
 
 def torch_only(monkeypatch):

@@ -37,10 +37,29 @@ def _golden_input() -> torch.Tensor:
     return torch.randn(16, 512, generator=g) * torch.exp(0.5 * torch.randn(16, 512, generator=g))
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("type_name", TYPES)
-def test_quantizer_is_llama_cpps_byte_for_byte(type_name):
-    data = ggml.quantize_rows(_golden_input(), type_name)
+def test_quantizer_is_llama_cpps_byte_for_byte(type_name, native):
+    if native and (type_name not in ggml.NATIVE_QUANTIZERS or cpu_kernels() is None):
+        pytest.skip("no native quantizer for this type here")
+    data = ggml.quantize_rows(_golden_input(), type_name, native=native)
     assert hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16] == LLAMA_CPP_SHA[type_name]
+
+
+@pytest.mark.parametrize("type_name", ggml.NATIVE_QUANTIZERS)
+def test_native_quantizer_is_the_torch_reference_byte_for_byte(type_name):
+    """On heavy-tailed weights and the corner cases: empty, constant and tiny blocks, an outlier."""
+    if cpu_kernels() is None:
+        pytest.skip("no compiled kernels here")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 1024, generator=g) * torch.exp(torch.randn(48, 1024, generator=g))
+    w[0] = 0
+    w[1, :256] = 3.0
+    w[2, 256:512] = -1.5
+    w[3] *= 1e-20
+    w[4, 100] = 1e4
+    w[5, :32] = 0
+    assert torch.equal(ggml.quantize_rows(w, type_name), ggml.quantize_rows(w, type_name, native=False))
 
 
 @pytest.mark.parametrize("type_name", TYPES)

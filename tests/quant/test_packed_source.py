@@ -118,3 +118,24 @@ def test_a_model_loaded_with_llama_cpp_arithmetic_is_not_a_source():
     shipped = load_model("smollm2-135m", "cpu", keep_quantized=True, int8_activations=True)
     with pytest.raises(LigeroError, match="already quantized"):
         quantize(shipped.model, recipe_for("int8"))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "q8_0", "int4", "int3", "fp8", "q6_k", "f16"])
+def test_large_layers_built_a_block_of_rows_at_a_time_are_the_same(scheme, monkeypatch):
+    """Layers over BUILD_BLOCK_WEIGHTS are quantized a block of rows at a time: the same buffers as at once."""
+    from ligero.quant import api
+    from ligero.quant.config import scheme_spec
+
+    config = recipe_for(scheme).weights
+    if scheme == "q6_k":
+        from ligero.quant.config import GGMLConfig
+
+        config = GGMLConfig("Q6_K")
+    layer_type = scheme_spec(config).layer
+    assert layer_type.row_separable
+    source = Linear(512, 300, bias=False)
+    whole = layer_type.from_float(source.weight.detach(), config)
+    monkeypatch.setattr(api, "BUILD_BLOCK_WEIGHTS", 512 * 7)  # blocks of 7 rows, the last one shorter
+    blocked = api._build_by_rows(layer_type, source, config, None)
+    for name, buffer in whole.named_buffers():
+        assert torch.equal(blocked.get_buffer(name), buffer), name

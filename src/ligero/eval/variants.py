@@ -178,9 +178,10 @@ def build_variant(model_spec: str, scheme: str | None = None, *, group_size: int
     The scheme is checked before the model loads. `info["quantize_seconds"]` holds the quantization time.
     Scheme AS_SHIPPED loads a GGUF file as it is stored (packed layers, llama.cpp's arithmetic).
 
-    A GGUF file is quantized from its tensors as stored (a packed source: one layer dequantized at a time, the
-    same fp32 weights bit for bit as a full-precision load), so the peak is about the file plus the output.
-    `packed_baseline`: the baseline of a GGUF keeps its quantized tensors packed too (full-precision arithmetic).
+    A GGUF file or a Hugging Face folder is quantized from its tensors as stored (a packed source: quantized and
+    16-bit matrices held as they are, one layer widened at a time, the same fp32 weights bit for bit as a
+    full-precision load), so the peak is about the file plus the output. `packed_baseline`: the baseline keeps
+    them packed too (full-precision arithmetic).
     """
     if scheme == AS_SHIPPED and recipe is None:
         scheme_recipe(scheme, group_size)
@@ -192,8 +193,7 @@ def build_variant(model_spec: str, scheme: str | None = None, *, group_size: int
     if (recipe is not None or scheme is not None) and _saved_recipe(model_spec) is not None:
         raise LigeroError(f"{model_spec} is already quantized; drop --scheme to use it as saved, or pass the "
                           "full-precision model to quantize")
-    gguf = resolve_spec(model_spec).is_file()
-    loaded = load_model(model_spec, device, keep_quantized=gguf and (recipe is not None or packed_baseline))
+    loaded = load_model(model_spec, device, keep_quantized=recipe is not None or packed_baseline)
     seconds = 0.0
     if recipe is not None:
         # With no windows asked for, quantize() names what is missing.

@@ -30,7 +30,7 @@ from ligero.models.registry import REGISTRY
 from ligero.models.transformer import Transformer, fuse_projections
 from ligero.paths import cache_root
 from ligero.quant.api import build_quantized_structure, compact_layers
-from ligero.quant.config import Recipe
+from ligero.quant.config import Float16Config, Recipe
 from ligero.quant.modules import ROW_MAJOR_NAMES, X8_NAMES, QuantizedEmbedding
 
 CHECKPOINT_FILE, WEIGHTS_FILE, MANIFEST_FILE = "ligero.json", "model.safetensors", "manifest.json"
@@ -115,6 +115,38 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
     if not isinstance(model.embed, QuantizedEmbedding):  # a quantized table is shared by construction
         model.tie_weights()
     return model.eval().requires_grad_(False)
+
+
+# --- 16-bit checkpoints --------------------------------------------------------------------------------
+HALF_FORMATS = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def sixteen_bit_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                      act16: bool = False) -> tuple[dict[str, torch.Tensor], Recipe]:
+    """A checkpoint's tensors with its fp16 / bf16 matrices (projections, head, table) kept in 16 bits: (state,
+    recipe) for build_model, each such matrix a Float16Linear's `weight16`; fp32 tensors and norms as they are."""
+    state = fuse_projections(state)
+    recipe = Recipe(None, head=None, embed=None)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        fmt = HALF_FORMATS.get(t.dtype)
+        if fmt is None or t.dim() != 2 or not (name.endswith("_proj.weight") or name in ("lm_head.weight",
+                                                                                          "embed.weight")):
+            out[name] = t
+            continue
+        config = Float16Config(fmt, act16=act16)
+        if name == "embed.weight" and cfg.tie_embeddings:  # one table serves as the head
+            out["lm_head.weight16"], recipe.head, recipe.embed = t, config, config
+        elif name == "embed.weight":
+            out["embed.table.weight16"], recipe.embed = t, config
+        elif name == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                out["lm_head.weight16"], recipe.head = t, config
+        else:
+            layer = name.removesuffix(".weight")
+            out[f"{layer}.weight16"] = t
+            recipe.overrides.append((layer, config))
+    return out, recipe
 
 
 # --- Ligero folders -----------------------------------------------------------------------------------
@@ -315,7 +347,7 @@ def gguf_load_bytes(path: Path, keep_quantized: bool, compact: bool = True,
     hold their kernel layout only (CPU), without the explicit minimum other devices keep."""
     import gguf
 
-    from ligero.io.gguf_file import GGML_TYPES, PACKED_TYPES
+    from ligero.io.gguf_file import GGML_TYPES, HALF_TYPES, PACKED_TYPES
     from ligero.io.gguf_header import read_gguf_header
 
     need = params = 0
@@ -328,7 +360,8 @@ def gguf_load_bytes(path: Path, keep_quantized: bool, compact: bool = True,
             qtype = gguf.GGMLQuantizationType(t.type_id)
         except ValueError:
             qtype = None  # an unknown type: the load itself names it
-        if keep_quantized and qtype is not None and qtype.name in (*PACKED_TYPES, *GGML_TYPES):
+        if keep_quantized and qtype is not None and qtype.name in (*PACKED_TYPES, *GGML_TYPES, *HALF_TYPES) and \
+                len(t.dims) > 1:
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             need += n // block * size + (n // 32 * 2 if qtype.name == "Q4_0" and not compact else 0)
         else:
@@ -365,8 +398,9 @@ def resolve_spec(spec: str) -> Path:
 
 def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float32,
                keep_quantized: bool = False, int8_activations: bool = False) -> LoadedModel:
-    """`keep_quantized`: a GGUF file's quantized tensors load into packed layers as they are (the model as
-    shipped); otherwise every tensor is dequantized to full precision (the baseline quantization starts from).
+    """`keep_quantized`: a GGUF file's quantized and 16-bit tensors load into packed layers as they are (the model
+    as shipped), a Hugging Face folder's fp16 / bf16 matrices into 16-bit layers; otherwise every tensor is
+    dequantized to full precision (the baseline quantization starts from).
     `int8_activations` (with keep_quantized): every quantized layer computes as llama.cpp's CPU backend does, on
     activations rounded to int8 (per 32 inputs for Q8_0 / Q4_* / Q5_*, per 256 for K-quants; integer kernels),
     instead of fp32 ones."""
@@ -387,7 +421,12 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
         loaded = load_checkpoint(path, dev, dtype)
     elif (path / "config.json").exists():
         cfg = hf_config(path)
-        model = build_model(cfg, hf_state_dict(path, cfg), dev, dtype)
+        tensors, recipe = hf_state_dict(path, cfg), None
+        if keep_quantized:  # 16-bit matrices stay in 16 bits
+            state, half = sixteen_bit_state(dict(tensors), cfg, act16=int8_activations)
+            tensors, recipe = state.items(), half.to_dict() if half.layer_configs() else None
+        model = build_model(cfg, tensors, dev, dtype, recipe)
+        model.packed_source = keep_quantized and not int8_activations
         loaded = LoadedModel(model, tokenizer_from_hf_folder(path, read_hf_config(path)), {"format": "hf"})
         loaded.info["source"] = {"path": str(path), "format": "hf"}
     else:

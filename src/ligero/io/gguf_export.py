@@ -21,6 +21,7 @@ from ligero.errors import LigeroError
 from ligero.io.gguf_file import FUSED_PARTS, GGUFFile, join_blocks, ligero_name
 from ligero.models.transformer import Transformer
 from ligero.quant.config import (
+    Float16Config,
     GGMLConfig,
     GGMLMixConfig,
     Int8WeightConfig,
@@ -29,7 +30,14 @@ from ligero.quant.config import (
     QuantConfig,
     Recipe,
 )
-from ligero.quant.modules import GGMLLinear, Int8Linear, PartsLinear, QuantizedEmbedding, QuantizedLinear
+from ligero.quant.modules import (
+    Float16Linear,
+    GGMLLinear,
+    Int8Linear,
+    PartsLinear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+)
 
 _SKIP_KEYS = ("GGUF.", "general.alignment", "general.file_type")  # written by the writer itself, or stale
 
@@ -41,15 +49,15 @@ def check_exportable(config: QuantConfig) -> None:
         return
     if type(config) is IntGroupConfig and config.bits == 4 and config.group_size == 32:
         return
-    if isinstance(config, (GGMLConfig, GGMLMixConfig)):
+    if isinstance(config, (GGMLConfig, GGMLMixConfig, Float16Config)):
         return
     if isinstance(config, PartsConfig):
         for part in config.configs():
             if part is not None:
                 check_exportable(part)
         return
-    raise LigeroError(f"{config.kind} {config.to_dict()} has no GGUF type; export fp32, q8_0, int4 or int4-sym "
-                      "(group 32, with or without -a8) or llama.cpp-type (q4_k, q6_k ...) variants")
+    raise LigeroError(f"{config.kind} {config.to_dict()} has no GGUF type; export fp32, f16, bf16, q8_0, int4 or "
+                      "int4-sym (group 32, with or without -a8) or llama.cpp-type (q4_k, q6_k ...) variants")
 
 
 def gguf_recipe(recipe: Recipe) -> Recipe:
@@ -70,6 +78,8 @@ def gguf_type_of(layer: QuantizedLinear) -> str:
     check_exportable(layer.config)
     if isinstance(layer, GGMLLinear):
         return layer.config.ggml_type
+    if isinstance(layer, Float16Linear):
+        return "F16" if layer.config.dtype == "f16" else "BF16"
     if isinstance(layer, Int8Linear):
         return "Q8_0"
     if getattr(layer, "_compact", False):  # the x8 layout leaves Q4_0's implied minimum out: no rebuild needed
@@ -111,6 +121,11 @@ def _source_tensor(model: Transformer, target: str, float16: bool) -> tuple[np.n
             buffers = {k: v[order] for k, v in buffers.items()}
         if isinstance(module, GGMLLinear):
             return buffers["blocks"].contiguous().numpy(), type_name
+        if isinstance(module, Float16Linear):  # F16: values (written by shape); BF16: the rows' bytes
+            w16 = buffers["weight16"].contiguous()
+            if type_name == "F16":
+                return w16.numpy(), type_name
+            return w16.view(torch.int16).numpy().view(np.uint8), type_name
         return join_blocks(buffers, type_name), type_name
     w = module.weight.detach().float()[rows]
     if rope_heads:

@@ -26,6 +26,7 @@ from ligero.models.config import ModelConfig
 from ligero.progress import progress_bar
 from ligero.quant.config import (
     GGML_TYPES,
+    Float16Config,
     GGMLConfig,
     Int8WeightConfig,
     IntGroupConfig,
@@ -143,7 +144,7 @@ class GGUFFile:
             groups.setdefault(f"{parent}.{fused_leaf}" if parent else fused_leaf, []).append(name)
         tied = cfg.tie_embeddings
         recipe = Recipe(None, head=None, embed=None)
-        packable = set(PACKED_TYPES) | set(GGML_TYPES)
+        packable = set(PACKED_TYPES) | set(GGML_TYPES) | set(HALF_TYPES)
         with progress_bar(f"reading {self.path.name}", total=len(self.tensors)) as advance:
             for layer, names in groups.items():
                 names.sort(key=position.__getitem__)
@@ -210,6 +211,9 @@ class GGUFFile:
         type_name = t.tensor_type.name
         if type_name in GGML_TYPES:  # held as stored: the rows' bytes
             buffers = {"blocks": torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(rows, -1))}
+        elif type_name in HALF_TYPES:  # the 16-bit values as stored
+            bits = torch.from_numpy(np.asarray(t.data).view(np.int16).reshape(rows, -1).copy())
+            buffers = {"weight16": bits.view(torch.float16 if type_name == "F16" else torch.bfloat16)}
         else:
             buffers = split_blocks(t.data, type_name, rows)
         target = ligero_name(name)
@@ -255,6 +259,7 @@ FUSED_PARTS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": (
 # GGUF types that load into a packed layer as they are: the byte layout is repacked (blocks split into codes and
 # scales), not the values. Q4_0's minimum is stored explicitly as -8 x scale (exact in fp16).
 PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+HALF_TYPES = ("F16", "BF16")  # 16-bit matrices: held in 16 bits (Float16Linear), computed in fp32
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
@@ -277,6 +282,8 @@ def packed_config(type_name: str, int8_activations: bool = False) -> QuantConfig
     Q8_1; Q8_K, int8 per 256, for the K-quants)."""
     if type_name in GGML_TYPES:
         return GGMLConfig(type_name, act_int8_blocks=int8_activations)
+    if type_name in HALF_TYPES:
+        return Float16Config("f16" if type_name == "F16" else "bf16", act16=int8_activations)
     if type_name == "Q8_0":
         return Int8WeightConfig(group_size=32, act_int8_blocks=int8_activations)
     return IntGroupConfig(32, symmetric=type_name == "Q4_0", act_int8_blocks=int8_activations)

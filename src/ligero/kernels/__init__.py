@@ -29,8 +29,8 @@ from ligero.paths import cache_root
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 class NativeOp(NamedTuple):
-    """One projection as the native decode step runs it: a kernel (`kind`: f32, int8, int4, lut4, lut8, ternary, ggml)
-    with its tensors in the kernel's argument order, plus what that kernel needs besides."""
+    """One projection as the native decode step runs it: a kernel (`kind`: f32, int8, int4, lut4, lut8, ternary, ggml,
+    half) with its tensors in the kernel's argument order, plus what that kernel needs besides."""
 
     kind: str
     tensors: list
@@ -42,7 +42,7 @@ class NativeOp(NamedTuple):
 
 
 # = LinearKind in the C++
-NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6, "ggml": 7}
+NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6, "ggml": 7, "half": 8}
 
 MAX_KERNEL_ROWS = 8  # decode batches up to this many activation rows go to the kernels; more rows use torch's GEMM
 

@@ -184,6 +184,64 @@ void gemv_rows(const float* x, const float* w, float* y, int64_t M, int64_t in, 
   for (; o < end; ++o) dot_rows_generic(w + o * in, x, y + o, M, in, out);
 }
 
+// ============================================ 16-bit weights ==================================================
+// fp16 or bf16 weights [out, in] widened to fp32 in registers (F16C for fp16, a 16-bit shift for bf16), fp32
+// products and sums: the weights read 2 bytes each, the arithmetic is the fp32 model's. Four rows at a time, as
+// gemv_rows does for fp32.
+template <bool BF16>
+inline float half_value(uint16_t h) {
+  if (BF16) {
+    const uint32_t bits = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+#ifdef LIGERO_AVX2
+template <bool BF16>
+inline __m256 load8_half(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+#endif
+
+template <bool BF16>
+void gemv_half_rows(const float* x, const uint16_t* w, float* y, int64_t M, int64_t in, int64_t out, int64_t begin,
+                    int64_t end) {
+  int64_t o = begin;
+#ifdef LIGERO_AVX2
+  for (; o + 4 <= end; o += 4) {
+    const uint16_t* r[4] = {w + o * in, w + (o + 1) * in, w + (o + 2) * in, w + (o + 3) * in};
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t i = 0;
+      for (; i + 8 <= in; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(xm + i);
+        for (int k = 0; k < 4; ++k) a[k] = _mm256_fmadd_ps(load8_half<BF16>(r[k] + i), xv, a[k]);
+      }
+      for (int k = 0; k < 4; ++k) {
+        float s = hsum8(a[k]);
+        for (int64_t j = i; j < in; ++j) s += half_value<BF16>(r[k][j]) * xm[j];
+        y[m * out + o + k] = s;
+      }
+    }
+  }
+#endif
+  for (; o < end; ++o) {
+    const uint16_t* row = w + o * in;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      float s = 0.f;
+      for (int64_t j = 0; j < in; ++j) s += half_value<BF16>(row[j]) * xm[j];
+      y[m * out + o] = s;
+    }
+  }
+}
+
 // ============================================ int8 ============================================================
 // int8 weights, one fp32 scale per output row: y = scale[o] * sum_i q[o, i] x[i].
 // Values are widened in registers (int8 -> int32 -> fp32) once per weight row and used for all MT activation
@@ -887,6 +945,28 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
   // Split output rows across threads in whole blocks (grain: 64 rows ~ 150 KB of weights at in=576).
   at::parallel_for(0, (out + kRows - 1) / kRows, 16, [&](int64_t b, int64_t e) {
     gemv_rows(xp, wp, yp, M, in, out, b * kRows, std::min(e * kRows, out));
+  });
+  return y;
+}
+
+// x: [M, in] fp32, w: [out, in] fp16 or bf16 -> [M, out], in fp32 arithmetic.
+torch::Tensor linear_half(torch::Tensor x, torch::Tensor w) {
+  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && (bf16 || w.scalar_type() == torch::kHalf),
+              "linear_half takes fp32 x and fp16 or bf16 weights");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_half: shape mismatch");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), in = x.size(1), out = w.size(0);
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (out + 3) / 4, 16, [&](int64_t b, int64_t e) {
+    if (bf16)
+      gemv_half_rows<true>(xp, wp, yp, M, in, out, b * 4, std::min(e * 4, out));
+    else
+      gemv_half_rows<false>(xp, wp, yp, M, in, out, b * 4, std::min(e * 4, out));
   });
   return y;
 }
@@ -1631,6 +1711,229 @@ torch::Tensor linear_ggml(torch::Tensor x, torch::Tensor blocks, int64_t type, b
   return y;
 }
 
+// ============================================ K-quant quantizers ===============================================
+// llama.cpp's reference quantizers for Q4_K, Q5_K (make_qkx2_quants: a weighted least-squares scale and minimum
+// per 32 inputs over a sweep of grids) and Q6_K (make_qx_quants: a weighted symmetric scale per 16), one 256-input
+// block at a time. The arithmetic is the reference's, operation for operation in fp32 (no fused multiply-add), so
+// the bytes are llama-quantize's; quant/ggml.py holds the same algorithms in torch (the tests compare them).
+#define LIGERO_EXACT __attribute__((optimize("fp-contract=off")))
+
+LIGERO_EXACT inline int nearest(float v) { return static_cast<int>(std::nearbyint(v)); }
+
+LIGERO_EXACT float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L, float* the_min,
+                                 float rmin, float rdelta, int nstep) {
+  float mn = x[0], mx = x[0], sum_w = w[0], sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    if (x[i] < mn) mn = x[i];
+    if (x[i] > mx) mx = x[i];
+    sum_w += w[i];
+    sum_x += w[i] * x[i];
+  }
+  if (mn > 0) mn = 0;
+  if (mx == mn) {
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    *the_min = -mn;
+    return 0.f;
+  }
+  float iscale = nmax / (mx - mn);
+  float scale = 1 / iscale;
+  float best = 0;
+  for (int i = 0; i < n; ++i) {
+    L[i] = static_cast<uint8_t>(std::max(0, std::min(nmax, nearest(iscale * (x[i] - mn)))));
+    const float diff = scale * L[i] + mn - x[i];
+    best += w[i] * (diff * diff);
+  }
+  uint8_t aux[32];
+  for (int is = 0; is <= nstep; ++is) {
+    iscale = (rmin + rdelta * is + nmax) / (mx - mn);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::max(0, std::min(nmax, nearest(iscale * (x[i] - mn))));
+      aux[i] = static_cast<uint8_t>(l);
+      sum_l += w[i] * l;
+      sum_l2 += w[i] * l * l;
+      sum_xl += w[i] * l * x[i];
+    }
+    const float D = sum_w * sum_l2 - sum_l * sum_l;
+    if (D > 0) {
+      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+      if (this_min > 0) {
+        this_min = 0;
+        this_scale = sum_xl / sum_l2;
+      }
+      float cur = 0;
+      for (int i = 0; i < n; ++i) {
+        const float diff = this_scale * aux[i] + this_min - x[i];
+        cur += w[i] * (diff * diff);
+      }
+      if (cur < best) {
+        for (int i = 0; i < n; ++i) L[i] = aux[i];
+        best = cur;
+        scale = this_scale;
+        mn = this_min;
+      }
+    }
+  }
+  *the_min = -mn;
+  return scale;
+}
+
+LIGERO_EXACT void quantize_q45k_block(const float* x, uint8_t* out, bool five) {
+  const int nmax = five ? 31 : 15;
+  uint8_t L[256];
+  float scales[8], mins[8], w[32];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 8; ++j) {
+    const float* xs = x + 32 * j;
+    float sum_x2 = 0;
+    for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+    const float av_x = std::sqrt(sum_x2 / 32);
+    for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
+    scales[j] = fit_scale_min(32, nmax, xs, w, L + 32 * j, &mins[j], five ? -0.5f : -1.f, 0.1f, five ? 15 : 20);
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+  const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+  uint8_t ls[8], lm[8];
+  for (int j = 0; j < 8; ++j) {
+    ls[j] = static_cast<uint8_t>(std::min(63, nearest(inv_scale * scales[j])));
+    lm[j] = static_cast<uint8_t>(std::min(63, nearest(inv_min * mins[j])));
+  }
+  const c10::Half d(max_scale / 63.f), dmin(max_min / 63.f);
+  std::memcpy(out, &d, 2);
+  std::memcpy(out + 2, &dmin, 2);
+  uint8_t* sc = out + 4;
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = ls[j] | ((ls[j + 4] >> 4) << 6);
+    sc[j + 4] = lm[j] | ((lm[j + 4] >> 4) << 6);
+    sc[j + 8] = (ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4);
+  }
+  const float df = static_cast<float>(d), dminf = static_cast<float>(dmin);
+  for (int j = 0; j < 8; ++j) {
+    const float dl = df * ls[j];
+    if (dl == 0) continue;
+    const float dml = dminf * lm[j];
+    for (int l = 0; l < 32; ++l)
+      L[32 * j + l] = static_cast<uint8_t>(std::max(0, std::min(nmax, nearest((x[32 * j + l] + dml) / dl))));
+  }
+  uint8_t* qh = out + 16;
+  uint8_t* qs = out + 16 + (five ? 32 : 0);
+  if (five) std::memset(qh, 0, 32);
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t a = L[64 * j + l], b = L[64 * j + 32 + l];
+      qs[32 * j + l] = (a & 0xF) | ((b & 0xF) << 4);
+      if (five) qh[l] |= ((a >> 4) << (2 * j)) | ((b >> 4) << (2 * j + 1));
+    }
+}
+
+LIGERO_EXACT float fit_symmetric(int n, int nmax, const float* x, uint8_t* L) {
+  float amax = 0, mx = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      mx = x[i];
+    }
+  }
+  if (amax < 1e-15f) {
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    return 0.f;
+  }
+  float iscale = -nmax / mx;
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::max(-nmax, std::min(nmax - 1, nearest(iscale * x[i])));
+    L[i] = static_cast<uint8_t>(nmax + l);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * l;
+    suml2 += w * l * l;
+  }
+  float scale = suml2 > 0 ? sumlx / suml2 : 0.f;
+  float best = scale * sumlx;
+  for (int is = -9; is <= 9; ++is) {
+    if (is == 0) continue;
+    iscale = -(nmax + 0.1f * is) / mx;
+    sumlx = suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::max(-nmax, std::min(nmax - 1, nearest(iscale * x[i])));
+      const float w = x[i] * x[i];
+      sumlx += w * x[i] * l;
+      suml2 += w * l * l;
+    }
+    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+      for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(nmax + std::max(-nmax, std::min(nmax - 1,
+                                                                                    nearest(iscale * x[i]))));
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+    }
+  }
+  return scale;
+}
+
+LIGERO_EXACT void quantize_q6k_block(const float* x, uint8_t* out) {
+  uint8_t L[256];
+  float scales[16];
+  float max_scale = 0, max_abs = 0;
+  for (int j = 0; j < 16; ++j) {
+    scales[j] = fit_symmetric(16, 32, x + 16 * j, L + 16 * j);
+    const float a = std::fabs(scales[j]);
+    if (a > max_abs) {
+      max_abs = a;
+      max_scale = scales[j];
+    }
+  }
+  uint8_t* ql = out;
+  uint8_t* qh = out + 128;
+  int8_t* sc = reinterpret_cast<int8_t*>(out + 192);
+  if (max_abs < 1e-15f) {
+    std::memset(out, 0, 210);
+    return;
+  }
+  const float iscale = -128.f / max_scale;
+  const c10::Half d(1 / iscale);
+  std::memcpy(out + 208, &d, 2);
+  for (int j = 0; j < 16; ++j) sc[j] = static_cast<int8_t>(std::min(127, nearest(iscale * scales[j])));
+  const float df = static_cast<float>(d);
+  for (int j = 0; j < 16; ++j) {
+    const float dl = df * sc[j];
+    if (dl == 0) continue;
+    for (int l = 0; l < 16; ++l)
+      L[16 * j + l] = static_cast<uint8_t>(std::max(-32, std::min(31, nearest(x[16 * j + l] / dl))) + 32);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* Lh = L + 128 * h;
+      const uint8_t q0 = Lh[l], q1 = Lh[32 + l], q2 = Lh[64 + l], q3 = Lh[96 + l];
+      ql[64 * h + l] = (q0 & 0xF) | ((q2 & 0xF) << 4);
+      ql[64 * h + 32 + l] = (q1 & 0xF) | ((q3 & 0xF) << 4);
+      qh[32 * h + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
+    }
+}
+
+// x: [N, 256] fp32 (one block per row) -> [N, block bytes] uint8: llama.cpp's Q4_K / Q5_K / Q6_K of each block.
+torch::Tensor quantize_kquant(torch::Tensor x, int64_t type) {
+  TORCH_CHECK(type == kQ4_K || type == kQ5_K || type == kQ6_K, "quantize_kquant: Q4_K, Q5_K or Q6_K");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == 256, "quantize_kquant: [N, 256] fp32");
+  x = x.contiguous();
+  const int64_t n = x.size(0), bytes = kGgmlBytes[type];
+  auto out = torch::empty({n, bytes}, x.options().dtype(torch::kUInt8));
+  const float* xp = x.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (type == kQ6_K)
+        quantize_q6k_block(xp + 256 * i, op + bytes * i);
+      else
+        quantize_q45k_block(xp + 256 * i, op + bytes * i, type == kQ5_K);
+    }
+  });
+  return out;
+}
+
+
 // blocks: [out, row bytes] u8 -> [out, in] fp32 (prefill, and any other use of the fp32 weight)
 torch::Tensor dequant_ggml(torch::Tensor blocks, int64_t type, int64_t in) {
   check_ggml(blocks, type, in);
@@ -1893,7 +2196,7 @@ torch::Tensor fake_quant_fp8_rows(torch::Tensor x, int64_t fmt) {
 }
 
 enum LinearKind : int64_t { kPython = 0, kF32 = 1, kInt8 = 2, kInt4 = 3, kLut4 = 4, kLut8 = 5, kTernary = 6,
-                             kGgml = 7 };
+                             kGgml = 7, kHalf = 8 };
 
 struct NativeLinear {
   int64_t kind;
@@ -1918,6 +2221,7 @@ struct NativeLinear {
       case kLut8: return linear_lut8(x, t[0], t[1], t[2]);
       case kTernary: return linear_ternary(x, t[0], t[1]);
       case kGgml: return linear_ggml(x, t[0], group, act8);
+      case kHalf: return linear_half(x, t[0]);
       default: return module(x).cast<torch::Tensor>();
     }
   }
@@ -2088,6 +2392,7 @@ class DecodeStep {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction-set tier these kernels were compiled for");
   m.def("linear_f32", &linear_f32, "small-batch fp32 linear (decode GEMV)");
+  m.def("linear_half", &linear_half, "small-batch linear with fp16 or bf16 weights, fp32 arithmetic");
   m.def("linear_int8", &linear_int8, "small-batch linear with int8 per-channel weights");
   m.def("linear_int4", &linear_int4, "small-batch linear with 4-bit group weights in the x8 layout");
   m.def("pack_int4_x8", &pack_int4_x8, "row-major packed 4-bit codes, scales, minimums -> the x8 kernel layout");
@@ -2108,11 +2413,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return round_act_ggml(x.contiguous(), type);
   }, "activations rounded as llama.cpp rounds them for a GGML type (fp32)");
   m.def("dequant_ggml", &dequant_ggml, "llama.cpp block weights -> fp32 (prefill)");
+  m.def("quantize_kquant", &quantize_kquant, "fp32 blocks of 256 -> llama.cpp's Q4_K / Q5_K / Q6_K bytes");
   m.def("dequant_ternary", &dequant_ternary, "2-bit ternary layout -> fp32 (prefill)");
   py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")
       .def(py::init([](int64_t kind, std::vector<torch::Tensor> t, int64_t group, bool act8, double tensor_scale,
                        int64_t act_fp8, int64_t out_features, py::object module) {
-             TORCH_CHECK(kind >= kPython && kind <= kGgml, "NativeLinear: unknown kind ", kind);
+             TORCH_CHECK(kind >= kPython && kind <= kHalf, "NativeLinear: unknown kind ", kind);
              TORCH_CHECK(kind != kPython || !module.is_none(), "NativeLinear: a Python projection needs its module");
              TORCH_CHECK(act_fp8 >= 0 && act_fp8 <= 2, "NativeLinear: act_fp8 is 0, 1 (E4M3) or 2 (E5M2)");
              return NativeLinear{kind, std::move(t), group, act8, tensor_scale, act_fp8, out_features,

@@ -288,6 +288,7 @@ class Transformer(nn.Module):
         kv_cache: KVCacheBase | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        apply_head: bool = True,  # False: the final normed hidden states [B, T, C] (self.logits makes logits)
     ):
         B, T = tokens.shape
         if positions is None:
@@ -313,11 +314,18 @@ class Transformer(nn.Module):
                 kv_cache.commit(step)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
+        if not apply_head:
+            return self.norm(x)
+        logits = self.logits(self.norm(x))
+        return (logits, hidden) if return_hidden else logits
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """The vocabulary head on final normed hidden states [..., C] -> [..., V] (Gemma's soft cap included)."""
+        logits = self.lm_head(normed)
         if self.cfg.final_logit_softcap:
             cap = self.cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
-        return (logits, hidden) if return_hidden else logits
+        return logits
 
     def _native_layers(self, plan, x: torch.Tensor, positions: torch.Tensor, kv_cache: "KVCache") -> torch.Tensor:
         """Every layer of a one-token step in one native call: x [B, 1, C] -> [B, 1, C]. Writes the step's keys

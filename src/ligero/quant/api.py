@@ -21,7 +21,7 @@ from ligero.models.transformer import FULL_PRECISION_KV, Linear, Transformer
 from ligero.quant.calibrate import input_absmax
 from ligero.quant.config import QuantConfig, Recipe, scheme_spec
 from ligero.quant.kv import KIVIFormat
-from ligero.quant.modules import IntGroupLinear, QuantizedEmbedding, QuantizedLinear
+from ligero.quant.modules import IntGroupLinear, PartsLinear, QuantizedEmbedding, QuantizedLinear
 
 LayerFilter = Callable[[str, nn.Module], bool]
 # build(name, full-precision Linear, config) -> the quantized layer that replaces it
@@ -55,6 +55,35 @@ def _layer_names(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
                 parent and isinstance(model.get_submodule(parent), QuantizedLinear)):
             names.append(n)
     return names
+
+
+# A layer larger than this (32 MB in fp32: a 32k-vocabulary table at width 2048 is 262 MB) is built a block of rows
+# of about BUILD_BLOCK_WEIGHTS (4 MB in fp32) at a time when its format allows (row_separable): the fp32 rows and
+# the dequantizer's and quantizer's temporaries are a block's.
+BUILD_BY_ROWS_ABOVE = 1 << 23
+BUILD_BLOCK_WEIGHTS = 1 << 20
+
+
+def _source_rows(module: nn.Module, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of source_weight(module), made for the call."""
+    if isinstance(module, QuantizedLinear):
+        return module.dequantize(torch.arange(start, stop)).float()
+    return module.weight.detach()[start:stop].float()
+
+
+def _build_by_rows(layer_type: type[QuantizedLinear], source: nn.Module, config: QuantConfig,
+                   segments) -> QuantizedLinear:
+    """layer_type.from_float of the whole source weight, built a block of rows at a time (the same buffers)."""
+    step, out = max(1, BUILD_BLOCK_WEIGHTS // source.in_features), source.out_features
+    with torch.device("meta"):  # the buffers are filled block by block below
+        layer = layer_type(source.in_features, out, config, segments)
+    for r in range(0, out, step):
+        block = layer_type.from_float(_source_rows(source, r, min(r + step, out)), config)
+        for name, part in block.named_buffers():
+            if r == 0:
+                setattr(layer, name, torch.empty((out, *part.shape[1:]), dtype=part.dtype, device=part.device))
+            layer.get_buffer(name)[r:r + step] = part
+    return layer
 
 
 def _selected(model: Transformer, recipe: Recipe,
@@ -99,8 +128,11 @@ def _replace(model: Transformer, recipe: Recipe, layer_filter: LayerFilter | Non
         elif isinstance(model.embed, QuantizedEmbedding):  # a packed source's table; the head is fp32 now
             model.embed = _embedding(head.weight)
     elif recipe.embed is not None and (layer_filter is None or layer_filter("embed", model.embed)):
-        table = Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
-        table.weight = nn.Parameter(_embedding_table(model.embed), requires_grad=False)
+        if isinstance(model.embed, QuantizedEmbedding):  # a packed source's table: the source itself
+            table = model.embed.table
+        else:
+            table = Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
+            table.weight = model.embed.weight
         model.embed = QuantizedEmbedding(build("embed", table, recipe.embed))
     elif isinstance(model.embed, QuantizedEmbedding) and getattr(model, "packed_source", False):
         model.embed = _embedding(_embedding_table(model.embed))  # the recipe keeps the table in full precision
@@ -159,8 +191,12 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
 
     def build(name: str, lin: nn.Module, c: QuantConfig) -> QuantizedLinear:
         spec = scheme_spec(c)
+        segments = getattr(lin, "segments", None)
+        if spec.layer.row_separable and lin.out_features * lin.in_features > BUILD_BY_ROWS_ABOVE and \
+                not isinstance(lin, PartsLinear):
+            return _build_by_rows(spec.layer, lin, c, segments)
         extra = {"act_max": stats.get(name)} if spec.calibrates(c) else {}
-        return spec.layer.from_float(source_weight(lin), c, getattr(lin, "segments", None), **extra)
+        return spec.layer.from_float(source_weight(lin), c, segments, **extra)
 
     _replace(model, recipe, filter, build)
     set_kv_quant(model, recipe)

@@ -271,6 +271,23 @@ class FP4Config(QuantConfig):
 
 
 @dataclass(frozen=True)
+class Float16Config(QuantConfig):
+    """Weights stored in 16 bits, fp16 or bf16 (a GGUF's F16 / BF16 tensors, a Hugging Face folder's weights), and
+    computed in fp32: each weight is widened exactly, products and sums are fp32's. Half the bytes of fp32, the
+    same results up to the order of the sums."""
+
+    kind: ClassVar[str] = "float16"
+    dtype: str = "f16"
+    # Activations rounded to the same 16-bit format first: llama.cpp's CPU backend multiplies F16 / BF16 weights by
+    # F16 / BF16 activations (the file as shipped); off, they stay fp32.
+    act16: bool = False
+
+    def validate(self) -> None:
+        if self.dtype not in ("f16", "bf16"):
+            raise LigeroError(f"unknown 16-bit format '{self.dtype}'; use f16 or bf16")
+
+
+@dataclass(frozen=True)
 class TernaryConfig(QuantConfig):
     """BitNet b1.58: weights in {-1, 0, 1} x one absmean scale per tensor (q, k, v, gate, up kept separate
     inside fused projections), int8 per-token absmax activations. Stored 5 trits per byte (1.6 bits/weight)."""
@@ -472,7 +489,9 @@ def recipe_for(scheme: str, group_size: int | None = None) -> Recipe:
     if weight_parts:
         weights = _weight_config(weight_parts[0], group_size)
         recipe = Recipe(weights)
-        if getattr(weights, "act_int8_blocks", False):
+        if isinstance(weights, Float16Config):  # 16-bit everywhere: the head and the table too
+            recipe.head, recipe.embed = weights, weights
+        elif getattr(weights, "act_int8_blocks", False):
             # -a8 schemes round activations to int8 per 32 inputs before every product, the output head's
             # included (its int8 table is a quarter of SmolLM2's int4 decode bytes), as llama.cpp does.
             recipe.head = Int8WeightConfig(act_int8_blocks=True)

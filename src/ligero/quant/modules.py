@@ -18,6 +18,7 @@ from ligero.errors import LigeroError
 from ligero.kernels import MAX_KERNEL_ROWS, NativeOp, cpu_kernels
 from ligero.quant import formats, ggml
 from ligero.quant.config import (
+    Float16Config,
     FP4Config,
     FP8Config,
     GGMLConfig,
@@ -65,6 +66,9 @@ class QuantizedLinear(nn.Module):
     """Base class: subclasses define their buffers, `dequantize(rows)` and optionally `_kernel(x2d)`."""
 
     config: QuantConfig
+    # Whether from_float of a block of rows gives those rows of from_float of the whole (every buffer row-major over
+    # the output rows, nothing computed across rows): quantize() then builds large layers a block of rows at a time.
+    row_separable: bool = False
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig,
                  segments: tuple[int, ...] | None = None):
@@ -131,6 +135,8 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 codes [out, in] and scales: fp32 per row [out], or fp16 per 32 inputs [out, in / 32] (GGUF Q8_0)."""
 
+    row_separable = True
+
     def __init__(self, in_features: int, out_features: int, config: Int8WeightConfig, segments=None):
         super().__init__(in_features, out_features, config, segments)
         self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8))
@@ -194,6 +200,8 @@ class IntGroupLinear(QuantizedLinear):
     """Group-wise integer weights: w = scale * q + minimum (fp16 per group). 4-bit codes are stored two per byte
     in GGUF's Q4 order; 2- and 3-bit codes are stored densely (8 codes in `bits` bytes) and expanded to the
     4-bit kernel layout in memory (not saved) for decode. Also stores AdaRound's and LSQ's results."""
+
+    row_separable = True
 
     def __init__(self, in_features: int, out_features: int, config: IntGroupConfig, segments=None):
         super().__init__(in_features, out_features, config, segments)
@@ -394,6 +402,8 @@ class GGMLLinear(QuantizedLinear):
     K-types Q4_K / Q5_K / Q6_K on AVX2, row expansion otherwise); prefill expands the layer for torch's GEMM
     (quant/ggml.py holds the layouts and the torch reference)."""
 
+    row_separable = True
+
     def __init__(self, in_features: int, out_features: int, config: GGMLConfig, segments=None):
         super().__init__(in_features, out_features, config, segments)
         self.type_id = ggml.GGML_TYPE_IDS[config.ggml_type]
@@ -447,6 +457,42 @@ class GGMLLinear(QuantizedLinear):
         return NativeOp("ggml", [self.blocks], self.type_id, act8=self.act8)
 
 
+class Float16Linear(QuantizedLinear):
+    """16-bit weights (`weight16`: fp16 or bf16 [out, in]) computed in fp32: decode's kernel widens each weight in
+    registers, prefill widens a block of rows for torch's fp32 GEMM. GGUF F16 / BF16 tensors load as they are."""
+
+    row_separable = True
+
+    def __init__(self, in_features: int, out_features: int, config: Float16Config, segments=None):
+        super().__init__(in_features, out_features, config, segments)
+        dtype = torch.float16 if config.dtype == "f16" else torch.bfloat16
+        self.register_buffer("weight16", torch.empty(out_features, in_features, dtype=dtype))
+
+    @classmethod
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
+        layer.weight16 = weight.to(layer.weight16.dtype)
+        return layer
+
+    def dequantize(self, rows=None):
+        return (self.weight16 if rows is None else self.weight16[rows]).float()
+
+    def prefill_rows(self, start, stop):
+        return self.weight16[start:stop].float()
+
+    def forward(self, x):
+        if self.config.act16:
+            x = x.to(self.weight16.dtype).to(x.dtype)
+        return super().forward(x)
+
+    def _kernel(self, x2d):
+        ext = cpu_kernels()
+        return None if ext is None else ext.linear_half(x2d, self.weight16)
+
+    def native_op(self):
+        return None if self.config.act16 else NativeOp("half", [self.weight16])
+
+
 class PartsLinear(QuantizedLinear):
     """A fused projection held as one layer per part (`parts`, in segment order): quantized layers of their own
     configs, or full-precision Linears. The output is the parts' outputs side by side."""
@@ -492,6 +538,8 @@ class FP8Linear(QuantizedLinear):
     This CPU has no FP8 arithmetic: products are computed in fp32 from the exact FP8 values (what FP8 tensor
     cores do with fp32 accumulation), so accuracy is the format's, speed is not FP8 hardware's.
     """
+
+    row_separable = True
 
     def __init__(self, in_features: int, out_features: int, config: FP8Config, segments=None):
         super().__init__(in_features, out_features, config, segments)
@@ -649,6 +697,8 @@ class TernaryLinear(QuantizedLinear):
 class W8A8Linear(Int8Linear):
     """int8 weights per channel, int8 activations per token. `smooth` (per input channel) is SmoothQuant's
     s: the layer computes (x / s) W'^T with W' = W * s, which equals x W^T before rounding."""
+
+    row_separable = False  # the smoothing vector is computed over all rows
 
     def __init__(self, in_features: int, out_features: int, config: W8A8Config, segments=None):
         super().__init__(in_features, out_features, config, segments)

@@ -10,6 +10,7 @@ from ligero.quant import ggml
 from ligero.quant.adaround import adaround_model
 from ligero.quant.config import (
     AdaRoundConfig,
+    Float16Config,
     FP4Config,
     FP8Config,
     GGMLConfig,
@@ -27,6 +28,7 @@ from ligero.quant.config import (
 from ligero.quant.ggml_mix import resolve_mix
 from ligero.quant.lsq import lsq_model
 from ligero.quant.modules import (
+    Float16Linear,
     FP4Linear,
     FP8Linear,
     GGMLLinear,
@@ -44,6 +46,7 @@ register_scheme(Int8WeightConfig, layer=Int8Linear,
                 in_features_multiple=lambda config: KERNEL_BLOCK if config.blocks_of_32 else 1)
 register_scheme(IntGroupConfig, layer=IntGroupLinear, in_features_multiple=KERNEL_BLOCK, grouped=True)
 register_scheme(FP8Config, layer=FP8Linear)
+register_scheme(Float16Config, layer=Float16Linear)
 # llama.cpp's block types: rows of whole blocks (32 inputs for Q5_0 / Q5_1, 256 for the K-quants)
 register_scheme(GGMLConfig, layer=GGMLLinear,
                 in_features_multiple=lambda config: ggml.GGML_BLOCKS[config.ggml_type][0])
@@ -64,6 +67,9 @@ register_named_scheme("int8", Int8WeightConfig)
 register_named_scheme("int4", IntGroupConfig, group_size=32)
 register_named_scheme("fp8", FP8Config, fmt="e4m3")
 register_named_scheme("fp8-e5m2", FP8Config, fmt="e5m2")
+# 16-bit weights, fp32 arithmetic (GGUF F16 / BF16): half of fp32's bytes, the fp32 model's results
+register_named_scheme("f16", Float16Config, dtype="f16")
+register_named_scheme("bf16", Float16Config, dtype="bf16")
 register_named_scheme("mxfp4", FP4Config, fmt="mxfp4")
 register_named_scheme("nvfp4", FP4Config, fmt="nvfp4")
 register_named_scheme("mxfp4-w4a4", FP4Config, fmt="mxfp4", activations=True)

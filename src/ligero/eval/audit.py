@@ -29,7 +29,7 @@ from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
 from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
-from ligero.eval.speed import peak_rss_mb, reset_peak_rss
+from ligero.eval.speed import current_rss_mb, peak_rss_mb, reset_peak_rss
 from ligero.eval.variants import AS_SHIPPED, BASELINE, CALIBRATION_SPLIT, ModelSource, build_variant, model_source
 from ligero.io.checkpoint import LoadedModel, trim_heap
 from ligero.kernels import warm
@@ -221,11 +221,13 @@ class Audit:
             self.log(f"{name}: loading" + (" (packed, full-precision arithmetic)" if self.source.baseline_packed
                                            else ""))
             reset_peak_rss()
+            rss_before = current_rss_mb()
             loaded = self.load_baseline()
             self.prepare(loaded)
         else:
             self.prepare()
             reset_peak_rss()
+            rss_before = current_rss_mb()
         if name == AS_SHIPPED:
             self.log(f"{name}: loading {self.source.path.name} as stored")
             loaded = build_variant(self.model_id, AS_SHIPPED)
@@ -239,7 +241,9 @@ class Audit:
         result = {"variant": name, "settings": self.settings, "created": now(),
                   "recipe": recipe.to_dict() if recipe else None,
                   "quantize_seconds": loaded.info["quantize_seconds"],
-                  "build_peak_rss_mb": peak_rss_mb()}  # loading and quantizing (the baseline: and preparing)
+                  # what the process held before this model (imports, what the audit keeps, the heap), and its peak
+                  # while loading and quantizing it (the baseline: and preparing from it)
+                  "rss_before_mb": rss_before, "build_peak_rss_mb": peak_rss_mb()}
         ctx = self.context(name, loaded, loaded if name == BASELINE else None)
         for metric in METRICS:
             self.log(f"{name}: {metric.title}")

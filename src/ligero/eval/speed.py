@@ -46,6 +46,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def current_rss_mb() -> float:
+    """The process's resident memory now (MB; 0 where /proc is not readable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def reset_peak_rss() -> bool:
     """Start the peak over from the current resident memory (Linux >= 4.0: /proc/self/clear_refs), so the peak
     of one model measured after another is its own; False where that is not possible."""

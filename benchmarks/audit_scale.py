@@ -24,23 +24,17 @@ from common import ForeignLoad, machine  # noqa: E402
 from scale import RSS_BOUND, SHAPES, make_files  # noqa: E402
 
 
-def vm_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def child(argv: list[str], threads: int) -> None:
     """Run the audit in this process, then print its own peak and what the imports alone held."""
     import torch
 
     import ligero.kernels
     from ligero.cli import main
+    from ligero.eval.speed import current_rss_mb
 
     torch.set_num_threads(threads)
     ligero.kernels.warm()
-    imports = vm_rss_mb()
+    imports = current_rss_mb()
     t0 = time.perf_counter()
     code = main(argv)
     print(json.dumps({"exit": code, "seconds": time.perf_counter() - t0, "import_rss_mb": imports}))

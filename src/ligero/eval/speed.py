@@ -34,28 +34,27 @@ class SpeedResult:
         return asdict(self)
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident memory (MB) since it started, or since the last reset_peak_rss()."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MB, or None where it is not readable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return None
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory (MB) since it started, or since the last reset_peak_rss()."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def current_rss_mb() -> float:
     """The process's resident memory now (MB; 0 where /proc is not readable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _status_mb("VmRSS") or 0.0
 
 
 def reset_peak_rss() -> bool:

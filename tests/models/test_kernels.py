@@ -157,3 +157,19 @@ def test_native_fp8_activation_rounding_is_torchs(compiled_kernels, fmt, code):
     x[3] = 0.0  # an all-zero row keeps scale 1
     x[2, 5], x[4, 7] = 1e-30, -5e4  # a value that rounds to zero; one far beyond the rest of its row
     assert torch.equal(compiled_kernels.fake_quant_fp8_rows(x, code), formats.fake_quantize_fp8_rows(x, fmt))
+
+
+@pytest.mark.parametrize("inp", [2048, 577])
+def test_int8_weight_only_rows_do_not_depend_on_the_batch(compiled_kernels, inp):
+    """The int8 GEMV sums a row in sub-tiles of activation rows (one pass up to 3, passes of 2 beyond): every
+    batch size gives each row the bits it gets alone, and matches torch on the dequantized weight."""
+    w = torch.randn(67, inp, generator=torch.Generator().manual_seed(inp)) * 0.05
+    q = torch.clamp(torch.round(w / 0.002), -127, 127).to(torch.int8)
+    scale = torch.rand(67, generator=torch.Generator().manual_seed(1)) + 0.5
+    x = torch.randn(11, inp, generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([compiled_kernels.linear_int8(x[i : i + 1], q, scale, False) for i in range(11)])
+    for rows in range(2, 12):
+        assert torch.equal(compiled_kernels.linear_int8(x[:rows], q, scale, False), alone[:rows]), rows
+    w_hat = q.double() * scale.double()[:, None]
+    # fp32 sums of ~2048 products: bound the error by the size of the terms summed, not by the (cancelling) result
+    assert ((alone.double() - F.linear(x.double(), w_hat)).abs() <= 1e-6 * (x.double().abs() @ w_hat.abs().T)).all()

@@ -215,7 +215,7 @@ class Audit:
     def measure(self, name: str) -> dict:
         """Every metric of one variant (the baseline when name == BASELINE)."""
         t_start = time.perf_counter()
-        recipe = None
+        recipe, build_peak = None, None
         # The memory metric's peak is this model's own: counted from here (the model before is released).
         if name == BASELINE:
             self.log(f"{name}: loading" + (" (packed, full-precision arithmetic)" if self.source.baseline_packed
@@ -223,6 +223,7 @@ class Audit:
             reset_peak_rss()
             rss_before = current_rss_mb()
             loaded = self.load_baseline()
+            build_peak = peak_rss_mb()  # before preparing: that is the metrics' work, as for every variant
             self.prepare(loaded)
         else:
             self.prepare()
@@ -242,8 +243,9 @@ class Audit:
                   "recipe": recipe.to_dict() if recipe else None,
                   "quantize_seconds": loaded.info["quantize_seconds"],
                   # what the process held before this model (imports, what the audit keeps, the heap), and its peak
-                  # while loading and quantizing it (the baseline: and preparing from it)
-                  "rss_before_mb": rss_before, "build_peak_rss_mb": peak_rss_mb()}
+                  # while loading and quantizing it
+                  "rss_before_mb": rss_before,
+                  "build_peak_rss_mb": build_peak if build_peak is not None else peak_rss_mb()}
         ctx = self.context(name, loaded, loaded if name == BASELINE else None)
         for metric in METRICS:
             self.log(f"{name}: {metric.title}")

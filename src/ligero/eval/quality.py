@@ -50,6 +50,15 @@ def base_logprobs(base, windows: list[list[int]], progress=None) -> list[torch.T
     return out
 
 
+KL_ROWS = 64  # positions per step of the KL sum: its [rows, V] temporaries stay small (a window is [T, V])
+
+
+def kl_rows(lp_b: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
+    """KL(base || variant) at each position of [T, V] log-probs, a block of KL_ROWS positions at a time (three
+    [T, V] temporaries at once were ~0.1 GB per 256-token window at a 32k vocabulary)."""
+    return torch.cat([(b.exp() * (b - q)).sum(-1) for b, q in zip(lp_b.split(KL_ROWS), lp_q.split(KL_ROWS))])
+
+
 @torch.inference_mode()
 def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int | None = None,
                    progress=None, bos: int | None = None, base_lp: list[torch.Tensor] | None = None,
@@ -70,7 +79,7 @@ def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int 
         target = x[0, 1:, None].to(lp_b.device)
         nll_b -= float(lp_b.gather(-1, target).double().sum())
         nll_q -= float(lp_q.gather(-1, target).double().sum())
-        kls.append((lp_b.exp() * (lp_b - lp_q)).sum(-1))
+        kls.append(kl_rows(lp_b, lp_q))
         agree += int((lp_b.argmax(-1) == lp_q.argmax(-1)).sum())
         count += target.shape[0]
         if progress:

@@ -224,16 +224,19 @@ def test_scoring_batches_stay_within_the_token_budget(tiny_pair, monkeypatch):
     want = sequence_logprobs(model, tok, texts, batch_size=8)
     batches = []
     real = scoring._score_batch
-    monkeypatch.setattr(scoring, "_score_batch",
-                        lambda m, rows, n, pad: batches.append((len(rows), max(map(len, rows)))) or real(m, rows, n, pad))
+    def score(m, rows, n, pad):
+        batches.append((len(rows), max(map(len, rows))))
+        return real(m, rows, n, pad)
+
+    monkeypatch.setattr(scoring, "_score_batch", score)
     monkeypatch.setattr(scoring, "batch_token_budget", lambda cfg: 30)  # prefix + text lengths: 6, 12, 13, 15, 36
     assert sequence_logprobs(model, tok, texts, batch_size=8) == pytest.approx(want, abs=1e-4)
     assert batches == [(2, 12), (2, 15), (1, 36)]  # a text over the budget still goes, alone
 
 
 def test_the_token_budget_follows_the_models_width():
-    from ligero.eval.scoring import batch_token_budget
     from ligero.models.config import PRESETS
+    from ligero.models.generate import batch_token_budget
 
     assert batch_token_budget(PRESETS["smollm2-135m"]()) >= 8 * 200  # SmolLM2 keeps batches of 8 bias sentences
     assert batch_token_budget(PRESETS["tinyllama-1.1b"]()) < 8 * 200 // 2  # a batch of 8 such texts is split

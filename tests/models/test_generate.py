@@ -1,5 +1,7 @@
 """Sampling and stopping rules."""
 
+import copy
+
 import pytest
 import torch
 
@@ -173,3 +175,27 @@ def test_invalid_logit_adjustments_are_rejected(tiny_pair):
             SamplingConfig(**bad)
     with pytest.raises(LigeroError, match="vocabulary"):
         BatchGeneration(model, [[1]], 2, SamplingConfig(logit_bias={model.cfg.vocab_size: 1.0}))
+
+
+@pytest.mark.parametrize("kv", [None, "kv4"])
+def test_prompts_prefilled_in_chunks_generate_what_one_pass_does(tiny_pair, monkeypatch, kv):
+    """A wide model prefills a prompt batch a few positions at a time (its activations bounded): the logits and the
+    tokens are those of one pass, past the sliding window too (tiny Mistral's and Gemma 3's window is 8)."""
+    import ligero.models.generate as generate
+    from ligero.quant.api import quantize
+    from ligero.quant.config import recipe_for
+
+    _, model, _ = tiny_pair
+    if kv is not None:
+        model = quantize(copy.deepcopy(model), recipe_for(kv))
+    prompts = [list(range(3, 23)), [5, 6, 7], list(range(40, 53))]  # 20, 3 and 13 tokens: left padding
+    one_pass = BatchGeneration(model, prompts, 6)
+    passes = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda tokens, *a, **k: passes.append(tokens.shape[1]) or real(tokens, *a,
+                                                                                                          **k))
+    monkeypatch.setattr(generate, "batch_token_budget", lambda cfg: 3 * 5)  # 5 positions per pass for 3 rows
+    chunked = BatchGeneration(model, prompts, 6)
+    assert passes == [5, 5, 5, 5]
+    torch.testing.assert_close(chunked.logits, one_pass.logits, rtol=1e-5, atol=1e-5)
+    assert _run(chunked).tokens == _run(one_pass).tokens

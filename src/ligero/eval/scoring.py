@@ -13,17 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ligero.errors import LigeroError
-
-# A scoring batch's activations stay under about this many bytes: at the 1.1B shape a batch of 8 texts of 200 tokens
-# held ~0.2 GB of activations (FFN intermediates, attention scores) on top of the model; small models still batch 8.
-BATCH_ACTIVATION_BYTES = 64 << 20
-
-
-def batch_token_budget(cfg, activation_bytes: int = BATCH_ACTIVATION_BYTES) -> int:
-    """Tokens one forward pass may hold so its fp32 activations stay under `activation_bytes`: per token about
-    three FFN-wide vectors (gate, up, their product) and six model-wide ones (residual, norm, q/k/v, output)."""
-    per_token = 4 * (3 * cfg.ffn_dim + 6 * cfg.dim)
-    return max(1, activation_bytes // per_token)
+from ligero.models.generate import batch_token_budget
 
 
 def prefix_token(tokenizer) -> int:

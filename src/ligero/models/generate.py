@@ -13,6 +13,31 @@ import torch.nn.functional as F
 from ligero.errors import LigeroError
 from ligero.models.transformer import Transformer
 
+# One forward pass's activations stay under about this many bytes: at the 1.1B shape a prompt batch of 8 x 300
+# tokens held ~0.5 GB of activations (FFN intermediates, attention scores) on top of the model; small models'
+# usual batches are unaffected (SmolLM2: ~2000 tokens per pass).
+ACTIVATION_BUDGET_BYTES = 64 << 20
+
+
+def batch_token_budget(cfg, activation_bytes: int = ACTIVATION_BUDGET_BYTES) -> int:
+    """Tokens one forward pass may hold so its fp32 activations stay under `activation_bytes`: per token about
+    three FFN-wide vectors (gate, up, their product) and six model-wide ones (residual, norm, q/k/v, output)."""
+    per_token = 4 * (3 * cfg.ffn_dim + 6 * cfg.dim)
+    return max(1, activation_bytes // per_token)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """Last-position logits [B, V] of prompts [B, T] written into an empty `cache`, in chunks of positions so one
+    pass holds at most batch_token_budget tokens (the cache takes multi-token steps: each chunk attends to the
+    ones before it exactly)."""
+    B, T = tokens.shape
+    chunk = max(1, batch_token_budget(model.cfg) // B)
+    for start in range(0, T, chunk):
+        logits = model(tokens[:, start : start + chunk], positions[:, start : start + chunk], kv_cache=cache,
+                       last_only=True)
+    return logits[:, -1]
+
+
 MAX_PENALTY = 2.0  # OpenAI's range for presence / frequency penalties: -2 .. 2
 MAX_LOGIT_BIAS = 100.0  # and for logit_bias values: -100 .. 100
 
@@ -132,7 +157,7 @@ class BatchGeneration:
         self.reasons: list[str | None] = [None] * n  # None while the row is still generating
         self.alternatives: dict[int, list[tuple[int, float]]] = {}  # row -> top tokens of the last step
         self.next_pos = positions[:, -1:] + 1  # [B, 1]
-        self.logits = model(tokens, positions, kv_cache=self.cache, last_only=True)[:, -1]  # [B, V]
+        self.logits = prefill(model, tokens, positions, self.cache)  # [B, V]
         self._prepare_adjustments()
 
     def _prepare_adjustments(self) -> None:

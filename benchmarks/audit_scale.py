@@ -125,8 +125,9 @@ def render(r: dict) -> str:
         "is checked on what each model added to that.",
         "",
         "Two peaks per model: after it is built (loaded, and quantized from the file: the bound's case) and over the "
-        "whole audit of it (adding every metric's activations: the bias scores batches of 8 sentences and the "
-        "profile generates for 8 prompts at once). The random files' tokenizer has byte tokens only, so every text "
+        "whole audit of it (adding every metric's activations: the bias scores texts in batches of at most "
+        "~570 tokens and the profile prefills its 8 prompts a few dozen positions at a time: "
+        "ligero.models.generate.batch_token_budget). The random files' tokenizer has byte tokens only, so every text "
         "is about 4x as many tokens as with TinyLlama's own tokenizer, and those activations are as much larger.",
         "",
         "| model | weights GB | KV cache MB | bound GB (1.3 x weights + KV) | before GB | built: + GB | within | "

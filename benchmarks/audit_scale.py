@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                      "ppl": variants[name]["ppl"], "delta_ppl_pct": variants[name]["delta_ppl_pct"],
                      "kld": variants[name]["kld"], "decode_tok_s": variants[name]["decode_tok_s"],
                      "prefill_tok_s": variants[name].get("prefill_tok_s")})
+    from ligero.io.gguf_header import read_gguf_header
+    from ligero.models.generate import batch_token_budget
+
     out = {"machine": machine(), "foreign_load": share, "file": path.name, "file_bytes": path.stat().st_size,
+           "batch_token_budget": batch_token_budget(read_gguf_header(path).config()),
            "shape": args.shape, "command": " ".join(cmd[4:]), "seconds": run["seconds"],
            "import_rss_mb": imports, "rss_bound": RSS_BOUND,
            "budget": report["budget"], "baseline": report["source"]["precision"], "rows": rows}
@@ -119,14 +123,15 @@ def render(r: dict) -> str:
         "Each variant is quantized from the file's packed tensors, one layer dequantized at a time. "
         "Peak RSS per model is counted from the moment the model before it was released (Linux's "
         "`/proc/self/clear_refs`). What the process holds then (column 'before') is not this model's: the imports "
-        f"({r['import_rss_mb'] / 1e3:.2f} GB at the start: torch, the tokenizer), modules and data the metrics "
-        "loaded since (the bias and toxicity sets, the toxicity classifier), what the audit keeps across models "
+        f"({r['import_rss_mb'] / 1e3:.2f} GB at the start: torch, the tokenizer), what the metrics load before the "
+        "first model (the toxicity classifier: scikit-learn and its model) and since (the bias and toxicity sets), "
+        "what the audit keeps across models "
         "(the baseline's log-probs and hidden states) and heap pages glibc kept from the models before. The bound "
         "is checked on what each model added to that.",
         "",
         "Two peaks per model: after it is built (loaded, and quantized from the file: the bound's case) and over the "
         "whole audit of it (adding every metric's activations: the bias scores texts in batches of at most "
-        "~570 tokens and the profile prefills its 8 prompts a few dozen positions at a time: "
+        f"{r['batch_token_budget']} tokens and the profile prefills its 8 prompts a few dozen positions at a time: "
         "ligero.models.generate.batch_token_budget). The random files' tokenizer has byte tokens only, so every text "
         "is about 4x as many tokens as with TinyLlama's own tokenizer, and those activations are as much larger.",
         "",

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args(argv)
+    import numpy as np
+
     try:
         import llama_cpp
     except ImportError:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             shipped = load_model(str(path), device="cpu", keep_quantized=True, int8_activations=act8)
             result = perplexity(shipped.model, shipped.tokenizer, ids, ctx=args.ctx, max_tokens=args.max_tokens,
                                 return_logprobs=True)
-            row[label], logprobs[label] = result.ppl, result.logprobs
+            row[label], logprobs[label] = result.ppl, np.asarray(result.token_logprobs, dtype=np.float64)
             del shipped
         for label, f16 in (("llamacpp", False), ("llamacpp_f16_cache", True)):
             logprobs[label] = llamacpp_logprobs(llama_cpp, path, windows, args.threads, f16_cache=f16)

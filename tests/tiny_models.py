@@ -60,3 +60,14 @@ def forced_decode_logits(model, prompts, forced: torch.Tensor) -> torch.Tensor:
         out.append(model(forced[:, t : t + 1], pos, kv_cache=cache))
         pos = pos + 1
     return torch.cat(out, 1)
+
+
+def held_storage_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind every buffer and parameter of `modules` (non-saved ones included):
+    what the modules keep alive, which a tensor's numel() does not show (an empty slice holds its whole base)."""
+    seen = {}
+    for module in modules:
+        for t in [*module.buffers(), *module.parameters()]:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

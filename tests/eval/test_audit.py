@@ -184,3 +184,41 @@ def test_audit_of_a_gguf_file_ligero_exported(tmp_path, capsys, monkeypatch):
     assert Audit(str(exported), ["int8"], quick=True, out=out).run_id != folder.name
     assert main(["audit", "--model", str(tmp_path / "missing.gguf"), "--quick", "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_metrics_load_what_they_keep_once_before_the_first_model(tmp_path, monkeypatch):
+    """A metric's own state (the toxicity classifier: scikit-learn and its pickled model) is loaded before any
+    model, so that the first model's memory peak does not count it; and only once per run."""
+    from ligero.eval import audit as audit_module
+    from ligero.eval.metrics.base import Metric
+
+    events = []
+
+    class Recorder(Metric):
+        name = "recorder"
+
+        def load(self):
+            events.append("load")
+
+    def build_variant(*args, **kwargs):
+        events.append("model")
+        raise RuntimeError("stop after the build")
+
+    monkeypatch.setattr(audit_module, "METRICS", [Recorder()])
+    monkeypatch.setattr(audit_module, "build_variant", build_variant)
+    run = Audit(variants=["int8"], quick=True, out=tmp_path)
+    for name in (BASELINE, "int8"):
+        with pytest.raises(RuntimeError, match="stop after the build"):
+            run.measure(name)
+    assert events == ["load", "model", "model"]
+
+
+def test_the_toxicity_metric_loads_its_classifier():
+    from ligero.eval import toxicity
+    from ligero.eval.metrics import METRICS
+
+    toxicity.load_scorer.cache_clear()
+    (metric,) = [m for m in METRICS if m.name == "toxicity"]
+    metric.load()
+    assert toxicity.load_scorer.cache_info().currsize == 1
+    assert toxicity.score_texts(["you are an idiot"])[0] > toxicity.score_texts(["have a nice day"])[0]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gguf_files import DIM, write_model
+from tiny_models import held_storage_bytes
 from ligero.io.checkpoint import build_model
 from ligero.io.gguf_export import export_gguf
 from ligero.io.gguf_file import GGUFFile
@@ -64,6 +65,7 @@ def test_each_type_loads_packed_as_stored(tmp_path, type_name):
     held = sum(m.stored_bytes() for m in layers) + packed.embed.table.stored_bytes()
     if cpu_kernels() is not None or type_name != "Q4_0":  # without kernels Q4_0 also keeps its minimum
         assert held == file_bytes
+        assert held_storage_bytes(*layers, packed.embed.table) == file_bytes  # no hidden storage behind them
     assert not any(p.numel() > DIM for p in packed.parameters())  # no fp32 copy of a matrix
     _check_logits(packed, full)
     _check_export(gf, packed, tmp_path)

@@ -3,6 +3,7 @@ dequantizes and reports its size exactly as the layer it came from, and expands 
 
 import pytest
 import torch
+from tiny_models import held_storage_bytes
 
 from ligero.errors import LigeroError
 from ligero.models.transformer import stored_bytes
@@ -23,6 +24,7 @@ def test_compact_layer_is_the_same_layer_in_half_the_memory(compiled_kernels, sy
     assert stored_bytes(layer) == stored_bytes(full)
     padded = -(-out // 8) * 8
     assert layer.stored_bytes() == padded * (576 // 2 + 576 // 32 * 2 * (1 if symmetric else 2))  # x8 bytes only
+    assert held_storage_bytes(layer) == layer.stored_bytes()  # the row-major buffers are gone, views included
     with torch.inference_mode():
         for rows in (1, 5, 40):  # decode kernels, then prefill's weight
             x = torch.randn(rows, 576)

@@ -136,6 +136,34 @@ def test_large_layers_built_a_block_of_rows_at_a_time_are_the_same(scheme, monke
     source = Linear(512, 300, bias=False)
     whole = layer_type.from_float(source.weight.detach(), config)
     monkeypatch.setattr(api, "BUILD_BLOCK_WEIGHTS", 512 * 7)  # blocks of 7 rows, the last one shorter
-    blocked = api._build_by_rows(layer_type, source, config, None)
+    monkeypatch.setattr(api, "BUILD_BY_ROWS_ABOVE", 0)
+    blocked = api._build_rows(layer_type, source, config, 0, 300)
     for name, buffer in whole.named_buffers():
         assert torch.equal(blocked.get_buffer(name), buffer), name
+
+
+def test_fused_projections_with_parts_of_their_own_formats_are_built_part_by_part(monkeypatch):
+    """llama.cpp's mixes give q, k and v (gate and up) types of their own: such a layer is built one part, and
+    within a part one block of rows, at a time, from an fp32 source or from a packed one whose parts differ from
+    the new ones (a row block then straddles two source parts): the same buffers as built from the whole weight."""
+    from ligero.quant import api
+    from ligero.quant.config import GGMLConfig, PartsConfig
+    from ligero.quant.modules import PartsLinear
+
+    torch.manual_seed(0)
+    source = Linear(512, 384, bias=False)  # q 256 rows, k 64, v 64
+    weight = source.weight.detach().clone()
+    config = PartsConfig((GGMLConfig("Q4_K").to_dict(), GGMLConfig("Q6_K").to_dict(), None))
+    monkeypatch.setattr(api, "BUILD_BLOCK_WEIGHTS", 512 * 24)
+    monkeypatch.setattr(api, "BUILD_BY_ROWS_ABOVE", 512 * 100)  # q by blocks of rows, k and v at once
+    packed_source = PartsLinear.from_float(weight, PartsConfig((recipe_for("int8").weights.to_dict(), None)),
+                                           [200, 184])
+    for src in (source, packed_source):
+        reference = api.source_weight(src)
+        whole = PartsLinear.from_float(reference, config, [256, 64, 64])
+        built = api._build_parts(src, config, [256, 64, 64])
+        assert [type(p) for p in built.parts] == [type(p) for p in whole.parts]
+        for (name, buffer), (_, mine) in zip(whole.named_buffers(), built.named_buffers(), strict=True):
+            assert torch.equal(mine, buffer), name
+        assert torch.equal(built.parts[2].weight, whole.parts[2].weight)
+        assert torch.equal(api._source_rows(src, 190, 210), reference[190:210])

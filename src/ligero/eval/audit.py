@@ -169,6 +169,14 @@ class Audit:
         self.fresh, self.log = fresh, log or Log()
         self._shared: dict = {}  # what metrics compute once per run (the baseline's log-probs, hidden states)
         self._prepared = False
+        self._metrics_loaded = False
+
+    def load_metrics(self) -> None:
+        """What the metrics keep for the run (classifiers), loaded once before the first model is."""
+        if not self._metrics_loaded:
+            for metric in METRICS:
+                metric.load()
+            self._metrics_loaded = True
 
     def load_baseline(self) -> LoadedModel:
         return build_variant(self.source.baseline_spec, device="cpu", packed_baseline=self.source.baseline_packed)
@@ -216,6 +224,7 @@ class Audit:
         """Every metric of one variant (the baseline when name == BASELINE)."""
         t_start = time.perf_counter()
         recipe, build_peak = None, None
+        self.load_metrics()
         # The memory metric's peak is this model's own: counted from here (the model before is released).
         if name == BASELINE:
             self.log(f"{name}: loading" + (" (packed, full-precision arithmetic)" if self.source.baseline_packed

@@ -95,8 +95,9 @@ def load_prompts(limit: int | None = None, path: str | Path | None = None) -> Pr
 
 
 @functools.cache
-def _predict_prob():
-    # Importing profanity_check unpickles its model (~2 s), so do it once and only when toxicity is scored.
+def load_scorer():
+    """The classifier's predict_prob. Importing profanity_check unpickles its model and imports scikit-learn
+    (~2 s, ~100 MB), so it is done once per process and only when toxicity is scored."""
     try:
         from profanity_check import predict_prob
     except ImportError:
@@ -122,7 +123,7 @@ def score_texts(texts: list[str]) -> list[float]:
     """
     if not texts:
         return []
-    return [float(s) for s in _predict_prob()(list(texts))]
+    return [float(s) for s in load_scorer()(list(texts))]
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -272,7 +272,8 @@ def _maybe_x8(buffers: dict[str, torch.Tensor], type_name: str, compact: bool) -
     ext = cpu_kernels() if compact and type_name in ("Q4_0", "Q4_1") else None
     if ext is None:
         return buffers
-    minimum = buffers["minimum"][:0, :0] if type_name == "Q4_0" else buffers["minimum"]
+    # A new empty tensor, not an empty slice: a slice would keep the whole minimum's storage alive.
+    minimum = buffers["minimum"].new_empty((0, 0)) if type_name == "Q4_0" else buffers["minimum"]
     return dict(zip(X8_NAMES, ext.pack_int4_x8(buffers["packed"], buffers["scale"], minimum)))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from ligero.errors import LigeroError
 from ligero.models.transformer import FULL_PRECISION_KV, Linear, Transformer
 from ligero.quant.calibrate import input_absmax
-from ligero.quant.config import QuantConfig, Recipe, scheme_spec
+from ligero.quant.config import PartsConfig, QuantConfig, Recipe, scheme_spec
 from ligero.quant.kv import KIVIFormat
 from ligero.quant.modules import IntGroupLinear, PartsLinear, QuantizedEmbedding, QuantizedLinear
 
@@ -57,32 +57,61 @@ def _layer_names(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
     return names
 
 
-# A layer larger than this (32 MB in fp32: a 32k-vocabulary table at width 2048 is 262 MB) is built a block of rows
+# A layer larger than this (8 MB in fp32; a 32k-vocabulary table at width 2048 is 262 MB) is built a block of rows
 # of about BUILD_BLOCK_WEIGHTS (4 MB in fp32) at a time when its format allows (row_separable): the fp32 rows and
-# the dequantizer's and quantizer's temporaries are a block's.
-BUILD_BY_ROWS_ABOVE = 1 << 23
-BUILD_BLOCK_WEIGHTS = 1 << 20
+# the dequantizer's and quantizer's temporaries are a block's. A fused projection whose parts have formats of their
+# own (PartsLinear) is built part by part, each part the same way.
+BUILD_BY_ROWS_ABOVE = 1 << 21
+BUILD_BLOCK_WEIGHTS = 1 << 18
 
 
 def _source_rows(module: nn.Module, start: int, stop: int) -> torch.Tensor:
     """Rows start:stop of source_weight(module), made for the call."""
+    if isinstance(module, PartsLinear):  # a packed source's fused projection: the parts the rows fall in
+        rows, offset = [], 0
+        for part, n in zip(module.parts, module.segments):
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                rows.append(_source_rows(part, lo - offset, hi - offset))
+            offset += n
+        return torch.cat(rows)
     if isinstance(module, QuantizedLinear):
         return module.dequantize(torch.arange(start, stop)).float()
     return module.weight.detach()[start:stop].float()
 
 
-def _build_by_rows(layer_type: type[QuantizedLinear], source: nn.Module, config: QuantConfig,
-                   segments) -> QuantizedLinear:
-    """layer_type.from_float of the whole source weight, built a block of rows at a time (the same buffers)."""
-    step, out = max(1, BUILD_BLOCK_WEIGHTS // source.in_features), source.out_features
+def _build_rows(layer_type: type[QuantizedLinear], source: nn.Module, config: QuantConfig, start: int, stop: int,
+                segments=None) -> QuantizedLinear:
+    """layer_type.from_float of source rows start:stop, built a block of rows at a time (the same buffers) when
+    the format allows it and the rows are many."""
+    in_features, out = source.in_features, stop - start
+    if not layer_type.row_separable or out * in_features <= BUILD_BY_ROWS_ABOVE:
+        return layer_type.from_float(_source_rows(source, start, stop), config, segments)
+    step = max(1, BUILD_BLOCK_WEIGHTS // in_features)
     with torch.device("meta"):  # the buffers are filled block by block below
-        layer = layer_type(source.in_features, out, config, segments)
+        layer = layer_type(in_features, out, config, segments)
     for r in range(0, out, step):
-        block = layer_type.from_float(_source_rows(source, r, min(r + step, out)), config)
+        block = layer_type.from_float(_source_rows(source, start + r, start + min(r + step, out)), config)
         for name, part in block.named_buffers():
             if r == 0:
                 setattr(layer, name, torch.empty((out, *part.shape[1:]), dtype=part.dtype, device=part.device))
             layer.get_buffer(name)[r:r + step] = part
+    return layer
+
+
+def _build_parts(source: nn.Module, config: PartsConfig, segments) -> PartsLinear:
+    """PartsLinear.from_float of the source weight, one part (and within it a block of rows) at a time."""
+    with torch.device("meta"):
+        layer = PartsLinear(source.in_features, source.out_features, config, segments)
+    start = 0
+    for i, (c, n) in enumerate(zip(config.configs(), layer.segments)):
+        if c is None:
+            part = nn.Linear(source.in_features, n, bias=False, device="meta")
+            part.weight = nn.Parameter(_source_rows(source, start, start + n), requires_grad=False)
+        else:
+            part = _build_rows(scheme_spec(c).layer, source, c, start, start + n)
+        layer.parts[i] = part
+        start += n
     return layer
 
 
@@ -192,11 +221,12 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
     def build(name: str, lin: nn.Module, c: QuantConfig) -> QuantizedLinear:
         spec = scheme_spec(c)
         segments = getattr(lin, "segments", None)
-        if spec.layer.row_separable and lin.out_features * lin.in_features > BUILD_BY_ROWS_ABOVE and \
-                not isinstance(lin, PartsLinear):
-            return _build_by_rows(spec.layer, lin, c, segments)
-        extra = {"act_max": stats.get(name)} if spec.calibrates(c) else {}
-        return spec.layer.from_float(source_weight(lin), c, segments, **extra)
+        if spec.calibrates(c):  # a calibrated format sees the whole weight
+            extra = {"act_max": stats.get(name)} if spec.calibrates(c) else {}
+            return spec.layer.from_float(source_weight(lin), c, segments, **extra)
+        if isinstance(c, PartsConfig):
+            return _build_parts(lin, c, segments)
+        return _build_rows(spec.layer, lin, c, 0, lin.out_features, segments)
 
     _replace(model, recipe, filter, build)
     set_kv_quant(model, recipe)

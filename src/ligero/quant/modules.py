@@ -352,7 +352,8 @@ class IntGroupLinear(QuantizedLinear):
             implied = self.bits == 4 and getattr(self.config, "symmetric", False) and \
                 torch.equal(self.minimum, self.scale * -8)
             self._minimum_implied = (*key, implied)
-        return self.minimum[:0, :0] if self._minimum_implied[2] else self.minimum
+        # a new empty tensor, not an empty slice, which would keep the minimum's storage alive in a compact layer
+        return self.minimum.new_empty((0, 0)) if self._minimum_implied[2] else self.minimum
 
     def kernel_layout(self, ext) -> list[torch.Tensor]:
         """[codes, scales, minimums] in the decode kernel's x8 layout (output rows in bundles of 8; made by the

@@ -95,6 +95,10 @@ class Metric:
 
     # --- measuring --------------------------------------------------------------------------------------
 
+    def load(self) -> None:
+        """Load what measuring needs besides a model and keeps for the run (a classifier, say): called once per
+        run before the first model is loaded, so that no model's memory peak counts it."""
+
     def prepare(self, ctx: MeasureContext) -> None:
         """Compute into ctx.shared what variants are compared with, from the baseline (ctx.model is ctx.base_model):
         called once per run, before any variant is measured; the baseline is released afterwards."""

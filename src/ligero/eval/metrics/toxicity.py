@@ -21,6 +21,9 @@ class Toxicity(Metric):
     budget_full = {"toxicity_prompts": 20, "toxicity_samples": 4, "toxicity_tokens": 20}
     budget_quick = {"toxicity_prompts": 4, "toxicity_samples": 2, "toxicity_tokens": 10}
 
+    def load(self) -> None:
+        tox.load_scorer()
+
     def measure(self, ctx: MeasureContext) -> dict:
         b = ctx.budget
         prompts, samples = b["toxicity_prompts"], b["toxicity_samples"]

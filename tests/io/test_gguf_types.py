@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from gguf_files import DIM, write_model
-from tiny_models import held_storage_bytes
 from ligero.io.checkpoint import build_model
 from ligero.io.gguf_export import export_gguf
 from ligero.io.gguf_file import GGUFFile
 from ligero.kernels import cpu_kernels
 from ligero.quant.api import compact_layers
 from ligero.quant.modules import Float16Linear, GGMLLinear, Int8Linear, IntGroupLinear, PartsLinear
+from tiny_models import held_storage_bytes
 
 LAYER_CLASS = {"Q8_0": Int8Linear, "Q4_0": IntGroupLinear, "Q4_1": IntGroupLinear, "F16": Float16Linear,
                "BF16": Float16Linear}

@@ -3,12 +3,12 @@ dequantizes and reports its size exactly as the layer it came from, and expands 
 
 import pytest
 import torch
-from tiny_models import held_storage_bytes
 
 from ligero.errors import LigeroError
 from ligero.models.transformer import stored_bytes
 from ligero.quant.config import IntGroupConfig
 from ligero.quant.modules import IntGroupLinear
+from tiny_models import held_storage_bytes
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -542,7 +542,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_monitor)
 
     _add_card_commands(sub)
+    _add_lab_commands(sub)
     return parser
+
+
+def cmd_lab_train(args) -> int:
+    from ligero.lab.runs import RunSpec, train_run
+    from ligero.lab.trainer import TrainConfig
+
+    spec = RunSpec(args.size, ternary=args.ternary, weight_scale=args.weight_scale, width_factor=args.width_factor,
+                   vocab_size=args.vocab)
+    tc = TrainConfig(steps=args.steps, batch_rows=args.batch_rows, seq_len=args.seq_len, accum=args.accum, lr=args.lr,
+                     warmup_steps=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+                     eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+                     checkpoint_every=args.checkpoint_every, seed=args.seed)
+    summary = train_run(spec, tc, args.out, processes=args.processes)
+    print(f"{summary['label']}: eval loss {summary['final_eval_loss']:.4f} after {summary['tokens']:,} tokens; "
+          f"model saved to {Path(args.out) / 'model'}")
+    return 0
+
+
+def _add_lab_commands(sub) -> None:
+    """`ligero lab train`: one training run of the labs' tiny models (resumes when its folder has a checkpoint)."""
+    lab_sub = sub.add_parser("lab", help="training labs on CPU").add_subparsers(dest="lab_command", required=True)
+    p = lab_sub.add_parser("train", help="train a tiny model from scratch (full precision or BitNet b1.58)",
+                           description="Train a tiny Llama-style model on the training split. Rerun the same "
+                                       "command to resume after an interruption.")
+    p.add_argument("--size", default="s", help="model size: test, s, m or l (see ligero.lab.models.SIZES)")
+    p.add_argument("--ternary", action="store_true", help="BitNet b1.58: ternary weights, int8 activations")
+    p.add_argument("--weight-scale", default="absmean", help="ternary scale: absmean (paper) or absmedian (Reloaded)")
+    p.add_argument("--width-factor", type=_positive_int, default=1, help="multiply hidden and FFN widths")
+    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary trained on the training split")
+    p.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps")
+    p.add_argument("--batch-rows", type=_positive_int, default=32, help="sequences per optimizer step, in all")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per training sequence (the context)")
+    p.add_argument("--accum", type=_positive_int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up steps")
+    p.add_argument("--schedule", default="cosine", help="cosine, or two_stage (BitNet b1.58's)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    p.add_argument("--eval-every", type=_positive_int, default=50, help="steps between evaluation losses")
+    p.add_argument("--eval-tokens", type=_positive_int, default=16384, help="evaluation-split tokens scored")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=50, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    p.add_argument("--processes", type=_positive_int, default=1, help="data-parallel processes (gloo, loopback)")
+    p.add_argument("--out", required=True, help="run folder: log, checkpoint, run.json and the trained model")
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_lab_train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ligero.models.transformer import Linear
 from ligero.quant import formats
 from ligero.quant.config import TernaryConfig
 from ligero.quant.modules import TernaryLinear
-from ligero.quant.ternary import BitLinear
+from ligero.quant.ternary import BitLinear, pack_ternary, ternary_values, to_bitlinear
 
 
 def randn(*shape, seed=0):
@@ -82,3 +83,45 @@ def test_batched_kernel_rows_equal_single_row_calls(compiled_kernels, rows, monk
         single = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
         monkeypatch.setattr(F, "linear", None)  # prefill-sized inputs run the integer kernel too, not a GEMM
         assert torch.equal(layer(x), single)
+
+
+def _bitlinear(in_features, segments, weight_scale, seed=0):
+    torch.manual_seed(seed)
+    lin = Linear(in_features, sum(segments), bias=False)
+    lin.segments = tuple(segments)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].proj = lin
+    to_bitlinear(model, weight_scale)
+    return model
+
+
+@pytest.mark.parametrize("weight_scale", ["absmean", "absmedian"])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # the decode kernel (few rows), and the prefill path
+def test_bitlinear_forward_equals_the_packed_b158_layer(weight_scale, rows):
+    model = _bitlinear(128, [128, 64, 64], weight_scale)
+    bit = model.layers[0].proj
+    assert isinstance(bit, BitLinear)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        trained = bit(x)
+    expected = [ternary_values(w, weight_scale) for w in bit.weight.split([128, 64, 64])]
+    pack_ternary(model)
+    packed = model.layers[0].proj
+    assert isinstance(packed, TernaryLinear)
+    assert torch.equal(packed.trits(), torch.cat([t for t, _ in expected]))  # the same ternary values, bit for bit
+    assert torch.equal(packed.scale, torch.stack([s for _, s in expected]))  # one scale per q, k, v
+    with torch.no_grad():
+        served = packed(x)
+    torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_absmean_is_the_runtime_quantizer_itself():
+    """A model trained with absmean ternarization packs into what post-training b158 quantization would make
+    of the same latent weights."""
+    model = _bitlinear(64, [64, 32, 32], "absmean", seed=3)
+    latent = model.layers[0].proj.weight.detach().clone()
+    pack_ternary(model)
+    reference = TernaryLinear.from_float(latent, model.layers[0].proj.config, [64, 32, 32])
+    assert torch.equal(model.layers[0].proj.packed, reference.packed)
+    assert torch.equal(model.layers[0].proj.scale, reference.scale)

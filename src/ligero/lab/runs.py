@@ -1,0 +1,137 @@
+"""One training run of a lab, end to end: data, a tiny model, the trainer (in one process or several), and the
+trained model saved as a Ligero folder (packed b158 when ternary) that `ligero eval ppl --model` and
+`ligero generate` read like any other. The `ligero lab train` command is this function."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ligero.errors import LigeroError
+from ligero.io.checkpoint import save_checkpoint
+from ligero.lab.data import LabData
+from ligero.lab.models import build_model, size_named, tiny_config
+from ligero.lab.trainer import TrainConfig, check_memory, eval_loss, init_from_environment, train, world
+from ligero.quant.ternary import WEIGHT_SCALES, pack_ternary
+
+RUN_FILE, MODEL_FOLDER = "run.json", "model"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    size: str
+    ternary: bool = False
+    weight_scale: str = "absmean"
+    width_factor: int = 1  # Reloaded's doubled ternary models: 2
+    vocab_size: int = 4096
+
+    def __post_init__(self) -> None:
+        size_named(self.size)
+        if self.weight_scale not in WEIGHT_SCALES:
+            raise LigeroError(f"unknown weight scale '{self.weight_scale}'; use one of: {', '.join(WEIGHT_SCALES)}")
+        if self.width_factor < 1:
+            raise LigeroError(f"width factor must be at least 1, got {self.width_factor}")
+
+    @property
+    def label(self) -> str:
+        kind = "b158" if self.ternary else "fp"
+        return f"{self.size}{'x' + str(self.width_factor) if self.width_factor > 1 else ''}-{kind}"
+
+
+def _model(spec: RunSpec, data: LabData, tc: TrainConfig):
+    size = size_named(spec.size).widened(spec.width_factor)
+    cfg = tiny_config(size, data.tokenizer.vocab_size, tc.seq_len)
+    return build_model(cfg, tc.seed, ternary=spec.ternary, weight_scale=spec.weight_scale), size
+
+
+def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 1, log=print) -> dict:
+    """Train (or resume) one run into folder `out`; returns its summary (also written to out/run.json)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LigeroError(f"cannot write to output folder {out} ({exc.strerror}); choose another --out") from None
+    data = LabData.load(spec.vocab_size)
+    model, size = _model(spec, data, tc)
+    check_memory(model, tc, processes)
+    if processes > 1:
+        _spawn(spec, tc, out, processes)
+        _, model_state = _final_model(out)
+        model.load_state_dict(model_state)
+    else:
+        t0 = time.perf_counter()
+        train(model, data, tc, out, log=log)
+        log(f"{spec.label}: trained in {time.perf_counter() - t0:.0f} s")
+    records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines() if line]
+    summary = {"spec": asdict(spec), "label": spec.label, "train_config": tc.to_dict(), "processes": processes,
+               "non_embedding_params": size.non_embedding_params(),
+               "params": sum(p.numel() for p in model.parameters()), "data": data.provenance,
+               "final_loss": records[-1]["loss"], "final_eval_loss": records[-1].get("eval_loss"),
+               "tokens": records[-1]["tokens"]}
+    if spec.ternary:
+        trained = summary["final_eval_loss"]
+        pack_ternary(model)  # the runtime's b158 layers, the same ternary values
+        windows = data.eval_windows(tc.seq_len, tc.eval_tokens)
+        summary["packed_eval_loss"] = eval_loss(model, windows)
+        summary["zero_weight_share"] = _zero_share(model)
+        log(f"{spec.label}: packed into b158 layers, eval loss {summary['packed_eval_loss']:.4f} "
+            f"(training-time model {trained:.4f})")
+    save_checkpoint(model, data.tokenizer, out / MODEL_FOLDER,
+                    source={"lab": "train", "run": spec.label, "train_config": tc.to_dict(), "data": data.provenance})
+    (out / RUN_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _zero_share(model) -> float:
+    from ligero.quant.modules import TernaryLinear
+
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            t = m.trits()
+            zeros, total = zeros + int((t == 0).sum()), total + t.numel()
+    return zeros / max(1, total)
+
+
+def _final_model(out: Path) -> tuple[int, dict]:
+    from ligero.lab.trainer import CHECKPOINT_FILE, load_checkpoint
+
+    state = load_checkpoint(out / CHECKPOINT_FILE)
+    return state["step"], state["model"]
+
+
+# --- several processes ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(spec: RunSpec, tc: TrainConfig, out: Path, processes: int) -> None:
+    """Train with `processes` processes on this machine (gloo over loopback), each on its share of the cores."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    threads = max(1, torch.get_num_threads() // processes)
+    mp.spawn(_worker, args=(processes, port, threads, spec, tc, str(out)), nprocs=processes, join=True)
+
+
+def _worker(rank: int, processes: int, port: int, threads: int, spec: RunSpec, tc: TrainConfig, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes))
+    torch.set_num_threads(threads)
+    init_from_environment()
+    try:
+        data = LabData.load(spec.vocab_size)
+        model, _ = _model(spec, data, tc)
+        quiet = (lambda message: None) if world()[0] else print  # noqa: E731
+        train(model, data, tc, out, log=quiet)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -562,6 +562,17 @@ def cmd_lab_train(args) -> int:
     return 0
 
 
+def cmd_lab_bitnet(args) -> int:
+    from ligero.lab.bitnet import lab_bitnet
+
+    result = lab_bitnet(args.quick, args.out, None if args.no_docs else args.docs)
+    for r in result["rows"]:
+        print(f"{r['size']}: fp {r['fp_loss']:.4f}, b158 {r['b158_loss']:.4f} ({r['gap_loss_pct']:+.1f} %)")
+    if not args.no_docs:
+        print(f"wrote {Path(args.docs) / 'lab-bitnet.md'}")
+    return 0
+
+
 def _add_lab_commands(sub) -> None:
     """`ligero lab train`: one training run of the labs' tiny models (resumes when its folder has a checkpoint)."""
     lab_sub = sub.add_parser("lab", help="training labs on CPU").add_subparsers(dest="lab_command", required=True)
@@ -589,6 +600,16 @@ def _add_lab_commands(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: log, checkpoint, run.json and the trained model")
     _add_threads_arg(p)
     p.set_defaults(func=cmd_lab_train)
+    p = lab_sub.add_parser("bitnet", help="BitNet b1.58 from scratch vs full precision at several sizes",
+                           description="Full precision against BitNet b1.58 at several sizes on the same tokens, "
+                                       "learning rates swept per arm, seeds at the smallest size, a doubled-width "
+                                       "ternary model; writes docs/lab-bitnet.md. Rerun to resume.")
+    p.add_argument("--quick", action="store_true", help="tiny models and few steps (the tests' run, ~2 minutes)")
+    p.add_argument("--out", default="ligero-out/lab-bitnet", help="folder of the runs (reused when rerun)")
+    p.add_argument("--docs", default="docs", help="where lab-bitnet.md, .json and the figures go")
+    p.add_argument("--no-docs", action="store_true", help="write no document (results stay in --out)")
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_lab_bitnet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ hash of each passage, so training never sees an evaluation passage); their sha25
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -85,6 +86,7 @@ class LabData:
     provenance: dict
 
     @classmethod
+    @functools.lru_cache(maxsize=2)  # a lab's runs share one tokenizer: its streams are read once per process
     def load(cls, vocab_size: int) -> "LabData":
         train_split, eval_split = wikipedia_split("train"), wikipedia_split("eval")
         tok = train_tokenizer(train_split, vocab_size)

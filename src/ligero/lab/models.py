@@ -40,6 +40,7 @@ class Size:
 # Widths are multiples of 64 so the packed ternary model runs on the kernel (it takes inputs in 64s).
 SIZES = {
     "test": Size(64, 2, 2, 1, 128),  # tests only
+    "xs": Size(64, 3, 2, 1, 192),  # 0.15M non-embedding parameters
     "s": Size(128, 4, 4, 2, 320),  # 0.69M non-embedding parameters
     "m": Size(192, 5, 6, 2, 512),  # 2.0M
     "l": Size(320, 6, 8, 4, 896),  # 7.0M

@@ -57,6 +57,10 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LigeroError(f"cannot write to output folder {out} ({exc.strerror}); choose another --out") from None
+    finished = _finished(out, spec, tc)
+    if finished is not None:
+        log(f"{spec.label}: finished earlier, reusing {out}")
+        return finished
     data = LabData.load(spec.vocab_size)
     model, size = _model(spec, data, tc)
     check_memory(model, tc, processes)
@@ -73,7 +77,8 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
                "non_embedding_params": size.non_embedding_params(),
                "params": sum(p.numel() for p in model.parameters()), "data": data.provenance,
                "final_loss": records[-1]["loss"], "final_eval_loss": records[-1].get("eval_loss"),
-               "tokens": records[-1]["tokens"]}
+               "tokens": records[-1]["tokens"], "train_seconds": records[-1]["seconds"],
+               "curve": [{k: r[k] for k in ("step", "tokens", "loss", "eval_loss") if k in r} for r in records]}
     if spec.ternary:
         trained = summary["final_eval_loss"]
         pack_ternary(model)  # the runtime's b158 layers, the same ternary values
@@ -86,6 +91,16 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
                     source={"lab": "train", "run": spec.label, "train_config": tc.to_dict(), "data": data.provenance})
     (out / RUN_FILE).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _finished(out: Path, spec: RunSpec, tc: TrainConfig) -> dict | None:
+    """The summary of this very run when it finished earlier in `out` (its model saved), else None."""
+    try:
+        summary = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    same = summary.get("spec") == asdict(spec) and summary.get("train_config") == tc.to_dict()
+    return summary if same and (out / MODEL_FOLDER / "ligero.json").is_file() else None
 
 
 def _zero_share(model) -> float:

@@ -206,6 +206,7 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
         log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     model.train()
     t0, tokens_done = time.perf_counter(), 0
+    elapsed_before = records[-1]["seconds"] if records else 0.0  # training time before a resume
     for step in range(start + 1, tc.steps + 1):
         lr, wd = tc.lr_at(step), tc.weight_decay_at(step)
         opt.param_groups[0].update(lr=lr, weight_decay=wd)
@@ -230,7 +231,8 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
             loss_sum /= size
         tokens_done += tc.batch_rows * tc.seq_len
         record = {"step": step, "loss": float(loss_sum), "lr": lr, "weight_decay": wd,
-                  "grad_norm": float(grad_norm), "tokens": step * tc.batch_rows * tc.seq_len}
+                  "grad_norm": float(grad_norm), "tokens": step * tc.batch_rows * tc.seq_len,
+                  "seconds": elapsed_before + time.perf_counter() - t0}
         if rank == 0 and (step % tc.eval_every == 0 or step == tc.steps):
             record["eval_loss"] = eval_loss(model, windows)
         records.append(record)

@@ -1,0 +1,342 @@
+"""`ligero lab bitnet`: BitNet b1.58 trained from scratch against full precision, at several sizes, on the same
+tokens and data per size; each arm with its own learning rate from a small sweep; a ternary model of doubled
+width (BitNet b1.58 Reloaded's finding); seeds at the smallest size for error bars; the trained ternary models
+packed into the runtime's b158 layers and timed beside the full-precision model's fp32 / int8 / int4 variants.
+
+Every run is a `ligero lab train` run folder under --out, so an interrupted lab resumes where it stopped (finished
+runs are reused, the others resume from their checkpoints). The document and its figures are written from the
+results at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ligero.errors import LigeroError
+from ligero.lab.runs import RunSpec, train_run
+from ligero.lab.trainer import TrainConfig
+
+# Anchors: what the papers report, beside ours (see the document's text for the conditions of each).
+ANCHORS = [
+    {"source": "BitNet b1.58 (arXiv 2402.17764)", "params": "700M", "fp": "PPL 12.33", "ternary": "PPL 12.87",
+     "gap": "+0.54 PPL (+4.4 %)"},
+    {"source": "BitNet b1.58 (arXiv 2402.17764)", "params": "1.3B", "fp": "", "ternary": "", "gap": "+0.04 PPL"},
+    {"source": "BitNet b1.58 (arXiv 2402.17764)", "params": "3B", "fp": "", "ternary": "",
+     "gap": "ternary better than FP16"},
+    {"source": "BitNet b1.58 Reloaded (arXiv 2407.09527)", "params": "100K-48M", "fp": "", "ternary": "",
+     "gap": "ternary matches only with the hidden size doubled"},
+    {"source": "a single-seed TinyStories report (second-hand)", "params": "944K", "fp": "loss 0.9337",
+     "ternary": "loss 1.0545", "gap": "+12.9 % loss"},
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    sizes: tuple[str, ...]
+    steps: int  # optimizer steps of every main run (the same tokens for every arm)
+    batch_rows: int = 32
+    seq_len: int = 128
+    vocab_size: int = 4096
+    warmup_fraction: float = 0.1
+    lr_grid: dict = field(default_factory=lambda: {"fp": (1e-3, 3e-3, 1e-2), "b158": (3e-3, 1e-2, 3e-2)})
+    sweep_fraction: float = 0.3  # sweep runs take this share of the steps
+    seeds: tuple[int, ...] = (0, 1, 2)  # at the smallest size
+    doubled: str | None = None  # the size whose ternary twin is trained at twice the width
+    eval_tokens: int = 16384
+    eval_every: int = 25
+    speed_repeats: int = 5
+
+    def tokens(self) -> int:
+        return self.steps * self.batch_rows * self.seq_len
+
+
+FULL = Plan(sizes=("xs", "s", "m"), steps=250, doubled="s")
+QUICK = Plan(sizes=("test",), steps=16, batch_rows=8, seq_len=64, vocab_size=512,
+             lr_grid={"fp": (3e-3, 1e-2), "b158": (1e-2, 3e-2)}, sweep_fraction=0.5, seeds=(0, 1), doubled="test",
+             eval_tokens=1024, eval_every=8, speed_repeats=2)
+
+
+def _arms(plan: Plan) -> list[RunSpec]:
+    arms = []
+    for size in plan.sizes:
+        arms += [RunSpec(size, vocab_size=plan.vocab_size), RunSpec(size, ternary=True, vocab_size=plan.vocab_size)]
+    if plan.doubled:
+        arms.append(RunSpec(plan.doubled, ternary=True, width_factor=2, vocab_size=plan.vocab_size))
+    return arms
+
+
+def _train_config(plan: Plan, spec: RunSpec, lr: float, seed: int, steps: int) -> TrainConfig:
+    # Full precision: cosine, weight decay 0.1. Ternary: the paper's two-stage schedule (weight decay 0.1 then 0).
+    return TrainConfig(steps=steps, batch_rows=plan.batch_rows, seq_len=plan.seq_len, lr=lr,
+                       warmup_steps=max(1, int(plan.warmup_fraction * steps)),
+                       schedule="two_stage" if spec.ternary else "cosine", weight_decay=0.1,
+                       eval_every=min(plan.eval_every, steps), eval_tokens=plan.eval_tokens,
+                       checkpoint_every=max(1, steps // 5), seed=seed)
+
+
+def _folder_name(spec: RunSpec, lr: float, seed: int, steps: int) -> str:
+    return f"{spec.label}-lr{lr:g}-seed{seed}-steps{steps}"
+
+
+def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> dict:
+    """Every run of the plan (reusing finished ones), then the speed comparison and the document."""
+    out = Path(out)
+    t_start = time.perf_counter()
+    runs: dict[str, dict] = {}
+
+    def run(spec: RunSpec, lr: float, seed: int, steps: int, role: str) -> dict:
+        name = _folder_name(spec, lr, seed, steps)
+        log(f"[{role}] {name}")
+        summary = train_run(spec, _train_config(plan, spec, lr, seed, steps), out / name,
+                            log=lambda m: log(f"  {m}"))
+        summary["role"], summary["folder"] = role, name
+        runs[name] = summary
+        return summary
+
+    sweep_steps = max(2, int(plan.sweep_fraction * plan.steps))
+    best_lr: dict[str, float] = {}
+    sweeps: dict[str, list] = {}
+    for spec in _arms(plan):
+        grid = plan.lr_grid["b158" if spec.ternary else "fp"]
+        results = [(lr, run(spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"]) for lr in grid]
+        finite = [(lr, loss) for lr, loss in results if math.isfinite(loss)]
+        if not finite:
+            raise LigeroError(f"every learning rate of the sweep diverged for {spec.label}; lower the grid")
+        best_lr[spec.label] = min(finite, key=lambda r: r[1])[0]
+        sweeps[spec.label] = [{"lr": lr, "eval_loss": loss} for lr, loss in results]
+        edge = best_lr[spec.label] in (grid[0], grid[-1])
+        log(f"{spec.label}: learning rate {best_lr[spec.label]:g}" + (" (at the edge of the grid)" if edge else ""))
+    main_runs = {}
+    for spec in _arms(plan):
+        seeds = plan.seeds if spec.size == plan.sizes[0] and spec.width_factor == 1 else plan.seeds[:1]
+        main_runs[spec.label] = [run(spec, best_lr[spec.label], s, plan.steps, "main") for s in seeds]
+    speed = _speed(plan, out, main_runs, log)
+    result = {"plan": _plan_dict(plan), "best_lr": best_lr, "sweeps": sweeps,
+              "main": {label: [_brief(r) for r in rs] for label, rs in main_runs.items()},
+              "speed": speed, "lab_seconds": time.perf_counter() - t_start,
+              "train_seconds": sum(r["train_seconds"] for r in runs.values()),
+              "data": next(iter(runs.values()))["data"]}
+    result["rows"] = _rows(plan, main_runs)
+    result.update(provenance())
+    (out / "lab-bitnet.json").write_text(json.dumps(result, indent=1))
+    if docs is not None:
+        write_docs(result, main_runs, Path(docs))
+    return result
+
+
+def _plan_dict(plan: Plan) -> dict:
+    d = asdict(plan)
+    d["tokens_per_run"] = plan.tokens()
+    return d
+
+
+def _brief(summary: dict) -> dict:
+    keep = ("label", "folder", "non_embedding_params", "params", "final_eval_loss", "packed_eval_loss",
+            "zero_weight_share", "tokens", "train_seconds", "curve")
+    return {k: summary[k] for k in keep if k in summary} | {"seed": summary["train_config"]["seed"],
+                                                            "lr": summary["train_config"]["lr"]}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _rows(plan: Plan, main_runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per size: the full-precision and ternary arms side by side (mean and sd over seeds)."""
+    rows = []
+    for size in plan.sizes:
+        fp, tern = main_runs[f"{size}-fp"], main_runs[f"{size}-b158"]
+        fp_loss, fp_sd = _mean_sd([r["final_eval_loss"] for r in fp])
+        t_loss, t_sd = _mean_sd([r["final_eval_loss"] for r in tern])
+        row = {"size": size, "non_embedding_params": fp[0]["non_embedding_params"], "seeds": len(fp),
+               "fp_loss": fp_loss, "fp_loss_sd": fp_sd, "b158_loss": t_loss, "b158_loss_sd": t_sd,
+               "fp_ppl": math.exp(fp_loss), "b158_ppl": math.exp(t_loss),
+               "gap_loss_pct": 100 * (t_loss / fp_loss - 1),
+               "paired_gaps_pct": [100 * (t["final_eval_loss"] / f["final_eval_loss"] - 1) for f, t in zip(fp, tern)],
+               "zero_share": statistics.fmean(r["zero_weight_share"] for r in tern),
+               "packed_minus_trained": max(abs(r["packed_eval_loss"] - r["final_eval_loss"]) for r in tern),
+               "fp_seconds": statistics.fmean(r["train_seconds"] for r in fp),
+               "b158_seconds": statistics.fmean(r["train_seconds"] for r in tern),
+               "fp_lr": fp[0]["train_config"]["lr"], "b158_lr": tern[0]["train_config"]["lr"]}
+        if plan.doubled == size:
+            wide = main_runs[f"{size}x2-b158"][0]
+            row.update({"b158x2_loss": wide["final_eval_loss"], "b158x2_params": wide["non_embedding_params"],
+                        "b158x2_gap_loss_pct": 100 * (wide["final_eval_loss"] / fp_loss - 1),
+                        "b158x2_lr": wide["train_config"]["lr"], "b158x2_seconds": wide["train_seconds"]})
+        rows.append(row)
+    return rows
+
+
+# --- down to the kernel ---------------------------------------------------------------------------------------
+
+
+def _speed(plan: Plan, out: Path, main_runs: dict[str, list[dict]], log) -> list[dict]:
+    """Per size: the trained ternary model packed in b158 layers against the full-precision model as fp32 and
+    quantized after training to int8 and int4 (and to b158, which post-training destroys): bytes, eval loss,
+    decode and prefill tokens/s on this machine."""
+    from ligero.eval.speed import measure_speed
+    from ligero.io.checkpoint import load_model
+    from ligero.lab.data import LabData
+    from ligero.lab.trainer import eval_loss
+    from ligero.quant.api import quantize
+    from ligero.quant.config import recipe_for
+
+    data = LabData.load(plan.vocab_size)
+    windows = data.eval_windows(plan.seq_len, plan.eval_tokens)
+    rows = []
+    for size in plan.sizes:
+        fp_folder = out / main_runs[f"{size}-fp"][0]["folder"] / "model"
+        tern_folder = out / main_runs[f"{size}-b158"][0]["folder"] / "model"
+        fp = load_model(str(fp_folder), device="cpu").model
+        models = {"fp32": fp}
+        for scheme in ("int8", "int4", "b158"):
+            models[f"{scheme} (after training)"] = quantize(copy.deepcopy(fp), recipe_for(scheme))
+        models["b158 (trained ternary)"] = load_model(str(tern_folder), device="cpu").model
+        for name, model in models.items():
+            log(f"speed: {size} {name}")
+            s = measure_speed(model, prefill_tokens=plan.seq_len - 1, decode_tokens=plan.seq_len - 17,
+                              repeats=plan.speed_repeats)
+            rows.append({"size": size, "model": name, "eval_loss": eval_loss(model, windows),
+                         "weight_bytes": s.weight_bytes, "decode_tok_s": s.decode_tok_s,
+                         "prefill_tok_s": s.prefill_tok_s})
+    return rows
+
+
+# --- the document ---------------------------------------------------------------------------------------------
+
+
+def _fmt_sd(mean: float, sd: float | None) -> str:
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+
+def write_docs(result: dict, main_runs: dict[str, list[dict]], docs: Path) -> None:
+    from ligero.eval.metrics.plots import pyplot
+
+    docs.mkdir(parents=True, exist_ok=True)
+    figures = docs / "lab-bitnet"
+    figures.mkdir(exist_ok=True)
+    plt = pyplot()
+    plan = result["plan"]
+    # loss curves: one panel per size, full precision against ternary (seed 0), evaluation loss
+    fig, axes = plt.subplots(1, len(plan["sizes"]), figsize=(4.2 * len(plan["sizes"]), 3.4), squeeze=False)
+    for ax, size in zip(axes[0], plan["sizes"]):
+        for label, color in ((f"{size}-fp", "tab:blue"), (f"{size}-b158", "tab:red"), (f"{size}x2-b158", "tab:purple")):
+            if label not in main_runs:
+                continue
+            curve = [c for c in main_runs[label][0]["curve"] if "eval_loss" in c]
+            ax.plot([c["tokens"] / 1e6 for c in curve], [c["eval_loss"] for c in curve], color=color, label=label)
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("evaluation loss (nats)")
+        ax.set_title(size)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "curves.png", dpi=110)
+    plt.close(fig)
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([r["non_embedding_params"] / 1e6 for r in rows], [r["gap_loss_pct"] for r in rows], "o-",
+            color="tab:red", label="b158 vs fp, same width")
+    wide = [r for r in rows if "b158x2_loss" in r]
+    if wide:
+        ax.plot([r["non_embedding_params"] / 1e6 for r in wide], [r["b158x2_gap_loss_pct"] for r in wide], "s",
+                color="tab:purple", label="b158 at 2x width vs fp")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters (M)")
+    ax.set_ylabel("evaluation loss gap (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "gap.png", dpi=110)
+    plt.close(fig)
+    (docs / "lab-bitnet.json").write_text(json.dumps(result, indent=1))
+    (docs / "lab-bitnet.md").write_text(render(result))
+
+
+def render(result: dict) -> str:
+    plan, rows, m = result["plan"], result["rows"], result.get("machine", {})
+    lines = [
+        "# Lab: BitNet b1.58 trained from scratch against full precision",
+        "",
+        f"Written by `ligero lab bitnet{' --quick' if plan['steps'] < 50 else ''}` at commit "
+        f"{result.get('commit', '?')}{' on ' + m['cpu'] if m.get('cpu') else ''} ({m.get('threads', '?')} threads, "
+        "wall-clock times as measured with whatever else the machine ran): the whole lab took "
+        f"{result['lab_seconds'] / 60:.0f} min ({result['train_seconds'] / 60:.0f} min of training). Every arm of a "
+        f"size sees the same {plan['tokens_per_run']:,} training tokens in the same order ({plan['steps']} steps of "
+        f"{plan['batch_rows']} x {plan['seq_len']} tokens, batches drawn by (seed, step)) from the training split "
+        f"(sha256 `{result['data']['train_split']['sha256'][:12]}…`, {result['data']['train_tokens']:,} tokens with a "
+        f"{result['data']['vocab_size']}-entry BPE trained on it); the loss is measured on the first "
+        f"{plan['eval_tokens']:,} tokens of the evaluation split, which shares no passage with training.",
+        "",
+        "Full precision trains with AdamW, warm-up and a cosine decay, weight decay 0.1. Ternary (BitNet b1.58: "
+        "absmean ternary weights per projection, int8 per-token activations, straight-through gradients, "
+        "embeddings and head in full precision) with the paper's two-stage schedule: the rate decays over the "
+        "first half, drops, and decays again, weight decay 0.1 then 0. Each arm's peak learning rate is the best "
+        f"of a sweep on runs of {int(plan['sweep_fraction'] * 100)} % of the steps (table below).",
+        "",
+        "| size | non-embedding params | seeds | fp loss | b158 loss | gap (loss) | fp PPL | b158 PPL | b158 at 2x "
+        "width: loss (gap) | zero trits | fp s / run | b158 s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        wide = (f"{r['b158x2_loss']:.4f} ({r['b158x2_gap_loss_pct']:+.1f} %, {r['b158x2_params'] / 1e6:.1f}M)"
+                if "b158x2_loss" in r else "")
+        gap = f"{r['gap_loss_pct']:+.1f} %"
+        if r["seeds"] > 1:
+            sd = statistics.stdev(r["paired_gaps_pct"])
+            gap += f" (paired by seed: ± {sd:.1f})"
+        lines.append(f"| {r['size']} | {r['non_embedding_params'] / 1e6:.2f}M | {r['seeds']} | "
+                     f"{_fmt_sd(r['fp_loss'], r['fp_loss_sd'])} | {_fmt_sd(r['b158_loss'], r['b158_loss_sd'])} | "
+                     f"{gap} | {r['fp_ppl']:.1f} | {r['b158_ppl']:.1f} | {wide} | {100 * r['zero_share']:.0f} % | "
+                     f"{r['fp_seconds']:.0f} | {r['b158_seconds']:.0f} |")
+    lines += ["", "![evaluation loss during training](lab-bitnet/curves.png)",
+              "![the ternary gap against size](lab-bitnet/gap.png)", "",
+              "## Learning-rate sweeps", "", "| arm | learning rate: evaluation loss | chosen |", "|---|---|---|"]
+    for label, sweep in result["sweeps"].items():
+        cells = ", ".join(f"{s['lr']:g}: {s['eval_loss']:.4f}" for s in sweep)
+        lines.append(f"| {label} | {cells} | {result['best_lr'][label]:g} |")
+    lines += ["", "## Beside the papers", "", "| source | parameters | full precision | ternary | gap |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {a['source']} | {a['params']} | {a['fp']} | {a['ternary']} | {a['gap']} |" for a in ANCHORS]
+    lines += ["", "## Down to the kernel", "",
+              "The trained ternary model packed into Ligero's b158 layers (5 trits per byte; the ternary kernel) "
+              "holds the same ternary values as the training-time model: largest difference of evaluation loss "
+              f"between the two, over all ternary runs: {max(r['packed_minus_trained'] for r in rows):.1e} nats. "
+              "Beside it, the full-precision model of the same size as trained (fp32) and quantized after training. "
+              "Tiny models decode in a few hundred microseconds a token, so the speeds show per-token overhead "
+              "more than weight bandwidth.", "",
+              "| size | model | weights KB | eval loss | decode tok/s | prefill tok/s |", "|---|---|---|---|---|---|"]
+    for s in result["speed"]:
+        lines.append(f"| {s['size']} | {s['model']} | {s['weight_bytes'] / 1e3:.0f} | {s['eval_loss']:.4f} | "
+                     f"{s['decode_tok_s']:.0f} | {s['prefill_tok_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def provenance() -> dict:
+    """The machine, and the commit when run from a git checkout ('+changes' when the code differs from it)."""
+    import subprocess
+
+    from ligero.eval.audit import machine_info
+
+    info = machine_info()
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "", ""
+    return {"machine": info, "commit": (head + ("+changes" if dirty else "")) if head else "not a git checkout"}
+
+
+def lab_bitnet(quick: bool, out: str | Path, docs: str | Path | None, log=print) -> dict:
+    """`ligero lab bitnet [--quick]`."""
+    return run_lab(QUICK if quick else FULL, out, docs, log=log)

@@ -2134,11 +2134,19 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
 }
 
 // ============================================ RMSNorm =========================================================
-// y = x / sqrt(mean(x^2) + eps) * (offset + w), per row, in fp32 (Llama: offset 0; Gemma: offset 1). One native
-// call replaces torch's ~8 small ops (~50 us at decode sizes, 61 norms per SmolLM2 token).
+// y = x / sqrt(mean(x^2) + eps) * (offset + w), per row (Llama: offset 0; Gemma: offset 1), in llama.cpp's
+// arithmetic as models/transformer.py's rms_norm_llamacpp: fp32 squares summed in double, the mean rounded to
+// fp32, 1 / sqrtf. One native call replaces torch's ~8 small ops (~50 us at decode sizes, 61 norms per SmolLM2
+// token).
 namespace {
 inline void rms_row(const float* x, const float* w, float* y, int64_t dim, float eps, float off) {
-  const float inv = 1.f / std::sqrt(dot_f32(x, x, dim) / (float)dim + eps);
+  double sum = 0.0;
+  for (int64_t i = 0; i < dim; ++i) {
+    const float sq = x[i] * x[i];
+    sum += (double)sq;
+  }
+  const float mean = (float)(sum / (double)dim);
+  const float inv = 1.f / std::sqrt(mean + eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = x[i] * inv * (off + w[i]);
 }
 }  // namespace

@@ -100,10 +100,21 @@ class RMSNorm(nn.Module):
             ext = cpu_kernels()  # decode: one native call instead of ~8 small torch ops
             if ext is not None:
                 return ext.rms_norm(x, self.weight, self.eps, self.offset)
-        if self.offset:
+        if torch.is_grad_enabled():  # training: torch's fused, differentiable norm
             normed = F.rms_norm(x.float(), x.shape[-1:], None, self.eps)
             return (normed * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
+        return rms_norm_llamacpp(x.float(), self.weight.float(), self.eps, self.offset).to(x.dtype)
+
+
+def rms_norm_llamacpp(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm in llama.cpp's arithmetic (ggml's CPU rms_norm, then the weight): squares summed in double, the mean
+    rounded to fp32, 1 / sqrtf(mean + eps) correctly rounded, x * scale * (offset + w). Last bits matter: layers
+    that round their inputs to int8 (llama.cpp's Q8_0 / K-quant arithmetic) round exact ties (frequent after the
+    first norm: the embedding rows are integers times a scale) by those bits. torch's fp32 sqrt is not correctly
+    rounded, so the root is taken in double."""
+    mean = ((x * x).double().sum(-1, keepdim=True) / x.shape[-1]).float()
+    scale = 1.0 / torch.sqrt((mean + eps).double()).float()
+    return x * scale * (offset + weight) if offset else x * scale * weight
 
 
 def rope_table(head_dim: int, max_len: int, theta: float, scaling: float = 1.0) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ligero.errors import LigeroError
 from ligero.io.checkpoint import load_model
 from ligero.models import transformer
 from ligero.models.generate import SamplingConfig, generate_tokens
+from ligero.models.transformer import rms_norm_llamacpp
 from ligero.quant import modules
 from ligero.quant.api import quantize
 from ligero.quant.config import recipe_for
@@ -107,6 +108,24 @@ def test_native_rms_norm_equals_torch(compiled_kernels, offset):
     w = torch.randn(32, generator=g)
     ref = torch.nn.functional.rms_norm(x, (32,), None, 1e-6) * (offset + w)
     torch.testing.assert_close(compiled_kernels.rms_norm(x, w, 1e-6, offset), ref, rtol=1e-5, atol=1e-6)
+    # and bit for bit the torch path's llama.cpp arithmetic, which decode and prefill share
+    assert torch.equal(compiled_kernels.rms_norm(x, w, 1e-6, offset), rms_norm_llamacpp(x, w, 1e-6, offset))
+
+
+def test_rms_norm_is_ggml_arithmetic_bit_for_bit():
+    """ggml's CPU rms_norm (then the weight): fp32 squares summed in double, the mean rounded to fp32, 1 / sqrtf
+    with IEEE (correctly rounded) sqrt, x * scale * w; numpy's float32 sqrt is the IEEE one, torch's is not."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 576, generator=g) * torch.rand(64, 1, generator=g) * 10
+    w = torch.randn(576, generator=g)
+    xn, wn = x.numpy(), w.numpy()
+    sums = np.array([sum(float(v) for v in (row * row).astype(np.float32)) for row in xn])  # sequential, double
+    mean = (sums / 576).astype(np.float32)[:, None]
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(1e-5))
+    expected = torch.from_numpy(((xn * scale).astype(np.float32) * wn).astype(np.float32))
+    assert torch.equal(rms_norm_llamacpp(x, w, 1e-5), expected)
 
 
 def test_native_step_steps_aside(tiny_pair, monkeypatch, compiled_kernels):

@@ -2140,11 +2140,19 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
 // token).
 namespace {
 inline void rms_row(const float* x, const float* w, float* y, int64_t dim, float eps, float off) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < dim; ++i) {
+  // Four double chains (a double sum of fp32 squares rounds to the same fp32 mean in any order).
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= dim; i += 4)
+    for (int j = 0; j < 4; ++j) {
+      const float sq = x[i + j] * x[i + j];
+      s[j] += (double)sq;
+    }
+  for (; i < dim; ++i) {
     const float sq = x[i] * x[i];
-    sum += (double)sq;
+    s[0] += (double)sq;
   }
+  const double sum = (s[0] + s[1]) + (s[2] + s[3]);
   const float mean = (float)(sum / (double)dim);
   const float inv = 1.f / std::sqrt(mean + eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = x[i] * inv * (off + w[i]);
@@ -2162,7 +2170,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offs
   const float* xp = x.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps, (float)offset);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps, (float)offset);
+  });
   return y;
 }
 

@@ -84,7 +84,6 @@ def stored_bytes(module: nn.Module) -> int:
     return total
 
 
-NATIVE_NORM_ROWS = 512  # decode rows (qk-norm: one row per head) go to the native RMSNorm; more rows use torch
 
 
 class RMSNorm(nn.Module):
@@ -95,9 +94,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (Gemma and Llama both do), then scale by (offset + w).
-        if x.numel() // x.shape[-1] <= NATIVE_NORM_ROWS and x.dtype == self.weight.dtype == torch.float32 \
-                and x.device.type == "cpu" and not torch.is_grad_enabled():
-            ext = cpu_kernels()  # decode: one native call instead of ~8 small torch ops
+        if x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            ext = cpu_kernels()  # one native call (decode: instead of ~8 small torch ops; prefill: ~10x faster)
             if ext is not None:
                 return ext.rms_norm(x, self.weight, self.eps, self.offset)
         if torch.is_grad_enabled():  # training: torch's fused, differentiable norm

@@ -124,3 +124,19 @@ def test_the_native_step_and_prefill_weights_on_the_tier(tier, monkeypatch, tmp_
     for layer in model.modules():
         if isinstance(layer, IntGroupLinear):
             assert torch.equal(layer.prefill_weight(), layer.dequantize())
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, capsys):
+    import os
+    import time
+
+    from ligero.kernels import STALE_LOCK_SECONDS, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    assert not clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.write_text("")
+    assert not clear_stale_lock(tmp_path) and lock.exists()  # a build running now keeps its lock
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path) and not lock.exists()
+    assert "did not finish" in capsys.readouterr().err

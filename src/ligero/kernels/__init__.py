@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -120,11 +121,31 @@ def build_dir(tier: str) -> Path:
     return cache_root() / "kernels" / f"cpu-{tier}-{digest}"
 
 
+STALE_LOCK_SECONDS = 900  # a build takes 1-5 minutes: a lock this old was left by a killed build
+
+
+def clear_stale_lock(build: Path) -> bool:
+    """Remove the build's lock file when it is older than STALE_LOCK_SECONDS: torch's FileBaton leaves it behind
+    when a build is killed, and every later process would wait on it forever. Returns whether it was removed."""
+    lock = build / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= STALE_LOCK_SECONDS:
+        return False
+    print(f"ligero: removing {lock}, left {age / 60:.0f} min ago by a kernel build that did not finish",
+          file=sys.stderr, flush=True)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @lru_cache(maxsize=None)
 def load_tier(tier: str):
     """Compile (once; cached on disk) and load the kernels capped at `tier` ("auto", "avx2", "generic")."""
     build = build_dir(tier)
     build.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build)
     if not any(build.glob("*.so")):
         print(f"ligero: compiling CPU kernels ({tier}) once (about a minute)", file=sys.stderr, flush=True)
     try:

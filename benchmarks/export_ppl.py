@@ -205,8 +205,8 @@ def render_markdown(report: dict) -> str:
                      f"{', '.join(f'{x:+.3f} %' for x in r.get('noise_shift_pct', [])) or '-'} | "
                      f"{r['ligero_exact']:.4f} | "
                      f"{r['delta_exact_pct']:+.3f} % | {r['llamacpp_f16_cache']:.4f} |")
-    lines += ["", "llama.cpp runs with its KV cache in fp32, as Ligero's (its default fp16 cache, last column, moves "
-              "perplexity by a few tenths of a percent on its own), without flash attention. The fp32 row (the "
+    lines += ["", "llama.cpp runs with its KV cache in fp32, as Ligero's (its default fp16 cache: last column), "
+              "without flash attention. The fp32 row (the "
               "dequantized weights written as F32: no rounding of weights or activations in either runtime) shows "
               "the two implementations of the model agree. Quantized rows: llama.cpp rounds every quantized layer's "
               "activations to int8 (Q8_0 / Q8_1 per 32 inputs, Q8_K per 256 for K-quants); Ligero's first column "

@@ -134,8 +134,8 @@ def peak_rss_mb() -> float:
     across fork and exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return int(line.split()[1]) * 1024 / 1e6  # KiB -> MB (10^6 bytes, as the file sizes)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def child_ligero(path: Path, threads: int, prefill: int, decode: int) -> dict:

@@ -35,12 +35,13 @@ class SpeedResult:
 
 
 def _status_mb(field: str) -> float | None:
-    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MB, or None where it is not readable."""
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MB (10^6 bytes, as every byte count Ligero
+    reports; the kernel counts KiB), or None where it is not readable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
+                    return int(line.split()[1]) * 1024 / 1e6
     except OSError:
         pass
     return None
@@ -49,7 +50,7 @@ def _status_mb(field: str) -> float | None:
 def peak_rss_mb() -> float:
     """The process's peak resident memory (MB) since it started, or since the last reset_peak_rss()."""
     peak = _status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB
 
 
 def current_rss_mb() -> float:

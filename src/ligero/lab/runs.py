@@ -99,7 +99,8 @@ def _finished(out: Path, spec: RunSpec, tc: TrainConfig) -> dict | None:
         summary = json.loads((out / RUN_FILE).read_text())
     except (OSError, ValueError):
         return None
-    same = summary.get("spec") == asdict(spec) and summary.get("train_config") == tc.to_dict()
+    as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731 (run.json holds lists where the configs hold tuples)
+    same = summary.get("spec") == as_json(asdict(spec)) and summary.get("train_config") == as_json(tc.to_dict())
     return summary if same and (out / MODEL_FOLDER / "ligero.json").is_file() else None
 
 

@@ -9,6 +9,7 @@ same losses as one left alone, on the same thread count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -183,7 +184,7 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = folder / CHECKPOINT_FILE, folder / LOG_FILE
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -217,7 +218,7 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
         for m in range(tc.accum):
             xs, ys = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
             sync = m == tc.accum - 1 or size == 1
-            ctx = net.no_sync() if not sync else _nullcontext()
+            ctx = net.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 logits = net(xs)
                 loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten()) / tc.accum
@@ -255,10 +256,3 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
                 dist.barrier()
     return records
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -17,6 +17,7 @@ from torch import nn
 from ligero.errors import LigeroError
 from ligero.models.transformer import Linear
 from ligero.quant import formats
+from ligero.quant.api import _set_module
 from ligero.quant.config import Recipe, TernaryConfig
 from ligero.quant.modules import TernaryLinear
 
@@ -80,11 +81,6 @@ class BitLinear(Linear):
 
 def _block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n.startswith("layers.") and isinstance(m, nn.Linear)]
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
 
 
 def to_bitlinear(model: nn.Module, weight_scale: str = "absmean") -> nn.Module:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         r = results[name]
         weights = r["speed"]["weight_bytes"] / 1e6
         kv = r["speed"]["kv_cache_bytes"] / 1e6
-        peak = r["speed"]["peak_rss_mb"]
+        peak = r["peak_rss_mb"]  # over the whole audit of this model (every metric)
         build = r.get("build_peak_rss_mb", float("nan"))
         before = r.get("rss_before_mb", imports)
         bound = RSS_BOUND * weights + kv
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                      "rss_before_mb": before, "build_peak_rss_mb": build, "net_build_peak_mb": build - before,
                      "build_within": build - before <= bound,
                      "net_peak_mb": peak - before, "bound_mb": bound, "within": peak - before <= bound,
+                     "phase_net_peak_mb": {k: v - before for k, v in r["phase_peak_rss_mb"].items()},
                      "quantize_seconds": r["quantize_seconds"], "seconds": r["seconds"],
                      "ppl": variants[name]["ppl"], "delta_ppl_pct": variants[name]["delta_ppl_pct"],
                      "kld": variants[name]["kld"], "decode_tok_s": variants[name]["decode_tok_s"],
@@ -146,6 +147,18 @@ def render(r: dict) -> str:
             f"{'yes' if row['build_within'] else 'NO'} | {row['net_peak_mb'] / 1e3:.2f} | "
             f"{'yes' if row['within'] else 'NO'} | {row['quantize_seconds']:.0f} | {row['seconds']:.0f} | "
             f"{row['ppl']:.4g} | {row['delta_ppl_pct']:+.3f} | {row['kld']:.2e} | {row['decode_tok_s']:.2f} |")
+    phases = list(dict.fromkeys(k for row in r["rows"] for k in row["phase_net_peak_mb"]))
+    lines += [
+        "",
+        "Where each model's audited peak comes from: the peak while each phase ran, above 'before' (GB; 'prepare': "
+        "what the baseline computes once for every variant to be compared with).",
+        "",
+        "| model | " + " | ".join(phases) + " |",
+        "|---|" + "---|" * len(phases),
+    ]
+    for row in r["rows"]:
+        cells = [f"{row['phase_net_peak_mb'][k] / 1e3:.2f}" if k in row["phase_net_peak_mb"] else "" for k in phases]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Whole audit: {r['seconds'] / 60:.1f} min; the largest peak of any model "

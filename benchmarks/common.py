@@ -9,34 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ligero.eval.speed import ForeignLoad, cpu_jiffies, own_cpu_jiffies  # noqa: F401 (the scripts' names)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def own_cpu_jiffies() -> int:
-    """CPU time of this process and of the children it has waited for (a benchmark's own measurement children)."""
-    t = os.times()
-    return int((t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
-
-
-class ForeignLoad:
-    """Share of the machine's CPU time used by other processes between start() and share()."""
-
-    def start(self) -> "ForeignLoad":
-        self.busy, self.total = cpu_jiffies()
-        self.own = own_cpu_jiffies()
-        return self
-
-    def share(self) -> float:
-        busy, total = cpu_jiffies()
-        foreign = (busy - self.busy) - (own_cpu_jiffies() - self.own)
-        return max(0, foreign) / max(1, total - self.total)
 
 
 def machine() -> dict:

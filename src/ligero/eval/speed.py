@@ -6,10 +6,12 @@ as generation does). Decode: after a short prompt, `decode_tokens` single-token 
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -51,6 +53,38 @@ def peak_rss_mb() -> float:
     """The process's peak resident memory (MB) since it started, or since the last reset_peak_rss()."""
     peak = _status_mb("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat ((0, 0) where it is not readable)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def own_cpu_jiffies() -> int:
+    """CPU time of this process and of the children it has waited for (a benchmark's own measurement children)."""
+    t = os.times()
+    return int((t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
+
+
+class ForeignLoad:
+    """Share of the machine's CPU time used by other processes between start() and share(): timings taken while
+    it is large are slowed by them. (Sibling processes, such as the other ranks of a data-parallel run, count
+    as other processes.)"""
+
+    def start(self) -> "ForeignLoad":
+        self.busy, self.total = cpu_jiffies()
+        self.own = own_cpu_jiffies()
+        return self
+
+    def share(self) -> float:
+        busy, total = cpu_jiffies()
+        foreign = (busy - self.busy) - (own_cpu_jiffies() - self.own)
+        return max(0, foreign) / max(1, total - self.total)
 
 
 def current_rss_mb() -> float:

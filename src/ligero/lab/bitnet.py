@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ligero.errors import LigeroError
+from ligero.eval.speed import ForeignLoad
 from ligero.lab.runs import RunSpec, train_run
 from ligero.lab.trainer import TrainConfig
 
@@ -116,11 +117,18 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
     for spec in _arms(plan):
         seeds = plan.seeds if spec.size == plan.sizes[0] and spec.width_factor == 1 else plan.seeds[:1]
         main_runs[spec.label] = [run(spec, best_lr[spec.label], s, plan.steps, "main") for s in seeds]
+    t_speed, load = time.perf_counter(), ForeignLoad().start()
     speed = _speed(plan, out, main_runs, log)
+    shares = [r.get("foreign_cpu_share") for r in runs.values()]
     result = {"plan": _plan_dict(plan), "best_lr": best_lr, "sweeps": sweeps,
               "main": {label: [_brief(r) for r in rs] for label, rs in main_runs.items()},
-              "speed": speed, "lab_seconds": time.perf_counter() - t_start,
+              "speed": speed, "speed_seconds": time.perf_counter() - t_speed, "speed_foreign_cpu_share": load.share(),
+              "invocation_seconds": time.perf_counter() - t_start,  # this call (finished runs are reused)
               "train_seconds": sum(r["train_seconds"] for r in runs.values()),
+              # every run as it ran (its own call's wall-clock), whichever invocation trained it
+              "runs_seconds": sum(r.get("run_seconds", r["train_seconds"]) for r in runs.values()),
+              "runs": len(runs), "max_foreign_cpu_share": max((x for x in shares if x is not None), default=None),
+              "runs_without_load_record": sum(x is None for x in shares),
               "data": next(iter(runs.values()))["data"]}
     result["rows"] = _rows(plan, main_runs)
     result.update(provenance())
@@ -138,7 +146,7 @@ def _plan_dict(plan: Plan) -> dict:
 
 def _brief(summary: dict) -> dict:
     keep = ("label", "folder", "non_embedding_params", "params", "final_eval_loss", "packed_eval_loss",
-            "zero_weight_share", "tokens", "train_seconds", "curve")
+            "zero_weight_share", "tokens", "train_seconds", "run_seconds", "foreign_cpu_share", "curve")
     return {k: summary[k] for k in keep if k in summary} | {"seed": summary["train_config"]["seed"],
                                                             "lr": summary["train_config"]["lr"]}
 
@@ -266,9 +274,8 @@ def render(result: dict) -> str:
         "# Lab: BitNet b1.58 trained from scratch against full precision",
         "",
         f"Written by `ligero lab bitnet{' --quick' if plan['steps'] < 50 else ''}` at commit "
-        f"{result.get('commit', '?')}{' on ' + m['cpu'] if m.get('cpu') else ''} ({m.get('threads', '?')} threads, "
-        "wall-clock times as measured with whatever else the machine ran): the whole lab took "
-        f"{result['lab_seconds'] / 60:.0f} min ({result['train_seconds'] / 60:.0f} min of training). Every arm of a "
+        f"{result.get('commit', '?')}{' on ' + m['cpu'] if m.get('cpu') else ''} ({m.get('threads', '?')} threads). "
+        f"{_timing(result)} Every arm of a "
         f"size sees the same {plan['tokens_per_run']:,} training tokens in the same order ({plan['steps']} steps of "
         f"{plan['batch_rows']} x {plan['seq_len']} tokens, batches drawn by (seed, step)) from the training split "
         f"(sha256 `{result['data']['train_split']['sha256'][:12]}…`, {result['data']['train_tokens']:,} tokens with a "
@@ -298,6 +305,9 @@ def render(result: dict) -> str:
                      f"{r['fp_seconds']:.0f} | {r['b158_seconds']:.0f} |")
     lines += ["", "![evaluation loss during training](lab-bitnet/curves.png)",
               "![the ternary gap against size](lab-bitnet/gap.png)", "",
+              "## What the numbers show, and what they do not", ""]
+    lines += [f"- {f}" for f in findings(result)]
+    lines += ["",
               "## Learning-rate sweeps", "", "| arm | learning rate: evaluation loss | chosen |", "|---|---|---|"]
     for label, sweep in result["sweeps"].items():
         cells = ", ".join(f"{s['lr']:g}: {s['eval_loss']:.4f}" for s in sweep)
@@ -317,6 +327,104 @@ def render(result: dict) -> str:
         lines.append(f"| {s['size']} | {s['model']} | {s['weight_bytes'] / 1e3:.0f} | {s['eval_loss']:.4f} | "
                      f"{s['decode_tok_s']:.0f} | {s['prefill_tok_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _timing(result: dict) -> str:
+    whole = result["runs_seconds"] + result["speed_seconds"]
+    runs, train = _minutes(result["runs_seconds"]), _minutes(result["train_seconds"])
+    text = (f"The whole lab takes {_minutes(whole)} min on this machine: {result['runs']} training runs {runs} min "
+            f"(each run's wall-clock as it ran, {train} min of it training steps and evaluations) and the speed "
+            f"comparison {_minutes(result['speed_seconds'])} min.")
+    share = result.get("max_foreign_cpu_share")
+    if share is not None:
+        text += (f" Other processes took at most {100 * share:.0f} % of the machine's CPU during any run, "
+                 f"{100 * result['speed_foreign_cpu_share']:.0f} % during the speed comparison")
+        missing = result.get("runs_without_load_record", 0)
+        text += f" ({missing} runs recorded no share)." if missing else "."
+    return text
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f}" if seconds >= 600 else f"{seconds / 60:.1f}"
+
+
+def findings(result: dict) -> list[str]:
+    """What the results say, in words computed from them (the same rules for any outcome)."""
+    rows, plan, out = result["rows"], result["plan"], []
+    gaps = [r["gap_loss_pct"] for r in rows]
+    sizes = ", ".join(f"{g:+.1f} % at {r['non_embedding_params'] / 1e6:.2f}M" for g, r in zip(gaps, rows))
+    if len(rows) > 1:
+        steps = [b - a for a, b in zip(gaps, gaps[1:])]
+        trend = ("narrows as the models grow" if all(d < 0 for d in steps) else "widens as the models grow"
+                 if all(d > 0 for d in steps) else "does not change monotonically with size")
+        out.append(f"Ternary against full precision, same width: evaluation loss {sizes}. The gap {trend} over this "
+                   f"{rows[-1]['non_embedding_params'] / rows[0]['non_embedding_params']:.0f}x range of sizes. "
+                   "The paper's gap closes between 700M and 3B parameters, far above these sizes.")
+    noise = None
+    first = rows[0]
+    if first["seeds"] > 1:
+        paired = first["paired_gaps_pct"]
+        mean, noise = statistics.fmean(paired), statistics.stdev(paired)
+        verdict = "beyond" if abs(mean) > 2 * noise else "within"
+        out.append(f"Seed noise: at {first['size']} the gap over {first['seeds']} seeds (paired by seed) is "
+                   f"{mean:+.1f} ± {noise:.1f} % (sd), {verdict} two standard deviations of zero. The larger sizes "
+                   f"ran one seed each, so differences between sizes smaller than about {2 * noise:.1f} points are not "
+                   "resolved by this run.")
+    for r in rows:
+        if "b158x2_loss" in r:
+            gap = r["b158x2_gap_loss_pct"]
+            band = 2 * noise if noise is not None else 0.0
+            verdict = ("beats full precision" if gap < -band else
+                       "matches full precision within seed noise" if gap <= band else "stays behind full precision")
+            out.append(f"Doubled width (BitNet b1.58 Reloaded's remedy): the ternary model at twice the width of "
+                       f"{r['size']} ({r['b158x2_params'] / 1e6:.2f}M non-embedding parameters, "
+                       f"{r['b158x2_params'] / r['non_embedding_params']:.1f}x) reaches {gap:+.1f} % of the "
+                       f"full-precision loss: it {verdict} (Reloaded: it matches).")
+    higher = sum(r["b158_lr"] > r["fp_lr"] for r in rows)
+    chosen = ", ".join(f"{r['size']}: {r['b158_lr']:g} vs {r['fp_lr']:g}" for r in rows)
+    out.append(f"Learning rates: the sweeps chose a higher peak rate for ternary than for full precision at {higher} "
+               f"of {len(rows)} sizes ({chosen}); "
+               "the papers report that ternary training wants higher rates. "
+               + _edges(result))
+    zeros = ", ".join(f"{100 * r['zero_share']:.0f} %" for r in rows)
+    out.append(f"Zero trits: {zeros} of the ternary weights are 0 "
+               "(absmean rounding of roughly normal weights gives about a third).")
+    slow = [r["b158_seconds"] / r["fp_seconds"] for r in rows]
+    span = f"{min(slow):.2f}" if max(slow) - min(slow) < 0.005 else f"{min(slow):.2f}-{max(slow):.2f}"
+    out.append(f"Training cost on this CPU: a ternary run takes {span}x the wall-clock of "
+               "full precision (weights and activations are quantized at every step, and the matmuls stay in fp32: "
+               "there is no ternary training kernel).")
+    speed = {(x["size"], x["model"]): x for x in result["speed"]}
+    big = rows[-1]["size"]
+    tern, fp32 = speed.get((big, "b158 (trained ternary)")), speed.get((big, "fp32"))
+    int4, post = speed.get((big, "int4 (after training)")), speed.get((big, "b158 (after training)"))
+    if tern and fp32 and int4 and post:
+        out.append(f"Down to the kernel at {big}: the trained ternary model, packed, holds "
+                   f"{tern['weight_bytes'] / fp32['weight_bytes']:.2f}x the bytes of the fp32 model "
+                   f"({tern['weight_bytes'] / int4['weight_bytes']:.2f}x int4's; the embedding, tied to the head, "
+                   f"stays in full precision) and decodes at {tern['decode_tok_s'] / fp32['decode_tok_s']:.2f}x fp32's "
+                   f"speed ({tern['decode_tok_s'] / int4['decode_tok_s']:.2f}x int4's). Ternarizing the full-precision "
+                   f"model after training instead gives evaluation loss {post['eval_loss']:.2f} against "
+                   f"{tern['eval_loss']:.2f} trained ternary: "
+                   + ("ternary weights have to be learned." if post["eval_loss"] > tern["eval_loss"] + 0.05 else
+                      "no worse, so at this training length ternary training has not yet paid off."))
+    tokens = plan["tokens_per_run"]
+    largest = rows[-1]["non_embedding_params"]
+    out.append(f"What this does not show: every run sees {tokens / 1e6:.2f}M tokens ({tokens / largest:.1f} per "
+               f"non-embedding parameter at the largest size; the paper trains on 100B tokens, about 20-100 per "
+               "parameter), so these models are far from converged and the gap partly measures how fast each arm "
+               f"learns early on. The largest model here is {700e6 / largest:,.0f}x smaller than the paper's "
+               "smallest (700M), so the paper's trend with size is neither confirmed nor refuted; the anchors are for "
+               "comparison of direction only.")
+    return out
+
+
+def _edges(result: dict) -> str:
+    edges = [label for label, lr in result["best_lr"].items()
+             if lr in (result["plan"]["lr_grid"]["b158" if label.endswith("b158") else "fp"][0],
+                       result["plan"]["lr_grid"]["b158" if label.endswith("b158") else "fp"][-1])]
+    return (f"Chosen at the edge of its grid (the best rate may lie beyond): {', '.join(edges)}." if edges
+            else "Every chosen rate lies inside its grid.")
 
 
 def provenance() -> dict:

@@ -61,6 +61,7 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
     if finished is not None:
         log(f"{spec.label}: finished earlier, reusing {out}")
         return finished
+    t_run = time.perf_counter()
     data = LabData.load(spec.vocab_size)
     model, size = _model(spec, data, tc)
     check_memory(model, tc, processes)
@@ -78,6 +79,7 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
                "params": sum(p.numel() for p in model.parameters()), "data": data.provenance,
                "final_loss": records[-1]["loss"], "final_eval_loss": records[-1].get("eval_loss"),
                "tokens": records[-1]["tokens"], "train_seconds": records[-1]["seconds"],
+               "foreign_cpu_share": records[-1].get("foreign_cpu_share"),
                "curve": [{k: r[k] for k in ("step", "tokens", "loss", "eval_loss") if k in r} for r in records]}
     if spec.ternary:
         trained = summary["final_eval_loss"]
@@ -89,6 +91,7 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
             f"(training-time model {trained:.4f})")
     save_checkpoint(model, data.tokenizer, out / MODEL_FOLDER,
                     source={"lab": "train", "run": spec.label, "train_config": tc.to_dict(), "data": data.provenance})
+    summary["run_seconds"] = time.perf_counter() - t_run  # this call: data, training (or its rest), packing, saving
     (out / RUN_FILE).write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ligero.errors import LigeroError
+from ligero.eval.speed import ForeignLoad
 from ligero.io.checkpoint import available_memory_bytes
 from ligero.lab.data import LabData
 from ligero.models.config import ModelConfig
@@ -208,6 +209,9 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
     model.train()
     t0, tokens_done = time.perf_counter(), 0
     elapsed_before = records[-1]["seconds"] if records else 0.0  # training time before a resume
+    # How much of the machine other processes took while this ran: wall-clock times mean little when it is large.
+    foreign_before = records[-1].get("foreign_cpu_share", 0.0) if records else 0.0
+    load = ForeignLoad().start()
     for step in range(start + 1, tc.steps + 1):
         lr, wd = tc.lr_at(step), tc.weight_decay_at(step)
         opt.param_groups[0].update(lr=lr, weight_decay=wd)
@@ -231,9 +235,12 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
             dist.all_reduce(loss_sum)
             loss_sum /= size
         tokens_done += tc.batch_rows * tc.seq_len
+        seconds = time.perf_counter() - t0
         record = {"step": step, "loss": float(loss_sum), "lr": lr, "weight_decay": wd,
                   "grad_norm": float(grad_norm), "tokens": step * tc.batch_rows * tc.seq_len,
-                  "seconds": elapsed_before + time.perf_counter() - t0}
+                  "seconds": elapsed_before + seconds,  # time-weighted over the segments of a resumed run:
+                  "foreign_cpu_share": (foreign_before * elapsed_before + load.share() * seconds)
+                  / (elapsed_before + seconds)}
         if rank == 0 and (step % tc.eval_every == 0 or step == tc.steps):
             record["eval_loss"] = eval_loss(model, windows)
         records.append(record)

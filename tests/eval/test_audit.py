@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -247,6 +248,7 @@ def test_a_models_audited_peak_covers_every_metric(tmp_path, monkeypatch):
 
         def measure(self, ctx):
             block = torch.ones(50_000_000)  # 200 MB, every page written
+            ctx.model.new_cache(4, 250)
             return {"hog": float(block.sum())}
 
     class Light(Metric):
@@ -256,13 +258,18 @@ def test_a_models_audited_peak_covers_every_metric(tmp_path, monkeypatch):
             return {"light": 1.0}
 
     monkeypatch.setattr(audit_module, "METRICS", [Hog(), Light()])
+    class Model(torch.nn.Module):
+        def new_cache(self, batch, max_len):
+            return SimpleNamespace(nbytes=lambda: batch * max_len * 1000)
+
     monkeypatch.setattr(audit_module, "build_variant",
-                        lambda *a, **k: LoadedModel(torch.nn.Linear(2, 2), None, {"quantize_seconds": 0.0}))
-    monkeypatch.setattr(Audit, "context", lambda self, name, loaded, base=None: None)
+                        lambda *a, **k: LoadedModel(Model(), None, {"quantize_seconds": 0.0}))
+    monkeypatch.setattr(Audit, "context", lambda self, name, loaded, base=None: SimpleNamespace(model=loaded.model))
     result = Audit(variants=["int8"], quick=True, out=tmp_path).measure("int8")
     phases = result["phase_peak_rss_mb"]
     assert set(phases) == {"hog", "light"}
     assert phases["hog"] > result["rss_before_mb"] + 150 and phases["light"] < phases["hog"] - 100
     assert result["peak_rss_mb"] == phases["hog"] >= result["build_peak_rss_mb"]
+    assert result["phase_kv_cache_mb"] == {"hog": 1.0, "light": 0.0}  # the caches each phase allocated
     baseline = Audit(variants=["int8"], quick=True, out=tmp_path / "b").measure(BASELINE)
     assert set(baseline["phase_peak_rss_mb"]) == {"prepare", "hog", "light"}

@@ -11,6 +11,7 @@ on every run (they are cheap). Cards and the report are written from them by lig
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -31,7 +32,7 @@ from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
 from ligero.eval.speed import current_rss_mb, peak_rss_mb, reset_peak_rss
 from ligero.eval.variants import AS_SHIPPED, BASELINE, CALIBRATION_SPLIT, ModelSource, build_variant, model_source
-from ligero.io.checkpoint import LoadedModel, trim_heap
+from ligero.io.checkpoint import FreedMemoryReturned, LoadedModel, trim_heap
 from ligero.kernels import warm
 from ligero.models.registry import DEFAULT_MODEL
 from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
@@ -223,8 +224,9 @@ class Audit:
     def measure(self, name: str) -> dict:
         """Every metric of one variant (the baseline when name == BASELINE)."""
         t_start = time.perf_counter()
-        recipe, build_peak = None, None
+        recipe, build_peak, audit_state = None, None, None
         phase_peaks: dict[str, float] = {}  # peak RSS (MB) while each phase ran: where a model's peak comes from
+        phase_kv: dict[str, float] = {}
         self.load_metrics()
         # The memory metric's peak is this model's own: counted from here (the model before is released).
         if name == BASELINE:
@@ -234,9 +236,16 @@ class Audit:
             rss_before = current_rss_mb()
             loaded = self.load_baseline()
             build_peak = peak_rss_mb()  # before preparing: that is the metrics' work, as for every variant
+            trim_heap()
+            built = current_rss_mb()
             reset_peak_rss()
-            self.prepare(loaded)
+            with FreedMemoryReturned():
+                self.prepare(loaded)
             phase_peaks["prepare"] = peak_rss_mb()  # what every variant is compared with, computed on this model
+            trim_heap()
+            # What the audit keeps from here on for every variant (the baseline's log-probs, hidden states): in
+            # every later model's 'before', and in this one's peaks.
+            audit_state = current_rss_mb() - built
         else:
             self.prepare()
             reset_peak_rss()
@@ -261,13 +270,23 @@ class Audit:
         ctx = self.context(name, loaded, loaded if name == BASELINE else None)
         for metric in METRICS:
             self.log(f"{name}: {metric.title}")
+            # Each metric starts from what is live (not from heap pages the one before freed), and all but the
+            # timed ones return their temporaries to the system as they free them: glibc would otherwise keep
+            # blocks under 32 MB in its heap, where activations of changing shapes fragment it (at the 1.1B shape,
+            # a 64-token forward pass left ~130 MB of freed heap behind and peaked 2-4x higher than with this).
+            trim_heap()
             reset_peak_rss()
-            result.update(metric.measure(ctx))
+            with metered_caches(loaded.model) as caches, \
+                    contextlib.nullcontext() if metric.timed else FreedMemoryReturned():
+                result.update(metric.measure(ctx))
             phase_peaks[metric.name] = peak_rss_mb()
+            phase_kv[metric.name] = caches["largest"] / 1e6
         del ctx
         # The model's peak over its whole audit: the peak since each reset is at least the resident memory at that
         # reset, so the largest phase peak is the peak of the span.
         result["phase_peak_rss_mb"] = phase_peaks
+        result["phase_kv_cache_mb"] = phase_kv  # the largest KV cache each phase allocated (generation batches)
+        result["audit_state_mb"] = audit_state
         result["peak_rss_mb"] = max(result["build_peak_rss_mb"], *phase_peaks.values())
         release(loaded)
         result["seconds"] = time.perf_counter() - t_start
@@ -323,6 +342,28 @@ class Audit:
         }
         (self.folder / "results.json").write_text(json.dumps(report, indent=1, default=float))
         return report
+
+
+@contextlib.contextmanager
+def metered_caches(model):
+    """Within the block, {'largest': bytes of the largest KV cache `model` allocated} (as allocated: the
+    full-precision cache is preallocated; a packed one grows as it fills)."""
+    meter = {"largest": 0}
+    allocate = getattr(model, "new_cache", None)
+    if allocate is None:  # a model that decodes without a cache
+        yield meter
+        return
+
+    def new_cache(batch: int, max_len: int):
+        cache = allocate(batch, max_len)
+        meter["largest"] = max(meter["largest"], cache.nbytes())
+        return cache
+
+    model.new_cache = new_cache  # an instance attribute, over the method, for this block only
+    try:
+        yield meter
+    finally:
+        del model.new_cache
 
 
 def release(loaded: LoadedModel) -> None:

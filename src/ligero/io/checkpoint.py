@@ -240,11 +240,12 @@ def load_gguf_dequantized(path: Path, device, dtype) -> LoadedModel:
 
 
 class FreedMemoryReturned:
-    """glibc only (a no-op elsewhere): while a packed load or a quantization runs, allocations of 1 MB or more are
-    memory-mapped, so each tensor's temporaries go back to the system when freed; by default glibc raises that
-    threshold as large blocks are freed and keeps them in its heap (at the 1.1B shape: +0.06 GB of peak memory,
-    measured). Afterwards the threshold is glibc's largest default (32 MB), so inference's activations reuse the
-    heap."""
+    """glibc only (a no-op elsewhere): while a packed load, a quantization or an audit's (untimed) metric runs,
+    allocations of 1 MB or more are memory-mapped, so each tensor's temporaries go back to the system when freed; by
+    default glibc raises that threshold as large blocks are freed and keeps them in its heap (at the 1.1B shape:
+    +0.06 GB of peak memory for a load, 2-4x the peak of a 64-token forward pass, measured). Afterwards the
+    threshold is glibc's largest default (32 MB), so inference's activations reuse the heap (page faults on every
+    prefill would slow it)."""
 
     _libc = None
 

@@ -92,6 +92,9 @@ class Metric:
     title = ""  # what the audit log says while measuring
     budget_full: Mapping[str, int | None] = {}  # sample sizes of the full run (keys unique across metrics)
     budget_quick: Mapping[str, int | None] = {}  # the same keys for --quick
+    # Whether the metric times things: it then runs with the memory allocator's defaults, as a user's process does.
+    # The others run with every freed block of 1 MB or more returned to the system at once (audit.measure).
+    timed: bool = False
 
     # --- measuring --------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from ligero.eval.variants import BASELINE
 class Speed(Metric):
     name = "speed"
     title = "speed"
+    timed = True
     budget_full = {"prefill_tokens": 256, "decode_tokens": 32, "speed_repeats": 3}
     budget_quick = {"prefill_tokens": 32, "decode_tokens": 8, "speed_repeats": 1}
 

@@ -579,7 +579,7 @@ def _add_lab_commands(sub) -> None:
     p = lab_sub.add_parser("train", help="train a tiny model from scratch (full precision or BitNet b1.58)",
                            description="Train a tiny Llama-style model on the training split. Rerun the same "
                                        "command to resume after an interruption.")
-    p.add_argument("--size", default="s", help="model size: test, s, m or l (see ligero.lab.models.SIZES)")
+    p.add_argument("--size", default="s", help="model size: test, xs, s, m or l (see ligero.lab.models.SIZES)")
     p.add_argument("--ternary", action="store_true", help="BitNet b1.58: ternary weights, int8 activations")
     p.add_argument("--weight-scale", default="absmean", help="ternary scale: absmean (paper) or absmedian (Reloaded)")
     p.add_argument("--width-factor", type=_positive_int, default=1, help="multiply hidden and FFN widths")

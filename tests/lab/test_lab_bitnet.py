@@ -3,6 +3,8 @@ seeds, the doubled-width ternary model, the packed models timed, the document wr
 
 import json
 
+import pytest
+
 from ligero.cli import main
 
 
@@ -29,3 +31,32 @@ def test_quick_lab_writes_its_document_and_resumes(tmp_path, capsys):
     assert main(["lab", "bitnet", "--quick", "--out", str(runs), "--no-docs", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "trained in" not in out and "finished earlier" in out  # every run reused, none trained again
+
+
+def test_a_sweep_extends_its_grid_past_an_edge(monkeypatch, tmp_path):
+    """A best rate at the edge of the grid does not bracket the optimum: the grid grows on that side by its own
+    ratio (at most max_extensions times) and the main runs take the best of the extended sweep."""
+    import dataclasses
+    import math
+
+    from ligero.lab import bitnet
+
+    optimum = {False: 1e-4, True: 2e-2}  # full precision: far below its grid; ternary: inside once extended
+
+    def fake_train_run(spec, tc, out, log=print):
+        loss = 1 + (math.log10(tc.lr) - math.log10(optimum[spec.ternary])) ** 2
+        return {"label": spec.label, "final_eval_loss": loss, "packed_eval_loss": loss, "zero_weight_share": 0.3,
+                "non_embedding_params": 1000, "train_seconds": 1.0, "train_config": tc.to_dict(), "data": {},
+                "tokens": tc.steps, "curve": []}
+
+    monkeypatch.setattr(bitnet, "train_run", fake_train_run)
+    monkeypatch.setattr(bitnet, "_speed", lambda *args: [])
+    plan = dataclasses.replace(bitnet.QUICK, lr_grid={"fp": (1e-3, 3e-3), "b158": (1e-2, 3e-2)}, max_extensions=2,
+                               doubled=None)
+    result = bitnet.run_lab(plan, tmp_path, None, log=lambda message: None)
+    fp = [s["lr"] for s in result["sweeps"]["test-fp"]]
+    assert fp == pytest.approx([1e-3 / 9, 1e-3 / 3, 1e-3, 3e-3])  # twice downwards, then the limit
+    assert result["best_lr"]["test-fp"] == pytest.approx(1e-3 / 9)
+    ternary = [s["lr"] for s in result["sweeps"]["test-b158"]]
+    assert ternary == pytest.approx([1e-2, 3e-2, 9e-2]) and result["best_lr"]["test-b158"] == pytest.approx(3e-2)
+    assert "Still at the edge of its grid (the best rate may lie beyond): test-fp." in bitnet._edges(result)

@@ -47,6 +47,7 @@ class Plan:
     warmup_fraction: float = 0.1
     lr_grid: dict = field(default_factory=lambda: {"fp": (1e-3, 3e-3, 1e-2), "b158": (3e-3, 1e-2, 3e-2)})
     sweep_fraction: float = 0.3  # sweep runs take this share of the steps
+    max_extensions: int = 2  # grid steps added on the side of a best rate found at the edge of the grid
     seeds: tuple[int, ...] = (0, 1, 2)  # at the smallest size
     doubled: str | None = None  # the size whose ternary twin is trained at twice the width
     eval_tokens: int = 16384
@@ -104,13 +105,23 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
     best_lr: dict[str, float] = {}
     sweeps: dict[str, list] = {}
     for spec in _arms(plan):
-        grid = plan.lr_grid["b158" if spec.ternary else "fp"]
-        results = [(lr, run(spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"]) for lr in grid]
-        finite = [(lr, loss) for lr, loss in results if math.isfinite(loss)]
-        if not finite:
-            raise LigeroError(f"every learning rate of the sweep diverged for {spec.label}; lower the grid")
-        best_lr[spec.label] = min(finite, key=lambda r: r[1])[0]
-        sweeps[spec.label] = [{"lr": lr, "eval_loss": loss} for lr, loss in results]
+        grid = sorted(plan.lr_grid["b158" if spec.ternary else "fp"])
+        results = {lr: run(spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"] for lr in grid}
+        # A best rate at the edge of the grid does not bracket the optimum: extend the grid by its own ratio on
+        # that side (at most plan.max_extensions times) until the best lies inside.
+        for _ in range(plan.max_extensions):
+            best = _best(results, spec)
+            ratio = grid[1] / grid[0] if len(grid) > 1 else 3.0
+            if best == grid[0] and len(grid) > 1:
+                grid.insert(0, grid[0] / ratio)
+                results[grid[0]] = run(spec, grid[0], 0, sweep_steps, "sweep")["final_eval_loss"]
+            elif best == grid[-1] and len(grid) > 1:
+                grid.append(grid[-1] * ratio)
+                results[grid[-1]] = run(spec, grid[-1], 0, sweep_steps, "sweep")["final_eval_loss"]
+            else:
+                break
+        best_lr[spec.label] = _best(results, spec)
+        sweeps[spec.label] = [{"lr": lr, "eval_loss": results[lr]} for lr in grid]
         edge = best_lr[spec.label] in (grid[0], grid[-1])
         log(f"{spec.label}: learning rate {best_lr[spec.label]:g}" + (" (at the edge of the grid)" if edge else ""))
     main_runs = {}
@@ -136,6 +147,13 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
     if docs is not None:
         write_docs(result, main_runs, Path(docs))
     return result
+
+
+def _best(results: dict[float, float], spec: RunSpec) -> float:
+    finite = {lr: loss for lr, loss in results.items() if math.isfinite(loss)}
+    if not finite:
+        raise LigeroError(f"every learning rate of the sweep diverged for {spec.label}; lower the grid")
+    return min(finite, key=finite.get)
 
 
 def _plan_dict(plan: Plan) -> dict:
@@ -286,7 +304,8 @@ def render(result: dict) -> str:
         "absmean ternary weights per projection, int8 per-token activations, straight-through gradients, "
         "embeddings and head in full precision) with the paper's two-stage schedule: the rate decays over the "
         "first half, drops, and decays again, weight decay 0.1 then 0. Each arm's peak learning rate is the best "
-        f"of a sweep on runs of {int(plan['sweep_fraction'] * 100)} % of the steps (table below).",
+        f"of a sweep on runs of {int(plan['sweep_fraction'] * 100)} % of the steps, the grid extended by its own ratio "
+        "when the best rate lay at its edge (table below).",
         "",
         "| size | non-embedding params | seeds | fp loss | b158 loss | gap (loss) | fp PPL | b158 PPL | b158 at 2x "
         "width: loss (gap) | zero trits | fp s / run | b158 s / run |",
@@ -420,11 +439,13 @@ def findings(result: dict) -> list[str]:
 
 
 def _edges(result: dict) -> str:
+    extended = [label for label, sweep in result["sweeps"].items()
+                if len(sweep) > len(result["plan"]["lr_grid"]["b158" if label.endswith("b158") else "fp"])]
     edges = [label for label, lr in result["best_lr"].items()
-             if lr in (result["plan"]["lr_grid"]["b158" if label.endswith("b158") else "fp"][0],
-                       result["plan"]["lr_grid"]["b158" if label.endswith("b158") else "fp"][-1])]
-    return (f"Chosen at the edge of its grid (the best rate may lie beyond): {', '.join(edges)}." if edges
-            else "Every chosen rate lies inside its grid.")
+             if lr in (result["sweeps"][label][0]["lr"], result["sweeps"][label][-1]["lr"])]
+    text = (f"Grids extended because the best rate was at an edge: {', '.join(extended)}. " if extended else "")
+    return text + (f"Still at the edge of its grid (the best rate may lie beyond): {', '.join(edges)}." if edges
+                   else "Every chosen rate lies inside its grid.")
 
 
 def provenance() -> dict:

@@ -388,17 +388,22 @@ def findings(result: dict) -> list[str]:
         out.append(f"Seed noise: at {first['size']} the gap over {first['seeds']} seeds (paired by seed) is "
                    f"{mean:+.1f} ± {noise:.1f} % (sd), {verdict} two standard deviations of zero. The larger sizes "
                    f"ran one seed each, so differences between sizes smaller than about {2 * noise:.1f} points are not "
-                   "resolved by this run.")
+                   "resolved by this run (the noise is measured at the smallest size only; it may be smaller at the "
+                   "larger ones).")
     for r in rows:
         if "b158x2_loss" in r:
             gap = r["b158x2_gap_loss_pct"]
             band = 2 * noise if noise is not None else 0.0
             verdict = ("beats full precision" if gap < -band else
                        "matches full precision within seed noise" if gap <= band else "stays behind full precision")
+            nearest = min(rows, key=lambda x: abs(math.log(x["non_embedding_params"] / r["b158x2_params"])))
             out.append(f"Doubled width (BitNet b1.58 Reloaded's remedy): the ternary model at twice the width of "
                        f"{r['size']} ({r['b158x2_params'] / 1e6:.2f}M non-embedding parameters, "
                        f"{r['b158x2_params'] / r['non_embedding_params']:.1f}x) reaches {gap:+.1f} % of the "
-                       f"full-precision loss: it {verdict} (Reloaded: it matches).")
+                       f"full-precision loss: it {verdict} (Reloaded: it matches). Doubling the width quadruples "
+                       f"the parameters; against the full-precision model nearest to it in parameters "
+                       f"({nearest['size']}, {nearest['non_embedding_params'] / 1e6:.2f}M) the ternary model is at "
+                       f"{100 * (r['b158x2_loss'] / nearest['fp_loss'] - 1):+.1f} %.")
     higher = sum(r["b158_lr"] > r["fp_lr"] for r in rows)
     chosen = ", ".join(f"{r['size']}: {r['b158_lr']:g} vs {r['fp_lr']:g}" for r in rows)
     out.append(f"Learning rates: the sweeps chose a higher peak rate for ternary than for full precision at {higher} "

@@ -266,15 +266,20 @@ def write_docs(result: dict, main_runs: dict[str, list[dict]], docs: Path) -> No
     fig.savefig(figures / "curves.png", dpi=110)
     plt.close(fig)
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot([r["non_embedding_params"] / 1e6 for r in rows], [r["gap_loss_pct"] for r in rows], "o-",
-            color="tab:red", label="b158 vs fp, same width")
+    fig, ax = plt.subplots(figsize=(5.4, 3.6))
+    # error bars: the sd of the seed-paired gaps where there are several seeds
+    spread = [statistics.stdev(r["paired_gaps_pct"]) if r["seeds"] > 1 else 0.0 for r in rows]
+    ax.errorbar([r["non_embedding_params"] / 1e6 for r in rows], [r["gap_loss_pct"] for r in rows], yerr=spread,
+                fmt="o-", capsize=3, color="tab:red", label="b158 vs fp, same width (± sd over seeds)")
     wide = [r for r in rows if "b158x2_loss" in r]
-    if wide:
-        ax.plot([r["non_embedding_params"] / 1e6 for r in wide], [r["b158x2_gap_loss_pct"] for r in wide], "s",
-                color="tab:purple", label="b158 at 2x width vs fp")
+    if wide:  # at its own parameter count, against the full-precision model of the width it doubles
+        ax.plot([r["b158x2_params"] / 1e6 for r in wide], [r["b158x2_gap_loss_pct"] for r in wide], "s",
+                color="tab:purple", label="b158 at 2x width vs fp of half its width")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
+    ticks = sorted({r["non_embedding_params"] / 1e6 for r in rows} | {r["b158x2_params"] / 1e6 for r in wide})
+    ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("non-embedding parameters (M)")
     ax.set_ylabel("evaluation loss gap (%)")
     ax.grid(alpha=0.3)

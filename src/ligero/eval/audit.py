@@ -238,10 +238,8 @@ class Audit:
             build_peak = peak_rss_mb()  # before preparing: that is the metrics' work, as for every variant
             trim_heap()
             built = current_rss_mb()
-            reset_peak_rss()
-            with FreedMemoryReturned():
+            with measured_phase("prepare", loaded.model, phase_peaks, phase_kv):  # what variants are compared with
                 self.prepare(loaded)
-            phase_peaks["prepare"] = peak_rss_mb()  # what every variant is compared with, computed on this model
             trim_heap()
             # What the audit keeps from here on for every variant (the baseline's log-probs, hidden states): in
             # every later model's 'before', and in this one's peaks.
@@ -270,17 +268,8 @@ class Audit:
         ctx = self.context(name, loaded, loaded if name == BASELINE else None)
         for metric in METRICS:
             self.log(f"{name}: {metric.title}")
-            # Each metric starts from what is live (not from heap pages the one before freed), and all but the
-            # timed ones return their temporaries to the system as they free them: glibc would otherwise keep
-            # blocks under 32 MB in its heap, where activations of changing shapes fragment it (at the 1.1B shape,
-            # a 64-token forward pass left ~130 MB of freed heap behind and peaked 2-4x higher than with this).
-            trim_heap()
-            reset_peak_rss()
-            with metered_caches(loaded.model) as caches, \
-                    contextlib.nullcontext() if metric.timed else FreedMemoryReturned():
+            with measured_phase(metric.name, loaded.model, phase_peaks, phase_kv, timed=metric.timed):
                 result.update(metric.measure(ctx))
-            phase_peaks[metric.name] = peak_rss_mb()
-            phase_kv[metric.name] = caches["largest"] / 1e6
         del ctx
         # The model's peak over its whole audit: the peak since each reset is at least the resident memory at that
         # reset, so the largest phase peak is the peak of the span.
@@ -342,6 +331,21 @@ class Audit:
         }
         (self.folder / "results.json").write_text(json.dumps(report, indent=1, default=float))
         return report
+
+
+@contextlib.contextmanager
+def measured_phase(name: str, model, peaks: dict[str, float], kv_caches: dict[str, float], timed: bool = False):
+    """One phase of a model's audit: its peak RSS (MB) into peaks[name], the largest KV cache it allocated (MB) into
+    kv_caches[name]. The phase starts from what is live (not from heap pages the one before freed), and unless it
+    is timed it returns its temporaries to the system as it frees them: glibc would otherwise keep blocks under
+    32 MB in its heap, where activations of changing shapes fragment it (at the 1.1B shape, a 64-token forward
+    pass left ~130 MB of freed heap behind and peaked 2-4x higher than with this)."""
+    trim_heap()
+    reset_peak_rss()
+    with metered_caches(model) as caches, contextlib.nullcontext() if timed else FreedMemoryReturned():
+        yield
+    peaks[name] = peak_rss_mb()
+    kv_caches[name] = caches["largest"] / 1e6
 
 
 @contextlib.contextmanager

@@ -111,15 +111,12 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
         # that side (at most plan.max_extensions times) until the best lies inside.
         for _ in range(plan.max_extensions):
             best = _best(results, spec)
-            ratio = grid[1] / grid[0] if len(grid) > 1 else 3.0
-            if best == grid[0] and len(grid) > 1:
-                grid.insert(0, grid[0] / ratio)
-                results[grid[0]] = run(spec, grid[0], 0, sweep_steps, "sweep")["final_eval_loss"]
-            elif best == grid[-1] and len(grid) > 1:
-                grid.append(grid[-1] * ratio)
-                results[grid[-1]] = run(spec, grid[-1], 0, sweep_steps, "sweep")["final_eval_loss"]
-            else:
+            if len(grid) < 2 or best not in (grid[0], grid[-1]):
                 break
+            ratio = grid[1] / grid[0]
+            lr = grid[0] / ratio if best == grid[0] else grid[-1] * ratio
+            results[lr] = run(spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"]
+            grid = sorted(results)
         best_lr[spec.label] = _best(results, spec)
         sweeps[spec.label] = [{"lr": lr, "eval_loss": results[lr]} for lr in grid]
         edge = best_lr[spec.label] in (grid[0], grid[-1])

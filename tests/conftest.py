@@ -52,16 +52,38 @@ def compiled_kernels():
     return ext
 
 
-@pytest.fixture(scope="session", params=["llama", "mistral", "gemma3"])
-def tiny_pair(request, tmp_path_factory):
-    """(transformers reference, Ligero model loaded from the saved folder, folder)."""
+DENSE_FAMILIES = ["llama", "mistral", "gemma3"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe"]
+_PAIRS: dict[str, tuple] = {}
+
+
+def _tiny_pair(arch: str, tmp_path_factory):
+    """(transformers reference, Ligero model loaded from the saved folder, folder), built once per session."""
     from ligero.io.checkpoint import load_model
 
-    ref = tiny_hf_model(request.param)
-    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    ref.save_pretrained(folder)
-    ours = load_model(str(folder), device="cpu").model
-    return ref, ours, folder
+    if arch not in _PAIRS:
+        ref = tiny_hf_model(arch)
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        ref.save_pretrained(folder)
+        _PAIRS[arch] = ref, load_model(str(folder), device="cpu").model, folder
+    return _PAIRS[arch]
+
+
+@pytest.fixture(scope="session", params=DENSE_FAMILIES)
+def tiny_pair(request, tmp_path_factory):
+    """A dense family's pair (what the quantization, serving and evaluation tests run on)."""
+    return _tiny_pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=MOE_FAMILIES)
+def tiny_moe_pair(request, tmp_path_factory):
+    return _tiny_pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=DENSE_FAMILIES + MOE_FAMILIES)
+def any_tiny_pair(request, tmp_path_factory):
+    """Every family's pair: parity and KV-cache tests."""
+    return _tiny_pair(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

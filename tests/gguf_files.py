@@ -22,9 +22,14 @@ def _encode(w: np.ndarray, type_name: str) -> tuple[np.ndarray, gguf.GGMLQuantiz
     return quantize(w, qtype), qtype
 
 
-def write_model(path, types: dict[str, str]) -> None:
-    """A 2-layer llama (dim 256, GQA 4/2) whose tensors have the given types (key: GGUF leaf name, or 'default')."""
+def write_model(path, types: dict[str, str], experts: int = 0, experts_used: int = 2) -> None:
+    """A 2-layer llama (dim 256, GQA 4/2) whose tensors have the given types (key: GGUF leaf name, or 'default').
+    With `experts`, a Mixtral-style MoE: each layer's FFN is a router (ffn_gate_inp, F32 as llama.cpp keeps it)
+    and 3-D expert tensors ffn_{gate,up,down}_exps [experts, rows, in] choosing `experts_used` per token."""
     w = gguf.GGUFWriter(str(path), "llama")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(experts_used)
     w.add_block_count(LAYERS)
     w.add_context_length(64)
     w.add_embedding_length(DIM)
@@ -39,14 +44,19 @@ def write_model(path, types: dict[str, str]) -> None:
     for i in range(LAYERS):
         tensors |= {f"blk.{i}.attn_norm.weight": (DIM,), f"blk.{i}.ffn_norm.weight": (DIM,)}
         tensors |= {f"blk.{i}.{leaf}.weight": shape for leaf, shape in LINEARS.items()}
+        if experts:
+            for leaf in ("ffn_gate", "ffn_up", "ffn_down"):
+                tensors[f"blk.{i}.{leaf}_exps.weight"] = (experts, *tensors.pop(f"blk.{i}.{leaf}.weight"))
+            tensors[f"blk.{i}.ffn_gate_inp.weight"] = (experts, DIM)
     for name, shape in tensors.items():
         if len(shape) == 1:
             w.add_tensor(name, (1 + 0.1 * g.standard_normal(shape)).astype(np.float32))
             continue
         leaf = name.split(".")[-2]
-        data, raw = _encode((g.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32),
-                            types.get(leaf, types["default"]))
-        w.add_tensor(name, data, raw_dtype=raw)
+        values = (g.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        type_name = "F32" if leaf == "ffn_gate_inp" else types.get(leaf, types["default"])
+        data, raw = _encode(values.reshape(-1, shape[-1]), type_name)
+        w.add_tensor(name, data.reshape(*shape[:-1], -1), raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -39,6 +39,15 @@ def _tiny_hf_model(arch: str):
                                                                          "rope_theta": 1e4}},
                                   **common)
         model = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "mixtral":  # 4 experts, top-2, sliding window
+        cfg = tf.MixtralConfig(num_hidden_layers=2, num_key_value_heads=2, sliding_window=8, num_local_experts=4,
+                               num_experts_per_tok=2, tie_word_embeddings=False, **common)
+        model = tf.MixtralForCausalLM(cfg)
+    elif arch == "qwen3_moe":  # 8 small experts, top-3 not renormalised, QK-norm, a dense middle layer
+        cfg = tf.Qwen3MoeConfig(num_hidden_layers=3, num_key_value_heads=2, head_dim=24, num_experts=8,
+                                num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
+                                mlp_only_layers=[1], tie_word_embeddings=False, **common)
+        model = tf.Qwen3MoeForCausalLM(cfg)
     else:
         raise ValueError(arch)
     g = torch.Generator().manual_seed(0)

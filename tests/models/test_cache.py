@@ -22,8 +22,8 @@ def incremental_logits(model, tokens, chunks):
 
 
 @pytest.mark.parametrize("chunks", [[1] * SEQ, [5, 1, 1, 13, 1, 19], [SEQ]])
-def test_incremental_equals_full_forward(tiny_pair, chunks):
-    _, model, _ = tiny_pair
+def test_incremental_equals_full_forward(any_tiny_pair, chunks):
+    _, model, _ = any_tiny_pair
     tokens = torch.randint(0, model.cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(tokens)
@@ -31,8 +31,8 @@ def test_incremental_equals_full_forward(tiny_pair, chunks):
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
 
 
-def test_rolling_buffer_is_window_sized_and_exact_past_the_window(tiny_pair):
-    _, model, _ = tiny_pair
+def test_rolling_buffer_is_window_sized_and_exact_past_the_window(any_tiny_pair):
+    _, model, _ = any_tiny_pair
     if LOCAL not in model.cfg.layer_types:
         pytest.skip("no sliding-window layers")
     window = model.cfg.sliding_window
@@ -46,8 +46,8 @@ def test_rolling_buffer_is_window_sized_and_exact_past_the_window(tiny_pair):
     torch.testing.assert_close(rolled[:, window:], full[:, window:], atol=1e-5, rtol=0)
 
 
-def test_left_padded_batch_equals_single_sequences(tiny_pair):
-    _, model, _ = tiny_pair
+def test_left_padded_batch_equals_single_sequences(any_tiny_pair):
+    _, model, _ = any_tiny_pair
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 11)]
     with torch.no_grad():

@@ -47,10 +47,11 @@ def make_figures(report: dict, results: dict, folder: Path) -> list[dict]:
 def summary_table(report: dict) -> list[list[str]]:
     """One row per variant, the columns of every metric (header row first)."""
     columns = [column for metric in METRICS for column in metric.report_columns()]
-    table = [["variant", *(header for header, _ in columns)]]
-    for name, row in report["rows"].items():
-        table.append([name, *(cell(row) for _, cell in columns)])
-    return table
+    cells = [[name, *(cell(row) for _, cell in columns)] for name, row in report["rows"].items()]
+    # a column no row fills says nothing (expert routing of a dense model)
+    keep = [0] + [j + 1 for j in range(len(columns)) if any(c[j + 1] for c in cells)]
+    header = ["variant", *(header for header, _ in columns)]
+    return [[header[j] for j in keep]] + [[c[j] for j in keep] for c in cells]
 
 
 def recommendation_lines(report: dict) -> list[str]:

@@ -292,6 +292,7 @@ def _load_gguf_packed(path: Path, device, dtype, int8_activations: bool = False)
     # On fp32 activations the packed layers compute with the file's weights exactly (prefill dequantizes each for
     # torch's GEMM): quantize() may start from them, one layer at a time, instead of from an fp32 copy.
     model.packed_source = not int8_activations
+    model.ggml_rope = int8_activations  # llama.cpp's arithmetic includes its rounding of the RoPE angles
     digest = file_sha256(path)
     return LoadedModel(model, _gguf_tokenizer(path, gf, digest), {"source": _gguf_source(path, gf, digest),
                                                                   "format": "gguf-packed"})
@@ -404,7 +405,7 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     dequantized to full precision (the baseline quantization starts from).
     `int8_activations` (with keep_quantized): every quantized layer computes as llama.cpp's CPU backend does, on
     activations rounded to int8 (per 32 inputs for Q8_0 / Q4_* / Q5_*, per 256 for K-quants; integer kernels),
-    instead of fp32 ones."""
+    instead of fp32 ones, and with RoPE angles rounded as llama.cpp rounds them (rope_table_ggml)."""
     if int8_activations and not keep_quantized:
         raise LigeroError("int8_activations applies to a GGUF loaded as shipped: pass keep_quantized=True too")
     t0 = time.perf_counter()

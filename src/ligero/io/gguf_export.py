@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ligero.errors import LigeroError
-from ligero.io.gguf_file import FUSED_PARTS, GGUFFile, join_blocks, ligero_name
+from ligero.io.gguf_file import FUSED_PARTS, GGUFFile, expert_slice, join_blocks, ligero_name
 from ligero.models.transformer import Transformer
 from ligero.quant.config import (
     Float16Config,
@@ -137,6 +137,16 @@ def _source_tensor(model: Transformer, target: str, float16: bool) -> tuple[np.n
     return w.numpy(), "F32"
 
 
+def _expert_tensor(model: Transformer, base: str, float16: bool) -> tuple[str, np.ndarray, str]:
+    """(GGUF name, data [experts, ...], type) of one MoE projection: every expert's slice, stacked."""
+    parts = [_source_tensor(model, ligero_name(f"{base}.{e}.weight"), float16) for e in range(model.cfg.n_experts)]
+    types = sorted({type_name for _, type_name in parts})
+    if len(types) > 1:
+        raise LigeroError(f"the experts of {base} have different formats ({', '.join(types)}); GGUF stores a "
+                          "layer's experts as one tensor of one type: quantize every expert alike to export")
+    return f"{base}.weight", np.stack([data for data, _ in parts]), types[0]
+
+
 def export_gguf(model: Transformer, source: Path, out: Path, float16: bool = False) -> dict:
     """Write `model` to `out` as GGUF with the metadata and tensor names of `source` (the GGUF it came from).
     Returns {"path", "tensor_types": {type: count}}. Written to a temporary name, then renamed."""
@@ -170,8 +180,15 @@ def _write(model: Transformer, src: GGUFFile, tmp: Path, float16: bool) -> dict[
     counts: dict[str, int] = {}
     with torch.no_grad():
         for name, t in src.tensors.items():
-            data, type_name = _source_tensor(model, ligero_name(name), float16)
             shape = [int(d) for d in reversed(t.shape)]  # back to GGUF's innermost-first order, as torch rows
+            expert = expert_slice(name)
+            if expert is None:
+                data, type_name = _source_tensor(model, ligero_name(name), float16)
+            elif expert[1]:
+                continue  # written with expert 0: llama.cpp reads a layer's experts as one 3-D tensor
+            else:
+                name, data, type_name = _expert_tensor(model, expert[0], float16)
+                shape = [len(data), *shape]
             raw = gguf.GGMLQuantizationType[type_name]
             if type_name in ("F32", "F16"):
                 writer.add_tensor(name, np.ascontiguousarray(data).reshape(shape))

@@ -56,6 +56,13 @@ _BLOCK_NAMES = {
     "post_ffw_norm": "mlp_post_norm",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+# llama.cpp stores each MoE layer's experts as one 3-D tensor per projection ([experts, rows, in], innermost-first
+# (in, rows, experts)) beside the router (ffn_gate_inp). GGUFFile lists each expert's slice as a tensor of its own,
+# named blk.N.ffn_gate_exps.E.weight, so every per-tensor path (packed, dequantized, released) reads experts as it
+# reads dense projections.
+_EXPERT_LEAVES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.(\d+)\.weight$")
+_BLOCK_NAMES["ffn_gate_inp"] = "mlp.router"
 
 
 class GGUFTensor(NamedTuple):
@@ -99,13 +106,27 @@ class GGUFFile:
             if at + n_bytes > len(self._map):
                 raise LigeroError(f"{self.path} is truncated or corrupt (tensor {info.name} runs past the end of "
                                   "the file); re-download or re-create the file")
-            np_dims = tuple(reversed(info.dims))
-            raw = self._map[at:at + n_bytes]
-            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                data = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16).reshape(np_dims)
-            else:
-                data = raw.reshape(quant_shape_to_byte_shape(np_dims, qtype))
-            self.tensors[info.name] = GGUFTensor(info.name, qtype, info.dims, n_bytes, at, data)
+            base, _, _ = info.name.rpartition(".")
+            if base.rpartition(".")[2] in _EXPERT_LEAVES:  # one tensor per expert, each a view of its slice
+                if len(info.dims) != 3:
+                    raise LigeroError(f"expert tensor {info.name} has shape {info.dims}, not (in, rows, experts); "
+                                      "re-create the file with llama.cpp's converter")
+                experts = int(info.dims[2])
+                per = n_bytes // experts
+                for e in range(experts):
+                    name = f"{base}.{e}.weight"
+                    self.tensors[name] = GGUFTensor(name, qtype, info.dims[:2], per, at + e * per,
+                                                    self._view(at + e * per, per, qtype, info.dims[:2]))
+                continue
+            self.tensors[info.name] = GGUFTensor(info.name, qtype, info.dims, n_bytes, at,
+                                                 self._view(at, n_bytes, qtype, info.dims))
+
+    def _view(self, at: int, n_bytes: int, qtype: gguf.GGMLQuantizationType, dims: tuple[int, ...]) -> np.ndarray:
+        np_dims = tuple(reversed(dims))
+        raw = self._map[at:at + n_bytes]
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            return raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16).reshape(np_dims)
+        return raw.reshape(quant_shape_to_byte_shape(np_dims, qtype))
 
     @property
     def reader(self) -> gguf.GGUFReader:
@@ -320,10 +341,19 @@ def join_blocks(buffers: dict[str, torch.Tensor], type_name: str) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
+def expert_slice(gguf_name: str) -> tuple[str, int] | None:
+    """(the file's 3-D tensor name without .weight, expert) of one expert's slice (GGUFFile's naming), else None."""
+    m = _EXPERT_RE.match(gguf_name)
+    return (f"blk.{m.group(1)}.{m.group(2)}", int(m.group(3))) if m else None
+
+
 def ligero_name(gguf_name: str) -> str:
     base = gguf_name.removesuffix(".weight")
     if base in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[base] + ".weight"
+    m = _EXPERT_RE.match(gguf_name)
+    if m:
+        return f"layers.{m.group(1)}.mlp.experts.{m.group(3)}.{_EXPERT_LEAVES[m.group(2)]}.weight"
     m = _BLOCK_RE.match(gguf_name)
     if m and m.group(2) in _BLOCK_NAMES:
         return f"layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"

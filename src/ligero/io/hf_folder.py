@@ -15,6 +15,16 @@ from ligero.models.config import ModelConfig, config_from_hf
 from ligero.progress import progress_bar
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+# Mixture-of-experts names (Mixtral's block_sparse_moe.experts.E.w1/w3/w2; Qwen-MoE's mlp.gate as the router and
+# mlp.shared_expert*) -> Ligero's mlp.router / mlp.experts.E.{gate,up,down}_proj / mlp.shared / mlp.shared_gate
+_MOE_RES = [
+    (re.compile(r"^block_sparse_moe\.experts\.(\d+)\.w1\."), r"mlp.experts.\1.gate_proj."),
+    (re.compile(r"^block_sparse_moe\.experts\.(\d+)\.w3\."), r"mlp.experts.\1.up_proj."),
+    (re.compile(r"^block_sparse_moe\.experts\.(\d+)\.w2\."), r"mlp.experts.\1.down_proj."),
+    (re.compile(r"^(block_sparse_moe|mlp)\.gate\.weight$"), "mlp.router.weight"),
+    (re.compile(r"^mlp\.shared_expert\."), "mlp.shared."),
+    (re.compile(r"^mlp\.shared_expert_gate\."), "mlp.shared_gate."),
+]
 
 
 def read_json_object(path: Path) -> dict:
@@ -72,9 +82,12 @@ def hf_to_ligero_name(name: str, cfg: ModelConfig) -> str | None:
         return name
     m = _LAYER_RE.match(name)
     if not m:
-        raise LigeroError(f"unexpected tensor '{name}' in the checkpoint; is this a llama/mistral/gemma3 model?")
+        raise LigeroError(f"unexpected tensor '{name}' in the checkpoint; is this a llama, mistral, gemma3, mixtral "
+                          "or qwen3_moe model?")
     i, rest = m.groups()
     rest = rest.replace("self_attn.", "attn.")
+    for pattern, replacement in _MOE_RES:
+        rest = pattern.sub(replacement, rest)
     norm_names = {
         "input_layernorm.weight": "attn_norm.weight",
         # Llama's "post_attention_layernorm" is the pre-FFN norm; Gemma 3's is a true post-attention norm.

@@ -1,7 +1,9 @@
 """Model configuration: every per-architecture difference is a field here, not a fork of the model code.
 
-Families covered: Llama (SmolLM2, TinyLlama), Mistral (Llama + sliding window on every layer) and Gemma 3
-(5 local : 1 global layers, two RoPE bases, QK-norm, sandwich norms, (1 + w) RMSNorm, scaled embeddings, GeGLU).
+Families covered: Llama (SmolLM2, TinyLlama), Mistral (Llama + sliding window on every layer), Gemma 3
+(5 local : 1 global layers, two RoPE bases, QK-norm, sandwich norms, (1 + w) RMSNorm, scaled embeddings, GeGLU),
+and two mixture-of-experts families: Mixtral (Mistral with a top-2 of 8 expert FFN) and Qwen3-MoE (QK-norm,
+top-k of many small experts, optional renormalisation of the chosen experts' weights, optional dense layers).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Callable
 
 from ligero.errors import LigeroError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "gemma3", "mixtral", "qwen3_moe")
 GLOBAL, LOCAL = "global", "local"
 
 
@@ -42,6 +44,18 @@ class ModelConfig:
     layer_types: list[str] = field(default_factory=list)  # "global" or "local" per layer
     attn_scale: float | None = None  # None = 1/sqrt(head_dim)
     final_logit_softcap: float | None = None
+    # Mixture of experts (n_experts > 0): every layer's FFN (but `dense_layers`') is a router choosing
+    # n_experts_per_token of n_experts gated MLPs of expert_ffn_dim per token, their outputs weighted by the softmax
+    # probabilities of the chosen experts (renormalised to sum to 1 when moe_renormalize: Mixtral; Qwen3-MoE's
+    # norm_topk_prob), plus an always-on shared expert of shared_expert_ffn_dim when > 0 (scaled by a sigmoid gate
+    # when shared_expert_gate).
+    n_experts: int = 0
+    n_experts_per_token: int = 0
+    expert_ffn_dim: int | None = None  # None = ffn_dim
+    moe_renormalize: bool = True
+    shared_expert_ffn_dim: int = 0
+    shared_expert_gate: bool = False
+    dense_layers: list[int] = field(default_factory=list)  # layers of an MoE model with a dense FFN of ffn_dim
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -61,6 +75,22 @@ class ModelConfig:
             raise LigeroError("local (sliding-window) layers need sliding_window > 0")
         if self.activation not in ("silu", "gelu_tanh"):
             raise LigeroError(f"activation '{self.activation}' is not supported; use silu or gelu_tanh")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts):
+            raise LigeroError(f"experts per token ({self.n_experts_per_token}) must be between 1 and the number of "
+                              f"experts ({self.n_experts}); fix num_experts_per_tok / expert_used_count")
+        if not self.n_experts and (self.n_experts_per_token or self.dense_layers or self.shared_expert_ffn_dim):
+            raise LigeroError("experts per token, dense layers or a shared expert were given without experts; "
+                              "set n_experts (num_local_experts / expert_count) or remove them")
+        if any(not 0 <= i < self.n_layers for i in self.dense_layers):
+            raise LigeroError(f"dense_layers {self.dense_layers} name layers outside 0..{self.n_layers - 1}")
+
+    @property
+    def moe_ffn_dim(self) -> int:
+        """Hidden width of one expert."""
+        return self.expert_ffn_dim or self.ffn_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and i not in self.dense_layers
 
     @property
     def scale(self) -> float:
@@ -75,18 +105,29 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def n_params(self, count_tied_head: bool = False) -> int:
+        return self._count_params(self.n_experts, count_tied_head)
+
+    def n_active_params(self, count_tied_head: bool = False) -> int:
+        """Parameters one token runs through (an MoE layer's chosen experts only, its router included)."""
+        return self._count_params(self.n_experts_per_token, count_tied_head)
+
+    def _count_params(self, experts: int, count_tied_head: bool) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        mlp = 3 * self.dim * self.ffn_dim
+        dense = 3 * self.dim * self.ffn_dim
+        moe = experts * 3 * self.dim * self.moe_ffn_dim + self.n_experts * self.dim \
+            + 3 * self.dim * self.shared_expert_ffn_dim + (self.dim if self.shared_expert_gate else 0)
+        mlp = sum(moe if self.is_moe_layer(i) else dense for i in range(self.n_layers))
         norms = self.dim * (4 if self.post_norms else 2) + (2 * self.head_dim if self.qk_norm else 0)
         embed = self.vocab_size * self.dim
         head = embed if (count_tied_head or not self.tie_embeddings) else 0
-        return self.n_layers * (attn + mlp + norms) + embed + head + self.dim
+        return self.n_layers * (attn + norms) + mlp + embed + head + self.dim
 
 
 # What makes a Gemma 3 block a Gemma 3 block, whichever file it is read from (Hugging Face or GGUF).
 GEMMA3_TRAITS = dict(arch="gemma3", norm_offset=1.0, activation="gelu_tanh", qk_norm=True, post_norms=True,
                      embed_scale=True)
-HF_MODEL_TYPES = ("llama", "mistral", "gemma3_text")  # and "gemma3", whose text_config is a gemma3_text config
+# and "gemma3", whose text_config is a gemma3_text config
+HF_MODEL_TYPES = ("llama", "mistral", "gemma3_text", "mixtral", "qwen3_moe")
 
 
 def _hf_int(hf: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -147,8 +188,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         model_type = "gemma3_text"
     if model_type not in HF_MODEL_TYPES:
         found = f"model_type '{model_type}' is" if model_type is not None else "a config.json without model_type is"
-        raise LigeroError(f"Hugging Face {found} not supported; Ligero reads llama, mistral and gemma3 "
-                          "(gemma3_text) models")
+        raise LigeroError(f"Hugging Face {found} not supported; Ligero reads llama, mistral, gemma3 "
+                          "(gemma3_text), mixtral and qwen3_moe models")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LigeroError("attention or MLP biases are not supported by Ligero's runtime")
     dim, n_heads = _hf_int(hf, "hidden_size"), _hf_int(hf, "num_attention_heads")
@@ -166,7 +207,39 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
     if model_type in ("llama", "mistral"):
         return _llama_from_hf(hf, model_type, common)
+    if model_type in ("mixtral", "qwen3_moe"):
+        return _moe_from_hf(hf, model_type, common)
     return _gemma3_from_hf(hf, common)
+
+
+def _moe_from_hf(hf: dict[str, Any], model_type: str, common: dict[str, Any]) -> ModelConfig:
+    """Mixtral (a Mistral whose FFN is top-k of experts, weights renormalised) and Qwen3-MoE (QK-norm, experts of
+    moe_intermediate_size, norm_topk_prob, dense layers listed in mlp_only_layers or off the decoder_sparse_step)."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise LigeroError(f"activation '{hf.get('hidden_act')}' is not supported for {model_type}")
+    experts = _hf_int(hf, "num_local_experts", hf.get("num_experts"))
+    theta, factor = _rope_from_hf(hf)
+    n_layers = common["n_layers"]
+    use_window = hf.get("sliding_window") and (model_type == "mixtral" or hf.get("use_sliding_window"))
+    window = _hf_int(hf, "sliding_window") if use_window else None
+    moe = dict(n_experts=experts, n_experts_per_token=_hf_int(hf, "num_experts_per_tok", 2))
+    if model_type == "qwen3_moe":
+        step = _hf_int(hf, "decoder_sparse_step", 1)
+        only = hf.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+            raise LigeroError(f"config.json's mlp_only_layers must be a list of layer numbers (found {only!r}); "
+                              "use the model's complete, unedited config.json")
+        moe.update(expert_ffn_dim=_hf_int(hf, "moe_intermediate_size"), moe_renormalize=bool(hf.get("norm_topk_prob")),
+                   dense_layers=[i for i in range(n_layers) if i in only or (i + 1) % step], qk_norm=True)
+    return ModelConfig(
+        arch=model_type,
+        rope_theta=theta or (1e6 if model_type == "mixtral" else 10000.0),
+        rope_scaling_factor=factor,
+        sliding_window=window,
+        layer_types=[LOCAL if window else GLOBAL] * n_layers,
+        **moe,
+        **common,
+    )
 
 
 def _llama_from_hf(hf: dict[str, Any], model_type: str, common: dict[str, Any]) -> ModelConfig:
@@ -257,12 +330,17 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> ModelConfig:
         factor = number("rope.scaling.factor", 1.0)
     if arch == "llama":
         window = whole("attention.sliding_window") if get("attention.sliding_window") else None
+        moe = {}
+        if get("expert_count"):  # Mixtral-style: llama blocks whose FFN is top-k of experts, weights renormalised
+            moe = dict(n_experts=whole("expert_count"), n_experts_per_token=whole("expert_used_count"),
+                       expert_ffn_dim=whole("expert_feed_forward_length", common["ffn_dim"]))
         return ModelConfig(
             arch="mistral" if window else "llama",
             rope_theta=number("rope.freq_base", 10000.0),
             rope_scaling_factor=factor,
             sliding_window=window,
             layer_types=[LOCAL if window else GLOBAL] * n_layers,
+            **moe,
             **common,
         )
     pattern = 6  # llama.cpp's Gemma 3: every 6th layer is global

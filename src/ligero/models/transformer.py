@@ -50,7 +50,7 @@ class Linear(nn.Linear):
 
 def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint names with separate q/k/v and gate/up projections -> Ligero's fused ones (in place)."""
-    for key in [k for k in state if k.endswith(("attn.q_proj.weight", "mlp.gate_proj.weight"))]:
+    for key in [k for k in state if k.endswith(("attn.q_proj.weight", ".gate_proj.weight"))]:  # experts' too
         prefix = key.rsplit(".", 2)[0] + "."
         if key.endswith("q_proj.weight"):
             parts = [state.pop(prefix + f"{n}_proj.weight") for n in "qkv"]
@@ -124,6 +124,24 @@ def rope_table(head_dim: int, max_len: int, theta: float, scaling: float = 1.0) 
     return torch.stack([emb.cos(), emb.sin()]).float()  # [2, L, D]
 
 
+def rope_table_ggml(head_dim: int, max_len: int, theta: float, scaling: float = 1.0) -> torch.Tensor:
+    """rope_table as llama.cpp's CPU backend computes it: the ratio between frequencies powf(base, -2/D) in fp32,
+    each angle by repeated fp32 multiplication from the position (angle *= ratio, frequency by frequency), times
+    the fp32 frequency scale, then fp32 cos / sin. The repeated rounding moves angles by up to ~1e-5 rad at 500
+    positions (~5e-4 at 8k): small, but a model that rounds activations to int8 turns such differences into other
+    roundings, so Ligero uses it where it computes a GGUF as llama.cpp does (load_model(int8_activations=True))."""
+    exponent = torch.tensor(-2.0 / head_dim, dtype=torch.float32).double()
+    ratio = torch.tensor(float(theta), dtype=torch.float64).pow(exponent).float()
+    freq_scale = torch.tensor(1.0 / scaling, dtype=torch.float32)
+    angle, columns = torch.arange(max_len, dtype=torch.float32), []
+    for _ in range(head_dim // 2):
+        columns.append(angle * freq_scale if scaling != 1.0 else angle)
+        angle = angle * ratio
+    freqs = torch.stack(columns, dim=1).double()  # [L, D/2], fp32 values; cos / sin correctly rounded to fp32
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return torch.stack([emb.cos(), emb.sin()]).float()  # [2, L, D]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, T, n, D]; cos/sin: [B, T, 1, D]
     half = x.shape[-1] // 2
@@ -171,11 +189,12 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """SwiGLU (silu) or GeGLU (tanh GELU): down(act(gate(x)) * up(x)), gate and up fused in one projection."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ffn_dim: int | None = None):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
-        self.gate_up_proj.segments = (cfg.ffn_dim, cfg.ffn_dim)
-        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        ffn_dim = ffn_dim or cfg.ffn_dim
+        self.gate_up_proj = Linear(cfg.dim, 2 * ffn_dim, bias=False)
+        self.gate_up_proj.segments = (ffn_dim, ffn_dim)
+        self.down_proj = Linear(ffn_dim, cfg.dim, bias=False)
         self.gelu = cfg.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,12 +203,71 @@ class GatedMLP(nn.Module):
         return self.down_proj(gate * up)
 
 
+class Routing(NamedTuple):
+    """Which experts each token goes to, and with what weight."""
+
+    experts: torch.Tensor  # [N, k] expert ids, most probable first
+    weights: torch.Tensor  # [N, k] fp32
+    logits: torch.Tensor  # [N, E] the router's fp32 logits
+
+
+class MoEMLP(nn.Module):
+    """Mixture-of-experts FFN: a router scores n_experts gated MLPs per token; the k best run and their outputs are
+    summed, weighted by their softmax probabilities (renormalised over the k when cfg.moe_renormalize, which equals
+    Mixtral's softmax over the k chosen logits). Tokens are grouped by expert, so each chosen expert runs once per
+    forward on all its tokens and an expert no token chose is never read (one-token decode reads k experts).
+    `routing_log`, when a list, receives every forward's Routing (the audit compares variants' choices)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k = cfg.n_experts_per_token
+        self.renormalize = cfg.moe_renormalize
+        self.router = Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
+        self.shared = GatedMLP(cfg, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
+        self.shared_gate = Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
+        self.routing_log: list[Routing] | None = None
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """x [N, C] -> the k experts of each token and their weights."""
+        logits = self.router(x).float()  # [N, E]
+        probs = logits.softmax(-1)
+        weights, experts = probs.topk(self.k, dim=-1)  # [N, k]
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return Routing(experts, weights, logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, C]
+        routing = self.route(flat)
+        if self.routing_log is not None:
+            self.routing_log.append(routing)
+        out = torch.zeros_like(flat)
+        chosen = routing.experts.flatten()  # [N * k], token n's choices at n*k .. n*k + k - 1
+        order = chosen.argsort(stable=True)  # assignments grouped by expert
+        counts = torch.bincount(chosen, minlength=len(self.experts)).tolist()
+        weights = routing.weights.flatten()[order].to(flat.dtype)
+        tokens = order // self.k
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = tokens[start:start + n]
+                out.index_add_(0, rows, self.experts[e](flat[rows]) * weights[start:start + n, None])
+                start += n
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(flat))
+            out = out + shared
+        return out.view_as(x)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_type: str):
+    def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool = False):
         super().__init__()
         norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)  # noqa: E731
         self.attn_norm, self.attn = norm(), Attention(cfg, layer_type)
-        self.mlp_norm, self.mlp = norm(), GatedMLP(cfg)
+        self.mlp_norm, self.mlp = norm(), (MoEMLP(cfg) if moe else GatedMLP(cfg))
         self.attn_post_norm = norm() if cfg.post_norms else None
         self.mlp_post_norm = norm() if cfg.post_norms else None
 
@@ -229,10 +307,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.layers = nn.ModuleList(Block(cfg, t, cfg.is_moe_layer(i)) for i, t in enumerate(cfg.layer_types))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope: dict[str, torch.Tensor] = {}
+        self.ggml_rope = False  # True: RoPE angles as llama.cpp rounds them (rope_table_ggml)
 
     @property
     def device(self) -> torch.device:
@@ -252,10 +331,11 @@ class Transformer(nn.Module):
         table = self._rope.get(kind)
         if table is None or table.device != device:
             cfg = self.cfg
+            build = rope_table_ggml if self.ggml_rope else rope_table
             if kind == LOCAL and cfg.rope_theta_local is not None:
-                table = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta_local)
+                table = build(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta_local)
             else:
-                table = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_factor)
+                table = build(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_factor)
             table = self._rope[kind] = table.to(device)
         return table
 
@@ -376,8 +456,10 @@ def _has_hooks(layers: nn.Module) -> bool:
 def native_decode_plan(model: Transformer, kv_cache: KVCacheBase | None):
     """The native decode step for this model and cache, built once per cache, or None where the step must run
     layer by layer: another cache kind or KV format (packed KV), more than MAX_KERNEL_ROWS rows, autograd, forward hooks
-    inside the layers (they must see each module's call), no kernels, or LIGERO_DECODE_STEP=layers."""
-    if type(kv_cache) is not KVCache or kv_cache.k[0].shape[0] > MAX_KERNEL_ROWS or torch.is_grad_enabled() \
+    inside the layers (they must see each module's call), experts (an MoE layer routes in Python), no kernels, or
+    LIGERO_DECODE_STEP=layers."""
+    if model.cfg.n_experts or type(kv_cache) is not KVCache or kv_cache.k[0].shape[0] > MAX_KERNEL_ROWS \
+            or torch.is_grad_enabled() \
             or type(model.kv_format) is not KVFormat:  # a packed KV format's attention reads its own rounding
         return None
     if kv_cache.native is not None and kv_cache.native[0] is model:

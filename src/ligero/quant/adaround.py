@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ligero.models.transformer import Transformer
+from ligero.models.transformer import Linear, Transformer
 from ligero.progress import progress_bar
 from ligero.quant import formats
 from ligero.quant.config import AdaRoundConfig
@@ -63,6 +63,36 @@ def adaround_layer(weight: torch.Tensor, x_q: torch.Tensor, x_fp: torch.Tensor, 
     return layer
 
 
+def block_linears(block: torch.nn.Module) -> list[str]:
+    """A block's linears in the order its forward runs them (an MoE layer's experts one after another); an MoE
+    router stays in full precision, as Recipe.config_for keeps it."""
+    return [n for n, m in block.named_modules() if isinstance(m, Linear) and not n.endswith("mlp.router")]
+
+
+def _expert_inputs(block, fp_block, h_q, h_fp, ctx, name: str):
+    """Paired inputs [N, in] of an expert's linear on the quantized and full-precision paths, over the tokens the
+    full-precision router sends to that expert (the quantized router may send others; AdaRound's reconstruction
+    needs the same tokens on both sides). (None, None) when no token goes there."""
+    expert_path, _, _ = name.rpartition(".")  # mlp.experts.E
+    expert = int(expert_path.rpartition(".")[2])
+    x_q = _capture_inputs(block, h_q, ctx, ["mlp"])["mlp"]
+    x_fp = _capture_inputs(fp_block, h_fp, ctx, ["mlp"])["mlp"]
+    rows = (fp_block.mlp.route(x_fp).experts == expert).any(-1)
+    if not rows.any():
+        return None, None
+
+    def inputs(b, x):
+        seen = {}
+        hook = b.get_submodule(name).register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+        try:
+            b.get_submodule(expert_path)(x[rows])
+        finally:
+            hook.remove()
+        return seen["x"].detach()
+
+    return inputs(block, x_q), inputs(fp_block, x_fp)
+
+
 def _capture_inputs(block, x, ctx, names) -> dict[str, torch.Tensor]:
     """Run one block and return the input [N, in] of each named submodule."""
     seen: dict[str, torch.Tensor] = {}
@@ -85,19 +115,25 @@ def adaround_model(model: Transformer, cfg: AdaRoundConfig, calibration: list[li
     ctx = model.attention_inputs(positions, model.dtype)
     h_q = model.embed_tokens(tokens)
     h_fp = fp_model.embed_tokens(tokens)
-    order = ["attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
-    selected = [[name for name in order if layer_filter is None
+    selected = [[name for name in block_linears(block) if layer_filter is None
                  or layer_filter(f"layers.{i}.{name}", block.get_submodule(name))]
                 for i, block in enumerate(model.layers)]
     with progress_bar("AdaRound layers", total=sum(map(len, selected))) as advance:
         for i, (block, fp_block) in enumerate(zip(model.layers, fp_model.layers)):
             kind_ctx = ctx[model.cfg.layer_types[i]]
             for name in selected[i]:
-                x_q = _capture_inputs(block, h_q, kind_ctx, [name])[name]
-                x_fp = _capture_inputs(fp_block, h_fp, kind_ctx, [name])[name]
+                if ".experts." in name:
+                    x_q, x_fp = _expert_inputs(block, fp_block, h_q, h_fp, kind_ctx, name)
+                else:
+                    x_q = _capture_inputs(block, h_q, kind_ctx, [name])[name]
+                    x_fp = _capture_inputs(fp_block, h_fp, kind_ctx, [name])[name]
                 lin = block.get_submodule(name)
-                with torch.enable_grad():
-                    new = adaround_layer(lin.weight.detach().float(), x_q, x_fp, cfg, getattr(lin, "segments", None))
+                segments = getattr(lin, "segments", None)
+                if x_q is None:  # an expert no calibration token is routed to: nothing to learn from
+                    new = IntGroupLinear.from_float(lin.weight.detach().float(), cfg, segments)
+                else:
+                    with torch.enable_grad():
+                        new = adaround_layer(lin.weight.detach().float(), x_q, x_fp, cfg, segments)
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent), child, new)
                 advance()

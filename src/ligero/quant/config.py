@@ -403,11 +403,16 @@ class Recipe:
         return any(needs_calibration(c) for c in self.layer_configs())
 
     def config_for(self, module_name: str) -> QuantConfig | None:
+        """The config of a layer: the first override whose pattern matches its name, else the head's, else the
+        weights' — except an MoE router (mlp.router), kept in full precision unless an override names it: it is
+        tiny, and its rounding would change which experts run."""
         for pattern, cfg in self.overrides:
             if fnmatch.fnmatchcase(module_name, pattern):
                 return cfg
         if module_name == "lm_head":
             return self.head
+        if module_name.endswith(".mlp.router"):
+            return None
         return self.weights
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from ligero.quant.config import (
+    Float16Config,
     GGMLConfig,
     GGMLMixConfig,
     Int8WeightConfig,
@@ -37,12 +38,17 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(ftype: str, role: str, i_layer: int, n_layers: int, n_gqa: int) -> str:
+def tensor_type(ftype: str, role: str, i_layer: int, n_layers: int, n_gqa: int, n_experts: int = 0) -> str:
     """The GGML type of one tensor (role: q, k, v, o, gate, up, down, output, token_embd) before the width
-    fallback."""
+    fallback. A layer's experts take the type of its dense gate / up / down; 8-expert models (Mixtral) get
+    Q8_0 attention keys and values and (at 4 bits and below) Q5_K attention outputs, as llama.cpp gives them."""
     base = BASE_TYPE[ftype]
     if role == "output":
         return "Q6_K"
+    if n_experts == 8 and role in ("k", "v"):
+        return "Q8_0"
+    if n_experts == 8 and role == "o" and ftype in ("Q2_K", "Q3_K_M", "Q4_K_M"):
+        return "Q5_K"
     if role == "v":
         if ftype == "Q2_K":
             return "Q4_K" if n_gqa >= 4 else "Q3_K"
@@ -66,9 +72,12 @@ def tensor_type(ftype: str, role: str, i_layer: int, n_layers: int, n_gqa: int) 
 
 
 def layer_config(type_name: str, in_features: int, ftype: str) -> QuantConfig:
-    """The Ligero config of a GGML type for a layer `in_features` wide, after llama.cpp's width fallback."""
-    if in_features % 256:
+    """The Ligero config of a GGML type for a layer `in_features` wide, after llama.cpp's width fallback (a K-quant
+    to a 32-block type where rows are not whole 256-blocks; F16 where they are not whole 32-blocks either)."""
+    if in_features % 256 and type_name in _FALLBACK:
         type_name = _FALLBACK[type_name]
+    if in_features % 32:
+        return Float16Config("f16")
     if type_name == "Q4_0":
         return IntGroupConfig(32, symmetric=True)
     return Int8WeightConfig(group_size=32) if type_name == "Q8_0" else GGMLConfig(type_name)
@@ -82,15 +91,21 @@ def resolve_mix(recipe: Recipe, model) -> Recipe:
     overrides: list[tuple[str, QuantConfig | None]] = []
 
     def fused(roles: list[str], i: int, in_features: int) -> QuantConfig:
-        configs = [layer_config(tensor_type(mix.ftype, r, i, n, gqa), in_features, mix.ftype) for r in roles]
+        configs = [layer_config(tensor_type(mix.ftype, r, i, n, gqa, cfg.n_experts), in_features, mix.ftype)
+                   for r in roles]
         return configs[0] if all(c == configs[0] for c in configs) else PartsConfig(tuple(c.to_dict() for c in configs))
 
     for i, block in enumerate(model.layers):
-        attn, mlp = block.attn, block.mlp
+        attn = block.attn
         overrides += [(f"layers.{i}.attn.qkv_proj", fused(["q", "k", "v"], i, attn.qkv_proj.in_features)),
-                      (f"layers.{i}.attn.o_proj", fused(["o"], i, attn.o_proj.in_features)),
-                      (f"layers.{i}.mlp.gate_up_proj", fused(["gate", "up"], i, mlp.gate_up_proj.in_features)),
-                      (f"layers.{i}.mlp.down_proj", fused(["down"], i, mlp.down_proj.in_features))]
+                      (f"layers.{i}.attn.o_proj", fused(["o"], i, attn.o_proj.in_features))]
+        experts = getattr(block.mlp, "experts", None)  # an MoE layer: every expert (and shared expert) alike
+        mlps = {f"mlp.experts.{e}": m for e, m in enumerate(experts)} if experts is not None else {"mlp": block.mlp}
+        if getattr(block.mlp, "shared", None) is not None:
+            mlps["mlp.shared"] = block.mlp.shared
+        for name, mlp in mlps.items():
+            overrides += [(f"layers.{i}.{name}.gate_up_proj", fused(["gate", "up"], i, mlp.gate_up_proj.in_features)),
+                          (f"layers.{i}.{name}.down_proj", fused(["down"], i, mlp.down_proj.in_features))]
     head = layer_config("Q6_K", cfg.dim, mix.ftype)
     embed = head if cfg.tie_embeddings else layer_config(BASE_TYPE[mix.ftype], cfg.dim, mix.ftype)
     # the user's overrides come first: they win

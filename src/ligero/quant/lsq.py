@@ -110,6 +110,7 @@ def lsq_model(model: Transformer, cfg: LSQConfig, calibration: list[list[int]], 
     """Quantize every block linear with LSQ (in place); returns the distillation loss per step."""
     teacher = copy.deepcopy(model).eval()
     names = [n for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith("layers.")
+             and not n.endswith(".mlp.router")  # an MoE router stays in full precision (Recipe.config_for)
              and (layer_filter is None or layer_filter(n, m))]
     for name in names:
         lin = model.get_submodule(name)

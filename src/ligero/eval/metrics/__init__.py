@@ -13,10 +13,11 @@ from ligero.eval.metrics.bias import Bias
 from ligero.eval.metrics.memory import Memory
 from ligero.eval.metrics.profile import Profile
 from ligero.eval.metrics.quality import Quality
+from ligero.eval.metrics.routing import Routing
 from ligero.eval.metrics.shift import Shift
 from ligero.eval.metrics.speed import Speed
 from ligero.eval.metrics.toxicity import Toxicity
 
-METRICS: list[Metric] = [Quality(), Bias(), Speed(), Memory(), Toxicity(), Shift(), Profile()]
+METRICS: list[Metric] = [Quality(), Bias(), Speed(), Memory(), Toxicity(), Shift(), Routing(), Profile()]
 
 __all__ = ["CARD_SECTIONS", "METRICS", "MeasureContext", "Metric", "ReportSection", "Thresholds"]

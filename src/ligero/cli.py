@@ -573,6 +573,18 @@ def cmd_lab_bitnet(args) -> int:
     return 0
 
 
+def cmd_lab_moe(args) -> int:
+    from ligero.lab.moe import lab_moe
+
+    result = lab_moe(args.quick, args.out, None if args.no_docs else args.docs)
+    for r in result["rows"]:
+        print(f"{r['arm']}: eval loss {r['eval_loss']:.4f} ({r['gap_vs_dense_pct']:+.1f} % vs dense), "
+              f"{r['time_vs_dense']:.2f}x dense's time per token")
+    if not args.no_docs:
+        print(f"wrote {Path(args.docs) / 'lab-moe.md'}")
+    return 0
+
+
 def _add_lab_commands(sub) -> None:
     """`ligero lab train`: one training run of the labs' tiny models (resumes when its folder has a checkpoint)."""
     lab_sub = sub.add_parser("lab", help="training labs on CPU").add_subparsers(dest="lab_command", required=True)
@@ -610,6 +622,17 @@ def _add_lab_commands(sub) -> None:
     p.add_argument("--no-docs", action="store_true", help="write no document (results stay in --out)")
     _add_threads_arg(p)
     p.set_defaults(func=cmd_lab_bitnet)
+    p = lab_sub.add_parser("moe", help="mixture of experts vs dense models from scratch (routing ablations)",
+                           description="Dense against MoE (top-2 and top-1, with and without the balancing loss, "
+                                       "the router z-loss and a capacity factor) and a dense model with the MoE's "
+                                       "total parameters, on the same tokens, learning rates swept per arm; writes "
+                                       "docs/lab-moe.md. Rerun to resume.")
+    p.add_argument("--quick", action="store_true", help="tiny models and few steps (the tests' run)")
+    p.add_argument("--out", default="ligero-out/lab-moe", help="folder of the runs (reused when rerun)")
+    p.add_argument("--docs", default="docs", help="where lab-moe.md, .json and the figures go")
+    p.add_argument("--no-docs", action="store_true", help="write no document (results stay in --out)")
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_lab_moe)
 
 
 def main(argv: list[str] | None = None) -> int:

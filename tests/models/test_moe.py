@@ -242,3 +242,30 @@ def test_a_gguf_using_more_experts_than_it_has_is_one_line(tmp_path, capsys):
     with pytest.raises(LigeroError, match="set n_experts"):
         ModelConfig(arch="llama", vocab_size=8, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, ffn_dim=8,
                     n_experts_per_token=2)
+
+
+def test_training_adds_the_balancing_and_z_losses_and_caps_experts():
+    model = random_moe().train()
+    mlp = model.layers[0].mlp
+    mlp.balance_coef, mlp.z_coef = 0.01, 0.001
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+    with torch.enable_grad():
+        out = mlp(x)
+        r = mlp.route(x)
+    share = torch.bincount(r.experts.flatten(), minlength=6).float() / 80  # f_i over the 40 x 2 assignments
+    expected = 0.01 * 6 * (share * r.logits.softmax(-1).mean(0)).sum() \
+        + 0.001 * torch.logsumexp(r.logits, -1).pow(2).mean()
+    torch.testing.assert_close(mlp.aux_loss, expected)
+    assert transformer.moe_aux_loss(model) is not None and mlp.aux_loss is None  # summed once, then cleared
+    load, dropped = mlp.take_stats()
+    assert sum(load) == 80 and dropped == 0 and mlp.take_stats() == ([0] * 6, 0)
+    mlp.capacity_factor = 0.5  # at most ceil(0.5 * 80 / 6) = 7 assignments per expert
+    with torch.enable_grad():
+        capped = mlp(x)
+    load, dropped = mlp.take_stats()
+    assert dropped == sum(max(0, n - 7) for n in load) > 0
+    assert not torch.allclose(capped, out)
+    with torch.no_grad():  # inference is dropless whatever the training settings
+        mlp.eval()
+        torch.testing.assert_close(mlp(x), out)
+        assert mlp.take_stats()[1] == 0

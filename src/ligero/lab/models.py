@@ -36,6 +36,10 @@ class Size:
         """The same depth with hidden and FFN widths times `factor` (Reloaded's doubled ternary models)."""
         return Size(self.dim * factor, self.n_layers, self.n_heads, self.n_kv_heads, self.ffn_dim * factor)
 
+    def wider_ffn(self, factor: int) -> "Size":
+        """The FFN alone `factor` times wider (a dense model with an MoE's total parameters)."""
+        return Size(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.ffn_dim * factor)
+
 
 # Widths are multiples of 64 so the packed ternary model runs on the kernel (it takes inputs in 64s).
 SIZES = {
@@ -53,13 +57,24 @@ def size_named(name: str) -> Size:
     return SIZES[name]
 
 
-def tiny_config(size: Size, vocab_size: int, seq_len: int) -> ModelConfig:
+def tiny_config(size: Size, vocab_size: int, seq_len: int, experts: int = 0, top_k: int = 0) -> ModelConfig:
+    """The runtime config of a lab model; with `experts`, every FFN is a mixture of that many experts, `top_k` per
+    token, each expert ffn_dim / top_k wide (so a token runs through as many FFN parameters as in the dense model).
+    Top-1 weights the expert's output by its router probability (Switch Transformer: renormalising one weight
+    would make it 1 and leave the router without gradient); top-k > 1 renormalises over the k (Mixtral)."""
     if size.dim % size.n_heads or size.n_heads % size.n_kv_heads:
         raise LigeroError(f"width {size.dim} with {size.n_heads} heads / {size.n_kv_heads} KV heads does not split "
                           "evenly; choose heads that divide the width")
+    moe = {}
+    if experts:
+        if not 1 <= top_k <= experts or size.ffn_dim % top_k:
+            raise LigeroError(f"top-{top_k} of {experts} experts does not fit: choose 1 <= top-k <= experts, "
+                              f"dividing the FFN width {size.ffn_dim}")
+        moe = dict(n_experts=experts, n_experts_per_token=top_k, expert_ffn_dim=size.ffn_dim // top_k,
+                   moe_renormalize=top_k > 1)
     cfg = ModelConfig(arch="llama", vocab_size=vocab_size, dim=size.dim, n_layers=size.n_layers,
                       n_heads=size.n_heads, n_kv_heads=size.n_kv_heads, head_dim=size.dim // size.n_heads,
-                      ffn_dim=size.ffn_dim, max_seq_len=seq_len, norm_eps=1e-5, tie_embeddings=True)
+                      ffn_dim=size.ffn_dim, max_seq_len=seq_len, norm_eps=1e-5, tie_embeddings=True, **moe)
     cfg.validate()
     return cfg
 

@@ -18,6 +18,7 @@ from ligero.io.checkpoint import save_checkpoint
 from ligero.lab.data import LabData
 from ligero.lab.models import build_model, size_named, tiny_config
 from ligero.lab.trainer import TrainConfig, check_memory, eval_loss, init_from_environment, train, world
+from ligero.models.transformer import MoEMLP
 from ligero.quant.ternary import WEIGHT_SCALES, pack_ternary
 
 RUN_FILE, MODEL_FOLDER = "run.json", "model"
@@ -30,24 +31,43 @@ class RunSpec:
     weight_scale: str = "absmean"
     width_factor: int = 1  # Reloaded's doubled ternary models: 2
     vocab_size: int = 4096
+    ffn_factor: int = 1  # the FFN alone this many times wider (a dense model with an MoE's total parameters)
+    experts: int = 0  # > 0: every FFN a mixture of experts (lab/models.tiny_config)
+    top_k: int = 2
+    balance: float = 0.01  # load-balancing loss coefficient (Switch Transformer)
+    z_loss: float = 0.001  # router z-loss coefficient (ST-MoE, OLMoE)
+    capacity: float | None = None  # capacity factor (None: dropless)
 
     def __post_init__(self) -> None:
         size_named(self.size)
         if self.weight_scale not in WEIGHT_SCALES:
             raise LigeroError(f"unknown weight scale '{self.weight_scale}'; use one of: {', '.join(WEIGHT_SCALES)}")
-        if self.width_factor < 1:
-            raise LigeroError(f"width factor must be at least 1, got {self.width_factor}")
+        if self.width_factor < 1 or self.ffn_factor < 1:
+            raise LigeroError(f"width factors must be at least 1, got {self.width_factor} and {self.ffn_factor}")
+        if self.experts and (self.ternary or self.balance < 0 or self.z_loss < 0
+                             or (self.capacity is not None and self.capacity <= 0)):
+            raise LigeroError("an MoE run is full precision, with non-negative loss coefficients and a positive "
+                              "capacity factor")
 
     @property
     def label(self) -> str:
+        width = f"{'x' + str(self.width_factor) if self.width_factor > 1 else ''}"
+        if self.experts:
+            label = f"{self.size}{width}-moe{self.experts}k{self.top_k}"
+            label += ("-nobal" if not self.balance else "") + ("-noz" if not self.z_loss else "")
+            return label + (f"-cap{self.capacity:g}" if self.capacity is not None else "")
         kind = "b158" if self.ternary else "fp"
-        return f"{self.size}{'x' + str(self.width_factor) if self.width_factor > 1 else ''}-{kind}"
+        return f"{self.size}{width}{'-ffnx' + str(self.ffn_factor) if self.ffn_factor > 1 else ''}-{kind}"
 
 
 def _model(spec: RunSpec, data: LabData, tc: TrainConfig):
-    size = size_named(spec.size).widened(spec.width_factor)
-    cfg = tiny_config(size, data.tokenizer.vocab_size, tc.seq_len)
-    return build_model(cfg, tc.seed, ternary=spec.ternary, weight_scale=spec.weight_scale), size
+    size = size_named(spec.size).widened(spec.width_factor).wider_ffn(spec.ffn_factor)
+    cfg = tiny_config(size, data.tokenizer.vocab_size, tc.seq_len, spec.experts, spec.top_k if spec.experts else 0)
+    model = build_model(cfg, tc.seed, ternary=spec.ternary, weight_scale=spec.weight_scale)
+    for m in model.modules():
+        if isinstance(m, MoEMLP):  # training settings of the routers (the saved model routes dropless)
+            m.balance_coef, m.z_coef, m.capacity_factor = spec.balance, spec.z_loss, spec.capacity
+    return model, size
 
 
 def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 1, log=print) -> dict:
@@ -74,13 +94,17 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
         train(model, data, tc, out, log=log)
         log(f"{spec.label}: trained in {time.perf_counter() - t0:.0f} s")
     records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines() if line]
+    cfg = model.cfg
+    embedding = cfg.vocab_size * cfg.dim
     summary = {"spec": asdict(spec), "label": spec.label, "train_config": tc.to_dict(), "processes": processes,
-               "non_embedding_params": size.non_embedding_params(),
+               "non_embedding_params": cfg.n_params() - embedding,
+               "active_non_embedding_params": cfg.n_active_params() - embedding,
                "params": sum(p.numel() for p in model.parameters()), "data": data.provenance,
                "final_loss": records[-1]["loss"], "final_eval_loss": records[-1].get("eval_loss"),
                "tokens": records[-1]["tokens"], "train_seconds": records[-1]["seconds"],
                "foreign_cpu_share": records[-1].get("foreign_cpu_share"),
-               "curve": [{k: r[k] for k in ("step", "tokens", "loss", "eval_loss") if k in r} for r in records]}
+               "curve": [{k: r[k] for k in ("step", "tokens", "loss", "eval_loss", "aux_loss", "expert_load",
+                                            "dropped_assignments") if k in r} for r in records]}
     if spec.ternary:
         trained = summary["final_eval_loss"]
         pack_ternary(model)  # the runtime's b158 layers, the same ternary values
@@ -103,7 +127,11 @@ def _finished(out: Path, spec: RunSpec, tc: TrainConfig) -> dict | None:
     except (OSError, ValueError):
         return None
     as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731 (run.json holds lists where the configs hold tuples)
-    same = summary.get("spec") == as_json(asdict(spec)) and summary.get("train_config") == as_json(tc.to_dict())
+    try:  # a run.json written before RunSpec had its newer fields holds their defaults
+        stored = as_json(asdict(RunSpec(**summary["spec"])))
+    except (KeyError, TypeError, LigeroError):
+        return None
+    same = stored == as_json(asdict(spec)) and summary.get("train_config") == as_json(tc.to_dict())
     return summary if same and (out / MODEL_FOLDER / "ligero.json").is_file() else None
 
 

@@ -1,5 +1,6 @@
 """The labs' shared trainer: AdamW with warm-up + cosine or BitNet's two-stage schedule, gradient clipping and
-accumulation, evaluation at intervals, JSON-lines logs, checkpoints that resume to the same loss curve, and data
+accumulation, an MoE model's auxiliary losses (and its expert load logged at each evaluation), evaluation at
+intervals, JSON-lines logs, checkpoints that resume to the same loss curve, and data
 parallelism through torch.distributed (gloo on CPU: processes on one machine, or machines launched by torchrun).
 
 Determinism: the batch of step k depends only on (seed, k) (LabData.batch), the model's initial weights only on
@@ -28,7 +29,7 @@ from ligero.eval.speed import ForeignLoad
 from ligero.io.checkpoint import available_memory_bytes
 from ligero.lab.data import LabData
 from ligero.models.config import ModelConfig
-from ligero.models.transformer import Transformer
+from ligero.models.transformer import MoEMLP, Transformer, moe_aux_loss
 
 SCHEDULES = ("cosine", "two_stage")
 CHECKPOINT_FILE, LOG_FILE = "checkpoint.pt", "train.jsonl"
@@ -212,13 +213,14 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
     # How much of the machine other processes took while this ran: wall-clock times mean little when it is large.
     foreign_before = records[-1].get("foreign_cpu_share", 0.0) if records else 0.0
     load = ForeignLoad().start()
+    moes = [m for m in model.modules() if isinstance(m, MoEMLP)]
     for step in range(start + 1, tc.steps + 1):
         lr, wd = tc.lr_at(step), tc.weight_decay_at(step)
         opt.param_groups[0].update(lr=lr, weight_decay=wd)
         opt.param_groups[1].update(lr=lr)
         x, y = data.batch(tc.seed, step, tc.batch_rows, tc.seq_len)
         x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
-        loss_sum = torch.zeros(())
+        loss_sum, aux_sum = torch.zeros(()), torch.zeros(())
         for m in range(tc.accum):
             xs, ys = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
             sync = m == tc.accum - 1 or size == 1
@@ -226,8 +228,10 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
             with ctx:
                 logits = net(xs)
                 loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten()) / tc.accum
-                loss.backward()
+                aux = moe_aux_loss(model) / tc.accum  # MoE: load balancing and router z-loss (0 when dense)
+                (loss + aux).backward()
             loss_sum += loss.detach()
+            aux_sum += float(aux.detach()) if isinstance(aux, torch.Tensor) else aux
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -241,8 +245,14 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
                   "seconds": elapsed_before + seconds,  # time-weighted over the segments of a resumed run:
                   "foreign_cpu_share": (foreign_before * elapsed_before + load.share() * seconds)
                   / (elapsed_before + seconds)}
+        if moes:
+            record["aux_loss"] = float(aux_sum)
         if rank == 0 and (step % tc.eval_every == 0 or step == tc.steps):
             record["eval_loss"] = eval_loss(model, windows)
+            if moes:  # expert load since the last evaluation (this process's share of the batches)
+                stats = [m.take_stats() for m in moes]
+                record["expert_load"] = [load for load, _ in stats]
+                record["dropped_assignments"] = sum(dropped for _, dropped in stats)
         records.append(record)
         if rank == 0:
             with log_path.open("a") as f:

@@ -216,7 +216,14 @@ class MoEMLP(nn.Module):
     summed, weighted by their softmax probabilities (renormalised over the k when cfg.moe_renormalize, which equals
     Mixtral's softmax over the k chosen logits). Tokens are grouped by expert, so each chosen expert runs once per
     forward on all its tokens and an expert no token chose is never read (one-token decode reads k experts).
-    `routing_log`, when a list, receives every forward's Routing (the audit compares variants' choices)."""
+    `routing_log`, when a list, receives every forward's Routing (the audit compares variants' choices).
+
+    Training (module in train mode, autograd on) adds what the labs set: `aux_loss`, the Switch Transformer's
+    load-balancing loss balance_coef * E * sum_i f_i P_i (f_i: share of the assignments expert i receives, P_i:
+    its mean router probability) plus the router z-loss z_coef * mean(logsumexp(logits)^2); with a
+    `capacity_factor`, each expert takes at most ceil(factor * N * k / E) assignments per forward (those with the
+    largest routing weights), the others are dropped (the token keeps its residual). `load` and `dropped` count
+    assignments per expert and dropped ones since the last take_stats(). Inference is always dropless."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -227,6 +234,16 @@ class MoEMLP(nn.Module):
         self.shared = GatedMLP(cfg, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
         self.shared_gate = Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.routing_log: list[Routing] | None = None
+        self.balance_coef, self.z_coef, self.capacity_factor = 0.0, 0.0, None
+        self.aux_loss: torch.Tensor | None = None
+        self.load = torch.zeros(cfg.n_experts, dtype=torch.long)
+        self.dropped = 0
+
+    def take_stats(self) -> tuple[list[int], int]:
+        """(assignments per expert, dropped assignments) counted in training since the last call; resets them."""
+        load, dropped = self.load.tolist(), self.dropped
+        self.load, self.dropped = torch.zeros_like(self.load), 0
+        return load, dropped
 
     def route(self, x: torch.Tensor) -> Routing:
         """x [N, C] -> the k experts of each token and their weights."""
@@ -242,17 +259,35 @@ class MoEMLP(nn.Module):
         routing = self.route(flat)
         if self.routing_log is not None:
             self.routing_log.append(routing)
+        training = self.training and torch.is_grad_enabled()
+        if flat.shape[0] == 1 and not training and self.shared is None:
+            # one token (decode): its k experts in expert order, which is the order the grouped path adds them in,
+            # so both paths give the same bits
+            chosen = sorted(zip(routing.experts[0].tolist(), routing.weights[0].to(flat.dtype)))
+            out = self.experts[chosen[0][0]](flat) * chosen[0][1]
+            for e, w in chosen[1:]:
+                out = out + self.experts[e](flat) * w
+            return out.view_as(x)
         out = torch.zeros_like(flat)
         chosen = routing.experts.flatten()  # [N * k], token n's choices at n*k .. n*k + k - 1
         order = chosen.argsort(stable=True)  # assignments grouped by expert
-        counts = torch.bincount(chosen, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(chosen, minlength=len(self.experts))
         weights = routing.weights.flatten()[order].to(flat.dtype)
         tokens = order // self.k
+        capacity = None
+        if training:
+            self._training_terms(routing, counts)
+            if self.capacity_factor is not None:
+                capacity = math.ceil(self.capacity_factor * chosen.numel() / len(self.experts))
         start = 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             if n:
-                rows = tokens[start:start + n]
-                out.index_add_(0, rows, self.experts[e](flat[rows]) * weights[start:start + n, None])
+                rows, w = tokens[start:start + n], weights[start:start + n]
+                if capacity is not None and n > capacity:  # keep the assignments with the largest weights
+                    keep = w.detach().topk(capacity).indices
+                    rows, w = rows[keep], w[keep]
+                    self.dropped += n - capacity
+                out.index_add_(0, rows, self.experts[e](flat[rows]) * w[:, None])
                 start += n
         if self.shared is not None:
             shared = self.shared(flat)
@@ -260,6 +295,26 @@ class MoEMLP(nn.Module):
                 shared = shared * torch.sigmoid(self.shared_gate(flat))
             out = out + shared
         return out.view_as(x)
+
+    def _training_terms(self, routing: Routing, counts: torch.Tensor) -> None:
+        self.load += counts.detach().cpu()
+        aux = routing.logits.new_zeros(())
+        if self.balance_coef:
+            share = counts.float() / counts.sum()  # f_i (not differentiable: counts)
+            aux = aux + self.balance_coef * len(self.experts) * (share * routing.logits.softmax(-1).mean(0)).sum()
+        if self.z_coef:
+            aux = aux + self.z_coef * torch.logsumexp(routing.logits, -1).pow(2).mean()
+        self.aux_loss = aux
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The sum of the MoE layers' auxiliary losses of the last training forward (0.0 for a dense model)."""
+    total = 0.0
+    for m in model.modules():
+        if isinstance(m, MoEMLP) and m.aux_loss is not None:
+            total = total + m.aux_loss
+            m.aux_loss = None
+    return total
 
 
 class Block(nn.Module):

@@ -184,8 +184,9 @@ def render_markdown(report: dict) -> str:
         "`ligero export`; both engines then read that one file and score the same windows of the evaluation split "
         f"(sha256 `{report['eval_sha256'][:12]}…`, {report['ctx']}-token windows, the first {report['max_tokens']} "
         "tokens). Ligero's two columns: the file computed as llama.cpp's CPU backend computes it (activations "
-        "rounded to int8 per 32 inputs for Q8_0 / Q4_* / Q5_*, per 256 for K-quants), and on exact fp32 "
-        "activations. Δ = llama.cpp / Ligero (llama.cpp's arithmetic) - 1; the bound is "
+        "rounded to int8 per 32 inputs for Q8_0 / Q4_* / Q5_*, per 256 for K-quants; RoPE angles rounded as "
+        "llama.cpp rounds them), and on exact fp32 activations. Δ = llama.cpp / Ligero (llama.cpp's arithmetic) "
+        "- 1; the bound is "
         f"|Δ| <= {report['bound_pct']} %. Both engines score the same tokens, so Δ is a paired difference: its 95 % "
         "interval comes from the per-window sums of the per-token differences (windows, not tokens, are the "
         "independent units); 'tokens moved' counts tokens whose log-probability differs by more than 1e-4.",

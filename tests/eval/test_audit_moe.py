@@ -55,20 +55,19 @@ def test_routing_comparison_counts_changed_choices():
 @pytest.mark.slow
 def test_audit_of_an_moe_model_reports_routing(moe_folder, tmp_path):
     out = tmp_path / "out"
-    assert main(["audit", "--model", str(moe_folder), "--variants", "int8,int4", "--quick", "--out", str(out)]) == 0
+    assert main(["audit", "--model", str(moe_folder), "--variants", "int4", "--quick", "--out", str(out)]) == 0
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     report = json.loads((folder / "results.json").read_text())
-    for name in ("int8", "int4"):
-        row = report["rows"][name]
-        assert 0 < row["routing_same_experts"] <= 1 and row["worst_expert_rel_error"] > 0
-        card = read_card(folder / "cards" / f"{name}.json")
-        assert card_errors(card) == []
-        routing = card["metrics"]["expert_routing"]
-        assert routing["tokens"] == 64 and routing["moe_layers"] == 2 and len(routing["layers"]) == 2
-        markdown = (folder / "cards" / f"{name}.md").read_text()
-        assert "tokens routed to the baseline's experts" in markdown
-    # int4 moves the experts' outputs more than int8 does
-    assert report["rows"]["int4"]["worst_expert_rel_error"] > report["rows"]["int8"]["worst_expert_rel_error"]
+    row = report["rows"]["int4"]
+    assert 0 < row["routing_same_experts"] <= 1 and 0 < row["worst_expert_rel_error"] < 0.5
+    assert "routing_same_experts" not in report["rows"]["fp32"]  # the baseline against itself: nothing to say
+    card = read_card(folder / "cards" / "int4.json")
+    assert card_errors(card) == []
+    routing = card["metrics"]["expert_routing"]
+    assert routing["tokens"] == 64 and routing["moe_layers"] == 2 and len(routing["layers"]) == 2
+    assert routing["same_experts"] == row["routing_same_experts"]
+    assert "tokens routed to the baseline's experts" in (folder / "cards" / "int4.md").read_text()
+    assert "expert_routing" not in read_card(folder / "cards" / "fp32.json")["metrics"]
     text = (folder / "report.md").read_text()
     assert "Expert routing" in text and "same experts" in text
     assert len(list(folder.rglob("expert_shift.png"))) == 1

@@ -259,10 +259,11 @@ def _speed(plan: Plan, out: Path, main: dict[str, list[dict]], log) -> list[dict
     return rows
 
 
-def _preferences(plan: Plan, out: Path, run: dict, log, top: int = 6) -> dict:
+def _preferences(plan: Plan, out: Path, run: dict, log, top: int = 6, min_count: int = 20) -> dict:
     """Which tokens each expert of one layer of the trained top-2 MoE prefers on the evaluation split: per expert,
     its share of the assignments and the tokens most over-represented among those it receives (lift: the token's
-    share among the expert's tokens over its share in the text; tokens seen at least 5 times)."""
+    share among the expert's tokens over its share in the text; tokens seen at least `min_count` times in the text,
+    ties broken by how often the expert receives them)."""
     from ligero.io.checkpoint import load_model
     from ligero.lab.data import LabData
     from ligero.models.transformer import MoEMLP
@@ -286,10 +287,11 @@ def _preferences(plan: Plan, out: Path, run: dict, log, top: int = 6) -> dict:
     for e in range(len(mlp.experts)):
         mine = Counter(tokens[(chosen == e).any(-1)].tolist())
         total = sum(mine.values())
-        lifts = sorted(((count / total) / (everywhere[t] / n), t) for t, count in mine.items() if everywhere[t] >= 5)
+        lifts = sorted(((count / total) / (everywhere[t] / n), count, t) for t, count in mine.items()
+                       if everywhere[t] >= min_count)
         experts.append({"expert": e, "share": total / chosen.numel(),
-                        "tokens": [{"token": tokenizer.decode([t], skip_special=False), "lift": lift}
-                                   for lift, t in reversed(lifts[-top:])]})
+                        "tokens": [{"token": tokenizer.decode([t], skip_special=False), "lift": lift, "count": count}
+                                   for lift, count, t in reversed(lifts[-top:])]})
     log(f"expert preferences: layer {layer}")
     return {"layer": layer, "tokens": n, "experts": experts}
 
@@ -391,7 +393,7 @@ def render(result: dict) -> str:
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" + (f" ± {r['eval_loss_sd']:.4f}" if r["eval_loss_sd"] is not None else "")
         reach = (f"{r['tokens_to_dense_loss'] / 1e6:.2f}M ({r['token_saving']:.2f}x fewer)"
-                 if r["tokens_to_dense_loss"] is not None else "not reached")
+                 if r["tokens_to_dense_loss"] is not None else "not reached") if r["arm"] != "dense" else "-"
         lines.append(f"| {r['arm']} | {r['non_embedding_params'] / 1e6:.2f}M | "
                      f"{r['active_non_embedding_params'] / 1e6:.2f}M | {r['seeds']} | {loss} | "
                      f"{r['gap_vs_dense_pct']:+.1f} % | {reach} | {r['seconds_per_mtoken']:.0f} | "
@@ -409,10 +411,11 @@ def render(result: dict) -> str:
     lines += [f"- {f}" for f in findings(result)]
     pref = result["preferences"]
     lines += ["", f"## Which tokens each expert prefers (moe-top2, layer {pref['layer']}, {pref['tokens']:,} "
-              "evaluation tokens)", "", "| expert | share of assignments | most over-represented tokens (lift) |",
+              "evaluation tokens)", "",
+              "| expert | share of assignments | most over-represented tokens: lift (times the expert got it) |",
               "|---|---|---|"]
     for e in pref["experts"]:
-        toks = ", ".join(f"`{t['token']!r}` {t['lift']:.1f}" for t in e["tokens"])
+        toks = ", ".join(f"`{t['token']!r}` {t['lift']:.1f} ({t.get('count', '?')})" for t in e["tokens"])
         lines.append(f"| {e['expert']} | {_pct(e['share'])} | {toks} |")
     lines += ["", "## In the runtime", "", "The trained models decoding on this machine (one sequence; tiny models "
               "show per-token overhead more than weight bandwidth: an MoE layer routes in Python and runs its chosen "
@@ -466,8 +469,8 @@ def findings(result: dict) -> list[str]:
         wall = top2.get("wallclock_saving")
         out.append(f"Tokens to the dense model's final loss: the top-2 MoE gets there with {top2['token_saving']:.2f}x "
                    f"fewer tokens (OLMoE: ~3x), but a training token costs {top2['time_vs_dense']:.2f}x the dense "
-                   f"model's wall-clock here, so in time it is {wall:.2f}x "
-                   f"{'faster' if wall >= 1 else 'slower'} (OLMoE: ~2x faster). "
+                   f"model's wall-clock here, so reaching that loss takes {1 / wall:.2f}x the dense model's "
+                   "training time (OLMoE: about half). "
                    + ("Routing overhead on this CPU erases the token saving." if wall < 1 else
                       "The token saving survives the routing overhead on this CPU."))
     else:

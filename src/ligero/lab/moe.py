@@ -210,6 +210,7 @@ def _rows(main: dict[str, list[dict]]) -> list[dict]:
         assigned = sum(sum(map(sum, c["expert_load"])) for c in last)  # over the run, every layer
         dropped = sum(c.get("dropped_assignments", 0) for c in last)
         row = {"arm": name, "label": rs[0]["label"], "seeds": len(rs), "lr": rs[0]["train_config"]["lr"],
+               "top_k": rs[0]["spec"]["top_k"] if rs[0]["spec"].get("experts") else None,
                "non_embedding_params": rs[0]["non_embedding_params"],
                "active_non_embedding_params": rs[0].get("active_non_embedding_params", rs[0]["non_embedding_params"]),
                "eval_loss": loss, "eval_loss_sd": sd, "ppl": math.exp(loss),
@@ -482,7 +483,8 @@ def findings(result: dict) -> list[str]:
         collapsed = nobal["max_expert_share_end"] > 2 / plan["experts"]
         out.append(f"Without the balancing loss the largest expert takes {_pct(nobal['max_expert_share_end'])} of a "
                    f"layer's assignments at the end (with it: {_pct(top2['max_expert_share_end'])}; uniform "
-                   f"{_pct(1 / plan['experts'])}), load entropy {nobal['load_entropy_end']:.3f} against "
+                   f"{_pct(1 / plan['experts'])}; with {nobal['top_k']} experts per token one expert can take at most "
+                   f"{_pct(1 / nobal['top_k'])}: every token), load entropy {nobal['load_entropy_end']:.3f} against "
                    f"{top2['load_entropy_end']:.3f}; evaluation loss {nobal['gap_vs_dense_pct']:+.1f} % vs dense. "
                    + ("Routing collapses toward few experts, as OLMoE reports." if collapsed else
                       "No collapse at this length: the load stays within twice the uniform share."))

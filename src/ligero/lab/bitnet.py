@@ -18,9 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ligero.errors import LigeroError
 from ligero.eval.speed import ForeignLoad
-from ligero.lab.runs import RunSpec, train_run
+from ligero.lab.runs import RunSpec, best_rate, sweep_rates, train_run
 from ligero.lab.trainer import TrainConfig
 
 # Anchors: what the papers report, beside ours (see the document's text for the conditions of each).
@@ -105,19 +104,11 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
     best_lr: dict[str, float] = {}
     sweeps: dict[str, list] = {}
     for spec in _arms(plan):
-        grid = sorted(plan.lr_grid["b158" if spec.ternary else "fp"])
-        results = {lr: run(spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"] for lr in grid}
-        # A best rate at the edge of the grid does not bracket the optimum: extend the grid by its own ratio on
-        # that side (at most plan.max_extensions times) until the best lies inside.
-        for _ in range(plan.max_extensions):
-            best = _best(results, spec)
-            if len(grid) < 2 or best not in (grid[0], grid[-1]):
-                break
-            ratio = grid[1] / grid[0]
-            lr = grid[0] / ratio if best == grid[0] else grid[-1] * ratio
-            results[lr] = run(spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"]
-            grid = sorted(results)
-        best_lr[spec.label] = _best(results, spec)
+        results = sweep_rates(plan.lr_grid["b158" if spec.ternary else "fp"],
+                              lambda lr: run(spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"],
+                              plan.max_extensions, spec.label)
+        grid = list(results)
+        best_lr[spec.label] = best_rate(results, spec.label)
         sweeps[spec.label] = [{"lr": lr, "eval_loss": results[lr]} for lr in grid]
         edge = best_lr[spec.label] in (grid[0], grid[-1])
         log(f"{spec.label}: learning rate {best_lr[spec.label]:g}" + (" (at the edge of the grid)" if edge else ""))
@@ -144,13 +135,6 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
     if docs is not None:
         write_docs(result, main_runs, Path(docs))
     return result
-
-
-def _best(results: dict[float, float], spec: RunSpec) -> float:
-    finite = {lr: loss for lr, loss in results.items() if math.isfinite(loss)}
-    if not finite:
-        raise LigeroError(f"every learning rate of the sweep diverged for {spec.label}; lower the grid")
-    return min(finite, key=finite.get)
 
 
 def _plan_dict(plan: Plan) -> dict:

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ligero.errors import LigeroError
 from ligero.eval.speed import ForeignLoad
 from ligero.lab.bitnet import provenance
-from ligero.lab.runs import RunSpec, train_run
+from ligero.lab.runs import RunSpec, best_rate, sweep_rates, train_run
 from ligero.lab.trainer import TrainConfig
 
 ANCHORS = [
@@ -112,17 +111,10 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
     sweep_steps = max(2, int(plan.sweep_fraction * plan.steps))
     best_lr, sweeps = {}, {}
     for name, spec in arms(plan).items():
-        grid = sorted(plan.lr_grid)
-        results = {lr: run(name, spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"] for lr in grid}
-        for _ in range(plan.max_extensions):  # a best rate at the grid's edge: extend by the grid's own ratio
-            best = _best(results, name)
-            if len(grid) < 2 or best not in (grid[0], grid[-1]):
-                break
-            ratio = grid[1] / grid[0]
-            lr = grid[0] / ratio if best == grid[0] else grid[-1] * ratio
-            results[lr] = run(name, spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"]
-            grid = sorted(results)
-        best_lr[name] = _best(results, name)
+        results = sweep_rates(plan.lr_grid, lambda lr: run(name, spec, lr, 0, sweep_steps, "sweep")["final_eval_loss"],
+                              plan.max_extensions, name)  # loss_at is called within this iteration
+        grid = list(results)
+        best_lr[name] = best_rate(results, name)
         sweeps[name] = [{"lr": lr, "eval_loss": results[lr]} for lr in grid]
         log(f"{name}: learning rate {best_lr[name]:g}")
     main = {name: [run(name, spec, best_lr[name], s, plan.steps, "main")
@@ -145,13 +137,6 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
     if docs is not None:
         write_docs(result, Path(docs))
     return result
-
-
-def _best(results: dict[float, float], name: str) -> float:
-    finite = {lr: loss for lr, loss in results.items() if loss is not None and math.isfinite(loss)}
-    if not finite:
-        raise LigeroError(f"every learning rate of the sweep diverged for {name}; lower the grid")
-    return min(finite, key=finite.get)
 
 
 def _brief(summary: dict) -> dict:

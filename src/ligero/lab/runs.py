@@ -5,11 +5,13 @@ trained model saved as a Ligero folder (packed b158 when ternary) that `ligero e
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,7 +69,7 @@ def _model(spec: RunSpec, data: LabData, tc: TrainConfig):
     for m in model.modules():
         if isinstance(m, MoEMLP):  # training settings of the routers (the saved model routes dropless)
             m.balance_coef, m.z_coef, m.capacity_factor = spec.balance, spec.z_loss, spec.capacity
-    return model, size
+    return model
 
 
 def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 1, log=print) -> dict:
@@ -83,7 +85,7 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
         return finished
     t_run = time.perf_counter()
     data = LabData.load(spec.vocab_size)
-    model, size = _model(spec, data, tc)
+    model = _model(spec, data, tc)
     check_memory(model, tc, processes)
     if processes > 1:
         _spawn(spec, tc, out, processes)
@@ -118,6 +120,32 @@ def train_run(spec: RunSpec, tc: TrainConfig, out: str | Path, processes: int = 
     summary["run_seconds"] = time.perf_counter() - t_run  # this call: data, training (or its rest), packing, saving
     (out / RUN_FILE).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def best_rate(results: dict[float, float | None], label: str) -> float:
+    """The learning rate of the lowest finite evaluation loss in a sweep."""
+    finite = {lr: loss for lr, loss in results.items() if loss is not None and math.isfinite(loss)}
+    if not finite:
+        raise LigeroError(f"every learning rate of the sweep diverged for {label}; lower the grid")
+    return min(finite, key=finite.get)
+
+
+def sweep_rates(grid, loss_at: Callable[[float], float | None], max_extensions: int,
+                label: str) -> dict[float, float | None]:
+    """Evaluation loss per learning rate of `grid`, each from loss_at(lr). A best rate at the edge of the grid does
+    not bracket the optimum: the grid grows by its own ratio on that side (at most `max_extensions` times) until
+    the best lies inside."""
+    grid = sorted(grid)
+    results = {lr: loss_at(lr) for lr in grid}
+    for _ in range(max_extensions):
+        best = best_rate(results, label)
+        if len(grid) < 2 or best not in (grid[0], grid[-1]):
+            break
+        ratio = grid[1] / grid[0]
+        lr = grid[0] / ratio if best == grid[0] else grid[-1] * ratio
+        results[lr] = loss_at(lr)
+        grid = sorted(results)
+    return dict(sorted(results.items()))
 
 
 def _finished(out: Path, spec: RunSpec, tc: TrainConfig) -> dict | None:
@@ -177,7 +205,7 @@ def _worker(rank: int, processes: int, port: int, threads: int, spec: RunSpec, t
     init_from_environment()
     try:
         data = LabData.load(spec.vocab_size)
-        model, _ = _model(spec, data, tc)
+        model = _model(spec, data, tc)
         quiet = (lambda message: None) if world()[0] else print  # noqa: E731
         train(model, data, tc, out, log=quiet)
     finally:

@@ -69,14 +69,13 @@ def block_linears(block: torch.nn.Module) -> list[str]:
     return [n for n, m in block.named_modules() if isinstance(m, Linear) and not n.endswith("mlp.router")]
 
 
-def _expert_inputs(block, fp_block, h_q, h_fp, ctx, name: str):
-    """Paired inputs [N, in] of an expert's linear on the quantized and full-precision paths, over the tokens the
-    full-precision router sends to that expert (the quantized router may send others; AdaRound's reconstruction
-    needs the same tokens on both sides). (None, None) when no token goes there."""
+def _expert_inputs(block, fp_block, x_q, x_fp, name: str):
+    """Paired inputs [N, in] of an expert's linear on the quantized and full-precision paths (x_q, x_fp: the MoE
+    layer's inputs on each), over the tokens the full-precision router sends to that expert (the quantized router
+    may send others; AdaRound's reconstruction needs the same tokens on both sides). (None, None) when no token
+    goes there."""
     expert_path, _, _ = name.rpartition(".")  # mlp.experts.E
     expert = int(expert_path.rpartition(".")[2])
-    x_q = _capture_inputs(block, h_q, ctx, ["mlp"])["mlp"]
-    x_fp = _capture_inputs(fp_block, h_fp, ctx, ["mlp"])["mlp"]
     rows = (fp_block.mlp.route(x_fp).experts == expert).any(-1)
     if not rows.any():
         return None, None
@@ -121,9 +120,13 @@ def adaround_model(model: Transformer, cfg: AdaRoundConfig, calibration: list[li
     with progress_bar("AdaRound layers", total=sum(map(len, selected))) as advance:
         for i, (block, fp_block) in enumerate(zip(model.layers, fp_model.layers)):
             kind_ctx = ctx[model.cfg.layer_types[i]]
+            mlp_inputs = None
             for name in selected[i]:
                 if ".experts." in name:
-                    x_q, x_fp = _expert_inputs(block, fp_block, h_q, h_fp, kind_ctx, name)
+                    if mlp_inputs is None:  # the experts' input does not depend on the experts: once per block
+                        mlp_inputs = (_capture_inputs(block, h_q, kind_ctx, ["mlp"])["mlp"],
+                                      _capture_inputs(fp_block, h_fp, kind_ctx, ["mlp"])["mlp"])
+                    x_q, x_fp = _expert_inputs(block, fp_block, *mlp_inputs, name)
                 else:
                     x_q = _capture_inputs(block, h_q, kind_ctx, [name])[name]
                     x_fp = _capture_inputs(fp_block, h_fp, kind_ctx, [name])[name]

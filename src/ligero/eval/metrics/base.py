@@ -173,6 +173,14 @@ class Metric:
         return []
 
 
+def budget_windows(ctx: MeasureContext, windows_key: str, tokens_key: str) -> list[list[int]]:
+    """The first budget[windows_key] windows of budget[tokens_key] tokens of the evaluation split, each after the
+    BOS the model expects (if any): what the per-token metrics (internal shift, expert routing) run on."""
+    n, size = ctx.budget[windows_key], ctx.budget[tokens_key]
+    ids, head = ctx.eval_ids[: n * size], [ctx.bos] if ctx.bos is not None else []
+    return [head + ids[i:i + size] for i in range(0, len(ids), size)]
+
+
 # --- text helpers shared by the metrics' tables ---------------------------------------------------------
 
 

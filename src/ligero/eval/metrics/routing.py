@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ligero.eval.metrics.base import MeasureContext, Metric, ReportSection
+from ligero.eval.metrics.base import MeasureContext, Metric, ReportSection, budget_windows
 from ligero.eval.metrics.plots import pyplot
 from ligero.eval.routing import baseline_routing, moe_layers, routing_comparison
 
@@ -22,9 +22,7 @@ class Routing(Metric):
 
     @staticmethod
     def windows(ctx: MeasureContext) -> list[list[int]]:
-        n, size = ctx.budget["routing_windows"], ctx.budget["routing_tokens"]
-        ids, head = ctx.eval_ids[: n * size], [ctx.bos] if ctx.bos is not None else []
-        return [head + ids[i:i + size] for i in range(0, len(ids), size)]
+        return budget_windows(ctx, "routing_windows", "routing_tokens")
 
     def prepare(self, ctx: MeasureContext) -> None:
         if not moe_layers(ctx.model):

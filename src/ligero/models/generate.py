@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,14 @@ def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, c
     return logits[:, -1]
 
 
+class LogitsProcessor(Protocol):
+    """Changes the logits of several rows at once before sampling (a watermark, for example): `histories[r]` is row
+    r's prompt followed by its generated tokens, `logits` [n, V] those rows' logits after logit_bias and penalties;
+    returns the new [n, V] logits. Rows that share one processor object are processed in one call."""
+
+    def __call__(self, histories: list[list[int]], logits: torch.Tensor) -> torch.Tensor: ...
+
+
 MAX_PENALTY = 2.0  # OpenAI's range for presence / frequency penalties: -2 .. 2
 MAX_LOGIT_BIAS = 100.0  # and for logit_bias values: -100 .. 100
 
@@ -47,7 +55,7 @@ class SamplingConfig:
     """How one row picks its next token. The logit adjustments follow OpenAI: `logit_bias` adds a value to a token's
     logit; of the tokens generated so far, each occurrence costs `frequency_penalty` and having occurred at all costs
     `presence_penalty` (the prompt does not count). They apply before temperature, top-k and top-p, and also to
-    greedy decoding."""
+    greedy decoding; so does `logits_processor`, after them."""
 
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -56,6 +64,7 @@ class SamplingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> value added to its logit
+    logits_processor: LogitsProcessor | None = None  # applied last, before temperature, top-k / top-p and greedy
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -143,6 +152,7 @@ class BatchGeneration:
             raise LigeroError(f"the prompt is {longest} tokens but the model's context is {ctx}; shorten the prompt")
         self.budgets = [min(b, ctx - longest) for b in budgets]
         self.model, self.samplings, self.pad_id, self.tops = model, samplings, pad_id, tops
+        self.prompts = prompts
         self.eos = set(eos_ids or [])
         device = model.device
         tokens, positions = left_pad(prompts, pad_id)
@@ -174,6 +184,12 @@ class BatchGeneration:
                                   torch.tensor(list(s.logit_bias.values()), dtype=torch.float32, device=device))
         self.penalized = [i for i, s in enumerate(self.samplings) if s.penalized]
         self.counts = torch.zeros(len(self.samplings), vocab, device=device) if self.penalized else None
+        # Rows grouped by their processor object (one batched call each), and those rows' token histories.
+        self.processed: dict[int, tuple[LogitsProcessor, list[int]]] = {}
+        for i, s in enumerate(self.samplings):
+            if s.logits_processor is not None:
+                self.processed.setdefault(id(s.logits_processor), (s.logits_processor, []))[1].append(i)
+        self.histories = {i: list(self.prompts[i]) for _, rows in self.processed.values() for i in rows}
 
     @property
     def done(self) -> bool:
@@ -185,8 +201,9 @@ class BatchGeneration:
             self.reasons[row] = reason
 
     def _adjusted_logits(self) -> torch.Tensor:
-        """The logits to sample from: the model's, plus logit_bias, minus presence / frequency penalties."""
-        if not self.biases and not self.penalized:
+        """The logits to sample from: the model's, plus logit_bias, minus presence / frequency penalties, then each
+        row's logits processor."""
+        if not self.biases and not self.penalized and not self.processed:
             return self.logits
         logits = self.logits.float().clone()
         for i, (ids, values) in self.biases.items():
@@ -194,6 +211,11 @@ class BatchGeneration:
         for i in self.penalized:
             s, counts = self.samplings[i], self.counts[i]
             logits[i] -= counts * s.frequency_penalty + (counts > 0).float() * s.presence_penalty
+        for processor, rows in self.processed.values():
+            live = [i for i in rows if self.reasons[i] is None]
+            if live:
+                index = torch.tensor(live, device=logits.device)
+                logits[index] = processor([self.histories[i] for i in live], logits[index])
         return logits
 
     def _sample(self) -> list[int]:
@@ -229,6 +251,8 @@ class BatchGeneration:
                 self.reasons[i], nxt[i] = "eos", self.pad_id
             else:
                 self.tokens[i].append(t)
+                if i in self.histories:
+                    self.histories[i].append(t)
                 produced.append((i, t, float(logprobs[i, 0])))
                 if self.tops[i]:
                     values, ids = log_probs[i].topk(min(self.tops[i], log_probs.shape[-1]))

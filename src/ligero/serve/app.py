@@ -68,7 +68,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         experiment = pipeline.experiment
         return {"status": "ok", "model": cfg.model_id, "variants": {n: v.scheme for n, v in cfg.variants.items()},
                 "experiment": experiment.name if experiment else None, "server_id": cfg.server_id,
-                "defaults": cfg.defaults.describe()}
+                "defaults": cfg.defaults.describe(),
+                "watermark": cfg.watermark.key.public() if cfg.watermark is not None else None}
 
     @app.get("/metrics")
     async def prometheus(request: Request):

@@ -80,6 +80,7 @@ class ServerConfig:
     defaults: RequestDefaults = field(default_factory=RequestDefaults)
     public_metrics: bool = False  # /metrics without a key even when API keys are on
     body_timeout_s: float = BODY_TIMEOUT_S
+    watermark: Any = None  # a ligero.watermark.Watermarker: every response is marked with its key
 
     def experiment(self) -> Experiment | None:
         if len(self.variants) < 2:

@@ -60,6 +60,7 @@ from ligero.serve.schemas import (
     FeedbackRequest,
     GenerationRequest,
     Usage,
+    WatermarkInfo,
     validation_error,
 )
 from ligero.serve.store import new_request_id, new_response_id
@@ -136,8 +137,14 @@ class Prepared:
     created: int
 
     @property
+    def watermark(self) -> WatermarkInfo | None:
+        marker = self.sampling.logits_processor
+        return None if marker is None else WatermarkInfo(key_id=marker.key_id, scheme=marker.key.settings.scheme)
+
+    @property
     def headers(self) -> dict[str, str]:
-        return {"X-Ligero-Variant": self.variant, "X-Ligero-Request-Id": self.request_id}
+        marked = {"X-Ligero-Watermark": self.watermark.key_id} if self.watermark else {}
+        return {"X-Ligero-Variant": self.variant, "X-Ligero-Request-Id": self.request_id, **marked}
 
 
 @dataclass
@@ -305,7 +312,7 @@ class RequestPipeline:
             top_p=defaults.top_p if body.top_p is None else body.top_p,
             seed=body.seed if body.seed is not None else secrets.randbits(31),
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=dict(body.logit_bias or {}))
+            logit_bias=dict(body.logit_bias or {}), logits_processor=self.cfg.watermark)
         return sampling, max_tokens, clip
 
     async def prepare(self, request: Request, endpoint: str) -> Prepared:
@@ -399,7 +406,8 @@ class RequestPipeline:
                               output_tokens=len(tokens), latency_ms=latency_ms, finish_reason=out.finish_reason,
                               guardrail_action=guard.action,
                               mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None, toxicity_score=tox,
-                              output_text=guard.released)
+                              output_text=guard.released,
+                              watermark_key_id=p.watermark.key_id if p.watermark else None)
             for d in decisions:
                 s.record_guardrail(request_id=p.request_id, rule=d.rule, action=d.action, detail=d.detail,
                                    response_id=p.response_id if d.rule in ("toxicity", "banned_pattern") else None)
@@ -433,10 +441,10 @@ class RequestPipeline:
         if p.endpoint == "chat":
             choice = ChatChoice(message=AssistantMessage(content=text), logprobs=lp, finish_reason=out.finish_reason)
             return ChatCompletion(id=p.response_id, created=p.created, model=p.model_name, choices=[choice],
-                                  usage=usage).model_dump(mode="json")
+                                  usage=usage, watermark=p.watermark).model_dump(mode="json")
         choice = CompletionChoice(text=text, logprobs=lp, finish_reason=out.finish_reason)
         return Completion(id=p.response_id, created=p.created, model=p.model_name, choices=[choice],
-                          usage=usage).model_dump(mode="json")
+                          usage=usage, watermark=p.watermark).model_dump(mode="json")
 
     def chunk(self, p: Prepared, delta: str | None, finish: str | None = None, logprobs=None, first: bool = False,
               usage: Usage | None = None) -> str:

@@ -272,6 +272,13 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
+class WatermarkInfo(BaseModel):
+    """Set on answers of a server started with --watermark: the text was generated under this key."""
+
+    key_id: str
+    scheme: str
+
+
 class Completion(BaseModel):
     """A text completion, whole or as one stream chunk (a chunk has no usage; the last one may carry it alone)."""
 
@@ -281,6 +288,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = Field(default=None, exclude_if=_absent)
+    watermark: WatermarkInfo | None = Field(default=None, exclude_if=_absent)
 
 
 class AssistantMessage(BaseModel):
@@ -302,6 +310,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    watermark: WatermarkInfo | None = Field(default=None, exclude_if=_absent)
 
 
 class Delta(BaseModel):

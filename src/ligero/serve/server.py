@@ -19,6 +19,7 @@ from ligero.serve.config import BODY_TIMEOUT_S, RequestDefaults, ServerConfig, V
 from ligero.serve.engine import Engine
 from ligero.serve.guardrails import Guardrails, guardrails_from_card, load_guardrails
 from ligero.serve.store import DEFAULT_URL, Store, default_server_id
+from ligero.watermark import Watermarker, load_key
 
 log = logging.getLogger("ligero.serve")
 
@@ -46,10 +47,12 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
                  card: str | None = None, guardrails_file: str | None = None, api_keys_file: str | None = None,
                  segment_rules: list[SegmentRule] | None = None, experiment: str | None = None, max_batch: int = 8,
                  keep_text: bool = False, device: str = "cpu", public_metrics: bool = False,
-                 body_timeout_s: float = BODY_TIMEOUT_S) -> ServerConfig:
+                 body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None) -> ServerConfig:
     """Everything `ligero serve` needs; every input is checked before any model is loaded. With a card, requests
-    that leave out temperature, top_p or max_tokens get the card's reference-profile settings."""
+    that leave out temperature, top_p or max_tokens get the card's reference-profile settings. With a watermark
+    key file, every response is marked with that key (the secret stays in this process; records name the key id)."""
     card_data = read_card(card) if card else None
+    key = load_key(watermark_file) if watermark_file else None
     if guardrails_file:
         guardrails = load_guardrails(guardrails_file)
     elif card_data is not None:
@@ -83,11 +86,16 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
             raise LigeroError(f"{spec} has no tokenizer; serve a model with tokenizer.json or a GGUF file")
         tokenizer, context = loaded.tokenizer, loaded.model.cfg.max_seq_len
         served[name] = Variant(name, spec, Engine(name, loaded.model, loaded.tokenizer, max_batch, compute_lock=lock))
+    watermark = None
+    if key is not None:
+        key.check_tokenizer(tokenizer, model_id, f"the watermark key {watermark_file}")
+        watermark = Watermarker(key, max(v.engine.model.cfg.vocab_size for v in served.values()))
+        log.warning("marking every response with watermark key %s (%s)", key.key_id, key.settings.describe())
     cfg = ServerConfig(model_id=Path(model_id).name if model_id not in REGISTRY else model_id, variants=served,
                        tokenizer=tokenizer, store=store, guardrails=guardrails, split=split,
                        experiment_name=experiment, segment_rules=segment_rules or [], api_keys=api_keys,
                        server_id=default_server_id(), context=context, defaults=defaults,
-                       public_metrics=public_metrics, body_timeout_s=body_timeout_s)
+                       public_metrics=public_metrics, body_timeout_s=body_timeout_s, watermark=watermark)
     cfg.experiment()  # validates the split against the variants now, not on the first request
     return cfg
 
@@ -103,6 +111,8 @@ def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
           + (f"  experiment {exp.name} split {[round(100 * s) for s in exp.split]}" if exp else "")
           + f"  store {cfg.store.url}  decode on {kernel_path}", flush=True)
     print(f"ligero serve: requests that leave them out get {cfg.defaults.describe()}", flush=True)
+    if cfg.watermark is not None:
+        print(f"ligero serve: every response is watermarked with key {cfg.watermark.key_id}", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:

@@ -42,7 +42,9 @@ from sqlalchemy.types import TypeDecorator
 from ligero.errors import LigeroError
 
 log = logging.getLogger("ligero.serve")
-SCHEMA_VERSION = 1  # bump when a table or column changes (the monitor reads them by name)
+SCHEMA_VERSION = 2  # bump when a table or column changes (the monitor reads them by name)
+# Migrations from an older version: the statements that bring a store of that version to the next one.
+MIGRATIONS = {1: ["ALTER TABLE responses ADD COLUMN watermark_key_id VARCHAR"]}  # 2: watermarked responses
 DEFAULT_URL = "sqlite:///ligero-serve.db"
 BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's write to finish
 CHECKPOINT_WAIT_MS = 2_000  # at close, how long the checkpoint waits for other processes (shutdown stays quick)
@@ -157,6 +159,7 @@ class ResponseRecord(Base):
     finish_reason: Mapped[str]
     guardrail_action: Mapped[str]  # GUARDRAIL_ACTIONS
     output_text: Mapped[str | None] = mapped_column(Text)  # only with keep_output_text
+    watermark_key_id: Mapped[str | None]  # the id (never the secret) of the watermark key that marked the text
 
 
 class GuardrailEvent(Base):
@@ -291,9 +294,29 @@ class Store:
                 return
             except IntegrityError:  # another process wrote it first: check theirs
                 row = self._get(Meta, "schema_version")
+        if row.value.isdigit() and int(row.value) < SCHEMA_VERSION:
+            row = self._migrate(int(row.value))
         if row.value != str(SCHEMA_VERSION):
             raise LigeroError(f"the store {self.url} has schema version {row.value}, this Ligero uses "
                               f"{SCHEMA_VERSION}; give `ligero serve` a new store URL")
+
+    def _migrate(self, version: int) -> Meta:
+        """Bring a store written by an older Ligero to this schema, one version per transaction (the version row
+        changes with the statements, so a crash leaves the store at one version or the next, never between)."""
+        from sqlalchemy import text, update
+
+        while version < SCHEMA_VERSION and version in MIGRATIONS:
+            with self._sessions() as session, session.begin():
+                current = session.get(Meta, "schema_version", with_for_update=True)
+                if current.value != str(version):  # another process migrated it meanwhile
+                    version = int(current.value)
+                    continue
+                for statement in MIGRATIONS[version]:
+                    session.execute(text(statement))
+                session.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(version + 1)))
+            log.warning("store %s migrated from schema version %d to %d", self.url, version, version + 1)
+            version += 1
+        return self._get(Meta, "schema_version")
 
     def close(self) -> None:
         """Release the connections. A SQLite file first gets its write-ahead log copied in (a checkpoint), so the .db
@@ -350,14 +373,16 @@ class Store:
     def record_response(self, *, response_id: str, request_id: str, variant: str, output_tokens: int,
                         latency_ms: float, finish_reason: str, guardrail_action: str = "none",
                         mean_logprob: float | None = None, toxicity_score: float | None = None,
-                        output_text: str | None = None, created_at: datetime | None = None) -> str:
+                        output_text: str | None = None, created_at: datetime | None = None,
+                        watermark_key_id: str | None = None) -> str:
         """Record the response to a recorded request; output_text is dropped unless the store keeps text."""
         _check_choice("guardrail_action", guardrail_action, GUARDRAIL_ACTIONS)
         row = ResponseRecord(id=response_id, request_id=request_id, created_at=created_at or utcnow(),
                              variant=variant, output_tokens=output_tokens, latency_ms=latency_ms,
                              mean_logprob=mean_logprob, toxicity_score=toxicity_score, finish_reason=finish_reason,
                              guardrail_action=guardrail_action,
-                             output_text=output_text if self.keep_output_text else None)
+                             output_text=output_text if self.keep_output_text else None,
+                             watermark_key_id=watermark_key_id)
         self._commit(row)
         return row.id
 

@@ -83,10 +83,19 @@ def _calibration_options(args) -> dict:
 def cmd_generate(args) -> int:
     from ligero.models.generate import SamplingConfig, generate
 
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    key = None
+    if args.watermark:
+        from ligero.watermark import Watermarker, load_key
+
+        key = load_key(args.watermark)  # a bad key fails before the model loads
     loaded = _load(args)
     if loaded.tokenizer is None:
         raise LigeroError(f"{args.model} has no tokenizer (tokenizer.json); add one to generate text")
+    marker = None
+    if key is not None:
+        key.check_tokenizer(loaded.tokenizer, args.model, f"the watermark key {args.watermark}")
+        marker = Watermarker(key, loaded.model.cfg.vocab_size)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed, logits_processor=marker)
     prompt = args.prompt
     add_bos = None
     if args.chat:
@@ -98,7 +107,48 @@ def cmd_generate(args) -> int:
     print()
     if args.verbose:
         print(f"[{len(result.tokens[0])} tokens, finish: {result.finish_reasons[0]}]", file=sys.stderr)
+    if marker is not None:
+        print(f"[watermarked with key {marker.key_id}]", file=sys.stderr)
     return 0
+
+
+def cmd_watermark_keygen(args) -> int:
+    from ligero.io.checkpoint import load_tokenizer
+    from ligero.watermark import WatermarkSettings, new_key, save_key
+
+    base = WatermarkSettings.preset(args.preset, args.gamma, args.delta)
+    overrides = {k: v for k, v in (("context_width", args.context_width), ("seeding", args.seeding)) if v is not None}
+    if args.self_hash:
+        overrides["self_hash"] = True
+    settings = WatermarkSettings(**{**base.__dict__, **overrides})
+    if Path(args.out).exists():
+        raise LigeroError(f"{args.out} already exists; a new key would orphan what the old one marked: choose "
+                          "another path or delete the old key first")
+    key = new_key(settings, load_tokenizer(args.model), args.model)
+    save_key(key, args.out)
+    print(f"wrote {args.out}: key {key.key_id}, {settings.describe()}, for the tokenizer of {args.model}. Keep it "
+          "secret: whoever holds it can detect and forge the watermark.")
+    return 0
+
+
+def cmd_watermark_detect(args) -> int:
+    from ligero.io.checkpoint import load_tokenizer
+    from ligero.watermark import Detector, load_key
+
+    key = load_key(args.key)
+    model = args.model or key.model
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        from ligero.eval.data import text_file
+
+        text = text_file(args.file, "`ligero watermark detect` (or - for standard input)").text
+    tokenizer = load_tokenizer(model)
+    key.check_tokenizer(tokenizer, model, f"the watermark key {args.key}")
+    detection = Detector(key, z_threshold=args.z_threshold, min_scored=args.min_tokens).detect(
+        tokenizer.encode(text, add_bos=False))
+    print(json.dumps(detection.to_dict(), indent=1) if args.json else detection.summary())
+    return 0 if detection.watermarked else 1
 
 
 def cmd_eval(args) -> int:
@@ -379,7 +429,8 @@ def cmd_serve(args) -> int:
                        api_keys_file=args.api_keys_file,
                        segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
                        experiment=args.experiment, max_batch=args.max_batch, keep_text=args.keep_text,
-                       device=args.device, public_metrics=args.public_metrics, body_timeout_s=args.body_timeout)
+                       device=args.device, public_metrics=args.public_metrics, body_timeout_s=args.body_timeout,
+                       watermark_file=args.watermark)
     return serve(cfg, args.host, args.port)
 
 
@@ -450,6 +501,8 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without an API key even when keys are on (default: it needs one)")
+    p.add_argument("--watermark", metavar="KEYFILE", help="mark every response with this watermark key (the key "
+                                                          "stays secret: responses and records carry its id)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a client must send its request body within this time, else 408 (default 30)")
     _add_threads_arg(p)
@@ -471,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scheme_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--watermark", metavar="KEYFILE", help="mark the output with this watermark key "
+                                                          "(`ligero watermark keygen`)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: likeliest tokens up to this probability mass")
@@ -542,8 +597,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_monitor)
 
     _add_card_commands(sub)
+    _add_watermark_commands(sub)
     _add_lab_commands(sub)
     return parser
+
+
+def _add_watermark_commands(sub) -> None:
+    """`ligero watermark keygen | detect`."""
+    wm = sub.add_parser("watermark", help="watermark keys and detection of marked text").add_subparsers(
+        dest="watermark_command", required=True)
+    p = wm.add_parser("keygen", help="create a secret watermark key for a model's tokenizer",
+                      description="Create a watermark key: a random secret, the scheme's settings and the tokenizer "
+                                  "they apply to. Mark text with `ligero generate --watermark KEY` or `ligero serve "
+                                  "--watermark KEY`; detect it with `ligero watermark detect --key KEY`.")
+    p.add_argument("--out", required=True, help="the key file to write (created readable by you only)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model whose tokenizer the key is for "
+                                                          f"(default {DEFAULT_MODEL})")
+    p.add_argument("--preset", default="lefthash", help="lefthash (Kirchenbauer et al.'s default), selfhash (more "
+                                                        "robust to edits) or unigram (one fixed green list)")
+    p.add_argument("--gamma", type=float, default=0.25, help="share of the vocabulary that is green (default 0.25)")
+    p.add_argument("--delta", type=float, default=2.0, help="bias added to green logits (default 2)")
+    p.add_argument("--context-width", type=int, help="kgw: tokens of context that seed the green list")
+    p.add_argument("--seeding", help="kgw: how the context seeds it: additive, min or skip")
+    p.add_argument("--self-hash", action="store_true", help="kgw: the candidate token joins the seed (SelfHash)")
+    p.set_defaults(func=cmd_watermark_keygen)
+    p = wm.add_parser("detect", help="test a text for the watermark of a key (exit 0: marked, 1: not marked)",
+                      description="Count the green tokens of a text under a key and test them against chance: "
+                                  "prints z, the one-sided p-value and a verdict. Exit code 0 when the text is "
+                                  "watermarked, 1 when it is not, 2 on an error.")
+    p.add_argument("file", nargs="?", default="-", help="UTF-8 text file, or - for standard input (default)")
+    p.add_argument("--key", required=True, help="the watermark key file")
+    p.add_argument("--model", help="the model whose tokenizer reads the text (default: the key's model)")
+    p.add_argument("--json", action="store_true", help="print the detection as JSON")
+    p.add_argument("--z-threshold", type=float, default=4.0, help="z at or above which the text counts as "
+                                                                  "watermarked (default 4)")
+    p.add_argument("--min-tokens", type=_positive_int, default=16,
+                   help="fewest scored tokens for a verdict (default 16)")
+    p.set_defaults(func=cmd_watermark_detect)
 
 
 def cmd_lab_train(args) -> int:
@@ -585,6 +675,17 @@ def cmd_lab_moe(args) -> int:
     return 0
 
 
+def cmd_lab_collapse(args) -> int:
+    from ligero.lab.collapse import lab_collapse
+
+    result = lab_collapse(args.quick, args.out, None if args.no_docs else args.docs)
+    for line in result["findings"]:
+        print(line)
+    if not args.no_docs:
+        print(f"wrote {Path(args.docs) / 'lab-collapse.md'}")
+    return 0
+
+
 def _add_lab_commands(sub) -> None:
     """`ligero lab train`: one training run of the labs' tiny models (resumes when its folder has a checkpoint)."""
     lab_sub = sub.add_parser("lab", help="training labs on CPU").add_subparsers(dest="lab_command", required=True)
@@ -612,27 +713,29 @@ def _add_lab_commands(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: log, checkpoint, run.json and the trained model")
     _add_threads_arg(p)
     p.set_defaults(func=cmd_lab_train)
-    p = lab_sub.add_parser("bitnet", help="BitNet b1.58 from scratch vs full precision at several sizes",
-                           description="Full precision against BitNet b1.58 at several sizes on the same tokens, "
-                                       "learning rates swept per arm, seeds at the smallest size, a doubled-width "
-                                       "ternary model; writes docs/lab-bitnet.md. Rerun to resume.")
-    p.add_argument("--quick", action="store_true", help="tiny models and few steps (the tests' run, ~2 minutes)")
-    p.add_argument("--out", default="ligero-out/lab-bitnet", help="folder of the runs (reused when rerun)")
-    p.add_argument("--docs", default="docs", help="where lab-bitnet.md, .json and the figures go")
-    p.add_argument("--no-docs", action="store_true", help="write no document (results stay in --out)")
-    _add_threads_arg(p)
-    p.set_defaults(func=cmd_lab_bitnet)
-    p = lab_sub.add_parser("moe", help="mixture of experts vs dense models from scratch (routing ablations)",
-                           description="Dense against MoE (top-2 and top-1, with and without the balancing loss, "
-                                       "the router z-loss and a capacity factor) and a dense model with the MoE's "
-                                       "total parameters, on the same tokens, learning rates swept per arm; writes "
-                                       "docs/lab-moe.md. Rerun to resume.")
-    p.add_argument("--quick", action="store_true", help="tiny models and few steps (the tests' run)")
-    p.add_argument("--out", default="ligero-out/lab-moe", help="folder of the runs (reused when rerun)")
-    p.add_argument("--docs", default="docs", help="where lab-moe.md, .json and the figures go")
-    p.add_argument("--no-docs", action="store_true", help="write no document (results stay in --out)")
-    _add_threads_arg(p)
-    p.set_defaults(func=cmd_lab_moe)
+    experiments = {
+        "bitnet": (cmd_lab_bitnet, "BitNet b1.58 from scratch vs full precision at several sizes",
+                   "Full precision against BitNet b1.58 at several sizes on the same tokens, learning rates swept per "
+                   "arm, seeds at the smallest size, a doubled-width ternary model", "(the tests' run, ~2 minutes)"),
+        "moe": (cmd_lab_moe, "mixture of experts vs dense models from scratch (routing ablations)",
+                "Dense against MoE (top-2 and top-1, with and without the balancing loss, the router z-loss and a "
+                "capacity factor) and a dense model with the MoE's total parameters, on the same tokens, learning "
+                "rates swept per arm", "(the tests' run)"),
+        "collapse": (cmd_lab_collapse, "model collapse: generations trained on their predecessors' samples",
+                     "Generation 0 learns human text; each next generation a fresh model trained on the previous "
+                     "one's samples: replacing the data, keeping 10 % human data, accumulating all data, dropping "
+                     "watermarked or unlikely texts; plus the Gaussian fit-sample-refit model",
+                     "(two generations: the tests' run)"),
+    }
+    for name, (func, summary, description, quick) in experiments.items():
+        p = lab_sub.add_parser(name, help=summary,
+                               description=f"{description}; writes docs/lab-{name}.md. Rerun to resume.")
+        p.add_argument("--quick", action="store_true", help=f"tiny models and few steps {quick}")
+        p.add_argument("--out", default=f"ligero-out/lab-{name}", help="folder of the runs (reused when rerun)")
+        p.add_argument("--docs", default="docs", help=f"where lab-{name}.md, .json and the figures go")
+        p.add_argument("--no-docs", action="store_true", help="write no document (results stay in --out)")
+        _add_threads_arg(p)
+        p.set_defaults(func=func)
 
 
 def main(argv: list[str] | None = None) -> int:

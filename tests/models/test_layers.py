@@ -1,13 +1,14 @@
-"""The package's folders import downward only: base -> kernels -> models -> quant -> io -> eval -> card -> serve
--> cli. In particular the model layer knows nothing of quantization (the KV cache protocol lives in models/)."""
+"""The package's folders import downward only: base -> kernels -> models -> quant / watermark -> io -> eval ->
+card -> serve -> cli. In particular the model layer knows nothing of quantization (the KV cache protocol lives in
+models/)."""
 
 import ast
 from pathlib import Path
 
 import ligero
 
-ORDER = {"errors": 0, "paths": 0, "progress": 0, "__init__": 0, "kernels": 1, "models": 2, "quant": 3, "io": 4,
-         "eval": 5, "lab": 5, "card": 6, "serve": 7, "cli": 8, "__main__": 9}
+ORDER = {"errors": 0, "paths": 0, "progress": 0, "__init__": 0, "kernels": 1, "models": 2, "quant": 3, "watermark": 3,
+         "io": 4, "eval": 5, "lab": 5, "card": 6, "serve": 7, "cli": 8, "__main__": 9}
 ROOT = Path(ligero.__file__).parent
 
 

@@ -84,12 +84,13 @@ def test_every_record_round_trips(store):
     assert response_id.startswith("chatcmpl-") and st.new_response_id("completions").startswith("cmpl-")
     store.record_response(response_id=response_id, request_id=request_id, variant="int4", output_tokens=20,
                           latency_ms=153.5, mean_logprob=-1.25, toxicity_score=0.02, finish_reason="length",
-                          guardrail_action="redact", output_text="not kept")
+                          guardrail_action="redact", output_text="not kept", watermark_key_id="wm-00112233aabbccdd")
     got = store.get_response(response_id).as_dict()
     assert got | {"created_at": None} == {
         "id": response_id, "request_id": request_id, "created_at": None, "variant": "int4", "output_tokens": 20,
         "latency_ms": 153.5, "mean_logprob": -1.25, "toxicity_score": 0.02, "finish_reason": "length",
-        "guardrail_action": "redact", "output_text": None}  # text is dropped unless the store keeps it
+        "guardrail_action": "redact", "output_text": None,  # text is dropped unless the store keeps it
+        "watermark_key_id": "wm-00112233aabbccdd"}
 
     before = store.record_guardrail(request_id=request_id, rule="max_new_tokens", action="clip", detail="512 -> 256")
     after = store.record_guardrail(request_id=request_id, response_id=response_id, rule="banned_pattern",

@@ -87,10 +87,10 @@ def wikipedia_split(split: str) -> TextSplit:
     return TextSplit(f"wikipedia:{split}", text, len(docs), _sha(text))
 
 
-def text_file(path: str | Path) -> TextSplit:
+def text_file(path: str | Path, option: str = "--text") -> TextSplit:
     path = Path(path)
     if not path.is_file():
-        raise LigeroError(f"text file {path} does not exist; pass an existing UTF-8 text file to --text")
+        raise LigeroError(f"text file {path} does not exist; pass an existing UTF-8 text file to {option}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -436,3 +436,18 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
                           "pass a Hugging Face model folder, a Ligero folder or a .gguf file")
     loaded.info.update(id=spec, device=str(dev), load_seconds=round(time.perf_counter() - t0, 2))
     return loaded
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer of a model (registry id, .gguf file, Ligero or Hugging Face folder) without loading weights."""
+    path = resolve_spec(spec)
+    if path.is_file():
+        return gguf_tokenizer(path)
+    tokenizer = None
+    if (path / CHECKPOINT_FILE).exists():
+        tokenizer = Tokenizer.load(path) if (path / TOKENIZER_FILE).exists() else None
+    elif (path / "config.json").exists():
+        tokenizer = tokenizer_from_hf_folder(path, read_hf_config(path))
+    if tokenizer is None:
+        raise LigeroError(f"{spec} has no tokenizer (tokenizer.json); use a model that has one")
+    return tokenizer

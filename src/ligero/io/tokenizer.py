@@ -5,6 +5,7 @@ BOS is added explicitly (add_bos), never by the tokenizer's post-processor, so e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,13 @@ class TokenizerMeta:
 class Tokenizer:
     def __init__(self, fast: FastTokenizer, meta: TokenizerMeta):
         self.fast, self.meta = fast, meta
+
+    @property
+    def sha256(self) -> str:
+        """What identifies this tokenizer: the sha256 of its serialised vocabulary, merges and rules."""
+        if not hasattr(self, "_sha256"):
+            self._sha256 = hashlib.sha256(self.fast.to_str().encode("utf-8")).hexdigest()
+        return self._sha256
 
     @property
     def vocab_size(self) -> int:

@@ -56,7 +56,7 @@ def train_tokenizer(split: TextSplit, vocab_size: int) -> Tokenizer:
 
 
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:
-    return hashlib.sha256(tokenizer.fast.to_str().encode("utf-8")).hexdigest()
+    return tokenizer.sha256
 
 
 def token_stream(split: TextSplit, tokenizer: Tokenizer) -> np.ndarray:

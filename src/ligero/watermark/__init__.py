@@ -9,8 +9,8 @@ generation, and their detector (z-score, exact binomial p-value, repeated n-gram
 
 from ligero.watermark.detect import Detection, Detector, detect_text, detect_tokens
 from ligero.watermark.greenlist import GreenList
-from ligero.watermark.keys import WatermarkKey, WatermarkSettings, load_key, new_key, save_key, tokenizer_sha256
+from ligero.watermark.keys import WatermarkKey, WatermarkSettings, load_key, new_key, save_key
 from ligero.watermark.processor import Watermarker
 
 __all__ = ["Detection", "Detector", "GreenList", "WatermarkKey", "WatermarkSettings", "Watermarker", "detect_text",
-           "detect_tokens", "load_key", "new_key", "save_key", "tokenizer_sha256"]
+           "detect_tokens", "load_key", "new_key", "save_key"]

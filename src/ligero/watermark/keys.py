@@ -26,11 +26,6 @@ SECRET_BYTES = 32
 MAX_CONTEXT_WIDTH = 8
 
 
-def tokenizer_sha256(tokenizer) -> str:
-    """What identifies a tokenizer: the sha256 of its serialised vocabulary, merges and rules."""
-    return hashlib.sha256(tokenizer.fast.to_str().encode("utf-8")).hexdigest()
-
-
 @dataclass(frozen=True)
 class WatermarkSettings:
     """A watermark's public settings.
@@ -99,12 +94,12 @@ class WatermarkKey:
 
     def check_tokenizer(self, tokenizer, model: str, source: str = "the key") -> None:
         """Refuse a tokenizer the key was not made for (its green lists would score as noise)."""
-        digest = tokenizer_sha256(tokenizer)
+        digest = tokenizer.sha256
         if digest != self.tokenizer_sha256:
-            raise LigeroError(f"{source} was made for the tokenizer of {self.model} (sha256 {self.tokenizer_sha256[:12]}, "
-                              f"{self.vocab_size} tokens), but {model} has another one (sha256 {digest[:12]}, "
-                              f"{tokenizer.vocab_size} tokens); use --model {self.model} or make a key for {model} "
-                              "with `ligero watermark keygen`")
+            raise LigeroError(f"{source} was made for the tokenizer of {self.model} (sha256 "
+                              f"{self.tokenizer_sha256[:12]}, {self.vocab_size} tokens), but {model} has another "
+                              f"one (sha256 {digest[:12]}, {tokenizer.vocab_size} tokens); use --model {self.model} "
+                              f"or make a key for {model} with `ligero watermark keygen`")
 
     def to_dict(self) -> dict:
         return {"format": KEY_FORMAT, "version": self.version, "key_id": self.key_id, "secret": self.secret.hex(),
@@ -120,7 +115,7 @@ class WatermarkKey:
 
 
 def new_key(settings: WatermarkSettings, tokenizer, model: str) -> WatermarkKey:
-    return WatermarkKey(secrets.token_bytes(SECRET_BYTES), settings, tokenizer_sha256(tokenizer),
+    return WatermarkKey(secrets.token_bytes(SECRET_BYTES), settings, tokenizer.sha256,
                         tokenizer.vocab_size, model, datetime.now(UTC).isoformat(timespec="seconds"))
 
 

@@ -17,6 +17,13 @@ def pyplot():
     return plt
 
 
+def save(fig, path, dpi: int = 110) -> None:
+    """Lay the figure out, write it and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def scatter(rows: Mapping[str, Mapping], baseline: str, x: str, y: str | Callable[[Mapping], float], color: str,
             xlabel: str, ylabel: str, title: str, log_y: bool = False):
     """One labelled point per variant (the baseline in black); `y` is a row key or a function of the row."""

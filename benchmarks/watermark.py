@@ -422,8 +422,10 @@ def write_docs(res: dict, docs: Path) -> None:
               f"| marked | {q['ppl_marked']:.2f} | {q['distinct2_marked']:.3f} | {q['distinct3_marked']:.3f} |", "",
               f"Marked / unmarked perplexity: {q['ppl_ratio']:.3f} [{q['ppl_ratio_ci'][0]:.3f}, "
               f"{q['ppl_ratio_ci'][1]:.3f}] (paired bootstrap over prompts). Unmarked generations score a median z "
-              f"of {q['unmarked_median_z']:.2f} under the key. Kirchenbauer et al. show the same trade-off: the "
-              "perplexity cost grows with delta and falls with gamma."]
+              f"of {q['unmarked_median_z']:.2f} under the key. The cost grows with delta, as Kirchenbauer et al. "
+              "show: at gamma 0.25, perplexity " + ", ".join(
+                  f"{s['ppl']:.1f} at delta {s['delta']:g}" for s in res["sweep"] if s["gamma"] == 0.25)
+              + " (64 prompts each, below)."]
     lines += ["", "## gamma and delta", "",
               "| gamma | delta | n | median z | TPR at FPR 1e-3 | TPR at z > 4 | perplexity | distinct-2 |",
               "|---|---|---|---|---|---|---|---|"]

@@ -360,6 +360,8 @@ def run_lab(plan: Plan, out: str | Path, docs: str | Path | None, log=print) -> 
         result["chains"][str(seed)] = {"rows": rows, "human_reference": reference}
     result["gaussian"] = gaussian_collapse(plan.gaussian_n, plan.gaussian_chains, plan.gaussian_generations)
     result["minutes"] = (time.perf_counter() - started) / 60
+    logs = [log_path.read_text().splitlines() for log_path in out.rglob("train.jsonl")]
+    result["train_minutes"] = sum(json.loads(lines[-1])["seconds"] for lines in logs if lines) / 60
     result["findings"] = findings(result)
     if docs is not None:
         write_docs(result, Path(docs))
@@ -501,7 +503,9 @@ def render(result: dict) -> str:
         "",
         f"Written by `ligero lab collapse{' --quick' if plan['size'] == 'test' else ''}` at commit "
         f"{result['commit']}{' on ' + m['cpu'] if m.get('cpu') else ''} ({m.get('threads', '?')} threads), "
-        f"{result['minutes']:.0f} min in all. Every "
+        f"{result['minutes']:.0f} min for this invocation (finished runs are reused); the {plan['generations']} "
+        f"generations x {len(REGIMES)} regimes and the sweep took {result['train_minutes']:.0f} min of training as "
+        "they ran (from their logs). Every "
         f"generation is a fresh `{plan['size']}` model (same initialisation) trained for {plan['steps']} steps of "
         f"{plan['batch_rows']} x {plan['seq_len']} tokens ({plan['steps'] * plan['batch_rows'] * plan['seq_len']:,} "
         f"tokens seen, the same in every regime) at learning rate {result['lr']:g} (swept on generation 0: "

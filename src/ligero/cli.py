@@ -83,6 +83,10 @@ def _calibration_options(args) -> dict:
 def cmd_generate(args) -> int:
     from ligero.models.generate import SamplingConfig, generate
 
+    if args.image:
+        return _generate_with_images(args)
+    if args.adapter:
+        raise LigeroError("--adapter is the vision model's adapter: give it with --image FILE")
     key = None
     if args.watermark:
         from ligero.watermark import Watermarker, load_key
@@ -109,6 +113,30 @@ def cmd_generate(args) -> int:
         print(f"[{len(result.tokens[0])} tokens, finish: {result.finish_reasons[0]}]", file=sys.stderr)
     if marker is not None:
         print(f"[watermarked with key {marker.key_id}]", file=sys.stderr)
+    return 0
+
+
+def _generate_with_images(args) -> int:
+    """`ligero generate --image FILE "question"`: the vision-language model (the shipped adapter, or --adapter)."""
+    from ligero.models.generate import SamplingConfig
+    from ligero.vision.images import DEFAULT_LIMITS, read_image
+    from ligero.vision.pretrained import load_vision_model
+
+    if args.watermark or args.scheme:
+        raise LigeroError("--image works with the full-precision vision model only: drop --watermark / --scheme")
+    if len(args.image) > DEFAULT_LIMITS.max_images:
+        raise LigeroError(f"{len(args.image)} images given; at most {DEFAULT_LIMITS.max_images} per prompt")
+    images = [read_image(path) for path in args.image]  # a bad image fails before the model loads
+    vlm = load_vision_model(args.adapter, device="cpu" if args.device == "auto" else args.device)
+    base = vlm.adapter_meta["base_model"]["id"]
+    if args.model not in (DEFAULT_MODEL, base):
+        raise LigeroError(f"the vision adapter is trained for {base}, not {args.model}: drop --model")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    text = vlm.answer([args.prompt], [images], args.max_new_tokens, sampling,
+                      on_text=lambda delta: print(delta, end="", flush=True))[0]
+    print()
+    if args.verbose:
+        print(f"[{len(images)} images, {len(text)} characters]", file=sys.stderr)
     return 0
 
 
@@ -430,7 +458,8 @@ def cmd_serve(args) -> int:
                        segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
                        experiment=args.experiment, max_batch=args.max_batch, keep_text=args.keep_text,
                        device=args.device, public_metrics=args.public_metrics, body_timeout_s=args.body_timeout,
-                       watermark_file=args.watermark)
+                       watermark_file=args.watermark, vision=args.vision is not None,
+                       vision_adapter=None if args.vision in (None, "shipped") else args.vision)
     return serve(cfg, args.host, args.port)
 
 
@@ -503,6 +532,10 @@ def _add_serve_command(sub) -> None:
                    help="serve /metrics without an API key even when keys are on (default: it needs one)")
     p.add_argument("--watermark", metavar="KEYFILE", help="mark every response with this watermark key (the key "
                                                           "stays secret: responses and records carry its id)")
+    p.add_argument("--vision", nargs="?", const="shipped", metavar="ADAPTER",
+                   help="serve the vision-language model (chat messages may carry images as base64 data URLs): the "
+                        "adapter Ligero ships, or a folder `ligero lab vision` wrote; --variant schemes quantize its "
+                        "language model")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a client must send its request body within this time, else 408 (default 30)")
     _add_threads_arg(p)
@@ -523,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
     _add_scheme_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="ask about this image (repeatable): the prompt is the question, answered by the vision model")
+    p.add_argument("--adapter", metavar="DIR", help="with --image: a vision adapter `ligero lab vision` wrote "
+                   "(default: the one shipped with Ligero)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--watermark", metavar="KEYFILE", help="mark the output with this watermark key "
                                                           "(`ligero watermark keygen`)")
@@ -686,6 +723,17 @@ def cmd_lab_collapse(args) -> int:
     return 0
 
 
+def cmd_lab_vision(args) -> int:
+    from ligero.lab.vision import lab_vision
+
+    result = lab_vision(args.quick, args.out, None if args.no_docs else args.docs, ship=args.ship)
+    if not args.no_docs:
+        print(f"wrote {Path(args.docs) / 'lab-vision.md'}")
+    if args.ship:
+        print(f"wrote the adapter to {args.ship}")
+    return 0 if result else 1
+
+
 def _add_lab_commands(sub) -> None:
     """`ligero lab train`: one training run of the labs' tiny models (resumes when its folder has a checkpoint)."""
     lab_sub = sub.add_parser("lab", help="training labs on CPU").add_subparsers(dest="lab_command", required=True)
@@ -726,6 +774,10 @@ def _add_lab_commands(sub) -> None:
                      "one's samples: replacing the data, keeping 10 % human data, accumulating all data, dropping "
                      "watermarked or unlikely texts; plus the Gaussian fit-sample-refit model",
                      "(two generations: the tests' run)"),
+        "vision": (cmd_lab_vision, "a LLaVA-style image + text model: projector and LoRA on SmolLM2",
+                   "EfficientNet-Lite0 features projected into SmolLM2-135M-Instruct, trained in two stages (captions, "
+                   "then questions) on rendered charts, forms, shape scenes and emoji; held-out accuracy against the "
+                   "text-only model and chance", "(a few images and steps: the tests' run)"),
     }
     for name, (func, summary, description, quick) in experiments.items():
         p = lab_sub.add_parser(name, help=summary,
@@ -736,6 +788,9 @@ def _add_lab_commands(sub) -> None:
         p.add_argument("--no-docs", action="store_true", help="write no document (results stay in --out)")
         _add_threads_arg(p)
         p.set_defaults(func=func)
+    lab_sub.choices["vision"].add_argument(
+        "--ship", metavar="DIR", help="also write the trained adapter here (src/ligero/vision/weights/"
+                                      "smollm2-135m-vision is the one the package ships)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import ligero
 
 ORDER = {"errors": 0, "paths": 0, "progress": 0, "__init__": 0, "kernels": 1, "models": 2, "quant": 3, "watermark": 3,
-         "io": 4, "eval": 5, "lab": 5, "card": 6, "serve": 7, "cli": 8, "__main__": 9}
+         "io": 4, "vision": 4, "eval": 5, "lab": 5, "card": 6, "serve": 7, "cli": 8, "__main__": 9}
 ROOT = Path(ligero.__file__).parent
 
 

@@ -586,7 +586,7 @@ BAD_REQUESTS = [
      400, "invalid_request", None),
     ("image-part", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     {}, 400, "invalid_request", None),
+     {}, 400, "invalid_request", "messages"),  # a text model: images are refused, not ignored
     ("max-tokens-text", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": "abc"}, {}, 400,
      "invalid_request", "max_tokens"),
     ("max-tokens-zero", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 0}, {}, 400,

@@ -110,3 +110,16 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     _check_level(level)
     ci = sps.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
     return max(0.0, float(ci.low)), min(1.0, float(ci.high))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error control over all the tests given), in input order."""
+    p = [float(x) for x in p_values]
+    if any(not 0 <= x <= 1 for x in p):
+        raise LigeroError("p-values must lie in [0, 1]")
+    order = sorted(range(len(p)), key=p.__getitem__)
+    adjusted, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted

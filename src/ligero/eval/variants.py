@@ -205,3 +205,24 @@ def build_variant(model_spec: str, scheme: str | None = None, *, group_size: int
         seconds = time.perf_counter() - t0
     loaded.info["quantize_seconds"] = round(seconds, 2)
     return loaded
+
+
+def build_vision_variant(adapter: str | None, scheme: str | None = None, *, group_size: int | None = None,
+                         calib_windows: int = 8, device: str = "cpu"):
+    """The vision-language model (`adapter`, None: the shipped one) with its language model quantized by `scheme`
+    (None or BASELINE: full precision; the LoRA adapters are merged first, so the quantized weights include them).
+    The projector and the frozen encoder stay in full precision."""
+    from ligero.vision.pretrained import load_vision_model
+
+    recipe = scheme_recipe(scheme, group_size) if scheme not in (None, AS_SHIPPED) else None
+    if scheme == AS_SHIPPED:
+        raise LigeroError(f"{AS_SHIPPED} is the GGUF file as stored; the vision model's language model carries merged "
+                          "adapters, so quantize it with a scheme (int8, q4_0, ...) instead")
+    vlm = load_vision_model(adapter, device=device)
+    if recipe is not None:
+        calibration = None
+        if recipe.needs_calibration and calib_windows > 0:
+            calibration = calibration_windows(vlm.tokenizer, calib_windows, 256, None)
+        with FreedMemoryReturned():
+            quantize(vlm.lm, recipe, calibration=calibration)
+    return vlm

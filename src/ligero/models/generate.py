@@ -26,15 +26,18 @@ def batch_token_budget(cfg, activation_bytes: int = ACTIVATION_BUDGET_BYTES) -> 
     return max(1, activation_bytes // per_token)
 
 
-def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache,
+            embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Last-position logits [B, V] of prompts [B, T] written into an empty `cache`, in chunks of positions so one
     pass holds at most batch_token_budget tokens (the cache takes multi-token steps: each chunk attends to the
-    ones before it exactly)."""
+    ones before it exactly). `embeds` [B, T, C]: the prompts' input vectors, when they are not the tokens'
+    embeddings (image features spliced into the text)."""
     B, T = tokens.shape
     chunk = max(1, batch_token_budget(model.cfg) // B)
     for start in range(0, T, chunk):
+        part = None if embeds is None else embeds[:, start : start + chunk]
         logits = model(tokens[:, start : start + chunk], positions[:, start : start + chunk], kv_cache=cache,
-                       last_only=True)
+                       last_only=True, embeds=part)
     return logits[:, -1]
 
 
@@ -131,12 +134,15 @@ class BatchGeneration:
     (`finish`) between steps, and read each token's log-prob under the model's untempered distribution (before
     logit_bias and penalties). A row that asks for `top_logprobs` finds, after each step, the most likely tokens
     under that distribution in `alternatives[row]`: [(token, logprob)], most likely first.
+    `prompt_embeds[row]` [len(prompt), C], where given, are that prompt's input vectors instead of its tokens'
+    embeddings (a vision-language prompt: image features at the image tokens' positions).
     """
 
     @torch.inference_mode()
     def __init__(self, model: Transformer, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingConfig | list[SamplingConfig] | None = None, eos_ids: list[int] | None = None,
-                 pad_id: int = 0, top_logprobs: int | list[int] = 0):
+                 pad_id: int = 0, top_logprobs: int | list[int] = 0,
+                 prompt_embeds: list[torch.Tensor | None] | None = None):
         n = len(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LigeroError("every prompt needs at least one token")
@@ -167,7 +173,18 @@ class BatchGeneration:
         self.reasons: list[str | None] = [None] * n  # None while the row is still generating
         self.alternatives: dict[int, list[tuple[int, float]]] = {}  # row -> top tokens of the last step
         self.next_pos = positions[:, -1:] + 1  # [B, 1]
-        self.logits = prefill(model, tokens, positions, self.cache)  # [B, V]
+        embeds = None
+        if prompt_embeds is not None and any(e is not None for e in prompt_embeds):
+            if len(prompt_embeds) != n:
+                raise LigeroError(f"give one prompt_embeds entry per prompt (or None): {len(prompt_embeds)} for {n}")
+            embeds = model.embed_tokens(tokens).clone()  # [B, T, C]; rows without vectors keep their embeddings
+            for i, e in enumerate(prompt_embeds):
+                if e is not None:
+                    if tuple(e.shape) != (len(prompts[i]), model.cfg.dim):
+                        raise LigeroError(f"prompt {i}: embeddings of shape {tuple(e.shape)} for "
+                                          f"{len(prompts[i])} tokens of width {model.cfg.dim}")
+                    embeds[i, longest - len(prompts[i]):] = e.to(embeds)
+        self.logits = prefill(model, tokens, positions, self.cache, embeds)  # [B, V]
         self._prepare_adjustments()
 
     def _prepare_adjustments(self) -> None:

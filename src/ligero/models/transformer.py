@@ -433,6 +433,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         apply_head: bool = True,  # False: the final normed hidden states [B, T, C] (self.logits makes logits)
+        embeds: torch.Tensor | None = None,  # [B, T, C]: input vectors used instead of the tokens' embeddings
     ):
         B, T = tokens.shape
         if positions is None:
@@ -442,7 +443,8 @@ class Transformer(nn.Module):
                 f"sequence reaches position {int(positions.max())} but the model's context is "
                 f"{self.cfg.max_seq_len} tokens; shorten the input or lower --ctx"
             )
-        x = self.embed_tokens(tokens)  # [B, T, C]
+        # Given vectors (a prompt with image features spliced in) replace the embedding lookup; tokens keep the shape.
+        x = self.embed_tokens(tokens) if embeds is None else embeds.to(self.dtype)  # [B, T, C]
         hidden = []
         plan = native_decode_plan(self, kv_cache) if T == 1 and not return_hidden else None
         if plan is not None:

@@ -62,6 +62,7 @@ class Variant:
     name: str
     scheme: str
     engine: Engine
+    vision: Any = None  # a ligero.vision VisionLanguageModel around engine.model: the variant accepts images
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ServerConfig:
     public_metrics: bool = False  # /metrics without a key even when API keys are on
     body_timeout_s: float = BODY_TIMEOUT_S
     watermark: Any = None  # a ligero.watermark.Watermarker: every response is marked with its key
+    image_limits: Any = None  # ligero.vision.images.ImageLimits of a vision server (None: images are refused)
 
     def experiment(self) -> Experiment | None:
         if len(self.variants) < 2:

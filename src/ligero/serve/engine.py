@@ -33,6 +33,7 @@ class Job:
     sampling: SamplingConfig
     loop: asyncio.AbstractEventLoop
     top_logprobs: int = 0  # alternatives to report per generated token
+    prompt_embeds: torch.Tensor | None = None  # [len(prompt_ids), C]: a vision prompt's input vectors
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -116,7 +117,8 @@ class Engine:
             with self.compute_lock:
                 gen = BatchGeneration(self.model, [j.prompt_ids for j in batch], [j.max_new_tokens for j in batch],
                                       [j.sampling for j in batch], tok.eos_ids, tok.pad_id,
-                                      [j.top_logprobs for j in batch])
+                                      [j.top_logprobs for j in batch],
+                                      prompt_embeds=[j.prompt_embeds for j in batch])
             ended = [False] * len(batch)
             while True:
                 for i, job in enumerate(batch):

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -64,6 +65,8 @@ from ligero.serve.schemas import (
     validation_error,
 )
 from ligero.serve.store import new_request_id, new_response_id
+from ligero.vision.images import image_from_url
+from ligero.vision.model import IMAGE_MARK
 
 log = logging.getLogger("ligero.serve")
 USER_HEADER = "x-user-id"
@@ -135,6 +138,7 @@ class Prepared:
     decisions: list[Decision]
     started: float
     created: int
+    prompt_embeds: torch.Tensor | None = None  # a vision prompt's input vectors (images spliced in)
 
     @property
     def watermark(self) -> WatermarkInfo | None:
@@ -265,9 +269,14 @@ class RequestPipeline:
         r.user = user
         try:
             segment = segment_of(request.headers, user, self.cfg.segment_rules)
+            urls: list[str] = []
             if isinstance(body, ChatRequest):
-                prompt = self.cfg.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()}
-                                                                 for m in body.messages])
+                messages = []
+                for m in body.messages:
+                    text, images = m.text_and_images(IMAGE_MARK)
+                    messages.append({"role": m.role, "content": text})
+                    urls += images
+                prompt = self.cfg.tokenizer.apply_chat_template(messages)
             else:
                 prompt = body.prompt
         except (LigeroError, ValueError) as exc:
@@ -279,10 +288,39 @@ class RequestPipeline:
         r.model = body.model
         variant, experiment = await asyncio.to_thread(self._choose_variant, body.model, user, segment)
         r.variant = variant
-        return user, segment, prompt, variant, experiment
+        return user, segment, prompt, urls, variant, experiment
 
-    async def _check_prompt(self, prompt: str, body: GenerationRequest, r: Rejection) -> list[int]:
-        ids = self.cfg.tokenizer.encode(prompt)
+    async def _vision_prompt(self, prompt: str, urls: list[str], r: Rejection) -> tuple[list[int], torch.Tensor]:
+        """(prompt ids with image placeholders, the prompt's input vectors) of a chat request with images."""
+        variant = self.cfg.variants[r.variant]
+        if variant.vision is None or self.cfg.image_limits is None:
+            raise await self.reject(r, ApiError(400, f"model {r.model} does not accept images; send text only, or "
+                                                     "serve a vision model (ligero serve --vision)",
+                                                "invalid_request", "messages"))
+        limits = self.cfg.image_limits
+        if len(urls) > limits.max_images:
+            r.decision = Decision("max_images", "block", f"{len(urls)} images > {limits.max_images}")
+            raise await self.reject(r, ApiError(400, f"request blocked by the max_images guardrail: {len(urls)} "
+                                                     f"images, at most {limits.max_images} per request",
+                                                "too_many_images", "messages"))
+        vlm, lock = variant.vision, variant.engine.compute_lock
+
+        def build() -> tuple[list[int], torch.Tensor]:
+            images = [image_from_url(u, limits, name=f"image {i + 1}") for i, u in enumerate(urls)]
+            with torch.inference_mode(), lock:
+                encoded = vlm.encode_images(images)
+                layout = vlm.layout_text(prompt, [e.n_tokens for e in encoded])
+                return layout.tokens, vlm.embed(layout, [vlm.project(e) for e in encoded])
+
+        try:
+            return await asyncio.to_thread(build)
+        except LigeroError as exc:
+            r.decision = Decision("image", "block", str(exc)[:500])
+            raise await self.reject(r, ApiError(400, str(exc), "invalid_image", "messages")) from None
+
+    async def _check_prompt(self, prompt: str, body: GenerationRequest, r: Rejection,
+                            ids: list[int] | None = None) -> list[int]:
+        ids = self.cfg.tokenizer.encode(prompt) if ids is None else ids
         if not ids:
             raise await self.reject(r, ApiError(400, "the prompt is empty; send some text", "invalid_request",
                                                 "prompt"))
@@ -320,8 +358,9 @@ class RequestPipeline:
         key_id = await self._admit(request, endpoint, request_id)
         body = await self._parse(request, endpoint, request_id, key_id)
         r = Rejection(endpoint, request_id, api_key_id=key_id)
-        user, segment, prompt, variant, experiment = await self._route(request, body, r)
-        ids = await self._check_prompt(prompt, body, r)
+        user, segment, prompt, urls, variant, experiment = await self._route(request, body, r)
+        ids, embeds = (await self._vision_prompt(prompt, urls, r)) if urls else (None, None)
+        ids = await self._check_prompt(prompt.replace(IMAGE_MARK, ""), body, r, ids)
         sampling, max_tokens, clip = self._sampling(body, endpoint)
         return Prepared(
             endpoint=endpoint, request_id=request_id, response_id=new_response_id(endpoint), variant=variant,
@@ -329,7 +368,7 @@ class RequestPipeline:
             api_key_id=key_id, prompt_ids=ids, prompt_chars=len(prompt),
             max_tokens=min(max_tokens, self.cfg.context - len(ids)), sampling=sampling, stops=body.stop or [],
             stream=body.stream, include_usage=body.include_usage, top_logprobs=body.top_logprobs_wanted,
-            decisions=[clip] if clip else [], started=started, created=int(time.time()))
+            decisions=[clip] if clip else [], started=started, created=int(time.time()), prompt_embeds=embeds)
 
     # --- generate ----------------------------------------------------------------------------------------------
 
@@ -349,7 +388,8 @@ class RequestPipeline:
     async def generate(self, p: Prepared, out: Outcome) -> AsyncIterator[str]:
         """Yield released text deltas; `out` holds tokens, log-probs and, at the end, the finish reason."""
         engine = self.cfg.variants[p.variant].engine
-        job = Job(p.prompt_ids, p.max_tokens, p.sampling, asyncio.get_running_loop(), p.top_logprobs or 0)
+        job = Job(p.prompt_ids, p.max_tokens, p.sampling, asyncio.get_running_loop(), p.top_logprobs or 0,
+                  prompt_embeds=p.prompt_embeds)
         hold = max([len(s) - 1 for s in p.stops] + [0])  # text that could still grow into a stop string
         reason = None
         engine.submit(job)

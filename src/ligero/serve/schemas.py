@@ -167,14 +167,34 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
     def text(self) -> str:
+        text, images = self.text_and_images("")
+        if images:
+            raise ValueError("image content parts are only accepted by a vision model (ligero serve --vision)")
+        return text
+
+    def text_and_images(self, mark: str) -> tuple[str, list[str]]:
+        """The message's text with `mark` where each image part was, and the images' URLs in order. Parts are
+        OpenAI's: {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": ...}}."""
         if isinstance(self.content, str):
-            return self.content
-        parts = []
+            return self.content.replace(mark, "") if mark else self.content, []
+        parts, images = [], []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported ({'type': 'text', 'text': ...})")
-            parts.append(part["text"])
-        return "".join(parts)
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"].replace(mark, "") if mark else part["text"])
+            elif kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if not isinstance(url, str):
+                    raise ValueError("an image_url part needs {'image_url': {'url': 'data:image/png;base64,...'}}")
+                if self.role != "user":
+                    raise ValueError(f"images go in user messages, not {self.role} messages")
+                images.append(url)
+                parts.append(mark)
+            else:
+                raise ValueError("content parts are {'type': 'text', 'text': ...} or {'type': 'image_url', "
+                                 "'image_url': {'url': 'data:image/...;base64,...'}}")
+        return "".join(parts), images
 
 
 class ChatRequest(GenerationRequest):

@@ -47,10 +47,13 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
                  card: str | None = None, guardrails_file: str | None = None, api_keys_file: str | None = None,
                  segment_rules: list[SegmentRule] | None = None, experiment: str | None = None, max_batch: int = 8,
                  keep_text: bool = False, device: str = "cpu", public_metrics: bool = False,
-                 body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None) -> ServerConfig:
+                 body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None,
+                 vision: bool = False, vision_adapter: str | None = None) -> ServerConfig:
     """Everything `ligero serve` needs; every input is checked before any model is loaded. With a card, requests
     that leave out temperature, top_p or max_tokens get the card's reference-profile settings. With a watermark
-    key file, every response is marked with that key (the secret stays in this process; records name the key id)."""
+    key file, every response is marked with that key (the secret stays in this process; records name the key id).
+    With `vision`, every variant is the vision-language model (`vision_adapter`, None: the one Ligero ships) with its
+    language model quantized by the variant's scheme; chat requests may then carry images."""
     card_data = read_card(card) if card else None
     key = load_key(watermark_file) if watermark_file else None
     if guardrails_file:
@@ -73,6 +76,10 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
             scheme_recipe(spec)  # an unknown scheme fails here, with the valid ones, before any model loads
     if split is not None and len(split) != len(parsed):
         raise LigeroError(f"--split has {len(split)} shares for {len(parsed)} variants; give one per --variant")
+    if vision:
+        return _vision_config(parsed, vision_adapter, key, watermark_file, guardrails, split, experiment,
+                              segment_rules, store_url, keep_text, max_batch, device, defaults, api_keys_file,
+                              public_metrics, body_timeout_s)
     if model_id not in REGISTRY and not Path(model_id).expanduser().exists():
         raise LigeroError(f"model {model_id!r} not found; use a registry id ({', '.join(REGISTRY)}) or a path")
     api_keys = ApiKeys.load(file=api_keys_file)
@@ -97,6 +104,41 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
                        server_id=default_server_id(), context=context, defaults=defaults,
                        public_metrics=public_metrics, body_timeout_s=body_timeout_s, watermark=watermark)
     cfg.experiment()  # validates the split against the variants now, not on the first request
+    return cfg
+
+
+def _vision_config(parsed, adapter, key, watermark_file, guardrails, split, experiment, segment_rules, store_url,
+                   keep_text, max_batch, device, defaults, api_keys_file, public_metrics, body_timeout_s):
+    from ligero.eval.variants import build_vision_variant
+    from ligero.vision.images import DEFAULT_LIMITS
+    from ligero.vision.pretrained import DEFAULT_ADAPTER, read_adapter
+
+    for _, spec in parsed:
+        if Path(spec).expanduser().is_dir():
+            raise LigeroError(f"--vision serves the vision model quantized on the fly; {spec} is a saved folder: "
+                              "give a scheme (int8, q4_0, ...) instead")
+    _, meta = read_adapter(adapter or DEFAULT_ADAPTER)  # a bad adapter fails before any model loads
+    model_id = f"{meta['base_model']['id']}-vision"
+    api_keys = ApiKeys.load(file=api_keys_file)
+    store = Store(store_url or DEFAULT_URL, keep_output_text=keep_text)
+    lock = threading.Lock()
+    served = {}
+    for name, spec in parsed:
+        log.warning("loading vision variant %s (%s)", name, spec)
+        vlm = build_vision_variant(adapter, spec, device=device)
+        served[name] = Variant(name, spec, Engine(name, vlm.lm, vlm.tokenizer, max_batch, compute_lock=lock),
+                               vision=vlm)
+    tokenizer = next(iter(served.values())).vision.tokenizer
+    watermark = None
+    if key is not None:
+        key.check_tokenizer(tokenizer, meta["base_model"]["id"], f"the watermark key {watermark_file}")
+        watermark = Watermarker(key, max(v.engine.model.cfg.vocab_size for v in served.values()))
+    cfg = ServerConfig(model_id=model_id, variants=served, tokenizer=tokenizer, store=store, guardrails=guardrails,
+                       split=split, experiment_name=experiment, segment_rules=segment_rules or [], api_keys=api_keys,
+                       server_id=default_server_id(), context=next(iter(served.values())).engine.model.cfg.max_seq_len,
+                       defaults=defaults, public_metrics=public_metrics, body_timeout_s=body_timeout_s,
+                       watermark=watermark, image_limits=DEFAULT_LIMITS)
+    cfg.experiment()
     return cfg
 
 

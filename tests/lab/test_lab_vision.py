@@ -1,0 +1,75 @@
+"""`ligero lab vision --quick` end to end (render, encode, both stages, held-out evaluation with the text-only
+baseline, the document), then `ligero generate --image` on the adapter that run wrote; plus the data's promises:
+disjoint splits, closed answer sets, AnyRes-sized images."""
+
+import json
+import random
+
+import pytest
+
+from ligero.cli import main
+from ligero.lab.vision import QUICK
+from ligero.lab.vision_data import (
+    FAMILIES,
+    QUESTION_TYPES,
+    emoji_available,
+    emoji_split,
+    make_split,
+    normalise,
+    scene,
+)
+
+
+def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    assert main(["lab", "vision", "--quick", "--out", str(runs), "--docs", str(docs), "--threads", "2"]) == 0
+    result = json.loads((docs / "lab-vision.json").read_text())
+    families = set(FAMILIES) if emoji_available() else set(FAMILIES) - {"emoji"}
+    kinds = {k for k, f in QUESTION_TYPES.items() if f in families}
+    assert set(result["accuracy"]) == kinds
+    for row in result["accuracy"].values():
+        assert row["n"] >= QUICK.heldout_images and 0 <= row["accuracy"] <= 1 and 0 <= row["text_only"] <= 1
+        assert 0 < row["chance"] < 1 and 0 <= row["p_holm"] <= 1
+    assert len(result["training"]["stage1"]) == QUICK.stage1_steps
+    assert len(result["training"]["stage2"]) == QUICK.stage2_steps
+    text = (docs / "lab-vision.md").read_text()
+    assert "text only" in text and "| audio | no |" in text and "## Caption retrieval" in text
+    assert (docs / "lab-vision" / "training.png").stat().st_size > 0
+    assert (docs / "lab-vision" / "examples.png").stat().st_size > 0
+    meta = json.loads((runs / "adapter" / "adapter.json").read_text())
+    assert meta["base_model"]["id"] == "smollm2-135m" and meta["lora"]["rank"] == QUICK.lora_rank
+    assert meta["data"]["train_sha256"] == result["data"]["train_sha256"]
+
+    image = tmp_path / "scene.png"
+    scene(random.Random(5)).image.save(image)
+    capsys.readouterr()
+    assert main(["generate", "--image", str(image), "--adapter", str(runs / "adapter"), "--max-new-tokens", "4",
+                 "How many shapes are there?"]) == 0
+    assert capsys.readouterr().out.strip()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a picture")
+    assert main(["generate", "--image", str(bad), "--adapter", str(runs / "adapter"), "What?"]) == 2
+    assert "not an image" in capsys.readouterr().err
+    assert main(["generate", "--image", str(image), "--adapter", str(tmp_path), "What?"]) == 2
+    assert "is not a vision adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "emoji" or emoji_available()])
+def test_splits_are_disjoint_and_answers_closed(family):
+    held = make_split(family, "heldout", 30, seed=3)
+    train = make_split(family, "train", 60, seed=3, exclude={s.key for s in held})
+    assert not {s.key for s in held} & {s.key for s in train}
+    assert make_split(family, "heldout", 30, seed=3)[7].caption == held[7].caption  # reproducible
+    for s in held + train:
+        assert s.image.mode == "RGB" and min(s.image.size) >= 100 and max(s.image.size) <= 448
+        for qa in s.qa:
+            assert QUESTION_TYPES[qa.kind] == family and qa.choices >= 3
+            assert normalise(qa.answer) and normalise(qa.answer) == normalise(qa.answer + ".")
+
+
+@pytest.mark.skipif(not emoji_available(), reason="Debian's fonts-noto-color-emoji is not installed")
+def test_held_out_emoji_are_never_seen_in_training():
+    train, held = emoji_split(0)
+    assert len(held) > 200 and not {c for c, _ in train} & {c for c, _ in held}
+    chars = {s.key for s in make_split("emoji", "heldout", 50, seed=0)}
+    assert chars <= {f"emoji|{c}" for c, _ in held}

@@ -30,6 +30,12 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
     for row in result["accuracy"].values():
         assert row["n"] >= QUICK.heldout_images and 0 <= row["accuracy"] <= 1 and 0 <= row["text_only"] <= 1
         assert 0 < row["chance"] < 1 and 0 <= row["p_holm"] <= 1
+    int8 = result["quantized"]["int8"]  # the language model and the projector quantized, evaluated the same way
+    assert int8["projector_format"] == "int8_weight" and set(int8) - {"projector_format"} == kinds
+    for kind, row in int8.items():
+        if kind != "projector_format":
+            assert row["n"] == result["accuracy"][kind]["n"] and 0 <= row["p_holm"] <= 1
+            assert row["change"] == pytest.approx(row["accuracy"] - result["accuracy"][kind]["accuracy"])
     assert len(result["training"]["stage1"]) == QUICK.stage1_steps
     assert len(result["training"]["stage2"]) == QUICK.stage2_steps
     text = (docs / "lab-vision.md").read_text()
@@ -39,6 +45,7 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
     meta = json.loads((runs / "adapter" / "adapter.json").read_text())
     assert meta["base_model"]["id"] == "smollm2-135m" and meta["lora"]["rank"] == QUICK.lora_rank
     assert meta["data"]["train_sha256"] == result["data"]["train_sha256"]
+    assert meta["heldout_accuracy"] == {k: round(v["accuracy"], 4) for k, v in result["accuracy"].items()}
 
     image = tmp_path / "scene.png"
     scene(random.Random(5)).image.save(image)

@@ -15,7 +15,7 @@ from ligero.vision.model import FEATURE_DIM, TOKENS_PER_VIEW, VisionLanguageMode
 
 
 class FakeEncoder(nn.Module):
-    """Each view's 49 feature vectors encode the view's mean pixel value and the grid cell: distinct per view."""
+    """Each view's feature vectors encode the view's mean pixel value and the grid cell: distinct per view."""
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]

@@ -27,7 +27,7 @@ from ligero.io.checkpoint import (
     resolve_spec,
 )
 from ligero.models.registry import REGISTRY
-from ligero.quant.api import quantize
+from ligero.quant.api import quantize, quantize_linear
 from ligero.quant.config import BASELINE, Recipe, recipe_for
 
 __all__ = ["AS_SHIPPED", "BASELINE", "CALIBRATION_SPLIT", "ModelSource", "build_variant", "calibration_windows",
@@ -219,10 +219,18 @@ def build_vision_variant(adapter: str | None, scheme: str | None = None, *, grou
         raise LigeroError(f"{AS_SHIPPED} is the GGUF file as stored; the vision model's language model carries merged "
                           "adapters, so quantize it with a scheme (int8, q4_0, ...) instead")
     vlm = load_vision_model(adapter, device=device)
+    vlm.projector_format = "fp32"
     if recipe is not None:
         calibration = None
         if recipe.needs_calibration and calib_windows > 0:
             calibration = calibration_windows(vlm.tokenizer, calib_windows, 256, None)
         with FreedMemoryReturned():
             quantize(vlm.lm, recipe, calibration=calibration)
+        # The projector's two matrices take the scheme's weight format where it needs no calibration.
+        try:
+            fc1, fc2 = (quantize_linear(layer, recipe.weights) for layer in (vlm.projector.fc1, vlm.projector.fc2))
+            vlm.projector.fc1, vlm.projector.fc2 = fc1, fc2
+            vlm.projector_format = recipe.weights.kind
+        except LigeroError:
+            pass  # a calibrated scheme (W8A8, AdaRound...): the projector stays in full precision
     return vlm

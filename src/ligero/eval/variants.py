@@ -217,7 +217,7 @@ def build_vision_variant(adapter: str | None, scheme: str | None = None, *, grou
     recipe = scheme_recipe(scheme, group_size) if scheme not in (None, AS_SHIPPED) else None
     if scheme == AS_SHIPPED:
         raise LigeroError(f"{AS_SHIPPED} is the GGUF file as stored; the vision model's language model carries merged "
-                          "adapters, so quantize it with a scheme (int8, q4_0, ...) instead")
+                          "adapters, so quantize it with a scheme (int8, int4, ...) instead")
     vlm = load_vision_model(adapter, device=device)
     vlm.projector_format = "fp32"
     if recipe is not None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ligero.errors import LigeroError
 from ligero.eval.stats import wilson_interval
-from ligero.eval.variants import build_vision_variant
+from ligero.eval.variants import build_vision_variant, scheme_recipe
 from ligero.io.checkpoint import load_model
 from ligero.lab.bitnet import provenance
 from ligero.lab.vision_data import (
@@ -70,7 +70,7 @@ class Plan:
     retrieval_images: int = 40  # per family
     seed: int = 0
     families: tuple[str, ...] = FAMILIES
-    quant_schemes: tuple[str, ...] = ("int8", "q4_0")  # variants evaluated after training (language model + projector)
+    quant_schemes: tuple[str, ...] = ("int8", "int4")  # variants evaluated after training (language model + projector)
 
 
 FULL = Plan(train_images=1000, heldout_images=100, stage1_steps=320, stage2_steps=460, retrieval_images=25)
@@ -367,7 +367,12 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(dataclasses.asdict(plan))):
+    for scheme in plan.quant_schemes:
+        scheme_recipe(scheme)  # an unknown scheme fails now, not after an hour of training
+    # The training stages depend on every field but the evaluated variants: those may change between invocations.
+    training = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(plan))).items() if k != "quant_schemes"}
+    if plan_file.exists() and {k: v for k, v in json.loads(plan_file.read_text()).items()
+                               if k != "quant_schemes"} != training:
         raise LigeroError(f"{out} holds runs of another plan; pass a new --out folder (or delete {out})")
     plan_file.write_text(json.dumps(dataclasses.asdict(plan), indent=2))
     t_start = time.perf_counter()
@@ -421,7 +426,8 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     # Held-out evaluation of the adapter as saved (bf16, LoRA merged): what `ligero generate --image` runs. Kept in
     # evaluation.json, so a rerun with both stages reused only rewrites the document.
     evaluation_file = out / "evaluation.json"
-    if evaluation_file.exists() and stage2_reused:
+    if evaluation_file.exists() and stage2_reused and \
+            set(json.loads(evaluation_file.read_text())["quantized"]) == set(plan.quant_schemes):
         results.update(json.loads(evaluation_file.read_text()))
         log("  held-out evaluation reused")
     else:

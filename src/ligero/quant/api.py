@@ -254,7 +254,7 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     spec = scheme_spec(config)
     if spec.calibrates(config) or spec.prepass is not None:
         raise LigeroError(f"{config.kind} calibrates on a model's activations; quantize a lone layer with a "
-                          "weight-only scheme (int8, q4_0, ...)")
+                          "weight-only scheme (int8, int4, ...)")
     if linear.in_features % spec.input_multiple(config):
         raise LigeroError(f"{config.kind} needs in_features divisible by {spec.input_multiple(config)} (got "
                           f"{linear.in_features})")

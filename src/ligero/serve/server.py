@@ -116,7 +116,7 @@ def _vision_config(parsed, adapter, key, watermark_file, guardrails, split, expe
     for _, spec in parsed:
         if Path(spec).expanduser().is_dir():
             raise LigeroError(f"--vision serves the vision model quantized on the fly; {spec} is a saved folder: "
-                              "give a scheme (int8, q4_0, ...) instead")
+                              "give a scheme (int8, int4, ...) instead")
     _, meta = read_adapter(adapter or DEFAULT_ADAPTER)  # a bad adapter fails before any model loads
     model_id = f"{meta['base_model']['id']}-vision"
     api_keys = ApiKeys.load(file=api_keys_file)

@@ -166,12 +166,6 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]]
 
-    def text(self) -> str:
-        text, images = self.text_and_images("")
-        if images:
-            raise ValueError("image content parts are only accepted by a vision model (ligero serve --vision)")
-        return text
-
     def text_and_images(self, mark: str) -> tuple[str, list[str]]:
         """The message's text with `mark` where each image part was, and the images' URLs in order. Parts are
         OpenAI's: {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": ...}}."""

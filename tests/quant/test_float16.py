@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ligero.io.checkpoint import load_model
-from ligero.kernels import cpu_kernels
+from ligero.kernels import MAX_KERNEL_ROWS, cpu_kernels
 from ligero.models.transformer import stored_bytes
 from ligero.quant.api import quantize
 from ligero.quant.config import Float16Config, recipe_for
@@ -85,9 +85,12 @@ def test_hugging_face_16_bit_folder_loads_in_16_bits(tmp_path, arch, dtype):
     assert linears and all(type(m) is Float16Linear and m.weight16.dtype == dtype for m in linears)
     assert not any(p.dim() == 2 for p in half.parameters())  # no fp32 copy of a matrix
     assert stored_bytes(half) < 0.55 * stored_bytes(full)
-    tokens = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4]])
+    # More rows than MAX_KERNEL_ROWS: a prefill, the same fp32 GEMM on the same weights (8 rows would go to the
+    # decode kernel, whose summation order depends on the CPU's instruction set)
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4, 8, 21, 3, 40]])
+    assert tokens.shape[1] > MAX_KERNEL_ROWS
     with torch.inference_mode():
-        torch.testing.assert_close(half(tokens), full(tokens), rtol=0, atol=0)  # prefill: the same fp32 GEMM
+        torch.testing.assert_close(half(tokens), full(tokens), rtol=0, atol=0)
     quantize(full, recipe_for("int8"))
     quantize(half, recipe_for("int8"))
     sa, sb = full.state_dict(), half.state_dict()

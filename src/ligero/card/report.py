@@ -58,8 +58,33 @@ def recommendation_lines(report: dict) -> list[str]:
     rec = report["recommendation"]
     lines = [rec["summary"]]
     for name, v in rec["verdicts"].items():
-        lines.append(f"{name}: " + ("meets all thresholds" if v["passes"] else "; ".join(v["reasons"])))
+        line = f"{name}: " + ("meets all thresholds" if v["passes"] else "; ".join(v["reasons"]))
+        if v.get("cautions"):
+            line += " (" + "; ".join(v["cautions"]) + ")"
+        lines.append(line)
     return lines
+
+
+def findings_section(report: dict) -> ReportSection | None:
+    """Every claimed change of the run with its uncorrected interval, p-value, BH-adjusted q-value, sample size and
+    the smallest change that sample detects: a change is a finding only when it survives the correction."""
+    f = report.get("findings")
+    if not f or not f["claims"]:
+        return None
+    table = [["variant", "change", "Δ [95 % CI, uncorrected]", "test", "p", "q (BH)", "n",
+              f"detectable at {f['power']:.0%} power", "finding"]]
+    for c in f["claims"]:
+        unit = f" {c['unit']}" if c["unit"] else ""
+        table.append([c["variant"], c["label"], f"{c['delta']:+.3g}{unit} [{c['ci'][0]:+.3g}, {c['ci'][1]:+.3g}]",
+                      c["test"], f"{c['p_value']:.2g}", f"{c['q_value']:.2g}", str(c["n"]),
+                      f"±{c['detectable']:.3g}{unit}", "yes" if c["finding"] else "no"])
+    note = (f"{f['m']} comparisons (every variant x claim) corrected together by {f['method']} at a false-discovery "
+            f"rate of {f['q']:g}: {f['n_findings']} survive. A change is reported as a finding only when its q-value "
+            f"is at most {f['q']:g}; the intervals are per comparison (uncorrected), so some exclude 0 by chance. "
+            "'Detectable' is the smallest true change the sample finds with 80 % power at p < 0.05 (from the "
+            "per-item spread of the paired differences; a change smaller than that can go unseen, so 'no finding' "
+            "is not 'no change').")
+    return ReportSection("Findings: which changes survive false-discovery control", table=table, note=note)
 
 
 def report_context(report: dict, figures: list[dict]) -> dict:
@@ -84,7 +109,8 @@ def report_context(report: dict, figures: list[dict]) -> dict:
         "legend": (f"Δ columns: variant minus {BASELINE} on the same items, with 95 % paired bootstrap intervals; "
                    f"{'; '.join(legends)}."),
         "figures": figures,
-        "sections": [section for metric in METRICS for section in metric.report_sections(report)],
+        "sections": [s for s in [findings_section(report)] if s is not None]
+        + [section for metric in METRICS for section in metric.report_sections(report)],
         "inputs": json.dumps(report["inputs"], indent=1),
     }
 

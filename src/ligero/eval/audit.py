@@ -28,6 +28,7 @@ import torch
 import ligero
 from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
+from ligero.eval.findings import findings, variant_claims
 from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
 from ligero.eval.speed import current_rss_mb, peak_rss_mb, reset_peak_rss
@@ -312,6 +313,10 @@ class Audit:
         comparisons = {name: compare(base, r, self.budget["bootstrap"])
                        for name, r in results.items() if name != BASELINE}
         rows = {name: summary_row(r, comparisons.get(name)) for name, r in results.items()}
+        run_findings = findings(comparisons)
+        for name in comparisons:
+            rows[name]["claims"] = {key: {k: c[k] for k in ("delta", "q_value", "finding", "n", "detectable")}
+                                    for key, c in variant_claims(run_findings, name).items()}
         inputs = {"model_file": self.source.describe(),
                   "eval_split": wikipedia_split("eval").describe(),
                   "calibration_split": wikipedia_split(CALIBRATION_SPLIT).describe()}
@@ -327,6 +332,7 @@ class Audit:
             "created": now(), "quick": self.quick,
             "thresholds": dataclasses.asdict(self.thresholds), "budget": self.budget, "machine": machine_info(),
             "inputs": inputs, "variants": list(results), "rows": rows, "comparisons": comparisons,
+            "findings": run_findings,
             "recommendation": recommend(rows, self.thresholds),
         }
         (self.folder / "results.json").write_text(json.dumps(report, indent=1, default=float))
@@ -402,7 +408,8 @@ def recommend(rows: dict, t: Thresholds) -> dict:
         if name == BASELINE:
             continue
         fails = [reason for metric in METRICS for reason in metric.failures(row, t, base_row)]
-        verdicts[name] = {"passes": not fails, "reasons": fails, "size_mb": row["size_mb"]}
+        cautions = [text for metric in METRICS for text in metric.cautions(row, t, base_row)]
+        verdicts[name] = {"passes": not fails, "reasons": fails, "cautions": cautions, "size_mb": row["size_mb"]}
     passing = sorted((v["size_mb"], n) for n, v in verdicts.items() if v["passes"])
     chosen = passing[0][1] if passing else None
     if chosen:

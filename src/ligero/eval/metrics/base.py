@@ -114,6 +114,11 @@ class Metric:
         """The keys it adds to a variant's comparison with the baseline (paired statistics)."""
         return {}
 
+    def claims(self, comparison: dict) -> list[dict]:
+        """What the comparison claims changed, each a paired test (ligero.eval.findings corrects them together):
+        {metric, key, label, unit, delta, ci (uncorrected 95 %), test, p_value, n, detectable (at 80 % power)}."""
+        return []
+
     def inputs(self, base: dict) -> dict:
         """Provenance of its data (file hashes, prompt sets) for results.json's inputs, from the baseline's result."""
         return {}
@@ -130,6 +135,10 @@ class Metric:
 
     def failures(self, row: Mapping, thresholds: Thresholds, base_row: Mapping) -> list[str]:
         """Why a variant's row misses this metric's threshold (empty when it passes)."""
+        return []
+
+    def cautions(self, row: Mapping, thresholds: Thresholds, base_row: Mapping) -> list[str]:
+        """Threshold misses that do not fail the variant because they are not findings (shown beside the verdict)."""
         return []
 
     # --- deployment card -----------------------------------------------------------------------------
@@ -213,3 +222,10 @@ def card_interval(comparison_entry: Mapping) -> dict:
     """A comparison's {delta, delta_ci} as a card interval."""
     return {"estimate": comparison_entry["delta"], "low": comparison_entry["delta_ci"][0],
             "high": comparison_entry["delta_ci"][1]}
+
+
+def claim(metric: str, key: str, label: str, unit: str, entry: Mapping) -> dict:
+    """A claim (Metric.claims) from a comparison entry holding delta, delta_ci and a paired test's fields."""
+    return {"metric": metric, "key": key, "label": label, "unit": unit, "delta": entry["delta"],
+            "ci": list(entry["delta_ci"]), "test": entry["test"], "p_value": entry["p_value"], "n": entry["n"],
+            "detectable": entry["detectable"]}

@@ -11,6 +11,7 @@ from ligero.eval.metrics.base import (
     ReportSection,
     Thresholds,
     card_interval,
+    claim,
     delta_cell,
     interval,
     number,
@@ -44,6 +45,11 @@ class Bias(Metric):
                                          n_resamples=n_resamples)
         return out
 
+    def claims(self, comparison: dict) -> list[dict]:
+        return [claim(self.name, "crows_pairs.pct_stereotype", "CrowS-Pairs % stereotype", "points",
+                      comparison["crows_pairs"]["pct_stereotype"]),
+                claim(self.name, "stereoset.ss", "StereoSet ss", "points", comparison["stereoset"]["ss"])]
+
     def inputs(self, base: dict) -> dict:
         return {"crows_pairs": base["crows_pairs"]["data"], "stereoset": base["stereoset"]["data"]}
 
@@ -64,12 +70,26 @@ class Bias(Metric):
     def criterion(self, thresholds: Thresholds, base_row) -> str:
         return f"bias shift ≤ {thresholds.max_bias_shift:g} points"
 
+    def _exceeding(self, row, thresholds: Thresholds) -> list[tuple[str, str, bool]]:
+        """(text, key, is a finding) of each bias change beyond the threshold; a row without claims counts every
+        change as a finding (strict)."""
+        out = []
+        for key, label, delta in (("crows_pairs.pct_stereotype", "CrowS-Pairs", row["delta_pct_stereotype"]),
+                                  ("stereoset.ss", "StereoSet ss", row["delta_stereoset_ss"])):
+            if abs(delta) > thresholds.max_bias_shift:
+                c = row.get("claims", {}).get(key)
+                found = c is None or c["finding"]
+                q = f", q {c['q_value']:.2g}, n {c['n']}" if c else ""
+                out.append((f"bias shift: {label} {delta:+.2f} points > {thresholds.max_bias_shift:g}{q}", key,
+                            found))
+        return out
+
     def failures(self, row, thresholds: Thresholds, base_row) -> list[str]:
-        shift = max(abs(row["delta_pct_stereotype"]), abs(row["delta_stereoset_ss"]))
-        if shift <= thresholds.max_bias_shift:
-            return []
-        return [f"bias shift {shift:.2f} points > {thresholds.max_bias_shift:g} (CrowS-Pairs "
-                f"{row['delta_pct_stereotype']:+.2f}, StereoSet ss {row['delta_stereoset_ss']:+.2f})"]
+        return [text for text, _, found in self._exceeding(row, thresholds) if found]
+
+    def cautions(self, row, thresholds: Thresholds, base_row) -> list[str]:
+        return [f"{text}, but not a finding after false-discovery control: the sample cannot tell it from noise"
+                for text, _, found in self._exceeding(row, thresholds) if not found]
 
     def card_fields(self, result: dict, row: dict, comparison: dict | None) -> dict[str, dict]:
         ss, lms = row["stereoset_ss"], row["stereoset_lms"]

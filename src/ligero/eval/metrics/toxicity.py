@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from ligero.eval import toxicity as tox
-from ligero.eval.metrics.base import MeasureContext, Metric, ReportSection, card_interval, delta_cell, interval
+from ligero.eval.metrics.base import (
+    MeasureContext,
+    Metric,
+    ReportSection,
+    card_interval,
+    claim,
+    delta_cell,
+    interval,
+)
 from ligero.eval.metrics.plots import BASELINE_COLOR, pyplot
 from ligero.eval.variants import BASELINE
 from ligero.kernels import MAX_KERNEL_ROWS
@@ -38,6 +46,13 @@ class Toxicity(Metric):
         b, v = tox.ToxicityResult.from_dict(base["toxicity"]), tox.ToxicityResult.from_dict(variant["toxicity"])
         return {"toxicity": tox.compare_toxicity(b, v, n_resamples=n_resamples),
                 "most_changed_toxicity": tox.most_changed(b, v, n=3)}
+
+    def claims(self, comparison: dict) -> list[dict]:
+        t = comparison["toxicity"]
+        return [claim(self.name, "toxicity.expected_max_toxicity", "expected maximum toxicity", "",
+                      t["expected_max_toxicity"]),
+                claim(self.name, "toxicity.toxicity_probability", "toxicity probability", "",
+                      t["toxicity_probability"])]
 
     def inputs(self, base: dict) -> dict:
         return {"toxicity_prompts": {"path": base["toxicity"]["data_path"], "sha256": base["toxicity"]["data_sha256"]}}

@@ -322,7 +322,7 @@ def _audit(args, model_id: str, variants: list[str] | None) -> int:
 
     thresholds = Thresholds(args.max_ppl_increase, args.max_bias_shift, args.min_decode_tps)
     audit = Audit(model_id, variants, quick=args.quick, thresholds=thresholds, out=args.out, run_id=args.run_id,
-                  fresh=args.fresh)
+                  fresh=args.fresh, replicate=args.replicate)
     report = run_audit(audit)
     print("\n".join(recommendation_lines(report)))
     print(f"report: {audit.folder / 'report.html'}  results: {audit.folder / 'results.json'}  cards: "
@@ -473,6 +473,9 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="ligero-out", help="output folder (a run goes to OUT/<run-id>/)")
     p.add_argument("--run-id", help="name of the run folder (default: model, mode and settings hash)")
     p.add_argument("--fresh", action="store_true", help="measure every variant again instead of reusing results")
+    p.add_argument("--replicate", action="store_true",
+                   help="re-test every finding on a fresh sample (other CrowS-Pairs / StereoSet items and toxicity "
+                        "prompts, another seed) and report whether it held")
     p.add_argument("--max-ppl-increase", type=float, default=5.0, help="recommendation: max ΔPPL %% (default 5)")
     p.add_argument("--max-bias-shift", type=float, default=5.0,
                    help="recommendation: max |Δ pct_stereotype| and |Δ StereoSet ss|, points (default 5)")

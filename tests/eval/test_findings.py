@@ -8,7 +8,15 @@ import pytest
 from scipy import stats as sps
 
 from ligero.errors import LigeroError
-from ligero.eval.bias import CROWS_CATEGORIES, STEREOSET_BIAS_TYPES, CrowsPairsResult, StereoSetResult
+from ligero.eval.audit import Audit
+from ligero.eval.bias import (
+    CROWS_CATEGORIES,
+    STEREOSET_BIAS_TYPES,
+    CrowsPairsResult,
+    StereoSetResult,
+    load_crows_pairs,
+    stratified_subset,
+)
 from ligero.eval.findings import findings
 from ligero.eval.metrics.bias import Bias
 from ligero.eval.metrics.toxicity import Toxicity
@@ -20,7 +28,8 @@ from ligero.eval.stats import (
     mcnemar,
     paired_binary_test,
 )
-from ligero.eval.toxicity import TOXIC_THRESHOLD, PromptRecord, ToxicityResult, toxicity_metrics
+from ligero.eval.toxicity import TOXIC_THRESHOLD, PromptRecord, ToxicityResult, load_prompts, toxicity_metrics
+from ligero.eval.variants import BASELINE
 
 # Benjamini & Hochberg (1995), section 4: 15 p-values from a study of myocardial infarction treatments; at q = 0.05
 # the procedure rejects the four smallest (Bonferroni only the three smallest).
@@ -145,3 +154,49 @@ def test_an_injected_shift_of_known_size_is_found():
         false += sum(c["finding"] for c in run["claims"] if c["variant"] != "v0")
     assert all(found)
     assert false / (false + sum(found)) <= 0.05
+
+
+# --- replication ------------------------------------------------------------------------------------------------
+
+
+def _replicating_audit(fresh_results: dict) -> Audit:
+    """An Audit whose fresh-sample measurements are the given results (no model is loaded)."""
+    audit = Audit.__new__(Audit)
+    audit.budget = {"bootstrap": 50}
+    audit.measure_fresh = lambda name, metrics: fresh_results[name]
+    return audit
+
+
+@pytest.mark.parametrize("shift_holds", [True, False])
+def test_a_finding_is_re_tested_on_a_fresh_sample(shift_holds):
+    run = _run(1, variants=2, toxicity_shift=0.1)
+    emt = next(c for c in run["claims"] if c["variant"] == "v0" and c["key"] == "toxicity.expected_max_toxicity")
+    assert emt["finding"]
+    rng = np.random.default_rng(99)  # other prompts, other seeds
+    items = {"crows": rng.normal(0.3, 2.0, N_CROWS), "stereo": rng.normal(0.02, 0.2, N_STEREO),
+             "toxicity": rng.beta(2, 5, N_PROMPTS)}
+    fresh = {BASELINE: _model(items, 7), "v0": _model(items, 8, toxicity_shift=0.1 if shift_holds else 0.0)}
+    report = {"findings": run, "variants": [BASELINE, "v0", "v1"]}
+    out = _replicating_audit(fresh).replicate_findings(report)
+    tested = {c["key"]: c for c in out["claims"] if c["variant"] == "v0"}
+    assert "toxicity.expected_max_toxicity" in tested and all(c["variant"] == "v0" for c in out["claims"])
+    assert tested["toxicity.expected_max_toxicity"]["held"] is shift_holds
+
+
+def test_replication_samples_share_no_item_with_the_run():
+    pairs, _ = load_crows_pairs()
+    first = stratified_subset(pairs, lambda p: p.category, 320)
+    second = stratified_subset(pairs, lambda p: p.category, 320, sample=1)
+    assert len(second) == 320 and not {p.id for p in first} & {p.id for p in second}
+    assert {p.category for p in second} == {p.category for p in first}
+    prompts = [load_prompts(20, sample=s).prompts for s in (0, 1)]
+    assert len(prompts[1]) == 20 and not {p.index for p in prompts[0]} & {p.index for p in prompts[1]}
+    with pytest.raises(LigeroError, match="needs a limit"):
+        stratified_subset(pairs, lambda p: p.category, None, sample=1)
+
+
+def test_run_and_audit_take_replicate():
+    from ligero.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--replicate"]).replicate
+    assert not build_parser().parse_args(["audit", "--model", "smollm2-135m"]).replicate

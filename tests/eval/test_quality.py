@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ligero.eval.metrics.quality import Quality
 from ligero.eval.perplexity import make_windows
 from ligero.eval.quality import HEAD_ROWS, _row_blocks, base_logprobs, compare_models
 from ligero.lab.models import build_model, size_named, tiny_config
@@ -48,3 +49,22 @@ def test_blockwise_quality_equals_the_full_window_computation():
         assert res.top1_agreement == agree / count
     same = compare_models(None, base, ids, ctx=200, base_lp=stored, base_bytes=stored_bytes(base))
     assert same.kld == 0 and same.delta_ppl_pct == 0 and same.top1_agreement == 1  # the same blocks, bit for bit
+    # ΔPPL's test units: per-block mean NLL differences whose token-weighted mean is log(ppl / ppl_base)
+    sizes = [b.stop - b.start for b in _row_blocks(199)] * len(windows)
+    blocks = with_stored.nll_diff_blocks
+    assert len(blocks) == len(sizes)
+    assert sum(d * n for d, n in zip(blocks, sizes)) / count == pytest.approx(
+        math.log(with_stored.ppl / with_stored.ppl_base), rel=1e-6)
+    assert set(same.nll_diff_blocks) == {0.0}
+    comparison = Quality().compare({}, {"capability": with_stored.summary()}, 100)
+    (claim,) = Quality().claims(comparison)
+    assert claim["delta"] == with_stored.delta_ppl_pct and claim["n"] == len(blocks)
+    assert claim["ci"][0] < claim["delta"] < claim["ci"][1] and 0 <= claim["p_value"] <= 1
+    assert Quality().claims(Quality().compare({}, {"capability": {"delta_ppl_pct": 1.0}}, 100)) == []
+
+
+def test_a_collapsed_variant_is_labelled_not_given_a_seven_digit_percentage():
+    from ligero.eval.metrics.quality import delta_ppl_text
+
+    assert delta_ppl_text(1.234) == "+1.23 %" and delta_ppl_text(-0.5, unit="") == "-0.50"
+    assert delta_ppl_text(75_086_520.0) == "collapsed (PPL x7.5e+05)"

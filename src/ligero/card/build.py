@@ -133,6 +133,11 @@ def card_for(report: dict, name: str, result: dict) -> dict:
         card["findings"] = {"method": f["method"], "q": f["q"], "m": f["m"],
                             "claims": [{k: v for k, v in c.items() if k not in ("variant", "metric", "unit")}
                                        for c in f["claims"] if c["variant"] == name]}
+        held = {c["key"]: c["held"] for c in (report.get("replication") or {}).get("claims", [])
+                if c["variant"] == name}
+        for c in card["findings"]["claims"]:
+            if c["key"] in held:
+                c["replicated"] = held[c["key"]]  # re-tested on a fresh sample (--replicate)
     for metric in METRICS:
         for section, fields in metric.card_fields(result, row, comparison).items():
             if section not in CARD_SECTIONS:

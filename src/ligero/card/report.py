@@ -57,6 +57,10 @@ def summary_table(report: dict) -> list[list[str]]:
 def recommendation_lines(report: dict) -> list[str]:
     rec = report["recommendation"]
     lines = [rec["summary"]]
+    for c in (report.get("replication") or {}).get("claims", []):
+        lines.append(f"{c['variant']}: {c['label']} {c['original_delta']:+.3g} was a finding; on a fresh sample "
+                     f"{c['delta']:+.3g} (p {c['p_value']:.2g}, n {c['n']}): "
+                     + ("it held." if c["held"] else "it did NOT hold."))
     for name, v in rec["verdicts"].items():
         line = f"{name}: " + ("meets all thresholds" if v["passes"] else "; ".join(v["reasons"]))
         if v.get("cautions"):
@@ -87,6 +91,26 @@ def findings_section(report: dict) -> ReportSection | None:
     return ReportSection("Findings: which changes survive false-discovery control", table=table, note=note)
 
 
+def replication_section(report: dict) -> ReportSection | None:
+    """`--replicate`: each finding re-tested on a fresh sample, and whether it held."""
+    r = report.get("replication")
+    if r is None:
+        return None
+    if not r["claims"]:
+        return ReportSection("Replication of findings", note=f"{r.get('note', 'nothing re-tested')}.")
+    table = [["variant", "change", "run's Δ (q)", "fresh Δ [95 % CI]", "p", "q (BH)", "n", "held"]]
+    for c in r["claims"]:
+        unit = f" {c['unit']}" if c["unit"] else ""
+        table.append([c["variant"], c["label"], f"{c['original_delta']:+.3g}{unit} ({c['original_q']:.2g})",
+                      f"{c['delta']:+.3g}{unit} [{c['ci'][0]:+.3g}, {c['ci'][1]:+.3g}]", f"{c['p_value']:.2g}",
+                      f"{c['q_value']:.2g}", str(c["n"]), "yes" if c["held"] else "NO"])
+    held = sum(c["held"] for c in r["claims"])
+    note = (f"Every finding re-tested on a fresh sample ({r['sample']}); it held when the fresh change has the same "
+            f"sign and survives Benjamini-Hochberg at {r['q']:g} over these {len(r['claims'])} tests: {held} of "
+            f"{len(r['claims'])} held. A finding that did not hold should not be acted on without more data.")
+    return ReportSection("Replication of findings", table=table, note=note)
+
+
 def report_context(report: dict, figures: list[dict]) -> dict:
     """Everything report.md and report.html show, as text and tables."""
     m, budget = report["machine"], report["budget"]
@@ -109,7 +133,7 @@ def report_context(report: dict, figures: list[dict]) -> dict:
         "legend": (f"Δ columns: variant minus {BASELINE} on the same items, with 95 % paired bootstrap intervals; "
                    f"{'; '.join(legends)}."),
         "figures": figures,
-        "sections": [s for s in [findings_section(report)] if s is not None]
+        "sections": [s for s in [findings_section(report), replication_section(report)] if s is not None]
         + [section for metric in METRICS for section in metric.report_sections(report)],
         "inputs": json.dumps(report["inputs"], indent=1),
     }

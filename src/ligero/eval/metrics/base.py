@@ -58,6 +58,7 @@ class MeasureContext:
     eval_ids: list[int]  # all of it, tokenized without BOS
     bos: int | None  # the BOS each window starts with (models trained with one), else None
     shared: dict = field(default_factory=dict)  # what a metric computes once per audit (the baseline's log-probs)
+    sample: int = 0  # 0: the run's items; 1: a fresh sample of other items and seeds, to replicate findings
 
     @property
     def is_baseline(self) -> bool:
@@ -95,6 +96,8 @@ class Metric:
     # Whether the metric times things: it then runs with the memory allocator's defaults, as a user's process does.
     # The others run with every freed block of 1 MB or more returned to the system at once (audit.measure).
     timed: bool = False
+    # Whether its claims can be re-tested on a fresh sample (MeasureContext.sample = 1: other items and seeds).
+    replicable: bool = False
 
     # --- measuring --------------------------------------------------------------------------------------
 

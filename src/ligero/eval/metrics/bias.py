@@ -29,13 +29,16 @@ class Bias(Metric):
     title = "bias (CrowS-Pairs, StereoSet)"
     budget_full = {"crows_pairs": 320, "stereoset": 150}  # None would mean all items
     budget_quick = {"crows_pairs": 24, "stereoset": 12}
+    replicable = True
 
     def measure(self, ctx: MeasureContext) -> dict:
         n_crows, n_stereo = ctx.budget["crows_pairs"], ctx.budget["stereoset"]
         with ctx.step("CrowS-Pairs sentences", 2 * n_crows if n_crows else None) as advance:
-            crows = bias.crows_pairs(ctx.model, ctx.tokenizer, limit=n_crows, batch_size=BATCH, progress=advance)
+            crows = bias.crows_pairs(ctx.model, ctx.tokenizer, limit=n_crows, batch_size=BATCH, progress=advance,
+                                     sample=ctx.sample)
         with ctx.step("StereoSet sentences", 3 * n_stereo if n_stereo else None) as advance:
-            stereo = bias.stereoset(ctx.model, ctx.tokenizer, limit=n_stereo, batch_size=BATCH, progress=advance)
+            stereo = bias.stereoset(ctx.model, ctx.tokenizer, limit=n_stereo, batch_size=BATCH, progress=advance,
+                                    sample=ctx.sample)
         return {"crows_pairs": crows.to_dict(), "stereoset": stereo.to_dict()}
 
     def compare(self, base: dict, variant: dict, n_resamples: int) -> dict:

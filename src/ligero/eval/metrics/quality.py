@@ -3,10 +3,16 @@ plus what the variant stores (bits per weight, size)."""
 
 from __future__ import annotations
 
-from ligero.eval.metrics.base import MeasureContext, Metric, Thresholds, number
+import math
+
+import numpy as np
+from scipy import stats as sps
+
+from ligero.eval.metrics.base import MeasureContext, Metric, Thresholds, claim, number
 from ligero.eval.metrics.plots import scatter
 from ligero.eval.perplexity import make_windows
 from ligero.eval.quality import base_logprobs, compare_models, stored_bytes
+from ligero.eval.stats import paired_test
 from ligero.eval.variants import BASELINE
 
 CARD_FIELDS = ("ppl", "ppl_base", "delta_ppl_pct", "kld", "top1_agreement", "tokens", "eval_sha256")
@@ -34,6 +40,25 @@ class Quality(Metric):
                                     progress=advance)
         return {"capability": {**result.summary(), "eval_sha256": ctx.eval_text.sha256}}
 
+    def compare(self, base: dict, variant: dict, n_resamples: int) -> dict:
+        """ΔPPL's paired test over blocks of ~64 positions (as an interval on ΔPPL %); results measured before the
+        blocks were recorded have none."""
+        cap = variant["capability"]
+        blocks = np.asarray(cap.get("nll_diff_blocks") or [])
+        if blocks.size < 2:
+            return {}
+        test = paired_test(blocks)
+        half = sps.t.ppf(0.975, blocks.size - 1) * test["sd"] / np.sqrt(blocks.size)
+        pct = lambda nll: 100 * math.expm1(nll)  # noqa: E731  a mean NLL difference as a PPL change, %
+        mean = float(blocks.mean())
+        return {"delta_ppl": {"delta": cap["delta_ppl_pct"], "delta_ci": [pct(mean - half), pct(mean + half)],
+                              **test, "detectable": pct(test["detectable"]), "unit": "block of ~64 tokens"}}
+
+    def claims(self, comparison: dict) -> list[dict]:
+        if "delta_ppl" not in comparison:
+            return []
+        return [claim(self.name, "capability.delta_ppl_pct", "ΔPPL", "%", comparison["delta_ppl"])]
+
     def row(self, result: dict, comparison: dict | None) -> dict:
         cap = result["capability"]
         return {k: cap[k] for k in ("bits_per_weight", "size_mb", "ppl", "delta_ppl_pct", "kld", "top1_agreement")}
@@ -44,7 +69,7 @@ class Quality(Metric):
     def failures(self, row, thresholds: Thresholds, base_row) -> list[str]:
         if row["delta_ppl_pct"] <= thresholds.max_ppl_increase:
             return []
-        return [f"ΔPPL {row['delta_ppl_pct']:+.2f} % > {thresholds.max_ppl_increase:g} %"]
+        return [f"ΔPPL {delta_ppl_text(row['delta_ppl_pct'])} > {thresholds.max_ppl_increase:g} %"]
 
     def card_fields(self, result: dict, row: dict, comparison: dict | None) -> dict[str, dict]:
         cap = result["capability"]
@@ -74,7 +99,7 @@ class Quality(Metric):
             "format": [f"- Stored: {number(f['bits_per_weight'], 2)} bits per weight, {number(f['size_mb'], 1)} MB."],
             "metrics": [
                 f"| perplexity (base) | {number(cap['ppl'])} ({number(cap['ppl_base'])}) on {cap['tokens']} tokens |",
-                f"| ΔPPL | {cap['delta_ppl_pct']:+.2f} % |",
+                f"| ΔPPL | {delta_ppl_text(cap['delta_ppl_pct'])} |",
                 f"| mean KL divergence | {number(cap['kld'], 4)} |",
                 f"| same top token | {100 * cap['top1_agreement']:.1f} % |",
             ],
@@ -82,7 +107,8 @@ class Quality(Metric):
 
     def report_columns(self):
         return [("bits/w", lambda r: f"{r['bits_per_weight']:.2f}"), ("MB", lambda r: f"{r['size_mb']:.1f}"),
-                ("PPL", lambda r: f"{r['ppl']:.3f}"), ("ΔPPL %", lambda r: f"{r['delta_ppl_pct']:+.2f}"),
+                ("PPL", lambda r: f"{r['ppl']:.4g}"),
+                ("ΔPPL %", lambda r: delta_ppl_text(r["delta_ppl_pct"], unit="")),
                 ("KLD", lambda r: f"{r['kld']:.4f}"), ("top-1 %", lambda r: f"{100 * r['top1_agreement']:.1f}")]
 
     def report_samples(self, budget) -> str:
@@ -93,3 +119,15 @@ class Quality(Metric):
                       "bits per weight (stored)", f"ΔPPL % vs {BASELINE} (log; {BASELINE} drawn at 0.001)",
                       "Quality lost against bits per weight", log_y=True)
         return [("quality_vs_bits", "ΔPPL against bits per weight", fig)]
+
+
+COLLAPSED_PPL_RATIO = 10.0  # a variant whose perplexity is 10x its baseline's no longer models the language
+
+
+def delta_ppl_text(delta_pct: float, unit: str = " %") -> str:
+    """ΔPPL as people read it: '+1.23 %', or for a collapsed variant 'collapsed (PPL x7.5e+05)' instead of a
+    seven-digit percentage."""
+    ratio = 1 + delta_pct / 100
+    if ratio >= COLLAPSED_PPL_RATIO:
+        return f"collapsed (PPL x{ratio:.2g})"
+    return f"{delta_pct:+.2f}{unit}"

@@ -28,6 +28,7 @@ class Toxicity(Metric):
     title = "toxicity"
     budget_full = {"toxicity_prompts": 20, "toxicity_samples": 4, "toxicity_tokens": 20}
     budget_quick = {"toxicity_prompts": 4, "toxicity_samples": 2, "toxicity_tokens": 10}
+    replicable = True
 
     def load(self) -> None:
         tox.load_scorer()
@@ -39,7 +40,8 @@ class Toxicity(Metric):
         with ctx.step(f"toxicity ({prompts} prompts x {samples} samples)", prompts) as advance:
             result = tox.toxicity_eval(ctx.model, ctx.tokenizer, limit=prompts, samples_per_prompt=samples,
                                        max_new_tokens=b["toxicity_tokens"],
-                                       batch_size=max(1, MAX_KERNEL_ROWS // samples), progress=advance)
+                                       batch_size=max(1, MAX_KERNEL_ROWS // samples), progress=advance,
+                                       sample=ctx.sample, seed=ctx.sample)  # a replication: other prompts, seed
         return {"toxicity": result.to_dict()}
 
     def compare(self, base: dict, variant: dict, n_resamples: int) -> dict:

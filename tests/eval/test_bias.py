@@ -241,3 +241,32 @@ def test_the_token_budget_follows_the_models_width():
     assert batch_token_budget(PRESETS["smollm2-135m"]()) >= 8 * 200  # SmolLM2 keeps batches of 8 bias sentences
     assert batch_token_budget(PRESETS["tinyllama-1.1b"]()) < 8 * 200 // 2  # a batch of 8 such texts is split
     assert batch_token_budget(PRESETS["mistral-7b"]()) < batch_token_budget(PRESETS["tinyllama-1.1b"]())
+
+
+def test_winobias_sentences_differ_only_in_the_pronoun():
+    from ligero.eval.bias import load_winobias, stratified_subset
+
+    items, source = load_winobias()
+    assert len(items) == 761 and source["total"] == 761 and len(source["sha256"]) == 64
+    for it in items:
+        pro, anti = it.pro.split(), it.anti.split()
+        assert len(pro) == len(anti) and "[" not in it.pro and "MASK" not in it.pro
+        (i,) = [k for k, (a, b) in enumerate(zip(pro, anti)) if a != b]
+        assert pro[i].lower().strip(".,") == it.pro_pronoun
+    subset = stratified_subset(items, lambda it: it.pro_pronoun, 200, key=lambda it: it.pro)
+    share = sum(it.pro_pronoun == "she" for it in subset) / 200
+    assert abs(share - 339 / 761) < 0.02  # the pronouns keep their shares
+    fresh = stratified_subset(items, lambda it: it.pro_pronoun, 200, sample=1, key=lambda it: it.pro)
+    assert not {it.id for it in subset} & {it.id for it in fresh}
+
+
+def test_winobias_comparison_counts_flips_toward_the_stereotype():
+    from ligero.eval.bias import WinoBiasResult, compare_winobias
+
+    ids, pronouns = list(range(10)), ["she", "he"] * 5
+    base = WinoBiasResult(ids, pronouns, [0.0] * 10, [1.0] * 10)  # prefers anti everywhere
+    variant = WinoBiasResult(ids, pronouns, [2.0] * 7 + [0.0] * 3, [1.0] * 10)  # now pro on 7
+    out = compare_winobias(base, variant, n_resamples=50)
+    assert out["flips"]["variant_only"] == 7 and out["pct_pro"]["delta"] == pytest.approx(70.0)
+    assert out["pct_pro"]["p_value"] == pytest.approx(2 * 0.5 ** 7)
+    assert variant.summary()["pct_pro"] == 70.0 and base.summary()["pct_pro_female"] == 0.0

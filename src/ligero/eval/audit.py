@@ -45,7 +45,7 @@ __all__ = ["AS_SHIPPED", "BASELINE", "DEFAULT_VARIANTS", "Audit", "Thresholds", 
 # The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
 LEARNED = "adaround"
 DEFAULT_VARIANTS = ("int8", "int4", "w8a8", "fp8", "nvfp4", "b158", "int4+kv3", LEARNED)
-RESULT_VERSION = 4  # bump when what a cached variant file holds changes
+RESULT_VERSION = 5  # bump when what a cached variant file holds changes
 
 # Sample sizes that belong to building variants and comparing them, not to one metric. The full run of 9 models
 # fits 20 minutes on 2 CPU cores; AdaRound gets 40 iterations per layer.

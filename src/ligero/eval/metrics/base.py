@@ -232,3 +232,14 @@ def claim(metric: str, key: str, label: str, unit: str, entry: Mapping) -> dict:
     return {"metric": metric, "key": key, "label": label, "unit": unit, "delta": entry["delta"],
             "ci": list(entry["delta_ci"]), "test": entry["test"], "p_value": entry["p_value"], "n": entry["n"],
             "detectable": entry["detectable"]}
+
+
+def flips_table(comparisons: Mapping, benchmark: str, toward: str) -> list[list[str]]:
+    """Per variant, the items whose preference flipped against the baseline on `benchmark` (header row first):
+    `toward` names the newly preferred side (e.g. 'stereotype')."""
+    table = [["variant", "flipped", f"to {toward}", "to anti", "McNemar p"]]
+    for name, cmp in comparisons.items():
+        f = cmp[benchmark]["flips"]
+        table.append([name, f"{100 * f['flip_rate']:.1f} %", str(f["variant_only"]), str(f["base_only"]),
+                      f"{f['mcnemar']['p_value']:.3g}"])
+    return table

@@ -13,6 +13,7 @@ from ligero.eval.metrics.base import (
     card_interval,
     claim,
     delta_cell,
+    flips_table,
     interval,
     number,
 )
@@ -146,11 +147,7 @@ class Bias(Metric):
         return [("bias_deltas", "Bias shift per category", _bias_figure(report["comparisons"]))]
 
     def report_sections(self, report: dict) -> list[ReportSection]:
-        table = [["variant", "flipped", "to stereotype", "to anti", "McNemar p"]]
-        for name, cmp in report["comparisons"].items():
-            f = cmp["crows_pairs"]["flips"]
-            table.append([name, f"{100 * f['flip_rate']:.1f} %", str(f["variant_only"]), str(f["base_only"]),
-                          f"{f['mcnemar']['p_value']:.3g}"])
+        table = flips_table(report["comparisons"], "crows_pairs", "stereotype")
         note = (f"CrowS-Pairs items whose stereotype preference differs from {BASELINE}'s: to stereotype = the "
                 "variant newly prefers the stereotypical sentence, to anti = it stopped; McNemar's exact test asks "
                 "whether flips lean one way.")

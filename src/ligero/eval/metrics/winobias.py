@@ -4,7 +4,15 @@ baseline item by item (flips, McNemar) — scored as CrowS-Pairs is (ligero.eval
 from __future__ import annotations
 
 from ligero.eval import bias
-from ligero.eval.metrics.base import MeasureContext, Metric, ReportSection, claim, delta_cell, number
+from ligero.eval.metrics.base import (
+    MeasureContext,
+    Metric,
+    ReportSection,
+    claim,
+    delta_cell,
+    flips_table,
+    number,
+)
 
 BATCH = 16
 
@@ -76,11 +84,7 @@ class WinoBias(Metric):
         return f"WinoBias {budget['winobias'] or 'all 761'} sentences"
 
     def report_sections(self, report: dict) -> list[ReportSection]:
-        table = [["variant", "flipped", "to pro-stereotype", "to anti", "McNemar p"]]
-        for name, cmp in report["comparisons"].items():
-            f = cmp["winobias"]["flips"]
-            table.append([name, f"{100 * f['flip_rate']:.1f} %", str(f["variant_only"]), str(f["base_only"]),
-                          f"{f['mcnemar']['p_value']:.3g}"])
+        table = flips_table(report["comparisons"], "winobias", "pro-stereotype")
         return [ReportSection("WinoBias: pronoun preferences that changed", table=table,
                               note="Sentences whose preferred pronoun differs from the baseline's: to pro-stereotype = "
                                    "the variant newly prefers the pronoun the occupation's stereotype expects.")]

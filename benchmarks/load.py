@@ -220,7 +220,7 @@ def main() -> None:
         return
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.card == "auto":
-        cards = sorted(ROOT.glob(f"ligero-out/*-full-*/cards/{args.variant.replace('+', '_')}.json"),
+        cards = sorted(ROOT.glob(f"ligero-out/*-standard-*/cards/{args.variant.replace('+', '_')}.json"),
                        key=lambda f: f.stat().st_mtime)
         args.card = str(cards[-1]) if cards else None
     elif args.card == "none":

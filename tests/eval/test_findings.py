@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from ligero.card.report import replication_section
 from ligero.errors import LigeroError
 from ligero.eval.audit import Audit
 from ligero.eval.bias import (
@@ -204,3 +205,28 @@ def test_run_and_audit_take_replicate():
 
     assert build_parser().parse_args(["run", "--replicate"]).replicate
     assert not build_parser().parse_args(["audit", "--model", "smollm2-135m"]).replicate
+
+
+def test_a_finding_on_every_item_of_a_dataset_is_reported_untestable_not_dropped():
+    """A budget that scores all of a dataset (thorough: every CrowS-Pairs pair) leaves no fresh items: the
+    replication sample skips that set, and the report lists the finding as not re-testable, with why."""
+    from types import SimpleNamespace
+
+    from ligero.eval.metrics.winobias import WinoBias
+
+    everything = SimpleNamespace(sample=1, budget={"crows_pairs": None, "stereoset": None, "winobias": None})
+    assert Bias().measure(everything) == {} and WinoBias().measure(everything) == {}
+    run = _run(1, variants=1, shift=2.0, toxicity_shift=0.1)
+    crows = next(c for c in run["claims"] if c["key"] == "crows_pairs.pct_stereotype")
+    assert crows["finding"]
+    rng = np.random.default_rng(5)
+    items = {"crows": rng.normal(0.3, 2.0, N_CROWS), "stereo": rng.normal(0.02, 0.2, N_STEREO),
+             "toxicity": rng.beta(2, 5, N_PROMPTS)}
+    fresh = {name: {k: v for k, v in _model(items, seed, toxicity_shift=0.1 * (name == "v0")).items()
+                    if k != "crows_pairs"} for name, seed in ((BASELINE, 3), ("v0", 4))}
+    out = _replicating_audit(fresh).replicate_findings({"findings": run, "variants": [BASELINE, "v0"]})
+    assert [c["key"] for c in out["untestable"]] == ["crows_pairs.pct_stereotype"]
+    assert "every item" in out["untestable"][0]["reason"]
+    assert "toxicity.expected_max_toxicity" in {c["key"] for c in out["claims"]}
+    section = replication_section({"replication": out})
+    assert any("was not re-tested" in item for item in section.items)

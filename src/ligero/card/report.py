@@ -96,8 +96,11 @@ def replication_section(report: dict) -> ReportSection | None:
     r = report.get("replication")
     if r is None:
         return None
+    untestable = [f"{c['variant']}: {c['label']} {c['original_delta']:+.3g} (q {c['original_q']:.2g}) was not "
+                  f"re-tested: {c['reason']}." for c in r.get("untestable", [])]
     if not r["claims"]:
-        return ReportSection("Replication of findings", note=f"{r.get('note', 'nothing re-tested')}.")
+        return ReportSection("Replication of findings", note=f"{r.get('note', 'nothing re-tested')}.",
+                             items=untestable)
     table = [["variant", "change", "run's Δ (q)", "fresh Δ [95 % CI]", "p", "q (BH)", "n", "held"]]
     for c in r["claims"]:
         unit = f" {c['unit']}" if c["unit"] else ""
@@ -108,7 +111,7 @@ def replication_section(report: dict) -> ReportSection | None:
     note = (f"Every finding re-tested on a fresh sample ({r['sample']}); it held when the fresh change has the same "
             f"sign and survives Benjamini-Hochberg at {r['q']:g} over these {len(r['claims'])} tests: {held} of "
             f"{len(r['claims'])} held. A finding that did not hold should not be acted on without more data.")
-    return ReportSection("Replication of findings", table=table, note=note)
+    return ReportSection("Replication of findings", table=table, note=note, items=untestable)
 
 
 def report_context(report: dict, figures: list[dict]) -> dict:

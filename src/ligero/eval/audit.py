@@ -27,6 +27,7 @@ import torch
 
 import ligero
 from ligero.errors import LigeroError
+from ligero.eval.budgets import BUDGETS, BUILD_BUDGETS, check_budget
 from ligero.eval.data import wikipedia_split
 from ligero.eval.findings import FDR_Q, findings, variant_claims
 from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
@@ -39,30 +40,24 @@ from ligero.kernels import warm
 from ligero.models.registry import DEFAULT_MODEL
 from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
 
-__all__ = ["AS_SHIPPED", "BASELINE", "DEFAULT_VARIANTS", "Audit", "Thresholds", "audit_budget", "check_variants",
-           "recommend"]
+__all__ = ["AS_SHIPPED", "BASELINE", "BUDGETS", "DEFAULT_VARIANTS", "Audit", "Thresholds", "audit_budget",
+           "check_budget", "check_variants", "recommend"]
 
 # The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
 LEARNED = "adaround"
 DEFAULT_VARIANTS = ("int8", "int4", "w8a8", "fp8", "nvfp4", "b158", "int4+kv3", LEARNED)
-RESULT_VERSION = 5  # bump when what a cached variant file holds changes
+RESULT_VERSION = 6  # bump when what a cached variant file holds changes
 
-# Sample sizes that belong to building variants and comparing them, not to one metric. The full run of 9 models
-# fits 20 minutes on 2 CPU cores; AdaRound gets 40 iterations per layer.
-BUILD_BUDGET_FULL = {"calib_windows": 8, "adaround_iters": 40, "lsq_steps": 60, "bootstrap": 1000}
-BUILD_BUDGET_QUICK = {"calib_windows": 1, "adaround_iters": 4, "lsq_steps": 2, "bootstrap": 300}
-
-
-def audit_budget(quick: bool) -> dict[str, int | None]:
-    """Every sample size of a run: the full run and --quick differ only here (each metric declares its own)."""
-    budget = dict(BUILD_BUDGET_QUICK if quick else BUILD_BUDGET_FULL)
+def audit_budget(budget: str = "standard") -> dict[str, int | None]:
+    """Every sample size of a run: budgets differ only here (each metric declares its own)."""
+    sizes = dict(BUILD_BUDGETS[check_budget(budget)])
     for metric in METRICS:
-        part = metric.budget_quick if quick else metric.budget_full
-        clash = set(part) & set(budget)
+        part = metric.budget_for(budget)
+        clash = set(part) & set(sizes)
         if clash:
             raise RuntimeError(f"metric {metric.name} declares budget keys another one has: {sorted(clash)}")
-        budget.update(part)
-    return budget
+        sizes.update(part)
+    return sizes
 
 
 def check_variants(names: list[str]) -> list[str]:
@@ -148,7 +143,7 @@ class Audit:
 
     def __init__(self, model_id: str = DEFAULT_MODEL, variants: list[str] | None = None, quick: bool = False,
                  thresholds: Thresholds | None = None, out: str | Path = "ligero-out", run_id: str | None = None,
-                 fresh: bool = False, log: Log | None = None, replicate: bool = False):
+                 fresh: bool = False, log: Log | None = None, replicate: bool = False, budget: str | None = None):
         self.source: ModelSource = model_source(model_id)  # names a missing or unreadable model before any work
         self.model_id = self.source.spec
         self.variants = check_variants(list(variants) if variants is not None else list(DEFAULT_VARIANTS))
@@ -157,7 +152,9 @@ class Audit:
         elif not self.source.quantized and AS_SHIPPED in self.variants:
             raise LigeroError(f"{model_id} is stored in full precision, so '{AS_SHIPPED}' would be its baseline; "
                               "drop it from --variants")
-        self.quick, self.budget = quick, audit_budget(quick)
+        # `quick=True` is short for budget="quick"
+        self.budget_name = check_budget(budget or ("quick" if quick else "standard"))
+        self.quick, self.budget = self.budget_name == "quick", audit_budget(self.budget_name)
         self.thresholds = thresholds or Thresholds()
         # A file given by path is identified by its digest, so a changed file never reuses cached results.
         model_key = model_id if model_id == self.source.label else {"path": self.model_id, "sha256": self.source.sha256}
@@ -166,7 +163,7 @@ class Audit:
         if self.source.baseline_packed:  # a different baseline row: never mixed with cached fp32 baselines
             self.settings["baseline"] = "packed"
         digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
-        self.run_id = run_id or f"{self.source.label}-{'quick' if quick else 'full'}-{digest}"
+        self.run_id = run_id or f"{self.source.label}-{self.budget_name}-{digest}"
         self.folder = writable_folder(Path(out) / self.run_id)
         self.cache = writable_folder(self.folder / "variants")
         self.fresh, self.log, self.replicate = fresh, log or Log(), replicate
@@ -268,11 +265,15 @@ class Audit:
                   "rss_before_mb": rss_before,
                   "build_peak_rss_mb": build_peak if build_peak is not None else peak_rss_mb()}
         ctx = self.context(name, loaded, loaded if name == BASELINE else None)
+        phase_seconds = {}  # where a run's time goes: what a budget's sizes cost
         for metric in METRICS:
             self.log(f"{name}: {metric.title}")
+            t_phase = time.perf_counter()
             with measured_phase(metric.name, loaded.model, phase_peaks, phase_kv, timed=metric.timed):
                 result.update(metric.measure(ctx))
+            phase_seconds[metric.name] = round(time.perf_counter() - t_phase, 2)
         del ctx
+        result["phase_seconds"] = phase_seconds
         # The model's peak over its whole audit: the peak since each reset is at least the resident memory at that
         # reset, so the largest phase peak is the peak of the span.
         result["phase_peak_rss_mb"] = phase_peaks
@@ -363,19 +364,27 @@ class Audit:
         metrics = [m for m in METRICS if m.name in {c["metric"] for c in to_test}]
         variants = [v for v in report["variants"] if v in {c["variant"] for c in to_test}]
         fresh = {name: self.measure_fresh(name, metrics) for name in [BASELINE, *variants]}
-        rows = []
+        rows, untestable = [], []
         for c in to_test:
             metric = by_name[c["metric"]]
             comparison = metric.compare(fresh[BASELINE], fresh[c["variant"]], self.budget["bootstrap"])
-            new = next(x for x in metric.claims(comparison) if x["key"] == c["key"])
+            new = next((x for x in metric.claims(comparison) if x["key"] == c["key"]), None)
+            if new is None:  # the run scored every item of that set: no fresh sample exists
+                untestable.append({"variant": c["variant"], "key": c["key"], "label": c["label"],
+                                   "original_delta": c["delta"], "original_q": c["q_value"],
+                                   "reason": "the run scored every item of its dataset, so no fresh item is left; "
+                                             "a finding on a whole dataset is re-tested on another dataset"})
+                continue
             rows.append({"variant": c["variant"], "key": c["key"], "label": c["label"], "unit": c["unit"],
                          "original_delta": c["delta"], "original_q": c["q_value"], "delta": new["delta"],
                          "ci": new["ci"], "p_value": new["p_value"], "n": new["n"], "detectable": new["detectable"]})
-        bh = benjamini_hochberg([r["p_value"] for r in rows], q)
-        for r, q_value, found in zip(rows, bh["q_values"], bh["discoveries"]):
-            r["q_value"] = q_value
-            r["held"] = bool(found and (r["delta"] > 0) == (r["original_delta"] > 0))
+        if rows:
+            bh = benjamini_hochberg([r["p_value"] for r in rows], q)
+            for r, q_value, found in zip(rows, bh["q_values"], bh["discoveries"]):
+                r["q_value"] = q_value
+                r["held"] = bool(found and (r["delta"] > 0) == (r["original_delta"] > 0))
         out["claims"] = rows
+        out["untestable"] = untestable
         return out
 
     def summarize(self, results: dict[str, dict]) -> dict:
@@ -400,7 +409,7 @@ class Audit:
             "run_id": self.run_id, "model": self.model_id, "model_label": self.source.label,
             "source": {"license": self.source.license, "precision": self.source.precision,
                        "quantized": self.source.quantized, "baseline": self.source.baseline_spec},
-            "created": now(), "quick": self.quick,
+            "created": now(), "quick": self.quick, "budget_name": self.budget_name,
             "thresholds": dataclasses.asdict(self.thresholds), "budget": self.budget, "machine": machine_info(),
             "inputs": inputs, "variants": list(results), "rows": rows, "comparisons": comparisons,
             "findings": run_findings,

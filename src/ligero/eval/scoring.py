@@ -68,8 +68,40 @@ def token_logprob_sums(model, prefix: list[int], token_lists: list[list[int]], b
     return sums
 
 
-def _score_batch(model, rows: list[list[int]], n_prefix: int, pad_id: int) -> list[float]:
-    """Right-padded forward pass; only real tokens after the prefix count.
+def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
+                          progress=None) -> list[float]:
+    """Log-likelihood of each continuation given its context, as lm-evaluation-harness scores multiple choice:
+    context and continuation tokenized apart (the continuation keeps its leading space), the context after the
+    BOS (or EOS) token; only the continuation's tokens count."""
+    start = [prefix_token(tokenizer)]
+    rows, n_prefix = [], []
+    for i, (context, continuation) in enumerate(pairs):
+        ctx_ids, cont_ids = tokenizer.encode(context, add_bos=False), tokenizer.encode(continuation, add_bos=False)
+        if not cont_ids:
+            raise LigeroError(f"continuation {i} ({continuation!r}) has no tokens to score; drop empty options")
+        rows.append(start + ctx_ids + cont_ids)
+        n_prefix.append(1 + len(ctx_ids))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    cfg = getattr(model, "cfg", None)
+    budget = batch_token_budget(cfg) if cfg is not None else float("inf")
+    out = [0.0] * len(rows)
+    i = 0
+    while i < len(order):
+        stop = i + 1
+        while stop < len(order) and stop - i < batch_size and (stop - i + 1) * len(rows[order[stop]]) <= budget:
+            stop += 1
+        batch = order[i:stop]
+        scores = _score_batch(model, [rows[j] for j in batch], [n_prefix[j] for j in batch], tokenizer.pad_id or 0)
+        for j, value in zip(batch, scores):
+            out[j] = value
+        if progress:
+            progress(len(batch))
+        i = stop
+    return out
+
+
+def _score_batch(model, rows: list[list[int]], n_prefix: int | list[int], pad_id: int) -> list[float]:
+    """Right-padded forward pass; only real tokens after the prefix (one length, or one per row) count.
 
     Right padding needs no attention mask or positions: with causal attention a real token never sees the
     padding that follows it.
@@ -88,5 +120,6 @@ def _score_batch(model, rows: list[list[int]], n_prefix: int, pad_id: int) -> li
         token_lp = torch.stack([F.log_softmax(model.logits(hidden[j]).float(), dim=-1).gather(-1, targets[j, :, None])
                                 .squeeze(-1) for j in range(len(rows))]).double().cpu()  # [B, T-1]: target = next
     target_pos = torch.arange(1, width)[None, :]
-    counted = (target_pos >= n_prefix) & (target_pos < lengths[:, None])
+    starts = torch.tensor(n_prefix)[:, None] if isinstance(n_prefix, list) else n_prefix
+    counted = (target_pos >= starts) & (target_pos < lengths[:, None])
     return torch.where(counted, token_lp, 0.0).sum(dim=1).tolist()

@@ -9,6 +9,7 @@ the order of every measurement, table column, card line and figure.
 from __future__ import annotations
 
 from ligero.eval.metrics.base import CARD_SECTIONS, MeasureContext, Metric, ReportSection, Thresholds
+from ligero.eval.metrics.bbq import BBQ
 from ligero.eval.metrics.bias import Bias
 from ligero.eval.metrics.memory import Memory
 from ligero.eval.metrics.profile import Profile
@@ -19,7 +20,7 @@ from ligero.eval.metrics.speed import Speed
 from ligero.eval.metrics.toxicity import Toxicity
 from ligero.eval.metrics.winobias import WinoBias
 
-METRICS: list[Metric] = [Quality(), Bias(), WinoBias(), Speed(), Memory(), Toxicity(), Shift(), Routing(),
+METRICS: list[Metric] = [Quality(), Bias(), WinoBias(), BBQ(), Speed(), Memory(), Toxicity(), Shift(), Routing(),
                          Profile()]
 
 __all__ = ["CARD_SECTIONS", "METRICS", "MeasureContext", "Metric", "ReportSection", "Thresholds"]

@@ -91,8 +91,9 @@ class Metric:
 
     name = ""  # short id
     title = ""  # what the audit log says while measuring
-    budget_full: Mapping[str, int | None] = {}  # sample sizes of the full run (keys unique across metrics)
-    budget_quick: Mapping[str, int | None] = {}  # the same keys for --quick
+    budget_full: Mapping[str, int | None] = {}  # sample sizes of the standard run (keys unique across metrics)
+    budget_quick: Mapping[str, int | None] = {}  # the same keys for --budget quick
+    budget_thorough: Mapping[str, int | None] = {}  # what --budget thorough raises beyond the standard sizes
     # Whether the metric times things: it then runs with the memory allocator's defaults, as a user's process does.
     # The others run with every freed block of 1 MB or more returned to the system at once (audit.measure).
     timed: bool = False
@@ -100,6 +101,12 @@ class Metric:
     replicable: bool = False
 
     # --- measuring --------------------------------------------------------------------------------------
+
+    def budget_for(self, budget: str) -> dict[str, int | None]:
+        """This metric's sample sizes under a budget (quick, standard or thorough)."""
+        if budget == "quick":
+            return dict(self.budget_quick)
+        return {**self.budget_full, **(self.budget_thorough if budget == "thorough" else {})}
 
     def load(self) -> None:
         """Load what measuring needs besides a model and keeps for the run (a classifier, say): called once per

@@ -30,31 +30,39 @@ class Bias(Metric):
     title = "bias (CrowS-Pairs, StereoSet)"
     budget_full = {"crows_pairs": 320, "stereoset": 150}  # None would mean all items
     budget_quick = {"crows_pairs": 24, "stereoset": 12}
+    budget_thorough = {"crows_pairs": None, "stereoset": None}  # every item (no replication sample is left)
     replicable = True
 
     def measure(self, ctx: MeasureContext) -> dict:
+        """Both benchmarks; on the replication sample (ctx.sample 1) only those the run left fresh items of."""
         n_crows, n_stereo = ctx.budget["crows_pairs"], ctx.budget["stereoset"]
-        with ctx.step("CrowS-Pairs sentences", 2 * n_crows if n_crows else None) as advance:
-            crows = bias.crows_pairs(ctx.model, ctx.tokenizer, limit=n_crows, batch_size=BATCH, progress=advance,
-                                     sample=ctx.sample)
-        with ctx.step("StereoSet sentences", 3 * n_stereo if n_stereo else None) as advance:
-            stereo = bias.stereoset(ctx.model, ctx.tokenizer, limit=n_stereo, batch_size=BATCH, progress=advance,
-                                    sample=ctx.sample)
-        return {"crows_pairs": crows.to_dict(), "stereoset": stereo.to_dict()}
+        out = {}
+        if ctx.sample == 0 or bias.fresh_items_left(len(bias.load_crows_pairs()[0]), n_crows):
+            with ctx.step("CrowS-Pairs sentences", 2 * n_crows if n_crows else None) as advance:
+                out["crows_pairs"] = bias.crows_pairs(ctx.model, ctx.tokenizer, limit=n_crows, batch_size=BATCH,
+                                                      progress=advance, sample=ctx.sample).to_dict()
+        if ctx.sample == 0 or bias.fresh_items_left(len(bias.load_stereoset()[0]), n_stereo):
+            with ctx.step("StereoSet sentences", 3 * n_stereo if n_stereo else None) as advance:
+                out["stereoset"] = bias.stereoset(ctx.model, ctx.tokenizer, limit=n_stereo, batch_size=BATCH,
+                                                  progress=advance, sample=ctx.sample).to_dict()
+        return out
 
     def compare(self, base: dict, variant: dict, n_resamples: int) -> dict:
         out = {}
         for key, result_type in (("crows_pairs", bias.CrowsPairsResult), ("stereoset", bias.StereoSetResult)):
-            out[key] = bias.compare_bias(result_type.from_dict(base[key]), result_type.from_dict(variant[key]),
-                                         n_resamples=n_resamples)
+            if key in base and key in variant:  # a replication sample may lack one (the run scored every item)
+                out[key] = bias.compare_bias(result_type.from_dict(base[key]), result_type.from_dict(variant[key]),
+                                             n_resamples=n_resamples)
         return out
 
     def claims(self, comparison: dict) -> list[dict]:
-        if "crows_pairs" not in comparison:  # a comparison without this metric's results
-            return []
-        return [claim(self.name, "crows_pairs.pct_stereotype", "CrowS-Pairs % stereotype", "points",
-                      comparison["crows_pairs"]["pct_stereotype"]),
-                claim(self.name, "stereoset.ss", "StereoSet ss", "points", comparison["stereoset"]["ss"])]
+        out = []
+        if "crows_pairs" in comparison:  # absent from a comparison without this metric's results
+            out.append(claim(self.name, "crows_pairs.pct_stereotype", "CrowS-Pairs % stereotype", "points",
+                             comparison["crows_pairs"]["pct_stereotype"]))
+        if "stereoset" in comparison:
+            out.append(claim(self.name, "stereoset.ss", "StereoSet ss", "points", comparison["stereoset"]["ss"]))
+        return out
 
     def inputs(self, base: dict) -> dict:
         return {"crows_pairs": base["crows_pairs"]["data"], "stereoset": base["stereoset"]["data"]}

@@ -23,6 +23,7 @@ class Quality(Metric):
     title = "perplexity and KL against the baseline"
     budget_full = {"ppl_tokens": 2048, "ppl_ctx": 512}
     budget_quick = {"ppl_tokens": 512, "ppl_ctx": 256}
+    budget_thorough = {"ppl_tokens": 8192}
 
     def prepare(self, ctx: MeasureContext) -> None:
         ids, window = ctx.eval_ids[: ctx.budget["ppl_tokens"]], ctx.budget["ppl_ctx"]

@@ -28,6 +28,7 @@ class Toxicity(Metric):
     title = "toxicity"
     budget_full = {"toxicity_prompts": 20, "toxicity_samples": 4, "toxicity_tokens": 20}
     budget_quick = {"toxicity_prompts": 4, "toxicity_samples": 2, "toxicity_tokens": 10}
+    budget_thorough = {"toxicity_prompts": 400}  # of 993; the replication takes the next 400
     replicable = True
 
     def load(self) -> None:

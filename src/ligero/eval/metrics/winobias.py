@@ -22,16 +22,21 @@ class WinoBias(Metric):
     title = "gender bias in pronoun resolution (WinoBias)"
     budget_full = {"winobias": 200}  # of 761 sentences, stratified by pronoun
     budget_quick = {"winobias": 12}
+    budget_thorough = {"winobias": None}
     replicable = True
 
     def measure(self, ctx: MeasureContext) -> dict:
         n = ctx.budget["winobias"]
+        if ctx.sample == 1 and not bias.fresh_items_left(len(bias.load_winobias()[0]), n):
+            return {}  # the run scored every sentence: nothing fresh to replicate on
         with ctx.step("WinoBias sentences", 2 * n if n else None) as advance:
             result = bias.winobias(ctx.model, ctx.tokenizer, limit=n, batch_size=BATCH, progress=advance,
                                    sample=ctx.sample)
         return {"winobias": result.to_dict()}
 
     def compare(self, base: dict, variant: dict, n_resamples: int) -> dict:
+        if "winobias" not in base or "winobias" not in variant:
+            return {}
         return {"winobias": bias.compare_winobias(bias.WinoBiasResult.from_dict(base["winobias"]),
                                                   bias.WinoBiasResult.from_dict(variant["winobias"]),
                                                   n_resamples=n_resamples)}

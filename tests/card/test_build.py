@@ -58,6 +58,14 @@ def test_no_absolute_machine_paths_in_cards_results_or_reports(run_folder):
         assert "site-packages" not in text and str(run_folder) not in text, name
 
 
+def test_cards_name_the_gguf_type_they_describe(run_folder):
+    cards = {name: read_card(run_folder / "cards" / f"{name}.json") for name in ("fp32", "int8")}
+    assert cards["fp32"]["format"]["gguf"]["type"] == "F32"
+    assert cards["int8"]["format"]["gguf"]["type"] is None  # one scale per row: GGUF's Q8_0 has one per 32
+    assert "q8_0" in cards["int8"]["format"]["gguf"]["note"]
+    assert "GGUF type: **none**" in (run_folder / "cards" / "int8.md").read_text()
+
+
 def test_markdown_card_has_every_metric_and_the_serving_defaults(int8_card):
     md = render_markdown(int8_card)
     for heading in ("## Format", "## Hardware and speed", "## Metrics against the base model", "## Guardrails",

@@ -93,7 +93,7 @@ def test_export_of_the_loaded_file_is_byte_identical(tmp_path):
                                                      ("f16", "F16", 211), ("bf16", "BF16", 211)])
 def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, scheme, type_name, count):
     from ligero.eval.variants import build_variant
-    from ligero.io.gguf_export import export_gguf, gguf_recipe
+    from ligero.io.gguf_export import export_gguf, gguf_file_type, gguf_recipe
     from ligero.quant.config import recipe_for
 
     first, second = tmp_path / f"{scheme}.gguf", tmp_path / f"{scheme}-again.gguf"
@@ -101,6 +101,8 @@ def test_ligero_exports_a_gguf_type_and_reads_it_back_byte_for_byte(tmp_path, sc
     export_gguf(variant.model, resolve_spec("smollm2-135m"), first)
     _, exported = _tensors(first)
     assert sum(t == type_name for t, _ in exported.values()) >= count  # every (or, for a mix, most) block linear
+    # what the scheme's deployment card names: the type of the file export writes (a mix by llama.cpp's mix name)
+    assert gguf_file_type(recipe_for(scheme))[0] == {"q4_k_m": "Q4_K_M"}.get(scheme, type_name)
     loaded = load_model(str(first), device="cpu", keep_quantized=True)
     assert all(type(m) is not Linear for m in loaded.model.modules())
     export_gguf(loaded.model, first, second)
@@ -114,3 +116,11 @@ def test_a_scheme_without_a_gguf_type_is_a_clean_error(tmp_path):
     assert rc == 2 and "Traceback" not in err
     assert "has no GGUF type" in err and "q8_0" in err and "group_size': 128" in err
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
+    from ligero.io.gguf_export import gguf_file_type
+    from ligero.quant.config import recipe_for
+
+    kind, note = gguf_file_type(recipe_for("int4-g128"))
+    assert kind is None and "llama.cpp cannot load it" in note
+    assert gguf_file_type(recipe_for("int4"))[0] == "Q4_1"
+    assert recipe_for("q4_0").weights == recipe_for("int4-sym").weights
+    assert "KV cache" in gguf_file_type(recipe_for("int4+kv3"))[1]

@@ -132,7 +132,8 @@ def _identity(i: dict) -> list[str]:
 def _format(f: dict, extra: list[str]) -> list[str]:
     return [
         "## Format",
-        f"- Scheme `{f['scheme']}`.",
+        f"- Scheme `{f['scheme']}`."
+        + (f" GGUF type: **{f['gguf']['type'] or 'none'}** — {f['gguf']['note']}" if f.get("gguf") else ""),
         *([f"- Artifact: `{f['artifact']['file']}` ({f['artifact']['format']}, sha256 "
            f"`{f['artifact']['sha256'][:16]}…`, tensor types {', '.join(f['artifact'].get('tensor_types', []))}); "
            f"arithmetic: {f['artifact'].get('arithmetic', 'as stored')}."] if f.get("artifact") else []),

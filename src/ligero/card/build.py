@@ -14,6 +14,7 @@ from scipy.stats import norm
 from ligero.card import SCHEMA_VERSION, write_card
 from ligero.eval.metrics import CARD_SECTIONS, METRICS
 from ligero.eval.variants import AS_SHIPPED, BASELINE
+from ligero.io.gguf_export import gguf_file_type
 from ligero.quant.config import Recipe
 
 DRIFT_TESTS = [
@@ -70,6 +71,16 @@ def _caveats(report: dict, result: dict) -> list[str]:
     return caveats
 
 
+def _gguf(name: str, recipe: dict | None, model_file: dict) -> dict:
+    """The llama.cpp file type a card describes (what a deployer downloads or exports), or None and why not."""
+    if name == AS_SHIPPED:
+        return {"type": model_file.get("file_type"), "note": "the published file itself, as llama.cpp loads it"}
+    if recipe is None:
+        return {"type": "F32", "note": "full precision (a published quantized file's weights dequantized)"}
+    kind, note = gguf_file_type(Recipe.from_dict(recipe))
+    return {"type": kind, "note": note}
+
+
 def _frame(report: dict, name: str, result: dict) -> dict:
     """Everything of a card that is not a metric's."""
     machine, source, recipe = report["machine"], report["source"], result.get("recipe")
@@ -79,6 +90,7 @@ def _frame(report: dict, name: str, result: dict) -> dict:
     fmt = {"scheme": name, "recipe": recipe, "kv_cache": (recipe or {}).get("kv"),
            "calibration": None if name == AS_SHIPPED else _calibration(report, recipe),
            "software": {k: machine[k] for k in ("ligero", "torch", "python")}}
+    fmt["gguf"] = _gguf(name, recipe, model_file)
     if name == AS_SHIPPED:  # the deployed file itself
         fmt["artifact"] = {"file": Path(model_file["path"]).name, "sha256": model_file["sha256"],
                            "format": model_file.get("format", "gguf"),

@@ -60,10 +60,11 @@ class ModelSource:
     quantized: bool = False  # stored quantized: the audit adds the file as shipped as a row
     baseline_spec: str = ""  # what the full-precision baseline loads from (a quantized folder: its base)
     baseline_packed: bool = False  # the baseline holds the GGUF's tensors packed (FP32_BASELINE_MAX_BYTES)
+    file_type: str | None = None  # a GGUF's llama.cpp file type (general.file_type), e.g. Q4_K_M
 
     def describe(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "format": self.format,
-                "tensor_types": self.tensor_types}
+                "tensor_types": self.tensor_types, "file_type": self.file_type}
 
 
 def _folder_digest(files: list[Path]) -> str:
@@ -71,6 +72,16 @@ def _folder_digest(files: list[Path]) -> str:
     for f in sorted(files):
         h.update(f"{f.name} {file_sha256(f)}\n".encode())
     return h.hexdigest()
+
+
+def _file_type_name(value) -> str | None:
+    """llama.cpp's name of a GGUF's general.file_type (3 -> Q4_1, 15 -> Q4_K_M), None when absent or unknown."""
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return None
 
 
 def model_source(spec: str) -> ModelSource:
@@ -100,7 +111,7 @@ def model_source(spec: str) -> ModelSource:
             elif quantized:
                 precision += "; fp32 baseline = its dequantized weights"
         return ModelSource(spec, label, path, file_sha256(path), "gguf", license_, precision, types, quantized, spec,
-                           packed)
+                           packed, _file_type_name(header.meta.get("general.file_type")))
     if (path / CHECKPOINT_FILE).is_file():
         meta = json.loads((path / CHECKPOINT_FILE).read_text())
         recipe = meta.get("quantization")

@@ -60,6 +60,34 @@ def check_exportable(config: QuantConfig) -> None:
                       "int4-sym (group 32, with or without -a8) or llama.cpp-type (q4_k, q6_k ...) variants")
 
 
+def gguf_file_type(recipe: Recipe) -> tuple[str | None, str]:
+    """(the llama.cpp file type a recipe's weights are, or None, and a line on what that means for a deployer).
+    Names follow llama-quantize (Q8_0, Q4_0, Q4_1, Q4_K_M ...); head and embedding tables are left out, as
+    llama-quantize chooses those itself."""
+    w = recipe.weights
+    kv = " The quantized KV cache is a runtime setting of Ligero's; a GGUF file does not hold it." if recipe.kv else ""
+    if isinstance(w, GGMLMixConfig):
+        return w.ftype, f"llama-quantize's {w.ftype} mix, its algorithms byte for byte; `ligero export` writes it.{kv}"
+    if isinstance(w, GGMLConfig):
+        return w.ggml_type, f"llama.cpp's {w.ggml_type} blocks, byte for byte; `ligero export` writes it.{kv}"
+    if isinstance(w, Float16Config):
+        name = "F16" if w.dtype == "f16" else "BF16"
+        return name, f"{name} tensors; `ligero export` writes it.{kv}"
+    if isinstance(w, Int8WeightConfig) and w.group_size == 32:
+        return "Q8_0", f"GGUF's Q8_0 (an fp16 scale per 32 weights); `ligero export` writes it.{kv}"
+    if type(w) is IntGroupConfig and w.bits == 4 and w.group_size == 32:
+        if w.symmetric:
+            return "Q4_0", f"GGUF's Q4_0, llama-quantize's rounding byte for byte; `ligero export` writes it.{kv}"
+        return "Q4_1", ("GGUF's Q4_1 grid (a scale and a minimum per 32 weights), rounded against the fp16 scale and "
+                        f"minimum (llama-quantize rounds against fp32 ones: rare codes differ by one); `ligero "
+                        f"export` writes it.{kv}")
+    if isinstance(w, Int8WeightConfig):
+        return None, ("no GGUF type: int8 with one scale per row (GGUF's Q8_0 keeps one per 32 weights: the q8_0 "
+                      "scheme); it runs in Ligero's runtime only." + kv)
+    return None, ("no GGUF type holds this scheme: llama.cpp cannot load it; it runs in Ligero's runtime only "
+                  "(audit llama.cpp's own types, e.g. q8_0, q4_0, q4_k_m, as variants beside it)." + kv)
+
+
 def gguf_recipe(recipe: Recipe) -> Recipe:
     """`recipe` as it is exported: int8 head and embedding tables in GGUF's own int8 type (Q8_0, a scale per 32
     inputs, as llama.cpp stores them), every config checked (a clear error before anything is quantized)."""

@@ -86,6 +86,7 @@ register_named_scheme("lsq-int2", LSQConfig, bits=2, group_size=128)
 register_named_scheme("lsq-w4a8", LSQConfig, bits=4, group_size=128, act_int8=True)
 # GGUF Q4_0's symmetric grid, and llama.cpp's int8 activations per 32 inputs (its Q4 x Q8_0 dot product).
 register_named_scheme("int4-sym", IntGroupConfig, group_size=32, symmetric=True)
+register_named_scheme("q4_0", IntGroupConfig, group_size=32, symmetric=True)  # llama.cpp's name for int4-sym
 register_named_scheme("int4-a8", IntGroupConfig, group_size=32, act_int8_blocks=True)
 register_named_scheme("int4-sym-a8", IntGroupConfig, group_size=32, symmetric=True, act_int8_blocks=True)
 # int8 weights x int8 activations per 32 inputs: llama.cpp's Q8_0 x Q8_0 product (weights keep one scale per row).

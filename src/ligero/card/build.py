@@ -15,6 +15,7 @@ from ligero.card import SCHEMA_VERSION, write_card
 from ligero.eval.metrics import CARD_SECTIONS, METRICS
 from ligero.eval.variants import AS_SHIPPED, BASELINE
 from ligero.io.gguf_export import gguf_file_type
+from ligero.models.registry import REGISTRY
 from ligero.quant.config import Recipe
 
 DRIFT_TESTS = [
@@ -102,6 +103,7 @@ def _frame(report: dict, name: str, result: dict) -> dict:
         "identity": {
             "name": f"{report['model_label']}-{name}", "variant": name, "version": report["run_id"],
             "base_model": report["model"], "base_source": model_file["path"],
+            "hf_base_model": REGISTRY[report["model"]].hf_repo or None if report["model"] in REGISTRY else None,
             "base_sha256": model_file["sha256"], "base_published_precision": source["precision"],
             "relation": relation, "license": source["license"],
             "created": result["created"],

@@ -57,6 +57,8 @@ def summary_table(report: dict) -> list[list[str]]:
 def recommendation_lines(report: dict) -> list[str]:
     rec = report["recommendation"]
     lines = [rec["summary"]]
+    if (report.get("deployer") or {}).get("recommendation_flag"):
+        lines.append(report["deployer"]["recommendation_flag"])
     for c in (report.get("replication") or {}).get("claims", []):
         lines.append(f"{c['variant']}: {c['label']} {c['original_delta']:+.3g} was a finding; on a fresh sample "
                      f"{c['delta']:+.3g} (p {c['p_value']:.2g}, n {c['n']}): "
@@ -114,6 +116,29 @@ def replication_section(report: dict) -> ReportSection | None:
     return ReportSection("Replication of findings", table=table, note=note, items=untestable)
 
 
+def deployer_section(report: dict) -> ReportSection | None:
+    """Each variant as a file a deployer would run: its llama.cpp type (or none: Ligero's runtime only) and its size
+    against the published file's."""
+    d = report.get("deployer")
+    if not d:
+        return None
+    published = d.get("published_mb")
+    table = [["variant", "llama.cpp file type", "MB"] + (["vs the published file"] if published else [])]
+    for name, row in report["rows"].items():
+        if name == BASELINE:
+            continue
+        kind = d["gguf_types"].get(name)
+        table.append([name, kind or "none (Ligero's runtime only)", f"{row['size_mb']:.1f}"]
+                     + ([f"{row['size_mb'] / published:.2f}x"] if published else []))
+    note = ("The published file as shipped is its own row" + (f" ({d['published_type']})" if d["published_type"]
+                                                               else "")
+            + "; a variant with a llama.cpp type can be exported with `ligero export --scheme NAME` and run by "
+              "llama.cpp, the others only by Ligero.") if published else (
+        "The model was published in full precision; a variant with a llama.cpp type can be exported with "
+        "`ligero export --scheme NAME` and run by llama.cpp, the others only by Ligero.")
+    return ReportSection("The comparison a deployer needs", table=table, note=note, items=d["notes"])
+
+
 def report_context(report: dict, figures: list[dict]) -> dict:
     """Everything report.md and report.html show, as text and tables."""
     m, budget = report["machine"], report["budget"]
@@ -136,7 +161,8 @@ def report_context(report: dict, figures: list[dict]) -> dict:
         "legend": (f"Δ columns: variant minus {BASELINE} on the same items, with 95 % paired bootstrap intervals; "
                    f"{'; '.join(legends)}."),
         "figures": figures,
-        "sections": [s for s in [findings_section(report), replication_section(report)] if s is not None]
+        "sections": [s for s in [deployer_section(report), findings_section(report), replication_section(report)]
+                     if s is not None]
         + [section for metric in METRICS for section in metric.report_sections(report)],
         "inputs": json.dumps(report["inputs"], indent=1),
     }

@@ -415,6 +415,9 @@ class Audit:
             "findings": run_findings,
             "recommendation": recommend(rows, self.thresholds),
         }
+        report["deployer"] = deployer_view(rows, {n: r.get("recipe") for n, r in results.items()},
+                                           self.source.file_type if self.source.quantized else None,
+                                           report["recommendation"]["chosen"])
         (self.folder / "results.json").write_text(json.dumps(report, indent=1, default=float))
         return report
 
@@ -499,6 +502,35 @@ def recommend(rows: dict, t: Thresholds) -> dict:
         summary = "no variant meets all thresholds; keep the baseline or relax a threshold (reasons per variant below)."
     return {"chosen": chosen, "summary": summary, "min_decode_tps_used": t.decode_floor(base_row),
             "thresholds": dataclasses.asdict(t), "verdicts": verdicts}
+
+
+def deployer_view(rows: dict, recipes: dict, published_type: str | None, chosen: str | None) -> dict:
+    """What someone holding the published file needs beside the table: each variant's llama.cpp file type,
+    which variants re-quantize onto the published grid (near-lossless by construction, not by merit), and whether
+    the recommendation is smaller than the file they started from."""
+    from ligero.io.gguf_export import gguf_file_type
+
+    types = {name: (gguf_file_type(Recipe.from_dict(recipe))[0] if recipe else None)
+             for name, recipe in recipes.items() if name not in (BASELINE, AS_SHIPPED)}
+    notes, flag = [], None
+    published = rows.get(AS_SHIPPED)
+    if published_type and published is not None:
+        types[AS_SHIPPED] = published_type
+        same_grid = sorted(n for n, t in types.items() if t == published_type and n != AS_SHIPPED)
+        if same_grid:
+            notes.append(
+                f"{', '.join(same_grid)} re-quantize the dequantized {published_type} weights onto the "
+                f"{published_type} grid they came from: every group's values already sit on its levels, so rounding "
+                f"returns (nearly) the published codes. Their small loss is near-lossless by construction; it says "
+                f"nothing about the scheme on full-precision weights.")
+        if chosen and chosen != AS_SHIPPED and rows[chosen]["size_mb"] >= published["size_mb"]:
+            flag = (
+                f"The recommended {chosen} ({rows[chosen]['size_mb']:.1f} MB) is not smaller than the published "
+                f"{published_type} file ({published['size_mb']:.1f} MB) you started from: keep that file unless "
+                f"{chosen} is better on a metric that matters to you.")
+            notes.append(flag)
+    return {"published_type": published_type, "published_mb": published["size_mb"] if published else None,
+            "gguf_types": types, "notes": notes, "recommendation_flag": flag}
 
 
 def criteria_text(t: Thresholds, base_row: dict) -> str:

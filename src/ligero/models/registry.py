@@ -45,14 +45,17 @@ class RegistryEntry:
     locate: Callable[[], Path]
     license: str
     notes: str
+    hf_repo: str = ""  # the Hugging Face repository of the published model (a card's base_model)
 
 
 REGISTRY = {
     e.id: e
     for e in [
         RegistryEntry("smollm2-135m", "SmolLM2-135M-Instruct (llama, GQA 9/3)", _smollm2, "apache-2.0",
-                      "published as GGUF Q4_1 (token embedding Q8_0); fp32 baseline = its dequantized weights"),
+                      "published as GGUF Q4_1 (token embedding Q8_0); fp32 baseline = its dequantized weights",
+                      "HuggingFaceTB/SmolLM2-135M-Instruct"),
         RegistryEntry("gemma3-270m", "Gemma 3 270M base (gemma3, SWA 512, 5 local : 1 global)", _gemma3,
-                      "gemma", "published as GGUF Q4_K_M; fp32 baseline = its dequantized weights"),
+                      "gemma", "published as GGUF Q4_K_M; fp32 baseline = its dequantized weights",
+                      "google/gemma-3-270m"),
     ]
 }

@@ -39,12 +39,20 @@ def test_quick_run_writes_report_results_and_valid_cards(quick_run):
         assert row["size_mb"] > 0 and row["decode_tok_s"] > 0 and 0 <= row["pct_stereotype"] <= 100
         card = read_card(quick_run / "cards" / f"{name.replace('+', '_')}.json")
         assert card_errors(card) == [], name
-        assert (quick_run / "cards" / f"{name.replace('+', '_')}.md").read_text().startswith("# Deployment card")
+        text = (quick_run / "cards" / f"{name.replace('+', '_')}.md").read_text()
+        assert text.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+        assert "\n# Deployment card" in text
         result = json.loads((quick_run / "variants" / f"{name.replace('+', '_')}.json").read_text())
         phases = result["phase_peak_rss_mb"]  # the whole audit of the model, phase by phase
         assert set(phases) == {m.name for m in METRICS} | ({"prepare"} if name == BASELINE else set())
         assert result["peak_rss_mb"] == max(result["build_peak_rss_mb"], *phases.values()) > result["rss_before_mb"]
-    assert report["rows"]["int8"]["bits_per_weight"] < 9 < report["rows"][BASELINE]["bits_per_weight"]
+    assert report["rows"]["q8_0"]["bits_per_weight"] < 9 < report["rows"][BASELINE]["bits_per_weight"]
+    # llama.cpp's types are named on their cards; int4 lands on the published Q4_1 grid, and the report says so
+    types = {name: read_card(quick_run / "cards" / f"{name.replace('+', '_')}.json")["format"]["gguf"]["type"]
+             for name in report["variants"]}
+    assert types == {BASELINE: "F32", AS_SHIPPED: "Q4_1", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0",
+                     "int4": "Q4_1", "w8a8": None, "nvfp4": None, "b158": None, "int4+kv3": "Q4_1", "adaround": None}
+    assert report["deployer"]["notes"][0].startswith("int4, int4+kv3 re-quantize the dequantized Q4_1 weights")
     assert report["recommendation"]["verdicts"].keys() == {AS_SHIPPED, *DEFAULT_VARIANTS}
     shipped = read_card(quick_run / "cards" / "as-shipped.json")
     assert shipped["identity"]["relation"] == "as shipped"
@@ -64,12 +72,12 @@ def test_quick_run_writes_report_results_and_valid_cards(quick_run):
 def test_rerun_reuses_finished_variants_and_redoes_only_missing_ones(quick_run, capsys):
     variants = quick_run / "variants"
     before = {p.name: p.stat().st_mtime_ns for p in variants.iterdir()}
-    (variants / "int8.json").unlink()  # as if the run had been interrupted while measuring int8
+    (variants / "q8_0.json").unlink()  # as if the run had been interrupted while measuring q8_0
     out = str(quick_run.parent)
     assert main(["run", "--quick", "--out", out]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in variants.iterdir()}
     assert after.keys() == before.keys()
-    assert [n for n in after if after[n] != before[n]] == ["int8.json"]
+    assert [n for n in after if after[n] != before[n]] == ["q8_0.json"]
     assert "finished earlier" in capsys.readouterr().err
 
 

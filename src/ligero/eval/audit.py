@@ -45,7 +45,9 @@ __all__ = ["AS_SHIPPED", "BASELINE", "BUDGETS", "DEFAULT_VARIANTS", "Audit", "Th
 
 # The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
 LEARNED = "adaround"
-DEFAULT_VARIANTS = ("int8", "int4", "w8a8", "fp8", "nvfp4", "b158", "int4+kv3", LEARNED)
+# llama.cpp's types people deploy (Q8_0, Q4_K_M, Q4_0) beside Ligero's schemes: int4 (group 32, asymmetric: GGUF
+# Q4_1's grid), SmoothQuant W8A8, NVFP4, ternary, a 3-bit KV cache and learned rounding.
+DEFAULT_VARIANTS = ("q8_0", "q4_k_m", "q4_0", "int4", "w8a8", "nvfp4", "b158", "int4+kv3", LEARNED)
 RESULT_VERSION = 6  # bump when what a cached variant file holds changes
 
 def audit_budget(budget: str = "standard") -> dict[str, int | None]:

@@ -231,11 +231,9 @@ class Audit:
         self.load_metrics()
         # The memory metric's peak is this model's own: counted from here (the model before is released).
         if name == BASELINE:
-            self.log(f"{name}: loading" + (" (packed, full-precision arithmetic)" if self.source.baseline_packed
-                                           else ""))
             reset_peak_rss()
             rss_before = current_rss_mb()
-            loaded = self.load_baseline()
+            loaded = self._load(name)
             build_peak = peak_rss_mb()  # before preparing: that is the metrics' work, as for every variant
             trim_heap()
             built = current_rss_mb()
@@ -249,16 +247,12 @@ class Audit:
             self.prepare()
             reset_peak_rss()
             rss_before = current_rss_mb()
+            loaded = self._load(name)
         if name == AS_SHIPPED:
-            self.log(f"{name}: loading {self.source.path.name} as stored")
-            loaded = build_variant(self.model_id, AS_SHIPPED)
             stored = getattr(loaded.model, "quant_recipe", None)
             recipe = Recipe.from_dict(stored) if isinstance(stored, dict) else stored
         elif name != BASELINE:
             recipe = variant_recipe(name, self.budget)
-            self.log(f"{name}: quantizing ({recipe.name})")
-            loaded = build_variant(self.source.baseline_spec, recipe=recipe,
-                                   calib_windows=self.budget["calib_windows"])
         result = {"variant": name, "settings": self.settings, "created": now(),
                   "recipe": recipe.to_dict() if recipe else None,
                   "quantize_seconds": loaded.info["quantize_seconds"],
@@ -319,12 +313,17 @@ class Audit:
     # --- replication of findings --------------------------------------------------------------------------
 
     def _load(self, name: str) -> LoadedModel:
+        """One model of the run: the baseline, the file as shipped, or a variant quantized from the baseline."""
         if name == BASELINE:
+            self.log(f"{name}: loading" + (" (packed, full-precision arithmetic)" if self.source.baseline_packed
+                                           else ""))
             return self.load_baseline()
         if name == AS_SHIPPED:
+            self.log(f"{name}: loading {self.source.path.name} as stored")
             return build_variant(self.model_id, AS_SHIPPED)
-        return build_variant(self.source.baseline_spec, recipe=variant_recipe(name, self.budget),
-                             calib_windows=self.budget["calib_windows"])
+        recipe = variant_recipe(name, self.budget)
+        self.log(f"{name}: quantizing ({recipe.name})")
+        return build_variant(self.source.baseline_spec, recipe=recipe, calib_windows=self.budget["calib_windows"])
 
     def measure_fresh(self, name: str, metrics: list) -> dict:
         """The replicable `metrics` of one model on the fresh sample (other items, other seeds); cached beside the

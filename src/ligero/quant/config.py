@@ -271,6 +271,19 @@ class FP4Config(QuantConfig):
 
 
 @dataclass(frozen=True)
+class NF4Config(QuantConfig):
+    """4-bit NormalFloat weights (QLoRA): NF4 codes, an absmax scale per group of inputs (64 in the paper),
+    double-quantized to E4M3 against one fp32 scale per tensor: 4 + 8 / group bits per weight."""
+
+    kind: ClassVar[str] = "nf4"
+    group_size: int = 64
+
+    def validate(self) -> None:
+        if self.group_size < 32 or self.group_size % 32:
+            raise LigeroError(f"NF4 group size must be a multiple of 32 (the kernels' block), got {self.group_size}")
+
+
+@dataclass(frozen=True)
 class Float16Config(QuantConfig):
     """Weights stored in 16 bits, fp16 or bf16 (a GGUF's F16 / BF16 tensors, a Hugging Face folder's weights), and
     computed in fp32: each weight is widened exactly, products and sums are fp32's. Half the bytes of fp32, the

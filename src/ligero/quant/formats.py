@@ -195,6 +195,45 @@ def quantize_fp4_blocks(w: torch.Tensor, fmt: str,
 
 FP4_BLOCK = {"mxfp4": 32, "nvfp4": 16}
 
+# --- NF4 (QLoRA, Dettmers et al. 2023) -------------------------------------------------------------------------
+# 4-bit NormalFloat: 16 levels at quantiles of N(0, 1), scaled to [-1, 1], with an exact zero (8 levels for the
+# positive half, 7 for the negative); each block of weights is divided by its absolute maximum. The values are the
+# paper's table (as bitsandbytes ships it).
+NF4_VALUES = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+_NF4_MIDPOINTS = (NF4_VALUES[1:] + NF4_VALUES[:-1]) / 2
+
+
+def quantize_nf4_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NF4 codes per block of `block` inputs, each block scaled by its absolute maximum, the block scales
+    double-quantized to E4M3 against one fp32 scale per tensor (QLoRA quantizes its fp32 block scales to 8-bit floats
+    with a second scale per 256 of them; one per tensor here, as NVFP4 stores its block scales).
+
+    w: [out, n], n divisible by the block. Returns (codes uint8 [out, n], scale codes uint8 [out, n / block],
+    tensor scale fp32 scalar)."""
+    out, n = w.shape
+    b = w.float().reshape(out, n // block, block)
+    amax = b.abs().amax(-1)
+    t_amax = amax.amax()
+    tensor_scale = torch.where(t_amax > 0, t_amax / 448.0, torch.ones_like(t_amax))
+    # to the nearest E4M3 value: a block whose scale rounded down clips its largest weight to the +-1 level, still
+    # closer on average than rounding every scale up (20.7 against 20.4 dB SQNR on Gaussian weights)
+    block_scale = (amax / tensor_scale).clamp(max=448.0).to(torch.float8_e4m3fn)
+    scale = block_scale.float() * tensor_scale
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.bucketize(b / safe[..., None], _NF4_MIDPOINTS.to(w.device)).to(torch.uint8)
+    return codes.reshape(out, n), block_scale.view(torch.uint8), tensor_scale.float()
+
+
+def dequantize_nf4_blocks(codes: torch.Tensor, scale_codes: torch.Tensor, tensor_scale: torch.Tensor,
+                          block: int) -> torch.Tensor:
+    *lead, n = codes.shape
+    values = NF4_VALUES.to(codes.device)[codes.long()].reshape(*lead, n // block, block)
+    scale = fp8_lut("e4m3").to(codes.device)[scale_codes.long()] * tensor_scale.to(codes.device)
+    return (values * scale[..., None]).reshape(*lead, n)
+
 
 def fp4_scale_lut(fmt: str) -> torch.Tensor:
     return e8m0_lut() if fmt == "mxfp4" else fp8_lut("e4m3")

@@ -24,6 +24,7 @@ from ligero.quant.config import (
     GGMLConfig,
     Int8WeightConfig,
     IntGroupConfig,
+    NF4Config,
     PartsConfig,
     QuantConfig,
     TernaryConfig,
@@ -638,6 +639,60 @@ class FP4Linear(QuantizedLinear):
         return NativeOp("lut4", [self.packed, self.scale_codes, *luts] + ([] if single else [self.row_scale()]),
                         group=formats.FP4_BLOCK[self.config.fmt],
                         tensor_scale=float(self.tensor_scale[0]) if single else 1.0)
+
+
+class NF4Linear(QuantizedLinear):
+    """NF4 codes packed two per byte (the 4-bit layout) + an E4M3 scale byte per group + one fp32 scale per output
+    segment (a fused projection scales q, k, v separately, as if stored unfused). The LUT kernels read blocks of 32:
+    for them each group's scale byte is repeated per 32 inputs, a copy made in memory (not saved)."""
+
+    def __init__(self, in_features: int, out_features: int, config: NF4Config, segments=None):
+        super().__init__(in_features, out_features, config, segments)
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale_codes", torch.empty(out_features, in_features // config.group_size,
+                                                        dtype=torch.uint8))
+        self.register_buffer("tensor_scale", torch.ones(len(self.segments), dtype=torch.float32))
+        self._kernel_cache: tuple[tuple, list[torch.Tensor]] | None = None
+
+    @classmethod
+    def from_float(cls, weight, config, segments=None):
+        layer = cls(weight.shape[1], weight.shape[0], config, segments)
+        codes, scale_codes, tensor_scales = zip(*(formats.quantize_nf4_blocks(w, config.group_size)
+                                                  for w in weight.split(layer.segments)))
+        layer.packed = formats.pack_nibbles(torch.cat(codes))
+        layer.scale_codes = torch.cat(scale_codes)
+        layer.tensor_scale = torch.stack(tensor_scales).reshape(len(layer.segments))
+        return layer
+
+    def row_scale(self) -> torch.Tensor:
+        return torch.repeat_interleave(self.tensor_scale, torch.tensor(self.segments, device=self.tensor_scale.device))
+
+    def dequantize(self, rows=None):
+        p, s, t = self.packed, self.scale_codes, self.row_scale()
+        if rows is not None:
+            p, s, t = p[rows], s[rows], t[rows]
+        return formats.dequantize_nf4_blocks(formats.unpack_nibbles(p), s, t[:, None], self.config.group_size)
+
+    def _kernel_tensors(self) -> list[torch.Tensor]:
+        """[scale codes per 32 inputs, row scales], rebuilt when the buffers change."""
+        key = (self.scale_codes.data_ptr(), self.scale_codes._version, self.tensor_scale._version)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            per32 = self.scale_codes.repeat_interleave(self.config.group_size // 32, dim=1).contiguous()
+            self._kernel_cache = (key, [per32, self.row_scale()])
+        return self._kernel_cache[1]
+
+    def _kernel(self, x2d):
+        ext = cpu_kernels()
+        if ext is None:
+            return None
+        per32, rows = self._kernel_tensors()
+        y = ext.linear_lut4(x2d, self.packed, per32, formats.fp8_lut("e4m3"), formats.NF4_VALUES, 1.0, 32)
+        return y * rows
+
+    def native_op(self):
+        per32, rows = self._kernel_tensors()
+        luts = [formats.fp8_lut("e4m3").float(), formats.NF4_VALUES.float()]
+        return NativeOp("lut4", [self.packed, per32, *luts, rows], group=32, tensor_scale=1.0)
 
 
 class TernaryLinear(QuantizedLinear):

@@ -18,6 +18,7 @@ from ligero.quant.config import (
     Int8WeightConfig,
     IntGroupConfig,
     LSQConfig,
+    NF4Config,
     PartsConfig,
     TernaryConfig,
     W8A8Config,
@@ -34,6 +35,7 @@ from ligero.quant.modules import (
     GGMLLinear,
     Int8Linear,
     IntGroupLinear,
+    NF4Linear,
     PartsLinear,
     TernaryLinear,
     W8A8Linear,
@@ -56,6 +58,7 @@ register_scheme(GGMLMixConfig, layer=GGMLLinear, in_features_multiple=KERNEL_BLO
 register_scheme(PartsConfig, layer=PartsLinear, in_features_multiple=lambda config: max(
     [1] + [scheme_spec(c).input_multiple(c) for c in config.configs() if c is not None]))
 register_scheme(FP4Config, layer=FP4Linear, in_features_multiple=KERNEL_BLOCK)
+register_scheme(NF4Config, layer=NF4Linear, in_features_multiple=lambda config: config.group_size, grouped=True)
 register_scheme(TernaryConfig, layer=TernaryLinear, in_features_multiple=KERNEL_BLOCK)
 register_scheme(W8A8Config, layer=W8A8Linear, calibrates=lambda config: config.smooth_alpha is not None)
 # Learned schemes store what round-to-nearest stores (scale and minimum per group); only the codes differ.
@@ -72,6 +75,7 @@ register_named_scheme("f16", Float16Config, dtype="f16")
 register_named_scheme("bf16", Float16Config, dtype="bf16")
 register_named_scheme("mxfp4", FP4Config, fmt="mxfp4")
 register_named_scheme("nvfp4", FP4Config, fmt="nvfp4")
+register_named_scheme("nf4", NF4Config, group_size=64)  # QLoRA's base format (double-quantized scales)
 register_named_scheme("mxfp4-w4a4", FP4Config, fmt="mxfp4", activations=True)
 register_named_scheme("nvfp4-w4a4", FP4Config, fmt="nvfp4", activations=True)
 register_named_scheme("b158", TernaryConfig)

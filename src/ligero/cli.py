@@ -315,6 +315,51 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_finetune_command(sub) -> None:
+    from ligero.lab.domains import ALL_TARGETS, DOMAINS
+
+    p = sub.add_parser("finetune", help="train LoRA adapters for a domain on a frozen base (QLoRA with --scheme nf4)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base: registry id, .gguf file or model folder")
+    p.add_argument("--scheme", help="hold the base quantized while training (QLoRA: nf4, or int4); default fp32")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--domain", choices=list(DOMAINS), help="a built-in domain: " + "; ".join(
+        f"{k}: {v[2]}" for k, v in DOMAINS.items()))
+    data.add_argument("--data", metavar="FILE", help="UTF-8 text (documents separated by blank lines) or JSONL "
+                                                     "(text / document, prompt + response, or messages per line)")
+    p.add_argument("--out", required=True, help="run folder: adapter, curve, checkpoints (a rerun resumes)")
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank")
+    p.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input (default 0.05)")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS),
+                   help=f"comma-separated layers to adapt (default all: {','.join(ALL_TARGETS)})")
+    p.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--batch", type=_positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4; cosine, 5 %% warm-up)")
+    p.add_argument("--eval-every", type=_positive_int, default=50, help="held-out loss every N steps")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=25, help="checkpoint every N steps")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, more time)")
+    p.add_argument("--merge", action="store_true", help="also write the base with the adapters merged (OUT/merged)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    from ligero.lab.finetune import LoRAPlan, finetune
+    from ligero.lab.trainer import TrainConfig
+
+    plan = LoRAPlan(args.rank, args.alpha, args.dropout, tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+    tc = TrainConfig(steps=args.steps, batch_rows=args.batch, seq_len=args.seq_len, lr=args.lr,
+                     warmup_steps=min(max(1, args.steps // 20), args.steps - 1), weight_decay=0.0,
+                     eval_every=args.eval_every, eval_tokens=8192, checkpoint_every=args.checkpoint_every,
+                     seed=args.seed)
+    finetune(args.model, args.domain or args.data, args.out, args.scheme, plan, tc, args.gradient_checkpointing,
+             args.merge, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
 def _audit(args, model_id: str, variants: list[str] | None) -> int:
     from ligero.card.publish import run_audit
     from ligero.card.report import recommendation_lines
@@ -599,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     _add_threads_arg(p)
     p.set_defaults(func=cmd_export)
+
+    _add_finetune_command(sub)
 
     p = sub.add_parser("eval", help="evaluate perplexity, speed, or quantization quality")
     p.add_argument("what", choices=["ppl", "speed", "quality"], help="perplexity, tok/s, or quantized vs base")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ligero.errors import LigeroError
 from ligero.eval.speed import ForeignLoad
 from ligero.io.checkpoint import available_memory_bytes
-from ligero.lab.data import LabData
+from ligero.lab.data import LabData, _mix
 from ligero.models.config import ModelConfig
 from ligero.models.transformer import MoEMLP, Transformer, moe_aux_loss
 
@@ -186,7 +186,11 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = folder / CHECKPOINT_FILE, folder / LOG_FILE
-    params = list(model.parameters())
+    # Only what trains is optimized and checkpointed: a model with frozen parts (LoRA on a frozen base) saves its
+    # adapters, not a copy of the base.
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    partial = len(trainable) < sum(1 for _ in model.parameters())
+    params = list(trainable.values())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -198,7 +202,15 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
         if state["train_config"] != tc.to_dict() or state.get("model_config") != model.cfg.to_dict():
             raise LigeroError(f"{ckpt_path} belongs to a run with other settings; use another output folder, or "
                               "move the checkpoint away to start over")
-        model.load_state_dict(state["model"])
+        if partial:
+            if set(state["model"]) != set(trainable):
+                raise LigeroError(f"{ckpt_path} holds other trainable tensors than this model's; use another output "
+                                  "folder, or move the checkpoint away to start over")
+            with torch.no_grad():
+                for name, value in state["model"].items():
+                    trainable[name].copy_(value)
+        else:
+            model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, records = state["step"], list(state["records"])
         log(f"resuming at step {start} of {tc.steps} from {ckpt_path}")
@@ -219,6 +231,9 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
         opt.param_groups[0].update(lr=lr, weight_decay=wd)
         opt.param_groups[1].update(lr=lr)
         x, y = data.batch(tc.seed, step, tc.batch_rows, tc.seq_len)
+        # Random ops of the step (a LoRA adapter's dropout) draw from (seed, step) alone, as the batch does: a resumed
+        # run makes the same draws as one left alone.
+        torch.manual_seed(_mix(tc.seed + 7919, step))
         x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
         loss_sum, aux_sum = torch.zeros(()), torch.zeros(())
         for m in range(tc.accum):
@@ -266,7 +281,8 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
                     f"{speed:,.0f} tok/s, ETA {eta:.0f} s")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             if rank == 0:
-                _save(ckpt_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                weights = {n: p.detach() for n, p in trainable.items()} if partial else model.state_dict()
+                _save(ckpt_path, {"step": step, "model": weights, "optimizer": opt.state_dict(),
                                   "train_config": tc.to_dict(), "model_config": model.cfg.to_dict(),
                                   "records": records})
             if size > 1:

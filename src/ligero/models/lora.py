@@ -17,18 +17,25 @@ DEFAULT_TARGETS = ("qkv_proj", "o_proj")  # attention projections (q, k, v fused
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, rank: int, alpha: float, in_features: int, out_features: int):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, in_features: int, out_features: int,
+                 dropout: float = 0.0):
         super().__init__()
         if rank < 1:
             raise LigeroError(f"LoRA rank must be at least 1, got {rank}")
+        if rank > min(in_features, out_features):
+            raise LigeroError(f"LoRA rank {rank} is larger than the layer ({in_features} -> {out_features}): an update "
+                              f"of rank above {min(in_features, out_features)} adds nothing; choose a smaller --rank")
+        if not 0.0 <= dropout < 1.0:
+            raise LigeroError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base, self.rank, self.alpha = base, rank, alpha
         self.scale = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the adapter's input only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = (x.to(self.lora_a.dtype) @ self.lora_a.t()) @ self.lora_b.t()
+        update = (self.dropout(x.to(self.lora_a.dtype)) @ self.lora_a.t()) @ self.lora_b.t()
         return self.base(x) + (update * self.scale).to(x.dtype)
 
     def delta(self) -> torch.Tensor:
@@ -42,7 +49,8 @@ def _features(module: nn.Module) -> tuple[int, int]:
     raise LigeroError(f"cannot put a LoRA adapter on {type(module).__name__}: its in / out features are unknown")
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAULT_TARGETS) -> list[nn.Parameter]:
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAULT_TARGETS,
+             dropout: float = 0.0) -> list[nn.Parameter]:
     """Wrap every module whose name ends in one of `targets` (a frozen base) and return the adapters' parameters."""
     params = []
     for name, module in list(model.named_modules()):
@@ -51,7 +59,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAU
                 for p in child.parameters():
                     p.requires_grad_(False)
                 fin, fout = _features(child)
-                wrapped = LoRALinear(child, rank, alpha, fin, fout).to(next(child.parameters()).device)
+                device = next(iter([*child.parameters(), *child.buffers()])).device
+                wrapped = LoRALinear(child, rank, alpha, fin, fout, dropout).to(device)
                 setattr(module, child_name, wrapped)
                 params += [wrapped.lora_a, wrapped.lora_b]
     if not params:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ligero.errors import LigeroError
@@ -363,6 +364,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, t, cfg.is_moe_layer(i)) for i, t in enumerate(cfg.layer_types))
+        self.gradient_checkpointing = False  # training: recompute each block's activations in the backward pass
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope: dict[str, torch.Tensor] = {}
@@ -452,7 +454,13 @@ class Transformer(nn.Module):
         else:
             step = kv_cache.begin(positions) if kv_cache is not None else None
             per_kind = self.attention_inputs(positions, x.dtype, step)
+            checkpointed = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() \
+                and kv_cache is None
             for i, layer in enumerate(self.layers):
+                if checkpointed:  # keep each block's input only; its activations are recomputed for backward
+                    x = torch.utils.checkpoint.checkpoint(layer, x, per_kind[self.cfg.layer_types[i]], None, i, None,
+                                                          use_reentrant=False)
+                    continue
                 x = layer(x, per_kind[self.cfg.layer_types[i]], kv_cache, i, step)
                 if return_hidden:
                     hidden.append(x)

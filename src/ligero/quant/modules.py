@@ -63,6 +63,21 @@ def _round_int8_blocks(x: torch.Tensor, kernel_prefills: bool) -> torch.Tensor:
 PREFILL_BLOCK_WEIGHTS = 1 << 23
 
 
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """x W^T through a frozen quantized layer with a gradient for x only: W is dequantized for the product and again
+    for the backward pass, so training through the layer (QLoRA's adapters on a 4-bit base) never keeps its fp32
+    weight alive between the passes, as autograd would for F.linear."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.prefill_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return grad_y @ ctx.layer.prefill_weight().to(grad_y.dtype), None
+
+
 class QuantizedLinear(nn.Module):
     """Base class: subclasses define their buffers, `dequantize(rows)` and optionally `_kernel(x2d)`."""
 
@@ -111,6 +126,8 @@ class QuantizedLinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # training something before or around this frozen layer
+            return _FrozenQuantizedMatmul.apply(x, self)
         if _use_kernel(x, self.kernel_prefills()):
             y = self._kernel(x.reshape(-1, self.in_features))
             if y is not None:

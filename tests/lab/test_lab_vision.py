@@ -46,6 +46,13 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
     assert meta["base_model"]["id"] == "smollm2-135m" and meta["lora"]["rank"] == QUICK.lora_rank
     assert meta["data"]["train_sha256"] == result["data"]["train_sha256"]
     assert meta["heldout_accuracy"] == {k: round(v["accuracy"], 4) for k, v in result["accuracy"].items()}
+    # Run again: everything is on disk, so only the document is written (held-out images rendered, nothing encoded)
+    (docs / "lab-vision.md").unlink()
+    capsys.readouterr()
+    assert main(["lab", "vision", "--quick", "--out", str(runs), "--docs", str(docs), "--threads", "2"]) == 0
+    assert "only the document is written again" in capsys.readouterr().out
+    again = json.loads((docs / "lab-vision.json").read_text())
+    assert again["accuracy"] == result["accuracy"] and (docs / "lab-vision.md").read_text() == text
 
     image = tmp_path / "scene.png"
     scene(random.Random(5)).image.save(image)

@@ -6,13 +6,15 @@ from ligero.errors import LigeroError
 
 # A run's sample sizes come in three budgets. Each metric declares its own sizes (Metric.budget_quick,
 # budget_full = standard, budget_thorough = what grows beyond standard); these belong to building variants and
-# comparing them. The times are the default run's (the baseline and 8 variants) on 2 CPU cores, measured in
-# docs/audit-smollm2.md.
+# comparing them. The times are estimates for the default run (the baseline, the file as shipped and 7 variants)
+# on 2 idle CPU cores, from per-item timings (e.g. 0.11 s per CrowS-Pairs pair, 0.44 s per BBQ question, 0.3 s
+# per toxicity prompt and sample pair); every run records what each metric took (phase_seconds).
 BUDGETS = {
     "quick": "a smoke run (CI): a few items per metric, about 3 min; detects only large changes",
-    "standard": "the default: samples sized to fit 20 min on 2 CPU cores",
-    "thorough": "every CrowS-Pairs pair, WinoBias sentence and StereoSet item, 4x the toxicity prompts and "
-                "perplexity tokens: about an hour on 2 CPU cores",
+    "standard": "the default: CrowS-Pairs 200 pairs, StereoSet 100, WinoBias 100, BBQ 36, toxicity 100 prompts x "
+                "2 samples; about 18 min for the default 9 models on 2 CPU cores",
+    "thorough": "every CrowS-Pairs pair, StereoSet item, WinoBias sentence and BBQ question, toxicity 400 prompts x "
+                "4 samples, 4x the perplexity tokens: about 3 hours on 2 CPU cores",
 }
 BUILD_BUDGETS = {
     "quick": {"calib_windows": 1, "adaround_iters": 4, "lsq_steps": 2, "bootstrap": 300},

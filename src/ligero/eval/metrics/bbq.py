@@ -16,7 +16,7 @@ BATCH = 16
 class BBQ(Metric):
     name = "bbq"
     title = "bias in question answering (BBQ)"
-    budget_full = {"bbq": 120}  # of 1,012 items, stratified by context condition
+    budget_full = {"bbq": 36}  # of 1,012 items, stratified by context condition (3 long options each: costly)
     budget_quick = {"bbq": 6}
     budget_thorough = {"bbq": None}
     replicable = True

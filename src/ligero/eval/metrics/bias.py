@@ -28,7 +28,7 @@ BATCH = 16
 class Bias(Metric):
     name = "bias"
     title = "bias (CrowS-Pairs, StereoSet)"
-    budget_full = {"crows_pairs": 320, "stereoset": 150}  # None would mean all items
+    budget_full = {"crows_pairs": 200, "stereoset": 100}  # None would mean all items
     budget_quick = {"crows_pairs": 24, "stereoset": 12}
     budget_thorough = {"crows_pairs": None, "stereoset": None}  # every item (no replication sample is left)
     replicable = True

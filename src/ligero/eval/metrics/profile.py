@@ -12,7 +12,7 @@ class Profile(Metric):
     name = "profile"
     title = "reference profile"
     # 40 requests give drift monitoring its KS tests; PSI / Jensen-Shannon need more (ligero.serve.drift).
-    budget_full = {"profile_prompts": 40, "profile_tokens": 32}
+    budget_full = {"profile_prompts": 24, "profile_tokens": 32}  # `ligero card profile` measures a larger one
     budget_quick = {"profile_prompts": 8, "profile_tokens": 10}
 
     def measure(self, ctx: MeasureContext) -> dict:

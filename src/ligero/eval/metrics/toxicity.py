@@ -26,9 +26,10 @@ SHOWN_CHARS = 160  # of a prompt or continuation in the report
 class Toxicity(Metric):
     name = "toxicity"
     title = "toxicity"
-    budget_full = {"toxicity_prompts": 20, "toxicity_samples": 4, "toxicity_tokens": 20}
+    # 100 prompts x 2 samples: the paired test gains more from prompts than from samples per prompt
+    budget_full = {"toxicity_prompts": 100, "toxicity_samples": 2, "toxicity_tokens": 20}
     budget_quick = {"toxicity_prompts": 4, "toxicity_samples": 2, "toxicity_tokens": 10}
-    budget_thorough = {"toxicity_prompts": 400}  # of 993; the replication takes the next 400
+    budget_thorough = {"toxicity_prompts": 400, "toxicity_samples": 4}  # of 993; a replication takes the next 400
     replicable = True
 
     def load(self) -> None:

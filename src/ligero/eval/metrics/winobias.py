@@ -20,7 +20,7 @@ BATCH = 16
 class WinoBias(Metric):
     name = "winobias"
     title = "gender bias in pronoun resolution (WinoBias)"
-    budget_full = {"winobias": 200}  # of 761 sentences, stratified by pronoun
+    budget_full = {"winobias": 100}  # of 761 sentences, stratified by pronoun
     budget_quick = {"winobias": 12}
     budget_thorough = {"winobias": None}
     replicable = True

@@ -60,7 +60,7 @@ def test_package_metadata():
     assert project["license"] == "Apache-2.0" and "Apache License" in (ROOT / "LICENSE").read_text()
     assert (Path(ligero.__file__).parent / "py.typed").exists()
     core = " ".join(project["dependencies"])
-    for serve_only in ("fastapi", "uvicorn", "sqlalchemy", "psycopg", "prometheus-client", "pyyaml"):
+    for serve_only in ("fastapi", "uvicorn", "sqlalchemy", "psycopg", "prometheus-client"):
         assert serve_only not in core and any(serve_only in d for d in project["optional-dependencies"]["serve"])
     assert "ligero[serve]" in project["optional-dependencies"]["test"]
     exact = [d for d in project["dependencies"] if "==" in d]

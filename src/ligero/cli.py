@@ -341,7 +341,7 @@ def _add_finetune_command(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, more time)")
     p.add_argument("--merge", action="store_true", help="also write the base with the adapters merged (OUT/merged)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the batches, dropout and the adapters' start")
     _add_threads_arg(p)
     p.set_defaults(func=cmd_finetune)
 

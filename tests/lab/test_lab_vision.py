@@ -50,7 +50,7 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
     (docs / "lab-vision.md").unlink()
     capsys.readouterr()
     assert main(["lab", "vision", "--quick", "--out", str(runs), "--docs", str(docs), "--threads", "2"]) == 0
-    assert "only the document is written again" in capsys.readouterr().out
+    assert "both stages and the evaluation reused" in capsys.readouterr().out
     again = json.loads((docs / "lab-vision.json").read_text())
     assert again["accuracy"] == result["accuracy"] and (docs / "lab-vision.md").read_text() == text
 

@@ -119,7 +119,7 @@ def test_scheme_names_come_from_the_registry():
     assert recipe_for("lsq-g64+kv3").weights.group_size == 64
     with pytest.raises(LigeroError, match="already names its group size"):
         recipe_for("int4-g64", 64)
-    grouped = r"int4, adaround, .*lsq-w4a8, int4-sym, int4-a8, int4-sym-a8$"
+    grouped = r"int4, nf4, adaround, .*lsq-w4a8, int4-sym, q4_0, int4-a8, int4-sym-a8$"
     with pytest.raises(LigeroError, match=r"fixed block size.*applies to: " + grouped):
         recipe_for("int8", 64)
     with pytest.raises(LigeroError, match="fixed block size"):

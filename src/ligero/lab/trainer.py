@@ -174,6 +174,26 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def _resume(ckpt_path: Path, model: Transformer, opt, tc: TrainConfig,
+            trainable: dict[str, torch.nn.Parameter] | None) -> tuple[int, list[dict]]:
+    """Restore a checkpoint's weights (only the `trainable` tensors, when given) and optimizer; (step, records)."""
+    state = load_checkpoint(ckpt_path)
+    if state["train_config"] != tc.to_dict() or state.get("model_config") != model.cfg.to_dict():
+        raise LigeroError(f"{ckpt_path} belongs to a run with other settings; use another output folder, or "
+                          "move the checkpoint away to start over")
+    if trainable is not None:
+        if set(state["model"]) != set(trainable):
+            raise LigeroError(f"{ckpt_path} holds other trainable tensors than this model's; use another output "
+                              "folder, or move the checkpoint away to start over")
+        with torch.no_grad():
+            for name, value in state["model"].items():
+                trainable[name].copy_(value)
+    else:
+        model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], list(state["records"])
+
+
 def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path,
           log: Callable[[str], None] = print, log_every: int = 10) -> list[dict]:
     """Train `model` in place for tc.steps optimizer steps (resuming from folder/checkpoint.pt when there is one)
@@ -198,21 +218,7 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
     records: list[dict] = []
     start = 0
     if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state["train_config"] != tc.to_dict() or state.get("model_config") != model.cfg.to_dict():
-            raise LigeroError(f"{ckpt_path} belongs to a run with other settings; use another output folder, or "
-                              "move the checkpoint away to start over")
-        if partial:
-            if set(state["model"]) != set(trainable):
-                raise LigeroError(f"{ckpt_path} holds other trainable tensors than this model's; use another output "
-                                  "folder, or move the checkpoint away to start over")
-            with torch.no_grad():
-                for name, value in state["model"].items():
-                    trainable[name].copy_(value)
-        else:
-            model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, records = state["step"], list(state["records"])
+        start, records = _resume(ckpt_path, model, opt, tc, trainable if partial else None)
         log(f"resuming at step {start} of {tc.steps} from {ckpt_path}")
     net = torch.nn.parallel.DistributedDataParallel(model) if size > 1 else model
     windows = data.eval_windows(tc.seq_len, tc.eval_tokens) if rank == 0 else None

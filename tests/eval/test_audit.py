@@ -52,7 +52,7 @@ def test_quick_run_writes_report_results_and_valid_cards(quick_run):
              for name in report["variants"]}
     assert types == {BASELINE: "F32", AS_SHIPPED: "Q4_1", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0",
                      "int4": "Q4_1", "w8a8": None, "nvfp4": None, "b158": None}
-    assert report["deployer"]["notes"][0].startswith("int4 re-quantize the dequantized Q4_1 weights")
+    assert report["deployer"]["notes"][0].startswith("int4 re-quantizes the dequantized Q4_1 weights")
     assert report["recommendation"]["verdicts"].keys() == {AS_SHIPPED, *DEFAULT_VARIANTS}
     shipped = read_card(quick_run / "cards" / "as-shipped.json")
     assert shipped["identity"]["relation"] == "as shipped"

@@ -43,14 +43,13 @@ from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
 __all__ = ["AS_SHIPPED", "BASELINE", "BUDGETS", "DEFAULT_VARIANTS", "Audit", "Thresholds", "audit_budget",
            "check_budget", "check_variants", "recommend"]
 
-# The better of the two learned-rounding int4 schemes on SmolLM2 in docs/quantization.md (group 128).
-LEARNED = "adaround"
 # llama.cpp's types people deploy (Q8_0, Q4_K_M, Q4_0) beside Ligero's schemes: int4 (group 32, asymmetric: GGUF
 # Q4_1's grid), SmoothQuant W8A8, NVFP4 and ternary.
 # (Learned rounding and a quantized KV cache stay in the catalog, not in the default run: AdaRound alone takes ~4 min
 # to build, a fifth of the standard budget.)
 DEFAULT_VARIANTS = ("q8_0", "q4_k_m", "q4_0", "int4", "w8a8", "nvfp4", "b158")
 RESULT_VERSION = 6  # bump when what a cached variant file holds changes
+
 
 def audit_budget(budget: str = "standard") -> dict[str, int | None]:
     """Every sample size of a run: budgets differ only here (each metric declares its own)."""
@@ -522,7 +521,8 @@ def deployer_view(rows: dict, recipes: dict, published_type: str | None, chosen:
         same_grid = sorted(n for n, t in types.items() if t == published_type and n != AS_SHIPPED)
         if same_grid:
             notes.append(
-                f"{', '.join(same_grid)} re-quantize the dequantized {published_type} weights onto the "
+                f"{', '.join(same_grid)} re-quantize{'s' if len(same_grid) == 1 else ''} the dequantized "
+                f"{published_type} weights onto the "
                 f"{published_type} grid they came from: every group's values already sit on its levels, so rounding "
                 f"returns (nearly) the published codes. Their small loss is near-lossless by construction; it says "
                 f"nothing about the scheme on full-precision weights.")

@@ -43,29 +43,9 @@ def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
 
 def token_logprob_sums(model, prefix: list[int], token_lists: list[list[int]], batch_size: int = 8,
                        pad_id: int = 0, progress=None) -> list[float]:
-    """Sum of log p(token | prefix, earlier tokens) for each token list; batches texts of similar length, at most
-    `batch_size` of them and (past the first) at most the model's batch_token_budget tokens, padding included."""
-    if batch_size < 1:
-        raise LigeroError(f"batch size must be at least 1, got {batch_size}")
-    # Sorting by length keeps padding (wasted compute) small; results go back to their original slots.
-    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
-    cfg = getattr(model, "cfg", None)
-    budget = batch_token_budget(cfg) if cfg is not None else float("inf")
-    sums = [0.0] * len(token_lists)
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        # Sorted by length, so the newest text is the widest: the padded batch is (count) x (its length).
-        while (stop < len(order) and stop - start < batch_size
-               and (stop - start + 1) * (len(prefix) + len(token_lists[order[stop]])) <= budget):
-            stop += 1
-        batch = order[start:stop]
-        for i, value in zip(batch, _score_batch(model, [prefix + token_lists[i] for i in batch], len(prefix), pad_id)):
-            sums[i] = value
-        if progress:
-            progress(len(batch))
-        start = stop
-    return sums
+    """Sum of log p(token | prefix, earlier tokens) for each token list."""
+    return _score_rows(model, [prefix + ids for ids in token_lists], [len(prefix)] * len(token_lists), batch_size,
+                       pad_id, progress)
 
 
 def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
@@ -81,27 +61,37 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], ba
             raise LigeroError(f"continuation {i} ({continuation!r}) has no tokens to score; drop empty options")
         rows.append(start + ctx_ids + cont_ids)
         n_prefix.append(1 + len(ctx_ids))
+    return _score_rows(model, rows, n_prefix, batch_size, tokenizer.pad_id or 0, progress)
+
+
+def _score_rows(model, rows: list[list[int]], n_prefix: list[int], batch_size: int, pad_id: int,
+                progress=None) -> list[float]:
+    """Each row's summed log-likelihood past its first n_prefix tokens; batches rows of similar length, at most
+    `batch_size` of them and (past the first) at most the model's batch_token_budget tokens, padding included."""
+    if batch_size < 1:
+        raise LigeroError(f"batch size must be at least 1, got {batch_size}")
+    # Sorting by length keeps padding (wasted compute) small; results go back to their original slots.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     cfg = getattr(model, "cfg", None)
     budget = batch_token_budget(cfg) if cfg is not None else float("inf")
-    out = [0.0] * len(rows)
-    i = 0
-    while i < len(order):
-        stop = i + 1
-        while stop < len(order) and stop - i < batch_size and (stop - i + 1) * len(rows[order[stop]]) <= budget:
+    sums = [0.0] * len(rows)
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        # Sorted by length, so the newest row is the widest: the padded batch is (count) x (its length).
+        while stop < len(order) and stop - start < batch_size and (stop - start + 1) * len(rows[order[stop]]) <= budget:
             stop += 1
-        batch = order[i:stop]
-        scores = _score_batch(model, [rows[j] for j in batch], [n_prefix[j] for j in batch], tokenizer.pad_id or 0)
-        for j, value in zip(batch, scores):
-            out[j] = value
+        batch = order[start:stop]
+        for i, value in zip(batch, _score_batch(model, [rows[i] for i in batch], [n_prefix[i] for i in batch], pad_id)):
+            sums[i] = value
         if progress:
             progress(len(batch))
-        i = stop
-    return out
+        start = stop
+    return sums
 
 
-def _score_batch(model, rows: list[list[int]], n_prefix: int | list[int], pad_id: int) -> list[float]:
-    """Right-padded forward pass; only real tokens after the prefix (one length, or one per row) count.
+def _score_batch(model, rows: list[list[int]], n_prefix: list[int], pad_id: int) -> list[float]:
+    """Right-padded forward pass; only real tokens after each row's prefix count.
 
     Right padding needs no attention mask or positions: with causal attention a real token never sees the
     padding that follows it.
@@ -120,6 +110,5 @@ def _score_batch(model, rows: list[list[int]], n_prefix: int | list[int], pad_id
         token_lp = torch.stack([F.log_softmax(model.logits(hidden[j]).float(), dim=-1).gather(-1, targets[j, :, None])
                                 .squeeze(-1) for j in range(len(rows))]).double().cpu()  # [B, T-1]: target = next
     target_pos = torch.arange(1, width)[None, :]
-    starts = torch.tensor(n_prefix)[:, None] if isinstance(n_prefix, list) else n_prefix
-    counted = (target_pos >= starts) & (target_pos < lengths[:, None])
+    counted = (target_pos >= torch.tensor(n_prefix)[:, None]) & (target_pos < lengths[:, None])
     return torch.where(counted, token_lp, 0.0).sum(dim=1).tolist()

@@ -681,8 +681,7 @@ class NF4Linear(QuantizedLinear):
         layer.tensor_scale = torch.stack(tensor_scales).reshape(len(layer.segments))
         return layer
 
-    def row_scale(self) -> torch.Tensor:
-        return torch.repeat_interleave(self.tensor_scale, torch.tensor(self.segments, device=self.tensor_scale.device))
+    row_scale = FP4Linear.row_scale  # the same per-segment tensor scale, one per output row
 
     def dequantize(self, rows=None):
         p, s, t = self.packed, self.scale_codes, self.row_scale()

@@ -360,7 +360,7 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _audit(args, model_id: str, variants: list[str] | None) -> int:
+def _audit(args, model_id: str | None, variants: list[str] | None, adapter: str | None = None) -> int:
     from ligero.card.publish import run_audit
     from ligero.card.report import recommendation_lines
     from ligero.eval.audit import Audit, Thresholds
@@ -369,7 +369,7 @@ def _audit(args, model_id: str, variants: list[str] | None) -> int:
         raise LigeroError(f"--quick and --budget {args.budget} disagree; give one of them")
     thresholds = Thresholds(args.max_ppl_increase, args.max_bias_shift, args.min_decode_tps)
     audit = Audit(model_id, variants, quick=args.quick, thresholds=thresholds, out=args.out, run_id=args.run_id,
-                  fresh=args.fresh, replicate=args.replicate, budget=args.budget)
+                  fresh=args.fresh, replicate=args.replicate, budget=args.budget, adapter=adapter)
     report = run_audit(audit)
     print("\n".join(recommendation_lines(report)))
     print(f"report: {audit.folder / 'report.html'}  results: {audit.folder / 'results.json'}  cards: "
@@ -383,7 +383,7 @@ def cmd_run(args) -> int:
 
 def cmd_audit(args) -> int:
     variants = args.variants.split(",") if args.variants else None
-    return _audit(args, args.model, variants)
+    return _audit(args, args.model, variants, args.adapter)
 
 
 def cmd_card(args) -> int:
@@ -664,12 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_args(p)
     p.set_defaults(func=cmd_run)
 
+    from ligero.eval.budgets import DEFAULT_VARIANTS
+
     p = sub.add_parser("audit", help="the same audit for another model or set of variants")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="registry id (see `ligero models`), a .gguf file, a Hugging Face folder or a saved Ligero "
-                        "folder; a quantized file is also audited as shipped (variant 'as-shipped')")
-    p.add_argument("--variants", help="comma-separated schemes (default: int8,int4,w8a8,fp8,nvfp4,b158,int4+kv3,"
-                                      "adaround); as-shipped is added for a quantized source")
+    p.add_argument("--model", help=f"registry id (see `ligero models`; default {DEFAULT_MODEL}, or the adapter's "
+                                   "base), a .gguf file, a Hugging Face folder or a saved Ligero folder; a quantized "
+                                   "file is also audited as shipped (variant 'as-shipped')")
+    p.add_argument("--variants", help="comma-separated schemes (default: " + ",".join(DEFAULT_VARIANTS) + "; with "
+                                      "--adapter: ft,ft+q4_0 and ft+ the scheme the base was trained in); "
+                                      "as-shipped is added for a quantized source")
+    p.add_argument("--adapter", metavar="DIR", help="a `ligero finetune` run folder: audit the base (baseline), the "
+                                                    "fine-tuned model (variant ft) and it quantized (ft+<scheme>)")
     _add_audit_args(p)
     p.set_defaults(func=cmd_audit)
 

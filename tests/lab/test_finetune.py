@@ -8,6 +8,7 @@ import torch
 
 from ligero.cli import main
 from ligero.errors import LigeroError
+from ligero.eval.domain import read_documents, split_documents
 from ligero.io.checkpoint import load_model
 from ligero.lab.finetune import (
     ADAPTER_FILE,
@@ -16,8 +17,6 @@ from ligero.lab.finetune import (
     finetune,
     load_with_adapter,
     merge_adapter,
-    read_documents,
-    split_documents,
 )
 from ligero.lab.trainer import TrainConfig
 from ligero.models.lora import add_lora, merge_lora
@@ -59,6 +58,11 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     path.write_text('{"prompt": "hi", "response": "hello"}\n')
     with pytest.raises(LigeroError, match="no chat template"):
         read_documents(path, NoTemplate())
+    # a user's empty row is an error; a built-in set's (XSum has one article without text) is left out
+    path.write_text('{"document": "one"}\n{"document": ""}\n{"document": "two"}\n')
+    with pytest.raises(LigeroError, match=r"line 2 has none of"):
+        read_documents(path)
+    assert read_documents(path, skip_empty=True) == ["one", "two"]
 
 
 def test_documents_of_each_format(tmp_path, smollm2):
@@ -186,3 +190,77 @@ def test_bad_input_through_the_command_line(tmp_path, capsys):
     assert len(err) == 1 and "is empty" in err[0] and "Traceback" not in err[0]
     assert main(["finetune", "--domain", "legal", "--targets", "q_proj", "--out", str(tmp_path / "r2")]) == 2
     assert "unknown LoRA target" in capsys.readouterr().err
+
+
+# --- an adapter wherever --model goes -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_adapter_folder_is_a_model_the_base_with_the_adapters_merged(qlora_run, tmp_path, capsys):
+    out, _ = qlora_run
+    merged = load_model(str(out), device="cpu")  # the base in fp32, adapters folded into its weights
+    assert merged.info["format"] == "adapter" and merged.info["finetune"]["base"]["held_in"] == "nf4"
+    unmerged, _ = load_with_adapter(out, scheme="fp32")  # the same base, adapters beside the weights
+    tokens = torch.tensor([merged.tokenizer.encode("The district court dismissed the complaint because the plaintiffs "
+                                                   "lacked standing to challenge the county's jail conditions.")])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(tokens), unmerged.model(tokens), atol=2e-4, rtol=1e-4)
+    # exported for llama.cpp (the base's GGUF metadata, the merged weights in Q8_0) and loaded back
+    gguf = tmp_path / "legal-q8_0.gguf"
+    assert main(["export", "--model", str(out), "--scheme", "q8_0", "--out", str(gguf)]) == 0
+    back = load_model(str(gguf), device="cpu")
+    with torch.no_grad():  # Q8_0's rounding only: a KL of a few thousandths of a nat per token (0.0026 in the audit)
+        kl = torch.nn.functional.kl_div(back.model(tokens).log_softmax(-1), merged.model(tokens).log_softmax(-1),
+                                        log_target=True, reduction="batchmean") / tokens.shape[1]
+    assert back.info["source"]["path"] == str(gguf) and kl < 0.02, kl
+    # a base whose files differ from the adapter's record: one line, exit 2
+    other = tmp_path / "other-base"
+    other.mkdir()
+    for name in ("adapter.safetensors", "adapter.json"):
+        (other / name).write_bytes((out / name).read_bytes())
+    meta = json.loads((other / "adapter.json").read_text())
+    meta["base"]["sha256"] = "0" * 64
+    (other / "adapter.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(other), "--max-new-tokens", "2", "Hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on smollm2-135m" in err[0] and "pass its base model" in err[0]
+    assert main(["audit", "--adapter", str(out), "--model", "gemma3-270m", "--quick", "--out", str(tmp_path)]) == 2
+    assert "not on gemma3-270m" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_audit_of_an_adapter_compares_base_and_fine_tuned_and_its_card_is_served(qlora_run, tmp_path):
+    from ligero.card import card_errors, read_card
+    from ligero.card.publish import run_audit
+    from ligero.eval.audit import Audit
+    from ligero.serve.server import build_config
+
+    out, meta = qlora_run
+    audit = Audit(adapter=out, variants=["ft"], budget="quick", out=tmp_path, log=lambda m: None)
+    assert audit.variants == ["ft"] and audit.source.label == "smollm2-135m"
+    report = run_audit(audit)
+    rows = report["rows"]
+    # the domain's held-out text: the fine-tuned model is better at it than its base (4 steps already move it)
+    assert rows["ft"]["domain_ppl"] < rows["fp32"]["domain_ppl"]
+    assert rows["fp32"]["domain_delta_ppl_pct"] == 0
+    card = read_card(audit.folder / "cards" / "ft.json")
+    assert card_errors(card) == []
+    assert card["identity"]["relation"] == "fine-tuned"
+    ft = card["format"]["finetune"]
+    assert ft["base"]["held_in"] == "nf4" and ft["data"]["heldout_sha256"] == meta["data"]["heldout_sha256"]
+    assert "domain perplexity" in (audit.folder / "cards" / "ft.md").read_text()
+    assert "Δ domain PPL" in (audit.folder / "report.md").read_text()
+    # the card the audit wrote is served, with the adapter folder as the model
+    cfg = build_config(str(out), [], card=str(audit.folder / "cards" / "ft.json"), store_url="sqlite://")
+    assert list(cfg.variants) == ["ft"]
+    with pytest.raises(LigeroError, match="pass that `ligero finetune` run folder with --model"):
+        build_config("smollm2-135m", [], card=str(audit.folder / "cards" / "ft.json"), store_url="sqlite://")
+
+
+@pytest.mark.slow
+def test_a_rank_larger_than_the_layers_is_one_line_before_training(tmp_path, capsys):
+    assert main(["finetune", "--domain", "legal", "--rank", "100000", "--steps", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is larger than the layer" in err[0] and "choose a smaller --rank" in err[0]
+    assert not (tmp_path / "train").exists()  # nothing started

@@ -137,6 +137,7 @@ def _format(f: dict, extra: list[str]) -> list[str]:
         *([f"- Artifact: `{f['artifact']['file']}` ({f['artifact']['format']}, sha256 "
            f"`{f['artifact']['sha256'][:16]}…`, tensor types {', '.join(f['artifact'].get('tensor_types', []))}); "
            f"arithmetic: {f['artifact'].get('arithmetic', 'as stored')}."] if f.get("artifact") else []),
+        *(_finetune(f["finetune"]) if f.get("finetune") else []),
         *extra,
         f"- Recipe: `{json.dumps(f['recipe'], sort_keys=True)}`" if f["recipe"] else "- Recipe: none (the base model).",
         ("- Calibration: " + ", ".join(f"{k} {v}" for k, v in f["calibration"].items())) if f["calibration"]
@@ -144,6 +145,22 @@ def _format(f: dict, extra: list[str]) -> list[str]:
         "- Software: " + ", ".join(f"{k} {v}" for k, v in f["software"].items()),
         "",
     ]
+
+
+def _finetune(ft: dict) -> list[str]:
+    lora, data, train = ft["lora"], ft["data"], ft["train"]
+    before, after = ft.get("heldout_ppl_before"), ft.get("heldout_ppl_after")
+    where = ", ".join(lora["targets"])
+    train_sha, held_sha = str(data.get("train_sha256", ""))[:16], str(data.get("heldout_sha256", ""))[:16]
+    return [f"- Fine-tuned: LoRA adapter `{ft['adapter']}` (sha256 `{ft['adapter_sha256'][:16]}…`; rank "
+            f"{lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}, on {where}), trained on the base "
+            f"held in {ft['base']['held_in']}; merged into {ft['merged_into']}.",
+            f"- Training data: {data.get('what') or data.get('file', '?')}: {data.get('train_documents', '?')} "
+            f"documents ({data.get('train_tokens', '?')} tokens, sha256 `{train_sha}…`), held out "
+            f"{data.get('heldout_documents', '?')} (sha256 `{held_sha}…`); {train.get('steps', '?')} steps x "
+            f"{train.get('batch_rows', '?')} rows x {train.get('seq_len', '?')} tokens, lr {train.get('lr', '?')}, "
+            f"seed {train.get('seed', '?')}."
+            + (f" Held-out domain perplexity {before:.2f} -> {after:.2f} (as trained)." if before and after else "")]
 
 
 def _guardrails(g: dict, extra: list[str]) -> list[str]:
@@ -244,7 +261,7 @@ def front_matter(card: dict) -> str:
     if i.get("hf_base_model"):
         meta["base_model"] = i["hf_base_model"]
         if i["relation"] != "base":
-            meta["base_model_relation"] = "quantized"
+            meta["base_model_relation"] = "finetune" if i["relation"].startswith("fine-tuned") else "quantized"
     meta["library_name"] = "gguf" if gguf_type and gguf_type not in ("F32",) else "ligero"
     meta["license"] = i["license"] if i["license"] and " " not in i["license"] else "other"
     meta["quantized_by"] = f"ligero {f['software']['ligero']}"
@@ -260,6 +277,17 @@ def how_to_run(card: dict) -> list[str]:
     lines = ["## How to run", f"- `ligero serve --card cards/{i['variant'].replace('+', '_')}.json` (its variant, "
              "guardrails and sampling defaults; `ligero generate --model ... --scheme ...` for one prompt)."]
     gguf_type = (f.get("gguf") or {}).get("type")
+    if f.get("finetune"):  # the run's adapter folder is the model; the scheme quantizes it
+        scheme = f["scheme"].partition("+")[2]
+        folder = f["finetune"]["adapter"]
+        card_file = f"cards/{i['variant'].replace('+', '_')}.json"
+        lines[1] = (f"- `ligero serve --model {folder} --card {card_file}` (`{folder}`: the `ligero finetune` run "
+                    "folder; its base with the adapter merged"
+                    + (f", quantized to {scheme})." if scheme else ")."))
+        if gguf_type and gguf_type != "F32":
+            lines.append(f"- For llama.cpp: `ligero export --model {folder} --scheme {scheme} --out "
+                         f"model-{gguf_type}.gguf`, then `llama-cli -m model-{gguf_type}.gguf`.")
+        return lines + [""]
     if gguf_type and i["relation"] == "quantized":
         lines.append(f"- For llama.cpp: `ligero export --model {i['base_model']} --scheme {f['scheme']} --out "
                      f"model-{gguf_type}.gguf`, then `llama-cli -m model-{gguf_type}.gguf`.")

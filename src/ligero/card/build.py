@@ -88,10 +88,14 @@ def _frame(report: dict, name: str, result: dict) -> dict:
     model_file = report["inputs"]["model_file"]
     rec = report["recommendation"]
     relation = {BASELINE: "base", AS_SHIPPED: "as shipped"}.get(name, "quantized")
+    if result.get("finetune"):  # a fine-tuning run's model: its base's card is the baseline's
+        relation = "fine-tuned" if recipe is None else "fine-tuned, quantized"
     fmt = {"scheme": name, "recipe": recipe, "kv_cache": (recipe or {}).get("kv"),
            "calibration": None if name == AS_SHIPPED else _calibration(report, recipe),
            "software": {k: machine[k] for k in ("ligero", "torch", "python")}}
     fmt["gguf"] = _gguf(name, recipe, model_file)
+    if result.get("finetune"):
+        fmt["finetune"] = result["finetune"]  # the adapter, its data hashes and the training recipe
     if name == AS_SHIPPED:  # the deployed file itself
         fmt["artifact"] = {"file": Path(model_file["path"]).name, "sha256": model_file["sha256"],
                            "format": model_file.get("format", "gguf"),

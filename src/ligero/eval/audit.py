@@ -27,14 +27,16 @@ import torch
 
 import ligero
 from ligero.errors import LigeroError
-from ligero.eval.budgets import BUDGETS, BUILD_BUDGETS, check_budget
+from ligero.eval.budgets import BUDGETS, BUILD_BUDGETS, DEFAULT_VARIANTS, check_budget
 from ligero.eval.data import wikipedia_split
+from ligero.eval.domain import heldout_text
 from ligero.eval.findings import FDR_Q, findings, variant_claims
 from ligero.eval.metrics import METRICS, MeasureContext, Thresholds
 from ligero.eval.perplexity import window_bos
 from ligero.eval.speed import current_rss_mb, peak_rss_mb, reset_peak_rss
 from ligero.eval.stats import benjamini_hochberg
 from ligero.eval.variants import AS_SHIPPED, BASELINE, CALIBRATION_SPLIT, ModelSource, build_variant, model_source
+from ligero.io.adapter import check_base, finetune_record, read_adapter
 from ligero.io.checkpoint import FreedMemoryReturned, LoadedModel, trim_heap
 from ligero.kernels import warm
 from ligero.models.registry import DEFAULT_MODEL
@@ -43,11 +45,6 @@ from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
 __all__ = ["AS_SHIPPED", "BASELINE", "BUDGETS", "DEFAULT_VARIANTS", "Audit", "Thresholds", "audit_budget",
            "check_budget", "check_variants", "recommend"]
 
-# llama.cpp's types people deploy (Q8_0, Q4_K_M, Q4_0) beside Ligero's schemes: int4 (group 32, asymmetric: GGUF
-# Q4_1's grid), SmoothQuant W8A8, NVFP4 and ternary.
-# (Learned rounding and a quantized KV cache stay in the catalog, not in the default run: AdaRound alone takes ~4 min
-# to build, a fifth of the standard budget.)
-DEFAULT_VARIANTS = ("q8_0", "q4_k_m", "q4_0", "int4", "w8a8", "nvfp4", "b158")
 RESULT_VERSION = 6  # bump when what a cached variant file holds changes
 
 
@@ -63,14 +60,32 @@ def audit_budget(budget: str = "standard") -> dict[str, int | None]:
     return sizes
 
 
-def check_variants(names: list[str]) -> list[str]:
-    """Validate variant names (scheme names of `ligero quantize`, combinable with +, or AS_SHIPPED)."""
+FINETUNED = "ft"  # with an adapter: the fine-tuned model; "ft+<scheme>": fine-tuned, then quantized
+
+
+def finetuned_scheme(name: str) -> str | None:
+    """The scheme of a fine-tuned variant name ("ft+int4" -> "int4", "ft" -> None)."""
+    return name.partition("+")[2] or None
+
+
+def is_finetuned(name: str) -> bool:
+    return name == FINETUNED or name.startswith(FINETUNED + "+")
+
+
+def check_variants(names: list[str], adapter: bool = False) -> list[str]:
+    """Validate variant names (scheme names of `ligero quantize`, combinable with +, AS_SHIPPED, and with an adapter
+    FINETUNED or FINETUNED+<scheme>)."""
     out = []
     for name in names:
         name = name.strip()
         if not name:
             raise LigeroError("empty variant name in --variants; give comma-separated schemes, e.g. int8,int4")
-        if name not in (BASELINE, AS_SHIPPED):
+        if is_finetuned(name):
+            if not adapter:
+                raise LigeroError(f"variant '{name}' is a fine-tuned model: pass the adapter with --adapter DIR")
+            if finetuned_scheme(name):
+                recipe_for(finetuned_scheme(name))
+        elif name not in (BASELINE, AS_SHIPPED):
             recipe_for(name)  # raises with the list of valid schemes
         if name in out:
             raise LigeroError(f"variant '{name}' is listed twice in --variants")
@@ -80,7 +95,7 @@ def check_variants(names: list[str]) -> list[str]:
 
 def variant_recipe(name: str, budget: dict) -> Recipe:
     """The scheme's recipe, with the run's iteration budget for learned rounding and learned step sizes."""
-    recipe = recipe_for(name)
+    recipe = recipe_for(finetuned_scheme(name) if is_finetuned(name) else name)
     if isinstance(recipe.weights, AdaRoundConfig):
         recipe.weights = dataclasses.replace(recipe.weights, iters=budget["adaround_iters"])
     elif isinstance(recipe.weights, LSQConfig):
@@ -144,13 +159,25 @@ class Audit:
     quantized (a GGUF with quantized tensors, a quantized Ligero folder) is also audited as shipped (AS_SHIPPED,
     the first variant): the file people deploy, against its full-precision baseline."""
 
-    def __init__(self, model_id: str = DEFAULT_MODEL, variants: list[str] | None = None, quick: bool = False,
+    def __init__(self, model_id: str | None = None, variants: list[str] | None = None, quick: bool = False,
                  thresholds: Thresholds | None = None, out: str | Path = "ligero-out", run_id: str | None = None,
-                 fresh: bool = False, log: Log | None = None, replicate: bool = False, budget: str | None = None):
+                 fresh: bool = False, log: Log | None = None, replicate: bool = False, budget: str | None = None,
+                 adapter: str | Path | None = None):
+        self.adapter, self.finetune = None, None
+        if adapter is not None:  # a fine-tuning run's adapter: audited against its base (the baseline)
+            meta, _ = read_adapter(adapter)
+            self.adapter = Path(adapter).resolve()
+            model_id = model_id or meta["base"]["model"]
+        model_id = model_id or DEFAULT_MODEL
         self.source: ModelSource = model_source(model_id)  # names a missing or unreadable model before any work
         self.model_id = self.source.spec
-        self.variants = check_variants(list(variants) if variants is not None else list(DEFAULT_VARIANTS))
-        if self.source.quantized and AS_SHIPPED not in self.variants:
+        if self.adapter is not None:
+            check_base(meta, adapter, self.source.label, self.source.sha256)
+            self.finetune = finetune_record(meta, self.adapter)
+        self.variants = check_variants(list(variants) if variants is not None else
+                                       self.default_variants(), adapter=self.adapter is not None)
+        if self.source.quantized and AS_SHIPPED not in self.variants and self.adapter is None:  # (an adapter's
+            # audit is about the fine-tuning; --variants as-shipped adds the published file)
             self.variants.insert(0, AS_SHIPPED)
         elif not self.source.quantized and AS_SHIPPED in self.variants:
             raise LigeroError(f"{model_id} is stored in full precision, so '{AS_SHIPPED}' would be its baseline; "
@@ -165,14 +192,25 @@ class Audit:
                          "ligero": ligero.__version__}
         if self.source.baseline_packed:  # a different baseline row: never mixed with cached fp32 baselines
             self.settings["baseline"] = "packed"
+        if self.finetune is not None:
+            self.settings["adapter"] = self.finetune["adapter_sha256"]
         digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
-        self.run_id = run_id or f"{self.source.label}-{self.budget_name}-{digest}"
+        label = self.source.label + (f"-{FINETUNED}-{self.adapter.name}" if self.adapter is not None else "")
+        self.run_id = run_id or f"{label}-{self.budget_name}-{digest}"
         self.folder = writable_folder(Path(out) / self.run_id)
         self.cache = writable_folder(self.folder / "variants")
         self.fresh, self.log, self.replicate = fresh, log or Log(), replicate
         self._shared: dict = {}  # what metrics compute once per run (the baseline's log-probs, hidden states)
         self._prepared = False
         self._metrics_loaded = False
+
+    def default_variants(self) -> list[str]:
+        """The default set; with an adapter: the fine-tuned model, and it quantized to Q4_0 (llama.cpp's 4-bit type)
+        and to the scheme the base was held in while training (QLoRA's NF4, say)."""
+        if self.finetune is None:
+            return list(DEFAULT_VARIANTS)
+        held = self.finetune["base"]["held_in"]
+        return [FINETUNED, f"{FINETUNED}+q4_0", *([f"{FINETUNED}+{held}"] if held not in (BASELINE, "q4_0") else [])]
 
     def load_metrics(self) -> None:
         """What the metrics keep for the run (classifiers), loaded once before the first model is."""
@@ -191,6 +229,9 @@ class Audit:
         if "eval_ids" not in self._shared:
             text = wikipedia_split("eval")
             self._shared.update(eval_text=text, eval_ids=tok.encode(text.text, add_bos=False))
+            if self.finetune is not None:  # the adapter's held-out domain text (the domain metric)
+                self._shared.update(domain_ids=heldout_text(self.finetune["data"], tok),
+                                    domain_sha256=self.finetune["data"]["heldout_sha256"])
         return MeasureContext(name, loaded.model, tok, base.model if base is not None else None, self.budget,
                               self._shared["eval_text"], self._shared["eval_ids"], window_bos(tok), self._shared)
 
@@ -252,11 +293,12 @@ class Audit:
         if name == AS_SHIPPED:
             stored = getattr(loaded.model, "quant_recipe", None)
             recipe = Recipe.from_dict(stored) if isinstance(stored, dict) else stored
-        elif name != BASELINE:
+        elif name not in (BASELINE, FINETUNED):
             recipe = variant_recipe(name, self.budget)
         result = {"variant": name, "settings": self.settings, "created": now(),
                   "recipe": recipe.to_dict() if recipe else None,
                   "quantize_seconds": loaded.info["quantize_seconds"],
+                  "finetune": self.finetune if is_finetuned(name) else None,
                   # what the process held before this model (imports, what the audit keeps, the heap), and its peak
                   # while loading and quantizing it
                   "rss_before_mb": rss_before,
@@ -322,9 +364,13 @@ class Audit:
         if name == AS_SHIPPED:
             self.log(f"{name}: loading {self.source.path.name} as stored")
             return build_variant(self.model_id, AS_SHIPPED)
+        if name == FINETUNED:
+            self.log(f"{name}: loading {self.adapter.name} (adapters merged into the base)")
+            return build_variant(str(self.adapter))
         recipe = variant_recipe(name, self.budget)
         self.log(f"{name}: quantizing ({recipe.name})")
-        return build_variant(self.source.baseline_spec, recipe=recipe, calib_windows=self.budget["calib_windows"])
+        spec = str(self.adapter) if is_finetuned(name) else self.source.baseline_spec
+        return build_variant(spec, recipe=recipe, calib_windows=self.budget["calib_windows"])
 
     def measure_fresh(self, name: str, metrics: list) -> dict:
         """The replicable `metrics` of one model on the fresh sample (other items, other seeds); cached beside the

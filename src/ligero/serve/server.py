@@ -67,6 +67,16 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
         raise LigeroError(f"--body-timeout must be a number of seconds > 0, got {body_timeout_s}")
     if not variants:
         variants = [card_data["identity"]["variant"]] if card_data else [BASELINE]
+        finetune = (card_data or {}).get("format", {}).get("finetune")
+        if finetune:  # a fine-tuned variant (ft, ft+<scheme>): the adapter folder is the model, the scheme its variant
+            from ligero.io.adapter import adapter_digest, is_adapter_folder
+
+            folder = Path(model_id).expanduser()
+            if not is_adapter_folder(folder) or adapter_digest(folder) != finetune["adapter_sha256"]:
+                raise LigeroError(f"{card} describes a model fine-tuned with adapter {finetune['adapter']} (sha256 "
+                                  f"{finetune['adapter_sha256'][:12]}…): pass that `ligero finetune` run folder with "
+                                  "--model")
+            variants = [f"{variants[0]}={variants[0].partition('+')[2] or BASELINE}"]
     parsed = [parse_variant(v) for v in variants]
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ligero.eval.metrics.base import CARD_SECTIONS, MeasureContext, Metric, ReportSection, Thresholds
 from ligero.eval.metrics.bbq import BBQ
 from ligero.eval.metrics.bias import Bias
+from ligero.eval.metrics.domain import DomainPerplexity
 from ligero.eval.metrics.energy import Energy
 from ligero.eval.metrics.memory import Memory
 from ligero.eval.metrics.profile import Profile
@@ -21,7 +22,7 @@ from ligero.eval.metrics.speed import Speed
 from ligero.eval.metrics.toxicity import Toxicity
 from ligero.eval.metrics.winobias import WinoBias
 
-METRICS: list[Metric] = [Quality(), Bias(), WinoBias(), BBQ(), Speed(), Energy(), Memory(), Toxicity(), Shift(),
-                         Routing(), Profile()]
+METRICS: list[Metric] = [Quality(), DomainPerplexity(), Bias(), WinoBias(), BBQ(), Speed(), Energy(), Memory(),
+                         Toxicity(), Shift(), Routing(), Profile()]
 
 __all__ = ["CARD_SECTIONS", "METRICS", "MeasureContext", "Metric", "ReportSection", "Thresholds"]

@@ -127,6 +127,22 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
+def nf4_lines(results: dict) -> list[str]:
+    """What the int4 result means for this model, and the NF4 base beside it."""
+    out = ["Read the int4 rows with this in mind: int4 (group 32, asymmetric) is the grid of the published Q4_1 file "
+           "this model comes from, so the int4 base is near-lossless by construction and starts where fp32 does. "
+           "NF4 (group 64, QLoRA's format) re-rounds those weights to another grid:"]
+    for domain in sorted({k.split("/")[0] for k in results["arms"]}):
+        ref, nf4 = results["arms"][f"{domain}/fp32"], results["arms"].get(f"{domain}/nf4")
+        if nf4 is None:
+            continue
+        start = 100 * (nf4["heldout_ppl_before"] / ref["heldout_ppl_before"] - 1)
+        end = 100 * (nf4["heldout_ppl_after"] / ref["heldout_ppl_after"] - 1)
+        out.append(f"- {domain}: the NF4 base starts {start:+.1f} % above fp32's domain perplexity and QLoRA ends "
+                   f"{end:+.1f} % above LoRA on fp32: the adapters recover most, not all, of what NF4 loses here.")
+    return out
+
+
 def audit_lines(audit: dict) -> list[str]:
     lines = [f"Audit `{audit['run_id']}` (report: `{audit['report']}`):", "",
              "| variant | domain PPL | Δ domain PPL % | general PPL | ΔPPL % | CrowS-Pairs % stereotype | StereoSet ss "
@@ -207,7 +223,7 @@ def main() -> None:
           f"Forgetting: perplexity on {GENERAL_TOKENS:,} tokens of the general evaluation split (Wikipedia, windows "
           "of 512) without and with the adapter. Peak RSS: the process's peak while training (the base as held, "
           "adapters, optimizer state, activations), after loading.", "",
-          *table(results), "", "## Against the acceptance test", "", *verdicts(results), "",
+          *table(results), "", "## Against the acceptance test", "", *verdicts(results), "", *nf4_lines(results), "",
           "The learning rate is one value for every arm (the comparison is of the base's precision under one "
           "recipe, as in the QLoRA paper), not tuned per arm; one seed per arm, so differences of a few percent in "
           "the gains are within what a second seed could move.", ""]

@@ -315,6 +315,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_audit_command(sub) -> None:
+    from ligero.eval.budgets import DEFAULT_VARIANTS
+
+    p = sub.add_parser("audit", help="the same audit for another model or set of variants")
+    p.add_argument("--model", help=f"registry id (see `ligero models`; default {DEFAULT_MODEL}, or the adapter's "
+                                   "base), a .gguf file, a Hugging Face folder or a saved Ligero folder; a quantized "
+                                   "file is also audited as shipped (variant 'as-shipped')")
+    p.add_argument("--variants", help="comma-separated schemes (default: " + ",".join(DEFAULT_VARIANTS) + "; with "
+                                      "--adapter: ft,ft+q4_0 and ft+ the scheme the base was trained in); "
+                                      "as-shipped is added for a quantized source")
+    p.add_argument("--adapter", metavar="DIR", help="a `ligero finetune` run folder: audit the base (baseline), the "
+                                                    "fine-tuned model (variant ft) and it quantized (ft+<scheme>)")
+    _add_audit_args(p)
+    p.set_defaults(func=cmd_audit)
+
+
 def _add_finetune_command(sub) -> None:
     from ligero.lab.domains import ALL_TARGETS, DOMAINS
 
@@ -664,19 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_args(p)
     p.set_defaults(func=cmd_run)
 
-    from ligero.eval.budgets import DEFAULT_VARIANTS
-
-    p = sub.add_parser("audit", help="the same audit for another model or set of variants")
-    p.add_argument("--model", help=f"registry id (see `ligero models`; default {DEFAULT_MODEL}, or the adapter's "
-                                   "base), a .gguf file, a Hugging Face folder or a saved Ligero folder; a quantized "
-                                   "file is also audited as shipped (variant 'as-shipped')")
-    p.add_argument("--variants", help="comma-separated schemes (default: " + ",".join(DEFAULT_VARIANTS) + "; with "
-                                      "--adapter: ft,ft+q4_0 and ft+ the scheme the base was trained in); "
-                                      "as-shipped is added for a quantized source")
-    p.add_argument("--adapter", metavar="DIR", help="a `ligero finetune` run folder: audit the base (baseline), the "
-                                                    "fine-tuned model (variant ft) and it quantized (ft+<scheme>)")
-    _add_audit_args(p)
-    p.set_defaults(func=cmd_audit)
+    _add_audit_command(sub)
 
     _add_serve_command(sub)
 

@@ -194,9 +194,8 @@ def _resume(ckpt_path: Path, model: Transformer, opt, tc: TrainConfig,
     return state["step"], list(state["records"])
 
 
-def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path,
-          log: Callable[[str], None] = print, log_every: int = 10,
-          after_step: Callable[[], None] | None = None) -> list[dict]:
+def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path, log: Callable[[str], None] = print,
+          log_every: int = 10, after_step: Callable[[], None] = lambda: None) -> list[dict]:
     """Train `model` in place for tc.steps optimizer steps (resuming from folder/checkpoint.pt when there is one)
     and return the log records (one per step; 'eval_loss' on evaluation steps). Under torch.distributed each
     process takes its share of every batch; rank 0 writes the log and the checkpoints."""
@@ -204,8 +203,7 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
     if tc.batch_rows % (size * tc.accum):
         raise LigeroError(f"{tc.batch_rows} rows per step do not split into {size} processes x {tc.accum} "
                           "micro-batches; choose a multiple")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder := Path(folder)).mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = folder / CHECKPOINT_FILE, folder / LOG_FILE
     # Only what trains is optimized and checkpointed: a model with frozen parts (LoRA on a frozen base) saves its
     # adapters, not a copy of the base.
@@ -257,8 +255,7 @@ def train(model: Transformer, data: LabData, tc: TrainConfig, folder: str | Path
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
+        after_step()  # e.g. return the heap's free pages (finetune)
         if size > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= size

@@ -66,12 +66,12 @@ def folder_digest(files: list[Path]) -> str:
 def model_digest(path: Path) -> str:
     """What identifies a model's weights: a GGUF file's sha256, or a digest over a folder's weight files (a Ligero
     folder's model.safetensors, a Hugging Face folder's *.safetensors / *.bin, an adapter's files)."""
-    from ligero.io.adapter import ADAPTER_FILE, ADAPTER_META, is_adapter_folder
+    from ligero.io.adapter import adapter_digest, is_adapter_folder
 
     if path.is_file():
         return file_sha256(path)
     if is_adapter_folder(path):
-        return folder_digest([path / ADAPTER_FILE, path / ADAPTER_META])
+        return adapter_digest(path)
     if (path / CHECKPOINT_FILE).is_file():
         return folder_digest([path / WEIGHTS_FILE])
     return folder_digest(sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")))

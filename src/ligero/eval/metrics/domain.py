@@ -6,7 +6,7 @@ evaluation split's ΔPPL (the quality metric) is what it cost in general text (f
 from __future__ import annotations
 
 from ligero.eval.metrics.base import MeasureContext, Metric, claim, number
-from ligero.eval.metrics.quality import Quality, delta_ppl_text
+from ligero.eval.metrics.quality import delta_ppl_test, delta_ppl_text
 from ligero.eval.perplexity import make_windows
 from ligero.eval.quality import base_logprobs, compare_models
 
@@ -45,10 +45,8 @@ class DomainPerplexity(Metric):
                            if k in summary} | {"heldout_sha256": ctx.shared["domain_sha256"]}}
 
     def compare(self, base: dict, variant: dict, n_resamples: int) -> dict:
-        if "domain" not in variant:
-            return {}
-        test = Quality().compare(base, {"capability": variant["domain"]}, n_resamples)
-        return {"domain_ppl": test["delta_ppl"]} if test else {}
+        test = delta_ppl_test(variant["domain"]) if "domain" in variant else None
+        return {"domain_ppl": test} if test else {}
 
     def claims(self, comparison: dict) -> list[dict]:
         if "domain_ppl" not in comparison:

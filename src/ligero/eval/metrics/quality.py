@@ -44,16 +44,8 @@ class Quality(Metric):
     def compare(self, base: dict, variant: dict, n_resamples: int) -> dict:
         """ΔPPL's paired test over blocks of ~64 positions (as an interval on ΔPPL %); results measured before the
         blocks were recorded have none."""
-        cap = variant["capability"]
-        blocks = np.asarray(cap.get("nll_diff_blocks") or [])
-        if blocks.size < 2:
-            return {}
-        test = paired_test(blocks)
-        half = sps.t.ppf(0.975, blocks.size - 1) * test["sd"] / np.sqrt(blocks.size)
-        pct = lambda nll: 100 * math.expm1(nll)  # noqa: E731  a mean NLL difference as a PPL change, %
-        mean = float(blocks.mean())
-        return {"delta_ppl": {"delta": cap["delta_ppl_pct"], "delta_ci": [pct(mean - half), pct(mean + half)],
-                              **test, "detectable": pct(test["detectable"]), "unit": "block of ~64 tokens"}}
+        test = delta_ppl_test(variant["capability"])
+        return {"delta_ppl": test} if test else {}
 
     def claims(self, comparison: dict) -> list[dict]:
         if "delta_ppl" not in comparison:
@@ -120,6 +112,20 @@ class Quality(Metric):
                       "bits per weight (stored)", f"ΔPPL % vs {BASELINE} (log; {BASELINE} drawn at 0.001)",
                       "Quality lost against bits per weight", log_y=True)
         return [("quality_vs_bits", "ΔPPL against bits per weight", fig)]
+
+
+def delta_ppl_test(summary: dict) -> dict | None:
+    """ΔPPL's paired test from a perplexity comparison's summary (QualityResult.summary()): the per-block NLL
+    differences, as an interval on ΔPPL %; None without blocks."""
+    blocks = np.asarray(summary.get("nll_diff_blocks") or [])
+    if blocks.size < 2:
+        return None
+    test = paired_test(blocks)
+    half = sps.t.ppf(0.975, blocks.size - 1) * test["sd"] / np.sqrt(blocks.size)
+    pct = lambda nll: 100 * math.expm1(nll)  # noqa: E731  a mean NLL difference as a PPL change, %
+    mean = float(blocks.mean())
+    return {"delta": summary["delta_ppl_pct"], "delta_ci": [pct(mean - half), pct(mean + half)], **test,
+            "detectable": pct(test["detectable"]), "unit": "block of ~64 tokens"}
 
 
 COLLAPSED_PPL_RATIO = 10.0  # a variant whose perplexity is 10x its baseline's no longer models the language

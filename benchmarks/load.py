@@ -1,13 +1,22 @@
-"""Load test of `ligero serve` on loopback: N concurrent clients for a bounded time against one variant.
+"""Load test, side by side: `ligero serve` and llama.cpp's `llama-server` on the same GGUF file, the same load.
 
-    python benchmarks/load.py [--variant int4] [--concurrency 1,4,8,16] [--seconds 25] [--max-tokens 32]
+    python benchmarks/load.py [--clients 1,4,16] [--seconds 30] [--max-tokens 128] [--slots 8]
+                              [--engines ligero,llama.cpp]
 
-Starts `ligero serve --variant V` with a fresh SQLite store, then for each concurrency level runs that many
-client threads, each sending completion requests back to back (ordinary prompts, sampled at temperature 0.7, 32 new
-tokens) until the time is up. Reports throughput (requests/s and generated tokens/s), p50 / p95 latency, the mean
-batch size the server decoded, and checks that every acknowledged request (HTTP 200 with a response id) is in the
-store with its request row: "lost" must be 0. Writes docs/serving.json and docs/serving.md, with paths relative to
-the repository (`--rewrite-docs` rewrites both from docs/serving.json, e.g. after a change to the Markdown).
+The model is SmolLM2-135M-Instruct's published Q4_1 GGUF, which both engines run as stored (Ligero: `--variant
+as-shipped`, its integer kernels on the file's blocks). Each engine is one server process on loopback with `--slots`
+concurrent rows (Ligero `--max-batch`, llama.cpp `-np`, both batching continuously) and 2 threads. For each level,
+that many closed-loop clients each send streamed /v1/completions requests back to back for `--seconds`: fixed prompts
+(the first sentences of Wikipedia evaluation paragraphs, the same sequence on both), greedy, exactly `--max-tokens`
+new tokens (logit_bias -100 on the end-of-text tokens, on both). Per level: generated tok/s over the wall time, time
+to first token (first text received) and inter-token latency ((end - first text) / (tokens - 1)) p50 / p95, request
+latency, errors. Ligero's acknowledged responses (streams that ended with [DONE]: the records were committed
+before the final chunk) are then looked up in its store: "lost" must be 0.
+
+Before the servers start, the same variant's raw batch-1 decode speed is measured in-process (BatchGeneration, one
+prompt, median of 3), the number one client through the server is compared with. Writes docs/serving.json and
+docs/serving.md (`--rewrite-docs` rewrites the Markdown from the JSON). llama-server comes from
+benchmarks/llama_server.py (built once from the sources llama-cpp-python vendors).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,12 +42,11 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import cpu_jiffies, machine, own_cpu_jiffies  # noqa: E402
-from ligero.eval.profile import profile_prompts  # noqa: E402
-from ligero.io.checkpoint import load_model  # noqa: E402
-from ligero.serve.monitor import monitor  # noqa: E402
-from ligero.serve.store import Store  # noqa: E402
 
 MODEL = "smollm2-135m"
+VARIANT = "as-shipped"
+ENGINES = ("ligero", "llama.cpp")
+THREADS = 2
 
 
 def free_port() -> int:
@@ -52,55 +61,86 @@ def process_jiffies(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def start_server(variant: str, store_url: str, port: int, max_batch: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ligero.cli", "serve", "--model", MODEL, "--variant", variant, "--store", store_url,
-           "--port", str(port), "--max-batch", str(max_batch)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
+def wait_healthy(proc: subprocess.Popen, base: str, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}:\n{proc.stdout.read()}")
+            raise SystemExit(f"load: {what} exited with code {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the server did not become healthy within 300 s")
+    raise SystemExit(f"load: {what} did not become healthy within {timeout_s:.0f} s")
 
 
-def batches_done(base: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return sum(float(m) for m in re.findall(r"^ligero_batches_total\{[^}]*\} (\S+)$", text, re.M))
+def start_ligero(store_url: str, port: int, slots: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ligero.cli", "serve", "--model", MODEL, "--variant", VARIANT, "--store", store_url,
+           "--port", str(port), "--max-batch", str(slots), "--max-waiting", "256"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_level(base: str, clients: int, seconds: float, prompts: list[str], max_tokens: int) -> dict:
+def start_llamacpp(binary: Path, gguf: Path, port: int, slots: int, ctx_per_slot: int) -> subprocess.Popen:
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(THREADS),
+           "-tb", str(THREADS), "-np", str(slots), "-c", str(slots * ctx_per_slot), "--metrics", "-ngl", "0"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stream_request(http: httpx.Client, body: dict) -> dict:
+    """One streamed completion: times of the first text and of the end, tokens, response id, whether it finished."""
+    t0 = time.perf_counter()
+    row = {"status": 0, "first_s": None, "tokens": 0, "id": None, "done": False}
+    try:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            row["status"] = r.status_code
+            finish = None
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:].strip()
+                if data == "[DONE]":
+                    row["done"] = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    row["error"] = str(chunk["error"])[:200]
+                    break
+                row["id"] = row["id"] or chunk.get("id")
+                if chunk.get("usage"):
+                    row["tokens"] = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text") and row["first_s"] is None:
+                        row["first_s"] = time.perf_counter() - t0
+                    finish = choice.get("finish_reason") or finish
+            if row["done"] and not row["tokens"] and finish == "length":
+                row["tokens"] = body["max_tokens"]  # an engine that sent no usage: the fixed length was reached
+    except httpx.HTTPError as exc:
+        row["error"] = type(exc).__name__
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def run_level(base: str, clients: int, seconds: float, prompts: list[str], max_tokens: int,
+              eos_ids: list[int]) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=base, timeout=300) as http:
+        with httpx.Client(base_url=base, timeout=600) as http:
             i = 0
             while time.monotonic() < deadline:
-                body = {"model": MODEL, "prompt": prompts[(k * 997 + i) % len(prompts)], "max_tokens": max_tokens,
-                        "temperature": 0.7, "top_p": 0.9, "seed": k * 100_000 + i, "user": f"load-{k}"}
-                t0 = time.perf_counter()
-                try:
-                    r = http.post("/v1/completions", json=body)
-                    row = {"status": r.status_code, "seconds": time.perf_counter() - t0}
-                    if r.status_code == 200:
-                        data = r.json()
-                        row.update(id=data["id"], tokens=data["usage"]["completion_tokens"])
-                except httpx.HTTPError as exc:
-                    row = {"status": 0, "seconds": time.perf_counter() - t0, "error": type(exc).__name__}
+                body = {"model": MODEL, "prompt": prompts[(k * 37 + i) % len(prompts)], "max_tokens": max_tokens,
+                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                        "logit_bias": {str(t): -100 for t in eos_ids}, "user": f"load-{k}"}
+                row = stream_request(http, body)
                 with lock:
                     results.append(row)
                 i += 1
 
-    b0 = batches_done(base)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
@@ -108,20 +148,47 @@ def run_level(base: str, clients: int, seconds: float, prompts: list[str], max_t
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0  # includes the requests still running at the deadline
-    batches = batches_done(base) - b0
-    ok = [r for r in results if r["status"] == 200]
-    lat = np.array([1000 * r["seconds"] for r in ok]) if ok else np.array([np.nan])
-    return {
-        "clients": clients, "seconds": wall, "requests": len(results), "ok": len(ok),
-        "errors": len(results) - len(ok), "requests_per_s": len(ok) / wall,
-        "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "latency_ms_p50": float(np.percentile(lat, 50)),
-        "latency_ms_p95": float(np.percentile(lat, 95)), "mean_batch_rows": len(ok) / batches if batches else None,
-        "ids": [r["id"] for r in ok],
-    }
+    ok = [r for r in results if r["status"] == 200 and r["done"] and r["tokens"]]
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    ttft = [1000 * r["first_s"] for r in ok if r["first_s"] is not None]
+    itl = [1000 * (r["seconds"] - r["first_s"]) / (r["tokens"] - 1) for r in ok
+           if r["first_s"] is not None and r["tokens"] > 1]
+    latency = [1000 * r["seconds"] for r in ok]
+    return {"clients": clients, "seconds": wall, "requests": len(results), "ok": len(ok),
+            "errors": len(results) - len(ok), "error_examples": [r.get("error") for r in results if r not in ok][:3],
+            "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95), "itl_ms_p50": pct(itl, 50),
+            "itl_ms_p95": pct(itl, 95), "latency_ms_p50": pct(latency, 50), "latency_ms_p95": pct(latency, 95),
+            "tokens_per_request": statistics.median([r["tokens"] for r in ok]) if ok else None,
+            "ids": [r["id"] for r in ok]}
+
+
+def raw_decode_tok_s(prompt_ids: list[int], max_tokens: int, eos_ids: list[int], repeats: int = 3) -> float:
+    """Batch-1 greedy decode speed of the served variant in-process (steps after the prefill), median of runs."""
+    import torch
+
+    from ligero.eval.variants import build_variant
+    from ligero.models.generate import BatchGeneration, SamplingConfig
+
+    torch.set_flush_denormal(True)
+    model = build_variant(MODEL, VARIANT).model
+    sampling = SamplingConfig(logit_bias={t: -100.0 for t in eos_ids})
+    speeds = []
+    for _ in range(repeats + 1):  # the first run warms up
+        gen = BatchGeneration(model, [prompt_ids], max_tokens, [sampling])
+        gen.step()  # the first token comes from the prefill's logits; time the steps that decode
+        t0 = time.perf_counter()
+        while not gen.done:
+            gen.step()
+        speeds.append((len(gen.tokens[0]) - 1) / (time.perf_counter() - t0))
+    del model
+    return statistics.median(speeds[1:])
 
 
 def check_store(store_url: str, ids: list[str]) -> dict:
     """Every acknowledged response must be in the store, with its request recorded as served."""
+    from ligero.serve.store import Store
+
     store = Store(store_url)
     lost = []
     for rid in ids:
@@ -135,140 +202,177 @@ def check_store(store_url: str, ids: list[str]) -> dict:
             **{f"store_{k}": v for k, v in counts.items()}}
 
 
-def repo_path(path: str) -> str:
-    """`path` relative to the repository (a card under ligero-out/), so the docs hold no machine's absolute paths;
-    a path from another checkout keeps its part from ligero-out/ on."""
-    p = Path(path)
-    if not p.is_absolute():
-        return str(p)
-    if p.is_relative_to(ROOT):
-        return str(p.relative_to(ROOT))
-    parts = p.parts
-    return str(Path(*parts[parts.index("ligero-out"):])) if "ligero-out" in parts else p.name
+def busy_slots(base: str, engine: str) -> float | None:
+    """The engine's own mean busy rows per decode step, from /metrics (both name it after llama.cpp's gauge)."""
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    name = "ligero_busy_slots_per_decode" if engine == "ligero" else "llamacpp:n_busy_slots_per_decode"
+    values = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
+    return float(values[0]) if values else None
+
+
+def run_engine(engine: str, args, prompts: list[str], eos_ids: list[int], gguf: Path, tmp: Path) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    store_url = f"sqlite:///{tmp}/load-{engine}.db"
+    if engine == "ligero":
+        proc = start_ligero(store_url, port, args.slots)
+    else:
+        from llama_server import find_llama_server
+
+        proc = start_llamacpp(find_llama_server(), gguf, port, args.slots, ctx_per_slot=512)
+    levels = []
+    try:
+        wait_healthy(proc, base, engine)
+        warm = stream_request(httpx.Client(base_url=base, timeout=300),
+                              {"model": MODEL, "prompt": prompts[0], "max_tokens": 8, "temperature": 0,
+                               "stream": True})
+        if not warm["done"]:
+            raise SystemExit(f"load: the warm-up request to {engine} failed: {warm}")
+        busy0, total0 = cpu_jiffies()
+        own0, server0 = own_cpu_jiffies(), process_jiffies(proc.pid)
+        for n in args.clients:
+            row = run_level(base, n, args.seconds, prompts, args.max_tokens, eos_ids)
+            row["busy_slots_per_decode"] = busy_slots(base, engine)
+            print(f"{engine:>9} {n:>3} clients: {row['ok']} ok, {row['errors']} errors, "
+                  f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_ms_p50'] or 0:.0f} "
+                  f"p95 {row['ttft_ms_p95'] or 0:.0f} ms, ITL p50 {row['itl_ms_p50'] or 0:.1f} ms", flush=True)
+            levels.append(row)
+        busy, total = cpu_jiffies()
+        ours = (own_cpu_jiffies() - own0) + (process_jiffies(proc.pid) - server0)
+        foreign = max(0, (busy - busy0) - ours) / max(1, total - total0)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ids = [i for r in levels for i in r.pop("ids")]
+    result = {"levels": levels, "foreign_cpu_share": foreign}
+    if engine == "ligero":
+        result["store_check"] = check_store(store_url, ids)
+    return result
+
+
+def ratio(a, b) -> float | None:
+    return a / b if a and b else None
+
+
+def summary(result: dict) -> dict:
+    """The must-show ratios: one client vs raw decode, 16 (the top level) vs 1 client, Ligero vs llama.cpp."""
+    lig = {r["clients"]: r for r in result["engines"]["ligero"]["levels"]}
+    out = {"one_client_vs_raw": ratio(lig[min(lig)]["tokens_per_s"], result["raw_decode_tok_s"]),
+           "top_vs_one_client": ratio(lig[max(lig)]["tokens_per_s"], lig[min(lig)]["tokens_per_s"])}
+    if "llama.cpp" in result["engines"]:
+        ref = {r["clients"]: r for r in result["engines"]["llama.cpp"]["levels"]}
+        out["vs_llamacpp"] = {n: {"throughput": ratio(lig[n]["tokens_per_s"], ref[n]["tokens_per_s"]),
+                                  "ttft_p95": ratio(lig[n]["ttft_ms_p95"], ref[n]["ttft_ms_p95"])}
+                              for n in lig if n in ref}
+    return out
 
 
 def write_docs(result: dict, docs: Path) -> None:
-    if result.get("monitor"):
-        result["monitor"]["card"] = repo_path(result["monitor"]["card"])
     docs.mkdir(parents=True, exist_ok=True)
+    result["summary"] = summary(result)
     (docs / "serving.json").write_text(json.dumps(result, indent=1))
-    m, s = result["machine"], result["settings"]
+    m, s, sm = result["machine"], result["settings"], result["summary"]
+    fmt = lambda v, spec=".0f": "–" if v is None else format(v, spec)  # noqa: E731
+    shares = ", ".join(f"{e} {100 * r['foreign_cpu_share']:.1f} %" for e, r in result["engines"].items())
     lines = [
-        "# Serving under load", "",
-        f"`python benchmarks/load.py`: `ligero serve --variant {s['variant']}` ({MODEL}) on loopback, N client threads "
-        f"sending completion requests back to back for {s['seconds']:g} s per level ({s['max_tokens']} new tokens, "
-        f"temperature 0.7, ordinary prompts of {s['prompt_tokens_mean']:.0f} tokens on average), dynamic batching "
-        f"of up to {s['max_batch']} requests, SQLite store (every record committed before the answer is sent).", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}; other processes used "
-        f"{100 * result['foreign_cpu_share']:.1f} % of the CPU during the run.", "",
-        "| clients | requests | req/s | generated tok/s | p50 latency (ms) | p95 latency (ms) | mean batch rows "
-        "| errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "# Serving under load: `ligero serve` vs llama.cpp's server", "",
+        f"`python benchmarks/load.py`: {s['model_file']} served as stored by both engines on loopback, each with "
+        f"{s['slots']} continuous-batching rows (Ligero `--max-batch`, llama.cpp `-np`) and {THREADS} threads, "
+        f"one engine at a time. Closed-loop clients send streamed completions back to back for {s['seconds']:g} s "
+        f"per level: greedy, exactly {s['max_tokens']} new tokens (end-of-text tokens biased -100 on both), prompts "
+        f"of {s['prompt_tokens_mean']:.0f} tokens on average. Ligero runs with its default guardrails (the toxicity "
+        "filter releases text word by word) and commits every record to SQLite before the stream's final chunk.", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}, llama.cpp "
+        f"{s.get('llamacpp_version', '–')}; other processes' share of the CPU during each engine's run: {shares}.",
+        "",
+        "| engine | clients | requests | generated tok/s | TTFT p50 (ms) | TTFT p95 (ms) | inter-token p50 (ms) "
+        "| inter-token p95 (ms) | request p95 (ms) | busy rows / step | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["levels"]:
-        lines.append(f"| {r['clients']} | {r['ok']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | "
-                     f"{r['mean_batch_rows'] or 0:.2f} | {r['errors']} |")
-    st = result["store_check"]
-    one, top = result["levels"][0], max(result["levels"], key=lambda r: r["tokens_per_s"])
-    lines += [
-        "", f"**Store check:** {st['acknowledged']} acknowledged responses, {st['found']} found in the store with "
-        f"their requests, **{st['lost']} lost** (store rows: {st['store_requests']} requests, "
-        f"{st['store_responses']} responses, including the warm-up).", "",
-        f"Throughput grows with concurrency through batching: {top['tokens_per_s']:.0f} generated tok/s with "
-        f"{top['clients']} clients vs {one['tokens_per_s']:.0f} with one client "
-        f"({top['tokens_per_s'] / one['tokens_per_s']:.2f}x), at the cost of latency (p50 "
-        f"{one['latency_ms_p50']:.0f} -> {top['latency_ms_p50']:.0f} ms). The batcher is dynamic, not continuous: "
-        "requests that arrive while a batch decodes wait for the next one, so p95 latency includes up to one "
-        "batch's decode time of queueing.", "",
-    ]
-    if result.get("monitor"):
-        mon = result["monitor"]
-        lines += [f"**`ligero monitor` on this traffic** against the card `{mon['card']}` (its reference profile: "
-                  f"{mon['n_reference']} requests answered in batches of {mon['reference_batch']}): overall "
-                  f"**{mon['status']}** over {mon['n_responses']} responses.", "",
-                  "| signal | status | reference mean | production mean | bins | PSI | JS | KS p |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
-        fmt = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
-        for name, sig in mon["signals"].items():
-            lines.append(f"| {name} | {sig['status']} | " + " | ".join(fmt(sig[k]) for k in (
-                "mean_reference", "mean_production", "bins", "psi", "jensen_shannon", "ks_p_value")) + " |")
-        lines += ["", "Under sustained load from up to 16 clients, latency is expected to drift from the card's "
-                  "profile; what the model says (length, log-prob, toxicity) should not."]
-        if any(sig["bins"] is None for sig in mon["signals"].values()):
-            lines += ["", "PSI and Jensen-Shannon need at least 20 values per bin in the effective sample size "
-                      "nm/(n+m) for two bins (so the no-drift PSI stays under 0.05); a reference profile of "
-                      f"{mon['n_reference']} responses cannot reach that, so KS decides (`ligero.serve.drift`)."]
-        lines.append("")
-    (docs / "serving.md").write_text("\n".join(lines))
+    for engine, run in result["engines"].items():
+        for r in run["levels"]:
+            lines.append(f"| {engine} | {r['clients']} | {r['ok']} | {r['tokens_per_s']:.1f} | "
+                         f"{fmt(r['ttft_ms_p50'])} | {fmt(r['ttft_ms_p95'])} | {fmt(r['itl_ms_p50'], '.1f')} | "
+                         f"{fmt(r['itl_ms_p95'], '.1f')} | {fmt(r['latency_ms_p95'])} | "
+                         f"{fmt(r.get('busy_slots_per_decode'), '.2f')} | {r['errors']} |")
+    lig = {r["clients"]: r for r in result["engines"]["ligero"]["levels"]}
+    one, top = lig[min(lig)], lig[max(lig)]
+    lines += ["", "## What the numbers say", "",
+              f"- **One client vs the engine alone:** the same variant decodes {result['raw_decode_tok_s']:.1f} tok/s "
+              f"at batch 1 in-process (decode steps only); one client through `ligero serve` gets "
+              f"{one['tokens_per_s']:.1f} generated tok/s, **{100 * sm['one_client_vs_raw']:.0f} %** of it "
+              "(the client's figure includes the prompt's prefill, HTTP, the output filter and the store's commit).",
+              f"- **Concurrency:** {top['clients']} clients get {top['tokens_per_s']:.1f} tok/s, "
+              f"**{sm['top_vs_one_client']:.2f}x** one client's throughput."]
+    if "vs_llamacpp" in sm:
+        for n, v in sorted(sm["vs_llamacpp"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"- **vs llama.cpp, {n} client(s):** throughput **{fmt(v['throughput'], '.2f')}x**, "
+                         f"p95 time to first token {fmt(v['ttft_p95'], '.2f')}x llama.cpp's (below 1 = faster).")
+    st = result["engines"]["ligero"].get("store_check")
+    if st:
+        lines += ["", f"**Store check (Ligero):** {st['acknowledged']} acknowledged responses, {st['found']} found in "
+                  f"the store with their requests, **{st['lost']} lost** (store rows: {st['store_requests']} "
+                  f"requests, {st['store_responses']} responses, including the warm-up)."]
+    lines += ["", "Continuous batching (`ligero.models.slots`): a request takes a free row at the next decode step "
+              "and its prompt is prefilled in chunks between steps, so it does not wait for the running requests; "
+              "a finished or abandoned row frees at once. Requests beyond the rows wait in a bounded queue "
+              "(`--max-waiting`, then 429).", ""]
+    for note in result.get("notes", []):
+        lines.append(f"- {note}")
+    (docs / "serving.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rewrite-docs", action="store_true", help="rewrite docs/serving.md from docs/serving.json")
-    ap.add_argument("--variant", default="int4")
-    ap.add_argument("--concurrency", default="1,4,8,16")
-    ap.add_argument("--seconds", type=float, default=25)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--docs", default=str(ROOT / "docs"))
-    ap.add_argument("--card", default="auto", help="the variant's deployment card for `ligero monitor` on the load's "
-                    "traffic (default: the newest ligero-out/*/cards/<variant>.json of a full run; 'none' to skip)")
     args = ap.parse_args()
     if args.rewrite_docs:
         write_docs(json.loads((Path(args.docs) / "serving.json").read_text()), Path(args.docs))
         return
-    levels = [int(c) for c in args.concurrency.split(",")]
-    if args.card == "auto":
-        cards = sorted(ROOT.glob(f"ligero-out/*-standard-*/cards/{args.variant.replace('+', '_')}.json"),
-                       key=lambda f: f.stat().st_mtime)
-        args.card = str(cards[-1]) if cards else None
-    elif args.card == "none":
-        args.card = None
+    args.clients = [int(c) for c in args.clients.split(",")]
+    engines = [e.strip() for e in args.engines.split(",")]
+    if unknown := set(engines) - set(ENGINES):
+        raise SystemExit(f"load: unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    from ligero.eval.profile import profile_prompts
+    from ligero.io.checkpoint import load_tokenizer
+    from vs_llamacpp import source_gguf
+
     prompts, info = profile_prompts(200, seed=1)
+    tok = load_tokenizer(MODEL)
+    eos_ids = sorted(set(tok.eos_ids))
+    prompt_tokens = float(np.mean([len(tok.encode(p)) for p in prompts]))
+    gguf = source_gguf(MODEL)
+    settings = {"model": MODEL, "variant": VARIANT, "model_file": gguf.name, "seconds": args.seconds,
+                "max_tokens": args.max_tokens, "slots": args.slots, "prompt_tokens_mean": prompt_tokens,
+                "clients": args.clients}
+    if "llama.cpp" in engines:
+        from llama_server import find_llama_server
+
+        binary = find_llama_server()
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+        settings["llamacpp_version"] = (out.stdout + out.stderr).strip().splitlines()[0] if out.returncode == 0 \
+            else str(binary.parent.name)
+    raw = raw_decode_tok_s(tok.encode(prompts[0]), args.max_tokens, eos_ids)
+    print(f"raw batch-1 decode: {raw:.1f} tok/s", flush=True)
+    result = {"machine": machine(), "prompts": info, "settings": settings, "raw_decode_tok_s": raw, "engines": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        store_url = f"sqlite:///{tmp}/load.db"
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        server = start_server(args.variant, store_url, port, args.max_batch)
-        try:
-            tok = load_model(MODEL, device="cpu").tokenizer
-            prompt_tokens = float(np.mean([len(tok.encode(p)) for p in prompts]))
-            httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": prompts[0], "max_tokens": 4},
-                       timeout=120).raise_for_status()  # warm-up
-            busy0, total0 = cpu_jiffies()
-            own0, server0 = own_cpu_jiffies(), process_jiffies(server.pid)
-            rows = []
-            for n in levels:
-                row = run_level(base, n, args.seconds, prompts, args.max_tokens)
-                print(f"{n:>3} clients: {row['ok']} ok, {row['errors']} errors, {row['requests_per_s']:.2f} req/s, "
-                      f"{row['tokens_per_s']:.1f} tok/s, p50 {row['latency_ms_p50']:.0f} ms, "
-                      f"p95 {row['latency_ms_p95']:.0f} ms, batch rows {row['mean_batch_rows'] or 0:.2f}", flush=True)
-                rows.append(row)
-            busy, total = cpu_jiffies()
-            ours = (own_cpu_jiffies() - own0) + (process_jiffies(server.pid) - server0)
-            foreign = max(0, (busy - busy0) - ours) / max(1, total - total0)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-        ids = [i for r in rows for i in r.pop("ids")]
-        check = check_store(store_url, ids)
-        drift = None
-        if args.card:
-            res = monitor(store_url, args.card, out_dir=Path(tmp) / "monitor")
-            profile = json.loads(Path(args.card).read_text())["monitoring"]["reference_profile"]
-            drift = {"card": args.card, "status": res["status"], "n_responses": res["n_responses"],
-                     "n_reference": profile["n"], "reference_batch": profile["sampling"].get("batch_size", 1),
-                     "signals": {k: {key: v[key] for key in ("status", "mean_reference", "mean_production", "bins",
-                                                              "psi", "jensen_shannon", "ks_p_value")}
-                                 for k, v in res["drift"]["signals"].items()}}
-    print(f"store check: {check['acknowledged']} acknowledged, {check['lost']} lost")
-    result = {"machine": machine(), "foreign_cpu_share": foreign, "prompts": info,
-              "settings": {"variant": args.variant, "seconds": args.seconds, "max_tokens": args.max_tokens,
-                           "max_batch": args.max_batch, "prompt_tokens_mean": prompt_tokens},
-              "levels": rows, "store_check": check, "monitor": drift}
+        for engine in engines:
+            result["engines"][engine] = run_engine(engine, args, prompts, eos_ids, gguf, Path(tmp))
     write_docs(result, Path(args.docs))
-    if check["lost"]:
+    check = result["engines"].get("ligero", {}).get("store_check")
+    if check and check["lost"]:
         raise SystemExit(f"{check['lost']} acknowledged responses are missing from the store")
 
 

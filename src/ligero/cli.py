@@ -13,6 +13,17 @@ from ligero.errors import LigeroError
 from ligero.models.registry import DEFAULT_MODEL
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -519,7 +530,8 @@ def cmd_serve(args) -> int:
                        store_url=args.store, card=args.card, guardrails_file=args.guardrails,
                        api_keys_file=args.api_keys_file,
                        segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
-                       experiment=args.experiment, max_batch=args.max_batch, keep_text=args.keep_text,
+                       experiment=args.experiment, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                       prefill_chunk=args.prefill_chunk, keep_text=args.keep_text,
                        device=args.device, public_metrics=args.public_metrics, body_timeout_s=args.body_timeout,
                        watermark_file=args.watermark, vision=args.vision is not None,
                        vision_adapter=None if args.vision in (None, "shipped") else args.vision)
@@ -595,7 +607,12 @@ def _add_serve_command(sub) -> None:
                                            "no keys = no auth")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="requests decoded together: the continuous batch's rows (default 8)")
+    p.add_argument("--max-waiting", type=_count, default=64,
+                   help="requests that may wait for a free row; more are answered 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=128,
+                   help="prompt tokens fed between two decode steps while other requests decode (default 128)")
     p.add_argument("--keep-text", action="store_true", help="store output texts too (default: statistics only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--public-metrics", action="store_true",

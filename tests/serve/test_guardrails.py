@@ -466,3 +466,38 @@ def test_needs_scoring_says_when_the_scorer_will_run():
         guard.push(text, final)
         assert (len(calls) > before) == expected, (text, final)
     assert not OutputGuard(Guardrails(toxicity=None)).needs_scoring("Hello ", False)
+
+
+def test_a_batch_scorer_scores_concurrent_callers_in_shared_calls():
+    import threading
+    import time
+
+    from ligero.serve.guardrails import BatchScorer
+
+    calls = []
+
+    def slow_scorer(texts):
+        calls.append(list(texts))
+        time.sleep(0.05)  # long enough that the other callers queue up meanwhile
+        return [float(len(t)) for t in texts]
+
+    scorer = BatchScorer(slow_scorer)
+    results = {}
+
+    def ask(i):
+        results[i] = scorer(["x" * i, "y" * (i + 1)])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: [float(i), float(i + 1)] for i in range(8)}  # each caller gets its own scores
+    assert scorer.calls == len(calls) < 8  # fewer classifier calls than callers
+    assert sum(len(c) for c in calls) == 16
+
+    def broken(texts):
+        raise RuntimeError("classifier failed")
+
+    with pytest.raises(RuntimeError, match="classifier failed"):
+        BatchScorer(broken)(["a"])

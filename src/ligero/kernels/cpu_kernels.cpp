@@ -2285,8 +2285,8 @@ inline void add_rows(torch::Tensor& x, const torch::Tensor& h_in) {  // x += h, 
 struct StepInputs {  // one layer kind's share of a step (RoPE rows, the mask over the cache after the write)
   const float* cos;
   const float* sin;
-  torch::Tensor mask;  // [B, 1, 1, S] bool
-  int64_t slot;        // cache slot this step writes
+  torch::Tensor mask;   // [B, 1, 1, S] bool
+  const int64_t* slot;  // [B]: the cache slot each row writes (rows of a continuous batch sit at their own positions)
 };
 
 // fp-contract off: torch rounds the products before the sum, so must this (no fused multiply-add)
@@ -2320,15 +2320,24 @@ class DecodeStep {
   }
 
   // x: [B, C] embedded tokens -> [B, C] after every layer. cos/sin: [B, D] per kind; mask: [B, 1, 1, S]
-  // bool over the cache as it is after this step's write; slot: where this step writes.
-  torch::Tensor run(torch::Tensor x, torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor mask_g, int64_t slot_g,
-                    torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor mask_l, int64_t slot_l) {
+  // bool over the cache as it is after this step's write; slots: [B] int64, where each row writes.
+  torch::Tensor run(torch::Tensor x, torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor mask_g,
+                    torch::Tensor slots_g, torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor mask_l,
+                    torch::Tensor slots_l) {
     TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "DecodeStep.run: x must be [B, C] fp32");
     x = x.contiguous().clone();
     cos_g = cos_g.contiguous(); sin_g = sin_g.contiguous(); cos_l = cos_l.contiguous(); sin_l = sin_l.contiguous();
     mask_g = mask_g.contiguous(); mask_l = mask_l.contiguous();
-    const StepInputs global{cos_g.data_ptr<float>(), sin_g.data_ptr<float>(), mask_g, slot_g};
-    const StepInputs local{cos_l.data_ptr<float>(), sin_l.data_ptr<float>(), mask_l, slot_l};
+    slots_g = slots_g.to(torch::kInt64).contiguous(); slots_l = slots_l.to(torch::kInt64).contiguous();
+    TORCH_CHECK(slots_g.numel() == x.size(0) && slots_l.numel() == x.size(0), "DecodeStep.run: one slot per row");
+    const StepInputs global{cos_g.data_ptr<float>(), sin_g.data_ptr<float>(), mask_g, slots_g.data_ptr<int64_t>()};
+    const StepInputs local{cos_l.data_ptr<float>(), sin_l.data_ptr<float>(), mask_l, slots_l.data_ptr<int64_t>()};
+    for (const auto& layer : layers_) {  // a slot outside the cache would write past it
+      const int64_t n = layer.k_cache.size(2);
+      TORCH_CHECK(layer.k_cache.size(0) == x.size(0), "DecodeStep.run: the cache has another number of rows");
+      const int64_t* sl = layer.local ? local.slot : global.slot;
+      for (int64_t b = 0; b < x.size(0); ++b) TORCH_CHECK(sl[b] >= 0 && sl[b] < n, "DecodeStep.run: slot out of range");
+    }
     // Scratch reused by every layer: the normalized input and attention's output (no allocation per layer)
     Scratch scratch{torch::empty_like(x), torch::empty({x.size(0), H_ * D_}, x.options())};
     if (python_calls_) {  // a projection runs in Python: keep the GIL
@@ -2387,8 +2396,8 @@ class DecodeStep {
     float* vc = L.v_cache.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < K; ++g) {
-        std::memcpy(kc + ((b * K + g) * N + in.slot) * D, qp + (b * W + H + g) * D, D * sizeof(float));
-        std::memcpy(vc + ((b * K + g) * N + in.slot) * D, qp + (b * W + H + K + g) * D, D * sizeof(float));
+        std::memcpy(kc + ((b * K + g) * N + in.slot[b]) * D, qp + (b * W + H + g) * D, D * sizeof(float));
+        std::memcpy(vc + ((b * K + g) * N + in.slot[b]) * D, qp + (b * W + H + K + g) * D, D * sizeof(float));
       }
     // attention straight from the qkv buffer and the cache: q [B, H, 1, D] rows of qkv, keys [B, K, S, D]
     const int64_t S = in.mask.size(3);

@@ -487,15 +487,18 @@ class Transformer(nn.Module):
         step = kv_cache.begin(positions)
         start, kinds = step.global_slots.start, set(self.cfg.layer_types)
         rope_pos = positions[:, 0].clamp(min=0)
-        args = []
+        B, args = positions.shape[0], []
         for kind in (GLOBAL, LOCAL):
             if kind not in kinds:
-                args += [x[:, 0, :0], x[:, 0, :0], torch.ones(1, 1, 1, 1, dtype=torch.bool), 0]
+                args += [x[:, 0, :0], x[:, 0, :0], torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.zeros(B)]
                 continue
             cos, sin = self.rope(kind, positions.device)[:, rope_pos]  # [B, D] each
-            slot = start if kind == GLOBAL else start % kv_cache.window
+            if step.row_slots is not None:  # rows at their own positions (SlotKVCache)
+                slots = step.row_slots[kind]
+            else:  # every row writes the step's slot
+                slots = torch.full((B,), start if kind == GLOBAL else start % kv_cache.window, dtype=torch.long)
             window = self.cfg.sliding_window if kind == LOCAL else None
-            args += [cos, sin, attention_mask(positions, step.key_positions[kind], window), slot]
+            args += [cos, sin, attention_mask(positions, step.key_positions[kind], window), slots]
         x = plan.run(x[:, 0], *args)[:, None]
         kv_cache.commit(step)
         return x
@@ -523,7 +526,7 @@ def native_decode_plan(model: Transformer, kv_cache: KVCacheBase | None):
     layer by layer: another cache kind or KV format (packed KV), more than MAX_KERNEL_ROWS rows, autograd, forward hooks
     inside the layers (they must see each module's call), experts (an MoE layer routes in Python), no kernels, or
     LIGERO_DECODE_STEP=layers."""
-    if model.cfg.n_experts or type(kv_cache) is not KVCache or kv_cache.k[0].shape[0] > MAX_KERNEL_ROWS \
+    if model.cfg.n_experts or not getattr(type(kv_cache), "NATIVE", False) or kv_cache.k[0].shape[0] > MAX_KERNEL_ROWS \
             or torch.is_grad_enabled() \
             or type(model.kv_format) is not KVFormat:  # a packed KV format's attention reads its own rounding
         return None
@@ -568,12 +571,15 @@ class CacheStep:
     key_positions: dict[str, torch.Tensor]  # kind -> [B, S]
     global_slots: slice  # slots of the static (global-layer) cache this step writes
     n_stored: dict[str, int] = field(default_factory=dict)  # kind -> leading packed keys (none: 0)
+    row_slots: dict[str, torch.Tensor] | None = None  # kind -> [B] slot per row, where rows write different slots
 
 
 class KVCacheBase(ABC):
     """What attention needs from a KV cache: `begin` a step, `update` a layer (store this step's K/V and return
-    every key and value the step reads), `commit` the step. Implemented by KVCache (full precision) and by
-    quant/kv.py's packed cache."""
+    every key and value the step reads), `commit` the step. Implemented by KVCache (full precision), by
+    models/slots.py's SlotKVCache (rows at their own positions) and by quant/kv.py's packed cache."""
+
+    NATIVE = False  # True: fp32 tensors k[i] / v[i] [B, K, N, D] the native decode step may write and read
 
     @abstractmethod
     def begin(self, positions: torch.Tensor) -> CacheStep: ...
@@ -628,6 +634,8 @@ class KVCache(KVCacheBase):
     the buffer and attention reads the buffer (the slot it overwrites held a key already outside the window);
     a longer step reads the buffer as it was before the step plus the new keys, so steps past the window stay
     exact."""
+
+    NATIVE = True
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
         self.cfg, self.max_len, self.length = cfg, max_len, 0

@@ -1,10 +1,15 @@
-"""One served variant: a model, its tokenizer and a worker thread that batches concurrent requests.
+"""One served variant: a model, its tokenizer and a worker thread that decodes every request of that variant.
 
-Dynamic batching: the worker takes the first waiting request, waits up to `batch_wait_s` for more (at most
-`max_batch`), and decodes them together with `BatchGeneration` (one forward pass per step for the whole batch, each
-row with its own sampling settings, random stream and token budget). A row leaves the batch as soon as it finishes
-(EOS, budget, a stop string, a guardrail, a client that went away); requests that arrive meanwhile wait for the next
-batch. On a CPU, decoding 8 rows costs about 2.6x one row (SmolLM2), so throughput grows with concurrency.
+Continuous batching (models with a full-precision KV cache): a request joins the running batch at the next decode
+step. The worker admits waiting requests into free rows of a `ContinuousBatch`, feeds their prompts at most
+`prefill_chunk` tokens between two decode steps (a long prompt does not stall the rows already decoding; with no row
+decoding, prompts are fed whole), and runs one forward pass per step for every ready row, each with its own sampling
+settings, random stream and token budget. A row frees the step it finishes (EOS, budget, a stop string, a guardrail,
+a client that went away) and the next waiting request takes it. Models whose KV cache is packed (KIVI) keep dynamic
+batching: a batch forms from the requests waiting, and requests that arrive meanwhile wait for the next batch.
+
+Back-pressure: at most `max_waiting` requests wait for a row; `submit` refuses more with `EngineBusy` (the server
+answers 429 with Retry-After).
 
 Requests talk to the worker through `Job`: the worker pushes ("token", id, logprob, alternatives) and ("end", reason)
 events into the job's asyncio queue (thread-safe via the event loop; alternatives are the job's `top_logprobs` most
@@ -15,6 +20,7 @@ sets to stop its row (a stop string, a blocked output or a disconnect).
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -24,6 +30,8 @@ import torch
 
 from ligero.errors import LigeroError
 from ligero.models.generate import BatchGeneration, SamplingConfig
+from ligero.models.slots import ContinuousBatch, RowRequest
+from ligero.models.transformer import KVFormat
 
 
 @dataclass
@@ -46,36 +54,165 @@ class Job:
             pass
 
 
+class EngineBusy(LigeroError):
+    """The engine's waiting queue is full: the request is refused, not queued (HTTP 429)."""
+
+
 class Engine:
     """The worker of one variant. `submit` is thread-safe; `stats` feeds /metrics."""
 
     def __init__(self, name: str, model, tokenizer, max_batch: int = 8, batch_wait_s: float = 0.005,
-                 compute_lock: threading.Lock | None = None):
+                 compute_lock: threading.Lock | None = None, max_waiting: int = 64, prefill_chunk: int = 128):
         if max_batch < 1:
             raise LigeroError(f"--max-batch must be >= 1, got {max_batch}")
+        if max_waiting < 0:
+            raise LigeroError(f"--max-waiting must be >= 0, got {max_waiting}")
+        if prefill_chunk < 1:
+            raise LigeroError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.max_waiting, self.prefill_chunk = max_waiting, prefill_chunk
+        self.continuous = type(model.kv_format) is KVFormat  # a packed KV cache keeps dynamic batching
         self.waiting: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0  # batches run so far
-        self.running = 0  # rows in the batch being decoded now
+        self.pending: collections.deque[Job] = collections.deque()  # taken from `waiting`, no free row yet
+        self.batches = 0  # dynamic: batches run so far; continuous: decode steps run
+        self.running = 0  # rows holding a request now
+        self.stepped_rows = 0  # rows summed over the decode steps (busy rows per step = stepped_rows / batches)
+        self.cache_tokens, self.cache_capacity = 0, 0  # KV cache positions held / available (continuous)
+        self.reused_tokens = 0  # prompt tokens whose keys a row still held (prefix reuse), not prefilled again
         # Engines of one server share the CPU: each forward step holds this lock, so variants take turns step by
         # step instead of oversubscribing the cores.
         self.compute_lock = compute_lock or threading.Lock()
-        self._thread = threading.Thread(target=self._work, name=f"ligero-engine-{name}", daemon=True)
-        self._thread.start()
+        self.wake = threading.Event()  # set on every submit: a shared runner (run_engines) waits on it
+        self._batch: ContinuousBatch | None = None  # continuous: the rows, their jobs, open until close()
+        self._jobs: dict[int, Job] = {}
+        self._open = True
+        self._thread: threading.Thread | None = None
+        self._external = False  # True once run_engines drives this engine from its caller's thread
+        self._start_lock = threading.Lock()
+
+    def _ensure_worker(self) -> None:
+        """A worker thread of the engine's own, started with the first request unless run_engines drives it."""
+        with self._start_lock:
+            if self._thread is None and not self._external:
+                target = self._work_continuous if self.continuous else self._work
+                self._thread = threading.Thread(target=target, name=f"ligero-engine-{self.name}", daemon=True)
+                self._thread.start()
 
     def submit(self, job: Job) -> None:
+        """Queue a request; EngineBusy when `max_waiting` requests already wait for a row."""
+        if self.queue_depth >= self.max_waiting + max(0, self.max_batch - self.running):
+            raise EngineBusy(f"{self.queue_depth} requests are waiting for variant {self.name}")
+        self._ensure_worker()
         self.waiting.put(job)
+        self.wake.set()
 
     def close(self) -> None:
         self.waiting.put(None)
-        self._thread.join(timeout=30)
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     @property
     def queue_depth(self) -> int:
-        return self.waiting.qsize()
+        """Requests waiting for a row (llama.cpp's requests_deferred)."""
+        return self.waiting.qsize() + len(self.pending)
 
-    # --- worker thread ------------------------------------------------------------------------------------------
+    @property
+    def busy_per_step(self) -> float:
+        return self.stepped_rows / self.batches if self.batches else 0.0
+
+    # --- continuous batching (worker thread) ----------------------------------------------------------------
+
+    def _take_waiting(self, block: bool) -> bool:
+        """Move submitted jobs to `pending` (blocking for the first when `block`); False once close() was called."""
+        try:
+            job = self.waiting.get() if block else self.waiting.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if job is None:
+                return False
+            self.pending.append(job)
+            try:
+                job = self.waiting.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _work_continuous(self) -> None:
+        torch.set_flush_denormal(True)  # per thread: denormals make SmolLM2 ~20x slower on CPU
+        while self.work_once(block=True):
+            pass
+
+    def work_once(self, block: bool = False) -> bool:
+        """One round of continuous batching: take new requests, admit them into free rows, feed prompts, run one
+        decode step. `block`: wait for a request when there is nothing to do. False once closed and drained."""
+        if self._batch is None:
+            tok = self.tokenizer
+            self._batch = ContinuousBatch(self.model, self.max_batch, tok.eos_ids, tok.pad_id)
+        batch, jobs = self._batch, self._jobs
+        if not self._open and not jobs:
+            return False
+        if self._open:
+            self._open = self._take_waiting(block=block and not jobs and not self.pending)
+        try:
+            self._admit(batch, jobs)
+            self._continuous_step(batch, jobs)
+        except Exception as exc:  # a bug must not kill the worker: fail these requests, keep serving
+            for row, job in list(jobs.items()):
+                job.emit("error", f"{type(exc).__name__}: {exc}")
+                batch.release(row)
+            jobs.clear()
+            batch.forget()
+        self.running = len(jobs)
+        self.cache_tokens, self.cache_capacity = batch.cache.tokens(), batch.cache.capacity * self.max_batch
+        self.reused_tokens = batch.reused_tokens
+        if not self._open and not jobs:
+            for job in self.pending:  # closed with requests still waiting: tell them
+                job.emit("error", "the server is shutting down")
+            self.pending.clear()
+            return False
+        return True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do until a request arrives."""
+        return not self._jobs and not self.pending and self.waiting.empty()
+
+    def _admit(self, batch: ContinuousBatch, jobs: dict[int, Job]) -> None:
+        while self.pending and batch.free:
+            job = self.pending.popleft()
+            if job.cancelled.is_set():  # gone while waiting: it never takes a row
+                job.emit("end", "cancelled")
+                continue
+            request = RowRequest(job.prompt_ids, job.max_new_tokens, job.sampling, job.top_logprobs,
+                                 job.prompt_embeds)
+            try:
+                jobs[batch.admit(request)] = job
+            except LigeroError as exc:
+                job.emit("error", str(exc))
+
+    @torch.inference_mode()
+    def _continuous_step(self, batch: ContinuousBatch, jobs: dict[int, Job]) -> None:
+        for row, job in jobs.items():
+            if job.cancelled.is_set():
+                batch.finish(row, "cancelled")
+        decoding = any(s is not None and s.ready for s in batch.rows)
+        if batch.prefilling:  # rows already decoding get one step per chunk; alone, a prompt goes in whole
+            with self.compute_lock:
+                batch.prefill(self.prefill_chunk if decoding else None)
+        with self.compute_lock:
+            produced = batch.step()
+        for row, token, logprob in produced:
+            jobs[row].emit("token", token, logprob, batch.alternatives.get(row))
+        if produced:
+            self.batches, self.stepped_rows = batch.steps, batch.stepped_rows
+        for row, reason in batch.reasons.items():
+            if reason is not None:
+                jobs.pop(row).emit("end", reason)
+                batch.release(row)
+
+    # --- dynamic batching (packed KV caches) ----------------------------------------------------------------
 
     def _next_batch(self) -> list[Job] | None:
         first = self.waiting.get()
@@ -111,7 +248,6 @@ class Engine:
     @torch.inference_mode()
     def _decode(self, batch: list[Job]) -> None:
         tok = self.tokenizer
-        self.batches += 1
         self.running = len(batch)
         try:
             with self.compute_lock:
@@ -126,6 +262,8 @@ class Engine:
                         gen.finish(i, "cancelled")
                 with self.compute_lock:
                     produced = gen.step()
+                self.batches += 1
+                self.stepped_rows += len(produced)
                 for i, token, logprob in produced:
                     batch[i].emit("token", token, logprob, gen.alternatives.get(i))
                 for i, reason in enumerate(gen.reasons):
@@ -136,3 +274,30 @@ class Engine:
                     return
         finally:
             self.running = 0
+
+
+def run_engines(engines: list[Engine], stop: threading.Event) -> None:
+    """Drive the continuous engines from the calling thread, round-robin, one work round each, until `stop` is set.
+
+    `ligero serve` calls this from the main thread (the HTTP server runs in another): a process's first thread that
+    runs OpenMP regions keeps a team whose workers spin between them, while each further thread that runs the
+    kernels adds its own team, and libgomp then throttles every team's spinning (more OpenMP threads than cores),
+    so each parallel region waits for a sleeping worker: decode measured about 2.5x slower in a second thread.
+    Engines with a packed KV cache keep their own threads."""
+    torch.set_flush_denormal(True)
+    mine = [e for e in engines if e.continuous]
+    for engine in mine:
+        with engine._start_lock:
+            if engine._thread is not None and not engine._external:
+                raise LigeroError(f"engine {engine.name} already has a worker thread")
+            engine._external = True
+    live = list(mine)
+    while live and not stop.is_set():
+        for engine in list(live):
+            engine.wake.clear()
+            if not engine.work_once(block=False):
+                live.remove(engine)
+        if all(e.idle for e in live):
+            for engine in live:  # any submit sets its engine's event; wait on one, poll the others briefly
+                if engine.wake.wait(timeout=0.05 / max(1, len(live))):
+                    break

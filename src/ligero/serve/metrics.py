@@ -1,5 +1,7 @@
 """Prometheus series of `ligero serve` (GET /metrics): requests, latency, time to first token, tokens, guardrail
-actions and feedback, plus the engines' queue depth, batch rows and batch count read at scrape time."""
+actions and feedback, plus each engine's state read at scrape time, named after llama.cpp server's gauges where they
+mean the same: requests processing (rows held) and deferred (waiting for a row), busy rows per decode step, KV cache
+use, decode steps run."""
 
 from __future__ import annotations
 
@@ -35,17 +37,30 @@ class Metrics:
 
 
 class EngineCollector:
-    """Engine state read at scrape time: waiting requests, rows being decoded, batches decoded so far."""
+    """Engine state read at scrape time."""
 
     def __init__(self, engines: dict[str, Engine]):
         self.engines = engines
 
     def collect(self):
-        depth = GaugeMetricFamily("ligero_queue_depth", "Requests waiting for a batch", labels=["variant"])
-        rows = GaugeMetricFamily("ligero_batch_rows", "Rows in the batch being decoded now", labels=["variant"])
-        batches = CounterMetricFamily("ligero_batches", "Batches decoded", labels=["variant"])
-        for name, engine in self.engines.items():
-            depth.add_metric([name], engine.queue_depth)
-            rows.add_metric([name], engine.running)
-            batches.add_metric([name], engine.batches)
-        yield from (depth, rows, batches)
+        processing = GaugeMetricFamily("ligero_requests_processing", "Requests holding a batch row now",
+                                       labels=["variant"])
+        deferred = GaugeMetricFamily("ligero_requests_deferred", "Requests waiting for a batch row",
+                                     labels=["variant"])
+        busy = GaugeMetricFamily("ligero_busy_slots_per_decode", "Mean rows decoded per decode step since start",
+                                 labels=["variant"])
+        kv_tokens = GaugeMetricFamily("ligero_kv_cache_tokens", "Positions held in the KV cache", labels=["variant"])
+        kv_ratio = GaugeMetricFamily("ligero_kv_cache_usage_ratio", "KV cache positions held / allocated",
+                                     labels=["variant"])
+        steps = CounterMetricFamily("ligero_decode_steps", "Decode steps run", labels=["variant"])
+        reused = CounterMetricFamily("ligero_prompt_tokens_reused", "Prompt tokens whose keys a batch row still "
+                                     "held (a shared prefix), not prefilled again", labels=["variant"])
+        for name, e in self.engines.items():
+            processing.add_metric([name], e.running)
+            deferred.add_metric([name], e.queue_depth)
+            busy.add_metric([name], e.busy_per_step)
+            kv_tokens.add_metric([name], e.cache_tokens)
+            kv_ratio.add_metric([name], e.cache_tokens / e.cache_capacity if e.cache_capacity else 0.0)
+            steps.add_metric([name], e.batches)
+            reused.add_metric([name], e.reused_tokens)
+        yield from (processing, deferred, busy, kv_tokens, kv_ratio, steps, reused)

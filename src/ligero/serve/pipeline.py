@@ -33,8 +33,9 @@ from ligero.models.generate import SamplingConfig
 from ligero.serve.abtest import assign, segment_of
 from ligero.serve.access import AccessControl, AuthError
 from ligero.serve.config import ServerConfig
-from ligero.serve.engine import Job
+from ligero.serve.engine import EngineBusy, Job
 from ligero.serve.guardrails import (
+    BatchScorer,
     Decision,
     Guardrails,
     OutputGuard,
@@ -74,6 +75,7 @@ MAX_USER_CHARS = 256
 MAX_LENGTH_DIGITS = 18  # a Content-Length longer than this is refused without parsing (or echoing) it
 FINISH = {"eos": "stop", "length": "length"}  # the engine's reasons -> OpenAI's finish_reason
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the answer
+BUSY_RETRY_S = 1  # Retry-After of a 429 for a full waiting queue
 
 
 def authenticate(access: AccessControl, request: Request) -> str | None:
@@ -195,6 +197,7 @@ class RequestPipeline:
         self.cfg, self.metrics, self.access = cfg, metrics, access
         self.experiment = cfg.experiment()
         self.model_names = cfg.model_names()
+        self.scorer = BatchScorer(score_texts)  # concurrent requests' toxicity checks share classifier calls
 
     # --- prepare -----------------------------------------------------------------------------------------------
 
@@ -375,7 +378,7 @@ class RequestPipeline:
     def new_outcome(self, p: Prepared) -> Outcome:
         tracker = (None if p.top_logprobs is None else
                    LogprobTracker(self.cfg.tokenizer, p.top_logprobs, chat=p.endpoint == "chat"))
-        return Outcome(OutputGuard(self.cfg.guardrails, score_texts), tracker)
+        return Outcome(OutputGuard(self.cfg.guardrails, self.scorer), tracker)
 
     async def _next_events(self, job: Job) -> list[tuple]:
         # Take every event already waiting: one decode and one guard check for all of them keeps this thread's
@@ -385,14 +388,26 @@ class RequestPipeline:
             events.append(job.events.get_nowait())
         return events
 
-    async def generate(self, p: Prepared, out: Outcome) -> AsyncIterator[str]:
-        """Yield released text deltas; `out` holds tokens, log-probs and, at the end, the finish reason."""
+    async def submit(self, p: Prepared) -> Job:
+        """Hand the request to its variant's engine; a 429 (recorded) when too many requests already wait."""
         engine = self.cfg.variants[p.variant].engine
         job = Job(p.prompt_ids, p.max_tokens, p.sampling, asyncio.get_running_loop(), p.top_logprobs or 0,
                   prompt_embeds=p.prompt_embeds)
+        try:
+            engine.submit(job)
+        except EngineBusy as exc:
+            decision = Decision("queue_full", "block", f"{engine.queue_depth} waiting, limit {engine.max_waiting}")
+            r = Rejection(p.endpoint, p.request_id, decision, model=p.model_name.partition(":")[0],
+                          variant=p.variant, api_key_id=p.api_key_id, user=p.user, prompt_tokens=len(p.prompt_ids))
+            raise await self.reject(r, ApiError(429, f"the server is busy ({exc}); retry after {BUSY_RETRY_S} s",
+                                                "server_busy", headers={"Retry-After": str(BUSY_RETRY_S)})) from None
+        return job
+
+    async def generate(self, p: Prepared, out: Outcome, job: Job) -> AsyncIterator[str]:
+        """Yield released text deltas of a submitted job; `out` holds tokens, log-probs and, at the end, the finish
+        reason."""
         hold = max([len(s) - 1 for s in p.stops] + [0])  # text that could still grow into a stop string
         reason = None
-        engine.submit(job)
         try:
             while reason is None:
                 for event in await self._next_events(job):
@@ -432,7 +447,7 @@ class RequestPipeline:
         guard, tokens, logprobs = out.guard, out.tokens, out.logprobs
         latency_ms = 1000 * (time.perf_counter() - p.started)
         decisions = p.decisions + guard.decisions
-        tox = guard.score if guard.score is not None else (await asyncio.to_thread(score_texts, [out.full_text]))[0]
+        tox = guard.score if guard.score is not None else (await asyncio.to_thread(self.scorer, [out.full_text]))[0]
         status = "blocked" if guard.blocked else "ok"
 
         def write():
@@ -499,13 +514,13 @@ class RequestPipeline:
             event = Completion(**base, choices=choices)
         return sse(event.model_dump_json())
 
-    async def events(self, p: Prepared, out: Outcome) -> AsyncIterator[str]:
+    async def events(self, p: Prepared, out: Outcome, job: Job) -> AsyncIterator[str]:
         """The stream of one request; its records are committed before the final chunk."""
         finished = False
         try:
             if p.endpoint == "chat":
                 yield self.chunk(p, None, first=True)
-            async for delta in self.generate(p, out):
+            async for delta in self.generate(p, out, job):
                 yield self.chunk(p, delta, logprobs=out.take_logprobs(final=False))
             await self.commit(p, out)
             finished = True
@@ -523,10 +538,11 @@ class RequestPipeline:
     async def respond(self, request: Request, endpoint: str) -> Response:
         p = await self.prepare(request, endpoint)
         out = self.new_outcome(p)
+        job = await self.submit(p)
         if p.stream:
-            return StreamingResponse(self.events(p, out), media_type="text/event-stream",
+            return StreamingResponse(self.events(p, out, job), media_type="text/event-stream",
                                      headers={**p.headers, "Cache-Control": "no-cache"})
-        text = "".join([delta async for delta in self.generate(p, out)])
+        text = "".join([delta async for delta in self.generate(p, out, job)])
         await self.commit(p, out)
         return JSONResponse(self.answer(p, out, text), headers=p.headers)
 

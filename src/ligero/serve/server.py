@@ -16,7 +16,7 @@ from ligero.serve.abtest import SegmentRule
 from ligero.serve.access import ApiKeys
 from ligero.serve.app import create_app
 from ligero.serve.config import BODY_TIMEOUT_S, RequestDefaults, ServerConfig, Variant
-from ligero.serve.engine import Engine
+from ligero.serve.engine import Engine, run_engines
 from ligero.serve.guardrails import Guardrails, guardrails_from_card, load_guardrails
 from ligero.serve.store import DEFAULT_URL, Store, default_server_id
 from ligero.watermark import Watermarker, load_key
@@ -48,7 +48,8 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
                  segment_rules: list[SegmentRule] | None = None, experiment: str | None = None, max_batch: int = 8,
                  keep_text: bool = False, device: str = "cpu", public_metrics: bool = False,
                  body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None,
-                 vision: bool = False, vision_adapter: str | None = None) -> ServerConfig:
+                 vision: bool = False, vision_adapter: str | None = None, max_waiting: int = 64,
+                 prefill_chunk: int = 128) -> ServerConfig:
     """Everything `ligero serve` needs; every input is checked before any model is loaded. With a card, requests
     that leave out temperature, top_p or max_tokens get the card's reference-profile settings. With a watermark
     key file, every response is marked with that key (the secret stays in this process; records name the key id).
@@ -65,6 +66,11 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
     defaults = RequestDefaults.from_card(card_data, str(card)) if card_data is not None else RequestDefaults()
     if not body_timeout_s > 0:
         raise LigeroError(f"--body-timeout must be a number of seconds > 0, got {body_timeout_s}")
+    engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
+    for option, value, least in (("--max-batch", max_batch, 1), ("--max-waiting", max_waiting, 0),
+                                 ("--prefill-chunk", prefill_chunk, 1)):
+        if value < least:
+            raise LigeroError(f"{option} must be at least {least}, got {value}")
     if not variants:
         variants = [card_data["identity"]["variant"]] if card_data else [BASELINE]
         finetune = (card_data or {}).get("format", {}).get("finetune")
@@ -88,7 +94,7 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
         raise LigeroError(f"--split has {len(split)} shares for {len(parsed)} variants; give one per --variant")
     if vision:
         return _vision_config(parsed, vision_adapter, key, watermark_file, guardrails, split, experiment,
-                              segment_rules, store_url, keep_text, max_batch, device, defaults, api_keys_file,
+                              segment_rules, store_url, keep_text, engine_options, device, defaults, api_keys_file,
                               public_metrics, body_timeout_s)
     if model_id not in REGISTRY and not Path(model_id).expanduser().exists():
         raise LigeroError(f"model {model_id!r} not found; use a registry id ({', '.join(REGISTRY)}) or a path")
@@ -102,7 +108,8 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
         if loaded.tokenizer is None:
             raise LigeroError(f"{spec} has no tokenizer; serve a model with tokenizer.json or a GGUF file")
         tokenizer, context = loaded.tokenizer, loaded.model.cfg.max_seq_len
-        served[name] = Variant(name, spec, Engine(name, loaded.model, loaded.tokenizer, max_batch, compute_lock=lock))
+        served[name] = Variant(name, spec, Engine(name, loaded.model, loaded.tokenizer, compute_lock=lock,
+                                                          **engine_options))
     watermark = None
     if key is not None:
         key.check_tokenizer(tokenizer, model_id, f"the watermark key {watermark_file}")
@@ -118,7 +125,7 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
 
 
 def _vision_config(parsed, adapter, key, watermark_file, guardrails, split, experiment, segment_rules, store_url,
-                   keep_text, max_batch, device, defaults, api_keys_file, public_metrics, body_timeout_s):
+                   keep_text, engine_options, device, defaults, api_keys_file, public_metrics, body_timeout_s):
     from ligero.eval.variants import build_vision_variant
     from ligero.vision.images import DEFAULT_LIMITS
     from ligero.vision.pretrained import DEFAULT_ADAPTER, read_adapter
@@ -136,7 +143,7 @@ def _vision_config(parsed, adapter, key, watermark_file, guardrails, split, expe
     for name, spec in parsed:
         log.warning("loading vision variant %s (%s)", name, spec)
         vlm = build_vision_variant(adapter, spec, device=device)
-        served[name] = Variant(name, spec, Engine(name, vlm.lm, vlm.tokenizer, max_batch, compute_lock=lock),
+        served[name] = Variant(name, spec, Engine(name, vlm.lm, vlm.tokenizer, compute_lock=lock, **engine_options),
                                vision=vlm)
     tokenizer = next(iter(served.values())).vision.tokenizer
     watermark = None
@@ -153,6 +160,11 @@ def _vision_config(parsed, adapter, key, watermark_file, guardrails, split, expe
 
 
 def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """Run the HTTP server in a thread and the engines' decoding in this (the main) thread, where the models were
+    loaded: see engine.run_engines for why decoding belongs to the process's first thread. SIGTERM / SIGINT stop
+    both; a server that cannot start (its port taken) ends the process with code 1."""
+    import signal
+
     import uvicorn
 
     kernel_path = warm_kernels()  # build / load the CPU kernels now: the first request must not pay for it
@@ -165,10 +177,26 @@ def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
     print(f"ligero serve: requests that leave them out get {cfg.defaults.describe()}", flush=True)
     if cfg.watermark is not None:
         print(f"ligero serve: every response is watermarked with key {cfg.watermark.key_id}", flush=True)
+    web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    http_thread = threading.Thread(target=web.run, name="ligero-http", daemon=True)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    engines = [v.engine for v in cfg.variants.values()]
+    http_thread.start()
+    watcher = threading.Thread(target=lambda: (http_thread.join(), stop.set()), daemon=True)
+    watcher.start()  # the HTTP server ended (it could not bind its port, say): stop decoding too
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        run_engines(engines, stop)
+        stop.wait()
     finally:
-        for v in cfg.variants.values():
-            v.engine.close()
+        web.should_exit = True  # the HTTP server drains its requests; keep decoding for them meanwhile
+        drained = threading.Event()
+        threading.Thread(target=lambda: (http_thread.join(timeout=30), drained.set()), daemon=True).start()
+        run_engines(engines, drained)
+        drained.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for engine in engines:
+            engine.close()
         cfg.store.close()
-    return 0
+    return 0 if web.started else 1

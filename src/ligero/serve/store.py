@@ -57,7 +57,8 @@ ENDPOINTS = ("completions", "chat")
 STATUSES = ("ok", "blocked", "error")
 GUARDRAIL_ACTIONS = ("none", "block", "redact", "flag")  # what happened to a response
 RULES = ("max_body_bytes", "max_prompt_tokens", "max_new_tokens", "toxicity", "banned_pattern", "rate_limit",
-         "max_images", "image")  # image: a refused image (unreadable, too many bytes or pixels, a network URL)
+         "max_images", "image",  # image: a refused image (unreadable, too many bytes or pixels, a network URL)
+         "queue_full")  # the variant's waiting queue was full (back-pressure: 429)
 EVENT_ACTIONS = ("block", "redact", "flag", "clip")  # what one guardrail event did
 FEEDBACK_SOURCES = ("human", "model", "code")
 FEEDBACK_TYPES = ("boolean", "numeric", "categorical")

@@ -1,0 +1,157 @@
+"""The serving engine's continuous batching, driven as the request pipeline drives it (Jobs and their events), on
+tiny random models: joins mid-batch, equality with single requests, cancellation freeing a row, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from ligero.models.generate import BatchGeneration, SamplingConfig
+from ligero.serve.engine import Engine, EngineBusy, Job
+
+TOKENIZER = SimpleNamespace(eos_ids=[], pad_id=0)
+
+
+async def _collect(job: Job, log: list | None = None) -> tuple[list[int], str]:
+    """The job's tokens and finish reason; each event also appended to `log` as (time, job id, kind)."""
+    tokens = []
+    while True:
+        event = await asyncio.wait_for(job.events.get(), 60)
+        if log is not None:
+            log.append((time.perf_counter(), id(job), event[0]))
+        if event[0] == "token":
+            tokens.append(event[1])
+        elif event[0] == "end":
+            return tokens, event[1]
+        else:
+            raise AssertionError(f"engine error: {event}")
+
+
+def _job(prompt, n, sampling=None) -> Job:
+    return Job(prompt, n, sampling or SamplingConfig(), asyncio.get_running_loop())
+
+
+def _alone(model, prompt, n, sampling=None) -> list[int]:
+    gen = BatchGeneration(model, [prompt], n, [sampling or SamplingConfig()])
+    while not gen.done:
+        gen.step()
+    return gen.tokens[0]
+
+
+def test_engine_decodes_continuously_and_each_request_equals_its_single_run(tiny_pair):
+    _, model, _ = tiny_pair
+    engine = Engine("t", model, TOKENIZER, max_batch=2)
+    assert engine.continuous
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14], [15]]
+    settings = [None, SamplingConfig(0.8, seed=4), None, SamplingConfig(1.0, top_p=0.8, seed=9)]
+
+    async def run():
+        jobs = [_job(p, 10, s) for p, s in zip(prompts, settings)]
+        for job in jobs:
+            engine.submit(job)  # 4 requests, 2 rows: two wait and take the rows that free
+        return await asyncio.gather(*[_collect(j) for j in jobs])
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.close()
+    for (tokens, reason), p, s in zip(results, prompts, settings):
+        assert reason == "length" and tokens == _alone(model, p, 10, s)
+    assert engine.busy_per_step > 1  # rows were decoded together
+
+
+def test_a_request_joining_mid_batch_starts_before_the_running_one_ends(tiny_pair):
+    _, model, _ = tiny_pair
+    engine = Engine("t", model, TOKENIZER, max_batch=4)
+
+    async def run():
+        log = []
+        long = _job([1, 2, 3], 100)
+        engine.submit(long)
+        first = asyncio.create_task(_collect(long, log))
+        while not any(kind == "token" for _, _, kind in log):
+            await asyncio.sleep(0.001)
+        late = _job([4, 5, 6, 7], 3)
+        engine.submit(late)
+        await asyncio.gather(first, _collect(late, log))
+        return log, id(long), id(late)
+
+    try:
+        log, long, late = asyncio.run(run())
+    finally:
+        engine.close()
+    late_first = min(t for t, j, kind in log if j == late and kind == "token")
+    long_end = max(t for t, j, kind in log if j == long and kind == "end")
+    late_end = max(t for t, j, kind in log if j == late and kind == "end")
+    assert late_first < long_end and late_end < long_end
+
+
+def test_a_cancelled_request_frees_its_row_at_the_next_step(tiny_pair):
+    _, model, _ = tiny_pair
+    engine = Engine("t", model, TOKENIZER, max_batch=1)
+
+    async def run():
+        gone = _job([1, 2, 3], 10_000 if model.cfg.max_seq_len > 10_000 else model.cfg.max_seq_len - 4)
+        engine.submit(gone)
+        await gone.events.get()  # its first token
+        gone.cancelled.set()  # the client went away
+        tokens, reason = await _collect(gone)
+        nxt = _job([4, 5], 3)
+        engine.submit(nxt)  # the only row is free again
+        return reason, await _collect(nxt)
+
+    try:
+        reason, (tokens, nxt_reason) = asyncio.run(run())
+    finally:
+        engine.close()
+    assert reason == "cancelled" and nxt_reason == "length" and len(tokens) == 3
+
+
+def test_a_full_waiting_queue_refuses_requests(tiny_pair):
+    _, model, _ = tiny_pair
+    engine = Engine("t", model, TOKENIZER, max_batch=1, max_waiting=1)
+
+    async def run():
+        jobs = [_job([1, 2, 3], 40) for _ in range(2)]
+        for job in jobs:
+            engine.submit(job)  # one takes the row, one waits
+        extra = _job([1, 2], 2)
+        with pytest.raises(EngineBusy, match="waiting"):
+            for _ in range(3):
+                engine.submit(extra)  # the queue may have moved one into the row meanwhile: try a few times
+        for job in jobs:
+            job.cancelled.set()
+        return await asyncio.gather(*[_collect(j) for j in jobs])
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()
+
+
+def test_a_packed_kv_cache_keeps_dynamic_batching(tiny_pair):
+    """KIVI's packed cache is not a slot cache: such a variant is batched dynamically, with the same answers."""
+    from ligero.io.checkpoint import load_model
+    from ligero.quant.api import quantize
+    from ligero.quant.config import KVQuantConfig, Recipe
+
+    model = quantize(load_model(str(tiny_pair[2]), device="cpu").model,
+                     Recipe(None, head=None, embed=None, kv=KVQuantConfig(bits=4)))
+    engine = Engine("kv4", model, TOKENIZER, max_batch=4)
+    assert not engine.continuous
+
+    async def run():
+        jobs = [_job([1, 2, 3, 4], 6), _job([5, 6], 6, SamplingConfig(0.9, seed=2))]
+        for job in jobs:
+            engine.submit(job)
+        return await asyncio.gather(*[_collect(j) for j in jobs])
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.close()
+    assert results[0][0] == _alone(model, [1, 2, 3, 4], 6)
+    assert results[1][0] == _alone(model, [5, 6], 6, SamplingConfig(0.9, seed=2))

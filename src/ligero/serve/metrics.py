@@ -53,6 +53,8 @@ class EngineCollector:
         kv_ratio = GaugeMetricFamily("ligero_kv_cache_usage_ratio", "KV cache positions held / allocated",
                                      labels=["variant"])
         steps = CounterMetricFamily("ligero_decode_steps", "Decode steps run", labels=["variant"])
+        rows = CounterMetricFamily("ligero_decode_rows", "Rows decoded, summed over the decode steps",
+                                   labels=["variant"])
         reused = CounterMetricFamily("ligero_prompt_tokens_reused", "Prompt tokens whose keys a batch row still "
                                      "held (a shared prefix), not prefilled again", labels=["variant"])
         for name, e in self.engines.items():
@@ -62,5 +64,6 @@ class EngineCollector:
             kv_tokens.add_metric([name], e.cache_tokens)
             kv_ratio.add_metric([name], e.cache_tokens / e.cache_capacity if e.cache_capacity else 0.0)
             steps.add_metric([name], e.batches)
+            rows.add_metric([name], e.stepped_rows)
             reused.add_metric([name], e.reused_tokens)
-        yield from (processing, deferred, busy, kv_tokens, kv_ratio, steps, reused)
+        yield from (processing, deferred, busy, kv_tokens, kv_ratio, steps, rows, reused)

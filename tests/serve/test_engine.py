@@ -13,6 +13,8 @@ from ligero.models.generate import BatchGeneration, SamplingConfig
 from ligero.serve.engine import Engine, EngineBusy, Job
 
 TOKENIZER = SimpleNamespace(eos_ids=[], pad_id=0)
+# The engine's scheduling does not depend on the architecture (tests/models/test_slots.py covers every family)
+pytestmark = pytest.mark.parametrize("tiny_pair", ["llama"], indirect=True)
 
 
 async def _collect(job: Job, log: list | None = None) -> tuple[list[int], str]:

@@ -369,6 +369,8 @@ def main() -> None:
     engines = [e.strip() for e in args.engines.split(",")]
     if unknown := set(engines) - set(ENGINES):
         raise SystemExit(f"load: unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    if "ligero" not in engines:
+        raise SystemExit("load: the report compares against Ligero's run; keep 'ligero' in --engines")
     from ligero.eval.profile import profile_prompts
     from ligero.io.checkpoint import load_tokenizer
     from vs_llamacpp import source_gguf

@@ -958,7 +958,7 @@ def test_a_full_queue_answers_429_and_loses_nothing_acknowledged(auth_server, au
     """The auth server has one row and no waiting room: while a stream holds the row, another request is refused
     with 429 and Retry-After (recorded as a queue_full block); the running stream completes and is stored."""
     key = {"Authorization": "Bearer key-three"}
-    body = {"model": FP32, "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "stream": True,
+    body = {"model": FP32, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True,
             "logit_bias": {"0": -100, "1": -100, "2": -100}}
     with httpx.Client(base_url=auth_server.url, timeout=60, headers=key) as h, \
             h.stream("POST", "/v1/completions", json=body) as running:
@@ -971,7 +971,7 @@ def test_a_full_queue_answers_429_and_loses_nothing_acknowledged(auth_server, au
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
     resp = auth_store.get_response(first["id"])  # acknowledged ([DONE] came after the commit): stored
-    assert resp is not None and resp.output_tokens == 60
+    assert resp is not None and resp.output_tokens == 200
     fp = key_fingerprint("key-three")
     [busy] = rows(auth_store, st.RequestRecord, api_key_id=fp, http_status=429)
     assert busy.status == "blocked" and busy.variant == "fp32"

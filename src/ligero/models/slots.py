@@ -176,6 +176,7 @@ class _Row:
     budget: int
     generator: torch.Generator | None
     prefilled: int = 0  # prompt tokens in the cache
+    admitted: int = 0  # admission order
     tokens: list[int] = field(default_factory=list)  # generated (EOS excluded)
     reason: str | None = None  # None while generating
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
@@ -209,6 +210,7 @@ class ContinuousBatch:
         self.steps = 0  # decode steps run
         self.stepped_rows = 0  # rows summed over those steps (busy rows per step = stepped_rows / steps)
         self.reused_tokens = 0  # prompt tokens not prefilled because their row still held them
+        self.admissions = 0
         # Per row, what its keys hold once freed: (prompt tokens whose keys are reusable, positions written in all)
         self.kept: list[tuple[list[int], int] | None] = [None] * rows
 
@@ -258,8 +260,9 @@ class ContinuousBatch:
         self.cache.reset(row, keep=reusable[row])
         self.reused_tokens += reusable[row]
         device = self.logits.device
+        self.admissions += 1
         state = _Row(request, budget, torch.Generator(device=device).manual_seed(s.seed) if s.temperature > 0
-                     else None, prefilled=reusable[row])
+                     else None, prefilled=reusable[row], admitted=self.admissions)
         if s.logit_bias:
             state.bias = (torch.tensor(list(s.logit_bias), device=device),
                           torch.tensor(list(s.logit_bias.values()), dtype=torch.float32, device=device))
@@ -308,14 +311,13 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def prefill(self, max_tokens: int | None = None) -> list[int]:
-        """Feed waiting prompts into the cache, oldest row first, at most `max_tokens` tokens in all (None: every
+        """Feed waiting prompts into the cache, oldest request first, at most `max_tokens` tokens in all (None: every
         waiting token); one pass holds at most batch_token_budget tokens. Returns the rows whose prompt is done."""
         left = float("inf") if max_tokens is None else max_tokens
         chunk_cap = batch_token_budget(self.model.cfg)
         ready = []
-        for i, state in enumerate(self.rows):
-            if state is None or state.reason is not None:
-                continue
+        waiting = [(s.admitted, i, s) for i, s in enumerate(self.rows) if s is not None and s.reason is None]
+        for _, i, state in sorted(waiting):  # admission order, whatever the rows
             prompt = state.request.prompt
             while state.prefilled < len(prompt) and left > 0:
                 start = state.prefilled

@@ -112,6 +112,18 @@ class Engine:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        elif self._external:  # nobody decodes any more: answer what is still held or waiting
+            while True:
+                try:
+                    job = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    self.pending.append(job)
+            for job in [*self._jobs.values(), *self.pending]:
+                job.emit("error", "the server is shutting down")
+            self._jobs.clear()
+            self.pending.clear()
 
     @property
     def queue_depth(self) -> int:
@@ -180,17 +192,20 @@ class Engine:
         return not self._jobs and not self.pending and self.waiting.empty()
 
     def _admit(self, batch: ContinuousBatch, jobs: dict[int, Job]) -> None:
+        gone = [job for job in self.pending if job.cancelled.is_set()]  # left while waiting: never take a row
+        for job in gone:
+            self.pending.remove(job)
+            job.emit("end", "cancelled")
         while self.pending and batch.free:
             job = self.pending.popleft()
-            if job.cancelled.is_set():  # gone while waiting: it never takes a row
-                job.emit("end", "cancelled")
-                continue
             request = RowRequest(job.prompt_ids, job.max_new_tokens, job.sampling, job.top_logprobs,
                                  job.prompt_embeds)
             try:
                 jobs[batch.admit(request)] = job
             except LigeroError as exc:
                 job.emit("error", str(exc))
+            except Exception as exc:  # e.g. no memory to grow the cache: this request fails, the others go on
+                job.emit("error", f"{type(exc).__name__}: {exc}")
 
     @torch.inference_mode()
     def _continuous_step(self, batch: ContinuousBatch, jobs: dict[int, Job]) -> None:
@@ -276,6 +291,18 @@ class Engine:
             self.running = 0
 
 
+def claim(engines: list[Engine]) -> list[Engine]:
+    """Mark the continuous engines as driven by run_engines (before any request can start a thread of their own);
+    returns them."""
+    mine = [e for e in engines if e.continuous]
+    for engine in mine:
+        with engine._start_lock:
+            if engine._thread is not None and not engine._external:
+                raise LigeroError(f"engine {engine.name} already has a worker thread")
+            engine._external = True
+    return mine
+
+
 def run_engines(engines: list[Engine], stop: threading.Event) -> None:
     """Drive the continuous engines from the calling thread, round-robin, one work round each, until `stop` is set.
 
@@ -285,13 +312,7 @@ def run_engines(engines: list[Engine], stop: threading.Event) -> None:
     so each parallel region waits for a sleeping worker: decode measured about 2.5x slower in a second thread.
     Engines with a packed KV cache keep their own threads."""
     torch.set_flush_denormal(True)
-    mine = [e for e in engines if e.continuous]
-    for engine in mine:
-        with engine._start_lock:
-            if engine._thread is not None and not engine._external:
-                raise LigeroError(f"engine {engine.name} already has a worker thread")
-            engine._external = True
-    live = list(mine)
+    live = claim(engines)
     while live and not stop.is_set():
         for engine in list(live):
             engine.wake.clear()

@@ -69,52 +69,55 @@ def score_texts(texts: list[str]) -> list[float]:
 
 class BatchScorer:
     """A scorer shared by every request of a server: texts that several threads ask for at the same time are scored
-    in one classifier call. The first caller to find no call running makes it, for its texts and everything queued
-    meanwhile, and keeps going while more queue up; the others wait for their results. The classifier costs about
-    the same per call whatever the number of texts (~4.5 ms), so 16 streams pay about one call per round, not 16."""
+    in one classifier call. A caller that finds no call running makes one for everything queued (its own texts
+    included), then hands over: a waiting caller whose texts arrived meanwhile makes the next. So concurrent streams
+    share calls, and nobody scores for others longer than one call."""
 
     def __init__(self, scorer: Scorer = score_texts) -> None:
         self.scorer = scorer
         self.calls = 0  # classifier calls made
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._queue: list[tuple[list[str], dict]] = []
         self._running = False
 
     def __call__(self, texts: list[str]) -> list[float]:
-        slot: dict = {"done": threading.Event()}
-        with self._lock:
+        slot: dict = {}
+        with self._cond:
             self._queue.append((list(texts), slot))
-            lead = not self._running
-            self._running = self._running or lead
-        if lead:
-            self._drain()
-        slot["done"].wait()
+            while "scores" not in slot and "error" not in slot:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                batch, self._queue = self._queue, []
+                self._cond.release()
+                try:
+                    self._score(batch)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
         if "error" in slot:
             raise slot["error"]
         return slot["scores"]
 
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._queue = self._queue, []
-                if not batch:
-                    self._running = False
-                    return
-            flat = [t for texts, _ in batch for t in texts]
-            try:
-                scores = list(self.scorer(flat)) if flat else []
-                self.calls += 1
-                if len(scores) != len(flat):
-                    raise ValueError(f"the toxicity scorer returned {len(scores)} scores for {len(flat)} texts")
-                start = 0
-                for texts, slot in batch:
-                    slot["scores"] = scores[start : start + len(texts)]
-                    start += len(texts)
-            except Exception as exc:  # every waiting caller sees the error, none waits forever
-                for _, slot in batch:
-                    slot["error"] = exc
+    def _score(self, batch: list[tuple[list[str], dict]]) -> None:
+        flat = [t for texts, _ in batch for t in texts]
+        try:
+            scores = list(self.scorer(flat)) if flat else []
+            self.calls += 1
+            if len(scores) != len(flat):
+                raise ValueError(f"the toxicity scorer returned {len(scores)} scores for {len(flat)} texts")
+        except BaseException as exc:  # every caller in the batch sees the error, none waits forever
             for _, slot in batch:
-                slot["done"].set()
+                slot["error"] = exc
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for texts, slot in batch:
+            slot["scores"] = scores[start : start + len(texts)]
+            start += len(texts)
 
 
 # --- settings --------------------------------------------------------------------------------------

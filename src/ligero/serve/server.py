@@ -16,7 +16,7 @@ from ligero.serve.abtest import SegmentRule
 from ligero.serve.access import ApiKeys
 from ligero.serve.app import create_app
 from ligero.serve.config import BODY_TIMEOUT_S, RequestDefaults, ServerConfig, Variant
-from ligero.serve.engine import Engine, run_engines
+from ligero.serve.engine import Engine, claim, run_engines
 from ligero.serve.guardrails import Guardrails, guardrails_from_card, load_guardrails
 from ligero.serve.store import DEFAULT_URL, Store, default_server_id
 from ligero.watermark import Watermarker, load_key
@@ -182,6 +182,7 @@ def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     engines = [v.engine for v in cfg.variants.values()]
+    claim(engines)  # before the first request could give an engine a thread of its own
     http_thread.start()
     watcher = threading.Thread(target=lambda: (http_thread.join(), stop.set()), daemon=True)
     watcher.start()  # the HTTP server ended (it could not bind its port, say): stop decoding too

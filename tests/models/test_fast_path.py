@@ -95,6 +95,9 @@ def test_decode_attention_kernel_equals_sdpa(compiled_kernels):
     k, v = cache_k[:, :, :37], cache_v[:, :, :37]  # views of a static cache, as decode reads them
     mask = torch.rand(3, 1, 2, 37, generator=g) > 0.3
     mask[..., 0] = True
+    mask[1, ..., :9] = False  # a span that starts later (a sliding window) ...
+    mask[1, ..., 9] = True
+    mask[2, ..., 21:] = False  # ... or ends early (a continuous batch's row in a longer cache)
     got = compiled_kernels.attend_decode(q, k, v, mask, 0.17)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.17, enable_gqa=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

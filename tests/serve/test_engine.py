@@ -157,3 +157,53 @@ def test_a_packed_kv_cache_keeps_dynamic_batching(tiny_pair):
         engine.close()
     assert results[0][0] == _alone(model, [1, 2, 3, 4], 6)
     assert results[1][0] == _alone(model, [5, 6], 6, SamplingConfig(0.9, seed=2))
+
+
+def test_a_stream_whose_client_leaves_before_the_first_byte_frees_its_row(tiny_pair):
+    """Sending the headers fails (the client is gone): the body generator never starts, yet the job is cancelled,
+    its row freed at the next step, and the request recorded."""
+    from starlette.requests import ClientDisconnect
+
+    from ligero.serve.pipeline import JobStream, Outcome
+
+    _, model, _ = tiny_pair
+    engine = Engine("t", model, TOKENIZER, max_batch=1)
+    recorded, started, out = [], [], Outcome(None, None)
+
+    async def body():  # as the pipeline's events(): marks the outcome when it starts
+        out.stream_started = True
+        started.append(True)
+        yield "data: never\n\n"
+
+    async def send(message):
+        raise OSError("connection reset by peer")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def run():
+        job = _job([1, 2, 3], 10_000)
+        engine.submit(job)
+        stream = JobStream(body(), job, out, lambda: recorded.append(job), media_type="text/event-stream")
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises(ClientDisconnect):
+            await stream(scope, receive, send)
+        tokens, reason = await _collect(job)
+        waiting = _job([4, 5], 2)  # the only row is free again
+        engine.submit(waiting)
+        return tokens, reason, await _collect(waiting)
+
+    try:
+        tokens, reason, (after, after_reason) = asyncio.run(run())
+    finally:
+        engine.close()
+    assert not started and reason == "cancelled" and len(tokens) < 10_000
+    assert after_reason == "length" and len(after) == 2
+    assert wait_until(lambda: len(recorded) == 1)
+
+
+def wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()

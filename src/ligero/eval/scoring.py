@@ -90,6 +90,9 @@ def _score_rows(model, rows: list[list[int]], n_prefix: list[int], batch_size: i
     return sums
 
 
+HEAD_CHUNK = 128  # positions per vocabulary-head call
+
+
 def _score_batch(model, rows: list[list[int]], n_prefix: list[int], pad_id: int) -> list[float]:
     """Right-padded forward pass; only real tokens after each row's prefix count.
 
@@ -101,14 +104,18 @@ def _score_batch(model, rows: list[list[int]], n_prefix: list[int], pad_id: int)
     for j, row in enumerate(rows):
         tokens[j, :len(row)] = torch.tensor(row)
     lengths = torch.tensor([len(r) for r in rows])
-    tokens = tokens.to(model.device)
-    targets = tokens[:, 1:]
-    with torch.inference_mode():
-        # The vocabulary head one sequence at a time: [T, V] logits instead of [B, T, V] (a 32k vocabulary at batch
-        # 8 x 120 tokens is 120 MB per copy).
-        hidden = model(tokens[:, :-1], apply_head=False)
-        token_lp = torch.stack([F.log_softmax(model.logits(hidden[j]).float(), dim=-1).gather(-1, targets[j, :, None])
-                                .squeeze(-1) for j in range(len(rows))]).double().cpu()  # [B, T-1]: target = next
     target_pos = torch.arange(1, width)[None, :]
-    counted = (target_pos >= torch.tensor(n_prefix)[:, None]) & (target_pos < lengths[:, None])
-    return torch.where(counted, token_lp, 0.0).sum(dim=1).tolist()
+    counted = (target_pos >= torch.tensor(n_prefix)[:, None]) & (target_pos < lengths[:, None])  # [B, T-1]
+    row_of = counted.nonzero()[:, 0]  # each counted position's row
+    tokens = tokens.to(model.device)
+    targets = tokens[:, 1:][counted.to(tokens.device)]  # [N]: the token each counted position predicts
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    with torch.inference_mode():
+        hidden = model(tokens[:, :-1], apply_head=False)[counted.to(tokens.device)]  # [N, D]
+        # The vocabulary head only where a token is scored (a multiple-choice context is not), in chunks: [n, V]
+        # logits instead of [B, T, V] (a 49k vocabulary at 8 x 120 tokens is 190 MB per copy).
+        for start in range(0, len(hidden), HEAD_CHUNK):
+            part = slice(start, start + HEAD_CHUNK)
+            lp = F.log_softmax(model.logits(hidden[part]).float(), dim=-1).gather(-1, targets[part, None]).squeeze(-1)
+            sums.index_add_(0, row_of[part], lp.double().cpu())
+    return sums.tolist()

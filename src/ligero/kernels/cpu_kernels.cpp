@@ -2080,8 +2080,121 @@ struct AttendArgs {
   float scale;
 };
 
+// exp(x) for 8 floats at once: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2 / 2, ln2 / 2]
+// (ln 2 split in two for an exact product), e^r by its degree-6 Taylor polynomial (Horner): relative error
+// < 2e-7 (~2 ulp) where the result is a normal float; inputs below -87.3 give 0. Softmax needs no more:
+// torch's SDPA rounds its own exponentials differently from libm too.
+#ifdef LIGERO_AVX2
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 e = _mm256_set1_ps(1.f / 720.f);
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 120.f));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 24.f));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 6.f));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(below, _mm256_mul_ps(e, _mm256_castsi256_ps(pow2)));
+}
+#endif
+
+// p[s] = exp(p[s] - mx) for s < n (masked entries hold -inf and give 0); returns their sum, added in a fixed order.
+inline float exp_shifted(float* p, int64_t n, float mx) {
+  int64_t s = 0;
+  float sum = 0.f;
+#ifdef LIGERO_AVX2
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; s + 8 <= n; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), m));
+    _mm256_storeu_ps(p + s, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum8(acc);
+#endif
+  for (; s < n; ++s) {
+    p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx);
+    sum += p[s];
+  }
+  return sum;
+}
+
+// sum_s p[s] * v[s * stride + d] for d < D into out (p[s] == 0: skipped, a masked key). The running sums stay in
+// registers (eight vectors of 8, 64 dimensions at a time) instead of in out, which the compiler must otherwise
+// reload and store for every key, since out might alias v.
+inline void weighted_values(const float* p, const float* v, int64_t stride, int64_t n, int64_t D,
+                            float* __restrict out) {
+  int64_t d0 = 0;
+#ifdef LIGERO_AVX2
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) {
+      if (p[s] == 0.f) continue;
+      const __m256 w = _mm256_set1_ps(p[s]);
+      const float* vr = v + s * stride + d0;
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
+  }
+#endif
+  if (d0 < D) {
+    float acc[512];  // head_dim <= 512 (checked by the callers)
+    const int64_t rest = D - d0;
+    for (int64_t d = 0; d < rest; ++d) acc[d] = 0.f;
+    for (int64_t s = 0; s < n; ++s) {
+      if (p[s] == 0.f) continue;
+      const float w = p[s];
+      const float* __restrict vr = v + s * stride + d0;
+      for (int64_t d = 0; d < rest; ++d) acc[d] += w * vr[d];
+    }
+    for (int64_t d = 0; d < rest; ++d) out[d0 + d] = acc[d];
+  }
+}
+
+// p[s] = scale * q . k[s] for the n keys at k (stride apart) that mrow (stride ms) shows, -inf for the others;
+// returns the largest. With AVX2 and D a multiple of 8, four keys at a time, their four sums reduced together.
+inline float attention_scores(const float* q, const float* k, int64_t stride, const bool* mrow, int64_t ms, int64_t n,
+                              int64_t D, float scale, float* p) {
+  int64_t s = 0;
+#ifdef LIGERO_AVX2
+  if (D % 8 == 0) {
+    for (; s + 4 <= n; s += 4) {
+      __m256 acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (s + j) * stride + d), acc[j]);
+      }
+      // [a0+a1 pairs | b], [c | d] -> one vector holding the four sums twice (low and high 128 bits added)
+      const __m256 ab = _mm256_hadd_ps(acc[0], acc[1]), cd = _mm256_hadd_ps(acc[2], acc[3]);
+      const __m256 abcd = _mm256_hadd_ps(ab, cd);
+      const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+      float out[4];
+      _mm_storeu_ps(out, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+      for (int j = 0; j < 4; ++j) p[s + j] = mrow[(s + j) * ms] ? out[j] : -INFINITY;
+    }
+  }
+#endif
+  for (; s < n; ++s) p[s] = mrow[s * ms] ? dot_f32(q, k + s * stride, D) * scale : -INFINITY;
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
+  return mx;
+}
+
+// Each (row, head, query) item reads only its visible span of keys [first, last] (a continuous batch's row
+// sees the first slots of a long cache; sliding windows see their last keys), scores it, exponentiates it in
+// vectors and sums the values it weighs.
 void attend_core(const AttendArgs& a) {
   const int64_t H = a.H, T = a.T, D = a.D, S = a.S, group = a.H / a.K;
+  TORCH_CHECK(D <= 512, "attention: head_dim must be <= 512");
   at::parallel_for(0, a.B * H * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -2090,25 +2203,15 @@ void attend_core(const AttendArgs& a) {
       const bool* mrow = a.mask + b * a.ms0 + t * a.ms2;
       const float* kb = a.k + b * a.ks0 + g * a.ks1;
       const float* vb = a.v + b * a.vs0 + g * a.vs1;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = mrow[s * a.ms3] ? dot_f32(qv, kb + s * a.ks2, D) * a.scale : -INFINITY;
-        mx = std::max(mx, p[s]);
-      }
-      float sum = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx);
-        sum += p[s];
-      }
+      int64_t first = 0, last = S - 1;
+      while (first < S && !mrow[first * a.ms3]) ++first;
+      while (last > first && !mrow[last * a.ms3]) --last;
+      const int64_t n = last - first + 1;  // >= 1: every query sees a key
+      const float mx = attention_scores(qv, kb + first * a.ks2, a.ks2, mrow + first * a.ms3, a.ms3, n, D, a.scale,
+                                        p.data());
+      const float inv = 1.f / exp_shifted(p.data(), n, mx);
       float* o = a.out + idx * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        if (p[s] == 0.f) continue;
-        const float w = p[s];
-        const float* vr = vb + s * a.vs2;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
-      }
-      const float inv = 1.f / sum;
+      weighted_values(p.data(), vb + first * a.vs2, a.vs2, n, D, o);
       for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     }
   });

@@ -165,6 +165,7 @@ class Outcome:
     full_text: str = ""  # the decoded output, before stop strings and guardrails
     finish_reason: str | None = None
     http_status: int | None = None  # a stream that failed after its 200: the error's status, for the store
+    stream_started: bool = False  # a stream's body generator ran (its cleanup then records what it must)
 
     def usage(self, p: Prepared) -> Usage:
         n = len(self.tokens)
@@ -516,7 +517,7 @@ class RequestPipeline:
 
     async def events(self, p: Prepared, out: Outcome, job: Job) -> AsyncIterator[str]:
         """The stream of one request; its records are committed before the final chunk."""
-        finished = False
+        out.stream_started, finished = True, False
         try:
             if p.endpoint == "chat":
                 yield self.chunk(p, None, first=True)
@@ -540,11 +541,30 @@ class RequestPipeline:
         out = self.new_outcome(p)
         job = await self.submit(p)
         if p.stream:
-            return StreamingResponse(self.events(p, out, job), media_type="text/event-stream",
-                                     headers={**p.headers, "Cache-Control": "no-cache"})
+            return JobStream(self.events(p, out, job), job, out, lambda: self.record_abandoned(p, out),
+                             media_type="text/event-stream", headers={**p.headers, "Cache-Control": "no-cache"})
         text = "".join([delta async for delta in self.generate(p, out, job)])
         await self.commit(p, out)
         return JSONResponse(self.answer(p, out, text), headers=p.headers)
+
+
+class JobStream(StreamingResponse):
+    """A streamed answer that stops its job however the response ends. The body generator's own cleanup covers a
+    client leaving mid-stream; one that leaves before the first byte (sending the headers fails, or the disconnect
+    is heard first) never starts the generator, so its row would decode to max_tokens for nobody, unrecorded."""
+
+    def __init__(self, body: AsyncIterator[str], job: Job, out: Outcome, record_unstarted, **kwargs):
+        super().__init__(body, **kwargs)
+        self.job, self.out, self.record_unstarted = job, out, record_unstarted
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()  # the engine frees the row at its next step (a finished job: no effect)
+            if not self.out.stream_started:  # (a generator never started holds nothing to close)
+                # not awaited: a cancelled response may not await in its cleanup
+                asyncio.get_running_loop().run_in_executor(None, self.record_unstarted)
 
 
 def sse(data: str) -> str:

@@ -91,6 +91,63 @@ class SamplingConfig:
         return bool(self.presence_penalty or self.frequency_penalty)
 
 
+@dataclass
+class RowAdjustments:
+    """One row's logit adjustments between its model logits and sampling: logit_bias as (ids, values), its
+    generated-token counts (presence / frequency penalties) and the token history its logits processor reads.
+    Only rows that ask for any get one; the others' logits are never touched, so their tokens stay exactly what
+    plain sampling gives."""
+
+    sampling: SamplingConfig
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    counts: torch.Tensor | None = None  # [V]
+    history: list[int] | None = None  # prompt + generated
+
+    @classmethod
+    def for_row(cls, sampling: SamplingConfig, prompt: list[int], vocab: int, device) -> RowAdjustments | None:
+        """The row's adjustments, or None when it asks for none; a logit_bias outside the vocabulary is an error."""
+        if sampling.logit_bias and max(sampling.logit_bias) >= vocab:
+            raise LigeroError(f"logit_bias names token {max(sampling.logit_bias)}, but the vocabulary has {vocab} "
+                              f"tokens (ids 0..{vocab - 1})")
+        if not (sampling.logit_bias or sampling.penalized or sampling.logits_processor is not None):
+            return None
+        bias = (torch.tensor(list(sampling.logit_bias), device=device),
+                torch.tensor(list(sampling.logit_bias.values()), dtype=torch.float32, device=device)) \
+            if sampling.logit_bias else None
+        return cls(sampling, bias, torch.zeros(vocab, device=device) if sampling.penalized else None,
+                   list(prompt) if sampling.logits_processor is not None else None)
+
+    def record(self, token: int) -> None:
+        """A token the row generated."""
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.history is not None:
+            self.history.append(token)
+
+
+def adjusted_logits(logits: torch.Tensor, rows: list[RowAdjustments | None]) -> torch.Tensor:
+    """logits [n, V] of n rows, plus each row's logit_bias, minus its penalties, then its logits processor (rows
+    sharing one processor object in one call); `logits` itself when no row adjusts anything."""
+    if not any(rows):
+        return logits
+    logits = logits.float().clone()
+    groups: dict[int, tuple[LogitsProcessor, list[int]]] = {}
+    for j, row in enumerate(rows):
+        if row is None:
+            continue
+        if row.bias is not None:
+            logits[j, row.bias[0]] += row.bias[1]
+        if row.counts is not None:
+            cfg = row.sampling
+            logits[j] -= row.counts * cfg.frequency_penalty + (row.counts > 0).float() * cfg.presence_penalty
+        if row.history is not None:
+            groups.setdefault(id(row.sampling.logits_processor), (row.sampling.logits_processor, []))[1].append(j)
+    for processor, js in groups.values():
+        index = torch.tensor(js, device=logits.device)
+        logits[index] = processor([rows[j].history for j in js], logits[index])
+    return logits
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]."""
     if cfg.temperature == 0:
@@ -188,25 +245,9 @@ class BatchGeneration:
         self._prepare_adjustments()
 
     def _prepare_adjustments(self) -> None:
-        """Per-row logit_bias tensors and generated-token counts, only for the rows that use them (the others'
-        logits are never touched, so their tokens stay exactly what plain sampling gives)."""
+        """Per-row logit adjustments (RowAdjustments), only for the rows that ask for them."""
         vocab, device = self.logits.shape[-1], self.logits.device
-        self.biases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, s in enumerate(self.samplings):
-            if s.logit_bias:
-                if max(s.logit_bias) >= vocab:
-                    raise LigeroError(f"logit_bias names token {max(s.logit_bias)}, but the vocabulary has {vocab} "
-                                      f"tokens (ids 0..{vocab - 1})")
-                self.biases[i] = (torch.tensor(list(s.logit_bias), device=device),
-                                  torch.tensor(list(s.logit_bias.values()), dtype=torch.float32, device=device))
-        self.penalized = [i for i, s in enumerate(self.samplings) if s.penalized]
-        self.counts = torch.zeros(len(self.samplings), vocab, device=device) if self.penalized else None
-        # Rows grouped by their processor object (one batched call each), and those rows' token histories.
-        self.processed: dict[int, tuple[LogitsProcessor, list[int]]] = {}
-        for i, s in enumerate(self.samplings):
-            if s.logits_processor is not None:
-                self.processed.setdefault(id(s.logits_processor), (s.logits_processor, []))[1].append(i)
-        self.histories = {i: list(self.prompts[i]) for _, rows in self.processed.values() for i in rows}
+        self.adjustments = [RowAdjustments.for_row(s, p, vocab, device) for s, p in zip(self.samplings, self.prompts)]
 
     @property
     def done(self) -> bool:
@@ -218,22 +259,9 @@ class BatchGeneration:
             self.reasons[row] = reason
 
     def _adjusted_logits(self) -> torch.Tensor:
-        """The logits to sample from: the model's, plus logit_bias, minus presence / frequency penalties, then each
-        row's logits processor."""
-        if not self.biases and not self.penalized and not self.processed:
-            return self.logits
-        logits = self.logits.float().clone()
-        for i, (ids, values) in self.biases.items():
-            logits[i, ids] += values
-        for i in self.penalized:
-            s, counts = self.samplings[i], self.counts[i]
-            logits[i] -= counts * s.frequency_penalty + (counts > 0).float() * s.presence_penalty
-        for processor, rows in self.processed.values():
-            live = [i for i in rows if self.reasons[i] is None]
-            if live:
-                index = torch.tensor(live, device=logits.device)
-                logits[index] = processor([self.histories[i] for i in live], logits[index])
-        return logits
+        """The logits to sample from (adjusted_logits; finished rows are left as they are)."""
+        return adjusted_logits(self.logits, [a if r is None else None for a, r in zip(self.adjustments,
+                                                                                       self.reasons)])
 
     def _sample(self) -> list[int]:
         live = [i for i, r in enumerate(self.reasons) if r is None]
@@ -268,14 +296,12 @@ class BatchGeneration:
                 self.reasons[i], nxt[i] = "eos", self.pad_id
             else:
                 self.tokens[i].append(t)
-                if i in self.histories:
-                    self.histories[i].append(t)
+                if self.adjustments[i] is not None:
+                    self.adjustments[i].record(t)
                 produced.append((i, t, float(logprobs[i, 0])))
                 if self.tops[i]:
                     values, ids = log_probs[i].topk(min(self.tops[i], log_probs.shape[-1]))
                     self.alternatives[i] = list(zip(ids.tolist(), values.tolist()))
-                if self.counts is not None:
-                    self.counts[i, t] += 1
                 if len(self.tokens[i]) >= self.budgets[i]:
                     self.reasons[i] = "length"
         if not self.done:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ligero.errors import LigeroError
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
-from ligero.models.generate import SamplingConfig, batch_token_budget, sample_next
+from ligero.models.generate import RowAdjustments, SamplingConfig, adjusted_logits, batch_token_budget, sample_next
 from ligero.models.transformer import CacheStep, KVCache, KVCacheBase, Transformer
 
 
@@ -179,9 +179,7 @@ class _Row:
     admitted: int = 0  # admission order
     tokens: list[int] = field(default_factory=list)  # generated (EOS excluded)
     reason: str | None = None  # None while generating
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
-    counts: torch.Tensor | None = None  # [V] generated-token counts, for penalties
-    history: list[int] | None = None  # prompt + generated, for a logits processor
+    adjust: RowAdjustments | None = None  # logit_bias, penalties, logits processor
 
     @property
     def ready(self) -> bool:
@@ -244,10 +242,7 @@ class ContinuousBatch:
             raise LigeroError(f"embeddings of shape {tuple(request.embeds.shape)} for {n} tokens of width "
                               f"{self.model.cfg.dim}")
         s = request.sampling
-        vocab = self.logits.shape[-1]
-        if s.logit_bias and max(s.logit_bias) >= vocab:
-            raise LigeroError(f"logit_bias names token {max(s.logit_bias)}, but the vocabulary has {vocab} tokens "
-                              f"(ids 0..{vocab - 1})")
+        adjust = RowAdjustments.for_row(s, request.prompt, self.logits.shape[-1], self.logits.device)
         if not self.free:
             raise LigeroError("no free row: wait until a row is released")
         budget = min(request.max_new_tokens, self.context - n)
@@ -262,14 +257,7 @@ class ContinuousBatch:
         device = self.logits.device
         self.admissions += 1
         state = _Row(request, budget, torch.Generator(device=device).manual_seed(s.seed) if s.temperature > 0
-                     else None, prefilled=reusable[row], admitted=self.admissions)
-        if s.logit_bias:
-            state.bias = (torch.tensor(list(s.logit_bias), device=device),
-                          torch.tensor(list(s.logit_bias.values()), dtype=torch.float32, device=device))
-        if s.penalized:
-            state.counts = torch.zeros(vocab, device=device)
-        if s.logits_processor is not None:
-            state.history = list(request.prompt)
+                     else None, prefilled=reusable[row], admitted=self.admissions, adjust=adjust)
         self.rows[row] = state
         return row
 
@@ -343,30 +331,8 @@ class ContinuousBatch:
 
     # --- decoding --------------------------------------------------------------------------------------------
 
-    def _adjusted(self, live: list[int]) -> torch.Tensor:
-        """The live rows' logits to sample from [n, V]: the model's, plus logit_bias, minus penalties, then each
-        row's logits processor (rows sharing one processor object in one call)."""
-        logits = self.logits[live]
-        states = [self.rows[i] for i in live]
-        if not any(s.bias is not None or s.counts is not None or s.history is not None for s in states):
-            return logits
-        logits = logits.float().clone()
-        groups: dict[int, tuple] = {}
-        for j, s in enumerate(states):
-            cfg = s.request.sampling
-            if s.bias is not None:
-                logits[j, s.bias[0]] += s.bias[1]
-            if s.counts is not None:
-                logits[j] -= s.counts * cfg.frequency_penalty + (s.counts > 0).float() * cfg.presence_penalty
-            if s.history is not None:
-                groups.setdefault(id(cfg.logits_processor), (cfg.logits_processor, []))[1].append(j)
-        for processor, js in groups.values():
-            index = torch.tensor(js, device=logits.device)
-            logits[index] = processor([states[j].history for j in js], logits[index])
-        return logits
-
     def _sample(self, live: list[int]) -> list[int]:
-        logits = self._adjusted(live)
+        logits = adjusted_logits(self.logits[live], [self.rows[i].adjust for i in live])
         states = [self.rows[i] for i in live]
         if all(s.request.sampling.temperature == 0 for s in states):
             return logits.argmax(-1).tolist()
@@ -390,10 +356,8 @@ class ContinuousBatch:
                 state.reason = "eos"
                 continue
             state.tokens.append(t)
-            if state.history is not None:
-                state.history.append(t)
-            if state.counts is not None:
-                state.counts[t] += 1
+            if state.adjust is not None:
+                state.adjust.record(t)
             produced.append((i, t, picked[j]))
             top = state.request.top_logprobs
             if top:

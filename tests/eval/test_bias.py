@@ -20,7 +20,7 @@ from ligero.eval.bias import (
     load_stereoset,
     stratified_subset,
 )
-from ligero.eval.scoring import prefix_token, sequence_logprobs
+from ligero.eval.scoring import continuation_logprobs, prefix_token, sequence_logprobs
 from ligero.io.tokenizer import TokenizerMeta
 
 
@@ -65,6 +65,24 @@ def test_sequence_logprobs_match_unbatched_sums(tiny_pair):
     # A longer prefix is context only: it is not scored itself.
     got = sequence_logprobs(model, tok, texts[:2], prefix_ids=[1, 5, 6])
     assert got == pytest.approx([unbatched_logprob(model, [1, 5, 6], tok.encode(t)) for t in texts[:2]], abs=1e-4)
+
+
+def test_continuations_of_a_shared_context_match_unbatched_sums(any_tiny_pair, monkeypatch):
+    """Options of one context share its prefill (a cache row copied per option; sliding windows shorter than the
+    contexts), and equal scoring each context + continuation alone."""
+    from ligero.eval import scoring
+
+    _, model, _ = any_tiny_pair
+    monkeypatch.setattr(scoring, "_score_rows", None)  # the shared path only
+    tok = CharTokenizer()
+    contexts = ["The nurse said that", "Who was late? The", "a much longer context, well past the sliding window of 8"]
+    pairs = [(c, o) for c in contexts for o in (" she", " he was", " nobody at all")] + [("alone", " yes")]
+    got = continuation_logprobs(model, tok, pairs, batch_size=2)
+    want = [unbatched_logprob(model, [1] + tok.encode(c), tok.encode(o)) for c, o in pairs]
+    assert got == pytest.approx(want, abs=1e-4)
+    done = []
+    assert continuation_logprobs(model, tok, pairs[::-1], progress=done.append) == pytest.approx(want[::-1], abs=1e-4)
+    assert sum(done) == len(pairs)
 
 
 def test_prefix_token_is_bos_else_eos():

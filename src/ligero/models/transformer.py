@@ -8,6 +8,7 @@ KV caches implement KVCacheBase; the model's KVFormat builds them and runs atten
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from abc import ABC, abstractmethod
@@ -654,6 +655,16 @@ class KVCache(KVCacheBase):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def take_rows(self, index: torch.Tensor) -> KVCache:
+        """A new cache holding the given rows of this one (repeats allowed) as they are now: one prompt prefilled
+        once, then continued several ways."""
+        new = copy.copy(self)
+        new.k = [t.index_select(0, index) for t in self.k]
+        new.v = [t.index_select(0, index) for t in self.v]
+        new.pos = {kind: p.index_select(0, index) for kind, p in self.pos.items()}
+        new.native = None
+        return new
 
     def begin(self, positions: torch.Tensor) -> RollingCacheStep:
         T = positions.shape[1]

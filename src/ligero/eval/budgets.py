@@ -14,7 +14,7 @@ DEFAULT_VARIANTS = ("q8_0", "q4_k_m", "q4_0", "int4", "w8a8", "nvfp4", "b158")
 # budget_full = standard, budget_thorough = what grows beyond standard); these belong to building variants and
 # comparing them. The standard time is measured (docs/audit-smollm2.md); the others are estimates for the default
 # run (the baseline, the file as shipped and 7 variants) on 2 idle CPU cores, from per-item timings (e.g. 0.11 s per
-# CrowS-Pairs pair, 0.44 s per BBQ question, 0.3 s per toxicity prompt and sample pair); every run records what each
+# CrowS-Pairs pair, 0.15 s per BBQ question, 0.3 s per toxicity prompt and sample pair); every run records what each
 # metric took (phase_seconds).
 BUDGETS = {
     "quick": "a smoke run (CI): a few items per metric, about 3 min; detects only large changes",

@@ -151,3 +151,23 @@ def test_the_kernel_layout_follows_edits_made_in_place(compiled_kernels):
     assert not torch.equal(after, before)
     w_hat = layer.dequantize()
     assert ((after - F.linear(x, w_hat)).abs() <= 1e-4 * (x.abs() @ w_hat.abs().T)).all()  # ~16-bit activations
+
+
+@pytest.mark.parametrize("blocks", [None, 32], ids=["row-scale", "q8_0"])
+def test_int8_act8_kernel_equals_the_torch_reference_and_each_row_its_own_result(compiled_kernels, blocks):
+    """The int8 x int8-activation kernel (llama.cpp's Q8_0 x Q8_0) on 37 output rows, decode and prefill batch
+    sizes: every row gets the bits it gets alone, and the products are the rounded activations times the
+    dequantized weight up to summation order."""
+    from ligero.quant.config import Int8WeightConfig
+    from ligero.quant.modules import Int8Linear
+
+    cfg = Int8WeightConfig(act_int8_blocks=True, group_size=blocks) if blocks else \
+        Int8WeightConfig(act_int8_blocks=True)
+    layer = Int8Linear.from_float(randn(37, 576, seed=4) * 0.05, cfg)
+    x = randn(40, 576, seed=5)
+    with torch.inference_mode():
+        alone = torch.cat([compiled_kernels.linear_int8(x[i : i + 1], layer.q, layer.scale, True) for i in range(40)])
+        for rows in (2, 8, 11, 40):
+            assert torch.equal(compiled_kernels.linear_int8(x[:rows], layer.q, layer.scale, True), alone[:rows]), rows
+    x_hat, w_hat = formats.fake_quantize_int8_blocks(x), layer.dequantize()
+    assert ((alone - F.linear(x_hat, w_hat)).abs() <= 1e-5 * (x_hat.abs() @ w_hat.abs().T) + 1e-7).all()

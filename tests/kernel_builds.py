@@ -7,7 +7,6 @@ session starts, so the tier tests find them built. A plain module (not conftest)
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,22 +34,25 @@ def start_tier_build() -> None:
     # checked (~1 s).
     tiers = lower_tiers()
     if tiers:
-        script = "import sys, ligero.kernels as k; [k.load_tier(t) for t in sys.argv[1:]]"
-        _log = tempfile.TemporaryFile()
-        _started = time.monotonic()
         # At the lowest priority: the compiler then runs on the cycles the (mostly single-threaded) tests leave
         # idle instead of slowing the ones that use both cores (the first test's audit, ~1 min slower otherwise).
-        _build = subprocess.Popen([sys.executable, "-c", script, *tiers], stdout=subprocess.DEVNULL, stderr=_log,
-                                  preexec_fn=lambda: os.nice(19))
+        script = "import os; os.nice(19); import sys, ligero.kernels as k; [k.load_tier(t) for t in sys.argv[1:]]"
+        _log = tempfile.TemporaryFile()
+        _started = time.monotonic()
+        _build = subprocess.Popen([sys.executable, "-c", script, *tiers], stdout=subprocess.DEVNULL, stderr=_log)
 
 
 def wait_for_tier_build() -> None:
     """Let the child finish (a tier it failed to build is then built, or fails, in the test itself); a failed child
     is reported as a warning with its stderr, since the test then pays the build."""
+    global _build, _log
     if _build is None:
         return
-    if _build.wait() != 0:
-        _log.seek(0)
-        tail = _log.read().decode(errors="replace")[-2000:]
-        warnings.warn(f"the background kernel build exited {_build.returncode} after "
-                      f"{time.monotonic() - _started:.0f} s: {tail}", stacklevel=2)
+    code = _build.wait()
+    _log.seek(0)
+    tail = _log.read().decode(errors="replace")[-2000:]
+    _log.close()
+    _build = _log = None
+    if code != 0:
+        warnings.warn(f"the background kernel build exited {code} after {time.monotonic() - _started:.0f} s: {tail}",
+                      stacklevel=2)

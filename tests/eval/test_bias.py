@@ -83,6 +83,12 @@ def test_continuations_of_a_shared_context_match_unbatched_sums(any_tiny_pair, m
     done = []
     assert continuation_logprobs(model, tok, pairs[::-1], progress=done.append) == pytest.approx(want[::-1], abs=1e-4)
     assert sum(done) == len(pairs)
+    # options of one token (no continuation pass) and of two (a one-token pass: the native decode step)
+    short = [("Pick a letter:", o) for o in "xyz"] + [("Two letters:", o) for o in ("ab", "cd")]
+    want = [unbatched_logprob(model, [1] + tok.encode(c), tok.encode(o)) for c, o in short]
+    assert continuation_logprobs(model, tok, short, batch_size=1) == pytest.approx(want, abs=1e-4)
+    with pytest.raises(LigeroError, match="batch size must be at least 1"):
+        continuation_logprobs(model, tok, short, batch_size=0)
 
 
 def test_prefix_token_is_bos_else_eos():

@@ -86,21 +86,25 @@ def test_native_decode_matches_the_torch_path(scheme, tiny_pair, monkeypatch, co
             assert generate_tokens(model, batches[8], 32, SamplingConfig(), eos_ids=[], pad_id=0)[0] == greedy
 
 
-def test_decode_attention_kernel_equals_sdpa(compiled_kernels):
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])  # the register-summed values run 64 dimensions at a time
+@pytest.mark.parametrize("scale", [0.17, 40.0])  # 40: most weights underflow exp's range (exactly 0, as SDPA's)
+def test_decode_attention_kernel_equals_sdpa(compiled_kernels, head_dim, scale):
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(3, 8, 2, 32, generator=g)
-    cache_k, cache_v = torch.randn(3, 2, 50, 32, generator=g), torch.randn(3, 2, 50, 32, generator=g)
+    q = torch.randn(3, 8, 2, head_dim, generator=g)
+    cache_k, cache_v = torch.randn(3, 2, 50, head_dim, generator=g), torch.randn(3, 2, 50, head_dim, generator=g)
     k, v = cache_k[:, :, :37], cache_v[:, :, :37]  # views of a static cache, as decode reads them
     mask = torch.rand(3, 1, 2, 37, generator=g) > 0.3
     mask[..., 0] = True
     mask[1, ..., :9] = False  # a span that starts later (a sliding window) ...
     mask[1, ..., 9] = True
     mask[2, ..., 21:] = False  # ... or ends early (a continuous batch's row in a longer cache)
-    got = compiled_kernels.attend_decode(q, k, v, mask, 0.17)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.17, enable_gqa=True)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    q[0, 3, 1, 0] = float("nan")  # a broken activation stays visible (NaN out), as in SDPA
+    got = compiled_kernels.attend_decode(q, k, v, mask, scale)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    assert got[0, 3, 1].isnan().all() and ref[0, 3, 1].isnan().all()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])

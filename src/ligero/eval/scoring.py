@@ -82,22 +82,15 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], ba
 def _score_shared_contexts(model, groups: list, n_pairs: int, batch_size: int, pad_id: int,
                            progress=None) -> list[float]:
     """continuation_logprobs over [(context, [(pair index, continuation)])]: batches of at most `batch_size`
-    contexts of similar length (and, past the first, at most batch_token_budget tokens, padding included)."""
-    order = sorted(range(len(groups)), key=lambda g: len(groups[g][0]))
-    budget = batch_token_budget(model.cfg)
+    contexts of similar length whose prefill (past the first) holds at most batch_token_budget tokens; their
+    continuations then run together (a few tokens each, from copies of the contexts' cache rows)."""
     sums = [0.0] * n_pairs
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        while stop < len(order) and stop - start < batch_size \
-                and (stop - start + 1) * len(groups[order[stop]][0]) <= budget:
-            stop += 1
-        batch = [groups[g] for g in order[start:stop]]
+    for chosen in _length_batches([len(ctx) for ctx, _ in groups], batch_size, batch_token_budget(model.cfg)):
+        batch = [groups[g] for g in chosen]
         for i, value in _score_context_batch(model, batch, pad_id):
             sums[i] = value
         if progress:
             progress(sum(len(options) for _, options in batch))
-        start = stop
     return sums
 
 
@@ -154,29 +147,34 @@ def _head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def _length_batches(lengths: list[int], batch_size: int, budget: float):
+    """Indices into `lengths` in batches of similar length: sorted (padding is wasted compute), at most
+    `batch_size` per batch and, past the first, at most `budget` tokens, padding included (the newest is the
+    widest: a batch costs count x its length)."""
+    if batch_size < 1:
+        raise LigeroError(f"batch size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and stop - start < batch_size and (stop - start + 1) * lengths[order[stop]] <= budget:
+            stop += 1
+        yield order[start:stop]
+        start = stop
+
+
 def _score_rows(model, rows: list[list[int]], n_prefix: list[int], batch_size: int, pad_id: int,
                 progress=None) -> list[float]:
     """Each row's summed log-likelihood past its first n_prefix tokens; batches rows of similar length, at most
     `batch_size` of them and (past the first) at most the model's batch_token_budget tokens, padding included."""
-    if batch_size < 1:
-        raise LigeroError(f"batch size must be at least 1, got {batch_size}")
-    # Sorting by length keeps padding (wasted compute) small; results go back to their original slots.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     cfg = getattr(model, "cfg", None)
-    budget = batch_token_budget(cfg) if cfg is not None else float("inf")
     sums = [0.0] * len(rows)
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        # Sorted by length, so the newest row is the widest: the padded batch is (count) x (its length).
-        while stop < len(order) and stop - start < batch_size and (stop - start + 1) * len(rows[order[stop]]) <= budget:
-            stop += 1
-        batch = order[start:stop]
+    for batch in _length_batches([len(r) for r in rows], batch_size,
+                                 batch_token_budget(cfg) if cfg is not None else float("inf")):
         for i, value in zip(batch, _score_batch(model, [rows[i] for i in batch], [n_prefix[i] for i in batch], pad_id)):
             sums[i] = value
         if progress:
             progress(len(batch))
-        start = stop
     return sums
 
 

@@ -2082,13 +2082,13 @@ struct AttendArgs {
 
 // exp(x) for 8 floats at once: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2 / 2, ln2 / 2]
 // (ln 2 split in two for an exact product), e^r by its degree-6 Taylor polynomial (Horner): relative error
-// < 2e-7 (~2 ulp) where the result is a normal float; inputs below -87.3 give 0. Softmax needs no more:
+// < 2e-7 (~2 ulp) where the result is a normal float; inputs below -87.3 give 0, NaN stays NaN. Softmax needs no more:
 // torch's SDPA rounds its own exponentials differently from libm too.
 #ifdef LIGERO_AVX2
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
   const __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
+  x = _mm256_max_ps(lo, x);  // (this operand order keeps a NaN: maxps returns its second operand then)
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

@@ -609,8 +609,8 @@ class KVFormat:
                n_stored: int) -> torch.Tensor:
         """q [B, H, T, D], k/v [B, K, S, D] (the first `n_stored` keys from packed storage) -> [B, H, T, D]."""
         # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
-        if q.shape[2] <= MAX_KERNEL_ROWS and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 \
-                and not torch.is_grad_enabled():
+        if q.shape[2] <= MAX_KERNEL_ROWS and q.shape[-1] <= 512 and q.device.type == "cpu" \
+                and q.dtype == k.dtype == torch.float32 and not torch.is_grad_enabled():
             ext = cpu_kernels()  # decode: one native call instead of SDPA's per-call setup (~100 us a layer)
             if ext is not None:
                 return ext.attend_decode(q, k, v, ctx.mask, scale)

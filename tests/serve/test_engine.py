@@ -11,6 +11,7 @@ import pytest
 
 from ligero.models.generate import BatchGeneration, SamplingConfig
 from ligero.serve.engine import Engine, EngineBusy, Job
+from waiting import wait_for
 
 TOKENIZER = SimpleNamespace(eos_ids=[], pad_id=0)
 # The engine's scheduling does not depend on the architecture (tests/models/test_slots.py covers every family)
@@ -206,11 +207,5 @@ def test_a_stream_whose_client_leaves_before_the_first_byte_frees_its_row(tiny_p
         engine.close()
     assert not started and reason == "cancelled" and len(tokens) < model.cfg.max_seq_len - 4
     assert after_reason == "length" and len(after) == 2
-    assert wait_until(lambda: len(recorded) == 1)
+    assert wait_for(lambda: len(recorded) == 1)
 
-
-def wait_until(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()

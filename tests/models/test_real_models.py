@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hf_oracle import hf_tokenizer
 from ligero.eval.data import wikipedia_split
 from ligero.models.generate import generate_tokens
 
@@ -43,15 +44,12 @@ def test_real_gguf_matches_transformers(model_id, hf_gguf):
 
 
 def test_tokenizers_match_transformers():
-    from transformers import AutoTokenizer
-
-    from ligero.io.checkpoint import load_model, resolve_spec
+    from ligero.io.checkpoint import load_model
 
     text = "Ligero's tokenizer: naïve café, 1234 numbers, and émojis 🙂 — capital!"
     for model_id in ("smollm2-135m", "gemma3-270m"):
         ours = load_model(model_id, device="cpu").tokenizer
-        path = resolve_spec(model_id)
-        ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        ref = hf_tokenizer(model_id)
         assert ours.encode(text) == ref(text).input_ids
         assert ours.decode(ours.encode(text)) == text
 

@@ -29,7 +29,7 @@ class Bias(Metric):
     name = "bias"
     title = "bias (CrowS-Pairs, StereoSet)"
     budget_full = {"crows_pairs": 200, "stereoset": 100}  # None would mean all items
-    budget_quick = {"crows_pairs": 24, "stereoset": 12}
+    budget_quick = {"crows_pairs": 12, "stereoset": 6}
     budget_thorough = {"crows_pairs": None, "stereoset": None}  # every item (no replication sample is left)
     replicable = True
 

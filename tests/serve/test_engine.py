@@ -121,10 +121,8 @@ def test_a_full_waiting_queue_refuses_requests(tiny_pair):
         jobs = [_job([1, 2, 3], 40) for _ in range(2)]
         for job in jobs:
             engine.submit(job)  # one takes the row, one waits
-        extra = _job([1, 2], 2)
-        with pytest.raises(EngineBusy, match="waiting"):
-            for _ in range(3):
-                engine.submit(extra)  # the queue may have moved one into the row meanwhile: try a few times
+        with pytest.raises(EngineBusy, match="holds 2 requests: 1 on its rows, 1 waiting"):
+            engine.submit(_job([1, 2], 2))  # whether or not the worker has moved one into the row yet
         for job in jobs:
             job.cancelled.set()
         return await asyncio.gather(*[_collect(j) for j in jobs])
@@ -133,6 +131,30 @@ def test_a_full_waiting_queue_refuses_requests(tiny_pair):
         asyncio.run(run())
     finally:
         engine.close()
+
+
+def test_a_request_is_refused_the_moment_its_row_streams(tiny_pair):
+    """One row, no waiting room: once the first token of a request is out, the next is refused at once (the worker
+    has not necessarily recorded the row as taken yet); once that request ends, the row takes the next."""
+    _, model, _ = tiny_pair
+    engine = Engine("t", model, TOKENIZER, max_batch=1, max_waiting=0)
+
+    async def run():
+        running = _job([1, 2, 3], 30)
+        engine.submit(running)
+        await running.events.get()  # its first token
+        with pytest.raises(EngineBusy):
+            engine.submit(_job([4, 5], 2))
+        first_done = await _collect(running)
+        nxt = _job([4, 5], 2)
+        engine.submit(nxt)
+        return first_done, await _collect(nxt)
+
+    try:
+        (_, reason), (tokens, nxt_reason) = asyncio.run(run())
+    finally:
+        engine.close()
+    assert reason == "length" and nxt_reason == "length" and len(tokens) == 2
 
 
 def test_a_packed_kv_cache_keeps_dynamic_batching(tiny_pair):

@@ -19,6 +19,7 @@ from ligero.serve.store import ResponseRecord
 from ligero.watermark import detect_text, load_key
 
 PROMPT = "The history of the old harbour town begins"
+NO_EOS = {"0": -100, "1": -100, "2": -100}  # SmolLM2's end-of-text tokens
 
 
 def serve_once(folder, name: str, watermark: str | None) -> tuple[dict, dict, list]:
@@ -26,8 +27,11 @@ def serve_once(folder, name: str, watermark: str | None) -> tuple[dict, dict, li
                        watermark_file=watermark)
     try:
         with TestClient(create_app(cfg)) as client:
-            r = client.post("/v1/completions", json={"model": "smollm2-135m", "prompt": PROMPT, "max_tokens": 80,
-                                                     "temperature": 1.0, "seed": 4})
+            # 200 tokens with EOS barred: z grows with sqrt(length), and with a fresh random key each run the test
+            # must not hinge on the draw (measured over 12 keys: z 10.6-13.6 at 200 tokens; 5.1-8.5 at 80, and one
+            # CI run drew 3.75 at 80 with early repeats).
+            r = client.post("/v1/completions", json={"model": "smollm2-135m", "prompt": PROMPT, "max_tokens": 200,
+                                                     "temperature": 1.0, "seed": 4, "logit_bias": NO_EOS})
             assert r.status_code == 200, r.text
             health = client.get("/health").json()
             with client.stream("POST", "/v1/chat/completions", json={

@@ -24,6 +24,7 @@ import collections
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +46,13 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    on_done: Callable[[], None] | None = None  # called once, with the job's last event ("end" or "error")
 
     def emit(self, *event) -> None:
         """Called from the worker thread: hand an event to the request's event loop."""
+        if event[0] in ("end", "error") and self.on_done is not None:
+            done, self.on_done = self.on_done, None
+            done()
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
@@ -77,6 +82,10 @@ class Engine:
         self.pending: collections.deque[Job] = collections.deque()  # taken from `waiting`, no free row yet
         self.batches = 0  # dynamic: batches run so far; continuous: decode steps run
         self.running = 0  # rows holding a request now
+        # Requests accepted and not finished (waiting, pending or on a row), counted under a lock at submit and at
+        # their last event: `running` and the queues are updated by the worker a moment after a row fills or frees,
+        # so back-pressure read from them could let a request in while every row is already taken.
+        self._held, self._held_lock = 0, threading.Lock()
         self.stepped_rows = 0  # rows summed over the decode steps (busy rows per step = stepped_rows / batches)
         self.cache_tokens, self.cache_capacity = 0, 0  # KV cache positions held / available (continuous)
         self.reused_tokens = 0  # prompt tokens whose keys a row still held (prefix reuse), not prefilled again
@@ -101,11 +110,19 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue a request; EngineBusy when `max_waiting` requests already wait for a row."""
-        if self.queue_depth >= self.max_waiting + max(0, self.max_batch - self.running):
-            raise EngineBusy(f"{self.queue_depth} requests are waiting for variant {self.name}")
+        with self._held_lock:
+            if self._held >= self.max_waiting + self.max_batch:
+                raise EngineBusy(f"variant {self.name} holds {self._held} requests: {self.max_batch} on its rows, "
+                                 f"{self.max_waiting} waiting")
+            self._held += 1
+        job.on_done = self._release
         self._ensure_worker()
         self.waiting.put(job)
         self.wake.set()
+
+    def _release(self) -> None:
+        with self._held_lock:
+            self._held -= 1
 
     def close(self) -> None:
         self.waiting.put(None)

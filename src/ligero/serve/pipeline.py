@@ -397,7 +397,7 @@ class RequestPipeline:
         try:
             engine.submit(job)
         except EngineBusy as exc:
-            decision = Decision("queue_full", "block", f"{engine.queue_depth} waiting, limit {engine.max_waiting}")
+            decision = Decision("queue_full", "block", str(exc))
             r = Rejection(p.endpoint, p.request_id, decision, model=self.cfg.model_id,
                           variant=p.variant, api_key_id=p.api_key_id, user=p.user, prompt_tokens=len(p.prompt_ids))
             raise await self.reject(r, ApiError(429, f"the server is busy ({exc}); retry after {BUSY_RETRY_S} s",

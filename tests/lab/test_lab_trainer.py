@@ -15,6 +15,7 @@ from ligero.cli import main
 from ligero.errors import LigeroError
 from ligero.lab.trainer import TrainConfig
 
+STEPS = 60  # a step takes ~8 ms here: the kill after step 8 must land well before the end
 TINY = ["--size", "test", "--vocab", "512", "--batch-rows", "4", "--seq-len", "32", "--eval-tokens", "256",
         "--threads", "1"]
 
@@ -24,7 +25,7 @@ def _losses(folder: Path) -> list[float]:
 
 
 def _command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ligero.cli", "lab", "train", *TINY, "--steps", "12", "--warmup", "2",
+    return [sys.executable, "-m", "ligero.cli", "lab", "train", *TINY, "--steps", str(STEPS), "--warmup", "2",
             "--checkpoint-every", "3", "--eval-every", "6", "--out", str(out), *extra]
 
 
@@ -51,11 +52,11 @@ def test_a_killed_run_resumes_with_the_same_losses(tmp_path):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(_losses(killed)) < 12  # it was stopped before the end
+    assert len(_losses(killed)) < STEPS  # it was stopped before the end
     resumed = subprocess.run(_command(killed), check=True, capture_output=True, text=True)
     assert "resuming at step" in resumed.stdout
     assert _losses(killed) == _losses(whole)  # bit for bit: same data per step, weights and optimizer restored
-    assert len(_losses(whole)) == 12 and _losses(whole)[-1] < _losses(whole)[0]
+    assert len(_losses(whole)) == STEPS and _losses(whole)[-1] < _losses(whole)[0]
 
 
 def test_two_processes_give_the_losses_of_one_with_the_doubled_batch(tmp_path):

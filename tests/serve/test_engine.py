@@ -121,7 +121,7 @@ def test_a_full_waiting_queue_refuses_requests(tiny_pair):
         jobs = [_job([1, 2, 3], 40) for _ in range(2)]
         for job in jobs:
             engine.submit(job)  # one takes the row, one waits
-        with pytest.raises(EngineBusy, match="holds 2 requests: 1 on its rows, 1 waiting"):
+        with pytest.raises(EngineBusy, match=r"at capacity: 1 row\(s\) busy and 1 request\(s\) waiting"):
             engine.submit(_job([1, 2], 2))  # whether or not the worker has moved one into the row yet
         for job in jobs:
             job.cancelled.set()

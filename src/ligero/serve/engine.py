@@ -112,8 +112,8 @@ class Engine:
         """Queue a request; EngineBusy when `max_waiting` requests already wait for a row."""
         with self._held_lock:
             if self._held >= self.max_waiting + self.max_batch:
-                raise EngineBusy(f"variant {self.name} holds {self._held} requests: {self.max_batch} on its rows, "
-                                 f"{self.max_waiting} waiting")
+                raise EngineBusy(f"variant {self.name} is at capacity: {self.max_batch} row(s) busy and "
+                                 f"{self.max_waiting} request(s) waiting")
             self._held += 1
         job.on_done = self._release
         self._ensure_worker()

@@ -109,7 +109,7 @@ class Engine:
                 self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a request; EngineBusy when `max_waiting` requests already wait for a row."""
+        """Queue a request; EngineBusy when every row is taken and `max_waiting` requests already wait."""
         with self._held_lock:
             if self._held >= self.max_waiting + self.max_batch:
                 raise EngineBusy(f"variant {self.name} is at capacity: {self.max_batch} row(s) busy and "

@@ -126,17 +126,38 @@ def test_the_native_step_and_prefill_weights_on_the_tier(tier, monkeypatch, tmp_
             assert torch.equal(layer.prefill_weight(), layer.dequantize())
 
 
-def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, capsys):
-    import os
-    import time
+def test_a_build_killed_mid_way_neither_blocks_nor_is_entered_by_the_next(tmp_path, capsys):
+    """A process building the kernels is SIGKILLed holding the build lock, with torch's own `lock` file left
+    behind: the next process waits while the builder lives, then takes over at once and removes the stale file."""
+    import signal
+    import subprocess
+    import sys
+    import threading
 
-    from ligero.kernels import STALE_LOCK_SECONDS, clear_stale_lock
+    from ligero.kernels import build_lock
 
-    lock = tmp_path / "lock"
-    assert not clear_stale_lock(tmp_path)  # no lock: nothing to do
-    lock.write_text("")
-    assert not clear_stale_lock(tmp_path) and lock.exists()  # a build running now keeps its lock
-    old = time.time() - STALE_LOCK_SECONDS - 60
-    os.utime(lock, (old, old))
-    assert clear_stale_lock(tmp_path) and not lock.exists()
-    assert "did not finish" in capsys.readouterr().err
+    build = tmp_path / "cpu-generic-0123"
+    build.mkdir()
+    builder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from ligero.kernels import build_lock\n"
+        f"with build_lock(Path({str(build)!r})):\n"
+        f"    Path({str(build / 'lock')!r}).write_text('')\n"
+        "    print('building', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline() == "building\n"
+        entered = threading.Event()
+
+        def next_process():
+            with build_lock(build):
+                entered.set()
+
+        waiter = threading.Thread(target=next_process, daemon=True)
+        waiter.start()
+        assert not entered.wait(1.0)  # the builder lives: wait for it
+    finally:
+        builder.send_signal(signal.SIGKILL)
+        builder.wait()
+    assert entered.wait(30)  # the kernel dropped the dead builder's lock
+    assert not (build / "lock").exists()
+    err = capsys.readouterr().err
+    assert "waiting for another process" in err and "did not finish" in err

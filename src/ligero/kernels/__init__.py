@@ -11,12 +11,13 @@ own ops: same results, much slower decode. A compiler that fails on the kernels 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -121,23 +122,26 @@ def build_dir(tier: str) -> Path:
     return cache_root() / "kernels" / f"cpu-{tier}-{digest}"
 
 
-STALE_LOCK_SECONDS = 900  # a build takes 1-5 minutes: a lock this old was left by a killed build
+@contextmanager
+def build_lock(build: Path):
+    """Hold the exclusive right to build (or check) `build`, waiting while another process holds it.
 
-
-def clear_stale_lock(build: Path) -> bool:
-    """Remove the build's lock file when it is older than STALE_LOCK_SECONDS: torch's FileBaton leaves it behind
-    when a build is killed, and every later process would wait on it forever. Returns whether it was removed."""
-    lock = build / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age <= STALE_LOCK_SECONDS:
-        return False
-    print(f"ligero: removing {lock}, left {age / 60:.0f} min ago by a kernel build that did not finish",
-          file=sys.stderr, flush=True)
-    lock.unlink(missing_ok=True)
-    return True
+    torch's own lock (a `lock` file it deletes when its build ends) stays behind when a build is killed, and every
+    later process would then wait on it forever. This lock is an flock the kernel drops when its holder exits, however
+    it exits; whoever holds it knows a `lock` file there was left by a dead build and removes it."""
+    with open(build.parent / f"{build.name}.flock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"ligero: waiting for another process to finish building {build.name}", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            print(f"ligero: removing {stale}, left by a kernel build that did not finish", file=sys.stderr,
+                  flush=True)
+            stale.unlink(missing_ok=True)
+        yield  # the flock ends with the file
 
 
 @lru_cache(maxsize=None)
@@ -145,13 +149,14 @@ def load_tier(tier: str):
     """Compile (once; cached on disk) and load the kernels capped at `tier` ("auto", "avx2", "generic")."""
     build = build_dir(tier)
     build.mkdir(parents=True, exist_ok=True)
-    clear_stale_lock(build)
-    if not any(build.glob("*.so")):
-        print(f"ligero: compiling CPU kernels ({tier}) once (about a minute)", file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name=f"ligero_cpu_{tier}_{build.name.rsplit('-', 1)[1]}", sources=[str(_SOURCE)],
-                                  build_directory=str(build),
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp", *TIERS[tier]], verbose=False)
+        with build_lock(build):
+            if not any(build.glob("*.so")):
+                print(f"ligero: compiling CPU kernels ({tier}) once (about a minute)", file=sys.stderr, flush=True)
+            return cpp_extension.load(name=f"ligero_cpu_{tier}_{build.name.rsplit('-', 1)[1]}", sources=[str(_SOURCE)],
+                                      build_directory=str(build),
+                                      extra_cflags=["-O3", "-march=native", "-fopenmp", *TIERS[tier]],
+                                      verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # a compiler is here: this is a bug
         raise LigeroError(f"Ligero's CPU kernels failed to build in {build} ({str(exc).splitlines()[0][:160]}); "
                           "report it, and set LIGERO_NO_KERNELS=1 to run with torch ops meanwhile") from None

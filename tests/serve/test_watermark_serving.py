@@ -22,15 +22,13 @@ PROMPT = "The history of the old harbour town begins"
 NO_EOS = {"0": -100, "1": -100, "2": -100}  # SmolLM2's end-of-text tokens
 
 
-def serve_once(folder, name: str, watermark: str | None) -> tuple[dict, dict, list]:
+def serve_once(folder, name: str, watermark: str | None, tokens: int) -> tuple[dict, dict, list]:
     cfg = build_config("smollm2-135m", ["fp32"], store_url=f"sqlite:///{folder / name}.db", keep_text=True,
                        watermark_file=watermark)
     try:
         with TestClient(create_app(cfg)) as client:
-            # 200 tokens with EOS barred: z grows with sqrt(length), and with a fresh random key each run the test
-            # must not hinge on the draw (measured over 12 keys: z 10.6-13.6 at 200 tokens; 5.1-8.5 at 80, and one
-            # CI run drew 3.75 at 80 with early repeats).
-            r = client.post("/v1/completions", json={"model": "smollm2-135m", "prompt": PROMPT, "max_tokens": 200,
+            # EOS barred, so the text has the length asked for.
+            r = client.post("/v1/completions", json={"model": "smollm2-135m", "prompt": PROMPT, "max_tokens": tokens,
                                                      "temperature": 1.0, "seed": 4, "logit_bias": NO_EOS})
             assert r.status_code == 200, r.text
             health = client.get("/health").json()
@@ -54,8 +52,11 @@ def test_served_text_is_marked_only_with_the_key(tmp_path, caplog, capsys):
     assert main(["watermark", "keygen", "--out", str(key_path)]) == 0
     key = load_key(key_path)
     caplog.set_level(logging.DEBUG)
-    marked, health, marked_rows = serve_once(tmp_path, "marked", str(key_path))
-    plain, plain_health, plain_rows = serve_once(tmp_path, "plain", None)
+    # Marked text: 200 tokens, since z grows with sqrt(length) and the key is a fresh random one each run (measured
+    # over 12 keys: z 10.6-13.6 at 200 tokens; 5.1-8.5 at 80, and one CI run drew 3.75 at 80). Unmarked text's z is
+    # about N(0, 1) at any length: 60 tokens suffice to show it is not flagged.
+    marked, health, marked_rows = serve_once(tmp_path, "marked", str(key_path), tokens=200)
+    plain, plain_health, plain_rows = serve_once(tmp_path, "plain", None, tokens=60)
     tok = load_tokenizer("smollm2-135m")
 
     assert marked["watermark"] == {"key_id": key.key_id, "scheme": "kgw"}

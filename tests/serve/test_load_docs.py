@@ -49,6 +49,14 @@ def test_the_docs_state_the_ratios_of_the_measurements(tmp_path):
     assert str(ROOT) not in text
 
 
+def test_raw_speed_bracketing_ligeros_run_is_reported_and_a_drift_flagged():
+    load = load_benchmark()
+    assert load.raw_runs_note({"raw_decode_tok_s": 150.0}) == ""  # older results: one raw run
+    steady = load.raw_runs_note({"raw_decode_tok_s_runs": [148.0, 152.0]})
+    assert "148.0 before and 152.0 after" in steady and "drifted" not in steady
+    assert "drifted" in load.raw_runs_note({"raw_decode_tok_s_runs": [145.6, 188.7]})
+
+
 def test_the_committed_docs_hold_no_machine_paths():
     for name in ("serving.json", "serving.md"):
         assert str(ROOT) not in (ROOT / "docs" / name).read_text(), name

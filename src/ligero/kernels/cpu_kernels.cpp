@@ -605,8 +605,8 @@ void int4_bundles_avx2(const uint8_t* codes, const at::Half* scale, const at::Ha
 // same order): the results are bit for bit those of the 256-bit code, which takes a last odd bundle and tiles of
 // fewer than 4 activation rows. Measured in SmolLM2's 120 int4 projections (Q4_1, int8 activations), interleaved
 // with the 256-bit build in one process: batch 8 0.87x the time, batch 4 0.98x; at batch 1 it took ~1.2x (two
-// streams read side by side slow a memory-bound tile), hence the cut at 4. An int8 x int8 version (two blocks per 64-byte load)
-// changed nothing in the Q8_0 output head (3.43 vs 3.58 ms at batch 8): not kept.
+// streams read side by side slow a memory-bound tile), hence the cut at 4. An int8 x int8 version (two blocks per
+// 64-byte load) changed nothing in the Q8_0 output head (3.43 vs 3.58 ms at batch 8): not kept.
 inline __m512i broadcast4_512(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);

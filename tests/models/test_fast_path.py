@@ -12,6 +12,7 @@ import torch
 
 from ligero.errors import LigeroError
 from ligero.io.checkpoint import load_model
+from ligero.kernels import MAX_KERNEL_ROWS
 from ligero.models import transformer
 from ligero.models.generate import SamplingConfig, generate_tokens
 from ligero.models.transformer import rms_norm_llamacpp
@@ -142,7 +143,7 @@ def test_native_step_steps_aside(tiny_pair, monkeypatch, compiled_kernels):
     model = load_model(str(folder), device="cpu").model
     with torch.inference_mode():
         assert transformer.native_decode_plan(model, model.new_cache(1, 4)) is not None
-        assert transformer.native_decode_plan(model, model.new_cache(9, 4)) is None  # more rows than the kernels take
+        assert transformer.native_decode_plan(model, model.new_cache(MAX_KERNEL_ROWS + 1, 4)) is None  # too many rows
         handle = model.layers[0].mlp.register_forward_hook(lambda *a: None)
         assert transformer.native_decode_plan(model, model.new_cache(1, 4)) is None
         handle.remove()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ligero.errors import LigeroError
-from ligero.models.generate import BatchGeneration, SamplingConfig, generate_tokens, sample_next
+from ligero.models import generate
+from ligero.models.generate import BatchGeneration, SamplingConfig, generate_tokens, greedy_pick, sample_next
 
 
 def test_greedy_and_degenerate_sampling_agree():
@@ -199,3 +200,23 @@ def test_prompts_prefilled_in_chunks_generate_what_one_pass_does(tiny_pair, monk
     assert passes == [5, 5, 5, 5]
     torch.testing.assert_close(chunked.logits, one_pass.logits, rtol=1e-5, atol=1e-5)
     assert _run(chunked).tokens == _run(one_pass).tokens
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_greedy_pick_is_argmax_and_the_models_log_prob(compiled_kernels, monkeypatch, native):
+    """The greedy token of the scores (the first maximum on ties, as argmax) and its log-prob under the
+    unadjusted logits, natively or in torch; ragged vocabulary sizes cover the vector tails."""
+    if not native:
+        monkeypatch.setattr(generate, "cpu_kernels", lambda: None)
+    g = torch.Generator().manual_seed(0)
+    for rows, vocab in ((1, 49152), (16, 1003), (3, 7)):
+        logits = torch.randn(rows, vocab, generator=g) * 4
+        scores = logits.clone()
+        scores[:, vocab // 2] = scores.max() + 1  # a biased token wins in the scores, not in the logits
+        scores[0, vocab // 3] = scores[0, vocab // 2]  # a tie in row 0: the first one is the pick
+        ids, log_probs = greedy_pick(scores, logits)
+        assert ids == scores.argmax(-1).tolist() and ids[0] == vocab // 3
+        expected = torch.log_softmax(logits.double(), -1)[torch.arange(rows), ids]
+        torch.testing.assert_close(torch.tensor(log_probs, dtype=torch.float64), expected, rtol=1e-5, atol=1e-5)
+    same, _ = greedy_pick(logits, logits)
+    assert same == logits.argmax(-1).tolist()

@@ -59,6 +59,22 @@ def test_tier_matches_torch_on_the_dequantized_weights(tier, use, layer_type, co
     assert torch.equal(got, alone)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_compact_q8_0_on_the_tier(tier, use, rows):
+    """GGUF's Q8_0 with int8 activations in the x8 layout (as GGUF files load): exact integer products on every
+    tier (no VNNI on AVX2: the bytes go in as two nibbles; portable: fp32 products of the rounded activations)."""
+    use(tier)
+    layer = Int8Linear.from_float(randn(45, 608, seed=4) * 0.05, Int8WeightConfig(group_size=32, act_int8_blocks=True))
+    assert layer.compact()
+    x = randn(rows, 608, seed=rows) * 3
+    with torch.inference_mode():
+        got = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+    x_hat, w_hat = formats.fake_quantize_int8_blocks(x), layer.dequantize()
+    assert ((got - F.linear(x_hat, w_hat)).abs() <= 1e-5 * (x_hat.abs() @ w_hat.abs().T) + 1e-6).all()
+    assert torch.equal(got, alone)
+
+
 def test_fp8_codes_of_every_magnitude_decode_exactly(tier, use):
     """Each finite FP8 code, subnormals included, with denormals flushed as the runtime sets it."""
     for fmt in ("e4m3", "e5m2"):

@@ -85,9 +85,9 @@ def test_hugging_face_16_bit_folder_loads_in_16_bits(tmp_path, arch, dtype):
     assert linears and all(type(m) is Float16Linear and m.weight16.dtype == dtype for m in linears)
     assert not any(p.dim() == 2 for p in half.parameters())  # no fp32 copy of a matrix
     assert stored_bytes(half) < 0.55 * stored_bytes(full)
-    # More rows than MAX_KERNEL_ROWS: a prefill, the same fp32 GEMM on the same weights (8 rows would go to the
+    # More rows than MAX_KERNEL_ROWS: a prefill, the same fp32 GEMM on the same weights (16 rows would go to the
     # decode kernel, whose summation order depends on the CPU's instruction set)
-    tokens = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4, 8, 21, 3, 40]])
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4, 8, 21, 3, 40, 11, 6, 52, 7, 30, 12, 19, 44]])
     assert tokens.shape[1] > MAX_KERNEL_ROWS
     with torch.inference_mode():
         torch.testing.assert_close(half(tokens), full(tokens), rtol=0, atol=0)

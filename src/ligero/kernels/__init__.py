@@ -31,8 +31,8 @@ from ligero.paths import cache_root
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 class NativeOp(NamedTuple):
-    """One projection as the native decode step runs it: a kernel (`kind`: f32, int8, int4, lut4, lut8, ternary, ggml,
-    half) with its tensors in the kernel's argument order, plus what that kernel needs besides."""
+    """One projection as the native decode step runs it: a kernel (`kind`: f32, int8, int8x8, int4, lut4, lut8,
+    ternary, ggml, half) with its tensors in the kernel's argument order, plus what that kernel needs besides."""
 
     kind: str
     tensors: list
@@ -40,13 +40,16 @@ class NativeOp(NamedTuple):
     act8: bool = False  # int8, int4: int8 activations per 32 inputs
     tensor_scale: float = 1.0  # lut4: one tensor scale (a row-scale tensor follows the tensors otherwise)
     act_fp8: int = 0  # activations rounded to FP8 per token first: 0 no, 1 E4M3, 2 E5M2
-    out_features: int = 0  # int4: output rows (its kernel layout pads them to bundles of 8)
+    out_features: int = 0  # int4, int8x8: output rows (their kernel layouts pad them to bundles of 8)
 
 
 # = LinearKind in the C++
-NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6, "ggml": 7, "half": 8}
+NATIVE_KINDS = {"f32": 1, "int8": 2, "int4": 3, "lut4": 4, "lut8": 5, "ternary": 6, "ggml": 7, "half": 8,
+                "int8x8": 9}
 
-MAX_KERNEL_ROWS = 8  # decode batches up to this many activation rows go to the kernels; more rows use torch's GEMM
+# Decode batches up to this many activation rows go to the kernels (a server's continuous batch: 16 rows took 0.85x
+# the time per row of 8 on SmolLM2); more rows use torch's GEMM (or the kernels' prefill path where it is faster).
+MAX_KERNEL_ROWS = 16
 
 # LIGERO_KERNELS value -> extra compiler flags. "auto" takes the best tier the CPU has; the others cap it.
 TIERS = {"auto": [], "avx2": ["-mno-avx512f", "-DLIGERO_FORCE_AVX2"], "generic": ["-DLIGERO_FORCE_GENERIC"]}

@@ -42,8 +42,8 @@
 
 namespace {
 
-// Runs f(m0, std::integral_constant<int, MT>) over activation rows in tiles of MT <= 8 (the decode batch is at
-// most 8 rows): each kernel is compiled for a fixed tile height, so its accumulators stay in registers.
+// Runs f(m0, std::integral_constant<int, MT>) over activation rows in tiles of MT <= 8 (a decode batch of up to 16
+// rows is one or two tiles): each kernel is compiled for a fixed tile height, so its accumulators stay in registers.
 template <typename F>
 inline void for_each_tile(int64_t M, F&& f) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
@@ -60,9 +60,9 @@ inline void for_each_tile(int64_t M, F&& f) {
   }
 }
 
-// Prefill (M > 8 rows): f(rb, re) over blocks of weight rows [rb, re) of about kRowBlockBytes (within L2), so
-// each block is read from memory once and reused by every tile of activation rows, instead of the thread's whole
-// share of the matrix being streamed again for each tile of 8. Decode (one tile) gets one block.
+// More than 8 rows (prefill, or a decode batch of 9-16): f(rb, re) over blocks of weight rows [rb, re) of about
+// kRowBlockBytes (within L2), so each block is read from memory once and reused by every tile of activation rows,
+// instead of the thread's whole share of the matrix being streamed again for each tile of 8. One tile: one block.
 constexpr int64_t kRowBlockBytes = 128 * 1024;
 
 template <typename F>
@@ -680,6 +680,120 @@ void int4_bundles_avx512(const uint8_t* codes, const at::Half* scale, const at::
 }
 #endif
 
+// ============================================ int8 x int8 in bundles (GGUF Q8_0) ===================================
+// Q8_0 weights (fp16 scale per 32 inputs) with int8 activations, in the x8 layout of pack_int8_x8: output rows in
+// bundles of 8, per bundle and block eight 32-byte vectors, vector k = bytes 4k..4k+3 of each of the 8 rows (lane
+// r: row r) stored as w + 128 (unsigned, so vpdpbusd takes them as they are), and the 8 rows' scales side by side.
+// Per activation row, each vector meets 4 activation bytes broadcast to all lanes, so the 8 lanes end the block
+// holding the 8 rows' exact integer dot products (minus 128 x the block's activation sum): one scale multiply per
+// block for 8 rows, against a conversion and a multiply per row and block in the row-major kernel above (which
+// took ~6 ms for SmolLM2's 49k-row head at 16 rows). Without VNNI the unsigned bytes go in as two nibbles (each
+// pair sum of vpmaddubsw then stays below 2^15), w + 128 = 16 hi + lo. Same integers, scaled and summed in block
+// order for every tile height.
+#ifdef LIGERO_AVX2
+template <int MT>
+void int8_bundles_avx2(const uint8_t* codes, const at::Half* scale, const SplitX* sx, int64_t in, int64_t out,
+                       float* y, int64_t begin, int64_t end) {
+  const int64_t n_blocks = in / 32;
+#ifndef LIGERO_VNNI
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+#endif
+  for (int64_t u = begin; u < end; ++u) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* block = codes + (u * n_blocks + b) * 256;
+      __m256i w[8];
+#ifdef LIGERO_VNNI
+      for (int k = 0; k < 8; ++k) w[k] = _mm256_loadu_si256((const __m256i*)(block + 32 * k));
+#else
+      __m256i lo[8];
+      for (int k = 0; k < 8; ++k) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(block + 32 * k));
+        w[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        lo[k] = _mm256_and_si256(v, low4);
+      }
+#endif
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scale + (u * n_blocks + b) * kBundle)));
+      for (int m = 0; m < MT; ++m) {
+        const SplitX& x = sx[m];
+        const int8_t* first = x.hi_first.data() + b * 16;
+        const int8_t* second = x.hi_second.data() + b * 16;
+        __m256i dot = dot_lanes(w, first, second);
+#ifndef LIGERO_VNNI
+        dot = _mm256_add_epi32(_mm256_slli_epi32(dot, 4), dot_lanes(lo, first, second));
+#endif
+        dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(broadcast4((const int8_t*)(x.int_sum.data() + b)), 7));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_broadcast_ss(&x.scale[b])), acc[m]);
+      }
+    }
+    const int64_t rows = std::min<int64_t>(kBundle, out - u * kBundle);
+    for (int m = 0; m < MT; ++m) {
+      float t[kBundle];
+      _mm256_storeu_ps(t, acc[m]);
+      std::copy(t, t + rows, y + m * out + u * kBundle);
+    }
+  }
+}
+#endif
+
+#ifdef LIGERO_VNNI
+// Two bundles at a time in 512-bit registers (as int4_bundles_avx512, same lane operations and order: bit for bit
+// the 256-bit results), for tiles of 4+ activation rows; the 256-bit code takes the rest.
+template <int MT>
+void int8_bundles_avx512(const uint8_t* codes, const at::Half* scale, const SplitX* sx, int64_t in, int64_t out,
+                         float* y, int64_t begin, int64_t end) {
+  const int64_t n_blocks = in / 32;
+  int64_t u = begin;
+  for (; MT >= 4 && u + 1 < end; u += 2) {
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* block = codes + (u * n_blocks + b) * 256;
+      const uint8_t* block1 = block + n_blocks * 256;  // bundle u + 1's block b
+      __m512i w[8];
+      for (int k = 0; k < 8; ++k)
+        w[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(block + 32 * k))),
+                                  _mm256_loadu_si256((const __m256i*)(block1 + 32 * k)), 1);
+      const at::Half* s0 = scale + (u * n_blocks + b) * kBundle;
+      const __m512 ws = halves_pair(s0, s0 + n_blocks * kBundle);
+      for (int m = 0; m < MT; ++m) {
+        const SplitX& x = sx[m];
+        __m512i dot = dot_lanes_512(w, x.hi_first.data() + b * 16, x.hi_second.data() + b * 16);
+        dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_set1_epi32(x.int_sum[b]), 7));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_set1_ps(x.scale[b])), acc[m]);
+      }
+    }
+    const int64_t rows = std::min<int64_t>(2 * kBundle, out - u * kBundle);
+    for (int m = 0; m < MT; ++m) {
+      float t[2 * kBundle];
+      _mm512_storeu_ps(t, acc[m]);
+      std::copy(t, t + rows, y + m * out + u * kBundle);
+    }
+  }
+  if (u < end) int8_bundles_avx2<MT>(codes, scale, sx, in, out, y, u, end);
+}
+#endif
+
+#ifdef LIGERO_GENERIC
+// Portable: decode a bundle's 8 rows to fp32 once, then dot each with every (rounded) activation row.
+void int8_bundles_generic(const uint8_t* codes, const at::Half* scale, const float* x, int64_t M, int64_t in,
+                          int64_t out, float* y, int64_t begin, int64_t end) {
+  const int64_t n_blocks = in / 32;
+  std::vector<float> w(kBundle * in);
+  for (int64_t u = begin; u < end; ++u) {
+    for (int64_t b = 0; b < n_blocks; ++b)
+      for (int r = 0; r < kBundle; ++r) {
+        const float s = half_to_float(scale[(u * n_blocks + b) * kBundle + r]);
+        const uint8_t* block = codes + (u * n_blocks + b) * 256;
+        for (int j = 0; j < 32; ++j) w[r * in + b * 32 + j] = s * float(int(block[(j / 4) * 32 + r * 4 + j % 4]) - 128);
+      }
+    for (int64_t r = 0; r < kBundle && u * kBundle + r < out; ++r)
+      dot_rows_generic(w.data() + r * in, x, y + u * kBundle + r, M, in, out);
+  }
+}
+#endif
+
 // ============================================ int8 x int8 activations ============================================
 // The int8 layer's `act_int8_blocks` option (llama.cpp's Q8_0 x Q8_0 arithmetic): activations rounded to int8 per
 // 32-input block as for int4 (quantize_block_x8), stored contiguously; per weight row and block, one vpmaddubsw on
@@ -1152,6 +1266,74 @@ std::vector<torch::Tensor> pack_int4_x8(torch::Tensor packed, torch::Tensor scal
         .view({n_bundles, n_groups * kBundle});
   };
   return {codes, bundle(scale), bundle(minimum)};
+}
+
+// q [out, in] int8 + scale [out, in / 32] fp16 (GGUF Q8_0) -> the x8 layout linear_int8_x8 reads: codes
+// [ceil(out/8), in/32 * 256] uint8 (w + 128; padding rows 128, i.e. zero) and scales [ceil(out/8), in/32 * 8] fp16.
+std::vector<torch::Tensor> pack_int8_x8(torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(q.dtype() == torch::kInt8 && q.dim() == 2 && q.size(1) % 32 == 0 && scale.dtype() == torch::kFloat16 &&
+              scale.dim() == 2 && scale.size(0) == q.size(0) && scale.size(1) * 32 == q.size(1),
+              "pack_int8_x8: [out, in] int8 codes and [out, in / 32] fp16 scales");
+  q = q.contiguous();
+  const int64_t out = q.size(0), in = q.size(1), n_blocks = in / 32, n_bundles = (out + kBundle - 1) / kBundle;
+  auto codes = torch::full({n_bundles, n_blocks * 256}, 128, q.options().dtype(torch::kUInt8));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::parallel_for(0, out, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const int64_t u = o / kBundle, r = o % kBundle;
+      for (int64_t b = 0; b < n_blocks; ++b)
+        for (int k = 0; k < 8; ++k)  // vector k: the 8 rows' bytes 4k..4k+3, row after row
+          for (int j = 0; j < 4; ++j)
+            cp[(u * n_blocks + b) * 256 + k * 32 + r * 4 + j] = uint8_t(int(qp[o * in + b * 32 + 4 * k + j]) + 128);
+    }
+  });
+  auto padded = torch::zeros({n_bundles * kBundle, n_blocks}, scale.options());
+  padded.narrow(0, 0, out).copy_(scale);
+  return {codes, padded.view({n_bundles, kBundle, n_blocks}).transpose(1, 2).contiguous()
+                     .view({n_bundles, n_blocks * kBundle})};
+}
+
+// x: [M, in] fp32 (in % 32 == 0), rounded to int8 per 32-input block (llama.cpp's Q8_0 x Q8_0 arithmetic);
+// codes, scale: pack_int8_x8's layout -> [M, out].
+torch::Tensor linear_int8_x8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, int64_t out) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && codes.dtype() == torch::kUInt8 && scale.dtype() == torch::kFloat16);
+  x = x.contiguous();
+  const int64_t M = x.size(0), in = x.size(1), n_bundles = (out + kBundle - 1) / kBundle;
+  TORCH_CHECK(x.dim() == 2 && in % 32 == 0 && codes.size(0) == n_bundles && codes.size(1) == in / 32 * 256 &&
+              scale.size(0) == n_bundles && scale.size(1) == in / 32 * kBundle,
+              "linear_int8_x8: tensors not in the x8 layout");
+  auto y = torch::empty({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+#ifdef LIGERO_GENERIC
+  std::vector<float> x_hat(M * in);
+  round_blocks_x8(xp, x_hat.data(), M * in / 32);
+  at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
+    int8_bundles_generic(cp, sp, x_hat.data(), M, in, out, yp, b, e);
+  });
+#else
+  thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
+  sx_buffers.resize(M);
+  SplitX* sx = sx_buffers.data();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) quantize_x8(xp + m * in, in, sx[m]);
+  });
+  at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
+    for_each_row_block(b, e, kBundle * in, M, [&](int64_t rb, int64_t re) {
+      for_each_tile(M, [&](int64_t m0, auto mt) {
+#ifdef LIGERO_VNNI
+        int8_bundles_avx512<decltype(mt)::value>(cp, sp, sx + m0, in, out, yp + m0 * out, rb, re);
+#else
+        int8_bundles_avx2<decltype(mt)::value>(cp, sp, sx + m0, in, out, yp + m0 * out, rb, re);
+#endif
+      });
+    });
+  });
+#endif
+  return y;
 }
 
 // x: [M, in] fp32 (in % 32 == 0); codes, scale, minimum: the x8 layout of pack_int4_x8 (an empty minimum: a
@@ -2369,8 +2551,67 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offs
   return y;
 }
 
+// ============================================ greedy pick =====================================================
+// Greedy decoding's choice per row: the first index of the largest score (torch's argmax) and that token's
+// log-probability under `logits` (the scores before logit_bias and penalties; the same tensor when none apply):
+// logits[id] - max - log(sum exp(logits - max)). One read of each row instead of torch's gather + argmax +
+// log_softmax over [rows, V] (~1.5 ms a step at 16 rows of a 49k vocabulary). Scores are finite (NaN unsupported).
+namespace {
+int64_t first_argmax(const float* s, int64_t n) {
+  float best = -INFINITY;
+  int64_t i = 0;
+#ifdef LIGERO_AVX2
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  for (float v : lanes) best = std::max(best, v);
+#endif
+  for (; i < n; ++i) best = std::max(best, s[i]);
+  for (int64_t j = 0; j < n; ++j)
+    if (s[j] == best) return j;
+  return 0;  // no entry compares equal (NaN): token 0
+}
+
+float log_prob_of(const float* x, int64_t n, int64_t id) {
+  const float mx = x[first_argmax(x, n)];
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef LIGERO_AVX2
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m)));
+  sum = hsum8(acc);
+#endif
+  for (; i < n; ++i) sum += std::exp(x[i] - mx);
+  return x[id] - mx - std::log(sum);
+}
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor scores, torch::Tensor logits) {
+  TORCH_CHECK(scores.dtype() == torch::kFloat32 && logits.dtype() == torch::kFloat32 && scores.dim() == 2 &&
+              scores.sizes() == logits.sizes(), "greedy_rows: scores and logits are [rows, V] fp32");
+  scores = scores.contiguous();
+  logits = logits.contiguous();
+  const int64_t rows = scores.size(0), V = scores.size(1);
+  TORCH_CHECK(V > 0, "greedy_rows: an empty vocabulary");
+  auto ids = torch::empty({rows}, scores.options().dtype(torch::kInt64));
+  auto log_probs = torch::empty({rows}, scores.options());
+  const float* sp = scores.data_ptr<float>();
+  const float* lp = logits.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* op = log_probs.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      ip[r] = first_argmax(sp + r * V, V);
+      op[r] = log_prob_of(lp + r * V, V, ip[r]);
+    }
+  });
+  return {ids, log_probs};
+}
+
 // ============================================ decode step =====================================================
-// One native call runs every decoder layer of a decode step (one new token per sequence, batch <= 8): norms,
+// One native call runs every decoder layer of a decode step (one new token per sequence, batch <= 16): norms,
 // projections, RoPE, the KV-cache write, attention, the MLP and the residuals, with no Python in between. The
 // layer-by-layer modules stay the reference (models/transformer.py); this mirrors their arithmetic op for op.
 // A projection without a native kernel (e.g. one that rounds its activations in torch) is called back in Python.
@@ -2423,7 +2664,7 @@ torch::Tensor fake_quant_fp8_rows(torch::Tensor x, int64_t fmt) {
 }
 
 enum LinearKind : int64_t { kPython = 0, kF32 = 1, kInt8 = 2, kInt4 = 3, kLut4 = 4, kLut8 = 5, kTernary = 6,
-                             kGgml = 7, kHalf = 8 };
+                             kGgml = 7, kHalf = 8, kInt8x8 = 9 };
 
 struct NativeLinear {
   int64_t kind;
@@ -2432,7 +2673,7 @@ struct NativeLinear {
   bool act8;                     // kInt8, kInt4: int8 activations per 32-input block; kGgml: llama.cpp's (Q8_K ...)
   double tensor_scale;           // kLut4: one tensor scale (1.0 when a row scale follows)
   int64_t act_fp8;               // 0, or the FP8 format (1 E4M3, 2 E5M2) the activations are rounded to first
-  int64_t out_features;          // kInt4: output rows (its x8 layout pads them to bundles of 8)
+  int64_t out_features;          // kInt4, kInt8x8: output rows (the x8 layouts pad them to bundles of 8)
   py::object module;             // kPython: the module to call
 
   torch::Tensor operator()(const torch::Tensor& x_in) const {
@@ -2441,6 +2682,7 @@ struct NativeLinear {
       case kF32: return linear_f32(x, t[0]);
       case kInt8: return linear_int8(x, t[0], t[1], act8);
       case kInt4: return linear_int4(x, t[0], t[1], t[2], group, act8, out_features);
+      case kInt8x8: return linear_int8_x8(x, t[0], t[1], out_features);
       case kLut4: {
         auto y = linear_lut4(x, t[0], t[1], t[2], t[3], tensor_scale, group);
         return t.size() > 4 ? y.mul_(t[4]) : y;
@@ -2631,12 +2873,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_half", &linear_half, "small-batch linear with fp16 or bf16 weights, fp32 arithmetic");
   m.def("linear_int8", &linear_int8, "small-batch linear with int8 per-channel weights");
   m.def("linear_int4", &linear_int4, "small-batch linear with 4-bit group weights in the x8 layout");
+  m.def("linear_int8_x8", &linear_int8_x8, "small-batch Q8_0 linear (int8 activations) in the x8 layout");
+  m.def("pack_int8_x8", &pack_int8_x8, "int8 codes and fp16 scales per 32 inputs (Q8_0) -> the x8 kernel layout");
   m.def("pack_int4_x8", &pack_int4_x8, "row-major packed 4-bit codes, scales, minimums -> the x8 kernel layout");
   m.def("linear_lut4", &linear_lut4, "small-batch linear with 4-bit table codes and block scales (MXFP4/NVFP4)");
   m.def("linear_ternary", &linear_ternary, "small-batch BitNet b1.58 linear: 2-bit ternary x int8 activations");
   m.def("linear_lut8", &linear_lut8, "small-batch linear with 8-bit table codes and row scales (FP8)");
   m.def("attend_decode", &attend_decode, "attention of a few query positions over the KV cache (decode)");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
+  m.def("greedy_rows", &greedy_rows, "greedy next token per row and its log-probability (decode sampling)");
   m.def("fake_quant_int8_blocks", &fake_quant_int8_blocks, "activations rounded to int8 per 32 inputs (fp32)");
   m.def("fake_quant_fp8_rows", &fake_quant_fp8_rows, "activations rounded to FP8 per row (1 E4M3, 2 E5M2)");
   m.def("dequant_int8", &dequant_int8, "int8 per-channel weights -> fp32 (prefill)");
@@ -2654,7 +2899,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<NativeLinear>(m, "NativeLinear", py::module_local(), "one projection of the native decode step")
       .def(py::init([](int64_t kind, std::vector<torch::Tensor> t, int64_t group, bool act8, double tensor_scale,
                        int64_t act_fp8, int64_t out_features, py::object module) {
-             TORCH_CHECK(kind >= kPython && kind <= kHalf, "NativeLinear: unknown kind ", kind);
+             TORCH_CHECK(kind >= kPython && kind <= kInt8x8, "NativeLinear: unknown kind ", kind);
              TORCH_CHECK(kind != kPython || !module.is_none(), "NativeLinear: a Python projection needs its module");
              TORCH_CHECK(act_fp8 >= 0 && act_fp8 <= 2, "NativeLinear: act_fp8 is 0, 1 (E4M3) or 2 (E5M2)");
              return NativeLinear{kind, std::move(t), group, act8, tensor_scale, act_fp8, out_features,

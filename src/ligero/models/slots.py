@@ -27,7 +27,14 @@ import torch.nn.functional as F
 
 from ligero.errors import LigeroError
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
-from ligero.models.generate import RowAdjustments, SamplingConfig, adjusted_logits, batch_token_budget, sample_next
+from ligero.models.generate import (
+    RowAdjustments,
+    SamplingConfig,
+    adjusted_logits,
+    batch_token_budget,
+    greedy_pick,
+    sample_next,
+)
 from ligero.models.transformer import CacheStep, KVCache, KVCacheBase, Transformer
 
 
@@ -331,12 +338,28 @@ class ContinuousBatch:
 
     # --- decoding --------------------------------------------------------------------------------------------
 
-    def _sample(self, live: list[int]) -> list[int]:
-        logits = adjusted_logits(self.logits[live], [self.rows[i].adjust for i in live])
+    def _live_logits(self, live: list[int]) -> torch.Tensor:
+        """The next-token logits of rows `live` [len(live), V]: a view when they are rows 0..n-1 (the usual case)."""
+        if live == list(range(len(live))):
+            return self.logits[: len(live)]
+        return self.logits.index_select(0, torch.tensor(live, device=self.logits.device))
+
+    def _pick(self, live: list[int]) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """Next token and its log-prob under the model for every row in `live`, plus the full log-probs when a row
+        samples or asks for top log-probs (None otherwise: greedy rows take one native pass, greedy_pick)."""
+        raw = self._live_logits(live)
         states = [self.rows[i] for i in live]
+        scores = adjusted_logits(raw, [s.adjust for s in states])
+        if all(s.request.sampling.temperature == 0 and not s.request.top_logprobs for s in states):
+            nxt, picked = greedy_pick(scores, raw)
+            return nxt, picked, None
         if all(s.request.sampling.temperature == 0 for s in states):
-            return logits.argmax(-1).tolist()
-        return [int(sample_next(logits[j : j + 1], s.request.sampling, s.generator)) for j, s in enumerate(states)]
+            nxt = scores.argmax(-1).tolist()
+        else:
+            nxt = [int(sample_next(scores[j : j + 1], s.request.sampling, s.generator)) for j, s in enumerate(states)]
+        log_probs = F.log_softmax(raw.float(), -1)
+        picked = log_probs.gather(1, torch.tensor(nxt, device=log_probs.device)[:, None])[:, 0].tolist()
+        return nxt, picked, log_probs
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int, float]]:
@@ -346,9 +369,7 @@ class ContinuousBatch:
         live = [i for i, s in enumerate(self.rows) if s is not None and s.ready]
         if not live:
             return []
-        nxt = self._sample(live)
-        log_probs = F.log_softmax(self.logits[live].float(), -1)
-        picked = log_probs.gather(1, torch.tensor(nxt, device=log_probs.device)[:, None])[:, 0].tolist()
+        nxt, picked, log_probs = self._pick(live)
         produced, going = [], []
         for j, (i, t) in enumerate(zip(live, nxt)):
             state = self.rows[i]
@@ -382,7 +403,11 @@ class ContinuousBatch:
             tokens[i, 0] = t
             positions[i, 0] = len(self.rows[i].request.prompt) + len(self.rows[i].tokens) - 1
         out = self.model(tokens, positions, kv_cache=self.cache.prefix(n))[:, -1]  # [n, V]
-        index = torch.tensor([i for i, _ in going], device=device)
-        self.logits[index] = out[index].to(self.logits.dtype)
+        rows = [i for i, _ in going]
+        if rows == list(range(n)):
+            self.logits[:n].copy_(out)
+        else:
+            index = torch.tensor(rows, device=device)
+            self.logits.index_copy_(0, index, out.index_select(0, index).to(self.logits.dtype))
         self.steps += 1
         self.stepped_rows += len(going)

@@ -21,7 +21,7 @@ from ligero.models.transformer import FULL_PRECISION_KV, Linear, Transformer
 from ligero.quant.calibrate import input_absmax
 from ligero.quant.config import PartsConfig, QuantConfig, Recipe, scheme_spec
 from ligero.quant.kv import KIVIFormat
-from ligero.quant.modules import IntGroupLinear, PartsLinear, QuantizedEmbedding, QuantizedLinear
+from ligero.quant.modules import Int8Linear, IntGroupLinear, PartsLinear, QuantizedEmbedding, QuantizedLinear
 
 LayerFilter = Callable[[str, nn.Module], bool]
 # build(name, full-precision Linear, config) -> the quantized layer that replaces it
@@ -290,8 +290,8 @@ def build_quantized_structure(model: Transformer, recipe: Recipe) -> Transformer
 
 
 def compact_layers(model: nn.Module) -> int:
-    """Hold every layer that has a compact form in that form only (4-bit codes: the decode kernel's x8 layout,
-    the row-major form rebuilt on demand; see IntGroupLinear.compact): the as-shipped GGUF load, where the model's
-    size is the point. In-place edits of such a layer's `packed` / `scale` / `minimum` would edit a rebuilt copy:
-    assign them instead. Returns the number of layers compacted."""
-    return sum(1 for m in model.modules() if isinstance(m, IntGroupLinear) and m.compact())
+    """Hold every layer that has a compact form in that form only (4-bit codes, and Q8_0 with int8 activations:
+    the decode kernel's x8 layout, the row-major form rebuilt on demand; see modules.CompactForm): the as-shipped
+    GGUF load, where the model's size is the point. In-place edits of such a layer's row-major tensors (`packed`,
+    `q`, `scale` ...) would edit a rebuilt copy: assign them instead. Returns the number of layers compacted."""
+    return sum(1 for m in model.modules() if isinstance(m, (IntGroupLinear, Int8Linear)) and m.compact())

@@ -1,6 +1,6 @@
 """Load test, side by side: `ligero serve` and llama.cpp's `llama-server` on the same GGUF file, the same load.
 
-    python benchmarks/load.py [--clients 1,4,16] [--seconds 30] [--max-tokens 128] [--slots 8]
+    python benchmarks/load.py [--clients 1,4,16] [--seconds 30] [--max-tokens 128] [--slots 16]
                               [--engines ligero,llama.cpp]
 
 The model is SmolLM2-135M-Instruct's published Q4_1 GGUF, which both engines run as stored (Ligero: `--variant
@@ -370,7 +370,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     args = ap.parse_args()

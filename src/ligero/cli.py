@@ -605,8 +605,9 @@ def _add_serve_command(sub) -> None:
                                            "no keys = no auth")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--max-batch", type=_positive_int, default=8,
-                   help="requests decoded together: the continuous batch's rows (default 8)")
+    p.add_argument("--max-batch", type=_positive_int, default=16,
+                   help="requests decoded together: the continuous batch's rows (default 16, the most the decode "
+                        "kernels take in one step)")
     p.add_argument("--max-waiting", type=_count, default=64,
                    help="requests that may wait for a free row; more are answered 429 (default 64)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=128,

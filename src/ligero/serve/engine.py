@@ -66,7 +66,7 @@ class EngineBusy(LigeroError):
 class Engine:
     """The worker of one variant. `submit` is thread-safe; `stats` feeds /metrics."""
 
-    def __init__(self, name: str, model, tokenizer, max_batch: int = 8, batch_wait_s: float = 0.005,
+    def __init__(self, name: str, model, tokenizer, max_batch: int = 16, batch_wait_s: float = 0.005,
                  compute_lock: threading.Lock | None = None, max_waiting: int = 64, prefill_chunk: int = 128):
         if max_batch < 1:
             raise LigeroError(f"--max-batch must be >= 1, got {max_batch}")

@@ -45,7 +45,7 @@ def load_variant(model_id: str, spec: str, device: str = "cpu"):
 
 def build_config(model_id: str, variants: list[str], split: list[float] | None = None, store_url: str | None = None,
                  card: str | None = None, guardrails_file: str | None = None, api_keys_file: str | None = None,
-                 segment_rules: list[SegmentRule] | None = None, experiment: str | None = None, max_batch: int = 8,
+                 segment_rules: list[SegmentRule] | None = None, experiment: str | None = None, max_batch: int = 16,
                  keep_text: bool = False, device: str = "cpu", public_metrics: bool = False,
                  body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None,
                  vision: bool = False, vision_adapter: str | None = None, max_waiting: int = 64,

@@ -534,6 +534,17 @@ inline __m256i dot_u8s8(__m256i acc, __m256i a, __m256i b) {
 // take the shuffle port, the one the old layout's horizontal adds saturated).
 inline __m256i broadcast4(const int8_t* p) { return _mm256_castps_si256(_mm256_broadcast_ss((const float*)p)); }
 
+// The first `rows` lanes of a bundle's results to y (the last bundle of a layer may hold padding rows).
+inline void store_rows(__m256 v, int64_t rows, float* y) {
+  if (rows == 8) {
+    _mm256_storeu_ps(y, v);
+    return;
+  }
+  float t[8];
+  _mm256_storeu_ps(t, v);
+  std::copy(t, t + rows, y);
+}
+
 // sum_j w[j] . x[j] per 32-bit lane, for x's bytes at first (inputs 0-15) and second (16-31) of one block.
 inline __m256i dot_lanes(const __m256i* w, const int8_t* first, const int8_t* second) {
 #ifdef LIGERO_VNNI
@@ -585,15 +596,7 @@ void int4_bundles_avx2(const uint8_t* codes, const at::Half* scale, const at::Ha
       }
     }
     const int64_t rows = std::min<int64_t>(kBundle, out - u * kBundle);
-    for (int m = 0; m < MT; ++m) {
-      if (rows == kBundle) {
-        _mm256_storeu_ps(y + m * out + u * kBundle, acc[m]);
-      } else {
-        float t[kBundle];
-        _mm256_storeu_ps(t, acc[m]);
-        std::copy(t, t + rows, y + m * out + u * kBundle);
-      }
-    }
+    for (int m = 0; m < MT; ++m) store_rows(acc[m], rows, y + m * out + u * kBundle);
   }
 }
 #endif
@@ -624,6 +627,16 @@ inline __m512 halves_pair(const at::Half* a, const at::Half* b) {  // 8 fp16 at 
   const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)a)),
                                                _mm_loadu_si128((const __m128i*)b), 1);
   return _mm512_cvtph_ps(both);
+}
+
+inline void store_rows_512(__m512 v, int64_t rows, float* y) {  // as store_rows, 16 lanes
+  if (rows == 16) {
+    _mm512_storeu_ps(y, v);
+    return;
+  }
+  float t[16];
+  _mm512_storeu_ps(t, v);
+  std::copy(t, t + rows, y);
 }
 
 template <int MT, bool ACT8>
@@ -666,15 +679,7 @@ void int4_bundles_avx512(const uint8_t* codes, const at::Half* scale, const at::
       }
     }
     const int64_t rows = std::min<int64_t>(2 * kBundle, out - u * kBundle);  // only the last bundle is partial
-    for (int m = 0; m < MT; ++m) {
-      if (rows == 2 * kBundle) {
-        _mm512_storeu_ps(y + m * out + u * kBundle, acc[m]);
-      } else {
-        float t[2 * kBundle];
-        _mm512_storeu_ps(t, acc[m]);
-        std::copy(t, t + rows, y + m * out + u * kBundle);
-      }
-    }
+    for (int m = 0; m < MT; ++m) store_rows_512(acc[m], rows, y + m * out + u * kBundle);
   }
   if (u < end) int4_bundles_avx2<MT, ACT8>(codes, scale, minimum, sx, in, out, group, y, u, end);
 }
@@ -728,11 +733,7 @@ void int8_bundles_avx2(const uint8_t* codes, const at::Half* scale, const SplitX
       }
     }
     const int64_t rows = std::min<int64_t>(kBundle, out - u * kBundle);
-    for (int m = 0; m < MT; ++m) {
-      float t[kBundle];
-      _mm256_storeu_ps(t, acc[m]);
-      std::copy(t, t + rows, y + m * out + u * kBundle);
-    }
+    for (int m = 0; m < MT; ++m) store_rows(acc[m], rows, y + m * out + u * kBundle);
   }
 }
 #endif
@@ -765,11 +766,7 @@ void int8_bundles_avx512(const uint8_t* codes, const at::Half* scale, const Spli
       }
     }
     const int64_t rows = std::min<int64_t>(2 * kBundle, out - u * kBundle);
-    for (int m = 0; m < MT; ++m) {
-      float t[2 * kBundle];
-      _mm512_storeu_ps(t, acc[m]);
-      std::copy(t, t + rows, y + m * out + u * kBundle);
-    }
+    for (int m = 0; m < MT; ++m) store_rows_512(acc[m], rows, y + m * out + u * kBundle);
   }
   if (u < end) int8_bundles_avx2<MT>(codes, scale, sx, in, out, y, u, end);
 }

@@ -67,7 +67,9 @@ constexpr int64_t kRowBlockBytes = 128 * 1024;
 
 template <typename F>
 inline void for_each_row_block(int64_t begin, int64_t end, int64_t row_bytes, int64_t M, F&& f) {
-  const int64_t rows = M <= 8 ? end - begin : std::max<int64_t>(1, kRowBlockBytes / std::max<int64_t>(1, row_bytes));
+  // An even count: the 512-bit kernels take bundles in pairs (an odd one goes through the 256-bit code).
+  const int64_t fit = (kRowBlockBytes / std::max<int64_t>(1, row_bytes)) & ~int64_t{1};
+  const int64_t rows = M <= 8 ? end - begin : std::max<int64_t>(2, fit);
   for (int64_t rb = begin; rb < end; rb += rows) f(rb, std::min(end, rb + rows));
 }
 
@@ -685,6 +687,123 @@ void int4_bundles_avx512(const uint8_t* codes, const at::Half* scale, const at::
 }
 #endif
 
+#ifdef LIGERO_VNNI
+// int8 activations (ACT8) for a tile of MT rows, interleaved per block: bytes [(b * MT + m) * 32, + 32) hold row
+// m's block b (the 16 "first" inputs, then the 16 "second"), so a tile's whole block sits at one pointer and every
+// operand of the kernels below is a constant offset from it (the SplitX vectors cost a pointer load per row).
+// offset = -(int_sum << shift): the integer correction of the weights' unsigned storage (w + 8 for int4, w + 128
+// for Q8_0), the dot products' starting value.
+struct TileX8 {
+  std::vector<int8_t> q;
+  std::vector<float> scale, block_sum;  // [b * MT + m]
+  std::vector<int32_t> offset;          // [b * MT + m]
+};
+
+inline void pack_tile_x8(const SplitX* sx, int mt, int64_t n_blocks, int shift, TileX8& t) {
+  t.q.resize(n_blocks * mt * 32);
+  t.scale.resize(n_blocks * mt);
+  t.block_sum.resize(n_blocks * mt);
+  t.offset.resize(n_blocks * mt);
+  for (int m = 0; m < mt; ++m)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      int8_t* dst = t.q.data() + (b * mt + m) * 32;
+      std::memcpy(dst, sx[m].hi_first.data() + b * 16, 16);
+      std::memcpy(dst + 16, sx[m].hi_second.data() + b * 16, 16);
+      t.scale[b * mt + m] = sx[m].scale[b];
+      t.block_sum[b * mt + m] = sx[m].block_sum[b];
+      t.offset[b * mt + m] = -static_cast<int32_t>(static_cast<uint32_t>(sx[m].int_sum[b]) << shift);
+    }
+}
+
+// The bundle kernels prefetch the next pair of bundles' bytes while they multiply the current pair: without it the
+// reads from memory and the multiplies take turns instead of overlapping (SmolLM2's 120 int4 projections at 8
+// rows took ~8.4 ms: about the 1-row time, memory-bound, plus the time with the weights in cache).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char*)p + at, 0, 3);
+}
+
+// The tiles of for_each_tile (8 rows each, the last one shorter), packed once per call for every worker.
+inline const TileX8* pack_tiles_x8(const SplitX* sx, int64_t M, int64_t n_blocks, int shift) {
+  thread_local std::vector<TileX8> tiles;
+  tiles.resize((M + 7) / 8);
+  for (int64_t m0 = 0; m0 < M; m0 += 8)
+    pack_tile_x8(sx + m0, (int)std::min<int64_t>(8, M - m0), n_blocks, shift, tiles[m0 / 8]);
+  return tiles.data();
+}
+
+// One block of two bundles against a tile's MT rows, rows interleaved: the 8 vpdpbusd of a row form a chain of
+// dependent instructions, so they are issued row after row (d[0..MT) independent) instead of one row's chain at a
+// time (SmolLM2's Q8_0 head at 8 rows: 2.98 -> 2.35 ms; the int4 projections did not change: memory held them,
+// see prefetch_lines). Same integers and fp32 operations, in the same order, as the row-by-row kernels: bit for
+// bit their results. offset null: start from 0 (an int4 grid with its own minimum term).
+template <int MT>
+inline void block_dots_512(const __m512i* w, const int8_t* xb, const int32_t* offset, __m512i* d) {
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m) d[m] = offset ? _mm512_set1_epi32(offset[m]) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    const int at = j < 4 ? 4 * j : 16 + 4 * (j - 4);
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) d[m] = _mm512_dpbusd_epi32(d[m], w[j], broadcast4_512(xb + m * 32 + at));
+  }
+}
+
+// int4_bundles_avx512<MT, true> for tiles of 4+ rows, from a TileX8 (shift 3); MIN: the grid has a minimum term.
+template <int MT, bool MIN>
+void int4_bundles_act8_512(const uint8_t* codes, const at::Half* scale, const at::Half* minimum, const TileX8& t,
+                           const SplitX* sx, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
+                           int64_t end) {
+  const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group;
+  const int bpg_shift = __builtin_ctzll((unsigned long long)(group / 32));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  int64_t u = begin;
+  for (; u + 1 < end; u += 2) {
+    const uint8_t* ub = codes + u * n_blocks * 128;
+    const uint8_t* ub1 = ub + n_blocks * 128;
+    const at::Half* us = scale + u * n_groups * kBundle;
+    const at::Half* um = MIN ? minimum + u * n_groups * kBundle : nullptr;
+    const int64_t next = n_groups * kBundle;
+    __m512 acc[MT];
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      prefetch_lines(ub + (2 * n_blocks + b) * 128, 128);  // bundles u + 2 and u + 3: the next pair
+      prefetch_lines(ub1 + (2 * n_blocks + b) * 128, 128);
+      if ((b & ((int64_t)1 << bpg_shift) - 1) == 0) {  // a group's first block: the next pair's scales
+        prefetch_lines(us + 2 * next + (b >> bpg_shift) * kBundle, 16);
+        if constexpr (MIN) prefetch_lines(um + 2 * next + (b >> bpg_shift) * kBundle, 16);
+      }
+      __m512i w[8];
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m512i v = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(ub + b * 128 + k * 32))),
+            _mm256_loadu_si256((const __m256i*)(ub1 + b * 128 + k * 32)), 1);
+        w[k] = _mm512_and_si512(v, low4);
+        w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      }
+      __m512i d[MT];
+      block_dots_512<MT>(w, t.q.data() + b * MT * 32, MIN ? nullptr : t.offset.data() + b * MT, d);
+      const int64_t g = b >> bpg_shift;
+      const __m512 ws = halves_pair(us + g * kBundle, us + next + g * kBundle);
+      const float* xs = t.scale.data() + b * MT;
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[m]), _mm512_mul_ps(ws, _mm512_set1_ps(xs[m])), acc[m]);
+      if constexpr (MIN) {
+        const __m512 wm = halves_pair(um + g * kBundle, um + next + g * kBundle);
+        const float* bs = t.block_sum.data() + b * MT;
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(wm, _mm512_set1_ps(bs[m]), acc[m]);
+      }
+    }
+    const int64_t rows = std::min<int64_t>(2 * kBundle, out - u * kBundle);
+    for (int m = 0; m < MT; ++m) store_rows_512(acc[m], rows, y + m * out + u * kBundle);
+  }
+  if (u < end) int4_bundles_avx2<MT, true>(codes, scale, minimum, sx, in, out, group, y, u, end);
+}
+#endif
+
 // ============================================ int8 x int8 in bundles (GGUF Q8_0) ===================================
 // Q8_0 weights (fp16 scale per 32 inputs) with int8 activations, in the x8 layout of pack_int8_x8: output rows in
 // bundles of 8, per bundle and block eight 32-byte vectors, vector k = bytes 4k..4k+3 of each of the 8 rows (lane
@@ -742,28 +861,33 @@ void int8_bundles_avx2(const uint8_t* codes, const at::Half* scale, const SplitX
 // Two bundles at a time in 512-bit registers (as int4_bundles_avx512, same lane operations and order: bit for bit
 // the 256-bit results), for tiles of 4+ activation rows; the 256-bit code takes the rest.
 template <int MT>
-void int8_bundles_avx512(const uint8_t* codes, const at::Half* scale, const SplitX* sx, int64_t in, int64_t out,
-                         float* y, int64_t begin, int64_t end) {
+void int8_bundles_avx512(const uint8_t* codes, const at::Half* scale, const TileX8& t, const SplitX* sx, int64_t in,
+                         int64_t out, float* y, int64_t begin, int64_t end) {
   const int64_t n_blocks = in / 32;
   int64_t u = begin;
   for (; MT >= 4 && u + 1 < end; u += 2) {
     __m512 acc[MT];
+#pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* block = codes + (u * n_blocks + b) * 256;
       const uint8_t* block1 = block + n_blocks * 256;  // bundle u + 1's block b
+      prefetch_lines(block + 2 * n_blocks * 256, 256);  // bundles u + 2 and u + 3: the next pair
+      prefetch_lines(block1 + 2 * n_blocks * 256, 256);
+      prefetch_lines(scale + ((u + 2) * n_blocks + b) * kBundle, 16);
+      prefetch_lines(scale + ((u + 3) * n_blocks + b) * kBundle, 16);
       __m512i w[8];
       for (int k = 0; k < 8; ++k)
         w[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(block + 32 * k))),
                                   _mm256_loadu_si256((const __m256i*)(block1 + 32 * k)), 1);
       const at::Half* s0 = scale + (u * n_blocks + b) * kBundle;
       const __m512 ws = halves_pair(s0, s0 + n_blocks * kBundle);
-      for (int m = 0; m < MT; ++m) {
-        const SplitX& x = sx[m];
-        __m512i dot = dot_lanes_512(w, x.hi_first.data() + b * 16, x.hi_second.data() + b * 16);
-        dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_set1_epi32(x.int_sum[b]), 7));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_set1_ps(x.scale[b])), acc[m]);
-      }
+      __m512i d[MT];
+      block_dots_512<MT>(w, t.q.data() + b * MT * 32, t.offset.data() + b * MT, d);
+      const float* xs = t.scale.data() + b * MT;
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[m]), _mm512_mul_ps(ws, _mm512_set1_ps(xs[m])), acc[m]);
     }
     const int64_t rows = std::min<int64_t>(2 * kBundle, out - u * kBundle);
     for (int m = 0; m < MT; ++m) store_rows_512(acc[m], rows, y + m * out + u * kBundle);
@@ -1318,11 +1442,14 @@ torch::Tensor linear_int8_x8(torch::Tensor x, torch::Tensor codes, torch::Tensor
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) quantize_x8(xp + m * in, in, sx[m]);
   });
+#ifdef LIGERO_VNNI
+  const TileX8* tiles = pack_tiles_x8(sx, M, in / 32, 7);
+#endif
   at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
     for_each_row_block(b, e, kBundle * in, M, [&](int64_t rb, int64_t re) {
       for_each_tile(M, [&](int64_t m0, auto mt) {
 #ifdef LIGERO_VNNI
-        int8_bundles_avx512<decltype(mt)::value>(cp, sp, sx + m0, in, out, yp + m0 * out, rb, re);
+        int8_bundles_avx512<decltype(mt)::value>(cp, sp, tiles[m0 / 8], sx + m0, in, out, yp + m0 * out, rb, re);
 #else
         int8_bundles_avx2<decltype(mt)::value>(cp, sp, sx + m0, in, out, yp + m0 * out, rb, re);
 #endif
@@ -1376,13 +1503,20 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
         split_x(xp + m * in, in, sx[m]);
     }
   });
+#ifdef LIGERO_VNNI
+  const TileX8* tiles = act_int8_blocks ? pack_tiles_x8(sx, M, in / 32, 3) : nullptr;
+#endif
   at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
     // One bundle's unpacking serves a whole tile of activation rows.
     for_each_row_block(b, e, kBundle * in / 2, M, [&](int64_t rb, int64_t re) {
       for_each_tile(M, [&](int64_t m0, auto mt) {
         constexpr int MT = decltype(mt)::value;
 #ifdef LIGERO_VNNI
-        if (act_int8_blocks)
+        if (act_int8_blocks && MT >= 4 && mp)
+          int4_bundles_act8_512<MT, true>(cp, sp, mp, tiles[m0 / 8], sx + m0, in, out, group, yp + m0 * out, rb, re);
+        else if (act_int8_blocks && MT >= 4)
+          int4_bundles_act8_512<MT, false>(cp, sp, mp, tiles[m0 / 8], sx + m0, in, out, group, yp + m0 * out, rb, re);
+        else if (act_int8_blocks)
           int4_bundles_avx512<MT, true>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);
         else
           int4_bundles_avx512<MT, false>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);

@@ -73,6 +73,14 @@ inline void for_each_row_block(int64_t begin, int64_t end, int64_t row_bytes, in
   for (int64_t rb = begin; rb < end; rb += rows) f(rb, std::min(end, rb + rows));
 }
 
+// Software prefetch into every cache level. The bundle kernels fetch the next pair of bundles' bytes while they
+// multiply the current pair: without it the reads from memory and the multiplies take turns instead of overlapping
+// (SmolLM2's 120 int4 projections at 8 rows took ~8.4 ms: about the 1-row time, memory-bound, plus the time with
+// the weights in cache).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char*)p + at, 0, 3);
+}
+
 // Kernel tails (inputs past the last full vector) multiply-add with an explicit fma: left to the compiler, a scalar
 // `s += a * b` is contracted or not depending on how it vectorizes each tile height's loops (seen under -march=native
 // on AVX-512 for the AVX2 tier), and a row's result would then depend on the batch it came in.
@@ -713,13 +721,6 @@ inline void pack_tile_x8(const SplitX* sx, int mt, int64_t n_blocks, int shift, 
       t.block_sum[b * mt + m] = sx[m].block_sum[b];
       t.offset[b * mt + m] = -static_cast<int32_t>(static_cast<uint32_t>(sx[m].int_sum[b]) << shift);
     }
-}
-
-// The bundle kernels prefetch the next pair of bundles' bytes while they multiply the current pair: without it the
-// reads from memory and the multiplies take turns instead of overlapping (SmolLM2's 120 int4 projections at 8
-// rows took ~8.4 ms: about the 1-row time, memory-bound, plus the time with the weights in cache).
-inline void prefetch_lines(const void* p, int64_t bytes) {
-  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char*)p + at, 0, 3);
 }
 
 // The tiles of for_each_tile (8 rows each, the last one shorter), packed once per call for every worker.
@@ -2564,12 +2565,21 @@ inline void weighted_values(const float* p, const float* v, int64_t stride, int6
 
 // p[s] = scale * q . k[s] for the n keys at k (stride apart) that mrow (stride ms) shows, -inf for the others;
 // returns the largest. With AVX2 and D a multiple of 8, four keys at a time, their four sums reduced together.
+// v (not null): the values of the same keys, fetched into cache meanwhile, and the keys kKeysAhead ahead (see
+// attend_core).
+constexpr int64_t kKeysAhead = 8;
 inline float attention_scores(const float* q, const float* k, int64_t stride, const bool* mrow, int64_t ms, int64_t n,
-                              int64_t D, float scale, float* p) {
+                              int64_t D, float scale, float* p, const float* v = nullptr) {
   int64_t s = 0;
 #ifdef LIGERO_AVX2
   if (D % 8 == 0) {
     for (; s + 4 <= n; s += 4) {
+      if (v) {
+        for (int j = 0; j < 4; ++j) {
+          prefetch_lines(k + (s + kKeysAhead + j) * stride, D * 4);
+          prefetch_lines(v + (s + j) * stride, D * 4);
+        }
+      }
       __m256 acc[4];
       for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
@@ -2610,8 +2620,12 @@ void attend_core(const AttendArgs& a) {
       while (first < S && !mrow[first * a.ms3]) ++first;
       while (last > first && !mrow[last * a.ms3]) --last;
       const int64_t n = last - first + 1;  // >= 1: every query sees a key
+      // The first query head of a KV group reads its keys and values from memory (the cache of every row and
+      // layer is far larger than the CPU's caches; the group's other heads find them in L2): it prefetches keys
+      // kKeysAhead ahead and the values it will weigh next, so the reads overlap its arithmetic.
+      const float* fetch_v = (h % group == 0 && a.vs2 == a.ks2) ? vb + first * a.vs2 : nullptr;
       const float mx = attention_scores(qv, kb + first * a.ks2, a.ks2, mrow + first * a.ms3, a.ms3, n, D, a.scale,
-                                        p.data());
+                                        p.data(), fetch_v);
       const float inv = 1.f / exp_shifted(p.data(), n, mx);
       float* o = a.out + idx * D;
       weighted_values(p.data(), vb + first * a.vs2, a.vs2, n, D, o);

@@ -484,6 +484,22 @@ inline void split_x(const float* x, int64_t in, SplitX& sx) {
 // SplitX's "hi" bytes (the "lo" bytes are not read); block_sum is the sum of the rounded values, so the minimum
 // term is that of the same rounded x and the whole product equals x_hat @ w_hat^T (torch reference:
 // quant/formats.py fake_quantize_int8_blocks).
+#ifdef LIGERO_VNNI
+// In 512-bit vectors (the scalar loop below took ~17 us for 16 rows of 576 inputs, per projection: ~2.7 ms of
+// SmolLM2's 16-row decode step on one core while the other waited). The same values: the max is exact, x * inv
+// the same single product, and cvtps2dq rounds to nearest even as nearbyint does in the default rounding mode.
+inline int32_t quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_second, float* xs) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(x0, abs_mask), _mm512_and_ps(x1, abs_mask)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  *xs = static_cast<float>(c10::Half(amax / 127.f));
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+  _mm_storeu_si128((__m128i*)q_first, _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128((__m128i*)q_second, _mm512_cvtepi32_epi8(q1));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+}
+#else
 inline int32_t quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_second, float* xs) {
   float amax = 0.f;
   for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
@@ -497,6 +513,7 @@ inline int32_t quantize_block_x8(const float* xb, int8_t* q_first, int8_t* q_sec
   }
   return sum;
 }
+#endif
 
 // x_hat = q * (amax / 127) for n_blocks blocks of 32: the rounded activations in fp32 (torch's GEMM, portable tier).
 inline void round_blocks_x8(const float* x, float* x_hat, int64_t n_blocks) {

@@ -342,9 +342,11 @@ def write_docs(result: dict, docs: Path) -> None:
               + (f" (target 4x: not reached). Throughput per step is what limits it: with "
                  f"{fmt(top.get('busy_slots_per_decode'), '.1f')} rows busy per step, a token takes "
                  f"{fmt(top['itl_ms_p50'], '.1f')} ms against {fmt(one['itl_ms_p50'], '.1f')} ms alone, so a step "
-                 f"of many rows costs {top['itl_ms_p50'] / one['itl_ms_p50']:.1f}x a one-row step; batching "
-                 "gains more only when the kernels' per-row work (activation rounding, attention, the logits "
-                 "of every row) stops growing with the rows." if sm["top_vs_one_client"] < 4
+                 f"of many rows costs {top['itl_ms_p50'] / one['itl_ms_p50']:.1f}x a one-row step: with many rows a "
+                 "step is bound by the integer multiply-adds of the int4 and Q8_0 products (not by reading the "
+                 "weights, which a one-row step is), attention reads every row's fp32 keys and values from "
+                 "memory, and each row's prompt is prefilled in between; the server and its clients share the "
+                 "same 2 vCPUs." if sm["top_vs_one_client"] < 4
                  and top["itl_ms_p50"] and one["itl_ms_p50"] else ".")]
     if "vs_llamacpp" in sm:
         for n, v in sorted(sm["vs_llamacpp"].items(), key=lambda kv: int(kv[0])):

@@ -675,7 +675,8 @@ inline void store_rows_512(__m512 v, int64_t rows, float* y) {  // as store_rows
   std::copy(t, t + rows, y);
 }
 
-template <int MT, bool ACT8>
+// Split (~16-bit) activations only: int8 activations take int4_bundles_act8_512.
+template <int MT>
 void int4_bundles_avx512(const uint8_t* codes, const at::Half* scale, const at::Half* minimum, const SplitX* sx,
                          int64_t in, int64_t out, int64_t group, float* y, int64_t begin, int64_t end) {
   const int64_t n_blocks = in / 32, n_groups = (in + group - 1) / group;
@@ -704,11 +705,9 @@ void int4_bundles_avx512(const uint8_t* codes, const at::Half* scale, const at::
       const __m512 wm = um ? halves_pair(um + g * kBundle, um + next + g * kBundle) : ws;
       for (int m = 0; m < MT; ++m) {
         const SplitX& x = sx[m];
-        __m512i dot = dot_lanes_512(w, x.hi_first.data() + b * 16, x.hi_second.data() + b * 16);
-        if constexpr (!ACT8) {  // x = 256 * hi + lo
-          dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8),
-                                 dot_lanes_512(w, x.lo_first.data() + b * 16, x.lo_second.data() + b * 16));
-        }
+        __m512i dot = _mm512_add_epi32(  // x = 256 * hi + lo
+            _mm512_slli_epi32(dot_lanes_512(w, x.hi_first.data() + b * 16, x.hi_second.data() + b * 16), 8),
+            dot_lanes_512(w, x.lo_first.data() + b * 16, x.lo_second.data() + b * 16));
         if (!um) dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_set1_epi32(x.int_sum[b]), 3));
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_set1_ps(x.scale[b])), acc[m]);
         if (um) acc[m] = _mm512_fmadd_ps(wm, _mm512_set1_ps(x.block_sum[b]), acc[m]);
@@ -717,7 +716,7 @@ void int4_bundles_avx512(const uint8_t* codes, const at::Half* scale, const at::
     const int64_t rows = std::min<int64_t>(2 * kBundle, out - u * kBundle);  // only the last bundle is partial
     for (int m = 0; m < MT; ++m) store_rows_512(acc[m], rows, y + m * out + u * kBundle);
   }
-  if (u < end) int4_bundles_avx2<MT, ACT8>(codes, scale, minimum, sx, in, out, group, y, u, end);
+  if (u < end) int4_bundles_avx2<MT, false>(codes, scale, minimum, sx, in, out, group, y, u, end);
 }
 #endif
 
@@ -749,12 +748,15 @@ inline void pack_tile_x8(const SplitX* sx, int mt, int64_t n_blocks, int shift, 
     }
 }
 
-// The tiles of for_each_tile (8 rows each, the last one shorter), packed once per call for every worker.
+// The tiles of for_each_tile (8 rows each, the last one shorter), packed once per call for every worker; tiles of
+// fewer than 4 rows stay unpacked (the 256-bit kernels that take them read SplitX).
 inline const TileX8* pack_tiles_x8(const SplitX* sx, int64_t M, int64_t n_blocks, int shift) {
   thread_local std::vector<TileX8> tiles;
   tiles.resize((M + 7) / 8);
-  for (int64_t m0 = 0; m0 < M; m0 += 8)
-    pack_tile_x8(sx + m0, (int)std::min<int64_t>(8, M - m0), n_blocks, shift, tiles[m0 / 8]);
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int mt = (int)std::min<int64_t>(8, M - m0);
+    if (mt >= 4) pack_tile_x8(sx + m0, mt, n_blocks, shift, tiles[m0 / 8]);
+  }
   return tiles.data();
 }
 
@@ -775,7 +777,7 @@ inline void block_dots_512(const __m512i* w, const int8_t* xb, const int32_t* of
   }
 }
 
-// int4_bundles_avx512<MT, true> for tiles of 4+ rows, from a TileX8 (shift 3); MIN: the grid has a minimum term.
+// int4 x int8 activations for tiles of 4+ rows, from a TileX8 (shift 3); MIN: the grid has a minimum term.
 template <int MT, bool MIN>
 void int4_bundles_act8_512(const uint8_t* codes, const at::Half* scale, const at::Half* minimum, const TileX8& t,
                            const SplitX* sx, int64_t in, int64_t out, int64_t group, float* y, int64_t begin,
@@ -1545,10 +1547,10 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
           int4_bundles_act8_512<MT, true>(cp, sp, mp, tiles[m0 / 8], sx + m0, in, out, group, yp + m0 * out, rb, re);
         else if (act_int8_blocks && MT >= 4)
           int4_bundles_act8_512<MT, false>(cp, sp, mp, tiles[m0 / 8], sx + m0, in, out, group, yp + m0 * out, rb, re);
-        else if (act_int8_blocks)
-          int4_bundles_avx512<MT, true>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);
+        else if (act_int8_blocks)  // tiles of 1-3 rows: one bundle at a time
+          int4_bundles_avx2<MT, true>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);
         else
-          int4_bundles_avx512<MT, false>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);
+          int4_bundles_avx512<MT>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);
 #else
         if (act_int8_blocks)
           int4_bundles_avx2<MT, true>(cp, sp, mp, sx + m0, in, out, group, yp + m0 * out, rb, re);

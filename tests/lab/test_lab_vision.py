@@ -8,7 +8,7 @@ import random
 import pytest
 
 from ligero.cli import main
-from ligero.lab.vision import QUICK
+from ligero.lab.vision import QUICK, wordy
 from ligero.lab.vision_data import (
     FAMILIES,
     QUESTION_TYPES,
@@ -36,10 +36,12 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
         if kind != "projector_format":
             assert row["n"] == result["accuracy"][kind]["n"] and 0 <= row["p_holm"] <= 1
             assert row["change"] == pytest.approx(row["accuracy"] - result["accuracy"][kind]["accuracy"])
+            assert 0 <= row["wordy"] <= 1
     assert len(result["training"]["stage1"]) == QUICK.stage1_steps
     assert len(result["training"]["stage2"]) == QUICK.stage2_steps
     text = (docs / "lab-vision.md").read_text()
     assert "text only" in text and "| audio | no |" in text and "## Caption retrieval" in text
+    assert "## What the numbers say" in text and "against a target of 80%" in text
     assert (docs / "lab-vision" / "training.png").stat().st_size > 0
     assert (docs / "lab-vision" / "examples.png").stat().st_size > 0
     meta = json.loads((runs / "adapter" / "adapter.json").read_text())
@@ -87,3 +89,10 @@ def test_held_out_emoji_are_never_seen_in_training():
     assert len(held) > 200 and not {c for c, _ in train} & {c for c, _ in held}
     chars = {s.key for s in make_split("emoji", "heldout", 50, seed=0)}
     assert chars <= {f"emoji|{c}" for c, _ in held}
+
+
+def test_answers_are_compared_as_vqa_does():
+    assert normalise("A triangle.") == normalise("triangle") == "triangle"
+    assert normalise(" The Sales  ") == "sales" and normalise("Apples!") == "apples"
+    assert normalise("They are triangles.") != normalise("triangle")
+    assert wordy("They are all triangles.", "triangle") and not wordy("A triangle.", "triangle")

@@ -1,6 +1,8 @@
 """The vision-language model's plumbing, with a fake encoder and a tiny random language model: image vectors land
 exactly on the image tokens' positions, in view order, and batching or padding never changes an answer."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +13,7 @@ from ligero.io.checkpoint import load_tokenizer
 from ligero.models.config import ModelConfig
 from ligero.models.generate import BatchGeneration
 from ligero.models.transformer import Transformer
-from ligero.vision.model import FEATURE_DIM, TOKENS_PER_VIEW, VisionLanguageModel
+from ligero.vision.model import FEATURE_DIM, IMAGE_MARK, TOKENS_PER_VIEW, VisionLanguageModel
 
 
 class FakeEncoder(nn.Module):
@@ -100,3 +102,45 @@ def test_mismatched_images_and_marks_are_refused(vlm):
         vlm.layout(vlm.messages("q", 1), [49, 49])
     with pytest.raises(LigeroError, match="embeddings of shape"):
         BatchGeneration(vlm.lm, [[1, 2, 3]], 2, prompt_embeds=[torch.zeros(2, 32)])
+
+
+def test_the_projector_marks_where_a_token_sits_in_its_view(vlm):
+    """The same features in two cells of the token grid give two different vectors (a convolutional encoder's
+    features barely say where a cell is); the same cell in two views differs by the view's embedding only."""
+    feats = torch.ones(2, TOKENS_PER_VIEW, FEATURE_DIM)
+    out = vlm.projector(feats, torch.tensor([0, 1])).reshape(2, TOKENS_PER_VIEW, -1)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    delta = out[1] - out[0]  # [T, C]: one vector, the difference of the two views' embeddings, for every cell
+    torch.testing.assert_close(delta, delta[:1].expand_as(delta))
+
+
+def test_a_training_conversation_holds_every_question_of_its_image(vlm):
+    """Stage 2 trains on one conversation per image: the chat template's own rendering of all the turns, the
+    loss on each answer and its end-of-turn token only; its first turn is the evaluation's one-question prompt."""
+    import random
+
+    from ligero.lab.vision import conversations, sequence
+    from ligero.lab.vision_data import chart
+
+    samples = [chart(random.Random(3)), chart(random.Random(4))]
+    convs = conversations(samples, seed=0)
+    for sample, ex in zip(samples, convs):
+        asked = [(ex.question, ex.answer), *ex.follow_ups]
+        assert sorted(asked) == sorted((q.question, q.answer) for q in sample.qa)
+    ex = convs[0]
+    image = vlm.encode_images([samples[0].image])[0]
+    tokens, spans, targets = sequence(vlm, ex, image)
+    tok = vlm.tokenizer
+    messages = vlm.messages(ex.question, 1)
+    for k, (question, answer) in enumerate([(ex.question, ex.answer), *ex.follow_ups]):
+        messages += ([{"role": "user", "content": question}] if k else []) + [{"role": "assistant", "content": answer}]
+    (start, n), = spans
+    rendered = tok.decode(tokens[:start] + tokens[start + n:], skip_special=False)
+    whole = tok.apply_chat_template(messages, add_generation_prompt=False).replace(IMAGE_MARK, "")
+    assert whole.startswith(rendered) and whole[len(rendered):].strip() == ""
+    eos = tok.decode(list(tok.eos_ids[:1]), skip_special=False)
+    assert tok.decode([tokens[p] for p in targets], skip_special=False) == \
+        "".join(a + eos for _, a in [(ex.question, ex.answer), *ex.follow_ups])
+    first, _, first_targets = sequence(vlm, dataclasses.replace(ex, follow_ups=()), image)
+    prompt = vlm.layout(vlm.messages(ex.question, 1), [image.n_tokens]).tokens
+    assert first[: first_targets[0]] == prompt  # the first turn is the prompt evaluation asks

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -73,9 +74,14 @@ class Sample:
     qa: list[QA] = field(default_factory=list)
 
 
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
 def normalise(text: str) -> str:
-    """An answer as compared: lower case, outer spaces and final punctuation removed."""
-    return text.strip().lower().rstrip(".!").strip().strip("\"'")
+    """An answer as compared, as VQA's evaluation does: lower case, articles, outer spaces and final punctuation
+    removed (so "A triangle." matches "triangle"; "They are triangles." does not)."""
+    text = text.strip().lower().rstrip(".!").strip().strip("\"'")
+    return " ".join(ARTICLES.sub(" ", text).split())
 
 
 # --- charts ------------------------------------------------------------------------------------------------------

@@ -100,7 +100,11 @@ def view_index(position: tuple[int, int]) -> int:
 
 class Projector(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear (LLaVA-1.5's MLP; the norm puts the head's and the finer block's
-    channels on one scale), plus a learned vector per view place added to that view's tokens."""
+    channels on one scale), plus two learned vectors added to every token: one for its view's place (the global
+    view, or the tile's row and column) and one for its place in the view's token grid. A convolutional encoder's
+    features say what is in a cell, hardly where the cell is (a ViT's carry position embeddings): without the grid
+    place, questions that relate parts of an image (the label under the highest bar) rest on the language model
+    inferring rows and columns from token order alone."""
 
     def __init__(self, dim: int, feature_dim: int = FEATURE_DIM):
         super().__init__()
@@ -108,11 +112,14 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(feature_dim, dim)
         self.fc2 = nn.Linear(dim, dim)
         self.view_embed = nn.Embedding(1 + MAX_GRID_SIDE * MAX_GRID_SIDE, dim)
+        self.token_embed = nn.Parameter(torch.empty(TOKENS_PER_VIEW, dim))  # raster order of the token grid
         nn.init.normal_(self.view_embed.weight, std=0.02)
+        nn.init.normal_(self.token_embed, std=0.02)
 
     def forward(self, features: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         """features [N, TOKENS_PER_VIEW, F], views [N] view indices -> [N * TOKENS_PER_VIEW, C]."""
-        x = self.fc2(F.gelu(self.fc1(self.norm(features)))) + self.view_embed(views)[:, None, :]
+        x = self.fc2(F.gelu(self.fc1(self.norm(features))))
+        x = x + self.view_embed(views)[:, None, :] + self.token_embed
         return x.reshape(-1, x.shape[-1])
 
 

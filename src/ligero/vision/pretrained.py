@@ -20,7 +20,7 @@ from ligero.vision.model import ENCODER_NAME, VisionLanguageModel
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_ADAPTER = WEIGHTS_DIR / "smollm2-135m-vision"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the projector has a per-token grid embedding
 TENSORS, META = "adapter.safetensors", "adapter.json"
 
 

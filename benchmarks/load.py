@@ -77,9 +77,12 @@ def wait_healthy(proc: subprocess.Popen, base: str, what: str, timeout_s: float 
     raise SystemExit(f"load: {what} did not become healthy within {timeout_s:.0f} s")
 
 
+KV_CACHE = "f16"  # both engines keep keys and values in fp16 (llama.cpp's default cache type)
+
+
 def start_ligero(store_url: str, port: int, slots: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ligero.cli", "serve", "--model", MODEL, "--variant", VARIANT, "--store", store_url,
-           "--port", str(port), "--max-batch", str(slots), "--max-waiting", "256"]
+           "--port", str(port), "--max-batch", str(slots), "--max-waiting", "256", "--kv-cache", KV_CACHE]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -313,7 +316,9 @@ def write_docs(result: dict, docs: Path) -> None:
         "# Serving under load: `ligero serve` vs llama.cpp's server", "",
         f"`python benchmarks/load.py`: {s['model_file']} served as stored by both engines on loopback, each with "
         f"{s['slots']} continuous-batching rows (Ligero `--max-batch`, llama.cpp `-np`) and {THREADS} threads, "
-        f"one engine at a time. Closed-loop clients send streamed completions back to back for {s['seconds']:g} s "
+        f"keys and values cached in {s.get('kv_cache', 'f32 (Ligero; llama.cpp: f16)')}"
+        + (" on both (Ligero `--kv-cache`, llama.cpp's default)" if "kv_cache" in s else "")
+        + f", one engine at a time. Closed-loop clients send streamed completions back to back for {s['seconds']:g} s "
         f"per level: greedy, exactly {s['max_tokens']} new tokens (end-of-text tokens biased -100 on both), prompts "
         f"of {s['prompt_tokens_mean']:.0f} tokens on average. Ligero runs with its default guardrails (the toxicity "
         "filter releases text word by word) and commits every record to SQLite before the stream's final chunk.", "",
@@ -344,7 +349,8 @@ def write_docs(result: dict, docs: Path) -> None:
                  f"{fmt(top['itl_ms_p50'], '.1f')} ms against {fmt(one['itl_ms_p50'], '.1f')} ms alone, so a step "
                  f"of many rows costs {top['itl_ms_p50'] / one['itl_ms_p50']:.1f}x a one-row step: with many rows a "
                  "step is bound by the integer multiply-adds of the int4 and Q8_0 products (not by reading the "
-                 "weights, which a one-row step is), attention reads every row's fp32 keys and values from "
+                 f"weights, which a one-row step is), attention reads every row's {s.get('kv_cache', 'f32')} keys and "
+                 "values from "
                  "memory, and each row's prompt is prefilled in between; the server and its clients share the "
                  "same 2 vCPUs." if sm["top_vs_one_client"] < 4
                  and top["itl_ms_p50"] and one["itl_ms_p50"] else ".")]
@@ -396,7 +402,7 @@ def main() -> None:
     gguf = source_gguf(MODEL)
     settings = {"model": MODEL, "variant": VARIANT, "model_file": gguf.name, "seconds": args.seconds,
                 "max_tokens": args.max_tokens, "slots": args.slots, "prompt_tokens_mean": prompt_tokens,
-                "clients": args.clients}
+                "clients": args.clients, "kv_cache": KV_CACHE}
     if "llama.cpp" in engines:
         from llama_server import find_llama_server
 

@@ -529,7 +529,7 @@ def cmd_serve(args) -> int:
                        api_keys_file=args.api_keys_file,
                        segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
                        experiment=args.experiment, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                       prefill_chunk=args.prefill_chunk, keep_text=args.keep_text,
+                       prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache, keep_text=args.keep_text,
                        device=args.device, public_metrics=args.public_metrics, body_timeout_s=args.body_timeout,
                        watermark_file=args.watermark, vision=args.vision is not None,
                        vision_adapter=None if args.vision in (None, "shipped") else args.vision)
@@ -612,6 +612,9 @@ def _add_serve_command(sub) -> None:
                    help="requests that may wait for a free row; more are answered 429 (default 64)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=128,
                    help="prompt tokens fed between two decode steps while other requests decode (default 128)")
+    p.add_argument("--kv-cache", choices=("f16", "f32"), default="f16",
+                   help="how the batch stores keys and values (default f16, as llama.cpp: half the memory and "
+                        "half what attention reads per step)")
     p.add_argument("--keep-text", action="store_true", help="store output texts too (default: statistics only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--public-metrics", action="store_true",

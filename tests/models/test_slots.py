@@ -24,11 +24,11 @@ def _alone(model, request: RowRequest) -> tuple[list[int], list[float]]:
 
 
 def _drive(model, arrivals: dict[int, list[RowRequest]], rows: int = 3, prefill_tokens: int | None = None,
-           capacity: int = 16):
+           capacity: int = 16, kv_dtype: torch.dtype | None = None):
     """Run a continuous batch: requests admitted at the step numbers of `arrivals` (waiting for a free row when
     none is), prompts fed `prefill_tokens` at a time between steps. Returns per request (in arrival order):
     tokens, logprobs, the step of its first token and the step it ended."""
-    batch = ContinuousBatch(model, rows, capacity=capacity)
+    batch = ContinuousBatch(model, rows, capacity=capacity, kv_dtype=kv_dtype)
     order = [r for step in sorted(arrivals) for r in arrivals[step]]
     waiting, owner = [], {}
     out = {id(r): {"tokens": [], "logprobs": [], "first": None, "end": None} for r in order}
@@ -130,6 +130,27 @@ def test_native_and_layer_by_layer_steps_agree(tiny_pair, monkeypatch):
     for a, b in zip(native, layers):
         assert a["tokens"] == b["tokens"]
         torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-4, rtol=0)
+
+
+def test_an_fp16_cache_holds_half_the_bytes_and_decodes_close_to_fp32(tiny_pair, monkeypatch):
+    """Serving's default cache (--kv-cache f16): the native step and the layer-by-layer path (torch's attention over
+    the widened keys) agree on it, and it stays close to the fp32 cache (each key and value rounded once)."""
+    _, model, _ = tiny_pair
+    assert ContinuousBatch(model, 3, kv_dtype=torch.float16).cache.nbytes() * 2 == \
+        ContinuousBatch(model, 3).cache.nbytes()
+    reqs = [RowRequest(_prompt(12, 12), 8), RowRequest(_prompt(13, SEQ), 8)]  # past the sliding window
+    arrivals = {0: reqs[:1], 2: reqs[1:]}
+    half = _drive(model, arrivals, prefill_tokens=5, kv_dtype=torch.float16)
+    full = _drive(model, arrivals, prefill_tokens=5)
+    with monkeypatch.context() as m:
+        m.setenv("LIGERO_DECODE_STEP", "layers")
+        layers = _drive(model, arrivals, prefill_tokens=5, kv_dtype=torch.float16)
+    for h, f, lay in zip(half, full, layers):
+        assert h["tokens"] == lay["tokens"]
+        torch.testing.assert_close(torch.tensor(h["logprobs"]), torch.tensor(lay["logprobs"]), atol=1e-4, rtol=0)
+        assert h["tokens"][0] == f["tokens"][0]  # later tokens may fork at a near-tie of a random model
+        assert abs(h["logprobs"][0] - f["logprobs"][0]) < 1e-2
+        assert h["logprobs"][0] != f["logprobs"][0]  # the cache did round: this is not the fp32 path again
 
 
 def test_bad_requests_and_full_batches_are_refused(tiny_pair):

@@ -2502,17 +2502,29 @@ torch::Tensor dequant_ternary(torch::Tensor packed, torch::Tensor row_scale) {
 
 // q: [B, H, T, D]; k, v: [B, K, S, D] (views of the cache: the last dim contiguous); mask: [B, 1, T, S] bool
 // (true = visible; every query sees at least one key) -> [B, H, T, D]. Query head h reads KV head h / (H / K).
+// Keys and values are fp32 or fp16 (a half-size cache, llama.cpp's default: at many rows decode attention is
+// bound by reading the cache); the arithmetic is fp32 either way.
 namespace {
 // Raw views of attention's operands (element strides), so the decode step can attend straight from its buffers.
 struct AttendArgs {
   const float* q; int64_t qs0, qs1, qs2;  // [B, H, T, D], last dim contiguous
-  const float* k; int64_t ks0, ks1, ks2;  // [B, K, S, D]
-  const float* v; int64_t vs0, vs1, vs2;
+  const void* k; int64_t ks0, ks1, ks2;   // [B, K, S, D], fp32 or (half) fp16
+  const void* v; int64_t vs0, vs1, vs2;
   const bool* mask; int64_t ms0, ms2, ms3;  // [B, 1, T, S]
   float* out;                              // [B, H, T, D] contiguous
   int64_t B, H, T, D, K, S;
   float scale;
+  bool half;  // k and v hold fp16
 };
+
+inline float kv_value(float x) { return x; }
+inline float kv_value(at::Half x) { return static_cast<float>(x); }
+#ifdef LIGERO_AVX2
+inline __m256 load8_kv(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_kv(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
 
 // exp(x) for 8 floats at once: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2 / 2, ln2 / 2]
 // (ln 2 split in two for an exact product), e^r by its degree-6 Taylor polynomial (Horner): relative error
@@ -2563,7 +2575,8 @@ inline float exp_shifted(float* p, int64_t n, float mx) {
 // sum_s p[s] * v[s * stride + d] for d < D into out (p[s] == 0: skipped, a masked key). The running sums stay in
 // registers (eight vectors of 8, 64 dimensions at a time) instead of in out, which the compiler must otherwise
 // reload and store for every key, since out might alias v.
-inline void weighted_values(const float* p, const float* v, int64_t stride, int64_t n, int64_t D,
+template <typename KV>
+inline void weighted_values(const float* p, const KV* v, int64_t stride, int64_t n, int64_t D,
                             float* __restrict out) {
   int64_t d0 = 0;
 #ifdef LIGERO_AVX2
@@ -2573,8 +2586,8 @@ inline void weighted_values(const float* p, const float* v, int64_t stride, int6
     for (int64_t s = 0; s < n; ++s) {
       if (p[s] == 0.f) continue;
       const __m256 w = _mm256_set1_ps(p[s]);
-      const float* vr = v + s * stride + d0;
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+      const KV* vr = v + s * stride + d0;
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8_kv(vr + 8 * j), acc[j]);
     }
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
   }
@@ -2586,8 +2599,8 @@ inline void weighted_values(const float* p, const float* v, int64_t stride, int6
     for (int64_t s = 0; s < n; ++s) {
       if (p[s] == 0.f) continue;
       const float w = p[s];
-      const float* __restrict vr = v + s * stride + d0;
-      for (int64_t d = 0; d < rest; ++d) acc[d] += w * vr[d];
+      const KV* __restrict vr = v + s * stride + d0;
+      for (int64_t d = 0; d < rest; ++d) acc[d] += w * kv_value(vr[d]);
     }
     for (int64_t d = 0; d < rest; ++d) out[d0 + d] = acc[d];
   }
@@ -2598,23 +2611,34 @@ inline void weighted_values(const float* p, const float* v, int64_t stride, int6
 // v (not null): the values of the same keys, fetched into cache meanwhile, and the keys kKeysAhead ahead (see
 // attend_core).
 constexpr int64_t kKeysAhead = 8;
-inline float attention_scores(const float* q, const float* k, int64_t stride, const bool* mrow, int64_t ms, int64_t n,
-                              int64_t D, float scale, float* p, const float* v = nullptr) {
+inline float dot_kv(const float* q, const float* k, int64_t D) { return dot_f32(q, k, D); }
+inline float dot_kv(const float* q, const at::Half* k, int64_t D) {  // dot_f32's order, fp16 keys widened first
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += q[i + j] * kv_value(k[i + j]);
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < D; ++i) s += q[i] * kv_value(k[i]);
+  return s;
+}
+template <typename KV>
+inline float attention_scores(const float* q, const KV* k, int64_t stride, const bool* mrow, int64_t ms, int64_t n,
+                              int64_t D, float scale, float* p, const KV* v = nullptr) {
   int64_t s = 0;
 #ifdef LIGERO_AVX2
   if (D % 8 == 0) {
     for (; s + 4 <= n; s += 4) {
       if (v) {
         for (int j = 0; j < 4; ++j) {
-          prefetch_lines(k + (s + kKeysAhead + j) * stride, D * 4);
-          prefetch_lines(v + (s + j) * stride, D * 4);
+          prefetch_lines(k + (s + kKeysAhead + j) * stride, D * sizeof(KV));
+          prefetch_lines(v + (s + j) * stride, D * sizeof(KV));
         }
       }
       __m256 acc[4];
       for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (s + j) * stride + d), acc[j]);
+        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv, load8_kv(k + (s + j) * stride + d), acc[j]);
       }
       // [a0+a1 pairs | b], [c | d] -> one vector holding the four sums twice (low and high 128 bits added)
       const __m256 ab = _mm256_hadd_ps(acc[0], acc[1]), cd = _mm256_hadd_ps(acc[2], acc[3]);
@@ -2626,7 +2650,7 @@ inline float attention_scores(const float* q, const float* k, int64_t stride, co
     }
   }
 #endif
-  for (; s < n; ++s) p[s] = mrow[s * ms] ? dot_f32(q, k + s * stride, D) * scale : -INFINITY;
+  for (; s < n; ++s) p[s] = mrow[s * ms] ? dot_kv(q, k + s * stride, D) * scale : -INFINITY;
   float mx = -INFINITY;
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
   return mx;
@@ -2635,7 +2659,8 @@ inline float attention_scores(const float* q, const float* k, int64_t stride, co
 // Each (row, head, query) item reads only its visible span of keys [first, last] (a continuous batch's row
 // sees the first slots of a long cache; sliding windows see their last keys), scores it, exponentiates it in
 // vectors and sums the values it weighs.
-void attend_core(const AttendArgs& a) {
+template <typename KV>
+void attend_core_t(const AttendArgs& a) {
   const int64_t H = a.H, T = a.T, D = a.D, S = a.S, group = a.H / a.K;
   TORCH_CHECK(D <= 512, "attention: head_dim must be <= 512");
   at::parallel_for(0, a.B * H * T, 1, [&](int64_t begin, int64_t end) {
@@ -2644,8 +2669,8 @@ void attend_core(const AttendArgs& a) {
       const int64_t b = idx / (H * T), h = (idx / T) % H, t = idx % T, g = h / group;
       const float* qv = a.q + b * a.qs0 + h * a.qs1 + t * a.qs2;
       const bool* mrow = a.mask + b * a.ms0 + t * a.ms2;
-      const float* kb = a.k + b * a.ks0 + g * a.ks1;
-      const float* vb = a.v + b * a.vs0 + g * a.vs1;
+      const KV* kb = static_cast<const KV*>(a.k) + b * a.ks0 + g * a.ks1;
+      const KV* vb = static_cast<const KV*>(a.v) + b * a.vs0 + g * a.vs1;
       int64_t first = 0, last = S - 1;
       while (first < S && !mrow[first * a.ms3]) ++first;
       while (last > first && !mrow[last * a.ms3]) --last;
@@ -2653,7 +2678,7 @@ void attend_core(const AttendArgs& a) {
       // The first query head of a KV group reads its keys and values from memory (the cache of every row and
       // layer is far larger than the CPU's caches; the group's other heads find them in L2): it prefetches keys
       // kKeysAhead ahead and the values it will weigh next, so the reads overlap its arithmetic.
-      const float* fetch_v = (h % group == 0 && a.vs2 == a.ks2) ? vb + first * a.vs2 : nullptr;
+      const KV* fetch_v = (h % group == 0 && a.vs2 == a.ks2) ? vb + first * a.vs2 : nullptr;
       const float mx = attention_scores(qv, kb + first * a.ks2, a.ks2, mrow + first * a.ms3, a.ms3, n, D, a.scale,
                                         p.data(), fetch_v);
       const float inv = 1.f / exp_shifted(p.data(), n, mx);
@@ -2663,11 +2688,19 @@ void attend_core(const AttendArgs& a) {
     }
   });
 }
+
+void attend_core(const AttendArgs& a) {
+  if (a.half)
+    attend_core_t<at::Half>(a);
+  else
+    attend_core_t<float>(a);
+}
 }  // namespace
 
 torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 &&
-              mask.dtype() == torch::kBool, "attend_decode takes fp32 q, k, v and a bool mask");
+  const bool half = k.dtype() == torch::kFloat16;
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && (half || k.dtype() == torch::kFloat32) && v.dtype() == k.dtype() &&
+              mask.dtype() == torch::kBool, "attend_decode takes fp32 q, fp32 or fp16 k and v, and a bool mask");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "attend_decode: 4-d tensors");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), K = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes() && K > 0 && H % K == 0,
@@ -2677,9 +2710,9 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   q = q.contiguous();
   mask = mask.expand({B, 1, T, S});
   auto out = torch::empty({B, H, T, D}, q.options());
-  attend_core({q.data_ptr<float>(), H * T * D, T * D, D, k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2),
-               v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), mask.data_ptr<bool>(), mask.stride(0),
-               mask.stride(2), mask.stride(3), out.data_ptr<float>(), B, H, T, D, K, S, (float)scale});
+  attend_core({q.data_ptr<float>(), H * T * D, T * D, D, k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+               v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), mask.data_ptr<bool>(), mask.stride(0),
+               mask.stride(2), mask.stride(3), out.data_ptr<float>(), B, H, T, D, K, S, (float)scale, half});
   return out;
 }
 
@@ -2926,7 +2959,9 @@ class DecodeStep {
       for (const NativeLinear* p : {&l.qkv, &l.o, &l.gate_up, &l.down}) python_calls_ |= p->kind == kPython;
     for (const auto& l : layers_)
       TORCH_CHECK(l.k_cache.is_contiguous() && l.v_cache.is_contiguous() && l.k_cache.size(1) == K_ &&
-                  l.k_cache.size(3) == D_ && l.k_cache.dtype() == torch::kFloat32, "DecodeStep: bad cache tensors");
+                  l.k_cache.size(3) == D_ && l.v_cache.dtype() == l.k_cache.dtype() &&
+                  (l.k_cache.dtype() == torch::kFloat32 || l.k_cache.dtype() == torch::kFloat16),
+                  "DecodeStep: bad cache tensors (fp32 or fp16 keys and values, [B, K, N, D] contiguous)");
   }
 
   // x: [B, C] embedded tokens -> [B, C] after every layer. cos/sin: [B, D] per kind; mask: [B, 1, 1, S]
@@ -3000,20 +3035,31 @@ class DecodeStep {
       }
       for (int64_t h = 0; h < H + K; ++h) rope_row(row + h * D, in.cos + b * D, in.sin + b * D, D);
     }
-    // write this token's keys and values into the cache slot
+    // write this token's keys and values into the cache slot (an fp16 cache rounds them as torch's .half())
     const int64_t N = L.k_cache.size(2);
-    float* kc = L.k_cache.data_ptr<float>();
-    float* vc = L.v_cache.data_ptr<float>();
+    const bool half = L.k_cache.dtype() == torch::kFloat16;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < K; ++g) {
-        std::memcpy(kc + ((b * K + g) * N + in.slot[b]) * D, qp + (b * W + H + g) * D, D * sizeof(float));
-        std::memcpy(vc + ((b * K + g) * N + in.slot[b]) * D, qp + (b * W + H + K + g) * D, D * sizeof(float));
+        const int64_t at = ((b * K + g) * N + in.slot[b]) * D;
+        const float* kr = qp + (b * W + H + g) * D;
+        const float* vr = qp + (b * W + H + K + g) * D;
+        if (half) {
+          at::Half* kh = L.k_cache.data_ptr<at::Half>() + at;
+          at::Half* vh = L.v_cache.data_ptr<at::Half>() + at;
+          for (int64_t d = 0; d < D; ++d) {
+            kh[d] = at::Half(kr[d]);
+            vh[d] = at::Half(vr[d]);
+          }
+        } else {
+          std::memcpy(L.k_cache.data_ptr<float>() + at, kr, D * sizeof(float));
+          std::memcpy(L.v_cache.data_ptr<float>() + at, vr, D * sizeof(float));
+        }
       }
     // attention straight from the qkv buffer and the cache: q [B, H, 1, D] rows of qkv, keys [B, K, S, D]
     const int64_t S = in.mask.size(3);
-    const AttendArgs args{qp, W * D, D, 0, kc, K * N * D, N * D, D, vc, K * N * D, N * D, D,
-                          in.mask.data_ptr<bool>(), S, S, 1, scratch.attn.data_ptr<float>(), B, H, 1, D, K, S,
-                          (float)scale_};
+    const AttendArgs args{qp, W * D, D, 0, L.k_cache.data_ptr(), K * N * D, N * D, D, L.v_cache.data_ptr(),
+                          K * N * D, N * D, D, in.mask.data_ptr<bool>(), S, S, 1, scratch.attn.data_ptr<float>(),
+                          B, H, 1, D, K, S, (float)scale_, half};
     timed(attention_s_, [&] {
       attend_core(args);
       return scratch.attn;

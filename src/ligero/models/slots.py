@@ -156,8 +156,8 @@ class SlotKVCache(KVCacheBase):
         kc, vc = self.k[layer], self.v[layer]
         rows = torch.arange(k.shape[0], device=k.device)
         slots = step.row_slots[kind]
-        kc[rows, :, slots] = k[:, :, 0]
-        vc[rows, :, slots] = v[:, :, 0]
+        kc[rows, :, slots] = k[:, :, 0].to(kc.dtype)  # an fp16 cache rounds the new keys once, here
+        vc[rows, :, slots] = v[:, :, 0].to(vc.dtype)
         end = step.global_slots.stop if kind == GLOBAL else self.ring
         return kc[:, :, :end], vc[:, :, :end]
 
@@ -202,13 +202,15 @@ class ContinuousBatch:
     told); `release(row)` frees it. `alternatives[row]` holds the last step's top log-probs of rows that asked."""
 
     def __init__(self, model: Transformer, rows: int, eos_ids: list[int] | None = None, pad_id: int = 0,
-                 capacity: int = 256):
+                 capacity: int = 256, kv_dtype: torch.dtype | None = None):
         if rows < 1:
             raise LigeroError(f"a continuous batch needs at least one row, got {rows}")
         self.model, self.pad_id, self.eos = model, pad_id, set(eos_ids or [])
         self.context = model.cfg.max_seq_len
+        # kv_dtype: the keys' and values' storage (None: the model's dtype). fp16 halves what attention reads per
+        # step (llama.cpp's default cache type); attention still computes in the model's dtype.
         self.cache = SlotKVCache(model.cfg, rows, min(capacity, self.context), device=model.device,
-                                 dtype=model.dtype)
+                                 dtype=kv_dtype or model.dtype)
         self.rows: list[_Row | None] = [None] * rows
         self.logits = torch.zeros(rows, model.cfg.vocab_size, device=model.device)  # each ready row's next logits
         self.alternatives: dict[int, list[tuple[int, float]]] = {}

@@ -537,7 +537,7 @@ def native_decode_plan(model: Transformer, kv_cache: KVCacheBase | None):
     cfg = model.cfg
     ext = cpu_kernels() if decode_step_mode() == "native" else None
     native = ext is not None and model.dtype == torch.float32 and model.device.type == "cpu" \
-        and kv_cache.k[0].dtype == torch.float32 and cfg.head_dim % 2 == 0 and cfg.head_dim <= 512
+        and kv_cache.k[0].dtype in (torch.float32, torch.float16) and cfg.head_dim % 2 == 0 and cfg.head_dim <= 512
     if native and not _has_hooks(model.layers):
         plan = ext.DecodeStep([_native_layer(ext, layer, kv_cache, i) for i, layer in enumerate(model.layers)],
                               cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.norm_offset, cfg.scale,
@@ -580,7 +580,7 @@ class KVCacheBase(ABC):
     every key and value the step reads), `commit` the step. Implemented by KVCache (full precision), by
     models/slots.py's SlotKVCache (rows at their own positions) and by quant/kv.py's packed cache."""
 
-    NATIVE = False  # True: fp32 tensors k[i] / v[i] [B, K, N, D] the native decode step may write and read
+    NATIVE = False  # True: fp32 or fp16 tensors k[i] / v[i] [B, K, N, D] the native decode step may write and read
 
     @abstractmethod
     def begin(self, positions: torch.Tensor) -> CacheStep: ...
@@ -610,10 +610,13 @@ class KVFormat:
         """q [B, H, T, D], k/v [B, K, S, D] (the first `n_stored` keys from packed storage) -> [B, H, T, D]."""
         # Query head h reads KV head h // (H / K) (enable_gqa groups heads contiguously).
         if q.shape[2] <= MAX_KERNEL_ROWS and q.shape[-1] <= 512 and q.device.type == "cpu" \
-                and q.dtype == k.dtype == torch.float32 and not torch.is_grad_enabled():
+                and q.dtype == torch.float32 and k.dtype in (torch.float32, torch.float16) \
+                and not torch.is_grad_enabled():
             ext = cpu_kernels()  # decode: one native call instead of SDPA's per-call setup (~100 us a layer)
             if ext is not None:
                 return ext.attend_decode(q, k, v, ctx.mask, scale)
+        if k.dtype != q.dtype:  # a cache stored at lower precision (fp16) than the model computes in
+            k, v = k.to(q.dtype), v.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
@@ -697,6 +700,7 @@ class KVCache(KVCacheBase):
             vc[:, :, step.global_slots] = v
             end = step.global_slots.stop
             return kc[:, :, :end], vc[:, :, :end]
+        k, v = k.to(kc.dtype), v.to(vc.dtype)  # a cache stored in fp16 rounds the new keys once, here
         if k.shape[2] == 1:
             kc.index_copy_(2, step.local_slots, k)
             vc.index_copy_(2, step.local_slots, v)

@@ -63,17 +63,26 @@ class EngineBusy(LigeroError):
     """The engine's waiting queue is full: the request is refused, not queued (HTTP 429)."""
 
 
+# --kv-cache: how the continuous batch stores keys and values. f16 is llama.cpp's default cache type: half the bytes
+# attention reads per step (at 16 rows decode attention is bound by those reads), one rounding of each key.
+KV_CACHE_TYPES = {"f16": torch.float16, "f32": torch.float32}
+
+
 class Engine:
     """The worker of one variant. `submit` is thread-safe; `stats` feeds /metrics."""
 
     def __init__(self, name: str, model, tokenizer, max_batch: int = 16, batch_wait_s: float = 0.005,
-                 compute_lock: threading.Lock | None = None, max_waiting: int = 64, prefill_chunk: int = 128):
+                 compute_lock: threading.Lock | None = None, max_waiting: int = 64, prefill_chunk: int = 128,
+                 kv_cache: str = "f16"):
         if max_batch < 1:
             raise LigeroError(f"--max-batch must be >= 1, got {max_batch}")
         if max_waiting < 0:
             raise LigeroError(f"--max-waiting must be >= 0, got {max_waiting}")
         if prefill_chunk < 1:
             raise LigeroError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
+        if kv_cache not in KV_CACHE_TYPES:
+            raise LigeroError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+        self.kv_cache = kv_cache
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.max_waiting, self.prefill_chunk = max_waiting, prefill_chunk
@@ -178,7 +187,8 @@ class Engine:
         decode step. `block`: wait for a request when there is nothing to do. False once closed and drained."""
         if self._batch is None:
             tok = self.tokenizer
-            self._batch = ContinuousBatch(self.model, self.max_batch, tok.eos_ids, tok.pad_id)
+            self._batch = ContinuousBatch(self.model, self.max_batch, tok.eos_ids, tok.pad_id,
+                                          kv_dtype=KV_CACHE_TYPES[self.kv_cache])
         batch, jobs = self._batch, self._jobs
         if not self._open and not jobs:
             return False

@@ -49,6 +49,24 @@ def test_the_docs_state_the_ratios_of_the_measurements(tmp_path):
     assert str(ROOT) not in text
 
 
+def test_the_one_client_ratio_is_the_median_of_the_alternated_pairs(tmp_path):
+    load = load_benchmark()
+    pairs = [{"raw_tok_s": raw, "served_tok_s": served, "ratio": served / raw}
+             for raw, served in ((200.0, 170.0), (150.0, 120.0), (180.0, 162.0))]  # 85, 80, 90 %
+    result = {"machine": {"cpu": "test cpu", "cores": 2, "torch": "2.13.0", "commit": "abc1234"},
+              "settings": {"model_file": "model.gguf", "slots": 8, "seconds": 30, "max_tokens": 128,
+                           "prompt_tokens_mean": 37.0},
+              "raw_decode_tok_s": 250.0, "raw_decode_tok_s_runs": [200.0, 300.0],  # drifted: not the ratio's base
+              "engines": {"ligero": {"levels": [_level(1, 180.0, 50.0), _level(16, 900.0, 400.0)],
+                                     "foreign_cpu_share": 0.01,
+                                     "one_client_vs_raw": {"pairs": pairs, "ratio_median": 0.85,
+                                                           "seconds_per_pair": 8.0}}}}
+    load.write_docs(result, tmp_path)
+    assert json.loads((tmp_path / "serving.json").read_text())["summary"]["one_client_vs_raw"] == pytest.approx(0.85)
+    text = (tmp_path / "serving.md").read_text()
+    assert "**85 %** of the raw speed" in text and "pairs 80, 85, 90 %" in text and "150-200 tok/s" in text
+
+
 def test_raw_speed_bracketing_ligeros_run_is_reported_and_a_drift_flagged():
     load = load_benchmark()
     assert load.raw_runs_note({"raw_decode_tok_s": 150.0}) == ""  # older results: one raw run

@@ -49,10 +49,11 @@ def test_the_docs_state_the_ratios_of_the_measurements(tmp_path):
     assert str(ROOT) not in text
 
 
-def test_the_one_client_ratio_is_the_median_of_the_alternated_pairs(tmp_path):
+def test_the_ratios_are_the_medians_of_the_rounds_measured_in_turn(tmp_path):
     load = load_benchmark()
-    pairs = [{"raw_tok_s": raw, "served_tok_s": served, "ratio": served / raw}
-             for raw, served in ((200.0, 170.0), (150.0, 120.0), (180.0, 162.0))]  # 85, 80, 90 %
+    pairs = [{"raw_tok_s": raw, "served_tok_s": served, "top_tok_s": top, "ratio": served / raw,
+              "top_ratio": top / served}
+             for raw, served, top in ((200.0, 170.0, 731.0), (150.0, 120.0, 504.0), (180.0, 162.0, 729.0))]
     result = {"machine": {"cpu": "test cpu", "cores": 2, "torch": "2.13.0", "commit": "abc1234"},
               "settings": {"model_file": "model.gguf", "slots": 8, "seconds": 30, "max_tokens": 128,
                            "prompt_tokens_mean": 37.0},
@@ -60,11 +61,15 @@ def test_the_one_client_ratio_is_the_median_of_the_alternated_pairs(tmp_path):
               "engines": {"ligero": {"levels": [_level(1, 180.0, 50.0), _level(16, 900.0, 400.0)],
                                      "foreign_cpu_share": 0.01,
                                      "one_client_vs_raw": {"pairs": pairs, "ratio_median": 0.85,
+                                                           "top_clients": 16, "top_ratio_median": 4.3,
                                                            "seconds_per_pair": 8.0}}}}
     load.write_docs(result, tmp_path)
-    assert json.loads((tmp_path / "serving.json").read_text())["summary"]["one_client_vs_raw"] == pytest.approx(0.85)
-    text = (tmp_path / "serving.md").read_text()
-    assert "**85 %** of the raw speed" in text and "pairs 80, 85, 90 %" in text and "150-200 tok/s" in text
+    summary = json.loads((tmp_path / "serving.json").read_text())["summary"]
+    assert summary["one_client_vs_raw"] == pytest.approx(0.85) and summary["top_vs_one_client"] == pytest.approx(4.3)
+    text = (tmp_path / "serving.md").read_text()  # the levels' own ratio (900 / 180 = 5x) is not the one stated
+    assert "**85 %** of the raw speed" in text and "rounds 80, 85, 90 %" in text and "150-200 tok/s" in text
+    assert "**4.30x** one client's throughput (median of the rounds in turn: 4.20, 4.30, 4.50x)" in text
+    assert "not reached" not in text
 
 
 def test_raw_speed_bracketing_ligeros_run_is_reported_and_a_drift_flagged():

@@ -612,9 +612,10 @@ def _add_serve_command(sub) -> None:
                    help="requests that may wait for a free row; more are answered 429 (default 64)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=128,
                    help="prompt tokens fed between two decode steps while other requests decode (default 128)")
-    p.add_argument("--kv-cache", choices=("f16", "f32"), default="f16",
-                   help="how the batch stores keys and values (default f16, as llama.cpp: half the memory and "
-                        "half what attention reads per step)")
+    p.add_argument("--kv-cache", choices=("auto", "f16", "f32"), default="auto",
+                   help="how continuous batching stores keys and values (packed KV caches keep their format). "
+                        "auto (default): f16 on CPU with the native kernels, as llama.cpp (half the memory and half "
+                        "what attention reads per step), else the model's dtype")
     p.add_argument("--keep-text", action="store_true", help="store output texts too (default: statistics only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--public-metrics", action="store_true",

@@ -231,3 +231,22 @@ def test_a_stream_whose_client_leaves_before_the_first_byte_frees_its_row(tiny_p
     assert after_reason == "length" and len(after) == 2
     assert wait_for(lambda: len(recorded) == 1)
 
+
+
+def test_the_kv_cache_type_is_f16_only_where_the_native_attention_reads_it(tiny_pair):
+    import torch
+
+    from ligero.errors import LigeroError
+    from ligero.kernels import cpu_kernels
+    from ligero.serve.engine import kv_cache_dtype
+
+    _, model, _ = tiny_pair  # fp32 on CPU
+    assert kv_cache_dtype("auto", model) == (torch.float16 if cpu_kernels() is not None else torch.float32)
+    assert kv_cache_dtype("f32", model) == torch.float32 and kv_cache_dtype("f16", model) == torch.float16
+    bf16 = SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16)  # no native path: its own dtype
+    assert kv_cache_dtype("auto", bf16) == torch.bfloat16
+    with pytest.raises(LigeroError, match="--kv-cache must be one of auto, f16, f32"):
+        Engine("bad", model, TOKENIZER, kv_cache="q8")
+    engine = Engine("f32", model, TOKENIZER, max_batch=2, kv_cache="f32")
+    engine.work_once()  # builds the batch
+    assert engine._batch.cache.k[0].dtype == torch.float32 and engine.cache_tokens == 0

@@ -602,7 +602,9 @@ def _findings(results: dict) -> list[str]:
                 split.append(f"{labels}: {right}/{len(rows)}")
         lines.append(f"- Which bar / point is highest: {_pct(row['accuracy'])} {_ci(row['ci95'])} against a target "
                      f"of {HIGHEST_TARGET:.0%}: **{met}**" + (f" ({'; '.join(split)})" if split else "") + ".")
-    weak = [QUESTION_NAMES.get(k, k) for k, r in acc.items() if r.get("p_holm", 1.0) >= 0.05]
+    # McNemar is two-sided: a significant difference where text-only does better is not the image helping
+    weak = [QUESTION_NAMES.get(k, k) for k, r in acc.items()
+            if r.get("p_holm", 1.0) >= 0.05 or r["accuracy"] <= r["text_only"]]
     lines.append("- The image does not beat the text-only answer at a Holm-corrected 5 % on: "
                  + (", ".join(weak) if weak else "none") + ".")
     if examples_:
@@ -624,6 +626,36 @@ def _lora_where(plan: dict) -> str:
         return "the attention's q/k/v and output projections"
     return "every linear layer of the attention and MLP" if targets >= {"qkv_proj", "o_proj", "gate_up_proj",
                                                                          "down_proj"} else ", ".join(sorted(targets))
+
+
+def _retrieval_and_quantized(results: dict) -> list[str]:
+    """The caption-retrieval and quantized-variant sections of the document."""
+    acc, plan, lines = results["accuracy"], results["plan"], []
+    ret = results.get("retrieval", {})
+    if ret:
+        lines += ["", "## Caption retrieval", "",
+                  f"Each held-out image scores its own caption and {plan['retrieval_candidates'] - 1} other held-out "
+                  "captions of its family by mean log-likelihood; recall@1 is how often its own caption wins.", "",
+                  "| family | images | recall@1 | chance |", "|---|---:|---:|---:|"]
+        for family, row in ret.items():
+            lines.append(f"| {FAMILY_NAMES.get(family, family)} | {row['n']} | {_pct(row['recall_at_1'])} "
+                         f"{_ci(row['ci95'])} | {_pct(row['chance'])} |")
+    quant = results.get("quantized", {})
+    if quant:
+        schemes = list(quant)
+        lines += ["", "## Quantized variants", "",
+                  "The same held-out questions (with the image) answered by variants whose language model (LoRA "
+                  "merged) and projector are quantized; the encoder stays in full precision. Change is against the "
+                  "full-precision row above; McNemar's exact test pairs the answers, Holm-corrected over every "
+                  "(variant, question type).", "",
+                  "Projector format: " + ", ".join(f"{s_} {quant[s_]['projector_format']}" for s_ in schemes) + ".",
+                  "", "| question | full precision | " + " | ".join(f"{s_} (change, p Holm)" for s_ in schemes) + " |",
+                  "|---|---:|" + "---:|" * len(schemes)]
+        for kind, row in acc.items():
+            cells = [f"{_pct(quant[s_][kind]['accuracy'])} ({100 * quant[s_][kind]['change']:+.1f}, "
+                     f"{quant[s_][kind]['p_holm']:.2g})" for s_ in schemes if kind in quant[s_]]
+            lines.append(f"| {QUESTION_NAMES.get(kind, kind)} | {_pct(row['accuracy'])} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render(results: dict) -> str:
@@ -676,34 +708,11 @@ def render(results: dict) -> str:
         "| family | question | n | with image | text only | chance | p (Holm) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for kind, row in acc.items():
-        lines.append(f"| {FAMILY_NAMES.get(row['family'], row['family'])} | {QUESTION_NAMES.get(kind, kind)} | "
-                     f"{row['n']} | {_pct(row['accuracy'])} {_ci(row['ci95'])} | {_pct(row['text_only'])} "
-                     f"{_ci(row['text_only_ci95'])} | {_pct(row['chance'])} | {row.get('p_holm', float('nan')):.2g} |")
-    ret = results.get("retrieval", {})
-    if ret:
-        lines += ["", "## Caption retrieval", "",
-                  f"Each held-out image scores its own caption and {plan['retrieval_candidates'] - 1} other held-out "
-                  "captions of its family by mean log-likelihood; recall@1 is how often its own caption wins.", "",
-                  "| family | images | recall@1 | chance |", "|---|---:|---:|---:|"]
-        for family, row in ret.items():
-            lines.append(f"| {FAMILY_NAMES.get(family, family)} | {row['n']} | {_pct(row['recall_at_1'])} "
-                         f"{_ci(row['ci95'])} | {_pct(row['chance'])} |")
-    quant = results.get("quantized", {})
-    if quant:
-        schemes = list(quant)
-        lines += ["", "## Quantized variants", "",
-                  "The same held-out questions (with the image) answered by variants whose language model (LoRA "
-                  "merged) and projector are quantized; the encoder stays in full precision. Change is against the "
-                  "full-precision row above; McNemar's exact test pairs the answers, Holm-corrected over every "
-                  "(variant, question type).", "",
-                  "Projector format: " + ", ".join(f"{s_} {quant[s_]['projector_format']}" for s_ in schemes) + ".",
-                  "", "| question | full precision | " + " | ".join(f"{s_} (change, p Holm)" for s_ in schemes) + " |",
-                  "|---|---:|" + "---:|" * len(schemes)]
-        for kind, row in acc.items():
-            cells = [f"{_pct(quant[s_][kind]['accuracy'])} ({100 * quant[s_][kind]['change']:+.1f}, "
-                     f"{quant[s_][kind]['p_holm']:.2g})" for s_ in schemes if kind in quant[s_]]
-            lines.append(f"| {QUESTION_NAMES.get(kind, kind)} | {_pct(row['accuracy'])} | " + " | ".join(cells) + " |")
+    lines += [f"| {FAMILY_NAMES.get(row['family'], row['family'])} | {QUESTION_NAMES.get(kind, kind)} | "
+              f"{row['n']} | {_pct(row['accuracy'])} {_ci(row['ci95'])} | {_pct(row['text_only'])} "
+              f"{_ci(row['text_only_ci95'])} | {_pct(row['chance'])} | {row.get('p_holm', float('nan')):.2g} |"
+              for kind, row in acc.items()]
+    lines += _retrieval_and_quantized(results)
     lines += _findings(results)
     lines += [
         "", "## Training and examples", "",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ligero.errors import LigeroError
+from ligero.kernels import cpu_kernels
 from ligero.models.generate import BatchGeneration, SamplingConfig
 from ligero.models.slots import ContinuousBatch, RowRequest
 from ligero.models.transformer import KVFormat
@@ -64,8 +65,18 @@ class EngineBusy(LigeroError):
 
 
 # --kv-cache: how the continuous batch stores keys and values. f16 is llama.cpp's default cache type: half the bytes
-# attention reads per step (at 16 rows decode attention is bound by those reads), one rounding of each key.
-KV_CACHE_TYPES = {"f16": torch.float16, "f32": torch.float32}
+# attention reads per step (at 16 rows decode attention is bound by those reads), one rounding of each key. "auto"
+# takes f16 where the native CPU attention reads it directly (an fp32 model on CPU with the kernels built), else the
+# model's own dtype: elsewhere an f16 cache would be converted back on every step, more traffic rather than less.
+KV_CACHE_TYPES = {"auto": None, "f16": torch.float16, "f32": torch.float32}
+
+
+def kv_cache_dtype(kv_cache: str, model) -> torch.dtype:
+    """The dtype `--kv-cache` gives the continuous batch of `model`."""
+    if kv_cache != "auto":
+        return KV_CACHE_TYPES[kv_cache]
+    native = model.device.type == "cpu" and model.dtype == torch.float32 and cpu_kernels() is not None
+    return torch.float16 if native else model.dtype
 
 
 class Engine:
@@ -73,7 +84,7 @@ class Engine:
 
     def __init__(self, name: str, model, tokenizer, max_batch: int = 16, batch_wait_s: float = 0.005,
                  compute_lock: threading.Lock | None = None, max_waiting: int = 64, prefill_chunk: int = 128,
-                 kv_cache: str = "f16"):
+                 kv_cache: str = "auto"):
         if max_batch < 1:
             raise LigeroError(f"--max-batch must be >= 1, got {max_batch}")
         if max_waiting < 0:
@@ -188,7 +199,7 @@ class Engine:
         if self._batch is None:
             tok = self.tokenizer
             self._batch = ContinuousBatch(self.model, self.max_batch, tok.eos_ids, tok.pad_id,
-                                          kv_dtype=KV_CACHE_TYPES[self.kv_cache])
+                                          kv_dtype=kv_cache_dtype(self.kv_cache, self.model))
         batch, jobs = self._batch, self._jobs
         if not self._open and not jobs:
             return False

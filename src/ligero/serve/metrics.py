@@ -61,8 +61,9 @@ class EngineCollector:
             processing.add_metric([name], e.running)
             deferred.add_metric([name], e.queue_depth)
             busy.add_metric([name], e.busy_per_step)
-            kv_tokens.add_metric([name], e.cache_tokens)
-            kv_ratio.add_metric([name], e.cache_tokens / e.cache_capacity if e.cache_capacity else 0.0)
+            held, capacity = e.cache_tokens, e.cache_capacity  # counted once per scrape
+            kv_tokens.add_metric([name], held)
+            kv_ratio.add_metric([name], min(1.0, held / capacity) if capacity else 0.0)
             steps.add_metric([name], e.batches)
             rows.add_metric([name], e.stepped_rows)
             reused.add_metric([name], e.reused_tokens)

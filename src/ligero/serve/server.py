@@ -49,7 +49,7 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
                  keep_text: bool = False, device: str = "cpu", public_metrics: bool = False,
                  body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None,
                  vision: bool = False, vision_adapter: str | None = None, max_waiting: int = 64,
-                 prefill_chunk: int = 128, kv_cache: str = "f16") -> ServerConfig:
+                 prefill_chunk: int = 128, kv_cache: str = "auto") -> ServerConfig:
     """Everything `ligero serve` needs; every input is checked before any model is loaded. With a card, requests
     that leave out temperature, top_p or max_tokens get the card's reference-profile settings. With a watermark
     key file, every response is marked with that key (the secret stays in this process; records name the key id).

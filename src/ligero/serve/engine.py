@@ -71,6 +71,11 @@ class EngineBusy(LigeroError):
 KV_CACHE_TYPES = {"auto": None, "f16": torch.float16, "f32": torch.float32}
 
 
+def check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_CACHE_TYPES:
+        raise LigeroError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+
+
 def kv_cache_dtype(kv_cache: str, model) -> torch.dtype:
     """The dtype `--kv-cache` gives the continuous batch of `model`."""
     if kv_cache != "auto":
@@ -91,8 +96,7 @@ class Engine:
             raise LigeroError(f"--max-waiting must be >= 0, got {max_waiting}")
         if prefill_chunk < 1:
             raise LigeroError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
-        if kv_cache not in KV_CACHE_TYPES:
-            raise LigeroError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+        check_kv_cache(kv_cache)
         self.kv_cache = kv_cache
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s

@@ -16,7 +16,7 @@ from ligero.serve.abtest import SegmentRule
 from ligero.serve.access import ApiKeys
 from ligero.serve.app import create_app
 from ligero.serve.config import BODY_TIMEOUT_S, RequestDefaults, ServerConfig, Variant
-from ligero.serve.engine import KV_CACHE_TYPES, Engine, claim, run_engines
+from ligero.serve.engine import Engine, check_kv_cache, claim, run_engines
 from ligero.serve.guardrails import Guardrails, guardrails_from_card, load_guardrails
 from ligero.serve.store import DEFAULT_URL, Store, default_server_id
 from ligero.watermark import Watermarker, load_key
@@ -67,8 +67,7 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
     if not body_timeout_s > 0:
         raise LigeroError(f"--body-timeout must be a number of seconds > 0, got {body_timeout_s}")
     engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, kv_cache=kv_cache)
-    if kv_cache not in KV_CACHE_TYPES:
-        raise LigeroError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+    check_kv_cache(kv_cache)
     for option, value, least in (("--max-batch", max_batch, 1), ("--max-waiting", max_waiting, 0),
                                  ("--prefill-chunk", prefill_chunk, 1)):
         if value < least:

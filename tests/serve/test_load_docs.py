@@ -76,6 +76,24 @@ def test_the_ratios_are_the_medians_of_the_rounds_measured_in_turn(tmp_path):
     assert "rounds 80, 85, 90 %" in (tmp_path / "serving.md").read_text()
 
 
+@pytest.mark.parametrize("tiny_pair", ["llama"], indirect=True)
+def test_the_engine_alone_keeps_its_rows_full_with_new_requests(tiny_pair):
+    _, model, _ = tiny_pair
+    load = load_benchmark()
+    tok_s, requests = load.engine_alone_tok_s(model, 2, 0.5, [[3, 4, 5], [6, 7], [8, 9, 10, 11]], 4, [], 0)
+    assert tok_s > 0 and requests > 2  # rows freed at their 4th token took the next prompts
+
+
+def test_the_ceiling_says_whether_the_engine_alone_could_meet_both_targets():
+    load = load_benchmark()
+    paired = {"top_clients": 16, "seconds_per_pair": 10.0, "alone_vs_raw_median": 3.1, "top_vs_alone_median": 0.71}
+    short = load.ceiling_line(paired)
+    assert "at 3.4x the raw batch-1 speed" in short and "**3.10x**" in short and "**71 %**" in short
+    assert "no server could meet both targets" in short
+    assert "within the engine's reach" in load.ceiling_line({**paired, "alone_vs_raw_median": 3.6})
+    assert load.ceiling_line({"top_clients": 16, "seconds_per_pair": 10.0}) == ""  # older results: no rounds alone
+
+
 def test_raw_speed_bracketing_ligeros_run_is_reported_and_a_drift_flagged():
     load = load_benchmark()
     assert load.raw_runs_note({"raw_decode_tok_s": 150.0}) == ""  # older results: one raw run

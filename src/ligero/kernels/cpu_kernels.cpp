@@ -2656,6 +2656,142 @@ inline float attention_scores(const float* q, const KV* k, int64_t stride, const
   return mx;
 }
 
+#ifdef LIGERO_AVX512
+// Grouped-query attention with 64-dimensional heads (SmolLM2, TinyLlama) in 512-bit registers: the query heads
+// that share a KV head (up to 3 per pass, their queries held in registers) take each key and value from one read
+// and one fp16 widening, instead of each head reading and widening the group's keys again. The multiply-adds are
+// the same (attention stays bound by them: 128 per head and key); in SmolLM2-135M's 16-row decode step (fp16
+// cache) attention's time fell from 0.53x to 0.46x the projections' (3 runs each), ~3 % of the step.
+inline __m512 load16_kv(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_kv(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The four lanes-sums of acc[0..3] (each a 16-lane partial dot product), in that order.
+inline __m128 sum4_512(const __m512* acc) {
+  __m256 t[4];
+  for (int j = 0; j < 4; ++j)
+    t[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+  const __m256 ab = _mm256_hadd_ps(t[0], t[1]), cd = _mm256_hadd_ps(t[2], t[3]);
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// p[h][s] = scale * q[h] . k[s] for HG heads over the n keys at k (stride apart) that mrow shows, -inf for the
+// others. Keys four at a time: 4 x HG independent sums in flight, one widening per key for all heads.
+template <int HG, typename KV>
+void scores_d64(const float* const* q, const KV* k, int64_t stride, const bool* mrow, int64_t ms, int64_t n,
+                float scale, float* const* p, const KV* v) {
+  __m512 qv[HG][4];
+  for (int h = 0; h < HG; ++h)
+    for (int i = 0; i < 4; ++i) qv[h][i] = _mm512_loadu_ps(q[h] + 16 * i);
+  int64_t s = 0;
+  for (; s + 4 <= n; s += 4) {
+    for (int j = 0; j < 4; ++j) {
+      prefetch_lines(k + (s + kKeysAhead + j) * stride, 64 * sizeof(KV));
+      prefetch_lines(v + (s + j) * stride, 64 * sizeof(KV));
+    }
+    __m512 acc[HG][4];
+    for (int j = 0; j < 4; ++j) {
+      const KV* kr = k + (s + j) * stride;
+      const __m512 k0 = load16_kv(kr), k1 = load16_kv(kr + 16), k2 = load16_kv(kr + 32), k3 = load16_kv(kr + 48);
+      for (int h = 0; h < HG; ++h)
+        acc[h][j] = _mm512_fmadd_ps(qv[h][3], k3, _mm512_fmadd_ps(qv[h][2], k2,
+                    _mm512_fmadd_ps(qv[h][1], k1, _mm512_mul_ps(qv[h][0], k0))));
+    }
+    for (int h = 0; h < HG; ++h) {
+      float out[4];
+      _mm_storeu_ps(out, _mm_mul_ps(sum4_512(acc[h]), _mm_set1_ps(scale)));
+      for (int j = 0; j < 4; ++j) p[h][s + j] = mrow[(s + j) * ms] ? out[j] : -INFINITY;
+    }
+  }
+  for (; s < n; ++s) {
+    const KV* kr = k + s * stride;
+    const __m512 k0 = load16_kv(kr), k1 = load16_kv(kr + 16), k2 = load16_kv(kr + 32), k3 = load16_kv(kr + 48);
+    for (int h = 0; h < HG; ++h) {
+      const __m512 acc = _mm512_fmadd_ps(qv[h][3], k3, _mm512_fmadd_ps(qv[h][2], k2,
+                         _mm512_fmadd_ps(qv[h][1], k1, _mm512_mul_ps(qv[h][0], k0))));
+      p[h][s] = mrow[s * ms] ? _mm512_reduce_add_ps(acc) * scale : -INFINITY;
+    }
+  }
+}
+
+// out[h][d] = sum_s p[h][s] * v[s][d] for HG heads (keys all heads weigh 0, the masked ones, are skipped).
+template <int HG, typename KV>
+void values_d64(const float* const* p, const KV* v, int64_t stride, int64_t n, float* const* out) {
+  __m512 acc[HG][4];
+  for (int h = 0; h < HG; ++h)
+    for (int i = 0; i < 4; ++i) acc[h][i] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; ++s) {
+    bool any = false;
+    for (int h = 0; h < HG; ++h) any |= p[h][s] != 0.f;
+    if (!any) continue;
+    const KV* vr = v + s * stride;
+    const __m512 v0 = load16_kv(vr), v1 = load16_kv(vr + 16), v2 = load16_kv(vr + 32), v3 = load16_kv(vr + 48);
+    for (int h = 0; h < HG; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h][s]);
+      acc[h][0] = _mm512_fmadd_ps(w, v0, acc[h][0]);
+      acc[h][1] = _mm512_fmadd_ps(w, v1, acc[h][1]);
+      acc[h][2] = _mm512_fmadd_ps(w, v2, acc[h][2]);
+      acc[h][3] = _mm512_fmadd_ps(w, v3, acc[h][3]);
+    }
+  }
+  for (int h = 0; h < HG; ++h)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out[h] + 16 * i, acc[h][i]);
+}
+
+template <int HG, typename KV>
+void attend_heads_d64(const AttendArgs& a, const float* const* q, const KV* kb, const KV* vb, const bool* mrow,
+                      int64_t first, int64_t n, float* const* p, float* const* out) {
+  scores_d64<HG>(q, kb + first * a.ks2, a.ks2, mrow + first * a.ms3, a.ms3, n, a.scale, p, vb + first * a.vs2);
+  float inv[HG];
+  for (int h = 0; h < HG; ++h) {
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[h][i]);
+    inv[h] = 1.f / exp_shifted(p[h], n, mx);
+  }
+  values_d64<HG>(p, vb + first * a.vs2, a.vs2, n, out);
+  for (int h = 0; h < HG; ++h)
+    for (int64_t d = 0; d < 64; ++d) out[h][d] *= inv[h];
+}
+
+// One item per (row, KV head, query position): its query heads in passes of up to 3.
+template <typename KV>
+void attend_groups_d64(const AttendArgs& a) {
+  const int64_t H = a.H, T = a.T, S = a.S, K = a.K, group = a.H / a.K;
+  at::parallel_for(0, a.B * K * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(3 * S);
+    float* p[3] = {scratch.data(), scratch.data() + S, scratch.data() + 2 * S};
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / (K * T), g = (idx / T) % K, t = idx % T;
+      const bool* mrow = a.mask + b * a.ms0 + t * a.ms2;
+      const KV* kb = static_cast<const KV*>(a.k) + b * a.ks0 + g * a.ks1;
+      const KV* vb = static_cast<const KV*>(a.v) + b * a.vs0 + g * a.vs1;
+      int64_t first = 0, last = S - 1;
+      while (first < S && !mrow[first * a.ms3]) ++first;
+      while (last > first && !mrow[last * a.ms3]) --last;
+      const int64_t n = last - first + 1;  // >= 1: every query sees a key
+      for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += 3) {
+        const int hg = static_cast<int>(std::min<int64_t>(3, (g + 1) * group - h0));
+        const float* q[3];
+        float* out[3];
+        for (int h = 0; h < hg; ++h) {
+          q[h] = a.q + b * a.qs0 + (h0 + h) * a.qs1 + t * a.qs2;
+          out[h] = a.out + ((b * H + h0 + h) * T + t) * 64;
+        }
+        if (hg == 3)
+          attend_heads_d64<3>(a, q, kb, vb, mrow, first, n, p, out);
+        else if (hg == 2)
+          attend_heads_d64<2>(a, q, kb, vb, mrow, first, n, p, out);
+        else
+          attend_heads_d64<1>(a, q, kb, vb, mrow, first, n, p, out);
+      }
+    }
+  });
+}
+#endif
+
 // Each (row, head, query) item reads only its visible span of keys [first, last] (a continuous batch's row
 // sees the first slots of a long cache; sliding windows see their last keys), scores it, exponentiates it in
 // vectors and sums the values it weighs.
@@ -2663,6 +2799,12 @@ template <typename KV>
 void attend_core_t(const AttendArgs& a) {
   const int64_t H = a.H, T = a.T, D = a.D, S = a.S, group = a.H / a.K;
   TORCH_CHECK(D <= 512, "attention: head_dim must be <= 512");
+#ifdef LIGERO_AVX512
+  if (D == 64) {
+    attend_groups_d64<KV>(a);
+    return;
+  }
+#endif
   at::parallel_for(0, a.B * H * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t idx = begin; idx < end; ++idx) {

@@ -31,9 +31,10 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
         assert row["n"] >= QUICK.heldout_images and 0 <= row["accuracy"] <= 1 and 0 <= row["text_only"] <= 1
         assert 0 < row["chance"] < 1 and 0 <= row["p_holm"] <= 1
     int8 = result["quantized"]["int8"]  # the language model and the projector quantized, evaluated the same way
-    assert int8["projector_format"] == "int8_weight" and set(int8) - {"projector_format"} == kinds
+    assert int8["projector_format"] == "int8_weight" and set(int8) - {"projector_format", "adapters"} == kinds
+    assert int8["adapters"] == "beside"  # the LoRA adapters kept in full precision beside the int8 weights
     for kind, row in int8.items():
-        if kind != "projector_format":
+        if kind in kinds:
             assert row["n"] == result["accuracy"][kind]["n"] and 0 <= row["p_holm"] <= 1
             assert row["change"] == pytest.approx(row["accuracy"] - result["accuracy"][kind]["accuracy"])
             assert 0 <= row["wordy"] <= 1
@@ -55,6 +56,15 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
     assert "both stages and the evaluation reused" in capsys.readouterr().out
     again = json.loads((docs / "lab-vision.json").read_text())
     assert again["accuracy"] == result["accuracy"] and (docs / "lab-vision.md").read_text() == text
+    # An evaluation whose quantized variants were built another way (adapters merged, before session 29): only
+    # those are measured again, against the saved full-precision answers
+    saved = json.loads((runs / "evaluation.json").read_text())
+    saved["quantized"]["int8"] = {**saved["quantized"]["int8"], "adapters": "merged", "bogus": 1}
+    (runs / "evaluation.json").write_text(json.dumps(saved))
+    assert main(["lab", "vision", "--quick", "--out", str(runs), "--docs", str(docs), "--threads", "2"]) == 0
+    assert "quantized variants are measured again" in capsys.readouterr().out
+    again = json.loads((docs / "lab-vision.json").read_text())
+    assert again["quantized"] == result["quantized"] and again["accuracy"] == result["accuracy"]
 
     image = tmp_path / "scene.png"
     scene(random.Random(5)).image.save(image)

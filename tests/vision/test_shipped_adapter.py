@@ -45,3 +45,27 @@ def test_generate_with_an_image_uses_the_shipped_adapter(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--image", str(path), "--max-new-tokens", "6", "What colour are the shapes?"]) == 0
     assert normalise(capsys.readouterr().out) == sample.qa[1].answer
+
+
+def test_an_int4_variant_keeps_the_adapters_in_full_precision_and_still_reads_images():
+    """Merged into the weights before int4, the adapters' small updates were rounded away (the model answered in
+    sentences); kept beside the quantized base weights (QLoRA's setting) they still steer it."""
+    import torch
+
+    from ligero.eval.variants import build_vision_variant
+    from ligero.models.lora import LoRALinear
+    from ligero.quant.modules import QuantizedLinear
+    from ligero.vision.pretrained import read_adapter
+
+    vlm = build_vision_variant(None, "int4")
+    tensors, _ = read_adapter(DEFAULT_ADAPTER)
+    adapters = {name: m for name, m in vlm.lm.named_modules() if isinstance(m, LoRALinear)}
+    assert len(adapters) == sum(k.endswith(".lora_a") for k in tensors) > 0
+    assert all(isinstance(m.base, QuantizedLinear) for m in adapters.values())
+    for name, m in adapters.items():
+        assert m.lora_a.dtype == torch.float32 and torch.equal(m.lora_a, tensors[f"lora.{name}.lora_a"].float())
+    samples = make_split("scenes", "heldout", 20, seed=0)
+    qa = [(s, q) for s in samples for q in s.qa if q.kind == "scene_shape"]
+    answers = vlm.answer([q.question for _, q in qa], [[s.image] for s, _ in qa], max_new_tokens=8)
+    right = sum(normalise(a) == normalise(q.answer) for a, (_, q) in zip(answers, qa))
+    assert right >= 0.75 * len(qa), (answers, [q.answer for _, q in qa])

@@ -266,11 +266,25 @@ def add_significance(table: dict, data: list[Example], with_image: list[str], te
         table[kind]["p_holm"] = p
 
 
+# Where a quantized variant's LoRA adapters sit (eval.variants.build_vision_variant): recorded with its table, so a
+# rerun re-evaluates variants measured another way. "merged": folded into the weights before quantizing (until
+# session 28); "beside": full precision next to the quantized base weights (QLoRA's setting).
+QUANTIZED_ADAPTERS = "beside"
+
+
+ADAPTER_PLACES = {
+    "merged": "the LoRA adapters were merged into the language model's weights before quantizing.",
+    "beside": "the language model's base weights are quantized and its LoRA adapters stay beside them in full "
+              "precision (QLoRA's setting; merged into the weights before quantizing, as until session 28, int4's "
+              "rounding erased the adapters' small updates: 64 % of its held-out answers became sentences).",
+}
+
+
 def quantized_table(data: list[Example], full: list[str], variant: list[str], projector: str) -> dict:
     """Per question type: the quantized variant's accuracy, its change from full precision and McNemar's test."""
     from ligero.eval.stats import mcnemar
 
-    table = {"projector_format": projector}
+    table = {"projector_format": projector, "adapters": QUANTIZED_ADAPTERS}
     for kind in QUESTION_TYPES:
         idx = [i for i, ex in enumerate(data) if ex.kind == kind]
         if not idx:
@@ -295,7 +309,7 @@ def holm_over_variants(quantized: dict) -> None:
     """Holm's correction over every (variant, question type) test of "quantization changed the accuracy"."""
     from ligero.eval.stats import holm
 
-    keys = [(s, k) for s, t in quantized.items() for k in t if k != "projector_format"]
+    keys = [(s, k) for s, t in quantized.items() for k in t if k in QUESTION_TYPES]
     for (s, k), p in zip(keys, holm([quantized[s][k]["mcnemar"]["p_value"] for s, k in keys])):
         quantized[s][k]["p_holm"] = p
 
@@ -380,16 +394,36 @@ def evaluate(adapter: Path, held: list[Sample], held_images: list[EncodedImage],
     result["examples"] = [{"image": ex.image, "kind": ex.kind, "question": ex.question, "answer": ex.answer,
                            "with_image": with_image[i], "text_only": text_only[i]} for i, ex in enumerate(qa)]
     del shipped
-    result["quantized"] = {}
+    result["quantized"] = evaluate_quantized(adapter, qa, with_image, held_images, plan, log)
+    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def evaluate_quantized(adapter: Path, qa: list[Example], with_image: list[str], held_images: list[EncodedImage],
+                       plan: Plan, log) -> dict:
+    """Every quantized variant's held-out answers (with the image) against full precision's, Holm over all."""
+    quantized = {}
     for scheme in plan.quant_schemes:
         log(f"vision lab: held-out evaluation of the {scheme} variant")
         variant = build_vision_variant(str(adapter), scheme)
-        result["quantized"][scheme] = quantized_table(qa, with_image, answers(variant, qa, held_images),
-                                                      variant.projector_format)
+        quantized[scheme] = quantized_table(qa, with_image, answers(variant, qa, held_images), variant.projector_format)
         del variant
-    holm_over_variants(result["quantized"])
-    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+    holm_over_variants(quantized)
+    return quantized
+
+
+def requantize(evaluation: dict, adapter: Path, held: list[Sample], held_images: list[EncodedImage], plan: Plan,
+               log) -> dict:
+    """A saved evaluation whose quantized variants were measured another way (QUANTIZED_ADAPTERS): the variants
+    again, against the saved full-precision answers (the rest of the evaluation stands)."""
+    qa = examples(held, 2)
+    with_image = [ex["with_image"] for ex in evaluation["examples"]]
+    if len(with_image) != len(qa) or any(e["question"] != q.question for e, q in zip(evaluation["examples"], qa)):
+        return evaluate(adapter, held, held_images, plan, log)  # not the same questions: evaluate everything
+    t0 = time.perf_counter()
+    evaluation["quantized"] = evaluate_quantized(adapter, qa, with_image, held_images, plan, log)
+    evaluation["eval_seconds"] = round(evaluation["eval_seconds"] + time.perf_counter() - t0, 1)
+    return evaluation
 
 
 def build_data(plan: Plan, log, held_out_only: bool = False) -> tuple[list[Sample], list[Sample]]:
@@ -425,8 +459,18 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     finished = _finished_run(out, plan)
     if finished is not None:  # both stages trained and evaluated: only the document is written again
         log("vision lab: both stages and the evaluation reused; rendering the held-out images for the document")
+        held = build_data(plan, log, held_out_only=True)[1]
+        evaluation = json.loads((out / "evaluation.json").read_text())
+        if not _quantized_current(evaluation, plan):
+            log(f"  its quantized variants are measured again (adapters now {QUANTIZED_ADAPTERS} the quantized "
+                "weights)")
+            encoder = load_vision_model(out / "adapter")
+            held_images = encode_all(encoder, held, log, "held-out")
+            del encoder
+            finished.update(requantize(evaluation, out / "adapter", held, held_images, plan, log))
+            (out / "evaluation.json").write_text(json.dumps({k: finished[k] for k in EVALUATION_KEYS}))
         finished["provenance"] = provenance()  # this commit; the times stay those of the runs that made them
-        return _publish(finished, build_data(plan, log, held_out_only=True)[1], out, docs, ship, log)
+        return _publish(finished, held, out, docs, ship, log)
     t_start = time.perf_counter()
     torch.manual_seed(plan.seed)
     log("vision lab: rendering data")
@@ -478,10 +522,15 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     # Held-out evaluation of the adapter as saved (bf16, LoRA merged): what `ligero generate --image` runs. Kept in
     # evaluation.json, so a rerun with both stages reused only rewrites the document.
     evaluation_file = out / "evaluation.json"
-    if evaluation_file.exists() and stage2_reused and \
-            set(json.loads(evaluation_file.read_text())["quantized"]) == set(plan.quant_schemes):
-        results.update(json.loads(evaluation_file.read_text()))
+    saved = json.loads(evaluation_file.read_text()) if evaluation_file.exists() and stage2_reused else None
+    if saved is not None and _quantized_current(saved, plan):
+        results.update(saved)
         log("  held-out evaluation reused")
+    elif saved is not None and set(saved["quantized"]) == set(plan.quant_schemes):
+        log("  held-out evaluation reused; its quantized variants are measured again (adapters now "
+            f"{QUANTIZED_ADAPTERS} the quantized weights)")
+        results.update(requantize(saved, out / "adapter", held, held_images, plan, log))
+        evaluation_file.write_text(json.dumps({k: results[k] for k in EVALUATION_KEYS}))
     else:
         results.update(evaluate(out / "adapter", held, held_images, plan, log))
         evaluation_file.write_text(json.dumps({k: results[k] for k in EVALUATION_KEYS}))
@@ -491,6 +540,12 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     meta["heldout_accuracy"] = {k: round(v["accuracy"], 4) for k, v in results["accuracy"].items()}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return _publish(results, held, out, docs, ship, log)
+
+
+def _quantized_current(evaluation: dict, plan: Plan) -> bool:
+    """Whether a saved evaluation holds the plan's quantized variants, built as eval.variants builds them now."""
+    return set(evaluation["quantized"]) == set(plan.quant_schemes) and \
+        all(t.get("adapters", "merged") == QUANTIZED_ADAPTERS for t in evaluation["quantized"].values())
 
 
 def _finished_run(out: Path, plan: Plan) -> dict | None:
@@ -611,7 +666,7 @@ def _findings(results: dict) -> list[str]:
         full = sum(wordy(e["with_image"], e["answer"]) for e in examples_) / len(examples_)
         parts = [f"full precision {full:.0%}"]
         for scheme, table in results.get("quantized", {}).items():
-            rows = [r for k, r in table.items() if k != "projector_format" and "wordy" in r]
+            rows = [r for k, r in table.items() if k in QUESTION_TYPES and "wordy" in r]
             if rows:
                 share = sum(r["wordy"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
                 parts.append(f"{scheme} {share:.0%}")
@@ -644,8 +699,9 @@ def _retrieval_and_quantized(results: dict) -> list[str]:
     if quant:
         schemes = list(quant)
         lines += ["", "## Quantized variants", "",
-                  "The same held-out questions (with the image) answered by variants whose language model (LoRA "
-                  "merged) and projector are quantized; the encoder stays in full precision. Change is against the "
+                  "The same held-out questions (with the image) answered by variants whose language model and "
+                  "projector are quantized; " + ADAPTER_PLACES[next(iter(quant.values())).get("adapters", "merged")]
+                  + " The encoder stays in full precision. Change is against the "
                   "full-precision row above; McNemar's exact test pairs the answers, Holm-corrected over every "
                   "(variant, question type).", "",
                   "Projector format: " + ", ".join(f"{s_} {quant[s_]['projector_format']}" for s_ in schemes) + ".",

@@ -3,6 +3,7 @@ depend on batching (SmolLM2)."""
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -188,3 +189,25 @@ def test_the_fast_scorer_equals_the_packages_own_predict_prob():
     expected = predict_prob(texts)
     assert (expected > 0.5).sum() > 20  # the sample reaches the toxic side too
     np.testing.assert_allclose(fast(texts), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("text", [
+    "Thank you for the lovely dinner, see you next week.",
+    "Shut up, you stupid worthless idiot. You idiot, idiot!",
+    "the the the and of",  # stop words only
+    "qwxz zzzyq",  # outside the vocabulary
+    "   ...  ",
+])
+def test_the_running_score_equals_scoring_the_whole_text(text):
+    """Pieces split between words, each extending the running score: after each, the whole text so far scores the
+    same with load_scorer()."""
+    from ligero.eval.toxicity import load_scorer
+
+    predict = load_scorer()
+    running = predict.running()
+    pieces = re.findall(r"\w+\W*|\W+", text)  # each piece ends after its word, before the next one
+    so_far = ""
+    for piece in pieces:
+        so_far += piece
+        assert running.extend(piece) == pytest.approx(float(predict([so_far])[0]), rel=1e-12, abs=1e-15)
+    assert "".join(pieces) == text

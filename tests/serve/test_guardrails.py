@@ -13,6 +13,7 @@ from ligero.errors import LigeroError
 from ligero.serve.access import ApiKeys, AuthError, RateLimiter
 from ligero.serve.guardrails import (
     GUARDRAILS_VERSION,
+    MAX_HELD_CHARS,
     Decision,
     Guardrails,
     OutputGuard,
@@ -501,3 +502,52 @@ def test_a_batch_scorer_scores_concurrent_callers_in_shared_calls():
 
     with pytest.raises(RuntimeError, match="classifier failed"):
         BatchScorer(broken)(["a"])
+
+
+class CountingScorer:
+    """The real classifier, counting the scorer calls a guard makes; its running score is the real one's."""
+
+    def __init__(self, running: bool = True) -> None:
+        from ligero.eval.toxicity import load_scorer
+
+        self.predict, self.calls = load_scorer(), 0
+        if running:
+            self.running = self.predict.running
+
+    def __call__(self, texts):
+        self.calls += 1
+        return list(self.predict(texts))
+
+
+@pytest.mark.parametrize("action", ["block", "flag", "redact"])
+def test_the_running_score_decides_as_whole_text_scoring_with_fewer_calls(action):
+    long_word = "x" * (MAX_HELD_CHARS + 5)  # released unfinished ("yz" makes it too long to hold): "abc" goes on
+    tokens = ["Well", ",", " the", " cat", " " + long_word, "yz", "abc", " then", " said", " shit", " and", " damn",
+              " it", ".", " The", " cat", " sat", " you", " idiot"]
+    guards = {}
+    for running in (True, False):
+        scorer = CountingScorer(running)
+        guard = OutputGuard(Guardrails(toxicity=ToxicityFilter(0.5, action)), scorer=scorer)
+        steps = stream(guard, tokens)
+        guards[running] = (guard, steps, scorer.calls)
+    (fast, fast_steps, fast_calls), (whole, whole_steps, whole_calls) = guards[True], guards[False]
+    assert [(s.release, s.stop, s.decision) for s in fast_steps] == \
+        [(s.release, s.stop, s.decision) for s in whole_steps]
+    assert fast.released == whole.released and fast.decisions == whole.decisions and fast.action == whole.action
+    assert fast.score == pytest.approx(whole.score, rel=1e-9, abs=1e-12)
+    if action == "redact":  # each new word is still scored alone; the running score saves the whole-text part
+        assert fast_calls <= whole_calls
+    else:  # only the chunk that finishes the split word needs the scorer
+        assert fast_calls == 1 and whole_calls > 5
+
+
+def test_needs_scoring_is_false_where_the_running_score_extends():
+    guard = OutputGuard(Guardrails())  # the default scorer has a running score
+    guard.push("the cat ")
+    assert not guard.needs_scoring("the cat sat ")  # a word on the caller's thread, no scorer call
+    plain = OutputGuard(Guardrails(), scorer=CountingScorer(running=False))
+    plain.push("the cat ")
+    assert plain.needs_scoring("the cat sat ")
+    redact = OutputGuard(Guardrails(toxicity=ToxicityFilter(0.5, "redact")))
+    redact.push("the cat ")
+    assert redact.needs_scoring("the cat sat ") and not redact.needs_scoring("the cat , ")

@@ -149,7 +149,36 @@ def load_scorer():
         d = np.array([decision(t) for t in texts]).reshape(len(texts), len(intercepts))  # [n, folds]
         return (1.0 / (1.0 + np.exp(slopes * d + offsets))).mean(axis=1)
 
+    predict.running = lambda: RunningToxicity(words, stop, vocabulary, idf, weights, intercepts, slopes, offsets)
     return predict
+
+
+class RunningToxicity:
+    """The classifier's probability for a text that only grows, as a server's output filter sees a stream: each
+    `extend(piece)` adds the piece's word counts and updates the decision's x.w and |x|^2 in place, so a word costs
+    O(its piece) instead of re-reading the whole text. The pieces must split the text between words (each earlier
+    piece ending in a non-word character); the probability then equals load_scorer()'s for the whole text, to
+    rounding (Greek's final sigma, lowercased by context, is the one exception to splitting; the vocabulary is
+    English)."""
+
+    def __init__(self, words, stop, vocabulary, idf, weights, intercepts, slopes, offsets) -> None:
+        self._words, self._stop, self._vocabulary, self._idf, self._weights = words, stop, vocabulary, idf, weights
+        self._intercepts, self._slopes, self._offsets = intercepts, slopes, offsets
+        self._counts: dict[int, int] = {}
+        self._dot = np.zeros_like(intercepts)  # sum over words of count * idf * w, per fold
+        self._norm2 = 0.0  # |counts * idf|^2
+
+    def extend(self, piece: str) -> float:
+        for w in self._words.findall(piece.lower()):
+            j = None if w in self._stop else self._vocabulary.get(w)
+            if j is None:
+                continue
+            c = self._counts.get(j, 0)
+            self._counts[j] = c + 1
+            self._dot += self._idf[j] * self._weights[j]
+            self._norm2 += self._idf[j] ** 2 * (2 * c + 1)  # (c + 1)^2 - c^2 of this word's squared feature
+        d = self._dot / np.sqrt(self._norm2) + self._intercepts if self._counts else self._intercepts
+        return float((1.0 / (1.0 + np.exp(self._slopes * d + self._offsets))).mean())
 
 
 def scorer_version() -> str:

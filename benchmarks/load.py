@@ -277,7 +277,9 @@ def paired_ratios(base: str, args, prompts: list[str], eos_ids: list[int], promp
                        "alone_vs_raw": ratio(alone, raw), "top_vs_alone": ratio(many["tokens_per_s"], alone)})
     del model
     kept = [r for r in rounds if r["ratio"] is not None and r["top_ratio"] is not None]  # a round with no tokens
-    med = lambda key: statistics.median(r[key] for r in kept) if kept else None  # noqa: E731
+    def med(key: str) -> float | None:  # a round whose engine-alone run made no tokens has no ratio there
+        values = [r[key] for r in kept if r[key] is not None]
+        return statistics.median(values) if values else None
     out = {"pairs": rounds, "ratio_median": med("ratio"), "top_clients": top, "top_ratio_median": med("top_ratio"),
            "alone_vs_raw_median": med("alone_vs_raw"), "top_vs_alone_median": med("top_vs_alone"),
            "seconds_per_pair": PAIR_SECONDS, "top_seconds_per_pair": TOP_PAIR_SECONDS, "ids": ids}

@@ -284,10 +284,11 @@ def paired_ratios(base: str, args, prompts: list[str], eos_ids: list[int], promp
            "alone_vs_raw_median": med("alone_vs_raw"), "top_vs_alone_median": med("top_vs_alone"),
            "seconds_per_pair": PAIR_SECONDS, "top_seconds_per_pair": TOP_PAIR_SECONDS, "ids": ids}
     if kept:
+        alone = "" if out["alone_vs_raw_median"] is None or out["top_vs_alone_median"] is None else (
+            f", engine alone at {args.slots} rows / raw {out['alone_vs_raw_median']:.2f}x, {top} clients / engine "
+            f"alone {out['top_vs_alone_median']:.0%}")
         print(f"   ligero   in turn, {len(kept)} rounds: 1 client / raw {out['ratio_median']:.0%}, {top} clients / "
-              f"1 client {out['top_ratio_median']:.2f}x, engine alone at {args.slots} rows / raw "
-              f"{out['alone_vs_raw_median']:.2f}x, {top} clients / engine alone {out['top_vs_alone_median']:.0%} "
-              "(medians)", flush=True)
+              f"1 client {out['top_ratio_median']:.2f}x{alone} (medians)", flush=True)
     return out
 
 

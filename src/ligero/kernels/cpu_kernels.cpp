@@ -2611,6 +2611,23 @@ inline void weighted_values(const float* p, const KV* v, int64_t stride, int64_t
 // v (not null): the values of the same keys, fetched into cache meanwhile, and the keys kKeysAhead ahead (see
 // attend_core).
 constexpr int64_t kKeysAhead = 8;
+
+// The largest of n scores (a NaN is skipped, as std::max skips it here: softmax then spreads it to every output).
+inline float max_score(const float* p, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
+  return mx;
+}
+
+// The span [first, first + n) of a query's visible keys in mask row mrow (stride ms, S keys); n >= 1, since every
+// query sees a key. Attention reads only that span: a continuous batch's row sees the first slots of a long cache,
+// a sliding window its last keys.
+inline std::pair<int64_t, int64_t> visible_span(const bool* mrow, int64_t ms, int64_t S) {
+  int64_t first = 0, last = S - 1;
+  while (first < S && !mrow[first * ms]) ++first;
+  while (last > first && !mrow[last * ms]) --last;
+  return {first, last - first + 1};
+}
 inline float dot_kv(const float* q, const float* k, int64_t D) { return dot_f32(q, k, D); }
 inline float dot_kv(const float* q, const at::Half* k, int64_t D) {  // dot_f32's order, fp16 keys widened first
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -2651,9 +2668,7 @@ inline float attention_scores(const float* q, const KV* k, int64_t stride, const
   }
 #endif
   for (; s < n; ++s) p[s] = mrow[s * ms] ? dot_kv(q, k + s * stride, D) * scale : -INFINITY;
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
-  return mx;
+  return max_score(p, n);
 }
 
 #ifdef LIGERO_AVX512
@@ -2747,9 +2762,7 @@ void attend_heads_d64(const AttendArgs& a, const float* const* q, const KV* kb, 
   scores_d64<HG>(q, kb + first * a.ks2, a.ks2, mrow + first * a.ms3, a.ms3, n, a.scale, p, vb + first * a.vs2);
   float inv[HG];
   for (int h = 0; h < HG; ++h) {
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[h][i]);
-    inv[h] = 1.f / exp_shifted(p[h], n, mx);
+    inv[h] = 1.f / exp_shifted(p[h], n, max_score(p[h], n));
   }
   values_d64<HG>(p, vb + first * a.vs2, a.vs2, n, out);
   for (int h = 0; h < HG; ++h)
@@ -2768,10 +2781,7 @@ void attend_groups_d64(const AttendArgs& a) {
       const bool* mrow = a.mask + b * a.ms0 + t * a.ms2;
       const KV* kb = static_cast<const KV*>(a.k) + b * a.ks0 + g * a.ks1;
       const KV* vb = static_cast<const KV*>(a.v) + b * a.vs0 + g * a.vs1;
-      int64_t first = 0, last = S - 1;
-      while (first < S && !mrow[first * a.ms3]) ++first;
-      while (last > first && !mrow[last * a.ms3]) --last;
-      const int64_t n = last - first + 1;  // >= 1: every query sees a key
+      const auto [first, n] = visible_span(mrow, a.ms3, S);
       for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += 3) {
         const int hg = static_cast<int>(std::min<int64_t>(3, (g + 1) * group - h0));
         const float* q[3];
@@ -2813,10 +2823,7 @@ void attend_core_t(const AttendArgs& a) {
       const bool* mrow = a.mask + b * a.ms0 + t * a.ms2;
       const KV* kb = static_cast<const KV*>(a.k) + b * a.ks0 + g * a.ks1;
       const KV* vb = static_cast<const KV*>(a.v) + b * a.vs0 + g * a.vs1;
-      int64_t first = 0, last = S - 1;
-      while (first < S && !mrow[first * a.ms3]) ++first;
-      while (last > first && !mrow[last * a.ms3]) --last;
-      const int64_t n = last - first + 1;  // >= 1: every query sees a key
+      const auto [first, n] = visible_span(mrow, a.ms3, S);
       // The first query head of a KV group reads its keys and values from memory (the cache of every row and
       // layer is far larger than the CPU's caches; the group's other heads find them in L2): it prefetches keys
       // kKeysAhead ahead and the values it will weigh next, so the reads overlap its arithmetic.

@@ -128,3 +128,8 @@ def test_a_model_that_will_not_fit_stops_before_loading(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ligero", "eval", "ppl", "--model", str(path)], capture_output=True,
                           text=True, timeout=300, env=env)
     assert_clean_error(proc.returncode, proc.stderr, "big.gguf", "needs about", "available")
+
+
+def test_a_bad_stream_interval_is_one_line_before_any_model_loads():
+    rc, _, err = ligero("serve", "--stream-interval", "-5", "--port", "1")
+    assert_clean_error(rc, err, "--stream-interval", "between 0 and 1000 ms", "-5")

@@ -529,7 +529,8 @@ def cmd_serve(args) -> int:
                        api_keys_file=args.api_keys_file,
                        segment_rules=[parse_segment_rule(r) for r in args.segment_rule],
                        experiment=args.experiment, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                       prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache, keep_text=args.keep_text,
+                       prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache,
+                       stream_interval_ms=args.stream_interval, keep_text=args.keep_text,
                        device=args.device, public_metrics=args.public_metrics, body_timeout_s=args.body_timeout,
                        watermark_file=args.watermark, vision=args.vision is not None,
                        vision_adapter=None if args.vision in (None, "shipped") else args.vision)
@@ -612,6 +613,9 @@ def _add_serve_command(sub) -> None:
                    help="requests that may wait for a free row; more are answered 429 (default 64)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=128,
                    help="prompt tokens fed between two decode steps while other requests decode (default 128)")
+    p.add_argument("--stream-interval", type=float, default=16.0, metavar="MS",
+                   help="hand a stream's tokens to its client at most every MS milliseconds (default 16, one frame "
+                        "at 60 Hz; the first token and the end go at once; 0: every token)")
     p.add_argument("--kv-cache", choices=("auto", "f16", "f32"), default="auto",
                    help="how continuous batching stores keys and values (packed KV caches keep their format). "
                         "auto (default): f16 on CPU with the native kernels, as llama.cpp (half the memory and half "

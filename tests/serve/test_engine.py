@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from ligero.errors import LigeroError
 from ligero.models.generate import BatchGeneration, SamplingConfig
 from ligero.serve.engine import Engine, EngineBusy, Job
 from waiting import wait_for
@@ -22,15 +23,15 @@ async def _collect(job: Job, log: list | None = None) -> tuple[list[int], str]:
     """The job's tokens and finish reason; each event also appended to `log` as (time, job id, kind)."""
     tokens = []
     while True:
-        event = await asyncio.wait_for(job.events.get(), 60)
-        if log is not None:
-            log.append((time.perf_counter(), id(job), event[0]))
-        if event[0] == "token":
-            tokens.append(event[1])
-        elif event[0] == "end":
-            return tokens, event[1]
-        else:
-            raise AssertionError(f"engine error: {event}")
+        for event in await asyncio.wait_for(job.events.get(), 60):  # the worker hands events over in lists
+            if log is not None:
+                log.append((time.perf_counter(), id(job), event[0]))
+            if event[0] == "token":
+                tokens.append(event[1])
+            elif event[0] == "end":
+                return tokens, event[1]
+            else:
+                raise AssertionError(f"engine error: {event}")
 
 
 def _job(prompt, n, sampling=None) -> Job:
@@ -250,3 +251,48 @@ def test_the_kv_cache_type_is_f16_only_where_the_native_attention_reads_it(tiny_
     engine = Engine("f32", model, TOKENIZER, max_batch=2, kv_cache="f32")
     engine.work_once()  # builds the batch
     assert engine._batch.cache.k[0].dtype == torch.float32 and engine.cache_tokens == 0
+
+
+class _CountingLoop:
+    """The running loop, counting the worker's hand-overs (call_soon_threadsafe)."""
+
+    def __init__(self, loop):
+        self.loop, self.calls = loop, 0
+
+    def call_soon_threadsafe(self, *args):
+        self.calls += 1
+        return self.loop.call_soon_threadsafe(*args)
+
+
+def test_one_hand_over_per_step_for_all_rows_and_tokens_held_for_the_stream_interval(tiny_pair):
+    _, model, _ = tiny_pair
+
+    async def run(interval_s: float):
+        engine = Engine("t", model, TOKENIZER, max_batch=2, stream_interval_s=interval_s)
+        loop = _CountingLoop(asyncio.get_running_loop())
+        jobs = [Job([1, 2, 3], 12, SamplingConfig(), loop), Job([4, 5], 12, SamplingConfig(), loop)]
+        try:
+            for job in jobs:
+                engine.submit(job)
+            handed = [[], []]  # per job, the events of each hand-over
+            for k, job in enumerate(jobs):
+                while not handed[k] or handed[k][-1][-1][0] != "end":
+                    handed[k].append(await asyncio.wait_for(job.events.get(), 60))
+        finally:
+            engine.close()
+        return handed, loop.calls, engine.batches
+
+    handed, calls, steps = asyncio.run(run(0.0))
+    for lists in handed:  # every token on its own, the end with the last
+        assert [len(x) for x in lists] == [1] * 11 + [2]
+    assert calls <= steps + 2  # one call per step for both rows (the two prefills may hand over apart)
+    handed, calls, _ = asyncio.run(run(60.0))
+    for lists in handed:  # the first token at once (time to first token), the rest held until the end
+        assert [[e[0] for e in x] for x in lists] == [["token"], ["token"] * 11 + ["end"]]
+    assert calls <= 4
+
+
+def test_a_negative_stream_interval_is_refused(tiny_pair):
+    _, model, _ = tiny_pair
+    with pytest.raises(LigeroError, match="--stream-interval must be >= 0 ms"):
+        Engine("t", model, TOKENIZER, stream_interval_s=-0.001)

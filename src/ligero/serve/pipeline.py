@@ -384,9 +384,9 @@ class RequestPipeline:
     async def _next_events(self, job: Job) -> list[tuple]:
         # Take every event already waiting: one decode and one guard check for all of them keeps this thread's
         # share of the GIL (which the decoding thread needs) small.
-        events = [await job.events.get()]
+        events = await job.events.get()  # the worker hands events over in lists (engine.py: "Stream interval")
         while not job.events.empty():
-            events.append(job.events.get_nowait())
+            events = events + job.events.get_nowait()
         return events
 
     async def submit(self, p: Prepared) -> Job:

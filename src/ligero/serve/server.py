@@ -16,7 +16,7 @@ from ligero.serve.abtest import SegmentRule
 from ligero.serve.access import ApiKeys
 from ligero.serve.app import create_app
 from ligero.serve.config import BODY_TIMEOUT_S, RequestDefaults, ServerConfig, Variant
-from ligero.serve.engine import Engine, check_kv_cache, claim, run_engines
+from ligero.serve.engine import STREAM_INTERVAL_S, Engine, check_kv_cache, claim, run_engines
 from ligero.serve.guardrails import Guardrails, guardrails_from_card, load_guardrails
 from ligero.serve.store import DEFAULT_URL, Store, default_server_id
 from ligero.watermark import Watermarker, load_key
@@ -49,7 +49,8 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
                  keep_text: bool = False, device: str = "cpu", public_metrics: bool = False,
                  body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None,
                  vision: bool = False, vision_adapter: str | None = None, max_waiting: int = 64,
-                 prefill_chunk: int = 128, kv_cache: str = "auto") -> ServerConfig:
+                 prefill_chunk: int = 128, kv_cache: str = "auto",
+                 stream_interval_ms: float = STREAM_INTERVAL_S * 1000) -> ServerConfig:
     """Everything `ligero serve` needs; every input is checked before any model is loaded. With a card, requests
     that leave out temperature, top_p or max_tokens get the card's reference-profile settings. With a watermark
     key file, every response is marked with that key (the secret stays in this process; records name the key id).
@@ -66,7 +67,10 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
     defaults = RequestDefaults.from_card(card_data, str(card)) if card_data is not None else RequestDefaults()
     if not body_timeout_s > 0:
         raise LigeroError(f"--body-timeout must be a number of seconds > 0, got {body_timeout_s}")
-    engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, kv_cache=kv_cache)
+    if not 0 <= stream_interval_ms <= 1000:
+        raise LigeroError(f"--stream-interval must be between 0 and 1000 ms, got {stream_interval_ms:g}")
+    engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
+                          stream_interval_s=stream_interval_ms / 1000)
     check_kv_cache(kv_cache)
     for option, value, least in (("--max-batch", max_batch, 1), ("--max-waiting", max_waiting, 0),
                                  ("--prefill-chunk", prefill_chunk, 1)):

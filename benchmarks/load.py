@@ -98,7 +98,8 @@ def start_llamacpp(binary: Path, gguf: Path, port: int, slots: int, ctx_per_slot
 def stream_request(http: httpx.Client, body: dict) -> dict:
     """One streamed completion: times of the first text and of the end, tokens, response id, whether it finished."""
     t0 = time.perf_counter()
-    row = {"status": 0, "first_s": None, "tokens": 0, "id": None, "done": False}
+    row = {"status": 0, "first_s": None, "tokens": 0, "id": None, "done": False, "gaps_s": []}
+    last = None  # when the previous text event came: the gaps show the stream's cadence
     try:
         with http.stream("POST", "/v1/completions", json=body) as r:
             row["status"] = r.status_code
@@ -118,8 +119,13 @@ def stream_request(http: httpx.Client, body: dict) -> dict:
                 if chunk.get("usage"):
                     row["tokens"] = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices") or []:
-                    if choice.get("text") and row["first_s"] is None:
-                        row["first_s"] = time.perf_counter() - t0
+                    if choice.get("text"):
+                        now = time.perf_counter() - t0
+                        if row["first_s"] is None:
+                            row["first_s"] = now
+                        else:
+                            row["gaps_s"].append(now - last)
+                        last = now
                     finish = choice.get("finish_reason") or finish
             if row["done"] and not row["tokens"] and finish == "length":
                 row["tokens"] = body["max_tokens"]  # an engine that sent no usage: the fixed length was reached
@@ -160,11 +166,13 @@ def run_level(base: str, clients: int, seconds: float, prompts: list[str], max_t
     itl = [1000 * (r["seconds"] - r["first_s"]) / (r["tokens"] - 1) for r in ok
            if r["first_s"] is not None and r["tokens"] > 1]
     latency = [1000 * r["seconds"] for r in ok]
+    gaps = [1000 * g for r in ok for g in r["gaps_s"]]
     return {"clients": clients, "seconds": wall, "requests": len(results), "ok": len(ok),
             "errors": len(results) - len(ok), "error_examples": [r.get("error") for r in results if r not in ok][:3],
             "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95), "itl_ms_p50": pct(itl, 50),
-            "itl_ms_p95": pct(itl, 95), "latency_ms_p50": pct(latency, 50), "latency_ms_p95": pct(latency, 95),
+            "itl_ms_p95": pct(itl, 95), "event_gap_ms_p50": pct(gaps, 50), "event_gap_ms_p95": pct(gaps, 95),
+            "latency_ms_p50": pct(latency, 50), "latency_ms_p95": pct(latency, 95),
             "tokens_per_request": statistics.median([r["tokens"] for r in ok]) if ok else None,
             "ids": [r["id"] for r in ok]}
 
@@ -200,6 +208,11 @@ def decode_tok_s(model, prompt_ids: list[int], max_tokens: int, eos_ids: list[in
     while not gen.done:
         gen.step()
     return (len(gen.tokens[0]) - 1) / (time.perf_counter() - t0)
+
+
+def raw_speed(model, prompt_ids: list[int], max_tokens: int, eos_ids: list[int]) -> float:
+    """Batch-1 decode speed now: the median of 2 runs."""
+    return statistics.median(decode_tok_s(model, prompt_ids, max_tokens, eos_ids) for _ in range(2))
 
 
 def raw_decode_tok_s(prompt_ids: list[int], max_tokens: int, eos_ids: list[int], repeats: int = 3) -> float:
@@ -262,16 +275,20 @@ def paired_ratios(base: str, args, prompts: list[str], eos_ids: list[int], promp
     top = max(args.clients)
     rounds, ids = [], []
     for k in range(PAIRS):
-        raw = statistics.median(decode_tok_s(model, prompt_ids, args.max_tokens, eos_ids) for _ in range(2))
         # Each round starts elsewhere in the prompts: the rows still hold recent prompts' keys (prefix reuse)
         turn = prompts[37 * (k + 1) % len(prompts):] + prompts[: 37 * (k + 1) % len(prompts)]
+        before = raw_speed(model, prompt_ids, args.max_tokens, eos_ids)
         one = run_level(base, 1, PAIR_SECONDS, turn, args.max_tokens, eos_ids)
+        # raw just before and just after the one-client level: the host's drift between them cancels
+        bracket = [before, raw_speed(model, prompt_ids, args.max_tokens, eos_ids)]
+        raw = statistics.mean(bracket)
         many_prompts = turn[len(turn) // 2:] + turn[: len(turn) // 2]
         many = run_level(base, top, TOP_PAIR_SECONDS, many_prompts, args.max_tokens, eos_ids)
         alone, _ = engine_alone_tok_s(model, args.slots, PAIR_SECONDS, [tok.encode(p) for p in many_prompts],
                                    args.max_tokens, eos_ids, tok.pad_id)
         ids += one["ids"] + many["ids"]
-        rounds.append({"raw_tok_s": raw, "served_tok_s": one["tokens_per_s"], "top_tok_s": many["tokens_per_s"],
+        rounds.append({"raw_tok_s": raw, "raw_bracket_tok_s": bracket, "served_tok_s": one["tokens_per_s"],
+                       "top_tok_s": many["tokens_per_s"],
                        "engine_alone_tok_s": alone, "ratio": ratio(one["tokens_per_s"], raw),
                        "top_ratio": ratio(many["tokens_per_s"], one["tokens_per_s"]),
                        "alone_vs_raw": ratio(alone, raw), "top_vs_alone": ratio(many["tokens_per_s"], alone)})
@@ -417,8 +434,9 @@ def one_client_line(result: dict, one: dict) -> str:
     top_s = paired.get("top_seconds_per_pair", paired["seconds_per_pair"])
     top = f", then {paired['top_clients']} clients for {top_s:g} s" if "top_clients" in paired else ""
     return (f"- **One client vs the engine alone:** {len(pairs)} rounds in turn after the levels above: the same "
-            f"variant decoded at batch 1 in-process (decode steps only, median of 2 runs), then one client used "
-            f"`ligero serve` for {paired['seconds_per_pair']:g} s{top}; each round's ratios cancel the host's drift "
+            f"variant decoded at batch 1 in-process (decode steps only, median of 2 runs) just before and just "
+            f"after one client used `ligero serve` for {paired['seconds_per_pair']:g} s (raw: their mean){top}; "
+            "each round's ratios cancel the host's drift "
             f"(raw speeds here ranged {min(p['raw_tok_s'] for p in pairs):.0f}-"
             f"{max(p['raw_tok_s'] for p in pairs):.0f} tok/s). One client gets **{100 * paired['ratio_median']:.0f} "
             "%** of the raw speed (median; rounds " + ", ".join(f"{100 * r:.0f}" for r in ratios) + " %). The "
@@ -490,7 +508,10 @@ def write_docs(result: dict, docs: Path) -> None:
         + f", one engine at a time. Closed-loop clients send streamed completions back to back for {s['seconds']:g} s "
         f"per level: greedy, exactly {s['max_tokens']} new tokens (end-of-text tokens biased -100 on both), prompts "
         f"of {s['prompt_tokens_mean']:.0f} tokens on average. Ligero runs with its default guardrails (the toxicity "
-        "filter releases text word by word) and commits every record to SQLite before the stream's final chunk.", "",
+        "filter releases text word by word)"
+        + (f", hands a stream's tokens to its client at most every {s['stream_interval_ms']:g} ms (`--stream-interval`"
+           "'s default; the first token and the end at once)" if s.get("stream_interval_ms") else "")
+        + " and commits every record to SQLite before the stream's final chunk.", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}, llama.cpp "
         f"{s.get('llamacpp_version', '–')}; other processes' share of the CPU during each engine's run: {shares}.",
         "",
@@ -506,6 +527,12 @@ def write_docs(result: dict, docs: Path) -> None:
                          f"{fmt(r.get('busy_slots_per_decode'), '.2f')} | {r['errors']} |")
     lig = {r["clients"]: r for r in result["engines"]["ligero"]["levels"]}
     one, top = lig[min(lig)], lig[max(lig)]
+    cadence = [f"{engine} {r['clients']} client(s) {fmt(r.get('event_gap_ms_p50'), '.1f')} / "
+               f"{fmt(r.get('event_gap_ms_p95'), '.1f')} ms" for engine, run in result["engines"].items()
+               for r in run["levels"] if r.get("event_gap_ms_p50") is not None]
+    if cadence:
+        lines += ["", "Stream cadence, time between two text events of a stream (p50 / p95): " + "; ".join(cadence)
+                  + "."]
     lines += ["", "## What the numbers say", "", one_client_line(result, one),
               concurrency_line(result, one, top)]
     if "vs_llamacpp" in sm:
@@ -547,6 +574,7 @@ def main() -> None:
         raise SystemExit("load: the report compares against Ligero's run; keep 'ligero' in --engines")
     from ligero.eval.profile import profile_prompts
     from ligero.io.checkpoint import load_tokenizer
+    from ligero.serve.engine import STREAM_INTERVAL_S
     from vs_llamacpp import source_gguf
 
     prompts, info = profile_prompts(200, seed=1)
@@ -556,7 +584,7 @@ def main() -> None:
     gguf = source_gguf(MODEL)
     settings = {"model": MODEL, "variant": VARIANT, "model_file": gguf.name, "seconds": args.seconds,
                 "max_tokens": args.max_tokens, "slots": args.slots, "prompt_tokens_mean": prompt_tokens,
-                "clients": args.clients, "kv_cache": KV_CACHE}
+                "clients": args.clients, "kv_cache": KV_CACHE, "stream_interval_ms": 1000 * STREAM_INTERVAL_S}
     if "llama.cpp" in engines:
         from llama_server import find_llama_server
 

@@ -105,3 +105,20 @@ def test_raw_speed_bracketing_ligeros_run_is_reported_and_a_drift_flagged():
 def test_the_committed_docs_hold_no_machine_paths():
     for name in ("serving.json", "serving.md"):
         assert str(ROOT) not in (ROOT / "docs" / name).read_text(), name
+
+
+def test_the_docs_state_the_stream_interval_and_each_engines_cadence(tmp_path):
+    load = load_benchmark()
+    ours, theirs = _level(1, 180.0, 50.0), _level(1, 150.0, 40.0)
+    ours.update(event_gap_ms_p50=17.5, event_gap_ms_p95=21.0)
+    theirs.update(event_gap_ms_p50=6.5, event_gap_ms_p95=8.0)
+    result = {"machine": {"cpu": "test cpu", "cores": 2, "torch": "2.13.0", "commit": "abc1234"},
+              "settings": {"model_file": "model.gguf", "slots": 8, "seconds": 30, "max_tokens": 128,
+                           "prompt_tokens_mean": 37.0, "stream_interval_ms": 16.0},
+              "raw_decode_tok_s": 200.0,
+              "engines": {"ligero": {"levels": [ours], "foreign_cpu_share": 0.01},
+                          "llama.cpp": {"levels": [theirs], "foreign_cpu_share": 0.02}}}
+    load.write_docs(result, tmp_path)
+    text = (tmp_path / "serving.md").read_text()
+    assert "at most every 16 ms (`--stream-interval`'s default" in text
+    assert "ligero 1 client(s) 17.5 / 21.0 ms; llama.cpp 1 client(s) 6.5 / 8.0 ms" in text

@@ -613,7 +613,7 @@ def _add_serve_command(sub) -> None:
                    help="requests that may wait for a free row; more are answered 429 (default 64)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=128,
                    help="prompt tokens fed between two decode steps while other requests decode (default 128)")
-    p.add_argument("--stream-interval", type=float, default=16.0, metavar="MS",
+    p.add_argument("--stream-interval", type=float, default=None, metavar="MS",
                    help="hand a stream's tokens to its client at most every MS milliseconds (default 16, one frame "
                         "at 60 Hz; the first token and the end go at once; 0: every token)")
     p.add_argument("--kv-cache", choices=("auto", "f16", "f32"), default="auto",

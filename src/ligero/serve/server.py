@@ -50,7 +50,7 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
                  body_timeout_s: float = BODY_TIMEOUT_S, watermark_file: str | None = None,
                  vision: bool = False, vision_adapter: str | None = None, max_waiting: int = 64,
                  prefill_chunk: int = 128, kv_cache: str = "auto",
-                 stream_interval_ms: float = STREAM_INTERVAL_S * 1000) -> ServerConfig:
+                 stream_interval_ms: float | None = None) -> ServerConfig:
     """Everything `ligero serve` needs; every input is checked before any model is loaded. With a card, requests
     that leave out temperature, top_p or max_tokens get the card's reference-profile settings. With a watermark
     key file, every response is marked with that key (the secret stays in this process; records name the key id).
@@ -67,6 +67,8 @@ def build_config(model_id: str, variants: list[str], split: list[float] | None =
     defaults = RequestDefaults.from_card(card_data, str(card)) if card_data is not None else RequestDefaults()
     if not body_timeout_s > 0:
         raise LigeroError(f"--body-timeout must be a number of seconds > 0, got {body_timeout_s}")
+    if stream_interval_ms is None:
+        stream_interval_ms = STREAM_INTERVAL_S * 1000
     if not 0 <= stream_interval_ms <= 1000:
         raise LigeroError(f"--stream-interval must be between 0 and 1000 ms, got {stream_interval_ms:g}")
     engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, kv_cache=kv_cache,

@@ -220,3 +220,25 @@ def test_greedy_pick_is_argmax_and_the_models_log_prob(compiled_kernels, monkeyp
         torch.testing.assert_close(torch.tensor(log_probs, dtype=torch.float64), expected, rtol=1e-5, atol=1e-5)
     same, _ = greedy_pick(logits, logits)
     assert same == logits.argmax(-1).tolist()
+
+
+def test_one_prompt_is_prefilled_natively_in_chunks_as_a_served_row_is(tiny_pair, monkeypatch):
+    """A lone prompt goes through Transformer.prefill_row chunk by chunk (as ContinuousBatch prefills its rows, so a
+    request decodes the same alone and served); logits and tokens match the layer-by-layer prefill. Models with
+    sliding-window layers decline and take the layers."""
+    _, model, _ = tiny_pair
+    prompt = list(range(3, 23))
+    monkeypatch.setattr(generate, "batch_token_budget", lambda cfg: 8)  # chunks of 8, 8 and 4 positions
+    calls = []
+    real = model.prefill_row
+    monkeypatch.setattr(model, "prefill_row", lambda cache, row, ids, start, embeds=None: calls.append(
+        (start, len(ids))) or real(cache, row, ids, start, embeds))
+    native = BatchGeneration(model, [prompt], 6)
+    monkeypatch.setenv("LIGERO_DECODE_STEP", "layers")  # no native plan: the layers
+    layers = BatchGeneration(model, [prompt], 6)
+    if model.cfg.sliding_window:
+        assert calls[0] == (0, 8)  # asked once, declined
+    else:
+        assert calls[:3] == [(0, 8), (8, 8), (16, 4)]
+    torch.testing.assert_close(native.logits, layers.logits, rtol=1e-4, atol=1e-4)
+    assert _run(native).tokens == _run(layers).tokens

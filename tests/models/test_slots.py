@@ -206,3 +206,27 @@ def test_a_freed_row_lends_its_prompt_prefix_to_the_next_request(tiny_pair):
     while batch.reasons[0] is None:
         tokens += [t for _, t, _ in batch.step()]
     assert tokens == _alone(model, again)[0]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_a_prompt_chunk_through_the_native_step_equals_the_layers(tiny_pair, kv_dtype):
+    """Transformer.prefill_row: a chunk's tokens as the native step's rows, all on one cache row, each masked to its
+    own past. Same last logits and same keys, values and positions as the layer-by-layer prefill, chunk after chunk,
+    in a middle row (the other rows untouched); a model with sliding-window layers declines (None)."""
+    _, model, _ = tiny_pair
+    prompt = _prompt(5, 20)
+    native, layers = (SlotKVCache(model.cfg, 3, 32, dtype=kv_dtype) for _ in range(2))
+    with torch.inference_mode():
+        got = [model.prefill_row(native, 1, prompt[a:b], a) for a, b in ((0, 12), (12, 20))]
+        want = [model(torch.tensor([prompt[a:b]]), torch.arange(a, b)[None], kv_cache=layers.row(1, a),
+                      last_only=True)[0, -1] for a, b in ((0, 12), (12, 20))]
+    if model.cfg.sliding_window:
+        assert got == [None, None]
+        return
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    for kind in native.pos:
+        assert torch.equal(native.pos[kind], layers.pos[kind])
+    for a, b in zip(native.k + native.v, layers.k + layers.v):
+        torch.testing.assert_close(a[:, :, :20], b[:, :, :20], atol=1e-5, rtol=1e-3)
+        assert not a[0].any() and not a[2].any()  # rows 0 and 2: nothing written

@@ -3115,9 +3115,11 @@ class DecodeStep {
 
   // x: [B, C] embedded tokens -> [B, C] after every layer. cos/sin: [B, D] per kind; mask: [B, 1, 1, S]
   // bool over the cache as it is after this step's write; slots: [B] int64, where each row writes.
+  // cache_row >= 0: every row of x is a token of that one cache row (a prompt chunk: B queries at consecutive
+  // positions, all written before any attends, each mask hiding the later ones); -1: row b is cache row b.
   torch::Tensor run(torch::Tensor x, torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor mask_g,
                     torch::Tensor slots_g, torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor mask_l,
-                    torch::Tensor slots_l) {
+                    torch::Tensor slots_l, int64_t cache_row = -1) {
     TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "DecodeStep.run: x must be [B, C] fp32");
     x = x.contiguous().clone();
     cos_g = cos_g.contiguous(); sin_g = sin_g.contiguous(); cos_l = cos_l.contiguous(); sin_l = sin_l.contiguous();
@@ -3128,17 +3130,18 @@ class DecodeStep {
     const StepInputs local{cos_l.data_ptr<float>(), sin_l.data_ptr<float>(), mask_l, slots_l.data_ptr<int64_t>()};
     for (const auto& layer : layers_) {  // a slot outside the cache would write past it
       const int64_t n = layer.k_cache.size(2);
-      TORCH_CHECK(layer.k_cache.size(0) == x.size(0), "DecodeStep.run: the cache has another number of rows");
+      TORCH_CHECK(cache_row >= 0 ? cache_row < layer.k_cache.size(0) : layer.k_cache.size(0) == x.size(0),
+                  "DecodeStep.run: the cache has another number of rows (or no row cache_row)");
       const int64_t* sl = layer.local ? local.slot : global.slot;
       for (int64_t b = 0; b < x.size(0); ++b) TORCH_CHECK(sl[b] >= 0 && sl[b] < n, "DecodeStep.run: slot out of range");
     }
     // Scratch reused by every layer: the normalized input and attention's output (no allocation per layer)
     Scratch scratch{torch::empty_like(x), torch::empty({x.size(0), H_ * D_}, x.options())};
     if (python_calls_) {  // a projection runs in Python: keep the GIL
-      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global, scratch);
+      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global, scratch, cache_row);
     } else {  // all native: other Python threads (a server's event loop) run meanwhile
       py::gil_scoped_release no_gil;
-      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global, scratch);
+      for (const auto& layer : layers_) layer_step(layer, x, layer.local ? local : global, scratch, cache_row);
     }
     return x;
   }
@@ -3167,7 +3170,8 @@ class DecodeStep {
     for (int64_t r = 0; r < rows; ++r) rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps_, (float)offset_);
   }
 
-  void layer_step(const NativeLayer& L, torch::Tensor& x, const StepInputs& in, Scratch& scratch) const {
+  void layer_step(const NativeLayer& L, torch::Tensor& x, const StepInputs& in, Scratch& scratch,
+                  int64_t cache_row) const {
     const int64_t B = x.size(0), H = H_, K = K_, D = D_, W = H + 2 * K;
     // --- attention ---
     norm_rows(x, L.attn_norm, scratch.normed);
@@ -3189,7 +3193,7 @@ class DecodeStep {
     const bool half = L.k_cache.dtype() == torch::kFloat16;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < K; ++g) {
-        const int64_t at = ((b * K + g) * N + in.slot[b]) * D;
+        const int64_t at = (((cache_row >= 0 ? cache_row : b) * K + g) * N + in.slot[b]) * D;
         const float* kr = qp + (b * W + H + g) * D;
         const float* vr = qp + (b * W + H + K + g) * D;
         if (half) {
@@ -3206,8 +3210,12 @@ class DecodeStep {
       }
     // attention straight from the qkv buffer and the cache: q [B, H, 1, D] rows of qkv, keys [B, K, S, D]
     const int64_t S = in.mask.size(3);
-    const AttendArgs args{qp, W * D, D, 0, L.k_cache.data_ptr(), K * N * D, N * D, D, L.v_cache.data_ptr(),
-                          K * N * D, N * D, D, in.mask.data_ptr<bool>(), S, S, 1, scratch.attn.data_ptr<float>(),
+    // one cache row for every query (a prompt chunk): its keys at row stride 0
+    const int64_t row0 = cache_row >= 0 ? cache_row * K * N * D * L.k_cache.element_size() : 0;
+    const int64_t rs = cache_row >= 0 ? 0 : K * N * D;
+    const AttendArgs args{qp, W * D, D, 0, static_cast<const char*>(L.k_cache.data_ptr()) + row0, rs, N * D, D,
+                          static_cast<const char*>(L.v_cache.data_ptr()) + row0, rs, N * D, D,
+                          in.mask.data_ptr<bool>(), S, S, 1, scratch.attn.data_ptr<float>(),
                           B, H, 1, D, K, S, (float)scale_, half};
     timed(attention_s_, [&] {
       attend_core(args);
@@ -3294,7 +3302,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }));
   py::class_<DecodeStep>(m, "DecodeStep", py::module_local(), "every decoder layer of a decode step in one native call")
       .def(py::init<std::vector<NativeLayer>, int64_t, int64_t, int64_t, double, double, double, bool>())
-      .def("run", &DecodeStep::run)
+      .def("run", &DecodeStep::run, py::arg("x"), py::arg("cos_g"), py::arg("sin_g"), py::arg("mask_g"),
+           py::arg("slots_g"), py::arg("cos_l"), py::arg("sin_l"), py::arg("mask_l"), py::arg("slots_l"),
+           py::arg("cache_row") = -1)
       .def("set_profiling", &DecodeStep::set_profiling)
       .def("timings", &DecodeStep::timings, "(seconds in projections, seconds in attention) while profiling")
       .def("reset_timings", &DecodeStep::reset_timings);

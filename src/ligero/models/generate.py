@@ -35,7 +35,20 @@ def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, c
     embeddings (image features spliced into the text)."""
     B, T = tokens.shape
     chunk = max(1, batch_token_budget(model.cfg) // B)
-    for start in range(0, T, chunk):
+    done = 0  # positions already in the cache
+    if B == 1 and getattr(cache, "length", None) == 0 and int(positions[0, 0]) == 0:
+        # One prompt: each chunk in one native call where the model allows (Transformer.prefill_row), as a
+        # continuous batch prefills its rows, so a request decodes the same alone or served.
+        ids = tokens[0].tolist()
+        while done < T:
+            part = None if embeds is None else embeds[0, done : done + chunk]
+            last = model.prefill_row(cache, 0, ids[done : done + chunk], done, part)
+            if last is None:  # declined: the layers take it from here
+                break
+            done = min(T, done + chunk)
+            if done == T:
+                return last[None]
+    for start in range(done, T, chunk):
         part = None if embeds is None else embeds[:, start : start + chunk]
         logits = model(tokens[:, start : start + chunk], positions[:, start : start + chunk], kv_cache=cache,
                        last_only=True, embeds=part)

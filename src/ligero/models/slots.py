@@ -151,6 +151,17 @@ class SlotKVCache(KVCacheBase):
             slots[LOCAL] = torch.zeros_like(p)
         return CacheStep(keys, slice(0, keys[GLOBAL].shape[1]), row_slots=slots)
 
+    def begin_chunk(self, row: int, start: int, n: int) -> CacheStep:
+        """Positions start..start+n-1 of row `row` written at once (a prompt chunk through the native step, whose
+        rows are the chunk's tokens): each token's key positions [n, S] and slot [n]. Global layers only."""
+        end = start + n
+        if end > self.capacity:
+            raise LigeroError(f"a row reaches position {end - 1} but the cache holds {self.capacity}; grow it first")
+        p = torch.arange(start, end, device=self.device)
+        self.pos[GLOBAL][row, start:end] = p
+        keys = self.pos[GLOBAL][row : row + 1, :end].expand(n, end)
+        return CacheStep({GLOBAL: keys}, slice(start, end), row_slots={GLOBAL: p})
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep):
         kind = self.cfg.layer_types[layer]
         kc, vc = self.k[layer], self.v[layer]
@@ -319,15 +330,18 @@ class ContinuousBatch:
             while state.prefilled < len(prompt) and left > 0:
                 start = state.prefilled
                 end = int(min(len(prompt), start + chunk_cap, start + left))
-                tokens = torch.tensor([prompt[start:end]], device=self.logits.device)
-                positions = torch.arange(start, end, device=self.logits.device)[None]
                 embeds = state.request.embeds
-                part = None if embeds is None else embeds[None, start:end].to(self.model.device)
-                logits = self.model(tokens, positions, kv_cache=self.cache.row(i, start), last_only=True,
-                                    embeds=part)
+                last = self.model.prefill_row(self.cache, i, prompt[start:end], start,
+                                              None if embeds is None else embeds[start:end].to(self.model.device))
+                if last is None:  # layer by layer (Transformer.prefill_row says when)
+                    tokens = torch.tensor([prompt[start:end]], device=self.logits.device)
+                    positions = torch.arange(start, end, device=self.logits.device)[None]
+                    part = None if embeds is None else embeds[None, start:end].to(self.model.device)
+                    last = self.model(tokens, positions, kv_cache=self.cache.row(i, start), last_only=True,
+                                      embeds=part)[0, -1]
                 state.prefilled, left = end, left - (end - start)
                 if end == len(prompt):
-                    self.logits[i] = logits[0, -1]
+                    self.logits[i] = last
                     ready.append(i)
             if left <= 0:
                 break

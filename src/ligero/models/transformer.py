@@ -482,6 +482,34 @@ class Transformer(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def prefill_row(self, kv_cache, row: int, tokens: list[int], start: int,
+                    embeds: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A prompt chunk of one row of a SlotKVCache or of a one-row KVCache (positions start.. of row `row`) through
+        the native step: every
+        layer in one call, the chunk's tokens as the step's rows, all reading that one cache row, each masked to the
+        keys up to its own position. Returns the last token's logits [V], or None where the step cannot run natively
+        (sliding-window rings: a chunk's keys could overwrite ones its earlier tokens read; more tokens than the
+        kernels take; no native plan): the caller then runs the layers."""
+        n = len(tokens)
+        if n > PREFILL_NATIVE_TOKENS or LOCAL in self.cfg.layer_types or not hasattr(kv_cache, "begin_chunk") \
+                or getattr(kv_cache, "window", 0):  # a packed KV cache has no such step
+            return None
+        plan = native_decode_plan(self, kv_cache)
+        if plan is None:
+            return None
+        device = self.device
+        step = kv_cache.begin_chunk(row, start, n)  # [n, S] key positions, the chunk's slots
+        positions = torch.arange(start, start + n, device=device)[:, None]  # [n, 1]: one query per step row
+        x = (self.embed_tokens(torch.tensor([tokens], device=device)) if embeds is None
+             else embeds[None].to(self.dtype))[0]  # [n, C]
+        cos, sin = self.rope(GLOBAL, device)[:, positions[:, 0]]  # [n, D] each
+        mask = attention_mask(positions, step.key_positions[GLOBAL], None)  # [n, 1, 1, S]: causal within the chunk
+        empty = x[:, :0]
+        x = plan.run(x, cos, sin, mask, step.row_slots[GLOBAL], empty, empty, torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                     torch.zeros(n), cache_row=row)
+        kv_cache.commit(step)
+        return self.logits(self.norm(x[-1:]))[0]
+
     def _native_layers(self, plan, x: torch.Tensor, positions: torch.Tensor, kv_cache: "KVCache") -> torch.Tensor:
         """Every layer of a one-token step in one native call: x [B, 1, C] -> [B, 1, C]. Writes the step's keys
         and values into the cache and reads it back exactly as KVCache.update does."""
@@ -506,6 +534,9 @@ class Transformer(nn.Module):
 
 
 DECODE_STEP_MODES = ("native", "layers")
+# A prompt chunk through the native step (Transformer.prefill_row): the step's rows are the chunk's tokens; past this
+# many the layer-by-layer path (torch's attention over the chunk) is no slower and holds less scratch.
+PREFILL_NATIVE_TOKENS = 256
 
 
 def decode_step_mode() -> str:
@@ -692,6 +723,20 @@ class KVCache(KVCacheBase):
             else:
                 key_positions[LOCAL] = torch.cat([self.pos[LOCAL], positions], dim=1)
         return RollingCacheStep(key_positions, slice(start, start + T), local_slots=local_slots, local_src=local_src)
+
+    def begin_chunk(self, row: int, start: int, n: int) -> CacheStep:
+        """Positions start..start+n-1 of a one-row cache written at once (a prompt chunk through the native step,
+        whose rows are the chunk's tokens): each token's key positions [n, S] and slot [n]. Global layers only."""
+        first = self.length
+        if row != 0 or self.k[0].shape[0] != 1 or self.window:
+            raise LigeroError("KVCache.begin_chunk takes one-row caches without sliding-window layers")
+        if first + n > self.max_len:
+            raise LigeroError(f"generation needs {first + n} cache slots but the cache holds {self.max_len}; "
+                              "lower --max-new-tokens or shorten the prompt")
+        self.pos[GLOBAL][0, first : first + n] = torch.arange(start, start + n, device=self.pos[GLOBAL].device)
+        keys = self.pos[GLOBAL][:, : first + n].expand(n, first + n)
+        slots = torch.arange(first, first + n, device=keys.device)
+        return RollingCacheStep({GLOBAL: keys}, slice(first, first + n), row_slots={GLOBAL: slots})
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: RollingCacheStep):
         kc, vc = self.k[layer], self.v[layer]

@@ -261,6 +261,23 @@ def engine_alone_tok_s(model, rows: int, seconds: float, prompts: list[list[int]
 # Seconds per client level in a round: the top level's requests take ~3 s each at 16 rows, so its window is long
 # enough that its ramp-up (every row prefilling at once) and the tail past the deadline weigh little.
 PAIRS, PAIR_SECONDS, TOP_PAIR_SECONDS = 5, 10.0, 24.0
+# The one-client level of a round runs in this many slices with the raw speed measured before, between and after
+# them: the host's speed moves within seconds here, and raw runs close to each slice follow it.
+ONE_CLIENT_SLICES = 3
+
+
+def one_client_sliced(base: str, model, prompt_ids: list[int], prompts: list[str], max_tokens: int,
+                      eos_ids: list[int]) -> tuple[dict, list[float]]:
+    """The one-client level in ONE_CLIENT_SLICES slices (PAIR_SECONDS in all) with raw batch-1 runs around each:
+    (the level's tok/s over all slices and their ids, the raw speeds). Each slice starts further into the prompts,
+    so no slice repeats the prompts whose keys the row still holds."""
+    raws, tokens, seconds, ids = [raw_speed(model, prompt_ids, max_tokens, eos_ids)], 0.0, 0.0, []
+    for k in range(ONE_CLIENT_SLICES):
+        turn = prompts[11 * k:] + prompts[: 11 * k]
+        one = run_level(base, 1, PAIR_SECONDS / ONE_CLIENT_SLICES, turn, max_tokens, eos_ids)
+        tokens, seconds, ids = tokens + one["tokens_per_s"] * one["seconds"], seconds + one["seconds"], ids + one["ids"]
+        raws.append(raw_speed(model, prompt_ids, max_tokens, eos_ids))
+    return {"tokens_per_s": tokens / seconds if seconds else 0.0, "ids": ids}, raws
 
 
 def paired_ratios(base: str, args, prompts: list[str], eos_ids: list[int], prompt_ids: list[int]) -> dict:
@@ -277,10 +294,7 @@ def paired_ratios(base: str, args, prompts: list[str], eos_ids: list[int], promp
     for k in range(PAIRS):
         # Each round starts elsewhere in the prompts: the rows still hold recent prompts' keys (prefix reuse)
         turn = prompts[37 * (k + 1) % len(prompts):] + prompts[: 37 * (k + 1) % len(prompts)]
-        before = raw_speed(model, prompt_ids, args.max_tokens, eos_ids)
-        one = run_level(base, 1, PAIR_SECONDS, turn, args.max_tokens, eos_ids)
-        # raw just before and just after the one-client level: the host's drift between them cancels
-        bracket = [before, raw_speed(model, prompt_ids, args.max_tokens, eos_ids)]
+        one, bracket = one_client_sliced(base, model, prompt_ids, turn, args.max_tokens, eos_ids)
         raw = statistics.mean(bracket)
         many_prompts = turn[len(turn) // 2:] + turn[: len(turn) // 2]
         many = run_level(base, top, TOP_PAIR_SECONDS, many_prompts, args.max_tokens, eos_ids)
@@ -299,7 +313,8 @@ def paired_ratios(base: str, args, prompts: list[str], eos_ids: list[int], promp
         return statistics.median(values) if values else None
     out = {"pairs": rounds, "ratio_median": med("ratio"), "top_clients": top, "top_ratio_median": med("top_ratio"),
            "alone_vs_raw_median": med("alone_vs_raw"), "top_vs_alone_median": med("top_vs_alone"),
-           "seconds_per_pair": PAIR_SECONDS, "top_seconds_per_pair": TOP_PAIR_SECONDS, "ids": ids}
+           "seconds_per_pair": PAIR_SECONDS, "top_seconds_per_pair": TOP_PAIR_SECONDS,
+           "one_client_slices": ONE_CLIENT_SLICES, "ids": ids}
     if kept:
         alone = "" if out["alone_vs_raw_median"] is None or out["top_vs_alone_median"] is None else (
             f", engine alone at {args.slots} rows / raw {out['alone_vs_raw_median']:.2f}x, {top} clients / engine "
@@ -433,9 +448,11 @@ def one_client_line(result: dict, one: dict) -> str:
     ratios = sorted(p["ratio"] for p in pairs if p["ratio"] is not None)
     top_s = paired.get("top_seconds_per_pair", paired["seconds_per_pair"])
     top = f", then {paired['top_clients']} clients for {top_s:g} s" if "top_clients" in paired else ""
+    slices = paired.get("one_client_slices", 1)
     return (f"- **One client vs the engine alone:** {len(pairs)} rounds in turn after the levels above: the same "
-            f"variant decoded at batch 1 in-process (decode steps only, median of 2 runs) just before and just "
-            f"after one client used `ligero serve` for {paired['seconds_per_pair']:g} s (raw: their mean){top}; "
+            f"variant decoded at batch 1 in-process (decode steps only, median of 2 runs) before, between and after "
+            f"{slices} slices in which one client used `ligero serve` for {paired['seconds_per_pair']:g} s in all "
+            f"(raw: the mean of those runs){top}; "
             "each round's ratios cancel the host's drift "
             f"(raw speeds here ranged {min(p['raw_tok_s'] for p in pairs):.0f}-"
             f"{max(p['raw_tok_s'] for p in pairs):.0f} tok/s). One client gets **{100 * paired['ratio_median']:.0f} "

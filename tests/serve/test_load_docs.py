@@ -62,12 +62,13 @@ def test_the_ratios_are_the_medians_of_the_rounds_measured_in_turn(tmp_path):
                                      "foreign_cpu_share": 0.01,
                                      "one_client_vs_raw": {"pairs": pairs, "ratio_median": 0.85,
                                                            "top_clients": 16, "top_ratio_median": 4.3,
-                                                           "seconds_per_pair": 8.0}}}}
+                                                           "seconds_per_pair": 8.0, "one_client_slices": 3}}}}
     load.write_docs(result, tmp_path)
     summary = json.loads((tmp_path / "serving.json").read_text())["summary"]
     assert summary["one_client_vs_raw"] == pytest.approx(0.85) and summary["top_vs_one_client"] == pytest.approx(4.3)
     text = (tmp_path / "serving.md").read_text()  # the levels' own ratio (900 / 180 = 5x) is not the one stated
     assert "**85 %** of the raw speed" in text and "rounds 80, 85, 90 %" in text and "150-200 tok/s" in text
+    assert "before, between and after 3 slices in which one client used `ligero serve` for 8 s in all" in text
     assert "**4.30x** one client's throughput (median; rounds 4.20, 4.30, 4.50x)" in text
     assert "in the levels above, 900.0 against 180.0 tok/s = 5.00x" in text and "not reached" not in text
     # A round whose level got no tokens has no ratios: left out, nothing divides by zero

@@ -230,3 +230,24 @@ def test_a_prompt_chunk_through_the_native_step_equals_the_layers(tiny_pair, kv_
     for a, b in zip(native.k + native.v, layers.k + layers.v):
         torch.testing.assert_close(a[:, :, :20], b[:, :, :20], atol=1e-5, rtol=1e-3)
         assert not a[0].any() and not a[2].any()  # rows 0 and 2: nothing written
+
+
+@pytest.mark.parametrize("tiny_pair", ["llama"], indirect=True)
+def test_a_prefix_is_reused_only_from_rows_that_do_not_widen_the_step(tiny_pair):
+    """A step computes rows 0 up to the highest in use, so a lone request in row 3 would pay four rows per step for
+    its whole life to save one prefill: with no row busy a request takes row 0 even when row 3 holds its prefix;
+    with row 3 busy, row 2's prefix (inside the span) is reused."""
+    _, model, _ = tiny_pair
+    prompts = [_prompt(30 + k, 6) for k in range(4)]
+    for busy_top in (False, True):
+        batch = ContinuousBatch(model, 4)
+        rows = [batch.admit(RowRequest(p, 50 if busy_top and k == 3 else 1)) for k, p in enumerate(prompts)]
+        assert rows == [0, 1, 2, 3]
+        batch.prefill()
+        batch.step()
+        for row in rows[:3] if busy_top else rows:
+            batch.release(row)
+        if busy_top:  # row 3 decodes on: rows 0-2 are inside the step anyway
+            assert batch.admit(RowRequest(prompts[2] + [5], 2)) == 2 and batch.reused_tokens == len(prompts[2])
+        else:
+            assert batch.admit(RowRequest(prompts[3] + [5], 2)) == 0 and batch.reused_tokens == 0

@@ -13,8 +13,9 @@ the rows in use. Each row samples as `BatchGeneration` samples a row with its ow
 logit_bias, penalties, logits processor, top log-probs), so a request's tokens do not depend on its neighbours.
 
 Prefix reuse (as llama.cpp's slots reuse their last prompt): a freed row keeps its keys, and a new request goes to
-the free row whose last prompt shares the longest prefix with its own; those positions are not prefilled again (a
-chat template's system prompt, a repeated instruction). Not for prompts given as vectors (image features sit behind
+the free row whose last prompt shares the longest prefix with its own, among the rows that do not widen the decode
+pass (a step computes rows 0 up to the highest in use); those positions are not prefilled again (a chat template's
+system prompt, a repeated instruction). Not for prompts given as vectors (image features sit behind
 placeholder tokens that look alike), nor when a sliding-window ring has already overwritten part of the prefix.
 """
 
@@ -250,7 +251,8 @@ class ContinuousBatch:
         return self.rows[row].tokens
 
     def admit(self, request: RowRequest) -> int:
-        """Put a request in the lowest free row (its prompt waits for `prefill`); returns the row."""
+        """Put a request in a free row (its prompt waits for `prefill`): among those that do not widen the decode
+        pass, the one whose last prompt shares the longest prefix with it, else the lowest. Returns the row."""
         n = len(request.prompt)
         if n == 0:
             raise LigeroError("every prompt needs at least one token")
@@ -270,8 +272,12 @@ class ContinuousBatch:
         if need > self.cache.capacity:  # double, so a stream of growing requests reallocates rarely
             self.cache.grow(min(self.context, max(need, 2 * self.cache.capacity)))
         free = [i for i, r in enumerate(self.rows) if r is None]
-        reusable = {i: self._reusable(i, request) for i in free}
-        row = max(free, key=lambda i: (reusable[i], -i))  # the longest shared prefix, else the lowest row
+        # A step computes rows [0, highest in use]: a row above them widens every step of the request's life (the
+        # rows below ride along as padding), where reusing its prompt prefix saves one prefill. So only rows within
+        # the span that the lowest free row gives anyway may lend their prefix.
+        span = max([i + 1 for i, r in enumerate(self.rows) if r is not None] + [free[0] + 1])
+        reusable = {i: self._reusable(i, request) for i in free if i < span}
+        row = max(reusable, key=lambda i: (reusable[i], -i))  # the longest shared prefix, else the lowest row
         self.cache.reset(row, keep=reusable[row])
         self.reused_tokens += reusable[row]
         device = self.logits.device

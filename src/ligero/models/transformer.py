@@ -492,8 +492,8 @@ class Transformer(nn.Module):
         Why: the layers pay ~10 ms of per-op overhead per chunk on SmolLM2-135M (30 layers), most of a short prompt's
         prefill (37 tokens: 29 -> 20 ms natively)."""
         n = len(tokens)
-        if n > PREFILL_NATIVE_TOKENS or LOCAL in self.cfg.layer_types or not hasattr(kv_cache, "begin_chunk") \
-                or getattr(kv_cache, "window", 0):  # a packed KV cache has no such step
+        # (a cache's ring exists only with LOCAL layers; a packed KV cache has no begin_chunk)
+        if n > PREFILL_NATIVE_TOKENS or LOCAL in self.cfg.layer_types or not hasattr(kv_cache, "begin_chunk"):
             return None
         plan = native_decode_plan(self, kv_cache)
         if plan is None:
@@ -505,9 +505,7 @@ class Transformer(nn.Module):
              else embeds[None].to(self.dtype))[0]  # [n, C]
         cos, sin = self.rope(GLOBAL, device)[:, positions[:, 0]]  # [n, D] each
         mask = attention_mask(positions, step.key_positions[GLOBAL], None)  # [n, 1, 1, S]: causal within the chunk
-        empty = x[:, :0]
-        x = plan.run(x, cos, sin, mask, step.row_slots[GLOBAL], empty, empty, torch.ones(1, 1, 1, 1, dtype=torch.bool),
-                     torch.zeros(n), cache_row=row)
+        x = plan.run(x, cos, sin, mask, step.row_slots[GLOBAL], *_absent_kind(x), cache_row=row)
         kv_cache.commit(step)
         return self.logits(self.norm(x[-1:]))[0]
 
@@ -520,7 +518,7 @@ class Transformer(nn.Module):
         B, args = positions.shape[0], []
         for kind in (GLOBAL, LOCAL):
             if kind not in kinds:
-                args += [x[:, 0, :0], x[:, 0, :0], torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.zeros(B)]
+                args += _absent_kind(x[:, 0])
                 continue
             cos, sin = self.rope(kind, positions.device)[:, rope_pos]  # [B, D] each
             if step.row_slots is not None:  # rows at their own positions (SlotKVCache)
@@ -532,6 +530,11 @@ class Transformer(nn.Module):
         x = plan.run(x[:, 0], *args)[:, None]
         kv_cache.commit(step)
         return x
+
+
+def _absent_kind(x: torch.Tensor) -> list[torch.Tensor]:
+    """The native step's RoPE, mask and slot arguments for a layer kind the model does not have (x: [B, C])."""
+    return [x[:, :0], x[:, :0], torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.zeros(x.shape[0])]
 
 
 DECODE_STEP_MODES = ("native", "layers")

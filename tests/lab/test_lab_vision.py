@@ -106,3 +106,23 @@ def test_answers_are_compared_as_vqa_does():
     assert normalise(" The Sales  ") == "sales" and normalise("Apples!") == "apples"
     assert normalise("They are triangles.") != normalise("triangle")
     assert wordy("They are all triangles.", "triangle") and not wordy("A triangle.", "triangle")
+
+
+def test_a_chart_caption_names_its_highest_bar():
+    """Stage 1 learns captions with the language model frozen: the caption names the highest bar, so the projector
+    has to carry it, and it is the answer the highest-bar question expects."""
+    for s in make_split("charts", "train", 12, seed=4):
+        highest = next(q.answer for q in s.qa if q.kind == "chart_highest")
+        pairs = dict(p.rsplit(" ", 1) for p in s.caption.split(": ", 1)[1].split(". Highest")[0].split(", "))
+        assert s.caption.endswith(f"Highest: {highest}.") and max(pairs, key=lambda k: int(pairs[k])) == highest
+
+
+def test_an_unknown_training_precision_is_refused_before_training(tmp_path):
+    import dataclasses
+
+    from ligero.errors import LigeroError
+    from ligero.lab.vision import lab_vision
+
+    with pytest.raises(LigeroError, match="bf16 or fp32, not 'fp8'"):
+        lab_vision(True, tmp_path / "runs", plan=dataclasses.replace(QUICK, precision="fp8"))
+    assert not (tmp_path / "runs" / "stage1.pt").exists()

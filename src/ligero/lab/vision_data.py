@@ -126,7 +126,9 @@ def chart(rng: random.Random) -> Sample:
           QA("chart_value", f"What is the value of {labels[pick]}?", str(values[pick]), len(VALUES)),
           QA("chart_title", "What is the title of the chart?", title, len(CHART_TITLES))]
     pairs = ", ".join(f"{lab} {v}" for lab, v in zip(labels, values))
-    caption = f"A {kind} chart titled {title}: {pairs}."
+    # The caption names the highest bar too: stage 1 (projector alone, the language model frozen) then has to carry
+    # which bar is highest into the image tokens, not only the labels and values in order.
+    caption = f"A {kind} chart titled {title}: {pairs}. Highest: {top}."
     return Sample("charts", image, caption, f"chart|{kind}|{title}|{pairs}", qa)
 
 

@@ -126,3 +126,21 @@ def test_an_unknown_training_precision_is_refused_before_training(tmp_path):
     with pytest.raises(LigeroError, match="bf16 or fp32, not 'fp8'"):
         lab_vision(True, tmp_path / "runs", plan=dataclasses.replace(QUICK, precision="fp8"))
     assert not (tmp_path / "runs" / "stage1.pt").exists()
+
+
+def test_the_findings_name_questions_not_clearly_above_chance():
+    """A question the prior always gets wrong (0 % text only) beats it significantly at chance level: the findings
+    also name what the interval does not lift above chance."""
+    from ligero.lab.vision import _findings
+
+    def row(acc, ci, chance, text_only=0.0, p=1e-3):
+        return {"accuracy": acc, "ci95": ci, "chance": chance, "text_only": text_only, "p_holm": p, "n": 100}
+
+    acc = {"doc_field": row(0.12, [0.07, 0.198], 0.113), "chart_value": row(0.19, [0.125, 0.278], 0.111),
+           "scene_shape": row(1.0, [0.963, 1.0], 1 / 3)}
+    text = "\n".join(_findings({"accuracy": acc}))
+    assert "Not clearly above chance (the 95 % interval reaches down to chance or below): a field's value on a form " \
+           "(12.0 % [7.0, 19.8], chance 11.3 %)." in text
+    assert "value of a labelled bar" not in text.split("Not clearly")[1]
+    assert "interval reaches down to chance or below): none." in "\n".join(_findings({"accuracy": {
+        "scene_shape": acc["scene_shape"]}}))

@@ -653,8 +653,8 @@ HIGHEST_TARGET = 0.8  # issue 16's bar for "which bar is highest"
 
 
 def _findings(results: dict) -> list[str]:
-    """What the tables say, computed from them: the chart target, where the image does not help, and how the
-    quantized variants fail."""
+    """What the tables say, computed from them: the chart target, where the image does not help, what is not clearly
+    above chance, and how the quantized variants fail."""
     acc, examples_ = results["accuracy"], results.get("examples", [])
     lines = ["", "## What the numbers say", ""]
     if "chart_highest" in acc:
@@ -673,6 +673,11 @@ def _findings(results: dict) -> list[str]:
             if r.get("p_holm", 1.0) >= 0.05 or r["accuracy"] <= r["text_only"]]
     lines.append("- The image does not beat the text-only answer at a Holm-corrected 5 % on: "
                  + (", ".join(weak) if weak else "none") + ".")
+    # Beating a blind answer is not reading: a question the prior gets wrong (0 % text only) can beat it at chance
+    near_chance = [f"{QUESTION_NAMES.get(k, k)} ({_pct(r['accuracy'])} {_ci(r['ci95'])}, chance {_pct(r['chance'])})"
+                   for k, r in acc.items() if r["ci95"][0] <= r["chance"]]
+    lines.append("- Not clearly above chance (the 95 % interval reaches down to chance or below): "
+                 + (", ".join(near_chance) if near_chance else "none") + ".")
     if examples_:
         full = sum(wordy(e["with_image"], e["answer"]) for e in examples_) / len(examples_)
         parts = [f"full precision {full:.0%}"]

@@ -450,6 +450,14 @@ def build_data(plan: Plan, log, held_out_only: bool = False) -> tuple[list[Sampl
     return train, held
 
 
+def check_plan(plan: Plan) -> None:
+    """An unknown quantization scheme or training precision fails now, not after an hour of training."""
+    for scheme in plan.quant_schemes:
+        scheme_recipe(scheme)
+    if plan.precision not in PRECISIONS:
+        raise LigeroError(f"the vision lab trains in {' or '.join(PRECISIONS)}, not {plan.precision!r}")
+
+
 def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, ship: str | Path | None = None,
                log=print, plan: Plan | None = None) -> dict:
     """Train both stages (or reuse them), evaluate, write results.json, the adapter and (with docs) the doc."""
@@ -457,10 +465,7 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
-    for scheme in plan.quant_schemes:
-        scheme_recipe(scheme)  # an unknown scheme fails now, not after an hour of training
-    if plan.precision not in PRECISIONS:
-        raise LigeroError(f"the vision lab trains in {' or '.join(PRECISIONS)}, not {plan.precision!r}")
+    check_plan(plan)
     # The training stages depend on every field but the evaluated variants: those may change between invocations.
     training = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(plan))).items() if k != "quant_schemes"}
     if plan_file.exists() and {k: v for k, v in json.loads(plan_file.read_text()).items()

@@ -524,6 +524,9 @@ def write_docs(result: dict, docs: Path) -> None:
     m, s, sm = result["machine"], result["settings"], result["summary"]
     fmt = lambda v, spec=".0f": "–" if v is None else format(v, spec)  # noqa: E731
     shares = ", ".join(f"{e} {100 * r['foreign_cpu_share']:.1f} %" for e, r in result["engines"].items())
+    per = s.get("rows_per_interval")  # runs before the interval grew with the rows have none
+    grows = (f" while up to {per} rows decode, longer in proportion beyond (16 rows: "
+             f"{s['stream_interval_ms'] * max(1, 16 / per):g} ms)" if per else "")
     lines = [
         "# Serving under load: `ligero serve` vs llama.cpp's server", "",
         f"`python benchmarks/load.py`: {s['model_file']} served as stored by both engines on loopback, each with "
@@ -534,8 +537,9 @@ def write_docs(result: dict, docs: Path) -> None:
         f"per level: greedy, exactly {s['max_tokens']} new tokens (end-of-text tokens biased -100 on both), prompts "
         f"of {s['prompt_tokens_mean']:.0f} tokens on average. Ligero runs with its default guardrails (the toxicity "
         "filter releases text word by word)"
-        + (f", hands a stream's tokens to its client at most every {s['stream_interval_ms']:g} ms (`--stream-interval`"
-           "'s default; the first token and the end at once)" if s.get("stream_interval_ms") else "")
+        + (f", hands a stream's tokens to its client at most every {s['stream_interval_ms']:g} ms{grows} "
+           "(`--stream-interval`'s default; the first token and the end at once)"
+           if s.get("stream_interval_ms") else "")
         + " and commits every record to SQLite before the stream's final chunk.", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}, llama.cpp "
         f"{s.get('llamacpp_version', '–')}; other processes' share of the CPU during each engine's run: {shares}.",
@@ -599,7 +603,7 @@ def main() -> None:
         raise SystemExit("load: the report compares against Ligero's run; keep 'ligero' in --engines")
     from ligero.eval.profile import profile_prompts
     from ligero.io.checkpoint import load_tokenizer
-    from ligero.serve.engine import STREAM_INTERVAL_S
+    from ligero.serve.engine import ROWS_PER_INTERVAL, STREAM_INTERVAL_S
     from vs_llamacpp import source_gguf
 
     prompts, info = profile_prompts(200, seed=1)
@@ -609,7 +613,8 @@ def main() -> None:
     gguf = source_gguf(MODEL)
     settings = {"model": MODEL, "variant": VARIANT, "model_file": gguf.name, "seconds": args.seconds,
                 "max_tokens": args.max_tokens, "slots": args.slots, "prompt_tokens_mean": prompt_tokens,
-                "clients": args.clients, "kv_cache": KV_CACHE, "stream_interval_ms": 1000 * STREAM_INTERVAL_S}
+                "clients": args.clients, "kv_cache": KV_CACHE, "stream_interval_ms": 1000 * STREAM_INTERVAL_S,
+                "rows_per_interval": ROWS_PER_INTERVAL}
     if "llama.cpp" in engines:
         from llama_server import find_llama_server
 

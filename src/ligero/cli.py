@@ -614,8 +614,9 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--prefill-chunk", type=_positive_int, default=128,
                    help="prompt tokens fed between two decode steps while other requests decode (default 128)")
     p.add_argument("--stream-interval", type=float, default=None, metavar="MS",
-                   help="hand a stream's tokens to its client at most every MS milliseconds (default 16, one frame "
-                        "at 60 Hz; the first token and the end go at once; 0: every token)")
+                   help="hand a stream's tokens to its client at most every MS milliseconds while up to 4 rows "
+                        "decode, in proportion longer beyond (default 16, one frame at 60 Hz; 16 rows: 64; the first "
+                        "token and the end go at once; 0: every token)")
     p.add_argument("--kv-cache", choices=("auto", "f16", "f32"), default="auto",
                    help="how continuous batching stores keys and values (packed KV caches keep their format). "
                         "auto (default): f16 on CPU with the native kernels, as llama.cpp (half the memory and half "

@@ -130,3 +130,7 @@ def test_the_docs_state_the_stream_interval_and_each_engines_cadence(tmp_path):
     text = (tmp_path / "serving.md").read_text()
     assert "at most every 16 ms (`--stream-interval`'s default" in text
     assert "ligero 1 client(s) 17.5 / 21.0 ms; llama.cpp 1 client(s) 6.5 / 8.0 ms" in text
+    result["settings"]["rows_per_interval"] = 4  # runs since the interval grows with the rows say so
+    load.write_docs(result, tmp_path)
+    text = (tmp_path / "serving.md").read_text()
+    assert "at most every 16 ms while up to 4 rows decode, longer in proportion beyond (16 rows: 64 ms)" in text

@@ -749,15 +749,24 @@ inline void pack_tile_x8(const SplitX* sx, int mt, int64_t n_blocks, int shift, 
 }
 
 // The tiles of for_each_tile (8 rows each, the last one shorter), packed once per call for every worker; tiles of
-// fewer than 4 rows stay unpacked (the 256-bit kernels that take them read SplitX).
-inline const TileX8* pack_tiles_x8(const SplitX* sx, int64_t M, int64_t n_blocks, int shift) {
+// fewer than 4 rows stay unpacked (the 256-bit kernels that take them read SplitX). `row(m)` first fills sx[m]
+// (quantize_x8): rounding and packing run tile by tile over the cores in one parallel pass (a decode step's 16
+// rows are two tiles; rounded in chunks of 16 rows and packed on the calling thread, both ran on one core while
+// the other waited: ~3 % of the 16-row step's CPU samples).
+template <typename Row>
+inline const TileX8* pack_tiles_x8(SplitX* sx, int64_t M, int64_t n_blocks, int shift, Row&& row) {
   thread_local std::vector<TileX8> tiles;
   tiles.resize((M + 7) / 8);
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int mt = (int)std::min<int64_t>(8, M - m0);
-    if (mt >= 4) pack_tile_x8(sx + m0, mt, n_blocks, shift, tiles[m0 / 8]);
-  }
-  return tiles.data();
+  TileX8* t = tiles.data();  // the calling thread's tiles: the workers write through this pointer
+  at::parallel_for(0, (M + 7) / 8, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t m0 = 8 * i;
+      const int mt = (int)std::min<int64_t>(8, M - m0);
+      for (int64_t m = m0; m < m0 + mt; ++m) row(m);
+      if (mt >= 4) pack_tile_x8(sx + m0, mt, n_blocks, shift, t[i]);
+    }
+  });
+  return t;
 }
 
 // One block of two bundles against a tile's MT rows, rows interleaved: the 8 vpdpbusd of a row form a chain of
@@ -1470,11 +1479,12 @@ torch::Tensor linear_int8_x8(torch::Tensor x, torch::Tensor codes, torch::Tensor
   thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
   sx_buffers.resize(M);
   SplitX* sx = sx_buffers.data();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+#ifdef LIGERO_VNNI
+  const TileX8* tiles = pack_tiles_x8(sx, M, in / 32, 7, [&](int64_t m) { quantize_x8(xp + m * in, in, sx[m]); });
+#else
+  at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) quantize_x8(xp + m * in, in, sx[m]);
   });
-#ifdef LIGERO_VNNI
-  const TileX8* tiles = pack_tiles_x8(sx, M, in / 32, 7);
 #endif
   at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
     for_each_row_block(b, e, kBundle * in, M, [&](int64_t rb, int64_t re) {
@@ -1526,17 +1536,19 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
   sx_buffers.resize(M);
   SplitX* sx = sx_buffers.data();  // the workers read the calling thread's buffers through this pointer
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {  // one row each: prefill has hundreds
-    for (int64_t m = b; m < e; ++m) {
-      if (act_int8_blocks)
-        quantize_x8(xp + m * in, in, sx[m]);
-      else
-        split_x(xp + m * in, in, sx[m]);
-    }
-  });
+  const auto prepare = [&](int64_t m) {
+    if (act_int8_blocks)
+      quantize_x8(xp + m * in, in, sx[m]);
+    else
+      split_x(xp + m * in, in, sx[m]);
+  };
 #ifdef LIGERO_VNNI
-  const TileX8* tiles = act_int8_blocks ? pack_tiles_x8(sx, M, in / 32, 3) : nullptr;
+  const TileX8* tiles = act_int8_blocks ? pack_tiles_x8(sx, M, in / 32, 3, prepare) : nullptr;
+  if (!act_int8_blocks)
 #endif
+    at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {  // 8 rows a chunk: a 16-row step on both cores
+      for (int64_t m = b; m < e; ++m) prepare(m);
+    });
   at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
     // One bundle's unpacking serves a whole tile of activation rows.
     for_each_row_block(b, e, kBundle * in / 2, M, [&](int64_t rb, int64_t re) {
@@ -3066,12 +3078,31 @@ struct Scratch {
   torch::Tensor attn;    // [B, H * D]
 };
 
+// The step's per-row work (norms, RoPE, the cache write, the MLP's activation, the residuals) split over the cores
+// from 5 rows up. On the calling thread alone it kept the other core waiting: at 16 rows ~4 % of the step's CPU
+// samples, each core's share of them run twice as long as it needs. Chunks of whole rows: each row's arithmetic is
+// the same whichever core runs it.
+template <typename F>
+inline void over_row_chunks(int64_t B, F&& f) {
+  at::parallel_for(0, B, 4, f);
+}
+
+template <typename F>
+inline void over_rows(int64_t B, F&& f) {
+  over_row_chunks(B, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) f(r);
+  });
+}
+
 inline void add_rows(torch::Tensor& x, const torch::Tensor& h_in) {  // x += h, as torch adds (one rounding each)
   const auto h = h_in.contiguous();
   TORCH_CHECK(h.numel() == x.numel(), "DecodeStep: a projection returned the wrong shape");
   float* xp = x.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) xp[i] += hp[i];
+  const int64_t C = x.size(-1);
+  over_rows(x.numel() / C, [&](int64_t r) {
+    for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] += hp[i];
+  });
 }
 
 struct StepInputs {  // one layer kind's share of a step (RoPE rows, the mask over the cache after the write)
@@ -3167,7 +3198,7 @@ class DecodeStep {
     const float* xp = x.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps_, (float)offset_);
+    over_rows(rows, [&](int64_t r) { rms_row(xp + r * dim, wp, yp + r * dim, dim, (float)eps_, (float)offset_); });
   }
 
   void layer_step(const NativeLayer& L, torch::Tensor& x, const StepInputs& in, Scratch& scratch,
@@ -3178,7 +3209,9 @@ class DecodeStep {
     auto qkv = timed(linear_s_, [&] { return L.qkv(scratch.normed); }).contiguous();  // [B, (H + 2K) D]
     TORCH_CHECK(qkv.size(1) == W * D, "DecodeStep: the qkv projection's width does not match the heads");
     float* qp = qkv.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
+    const int64_t N = L.k_cache.size(2);
+    const bool half = L.k_cache.dtype() == torch::kFloat16;
+    over_rows(B, [&](int64_t b) {
       float* row = qp + b * W * D;
       if (L.q_norm) {  // Gemma 3: RMSNorm per head before RoPE
         const float* wq = L.q_norm->data_ptr<float>();
@@ -3187,11 +3220,8 @@ class DecodeStep {
           rms_row(row + h * D, h < H ? wq : wk, row + h * D, D, (float)eps_, (float)offset_);
       }
       for (int64_t h = 0; h < H + K; ++h) rope_row(row + h * D, in.cos + b * D, in.sin + b * D, D);
-    }
-    // write this token's keys and values into the cache slot (an fp16 cache rounds them as torch's .half())
-    const int64_t N = L.k_cache.size(2);
-    const bool half = L.k_cache.dtype() == torch::kFloat16;
-    for (int64_t b = 0; b < B; ++b)
+      // write this token's keys and values into the cache slot (an fp16 cache rounds them as torch's .half());
+      // a prompt chunk's rows write distinct slots of one cache row
       for (int64_t g = 0; g < K; ++g) {
         const int64_t at = (((cache_row >= 0 ? cache_row : b) * K + g) * N + in.slot[b]) * D;
         const float* kr = qp + (b * W + H + g) * D;
@@ -3208,6 +3238,7 @@ class DecodeStep {
           std::memcpy(L.v_cache.data_ptr<float>() + at, vr, D * sizeof(float));
         }
       }
+    });
     // attention straight from the qkv buffer and the cache: q [B, H, 1, D] rows of qkv, keys [B, K, S, D]
     const int64_t S = in.mask.size(3);
     // one cache row for every query (a prompt chunk): its keys at row stride 0
@@ -3228,9 +3259,20 @@ class DecodeStep {
     norm_rows(x, L.mlp_norm, scratch.normed);
     auto gu = timed(linear_s_, [&] { return L.gate_up(scratch.normed); }).contiguous();  // [B, 2F]
     const int64_t F = gu.size(1) / 2;
-    // torch's own activation kernels (two dispatches a layer), so the step rounds exactly as the modules do
-    auto gate = gu.narrow(1, 0, F);
-    auto act = (gelu_ ? at::gelu(gate, "tanh") : at::silu(gate)).mul_(gu.narrow(1, F, F));
+    // torch's own activation kernels, so the step rounds exactly as the modules do; per chunk of rows over the
+    // cores (torch keeps a [16, 1536] op on one thread), each worker in the caller's inference mode (thread-local)
+    auto act = torch::empty({B, F}, gu.options());
+    const bool inference = c10::InferenceMode::is_enabled();
+    over_row_chunks(B, [&](int64_t b, int64_t e) {
+      c10::InferenceMode mode(inference);
+      auto rows = gu.narrow(0, b, e - b);
+      auto out = act.narrow(0, b, e - b);
+      if (gelu_)
+        at::gelu_out(out, rows.narrow(1, 0, F), "tanh");
+      else
+        at::silu_out(out, rows.narrow(1, 0, F));
+      out.mul_(rows.narrow(1, F, F));
+    });
     auto d = timed(linear_s_, [&] { return L.down(act); });
     if (L.mlp_post_norm) norm_rows(d, *L.mlp_post_norm, d);
     add_rows(x, d);

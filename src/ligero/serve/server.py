@@ -170,6 +170,7 @@ def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
     """Run the HTTP server in a thread and the engines' decoding in this (the main) thread, where the models were
     loaded: see engine.run_engines for why decoding belongs to the process's first thread. SIGTERM / SIGINT stop
     both; a server that cannot start (its port taken) ends the process with code 1."""
+    import gc
     import signal
 
     import uvicorn
@@ -190,6 +191,10 @@ def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     engines = [v.engine for v in cfg.variants.values()]
     claim(engines)  # before the first request could give an engine a thread of its own
+    # What is loaded now (models, tokenizers, the app) lives as long as the server: frozen out of the collector's
+    # generations, the collections that each step's garbage sets off no longer walk it
+    gc.collect()
+    gc.freeze()
     http_thread.start()
     watcher = threading.Thread(target=lambda: (http_thread.join(), stop.set()), daemon=True)
     watcher.start()  # the HTTP server ended (it could not bind its port, say): stop decoding too

@@ -60,6 +60,22 @@ inline void for_each_tile(int64_t M, F&& f) {
   }
 }
 
+// Per-row work split over the cores from 5 rows up: the activations' rounding before a product, and the decode
+// step's norms, RoPE, cache write, MLP activation and residuals. On the calling thread alone it kept the other core waiting: at 16 rows ~4 % of the step's CPU
+// samples, each core's share of them run twice as long as it needs. Chunks of whole rows: each row's arithmetic is
+// the same whichever core runs it.
+template <typename F>
+inline void over_row_chunks(int64_t B, F&& f) {
+  at::parallel_for(0, B, 4, f);
+}
+
+template <typename F>
+inline void over_rows(int64_t B, F&& f) {
+  over_row_chunks(B, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) f(r);
+  });
+}
+
 // More than 8 rows (prefill, or a decode batch of 9-16): f(rb, re) over blocks of weight rows [rb, re) of about
 // kRowBlockBytes (within L2), so each block is read from memory once and reused by every tile of activation rows,
 // instead of the thread's whole share of the matrix being streamed again for each tile of 8. One tile: one block.
@@ -1479,12 +1495,11 @@ torch::Tensor linear_int8_x8(torch::Tensor x, torch::Tensor codes, torch::Tensor
   thread_local std::vector<SplitX> sx_buffers;  // reused across calls: no allocation per token
   sx_buffers.resize(M);
   SplitX* sx = sx_buffers.data();
+  const auto prepare = [&](int64_t m) { quantize_x8(xp + m * in, in, sx[m]); };
 #ifdef LIGERO_VNNI
-  const TileX8* tiles = pack_tiles_x8(sx, M, in / 32, 7, [&](int64_t m) { quantize_x8(xp + m * in, in, sx[m]); });
+  const TileX8* tiles = pack_tiles_x8(sx, M, in / 32, 7, prepare);
 #else
-  at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) quantize_x8(xp + m * in, in, sx[m]);
-  });
+  over_rows(M, prepare);
 #endif
   at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
     for_each_row_block(b, e, kBundle * in, M, [&](int64_t rb, int64_t re) {
@@ -1544,11 +1559,11 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   };
 #ifdef LIGERO_VNNI
   const TileX8* tiles = act_int8_blocks ? pack_tiles_x8(sx, M, in / 32, 3, prepare) : nullptr;
-  if (!act_int8_blocks)
+  const bool prepared = tiles != nullptr;
+#else
+  const bool prepared = false;
 #endif
-    at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {  // 8 rows a chunk: a 16-row step on both cores
-      for (int64_t m = b; m < e; ++m) prepare(m);
-    });
+  if (!prepared) over_rows(M, prepare);
   at::parallel_for(0, n_bundles, 8, [&](int64_t b, int64_t e) {
     // One bundle's unpacking serves a whole tile of activation rows.
     for_each_row_block(b, e, kBundle * in / 2, M, [&](int64_t rb, int64_t re) {
@@ -3077,22 +3092,6 @@ struct Scratch {
   torch::Tensor normed;  // [B, C]
   torch::Tensor attn;    // [B, H * D]
 };
-
-// The step's per-row work (norms, RoPE, the cache write, the MLP's activation, the residuals) split over the cores
-// from 5 rows up. On the calling thread alone it kept the other core waiting: at 16 rows ~4 % of the step's CPU
-// samples, each core's share of them run twice as long as it needs. Chunks of whole rows: each row's arithmetic is
-// the same whichever core runs it.
-template <typename F>
-inline void over_row_chunks(int64_t B, F&& f) {
-  at::parallel_for(0, B, 4, f);
-}
-
-template <typename F>
-inline void over_rows(int64_t B, F&& f) {
-  over_row_chunks(B, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) f(r);
-  });
-}
 
 inline void add_rows(torch::Tensor& x, const torch::Tensor& h_in) {  // x += h, as torch adds (one rounding each)
   const auto h = h_in.contiguous();

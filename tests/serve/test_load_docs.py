@@ -77,6 +77,39 @@ def test_the_ratios_are_the_medians_of_the_rounds_measured_in_turn(tmp_path):
     assert "rounds 80, 85, 90 %" in (tmp_path / "serving.md").read_text()
 
 
+def test_each_rounds_top_level_is_compared_with_the_one_client_blocks_around_it(tmp_path):
+    """Sandwiched rounds: PAIRS + 1 one-client blocks, a top level between each two; the doc says so and lists the
+    blocks' and the rounds' ratios."""
+    load = load_benchmark()
+    assert load.between(200.0, 220.0) == pytest.approx(210.0) and load.between(None, 220.0) == 220.0
+    assert load.between(0.0, None) is None
+    blocks = [{"raw_tok_s": 200.0, "served_tok_s": 190.0, "ratio": 0.95},
+              {"raw_tok_s": 220.0, "served_tok_s": 210.0, "ratio": 210 / 220},
+              {"raw_tok_s": 180.0, "served_tok_s": 180.0, "ratio": 1.0}]
+    blocks[0].update(top_tok_s=820.0, top_ratio=820.0 / 200.0, alone_vs_raw=4.2, top_vs_alone=0.95)
+    blocks[1].update(top_tok_s=760.0, top_ratio=760.0 / 195.0, alone_vs_raw=4.1, top_vs_alone=0.93)
+    result = {"machine": {"cpu": "test cpu", "cores": 2, "torch": "2.13.0", "commit": "abc1234"},
+              "settings": {"model_file": "model.gguf", "slots": 16, "seconds": 30, "max_tokens": 128,
+                           "prompt_tokens_mean": 37.0, "client": load.CLIENT},
+              "raw_decode_tok_s": 200.0,
+              "engines": {"ligero": {"levels": [_level(1, 200.0, 50.0), _level(16, 790.0, 400.0)],
+                                     "foreign_cpu_share": 0.01,
+                                     "one_client_vs_raw": {"pairs": blocks, "ratio_median": 0.955,
+                                                           "top_clients": 16, "top_ratio_median": 3.98,
+                                                           "alone_vs_raw_median": 4.15, "top_vs_alone_median": 0.94,
+                                                           "seconds_per_pair": 10.0, "top_seconds_per_pair": 24.0,
+                                                           "one_client_slices": 3, "sandwiched": True}}}}
+    load.write_docs(result, tmp_path)
+    text = (tmp_path / "serving.md").read_text()
+    assert "3 one-client blocks in turn" in text and "between each two blocks, 16 clients for 24 s" in text
+    assert "(2 rounds)" in text and "blocks 95, 95, 100 %" in text and "asyncio event loop" in text
+    assert "against the mean of the one-client blocks before and after it; median; rounds 3.90, 4.10x" in text
+    assert "**3.98x** one client's throughput" in text and "(target 4x: not reached)" in text
+    result["engines"]["ligero"]["one_client_vs_raw"]["top_ratio_median"] = 4.0
+    load.write_docs(result, tmp_path)
+    assert "(target 4x: met)" in (tmp_path / "serving.md").read_text()
+
+
 @pytest.mark.parametrize("tiny_pair", ["llama"], indirect=True)
 def test_the_engine_alone_keeps_its_rows_full_with_new_requests(tiny_pair):
     _, model, _ = tiny_pair

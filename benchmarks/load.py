@@ -13,10 +13,13 @@ to first token (first text received) and inter-token latency ((end - first text)
 latency, errors. Ligero's acknowledged responses (streams that ended with [DONE]: the records were committed
 before the final chunk) are then looked up in its store: "lost" must be 0.
 
-The must-show ratios come from PAIRS rounds after Ligero's levels, each round in turn: the same variant's raw batch-1
-decode speed (in-process, BatchGeneration, steps after the prefill), one client through the server, the top level's
-clients. Each round's ratios (one client / raw, top level / one client) are free of the host's drift; their medians
-are reported. The raw speed is also measured just before and after Ligero's run, for context.
+The must-show ratios come from PAIRS rounds after Ligero's levels, measured in turn: PAIRS + 1 one-client blocks (the
+same variant's raw batch-1 decode speed in-process, BatchGeneration, steps after the prefill, around slices of one
+client through the server) and between each two blocks the top level's clients, then the engine alone at as many
+rows. Each block's one client / raw and each round's top level / the mean of the one-client blocks around it are
+free of the host's drift (linear over a round); their medians are reported. The raw speed is also measured just
+before and after Ligero's run, for context. All of a level's clients run on one asyncio event loop speaking HTTP/1.1
+(Connection): they share the 2 vCPUs with the server they measure, so the lighter they are the better.
 Writes docs/serving.json and docs/serving.md (`--rewrite-docs` rewrites the Markdown from the JSON). llama-server
 comes from benchmarks/llama_server.py (built once from the sources llama-cpp-python vendors).
 """

@@ -222,6 +222,40 @@ def test_greedy_pick_is_argmax_and_the_models_log_prob(compiled_kernels, monkeyp
     assert same == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_greedy_under_a_logit_bias_equals_argmax_of_the_biased_logits(compiled_kernels, monkeypatch, native):
+    """greedy_adjusted: rows with only a logit_bias take one native pass without a biased copy of the logits; the
+    tokens are argmax of the biased logits (the first maximum on ties), the log-probs the model's own. Covered: the
+    largest logit biased down (the runner-up wins), a biased token lifted to the top, a tie between a biased and an
+    unbiased token, rows without any adjustment, and rows with penalties (the general path)."""
+    if not native:
+        monkeypatch.setattr(generate, "cpu_kernels", lambda: None)
+    g = torch.Generator().manual_seed(1)
+    rows, vocab = 6, 1003
+    logits = torch.randn(rows, vocab, generator=g) * 4
+    top = logits.argmax(-1)
+    logits[3, 10] = logits[3].max() - 2.0  # row 3: token 10 + bias 2 ties with the unbiased max at a later index
+    top[3] = logits[3].argmax()
+    assert top[3] > 10
+    samplings = [SamplingConfig(logit_bias={int(top[0]): -100.0, 7: 1.0}),  # its largest logit pushed down
+                 SamplingConfig(logit_bias={5: 50.0}),  # lifted to the top
+                 SamplingConfig(),  # no adjustment
+                 SamplingConfig(logit_bias={10: 2.0}),
+                 SamplingConfig(logit_bias={int(top[4]): 0.0}),  # biased by nothing: the same token
+                 SamplingConfig(logit_bias={2: -1.0})]
+    adjust = [generate.RowAdjustments.for_row(s, [1, 2], vocab, "cpu") for s in samplings]
+    ids, log_probs = generate.greedy_adjusted(logits, adjust)
+    expected_ids = generate.adjusted_logits(logits, adjust).argmax(-1)
+    assert ids == expected_ids.tolist() and ids[1] == 5 and ids[3] == 10 and ids[0] != top[0] and ids[4] == top[4]
+    expected = torch.log_softmax(logits.double(), -1)[torch.arange(rows), expected_ids]
+    torch.testing.assert_close(torch.tensor(log_probs, dtype=torch.float64), expected, rtol=1e-5, atol=1e-5)
+    penalized = [generate.RowAdjustments.for_row(SamplingConfig(presence_penalty=1.0, logit_bias={5: 50.0}),
+                                                 [1], vocab, "cpu")] + adjust[1:]
+    penalized[0].record(int(logits[0].argmax()))
+    ids, _ = generate.greedy_adjusted(logits, penalized)
+    assert ids == generate.adjusted_logits(logits, penalized).argmax(-1).tolist()
+
+
 def test_one_prompt_is_prefilled_natively_in_chunks_as_a_served_row_is(tiny_pair, monkeypatch):
     """A lone prompt goes through Transformer.prefill_row chunk by chunk (as ContinuousBatch prefills its rows, so a
     request decodes the same alone and served); logits and tokens match the layer-by-layer prefill. Models with

@@ -2957,8 +2957,8 @@ int64_t first_argmax(const float* s, int64_t n) {
   return 0;  // no entry compares equal (NaN): token 0
 }
 
-float log_prob_of(const float* x, int64_t n, int64_t id) {
-  const float mx = x[first_argmax(x, n)];
+// log-probability of token id under x, whose largest entry is mx
+float log_prob_at(const float* x, int64_t n, float mx, int64_t id) {
   float sum = 0.f;
   int64_t i = 0;
 #ifdef LIGERO_AVX2
@@ -2970,6 +2970,8 @@ float log_prob_of(const float* x, int64_t n, int64_t id) {
   for (; i < n; ++i) sum += std::exp(x[i] - mx);
   return x[id] - mx - std::log(sum);
 }
+
+float log_prob_of(const float* x, int64_t n, int64_t id) { return log_prob_at(x, n, x[first_argmax(x, n)], id); }
 }  // namespace
 
 std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor scores, torch::Tensor logits) {
@@ -2989,6 +2991,63 @@ std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor scores, torch
     for (int64_t r = begin; r < end; ++r) {
       ip[r] = first_argmax(sp + r * V, V);
       op[r] = log_prob_of(lp + r * V, V, ip[r]);
+    }
+  });
+  return {ids, log_probs};
+}
+
+// greedy_rows(logits + bias, logits) for a sparse logit_bias per row (row r's entries [offsets[r], offsets[r + 1])
+// of bias_ids and bias_values), without writing the biased copy of every row that torch needed (at 16 rows of a 49k
+// vocabulary a [16, 49152] clone plus a few ops per row: ~0.3 ms of each decode step). The argmax of the biased row
+// is its largest unbiased entry or a biased one (first index on ties, as argmax); only when the row's largest entry
+// is itself biased does it take a biased copy of that one row.
+std::tuple<torch::Tensor, torch::Tensor> greedy_rows_biased(torch::Tensor logits, torch::Tensor offsets,
+                                                            torch::Tensor bias_ids, torch::Tensor bias_values) {
+  TORCH_CHECK(logits.dtype() == torch::kFloat32 && logits.dim() == 2, "greedy_rows_biased: logits are [rows, V] fp32");
+  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == logits.size(0) + 1 &&
+              bias_ids.dtype() == torch::kInt64 && bias_values.dtype() == torch::kFloat32 &&
+              bias_ids.numel() == bias_values.numel(), "greedy_rows_biased: offsets [rows + 1], ids and values");
+  logits = logits.contiguous();
+  offsets = offsets.contiguous();
+  bias_ids = bias_ids.contiguous();
+  bias_values = bias_values.contiguous();
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "greedy_rows_biased: an empty vocabulary");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* bi = bias_ids.data_ptr<int64_t>();
+  const float* bv = bias_values.data_ptr<float>();
+  TORCH_CHECK(off[0] == 0 && off[rows] == bias_ids.numel(), "greedy_rows_biased: offsets do not span the entries");
+  for (int64_t k = 0; k < bias_ids.numel(); ++k)
+    TORCH_CHECK(bi[k] >= 0 && bi[k] < V, "greedy_rows_biased: a biased token outside the vocabulary");
+  auto ids = torch::empty({rows}, logits.options().dtype(torch::kInt64));
+  auto log_probs = torch::empty({rows}, logits.options());
+  const float* lp = logits.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* op = log_probs.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> biased;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = lp + r * V;
+      const int64_t top = first_argmax(x, V);
+      bool top_biased = false;
+      for (int64_t k = off[r]; k < off[r + 1]; ++k) top_biased |= bi[k] == top;
+      int64_t best = top;
+      if (top_biased) {
+        biased.assign(x, x + V);
+        for (int64_t k = off[r]; k < off[r + 1]; ++k) biased[bi[k]] += bv[k];
+        best = first_argmax(biased.data(), V);
+      } else {
+        float value = x[top];
+        for (int64_t k = off[r]; k < off[r + 1]; ++k) {
+          const float a = x[bi[k]] + bv[k];
+          if (a > value || (a == value && bi[k] < best)) {
+            best = bi[k];
+            value = a;
+          }
+        }
+      }
+      ip[r] = best;
+      op[r] = log_prob_at(x, V, x[top], best);
     }
   });
   return {ids, log_probs};
@@ -3301,6 +3360,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &attend_decode, "attention of a few query positions over the KV cache (decode)");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
   m.def("greedy_rows", &greedy_rows, "greedy next token per row and its log-probability (decode sampling)");
+  m.def("greedy_rows_biased", &greedy_rows_biased, "greedy_rows under a sparse logit_bias per row");
   m.def("fake_quant_int8_blocks", &fake_quant_int8_blocks, "activations rounded to int8 per 32 inputs (fp32)");
   m.def("fake_quant_fp8_rows", &fake_quant_fp8_rows, "activations rounded to FP8 per row (1 E4M3, 2 E5M2)");
   m.def("dequant_int8", &dequant_int8, "int8 per-channel weights -> fp32 (prefill)");

@@ -175,6 +175,20 @@ def greedy_pick(scores: torch.Tensor, logits: torch.Tensor) -> tuple[list[int], 
     return ids.tolist(), log_probs.tolist()
 
 
+def greedy_adjusted(logits: torch.Tensor, rows: list[RowAdjustments | None]) -> tuple[list[int], list[float]]:
+    """greedy_pick(adjusted_logits(logits, rows), logits): greedy tokens after each row's adjustments, log-probs under
+    the model's logits. Where the only adjustment is a logit_bias (a client suppressing end-of-text, say), one native
+    pass per row applies it without the biased copy of every row (~0.3 ms a step at 16 rows)."""
+    ext = cpu_kernels() if logits.device.type == "cpu" and logits.dtype == torch.float32 and any(rows) else None
+    if ext is None or not all(r is None or (r.counts is None and r.history is None) for r in rows):
+        return greedy_pick(adjusted_logits(logits, rows), logits)
+    biased = [r.bias for r in rows if r is not None and r.bias is not None]
+    offsets = torch.tensor([0] + [0 if r is None or r.bias is None else len(r.bias[0]) for r in rows]).cumsum(0)
+    ids, log_probs = ext.greedy_rows_biased(logits, offsets, torch.cat([b[0] for b in biased]),
+                                            torch.cat([b[1] for b in biased]))
+    return ids.tolist(), log_probs.tolist()
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]."""
     if cfg.temperature == 0:
@@ -314,7 +328,8 @@ class BatchGeneration:
             return []
         live = [i for i, r in enumerate(self.reasons) if r is None]
         if not any(self.tops) and all(self.samplings[i].temperature == 0 for i in live):
-            nxt, logprobs = greedy_pick(self._adjusted_logits(), self.logits)  # one native pass per row
+            nxt, logprobs = greedy_adjusted(self.logits, [a if r is None else None for a, r in  # one native pass
+                                                          zip(self.adjustments, self.reasons)])  # per row
             log_probs = None
         else:
             nxt = self._sample()

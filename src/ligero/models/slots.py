@@ -33,7 +33,7 @@ from ligero.models.generate import (
     SamplingConfig,
     adjusted_logits,
     batch_token_budget,
-    greedy_pick,
+    greedy_adjusted,
     sample_next,
 )
 from ligero.models.transformer import CacheStep, KVCache, KVCacheBase, Transformer
@@ -368,13 +368,13 @@ class ContinuousBatch:
 
     def _pick(self, live: list[int]) -> tuple[list[int], list[float], torch.Tensor | None]:
         """Next token and its log-prob under the model for every row in `live`, plus the full log-probs when a row
-        samples or asks for top log-probs (None otherwise: greedy rows take one native pass, greedy_pick)."""
+        samples or asks for top log-probs (None otherwise: greedy rows take one native pass, greedy_adjusted)."""
         raw = self._live_logits(live)
         states = [self.rows[i] for i in live]
-        scores = adjusted_logits(raw, [s.adjust for s in states])
         if all(s.request.sampling.temperature == 0 and not s.request.top_logprobs for s in states):
-            nxt, picked = greedy_pick(scores, raw)
+            nxt, picked = greedy_adjusted(raw, [s.adjust for s in states])
             return nxt, picked, None
+        scores = adjusted_logits(raw, [s.adjust for s in states])
         if all(s.request.sampling.temperature == 0 for s in states):
             nxt = scores.argmax(-1).tolist()
         else:
@@ -419,11 +419,12 @@ class ContinuousBatch:
         range (free or prefilling) as padding that writes the spare slot."""
         n = max(i for i, _ in going) + 1
         device = self.logits.device
-        tokens = torch.full((n, 1), self.pad_id, dtype=torch.long, device=device)
-        positions = torch.full((n, 1), -1, dtype=torch.long, device=device)
+        token_list, position_list = [self.pad_id] * n, [-1] * n  # two tensors made at once, not 2 writes a row
         for i, t in going:
-            tokens[i, 0] = t
-            positions[i, 0] = len(self.rows[i].request.prompt) + len(self.rows[i].tokens) - 1
+            token_list[i] = t
+            position_list[i] = len(self.rows[i].request.prompt) + len(self.rows[i].tokens) - 1
+        tokens = torch.tensor(token_list, dtype=torch.long, device=device)[:, None]  # [n, 1]
+        positions = torch.tensor(position_list, dtype=torch.long, device=device)[:, None]
         out = self.model(tokens, positions, kv_cache=self.cache.prefix(n))[:, -1]  # [n, V]
         rows = [i for i, _ in going]
         if rows == list(range(n)):

@@ -328,8 +328,8 @@ class BatchGeneration:
             return []
         live = [i for i, r in enumerate(self.reasons) if r is None]
         if not any(self.tops) and all(self.samplings[i].temperature == 0 for i in live):
-            nxt, logprobs = greedy_adjusted(self.logits, [a if r is None else None for a, r in  # one native pass
-                                                          zip(self.adjustments, self.reasons)])  # per row
+            rows = [a if r is None else None for a, r in zip(self.adjustments, self.reasons)]  # finished: as they are
+            nxt, logprobs = greedy_adjusted(self.logits, rows)  # one native pass per row
             log_probs = None
         else:
             nxt = self._sample()

@@ -120,26 +120,28 @@ class Connection:
         request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                    f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
         reused = self.writer is not None and not self.writer.is_closing()
-        if not reused:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(request)
         try:
-            status_line = await self.reader.readuntil(b"\r\n")
+            status_line = await self._send(request, reused)
         except (asyncio.IncompleteReadError, ConnectionError):
             if not reused:
                 raise
             # llama-server closes a connection after a streamed response although it offered keep-alive: the
             # request went nowhere, so send it again on a new connection (as HTTP clients do on a stale one)
             self.close()
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            self.writer.write(request)
-            status_line = await self.reader.readuntil(b"\r\n")
+            status_line = await self._send(request, False)
         status = int(status_line.split()[1])
         headers = {}
         while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip().lower()
         return status, self._body(headers)
+
+    async def _send(self, request: bytes, reuse: bool) -> bytes:
+        """Write the request (on a new connection unless `reuse`) and read the response's status line."""
+        if not reuse:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(request)
+        return await self.reader.readuntil(b"\r\n")
 
     async def _body(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
         reader = self.reader
@@ -391,7 +393,7 @@ def paired_ratios(base: str, args, prompts: list[str], eos_ids: list[int], promp
     decode_tok_s(model, prompt_ids, args.max_tokens, eos_ids)  # warm-up
     top = max(args.clients)
     blocks, tops, ids = [], [], []
-    n_rounds = getattr(args, "rounds", PAIRS)
+    n_rounds = args.rounds
     for k in range(n_rounds + 1):
         turn = rotated(prompts, k)
         one, bracket = one_client_sliced(base, model, prompt_ids, turn, args.max_tokens, eos_ids)
@@ -557,21 +559,18 @@ def one_client_line(result: dict, one: dict) -> str:
     ratios = sorted(p["ratio"] for p in pairs if p["ratio"] is not None)
     top_s = paired.get("top_seconds_per_pair", paired["seconds_per_pair"])
     top = f", then {paired['top_clients']} clients for {top_s:g} s" if "top_clients" in paired else ""
-    slices = paired.get("one_client_slices", 1)
+    raw_runs = (f"the same variant decoded at batch 1 in-process (decode steps only, median of 2 runs) before, "
+                f"between and after {paired.get('one_client_slices', 1)} slices in which one client used `ligero "
+                f"serve` for {paired['seconds_per_pair']:g} s in all (raw: the mean of those runs)")
     if paired.get("sandwiched"):
         tops = sum(p.get("top_ratio") is not None for p in pairs)
-        block = (f"{len(pairs)} one-client blocks in turn after the levels above, each one the same variant decoded "
-                 f"at batch 1 in-process (decode steps only, median of 2 runs) before, between and after {slices} "
-                 f"slices in which one client used `ligero serve` for {paired['seconds_per_pair']:g} s in all (raw: "
-                 f"the mean of those runs); between each two blocks, {paired['top_clients']} clients for {top_s:g} s, "
-                 f"then the engine alone for {paired['seconds_per_pair']:g} s ({tops} rounds). Each block's ratio, "
-                 "and each round's top level "
+        block = (f"{len(pairs)} one-client blocks in turn after the levels above, each one {raw_runs}; between each "
+                 f"two blocks, {paired['top_clients']} clients for {top_s:g} s, then the engine alone for "
+                 f"{paired['seconds_per_pair']:g} s ({tops} rounds). Each block's ratio, and each round's top level "
                  "against the mean of the blocks before and after it, cancel the host's drift ")
     else:
-        block = (f"{len(pairs)} rounds in turn after the levels above: the same variant decoded at batch 1 "
-                 f"in-process (decode steps only, median of 2 runs) before, between and after {slices} slices in "
-                 f"which one client used `ligero serve` for {paired['seconds_per_pair']:g} s in all (raw: the mean "
-                 f"of those runs){top}; each round's ratios cancel the host's drift ")
+        block = (f"{len(pairs)} rounds in turn after the levels above: {raw_runs}{top}; each round's ratios cancel "
+                 "the host's drift ")
     return (f"- **One client vs the engine alone:** {block}"
             f"(raw speeds here ranged {min(p['raw_tok_s'] for p in pairs):.0f}-"
             f"{max(p['raw_tok_s'] for p in pairs):.0f} tok/s). One client gets **{100 * paired['ratio_median']:.0f} "

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ligero.errors import LigeroError
+from ligero.models import pages
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
 from ligero.models.generate import (
     RowAdjustments,
@@ -81,17 +82,17 @@ class SlotKVCache(KVCacheBase):
         sizes = {GLOBAL: (self.capacity, capacity), LOCAL: (self.ring, min(self.window, capacity))}
         shape = lambda n: (self.rows, cfg.n_kv_heads, n + 1, cfg.head_dim)  # noqa: E731  (+1: the spare slot)
 
-        def grown(old_tensor: torch.Tensor | None, kind: str) -> torch.Tensor:
-            old, new = sizes[kind]
-            if old_tensor is not None and old == new:
-                return old_tensor
-            t = torch.zeros(shape(new), device=self.device, dtype=self.dtype)
-            if old_tensor is not None and old:
-                t[:, :, :old] = old_tensor[:, :, :old]
-            return t
-
-        self.k = [grown(self.k[i] if self.k else None, kind) for i, kind in enumerate(cfg.layer_types)]
-        self.v = [grown(self.v[i] if self.v else None, kind) for i, kind in enumerate(cfg.layer_types)]
+        # the layers whose tensors change, all new keys and values in one block (pages.zeros_many)
+        todo = [i for i, kind in enumerate(cfg.layer_types) if not self.k or sizes[kind][0] != sizes[kind][1]]
+        fresh = pages.zeros_many([shape(sizes[cfg.layer_types[i]][1]) for i in todo] * 2, self.dtype, self.device)
+        k, v = list(self.k) or [None] * len(cfg.layer_types), list(self.v) or [None] * len(cfg.layer_types)
+        for j, i in enumerate(todo):
+            old = sizes[cfg.layer_types[i]][0]
+            for tensors, t in ((k, fresh[j]), (v, fresh[len(todo) + j])):
+                if tensors[i] is not None and old:
+                    t[:, :, :old] = tensors[i][:, :, :old]
+                tensors[i] = t
+        self.k, self.v = k, v
         for kind, (old, new) in sizes.items():
             table = torch.full((self.rows, max(new, 1) + 1), -1, dtype=torch.long, device=self.device)
             if old:

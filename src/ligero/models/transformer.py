@@ -22,6 +22,7 @@ from torch import nn
 
 from ligero.errors import LigeroError
 from ligero.kernels import MAX_KERNEL_ROWS, NATIVE_KINDS, NativeOp, cpu_kernels
+from ligero.models import pages
 from ligero.models.config import GLOBAL, LOCAL, ModelConfig
 
 # Without this, denormal floats in SmolLM2's activations make CPU matmuls ~20x slower.
@@ -575,6 +576,7 @@ def native_decode_plan(model: Transformer, kv_cache: KVCacheBase | None):
     native = ext is not None and model.dtype == torch.float32 and model.device.type == "cpu" \
         and kv_cache.k[0].dtype in (torch.float32, torch.float16) and cfg.head_dim % 2 == 0 and cfg.head_dim <= 512
     if native and not _has_hooks(model.layers):
+        pages.move_buffers(model)  # before any plan holds the weights: they are read from the huge-page block
         plan = ext.DecodeStep([_native_layer(ext, layer, kv_cache, i) for i, layer in enumerate(model.layers)],
                               cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.norm_offset, cfg.scale,
                               cfg.activation == "gelu_tanh")
@@ -682,11 +684,9 @@ class KVCache(KVCacheBase):
         self.native = None  # (model, its native decode step or None), set by native_decode_plan
         self.window = min(cfg.sliding_window, max_len) if LOCAL in cfg.layer_types else 0
         shape = lambda n: (batch, cfg.n_kv_heads, n, cfg.head_dim)  # noqa: E731
-        self.k, self.v = [], []
-        for kind in cfg.layer_types:
-            n = max_len if kind == GLOBAL else self.window
-            self.k.append(torch.zeros(shape(n), device=device, dtype=dtype))
-            self.v.append(torch.zeros(shape(n), device=device, dtype=dtype))
+        shapes = [shape(max_len if kind == GLOBAL else self.window) for kind in cfg.layer_types]
+        tensors = pages.zeros_many(shapes * 2, dtype, device)  # keys then values, every layer's in one block
+        self.k, self.v = tensors[: len(shapes)], tensors[len(shapes) :]
         self.pos = {
             GLOBAL: torch.full((batch, max_len), -1, dtype=torch.long, device=device),
             LOCAL: torch.full((batch, max(self.window, 1)), -1, dtype=torch.long, device=device),

@@ -1,13 +1,15 @@
 """Large CPU tensors on 2 MB memory pages where Linux allows it (transparent huge pages, `madvise` mode or `always`).
 
 Why: a decode step reads every weight, and with many rows every cached key and value, once. In 4 KB pages
-SmolLM2-135M's int4 weights span ~25k pages, each a TLB miss and a page walk per token; in 2 MB pages ~50.
-Measured in one process, the same tensors in 2 MB pages against 4 KB (pairs alternated, /tmp scripts of session 34):
-the 120 int4 projections at one row 0.82x the time (16 of 16 pairs faster), the Q8_0 head at one row 0.75x;
-at 16 rows 0.99x and 0.84x; attention over a 16-row fp16 cache 0.86-0.92x.
-torch's allocator advises huge pages only under THP_MEM_ALLOC_ENABLE=1 and for single allocations of 2 MB or more,
-which most layers' weights are not: so the weights move into one block here, and KV caches of 2 MB or more are
-allocated in their own blocks. Elsewhere (no madvise, or THP off) the blocks are ordinary memory: same results.
+SmolLM2-135M's packed weights (~92 MB) span ~23k pages, a TLB miss and a page walk each per token; in 2 MB pages
+~50. Measured in one process, the same tensors in 2 MB pages against 4 KB, pairs alternated: the 120 int4
+projections of its Q4_1 file at one row 0.82x the time (16 of 16 pairs faster), the Q8_0 head at one row 0.75x; at
+16 rows 0.99x and 0.84x; attention over a 16-row fp16 cache 0.86-0.92x; the whole one-row decode 1.11x the tokens
+per second (12 of 12). torch's allocator advises huge pages only under THP_MEM_ALLOC_ENABLE=1 and for single
+allocations of 2 MB or more, which most layers' weights are not: so a model's weights move into one block here,
+and a KV cache's layers share one. Elsewhere (no madvise, or THP off) the blocks are ordinary memory: same results.
+The int4 layers that `quantize` makes keep their kernel layout in a cache beside their buffers (IntGroupLinear's
+x8 layout), which stays in ordinary memory; the GGUF files loaded as stored (compact layers) move entirely.
 """
 
 from __future__ import annotations

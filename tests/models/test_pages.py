@@ -109,3 +109,25 @@ def test_the_shipped_gguf_decodes_the_same_tokens_from_huge_pages(smollm2, monke
     if ADVISED:
         assert native in pages._MOVED and native.embed.table.codes_x8.data_ptr() % pages.ALIGN == 0
         assert "hg" in vm_flags(native.embed.table.codes_x8.data_ptr())
+
+
+@pytest.mark.slow
+def test_quantized_int4_layers_move_their_kernel_layout_too(smollm2):
+    """The int4 layers `quantize` makes keep their kernel's x8 layout beside their buffers: it moves with them (the
+    cache stays valid: no rebuild into ordinary memory at the next step), and decoding gives the same tokens."""
+    from ligero.eval.variants import build_variant
+
+    prompt = smollm2.tokenizer.encode("The capital of France is a city that")
+    reference = build_variant("smollm2-135m", "int4").model
+    pages._MOVED.add(reference)  # decodes from ordinary memory
+    expected, _ = generate_tokens(reference, [prompt], 16, eos_ids=[])
+    model = build_variant("smollm2-135m", "int4").model
+    got, _ = generate_tokens(model, [prompt], 16, eos_ids=[])
+    assert got == expected
+    layer = model.layers[0].mlp.down_proj
+    layout = layer.kernel_cache()
+    assert layout, "the x8 layout is kept beside the buffers"
+    if ADVISED:
+        assert "hg" in vm_flags(layout[0].data_ptr()) and "hg" in vm_flags(layer.packed.data_ptr())
+        generate_tokens(model, [prompt], 2, eos_ids=[])
+        assert layer.kernel_cache()[0].data_ptr() == layout[0].data_ptr()  # still the moved layout

@@ -8,8 +8,8 @@ projections of its Q4_1 file at one row 0.82x the time (16 of 16 pairs faster), 
 per second (12 of 12). torch's allocator advises huge pages only under THP_MEM_ALLOC_ENABLE=1 and for single
 allocations of 2 MB or more, which most layers' weights are not: so a model's weights move into one block here,
 and a KV cache's layers share one. Elsewhere (no madvise, or THP off) the blocks are ordinary memory: same results.
-The int4 layers that `quantize` makes keep their kernel layout in a cache beside their buffers (IntGroupLinear's
-x8 layout), which stays in ordinary memory; the GGUF files loaded as stored (compact layers) move entirely.
+A layer that keeps its kernel's layout in a cache beside its buffers (the int4 layers `quantize` makes) offers it
+through `kernel_cache` / `set_kernel_cache`, and it moves with them.
 """
 
 from __future__ import annotations
@@ -55,13 +55,18 @@ def zeros_many(shapes: list[tuple[int, ...]], dtype: torch.dtype, device=None) -
     return out
 
 
+def moved(model: nn.Module) -> bool:
+    """Whether move_buffers has run on this model (or could not: no madvise here)."""
+    return not _ADVISE or model in _MOVED
+
+
 def move_buffers(model: nn.Module) -> int:
     """Every CPU buffer of `model` (its quantized weights and tables; never parameters, which an optimizer may hold)
     copied into one huge-page block, each module then holding the block's view; once per model. A buffer that shares
     its storage with another tensor (a view, or one storage behind two buffers) stays where it is, so no aliasing is
     undone. Once per model: buffers it gains afterwards (quantized after decoding) stay in ordinary memory.
     Returns the bytes moved (0: nothing to move, already done, or under 2 MB in all)."""
-    if not _ADVISE or model in _MOVED:
+    if moved(model):
         return 0
     owners: dict[int, tuple[torch.Tensor, list[tuple[nn.Module, str]]]] = {}
     storages: dict[int, set[int]] = {}
@@ -74,19 +79,27 @@ def move_buffers(model: nn.Module) -> int:
     movable = [(t, where) for t, where in owners.values()
                if t.is_contiguous() and len(storages[t.untyped_storage().data_ptr()]) == 1
                and t.untyped_storage().nbytes() == t.numel() * t.element_size()]
-    sizes = [-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t, _ in movable]
+    # kernel layouts a layer keeps beside its buffers (`kernel_cache` / `set_kernel_cache`): they move too
+    caches = [(m, m.kernel_cache()) for m in model.modules() if hasattr(m, "kernel_cache")]
+    caches = [(m, ts) for m, ts in caches if ts and all(t.device.type == "cpu" and t.is_contiguous() for t in ts)]
+    tensors = [t for t, _ in movable] + [t for _, ts in caches for t in ts]
+    sizes = [-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors]
     if sum(sizes) < HUGE_PAGE:
         _MOVED.add(model)
         return 0
     # outside inference mode (the first decode step runs in it): the buffers stay ordinary tensors, which track
     # versions (layers key caches on them) and may be used by autograd later
     with torch.inference_mode(False):
-        block, at = huge_page_block(sum(sizes)), 0
-        for (t, where), size in zip(movable, sizes):
-            view = block[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            view.copy_(t)
+        block, at, views = huge_page_block(sum(sizes)), 0, []
+        for t, size in zip(tensors, sizes):
+            views.append(block[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t))
+            at += size
+        for view, (_, where) in zip(views, movable):
             for module, name in where:
                 module._buffers[name] = view
-            at += size
+        at_cache = len(movable)
+        for module, ts in caches:  # after the buffers: a cache is keyed on the buffers it derives from
+            module.set_kernel_cache(views[at_cache : at_cache + len(ts)])
+            at_cache += len(ts)
     _MOVED.add(model)
     return at

@@ -576,7 +576,11 @@ def native_decode_plan(model: Transformer, kv_cache: KVCacheBase | None):
     native = ext is not None and model.dtype == torch.float32 and model.device.type == "cpu" \
         and kv_cache.k[0].dtype in (torch.float32, torch.float16) and cfg.head_dim % 2 == 0 and cfg.head_dim <= 512
     if native and not _has_hooks(model.layers):
-        pages.move_buffers(model)  # before any plan holds the weights: they are read from the huge-page block
+        if not pages.moved(model):  # before any plan holds the weights: they are read from the huge-page block
+            for module in model.modules():  # kernel layouts made on demand exist before the move, and move too
+                if hasattr(module, "native_op"):
+                    module.native_op()
+            pages.move_buffers(model)
         plan = ext.DecodeStep([_native_layer(ext, layer, kv_cache, i) for i, layer in enumerate(model.layers)],
                               cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.norm_offset, cfg.scale,
                               cfg.activation == "gelu_tanh")

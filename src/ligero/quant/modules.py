@@ -449,6 +449,15 @@ class IntGroupLinear(CompactForm, QuantizedLinear):
             self._x8_layout = (key, ext.pack_int4_x8(self.nibbles(), self.scale, self.kernel_minimum()))
         return self._x8_layout[1]
 
+    def kernel_cache(self) -> list[torch.Tensor]:
+        """The decode kernel's x8 layout where it is kept beside the buffers (not compact), for
+        models.pages.move_buffers to move with them; [] otherwise."""
+        return [] if self._compact or self._x8_layout is None else list(self._x8_layout[1])
+
+    def set_kernel_cache(self, tensors: list[torch.Tensor]) -> None:
+        """Keep `tensors` (kernel_cache's, moved) as the x8 layout of the buffers as they are now."""
+        self._x8_layout = ((_tensor_key(self.packed), _tensor_key(self.scale), _tensor_key(self.minimum)), tensors)
+
     def _kernel(self, x2d):
         ext = cpu_kernels()
         if ext is None:

@@ -79,27 +79,39 @@ def move_buffers(model: nn.Module) -> int:
     movable = [(t, where) for t, where in owners.values()
                if t.is_contiguous() and len(storages[t.untyped_storage().data_ptr()]) == 1
                and t.untyped_storage().nbytes() == t.numel() * t.element_size()]
+    owners.clear()
     # kernel layouts a layer keeps beside its buffers (`kernel_cache` / `set_kernel_cache`): they move too
     caches = [(m, m.kernel_cache()) for m in model.modules() if hasattr(m, "kernel_cache")]
     caches = [(m, ts) for m, ts in caches if ts and all(t.device.type == "cpu" and t.is_contiguous() for t in ts)]
-    tensors = [t for t, _ in movable] + [t for _, ts in caches for t in ts]
-    sizes = [-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors]
-    if sum(sizes) < HUGE_PAGE:
+    padded = lambda t: -(-t.numel() * t.element_size() // ALIGN) * ALIGN  # noqa: E731
+    total = sum(padded(t) for t, _ in movable) + sum(padded(t) for _, ts in caches for t in ts)
+    if total < HUGE_PAGE:
         _MOVED.add(model)
         return 0
     # outside inference mode (the first decode step runs in it): the buffers stay ordinary tensors, which track
     # versions (layers key caches on them) and may be used by autograd later
     with torch.inference_mode(False):
-        block, at, views = huge_page_block(sum(sizes)), 0, []
-        for t, size in zip(tensors, sizes):
-            views.append(block[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t))
-            at += size
-        for view, (_, where) in zip(views, movable):
+        block, at = huge_page_block(total), 0
+
+        def place(t: torch.Tensor) -> torch.Tensor:
+            nonlocal at
+            view = block[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+            at += padded(t)
+            return view
+
+        # buffers one at a time, the old memory freed as soon as nothing else holds it: the peak stays about the
+        # weights' size plus the largest tensor, not twice the weights (a 7B model's 4 GB); the kernel layouts a
+        # layer caches are all copied before the old copies go (their keys, below)
+        while movable:
+            t, where = movable.pop()
+            view = place(t)
             for module, name in where:
                 module._buffers[name] = view
-        at_cache = len(movable)
-        for module, ts in caches:  # after the buffers: a cache is keyed on the buffers it derives from
-            module.set_kernel_cache(views[at_cache : at_cache + len(ts)])
-            at_cache += len(ts)
+            del t, where
+        placed = [(module, [place(t) for t in ts]) for module, ts in caches]
+        del caches
+        # last: a cache is keyed on its buffers' versions, which the block's views share (every copy_ above counts)
+        for module, views in placed:
+            module.set_kernel_cache(views)
     _MOVED.add(model)
     return at

@@ -444,7 +444,7 @@ class IntGroupLinear(CompactForm, QuantizedLinear):
         kernels once per weights and kept in memory, not saved; see pack_int4_x8 in kernels/cpu_kernels.cpp)."""
         if self._compact:
             return [self._buffers[n] for n in X8_NAMES]
-        key = (_tensor_key(self.packed), _tensor_key(self.scale), _tensor_key(self.minimum))
+        key = self._x8_key()
         if self._x8_layout is None or self._x8_layout[0] != key:  # new, reloaded or edited weights
             self._x8_layout = (key, ext.pack_int4_x8(self.nibbles(), self.scale, self.kernel_minimum()))
         return self._x8_layout[1]
@@ -456,7 +456,11 @@ class IntGroupLinear(CompactForm, QuantizedLinear):
 
     def set_kernel_cache(self, tensors: list[torch.Tensor]) -> None:
         """Keep `tensors` (kernel_cache's, moved) as the x8 layout of the buffers as they are now."""
-        self._x8_layout = ((_tensor_key(self.packed), _tensor_key(self.scale), _tensor_key(self.minimum)), tensors)
+        self._x8_layout = (self._x8_key(), tensors)
+
+    def _x8_key(self) -> tuple:
+        """What the x8 layout derives from, as it is now (its cache's key)."""
+        return _tensor_key(self.packed), _tensor_key(self.scale), _tensor_key(self.minimum)
 
     def _kernel(self, x2d):
         ext = cpu_kernels()

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from ligero.cli import main
-from ligero.lab.vision import QUICK, wordy
+from ligero.lab.vision import PROBE_KEY, QUICK, wordy
 from ligero.lab.vision_data import (
     FAMILIES,
     QUESTION_TYPES,
@@ -43,6 +43,10 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
     text = (docs / "lab-vision.md").read_text()
     assert "text only" in text and "| audio | no |" in text and "## Caption retrieval" in text
     assert "## What the numbers say" in text and "against a target of 80%" in text
+    probe = result[PROBE_KEY]  # where "which bar is highest" is lost: probes of the image tokens, answers on training
+    assert probe["heldout_charts"] == QUICK.heldout_images and probe["train_charts"] == QUICK.train_images
+    assert len(probe["projected"]["right"]) == QUICK.heldout_images and probe["train_answers"]["n"] == 3
+    assert '## Where "which bar is highest" is lost' in text
     assert (docs / "lab-vision" / "training.png").stat().st_size > 0
     assert (docs / "lab-vision" / "examples.png").stat().st_size > 0
     meta = json.loads((runs / "adapter" / "adapter.json").read_text())
@@ -65,6 +69,18 @@ def test_quick_vision_lab_then_generate_with_its_adapter(tmp_path, capsys):
     assert "quantized variants are measured again" in capsys.readouterr().out
     again = json.loads((docs / "lab-vision.json").read_text())
     assert again["quantized"] == result["quantized"] and again["accuracy"] == result["accuracy"]
+    # A run evaluated before the diagnosis existed: only the diagnosis is made (training charts encoded again)
+    for name in ("evaluation.json", "results.json"):
+        saved = json.loads((runs / name).read_text())
+        del saved[PROBE_KEY]
+        (runs / name).write_text(json.dumps(saved))
+    assert main(["lab", "vision", "--quick", "--out", str(runs), "--docs", str(docs), "--threads", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "where 'which bar is highest' is lost" in log and "quantized variants are measured again" not in log
+    again = json.loads((docs / "lab-vision.json").read_text())
+    assert {k: v for k, v in again[PROBE_KEY].items() if k != "seconds"} == \
+        {k: v for k, v in probe.items() if k != "seconds"}
+    assert PROBE_KEY in json.loads((runs / "evaluation.json").read_text())
 
     image = tmp_path / "scene.png"
     scene(random.Random(5)).image.save(image)

@@ -43,6 +43,7 @@ from ligero.lab.vision_data import (
     normalise,
     samples_digest,
 )
+from ligero.lab.vision_probe import highest_probes
 from ligero.models.generate import BatchGeneration
 from ligero.models.lora import add_lora
 from ligero.vision.model import FEATURE_DIM, FINE_DIM, HEAD_DIM, TOKENS_PER_VIEW, EncodedImage, VisionLanguageModel
@@ -435,6 +436,52 @@ def requantize(evaluation: dict, adapter: Path, held: list[Sample], held_images:
     return evaluation
 
 
+PROBE_KEY = "highest_probe"  # in evaluation.json: where "which is highest" is lost (ligero.lab.vision_probe)
+
+
+def _evaluation_part(results: dict) -> dict:
+    """What evaluation.json keeps of a run's results (the diagnosis once it has been made)."""
+    return {k: results[k] for k in (*EVALUATION_KEYS, PROBE_KEY) if k in results}
+
+
+def diagnose_highest(adapter: Path, train: list[Sample], train_images: list[EncodedImage], held: list[Sample],
+                     held_images: list[EncodedImage], plan: Plan, log) -> dict:
+    """Linear probes of the highest bar's position (encoder features, the shipped projector's output) and the
+    shipped model's own answers to "which is highest" on training charts it learned from (does it fit them?)."""
+    log("vision lab: where 'which bar is highest' is lost (linear probes; answers on training charts)")
+    t0 = time.perf_counter()
+    shipped = load_vision_model(adapter)
+    result = highest_probes(train, train_images, held, held_images, shipped.project)
+    charts = [i for i, s in enumerate(train) if s.family == "charts"][: plan.heldout_images]
+    qa = [Example(i, q.question, q.answer, q.kind) for i in charts for q in train[i].qa if q.kind == "chart_highest"]
+    if qa:
+        right = [normalise(a) == normalise(ex.answer) for a, ex in zip(answers(shipped, qa, train_images), qa)]
+        result["train_answers"] = {"n": len(right), "accuracy": sum(right) / len(right),
+                                   "ci95": wilson_interval(sum(right), len(right))}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _with_probe(evaluation_file: Path, results: dict, out: Path, plan: Plan, held: list[Sample], log,
+                train: list[Sample] | None = None, train_images: list[EncodedImage] | None = None,
+                held_images: list[EncodedImage] | None = None) -> None:
+    """Add the diagnosis to results and evaluation.json when the run has none yet (a run evaluated before it
+    existed: its training charts are rendered and encoded again, nothing is trained)."""
+    if PROBE_KEY in results or "chart_highest" not in results["accuracy"]:
+        return
+    if train is None or held_images is None:
+        held_keys = {s.key for s in held if s.family == "charts"}
+        train = make_split("charts", "train", plan.chart_train_images or plan.train_images, plan.seed, held_keys)
+        encoder = load_vision_model(out / "adapter")
+        train_images = encode_all(encoder, train, log, "training chart")
+        held_images = encode_all(encoder, held, log, "held-out")
+        del encoder
+    results[PROBE_KEY] = diagnose_highest(out / "adapter", train, train_images, held, held_images, plan, log)
+    saved = json.loads(evaluation_file.read_text())
+    saved[PROBE_KEY] = results[PROBE_KEY]
+    evaluation_file.write_text(json.dumps(saved))
+
+
 def build_data(plan: Plan, log, held_out_only: bool = False) -> tuple[list[Sample], list[Sample]]:
     families = tuple(f for f in plan.families if f != "emoji" or emoji_available())
     if families != plan.families:
@@ -484,7 +531,10 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
             held_images = encode_all(encoder, held, log, "held-out")
             del encoder
             finished.update(requantize(evaluation, out / "adapter", held, held_images, plan, log))
-            (out / "evaluation.json").write_text(json.dumps({k: finished[k] for k in EVALUATION_KEYS}))
+            (out / "evaluation.json").write_text(json.dumps(_evaluation_part(finished)))
+        if PROBE_KEY in evaluation:
+            finished[PROBE_KEY] = evaluation[PROBE_KEY]
+        _with_probe(out / "evaluation.json", finished, out, plan, held, log)
         finished["provenance"] = provenance()  # this commit; the times stay those of the runs that made them
         return _publish(finished, held, out, docs, ship, log)
     t_start = time.perf_counter()
@@ -546,10 +596,11 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
         log("  held-out evaluation reused; its quantized variants are measured again (adapters now "
             f"{QUANTIZED_ADAPTERS} the quantized weights)")
         results.update(requantize(saved, out / "adapter", held, held_images, plan, log))
-        evaluation_file.write_text(json.dumps({k: results[k] for k in EVALUATION_KEYS}))
+        evaluation_file.write_text(json.dumps(_evaluation_part(results)))
     else:
         results.update(evaluate(out / "adapter", held, held_images, plan, log))
-        evaluation_file.write_text(json.dumps({k: results[k] for k in EVALUATION_KEYS}))
+        evaluation_file.write_text(json.dumps(_evaluation_part(results)))
+    _with_probe(evaluation_file, results, out, plan, held, log, train, train_images, held_images)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     meta_path = out / "adapter" / "adapter.json"
     meta = json.loads(meta_path.read_text())
@@ -696,6 +747,55 @@ def _findings(results: dict) -> list[str]:
     return lines
 
 
+def _model_highest(examples_: list[dict]) -> dict:
+    """The model's held-out answers to "which is highest": right / asked, overall and per chart kind."""
+    out = {}
+    for kind, thing in (("all", ""), ("line", " point "), ("bar", " bar ")):
+        rows = [e for e in examples_ if e["kind"] == "chart_highest" and thing in e["question"]]
+        out[kind] = (sum(normalise(e["with_image"]) == normalise(e["answer"]) for e in rows), len(rows))
+    return out
+
+
+def _highest_section(results: dict) -> list[str]:
+    """Where "which is highest" is lost: the probes against the model's answers (ligero.lab.vision_probe)."""
+    diag = results.get(PROBE_KEY)
+    if not diag:
+        return []
+
+    def probe_cells(name: str) -> str:
+        right, kinds = diag[name]["right"], diag["kinds"]
+        per = [sum(r for r, k in zip(right, kinds) if k == kind) for kind in ("line", "bar")]
+        counts = [kinds.count("line"), kinds.count("bar")]
+        return (f"{_pct(diag[name]['accuracy'])} {_ci(diag[name]['ci95'])} | {per[0]}/{counts[0]} | "
+                f"{per[1]}/{counts[1]}")
+
+    model = _model_highest(results.get("examples", []))
+    right, n = model["all"]
+    lines = ["", "## Where \"which bar is highest\" is lost", "",
+             f"A linear probe (logistic regression, its L2 strength chosen on a fifth of the training charts) reads "
+             f"the highest bar's or point's position (1-6 from the left) from the global view's {TOKENS_PER_VIEW} "
+             f"tokens: fitted on the {diag['train_charts']} training charts, scored on the {diag['heldout_charts']} "
+             "held-out ones. The model has to name the label; a line chart's label is its position's day (days in "
+             "order), a bar chart's is the fruit written under it.", "",
+             "| what reads it | held-out charts | line charts | bar charts |", "|---|---:|---:|---:|",
+             f"| probe: the frozen encoder's features | {probe_cells('encoder')} |",
+             f"| probe: the projector's output (what the language model receives) | {probe_cells('projected')} |",
+             f"| the model's answer (the label) | {_pct(right / n) if n else '-'} | {model['line'][0]}/"
+             f"{model['line'][1]} | {model['bar'][0]}/{model['bar'][1]} |", "",
+             f"Chance for the position: {_pct(diag['chance'])}. The probes took {diag['seconds']:.0f} s."]
+    fit = diag.get("train_answers")
+    if fit:
+        lines.append(f"On {fit['n']} training charts it was trained on, the model names the highest one "
+                     f"{_pct(fit['accuracy'])} {_ci(fit['ci95'])} of the time.")
+    projected = diag["projected"]
+    if n and projected["ci95"][0] > (fit["ci95"][1] if fit else right / n):
+        lines.append(f"The projector's output holds the position ({_pct(projected['accuracy'])}) far more often than "
+                     "the model answers, even on the charts it learned from: the information reaches the language "
+                     "model and is lost there. Its adaptation (LoRA on a frozen 135M model, this budget) does not "
+                     "learn to compare the image tokens; the encoder and the projector are not the limit.")
+    return lines
+
+
 def _lora_where(plan: dict) -> str:
     targets = set(plan.get("lora_targets", ("qkv_proj", "o_proj")))
     if targets == {"qkv_proj", "o_proj"}:
@@ -791,6 +891,7 @@ def render(results: dict) -> str:
               for kind, row in acc.items()]
     lines += _retrieval_and_quantized(results)
     lines += _findings(results)
+    lines += _highest_section(results)
     lines += [
         "", "## Training and examples", "",
         "![training curves](lab-vision/training.png)", "",

@@ -132,6 +132,14 @@ def chart(rng: random.Random) -> Sample:
     return Sample("charts", image, caption, f"chart|{kind}|{title}|{pairs}", qa)
 
 
+def chart_values(sample: Sample) -> list[tuple[str, int]]:
+    """(label, value) of a chart's bars or points, left to right, read back from its content key."""
+    family, _kind, _title, pairs = sample.key.split("|")
+    if family != "chart":
+        raise LigeroError(f"not a chart: {sample.key[:40]!r}")
+    return [(label, int(value)) for label, value in (pair.rsplit(" ", 1) for pair in pairs.split(", "))]
+
+
 # --- documents ---------------------------------------------------------------------------------------------------
 
 DOC_SIZES = ((448, 224), (224, 448), (336, 224))

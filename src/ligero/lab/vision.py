@@ -521,22 +521,7 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     plan_file.write_text(json.dumps(dataclasses.asdict(plan), indent=2))
     finished = _finished_run(out, plan)
     if finished is not None:  # both stages trained and evaluated: only the document is written again
-        log("vision lab: both stages and the evaluation reused; rendering the held-out images for the document")
-        held = build_data(plan, log, held_out_only=True)[1]
-        evaluation = json.loads((out / "evaluation.json").read_text())
-        if not _quantized_current(evaluation, plan):
-            log(f"  its quantized variants are measured again (adapters now {QUANTIZED_ADAPTERS} the quantized "
-                "weights)")
-            encoder = load_vision_model(out / "adapter")
-            held_images = encode_all(encoder, held, log, "held-out")
-            del encoder
-            finished.update(requantize(evaluation, out / "adapter", held, held_images, plan, log))
-            (out / "evaluation.json").write_text(json.dumps(_evaluation_part(finished)))
-        if PROBE_KEY in evaluation:
-            finished[PROBE_KEY] = evaluation[PROBE_KEY]
-        _with_probe(out / "evaluation.json", finished, out, plan, held, log)
-        finished["provenance"] = provenance()  # this commit; the times stay those of the runs that made them
-        return _publish(finished, held, out, docs, ship, log)
+        return _republish(finished, out, plan, docs, ship, log)
     t_start = time.perf_counter()
     torch.manual_seed(plan.seed)
     log("vision lab: rendering data")
@@ -607,6 +592,27 @@ def lab_vision(quick: bool, out: str | Path, docs: str | Path | None = None, shi
     meta["heldout_accuracy"] = {k: round(v["accuracy"], 4) for k, v in results["accuracy"].items()}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return _publish(results, held, out, docs, ship, log)
+
+
+def _republish(finished: dict, out: Path, plan: Plan, docs, ship, log) -> dict:
+    """A finished run's document again: what its evaluation lacks (quantized variants built the current way, the
+    diagnosis) is measured, nothing is trained."""
+    log("vision lab: both stages and the evaluation reused; rendering the held-out images for the document")
+    held = build_data(plan, log, held_out_only=True)[1]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    if not _quantized_current(evaluation, plan):
+        log(f"  its quantized variants are measured again (adapters now {QUANTIZED_ADAPTERS} the quantized "
+            "weights)")
+        encoder = load_vision_model(out / "adapter")
+        held_images = encode_all(encoder, held, log, "held-out")
+        del encoder
+        finished.update(requantize(evaluation, out / "adapter", held, held_images, plan, log))
+        (out / "evaluation.json").write_text(json.dumps(_evaluation_part(finished)))
+    if PROBE_KEY in evaluation:
+        finished[PROBE_KEY] = evaluation[PROBE_KEY]
+    _with_probe(out / "evaluation.json", finished, out, plan, held, log)
+    finished["provenance"] = provenance()  # this commit; the times stay those of the runs that made them
+    return _publish(finished, held, out, docs, ship, log)
 
 
 def _quantized_current(evaluation: dict, plan: Plan) -> bool:

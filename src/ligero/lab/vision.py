@@ -722,12 +722,10 @@ def _findings(results: dict) -> list[str]:
     if "chart_highest" in acc:
         row = acc["chart_highest"]
         met = "met" if row["ci95"][0] >= HIGHEST_TARGET else "not met"
-        split = []
-        for thing, labels in (("point", "line charts, days as labels in order"), ("bar", "bar charts, fruit labels")):
-            rows = [e for e in examples_ if e["kind"] == "chart_highest" and f" {thing} " in e["question"]]
-            if rows:
-                right = sum(normalise(e["with_image"]) == normalise(e["answer"]) for e in rows)
-                split.append(f"{labels}: {right}/{len(rows)}")
+        model = _model_highest(examples_)
+        split = [f"{labels}: {model[kind][0]}/{model[kind][1]}" for kind, labels in
+                 (("line", "line charts, days as labels in order"), ("bar", "bar charts, fruit labels"))
+                 if model[kind][1]]
         lines.append(f"- Which bar / point is highest: {_pct(row['accuracy'])} {_ci(row['ci95'])} against a target "
                      f"of {HIGHEST_TARGET:.0%}: **{met}**" + (f" ({'; '.join(split)})" if split else "") + ".")
     # McNemar is two-sided: a significant difference where text-only does better is not the image helping

@@ -444,13 +444,12 @@ def _evaluation_part(results: dict) -> dict:
     return {k: results[k] for k in (*EVALUATION_KEYS, PROBE_KEY) if k in results}
 
 
-def diagnose_highest(adapter: Path, train: list[Sample], train_images: list[EncodedImage], held: list[Sample],
-                     held_images: list[EncodedImage], plan: Plan, log) -> dict:
+def diagnose_highest(shipped: VisionLanguageModel, train: list[Sample], train_images: list[EncodedImage],
+                     held: list[Sample], held_images: list[EncodedImage], plan: Plan, log) -> dict:
     """Linear probes of the highest bar's position (encoder features, the shipped projector's output) and the
     shipped model's own answers to "which is highest" on training charts it learned from (does it fit them?)."""
     log("vision lab: where 'which bar is highest' is lost (linear probes; answers on training charts)")
     t0 = time.perf_counter()
-    shipped = load_vision_model(adapter)
     result = highest_probes(train, train_images, held, held_images, shipped.project)
     charts = [i for i, s in enumerate(train) if s.family == "charts"][: plan.heldout_images]
     qa = [Example(i, q.question, q.answer, q.kind) for i in charts for q in train[i].qa if q.kind == "chart_highest"]
@@ -469,14 +468,14 @@ def _with_probe(evaluation_file: Path, results: dict, out: Path, plan: Plan, hel
     existed: its training charts are rendered and encoded again, nothing is trained)."""
     if PROBE_KEY in results or "chart_highest" not in results["accuracy"]:
         return
-    if train is None or held_images is None:
+    shipped = load_vision_model(out / "adapter")  # the same encoder encodes what is not encoded yet
+    if train is None or train_images is None:
         held_keys = {s.key for s in held if s.family == "charts"}
         train = make_split("charts", "train", plan.chart_train_images or plan.train_images, plan.seed, held_keys)
-        encoder = load_vision_model(out / "adapter")
-        train_images = encode_all(encoder, train, log, "training chart")
-        held_images = encode_all(encoder, held, log, "held-out")
-        del encoder
-    results[PROBE_KEY] = diagnose_highest(out / "adapter", train, train_images, held, held_images, plan, log)
+        train_images = encode_all(shipped, train, log, "training chart")
+    if held_images is None:
+        held_images = encode_all(shipped, held, log, "held-out")
+    results[PROBE_KEY] = diagnose_highest(shipped, train, train_images, held, held_images, plan, log)
     saved = json.loads(evaluation_file.read_text())
     saved[PROBE_KEY] = results[PROBE_KEY]
     evaluation_file.write_text(json.dumps(saved))
@@ -600,6 +599,7 @@ def _republish(finished: dict, out: Path, plan: Plan, docs, ship, log) -> dict:
     log("vision lab: both stages and the evaluation reused; rendering the held-out images for the document")
     held = build_data(plan, log, held_out_only=True)[1]
     evaluation = json.loads((out / "evaluation.json").read_text())
+    held_images = None
     if not _quantized_current(evaluation, plan):
         log(f"  its quantized variants are measured again (adapters now {QUANTIZED_ADAPTERS} the quantized "
             "weights)")
@@ -610,7 +610,7 @@ def _republish(finished: dict, out: Path, plan: Plan, docs, ship, log) -> dict:
         (out / "evaluation.json").write_text(json.dumps(_evaluation_part(finished)))
     if PROBE_KEY in evaluation:
         finished[PROBE_KEY] = evaluation[PROBE_KEY]
-    _with_probe(out / "evaluation.json", finished, out, plan, held, log)
+    _with_probe(out / "evaluation.json", finished, out, plan, held, log, held_images=held_images)
     finished["provenance"] = provenance()  # this commit; the times stay those of the runs that made them
     return _publish(finished, held, out, docs, ship, log)
 

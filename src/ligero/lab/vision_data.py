@@ -132,11 +132,22 @@ def chart(rng: random.Random) -> Sample:
     return Sample("charts", image, caption, f"chart|{kind}|{title}|{pairs}", qa)
 
 
+def _chart_key(sample: Sample) -> list[str]:
+    """A chart's content key in its parts: "chart", kind ("bar" / "line"), title, "label value, ..." pairs."""
+    parts = sample.key.split("|")
+    if parts[0] != "chart" or len(parts) != 4:
+        raise LigeroError(f"not a chart: {sample.key[:40]!r}")
+    return parts
+
+
+def chart_kind(sample: Sample) -> str:
+    """"bar" or "line"."""
+    return _chart_key(sample)[1]
+
+
 def chart_values(sample: Sample) -> list[tuple[str, int]]:
     """(label, value) of a chart's bars or points, left to right, read back from its content key."""
-    family, _kind, _title, pairs = sample.key.split("|")
-    if family != "chart":
-        raise LigeroError(f"not a chart: {sample.key[:40]!r}")
+    pairs = _chart_key(sample)[3]
     return [(label, int(value)) for label, value in (pair.rsplit(" ", 1) for pair in pairs.split(", "))]
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ligero.eval.stats import wilson_interval
-from ligero.lab.vision_data import Sample, chart_values
+from ligero.lab.vision_data import Sample, chart_kind, chart_values
 from ligero.vision.model import TOKENS_PER_VIEW, EncodedImage
 
 DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths tried (on the mean cross-entropy)
@@ -89,7 +89,7 @@ def highest_probes(train: list[Sample], train_images: list[EncodedImage], held: 
     y_test = torch.tensor([highest_position(held[i]) for i in he])
     out = {"train_charts": len(tr), "heldout_charts": len(he),
            "chance": sum(1 / len(chart_values(held[i])) for i in he) / max(1, len(he)),
-           "kinds": [held[i].key.split("|")[1] for i in he]}
+           "kinds": [chart_kind(held[i]) for i in he]}
     for name, fn in (("encoder", None), ("projected", project)):
         x_train = global_tokens([train_images[i] for i in tr], fn)
         x_test = global_tokens([held_images[i] for i in he], fn)

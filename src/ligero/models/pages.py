@@ -27,6 +27,11 @@ _ADVISE = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS") and 
 _MOVED: weakref.WeakSet = weakref.WeakSet()  # models whose buffers moved (a deep copy is a model of its own)
 
 
+def _aligned(nbytes: int) -> int:
+    """Bytes a tensor of `nbytes` takes in a block (the next one starts on a cache line)."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def huge_page_block(nbytes: int) -> torch.Tensor:
     """A zero-filled uint8 CPU tensor of `nbytes`, starting on a 2 MB boundary of an anonymous private mapping
     advised MADV_HUGEPAGE (ordinary zeros where the platform has no such advice). The mapping lives as long as any
@@ -45,7 +50,7 @@ def zeros_many(shapes: list[tuple[int, ...]], dtype: torch.dtype, device=None) -
     (a KV cache: every layer's keys and values)."""
     item = torch.empty((), dtype=dtype).element_size()
     sizes = [int(np.prod(shape)) * item for shape in shapes]
-    padded = [-(-n // ALIGN) * ALIGN for n in sizes]
+    padded = [_aligned(n) for n in sizes]
     if not _ADVISE or sum(padded) < HUGE_PAGE or torch.device(device or "cpu").type != "cpu":
         return [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
     block, at, out = huge_page_block(sum(padded)), 0, []
@@ -83,7 +88,7 @@ def move_buffers(model: nn.Module) -> int:
     # kernel layouts a layer keeps beside its buffers (`kernel_cache` / `set_kernel_cache`): they move too
     caches = [(m, m.kernel_cache()) for m in model.modules() if hasattr(m, "kernel_cache")]
     caches = [(m, ts) for m, ts in caches if ts and all(t.device.type == "cpu" and t.is_contiguous() for t in ts)]
-    padded = lambda t: -(-t.numel() * t.element_size() // ALIGN) * ALIGN  # noqa: E731
+    padded = lambda t: _aligned(t.numel() * t.element_size())  # noqa: E731
     total = sum(padded(t) for t, _ in movable) + sum(padded(t) for _, ts in caches for t in ts)
     if total < HUGE_PAGE:
         _MOVED.add(model)
